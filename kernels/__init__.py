@@ -1,0 +1,1 @@
+"""Triton kernels with plain-PyTorch references (installed as vllm_lite.kernels)."""

@@ -1,0 +1,120 @@
+"""Engine configuration: frozen dataclasses built once from keyword arguments (vLLM's names) and passed down."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cuda", "cpu")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+ATTENTION_BACKENDS = ("auto", "torch", "flashinfer")
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is invalid; allowed values: {', '.join(map(repr, allowed))}")
+
+
+def _positive(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}={value!r} is invalid; it must be a positive integer")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = DEFAULT_MODEL
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    skip_tokenizer_init: bool = False
+    served_model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        _choice("dtype", self.dtype, DTYPES)
+        _positive("max_model_len", self.max_model_len, allow_none=True)
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed={self.seed!r} is invalid; it must be an integer")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    kv_cache_memory_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive("block_size", self.block_size)
+        _positive("num_gpu_blocks_override", self.num_gpu_blocks_override, allow_none=True)
+        _positive("kv_cache_memory_bytes", self.kv_cache_memory_bytes, allow_none=True)
+        if not (isinstance(self.gpu_memory_utilization, (int, float)) and 0 < self.gpu_memory_utilization <= 1):
+            raise ValueError(
+                f"gpu_memory_utilization={self.gpu_memory_utilization!r} is invalid; it must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+
+    def __post_init__(self) -> None:
+        _positive("max_num_seqs", self.max_num_seqs)
+        _positive("max_num_batched_tokens", self.max_num_batched_tokens)
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device: str = "auto"
+    enforce_eager: bool = False
+    attention_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        _choice("device", self.device, DEVICES)
+        _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    load_format: str = "auto"
+    download_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _choice("load_format", self.load_format, LOAD_FORMATS)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    load: LoadConfig = field(default_factory=LoadConfig)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
+        """Split flat vLLM-style keyword arguments into the section dataclasses; unknown names are an error."""
+        sections = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+                    "device": DeviceConfig, "load": LoadConfig}
+        parts: dict[str, dict[str, Any]] = {name: {} for name in sections}
+        owner = {f.name: name for name, klass in sections.items() for f in dataclasses.fields(klass)}
+        for key, value in kwargs.items():
+            if key not in owner:
+                raise ValueError(f"unknown engine argument {key!r}; known: {', '.join(sorted(owner))}")
+            if value is not None:
+                parts[owner[key]][key] = value
+        if parts["model"].get("model") is None:
+            parts["model"]["model"] = DEFAULT_MODEL
+        return cls(**{name: klass(**parts[name]) for name, klass in sections.items()})
