@@ -1,0 +1,100 @@
+"""The batched sampler: logits [B, V] + SamplingMetadata -> sampled ids (and logprobs when asked).
+
+Order (matches vLLM V1): logits mask -> min_tokens blocking -> penalties -> greedy argmax -> temperature ->
+min-p -> top-k/top-p -> random sample. Logprobs are vLLM's default "raw" logprobs: log_softmax of the model's
+logits before any of the above, so they describe the model, not the sampling transform.
+Everything is tensor work on the logits' device; stages a batch does not need are skipped by host-side flags.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_lite.sample.metadata import SamplingMetadata
+from vllm_lite.sample.penalties import apply_blocked_tokens, apply_penalties
+from vllm_lite.sample.topk_topp import apply_min_p, apply_top_k_top_p, random_sample
+
+
+@dataclass
+class SamplerOutput:
+    """Sampled ids [B] int64; logprob fields are None unless some row asked for logprobs.
+
+    logprob_token_ids / logprobs: [B, N+1], column 0 = the sampled token, then the top-N by raw logprob
+    (N = meta.max_num_logprobs; rows that asked for fewer just ignore the extra columns).
+    ranks: [B] int64, 1 + number of tokens with a strictly greater logprob than the sampled one.
+    """
+
+    sampled_token_ids: torch.Tensor
+    logprob_token_ids: torch.Tensor | None = None
+    logprobs: torch.Tensor | None = None
+    ranks: torch.Tensor | None = None
+
+
+class Sampler:
+    """Stateless; one instance per model runner. Does not modify the caller's logits."""
+
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        if logits.dim() != 2:
+            raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
+        raw_logprobs = None
+        if meta.max_num_logprobs is not None:
+            raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
+
+        # Own float32 copy: every later stage may work in place.
+        logits = logits.to(torch.float32, copy=True)
+        logits = self.apply_constraints(logits, meta)
+        sampled = self.sample(logits, meta)
+
+        if raw_logprobs is None:
+            return SamplerOutput(sampled_token_ids=sampled)
+        ids, lps, ranks = gather_logprobs(raw_logprobs, meta.max_num_logprobs, sampled)
+        return SamplerOutput(sampled_token_ids=sampled, logprob_token_ids=ids, logprobs=lps, ranks=ranks)
+
+    @staticmethod
+    def apply_constraints(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """Grammar mask, min_tokens blocking and penalties: what changes the distribution for greedy rows too."""
+        if meta.logits_mask is not None:
+            logits.masked_fill_(~meta.logits_mask, float("-inf"))
+        if meta.blocked_rows is not None:
+            apply_blocked_tokens(logits, meta.blocked_rows, meta.blocked_cols)
+        if not meta.no_penalties:
+            logits = apply_penalties(logits, meta.prompt_token_ids, meta.output_token_ids,
+                                     meta.repetition_penalty, meta.presence_penalty, meta.frequency_penalty)
+        return logits
+
+    @staticmethod
+    def sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """Greedy rows: argmax of constrained logits. Random rows: temperature, filters, exponential race."""
+        greedy = None
+        if not meta.all_random:
+            greedy = logits.argmax(dim=-1).view(-1)
+            if meta.all_greedy:
+                return greedy
+
+        logits.div_(meta.temperature.unsqueeze(1))
+        if not meta.no_min_p:
+            logits = apply_min_p(logits, meta.min_p)
+        if not (meta.no_top_k and meta.no_top_p):
+            logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p, max_k=meta.max_top_k)
+        probs = logits.softmax(dim=-1)
+        sampled = random_sample(probs, meta.generators)
+        if greedy is None:
+            return sampled
+        return torch.where(meta.is_greedy, greedy, sampled)
+
+
+def gather_logprobs(logprobs: torch.Tensor, num_logprobs: int,
+                    sampled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sampled token's logprob + top-N (ids, values) as [B, N+1] each, and the sampled token's rank [B]."""
+    sampled = sampled.view(-1, 1).long()
+    sampled_lp = logprobs.gather(1, sampled)
+    # Rank like vLLM: ties with the sampled token do not push it down.
+    ranks = (logprobs > sampled_lp).sum(dim=-1) + 1
+    if num_logprobs > 0:
+        top_lp, top_ids = logprobs.topk(num_logprobs, dim=-1)
+        ids = torch.cat([sampled, top_ids], dim=1)
+        lps = torch.cat([sampled_lp, top_lp], dim=1)
+    else:
+        ids, lps = sampled, sampled_lp
+    return ids, lps, ranks
