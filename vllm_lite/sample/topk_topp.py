@@ -90,3 +90,11 @@ def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -
         q[i].exponential_(generator=g)
     return probs.div_(q).argmax(dim=-1).view(-1)
 
+
+
+def skip_random_draws(generator: torch.Generator, num_steps: int, vocab_size: int, device: torch.device) -> None:
+    """Advance a seeded row's generator past `num_steps` draws of `random_sample` (a request resumed after
+    preemption then continues with the same random stream as if it had never been preempted)."""
+    q = torch.empty(vocab_size, dtype=torch.float32, device=device)
+    for _ in range(num_steps):
+        q.exponential_(generator=generator)

@@ -1,0 +1,88 @@
+"""The engine core: one scheduler + KV cache manager driving the workers, step by step.
+
+The offline `LLM` calls it in-process; the server runs the same class in its own process behind sockets.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Protocol
+
+from vllm_lite.config import EngineConfig
+from vllm_lite.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from vllm_lite.core.scheduler import Scheduler
+from vllm_lite.engine.messages import EngineCoreOutputs, EngineCoreRequest
+from vllm_lite.model_loader import ModelInfo
+from vllm_lite.request import Request, RequestStatus
+
+logger = logging.getLogger("vllm_lite.engine")
+
+
+class Executor(Protocol):
+    """Runs steps on the workers (in this process, or in worker processes over sockets)."""
+
+    def determine_num_blocks(self) -> int: ...
+
+    def initialize_kv_cache(self, num_blocks: int) -> None: ...
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+
+    def shutdown(self) -> None: ...
+
+
+class InProcExecutor:
+    """One worker in the calling process (offline use, tests, CPU)."""
+
+    def __init__(self, config: EngineConfig, info: ModelInfo) -> None:
+        from vllm_lite.worker.worker import Worker
+        self.worker = Worker(config, info)
+        self.worker.load_model()
+
+    def determine_num_blocks(self) -> int:
+        return self.worker.determine_num_blocks()
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.worker.initialize_kv_cache(num_blocks)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.worker.execute_model(scheduler_output)
+
+    def shutdown(self) -> None:
+        pass
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, info: ModelInfo, executor: Executor | None = None) -> None:
+        self.config = config
+        self.info = info
+        t0 = time.perf_counter()
+        self.executor = executor if executor is not None else InProcExecutor(config, info)
+        t1 = time.perf_counter()
+        num_blocks = self.executor.determine_num_blocks()
+        self.executor.initialize_kv_cache(num_blocks)
+        t2 = time.perf_counter()
+        self.num_blocks = num_blocks
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, info.max_model_len)
+        logger.info("engine ready: load %.2f s, KV cache %d blocks (%.2f s)", t1 - t0, num_blocks, t2 - t1)
+
+    def add_request(self, req: EngineCoreRequest) -> None:
+        """Queue a request; raises ValueError (e.g. prompt longer than the context) before anything is queued."""
+        request = Request(req.request_id, req.prompt_token_ids, req.sampling_params,
+                          eos_token_id=req.eos_token_id, arrival_time=req.arrival_time)
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> EngineCoreOutputs:
+        if not self.scheduler.has_unfinished_requests():
+            return EngineCoreOutputs(scheduler_stats=self.scheduler.make_stats())
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.executor.execute_model(scheduler_output)
+        return self.scheduler.update_from_output(scheduler_output, runner_output)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

@@ -1,0 +1,153 @@
+"""Front-end bookkeeping: fans a request out into `n` engine sequences and turns engine outputs into text.
+
+Used by the offline `LLM` and the API server alike; it owns detokenization, stop strings and logprob decoding.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from vllm_lite.detokenizer import IncrementalDetokenizer
+from vllm_lite.engine.messages import EngineCoreOutput, EngineCoreRequest
+from vllm_lite.outputs import CompletionOutput, Logprob, RequestOutput
+from vllm_lite.sampling_params import SamplingParams
+
+
+@dataclass
+class SequenceState:
+    """One of the `n` choices of a request."""
+    index: int
+    engine_id: str
+    detokenizer: IncrementalDetokenizer | None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    new_token_count: int = 0
+
+    @property
+    def text(self) -> str:
+        return self.detokenizer.output_text if self.detokenizer else ""
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sequences: list[SequenceState]
+    arrival_time: float
+    num_cached_tokens: int = 0
+    first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.sequences)
+
+    def to_output(self) -> RequestOutput:
+        outs = [CompletionOutput(s.index, s.text, list(s.token_ids), s.cumulative_logprob, s.logprobs,
+                                 s.finish_reason, s.stop_reason) for s in self.sequences]
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.finished,
+                             self.num_cached_tokens)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any | None, extra_stop_token_ids: list[int] | None = None,
+                 eos_token_id: int | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.extra_stop_token_ids = list(extra_stop_token_ids or [])
+        self.eos_token_id = eos_token_id
+        self.requests: dict[str, RequestState] = {}
+        self.engine_to_request: dict[str, tuple[RequestState, SequenceState]] = {}
+
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                    params: SamplingParams) -> list[EngineCoreRequest]:
+        """Register a request and return the engine requests for its `n` sequences."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        now = time.time()
+        seqs, engine_reqs = [], []
+        for i in range(params.n):
+            engine_id = request_id if params.n == 1 else f"{i}_{request_id}"
+            child = msgspec.structs.replace(params, n=1)
+            if params.seed is not None and i > 0:
+                child = msgspec.structs.replace(child, seed=params.seed + i)
+            if self.extra_stop_token_ids and not params.ignore_eos:
+                stops = list(dict.fromkeys((params.stop_token_ids or []) + self.extra_stop_token_ids))
+                child = msgspec.structs.replace(child, stop_token_ids=stops)
+            detok = None
+            if self.tokenizer is not None:
+                detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens,
+                                               params.stop, params.include_stop_str_in_output)
+            seqs.append(SequenceState(i, engine_id, detok, logprobs=[] if params.logprobs is not None else None,
+                                      cumulative_logprob=0.0 if params.logprobs is not None else None))
+            engine_reqs.append(EngineCoreRequest(engine_id, prompt_token_ids, child, now, self.eos_token_id))
+        state = RequestState(request_id, prompt, prompt_token_ids, params, seqs, now)
+        self.requests[request_id] = state
+        for seq in seqs:
+            self.engine_to_request[seq.engine_id] = (state, seq)
+        return engine_reqs
+
+    def engine_ids(self, request_id: str) -> list[str]:
+        state = self.requests.get(request_id)
+        return [s.engine_id for s in state.sequences if s.finish_reason is None] if state else []
+
+    def process_outputs(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestState], list[str]]:
+        """Apply engine outputs. Returns (requests that changed, engine ids to abort because a stop string hit)."""
+        changed: dict[str, RequestState] = {}
+        to_abort: list[str] = []
+        now = time.time()
+        for out in outputs:
+            entry = self.engine_to_request.get(out.request_id)
+            if entry is None:
+                continue
+            state, seq = entry
+            if state.first_token_time is None and out.new_token_ids:
+                state.first_token_time = now
+            state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
+            seq.token_ids.extend(out.new_token_ids)
+            seq.new_token_count = len(out.new_token_ids)
+            if seq.logprobs is not None and out.new_logprobs:
+                self._add_logprobs(seq, out.new_logprobs)
+            stop_str = seq.detokenizer.update(out.new_token_ids) if seq.detokenizer else None
+            if stop_str is not None and out.finish_reason is None:
+                seq.finish_reason, seq.stop_reason = "stop", stop_str
+                to_abort.append(seq.engine_id)
+            elif out.finish_reason is not None:
+                seq.finish_reason = out.finish_reason
+                seq.stop_reason = stop_str if stop_str is not None else out.stop_reason
+            if seq.finish_reason is not None:
+                self.engine_to_request.pop(seq.engine_id, None)
+            changed[state.request_id] = state
+        for state in changed.values():
+            if state.finished:
+                self.requests.pop(state.request_id, None)
+        return list(changed.values()), to_abort
+
+    def abort_request(self, request_id: str) -> list[str]:
+        """Forget a request (client gone); returns the engine ids still to abort in the engine core."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return []
+        ids = []
+        for seq in state.sequences:
+            if seq.finish_reason is None:
+                seq.finish_reason = "abort"
+                ids.append(seq.engine_id)
+            self.engine_to_request.pop(seq.engine_id, None)
+        return ids
+
+    def _add_logprobs(self, seq: SequenceState, new: list[list[tuple[int, float, int]]]) -> None:
+        for entries in new[: len(new)]:
+            d: dict[int, Logprob] = {}
+            for token, lp, rank in entries:
+                if token not in d:
+                    text = self.tokenizer.decode([token]) if self.tokenizer is not None else None
+                    d[token] = Logprob(lp, rank, text)
+            seq.logprobs.append(d)
+            seq.cumulative_logprob += entries[0][1]

@@ -1,0 +1,118 @@
+"""The offline API, mirroring vLLM: `LLM(model=...).generate(prompts, sampling_params)` and `.chat(messages)`."""
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+import time
+from typing import Any, Sequence
+
+from vllm_lite.config import EngineConfig
+from vllm_lite.engine.core import EngineCore
+from vllm_lite.engine.output_processor import OutputProcessor
+from vllm_lite.model_loader import resolve_model
+from vllm_lite.outputs import RequestOutput
+from vllm_lite.sampling_params import SamplingParams
+from vllm_lite.tokenizer import apply_chat_template, load_tokenizer
+
+logger = logging.getLogger("vllm_lite.llm")
+
+PromptType = str | dict[str, Any]
+
+
+class LLM:
+    """An engine in this process: same engine core and scheduler as the server, no sockets."""
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        self.config = EngineConfig.from_kwargs(model=model, **kwargs)
+        self.info = resolve_model(self.config.model, self.config.load)
+        self.tokenizer = None if self.config.model.skip_tokenizer_init else load_tokenizer(self.info)
+        self.engine = EngineCore(self.config, self.info)
+        eos = self.info.eos_token_ids
+        primary = self.tokenizer.eos_token_id if self.tokenizer is not None and self.tokenizer.eos_token_id \
+            is not None else (eos[0] if eos else None)
+        self.processor = OutputProcessor(self.tokenizer, [e for e in eos if e != primary], primary)
+        self._counter = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) \
+            else list(sampling_params)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
+        encoded = [self._encode(p) for p in prompts]
+        for (_, ids), p in zip(encoded, params):
+            self._validate(ids, p)
+        request_ids = []
+        for (text, ids), p in zip(encoded, params):
+            request_id = str(next(self._counter))
+            request_ids.append(request_id)
+            for req in self.processor.add_request(request_id, text, ids, p):
+                self.engine.add_request(req)
+        return self._run(request_ids, use_tqdm)
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
+             chat_template: str | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        if self.tokenizer is None:
+            raise ValueError("chat() needs a tokenizer; this LLM was built with skip_tokenizer_init=True")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [{"prompt_token_ids": apply_chat_template(self.tokenizer, conv, chat_template,
+                                                            add_generation_prompt),
+                    "prompt": None} for conv in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _encode(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt["prompt"]
+        if self.tokenizer is None:
+            raise ValueError("text prompts need a tokenizer; pass {'prompt_token_ids': [...]} instead")
+        return prompt, self.tokenizer(prompt).input_ids
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) > self.info.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens, more than the model's context length of "
+                             f"{self.info.max_model_len} tokens (max_model_len)")
+        vocab = self.info.hf_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is out of the vocabulary (size {vocab})")
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        total = len(request_ids)
+        start = last = time.perf_counter()
+        generated = 0
+        while len(results) < total:
+            outputs = self.engine.step()
+            changed, to_abort = self.processor.process_outputs(outputs.outputs)
+            if to_abort:
+                self.engine.abort_requests(to_abort)
+            generated += sum(len(o.new_token_ids) for o in outputs.outputs)
+            for state in changed:
+                if state.finished:
+                    results[state.request_id] = state.to_output()
+            if not outputs.outputs and not self.engine.has_unfinished_requests():
+                break
+            now = time.perf_counter()
+            if use_tqdm and (now - last > 1.0 or len(results) == total):
+                last = now
+                sys.stderr.write(f"\rProcessed prompts: {len(results)}/{total} "
+                                 f"({generated / (now - start):.1f} output tok/s)")
+                sys.stderr.flush()
+        if use_tqdm:
+            sys.stderr.write("\n")
+        return [results[r] for r in request_ids if r in results]

@@ -1,0 +1,52 @@
+"""What a worker remembers about each running request between steps (steps carry only diffs)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from vllm_lite.core.sched_output import NewRequestData
+from vllm_lite.sampling_params import SamplingParams
+
+
+class CachedRequestState:
+    """Token ids (prompt + sampled), block ids and progress of one request, plus its private RNG."""
+
+    def __init__(self, data: NewRequestData, device: torch.device) -> None:
+        self.req_id = data.req_id
+        self.sampling_params: SamplingParams = data.sampling_params
+        self.num_prompt_tokens = len(data.prompt_token_ids)
+        tokens = data.prompt_token_ids + data.output_token_ids
+        self._tokens = np.zeros(max(16, 2 * len(tokens)), dtype=np.int64)
+        self._tokens[: len(tokens)] = tokens
+        self.num_tokens = len(tokens)
+        self.block_ids: list[int] = list(data.block_ids)
+        self.num_computed_tokens = data.num_computed_tokens
+        self.generator: torch.Generator | None = None
+        if data.sampling_params.seed is not None:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(data.sampling_params.seed)
+
+    @property
+    def token_ids(self) -> np.ndarray:
+        return self._tokens[: self.num_tokens]
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self._tokens[: self.num_prompt_tokens].tolist()
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self._tokens[self.num_prompt_tokens: self.num_tokens].tolist()
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
+
+    def append(self, token_ids: list[int]) -> None:
+        end = self.num_tokens + len(token_ids)
+        if end > len(self._tokens):
+            grown = np.zeros(2 * end, dtype=np.int64)
+            grown[: self.num_tokens] = self._tokens[: self.num_tokens]
+            self._tokens = grown
+        self._tokens[self.num_tokens: end] = token_ids
+        self.num_tokens = end
