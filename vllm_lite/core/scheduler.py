@@ -1,0 +1,247 @@
+"""Continuous-batching scheduler (vLLM v1 style): one token budget per step, no prefill/decode phases.
+
+Each request carries `num_computed_tokens`; a step gives every request `num_tokens + #spec - num_computed` tokens
+(capped by the budget), RUNNING requests first (in admission order), then WAITING ones (FCFS, after a
+prefix-cache lookup). `num_computed_tokens` advances at schedule time; `update_from_output` rolls back rejected
+speculative tokens. Out of blocks -> preempt the last running request by recompute.
+"""
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+from vllm_lite.config import CacheConfig, SchedulerConfig
+from vllm_lite.core.kv_cache_manager import KVCacheManager
+from vllm_lite.core.sched_output import (CachedRequestData, ModelRunnerOutput, NewRequestData,
+                                         SchedulerOutput)
+from vllm_lite.engine.messages import EngineCoreOutput, EngineCoreOutputs, SchedulerStats
+from vllm_lite.request import Request, RequestStatus
+
+
+class Scheduler:
+    """Decides, step by step, which tokens of which requests the model computes, and owns the KV block tables."""
+
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
+                 max_model_len: int) -> None:
+        if num_blocks * cache_config.block_size < max_model_len:
+            # Otherwise a single long request could preempt itself forever (the engine would hang).
+            raise ValueError(
+                f"max_model_len={max_model_len} needs more KV cache than available: {num_blocks} blocks of "
+                f"{cache_config.block_size} tokens hold {num_blocks * cache_config.block_size} tokens; "
+                f"lower max_model_len or give the KV cache more memory")
+        self.scheduler_config = scheduler_config
+        self.cache_config = cache_config
+        self.max_num_seqs = scheduler_config.max_num_seqs
+        self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.block_size = cache_config.block_size
+        self.kv_cache_manager = KVCacheManager(num_blocks, cache_config.block_size,
+                                               cache_config.enable_prefix_caching, max_model_len)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        # Finished, aborted or preempted since the last schedule(): workers drop their state (ordered set).
+        self.finished_req_ids: dict[str, None] = {}
+        self.num_preemptions = 0  # cumulative
+
+    # ------------------------------------------------------------------ requests in / out
+    def add_request(self, request: Request) -> None:
+        """Queue a request; ValueError (nothing queued) for an empty or too-long prompt or a duplicate id."""
+        n = request.num_prompt_tokens
+        if n == 0:
+            raise ValueError(f"request {request.request_id!r}: the prompt is empty; at least one token is needed")
+        if n > self.max_model_len:
+            raise ValueError(
+                f"request {request.request_id!r}: the prompt has {n} tokens, more than the maximum context "
+                f"length of {self.max_model_len} tokens")
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        request.status = RequestStatus.WAITING
+        self.kv_cache_manager.update_block_hashes(request)
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: str | Iterable[str],
+                        finished_status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> list[EngineCoreOutput]:
+        """Abort (or otherwise finish) requests now: blocks are freed at once, workers hear of it next step.
+
+        Unknown or already finished ids are ignored. Returns one EngineCoreOutput per request actually finished
+        (no new tokens, finish_reason e.g. "abort"); the caller may emit or ignore them.
+        """
+        assert finished_status.finished
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        outputs = []
+        for req_id in ids:
+            request = self.requests.get(req_id)
+            if request is None or request.status.finished:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = finished_status
+            self._free_request(request)
+            outputs.append(EngineCoreOutput(req_id, [], finish_reason=request.finish_reason,
+                                            stop_reason=request.stop_reason,
+                                            num_cached_tokens=max(request.num_cached_tokens, 0)))
+        return outputs
+
+    def _free_request(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        self.requests.pop(request.request_id, None)
+        self.finished_req_ids[request.request_id] = None
+
+    def _preempt(self, request: Request) -> None:
+        """Preempt by recompute: drop the KV, restart from token 0 at the FRONT of the waiting queue."""
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.spec_token_ids = []
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+        self.finished_req_ids[request.request_id] = None
+
+    # ------------------------------------------------------------------ scheduling
+    def schedule(self) -> SchedulerOutput:
+        """Build one step: running requests first (decode / spec / prefill chunk), then waiting ones (FCFS)."""
+        kv = self.kv_cache_manager
+        budget = self.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        spec_tokens: dict[str, list[int]] = {}
+        new_reqs: list[NewRequestData] = []
+        cached_reqs: list[CachedRequestData] = []
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = request.num_tokens + len(request.spec_token_ids) - request.num_computed_tokens
+            num_new = min(num_new, budget, self.max_model_len - request.num_computed_tokens)
+            if num_new <= 0:
+                i += 1
+                continue
+            scheduled = True
+            while True:
+                new_blocks = kv.allocate_slots(request, num_new)
+                if new_blocks is not None:
+                    break
+                victim = self.running.pop()  # lowest priority = admitted last
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    scheduled = False
+                    break
+            if not scheduled:
+                break
+            num_scheduled[request.request_id] = num_new
+            budget -= num_new
+            num_spec = request.num_computed_tokens + num_new - request.num_tokens
+            if num_spec > 0:
+                spec_tokens[request.request_id] = request.spec_token_ids[:num_spec]
+            cached_reqs.append(CachedRequestData(request.request_id, [b.block_id for b in new_blocks],
+                                                 request.num_computed_tokens))
+            i += 1
+
+        # No admissions in a step that had to preempt: the pool is under pressure (same as vLLM).
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            hit_blocks, num_hit = kv.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_hit, budget)
+            if kv.allocate_slots(request, num_new, hit_blocks) is None:
+                break  # stays waiting; nothing behind it may overtake it
+            self.waiting.popleft()
+            self.running.append(request)
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_hit
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit
+            num_scheduled[request.request_id] = num_new
+            budget -= num_new
+            new_reqs.append(NewRequestData(request.request_id, request.prompt_token_ids,
+                                           list(request.output_token_ids), request.sampling_params,
+                                           kv.get_block_ids(request.request_id), num_hit))
+
+        for req_id, n in num_scheduled.items():
+            self.requests[req_id].num_computed_tokens += n
+        finished = list(self.finished_req_ids)
+        self.finished_req_ids = {}
+        return SchedulerOutput(new_reqs, cached_reqs, num_scheduled, sum(num_scheduled.values()),
+                               spec_tokens, finished)
+
+    # ------------------------------------------------------------------ results
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           model_runner_output: ModelRunnerOutput) -> EngineCoreOutputs:
+        """Apply sampled tokens: spec rollback, append, stop checks, prefix caching, free finished requests."""
+        kv = self.kv_cache_manager
+        index = {req_id: j for j, req_id in enumerate(model_runner_output.req_ids)}
+        outputs: list[EngineCoreOutput] = []
+        for req_id in scheduler_output.num_scheduled_tokens:
+            request = self.requests.get(req_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted (or preempted) after it was scheduled
+            j = index.get(req_id)
+            sampled = model_runner_output.sampled_token_ids[j] if j is not None else []
+            spec = scheduler_output.scheduled_spec_decode_tokens.get(req_id)
+            request.spec_token_ids = []  # verified (or stale); the proposer sets fresh ones
+            if spec and sampled:
+                if len(sampled) > len(spec) + 1:
+                    raise ValueError(f"request {req_id!r}: {len(sampled)} tokens back for {len(spec)} spec tokens")
+                request.num_computed_tokens -= len(spec) + 1 - len(sampled)
+            if not sampled:  # partial prefill chunk
+                kv.cache_blocks(request, request.num_computed_tokens)
+                continue
+            new_tokens = self._append_and_check_stop(request, sampled)
+            kv.cache_blocks(request, request.num_computed_tokens)
+            logprobs = None
+            if j is not None and model_runner_output.logprobs and model_runner_output.logprobs[j] is not None:
+                logprobs = model_runner_output.logprobs[j][:len(new_tokens)]
+            if request.status.finished:
+                self.running.remove(request)
+                self._free_request(request)
+            outputs.append(EngineCoreOutput(req_id, new_tokens, logprobs, request.finish_reason,
+                                            request.stop_reason, max(request.num_cached_tokens, 0)))
+        return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.make_stats())
+
+    def _append_and_check_stop(self, request: Request, sampled: list[int]) -> list[int]:
+        """Append tokens up to the first stop; order: min_tokens gate, EOS, stop_token_ids, then length."""
+        params = request.sampling_params
+        stop_ids = params.stop_token_ids
+        eos = None if params.ignore_eos else request.eos_token_id
+        n_out0, n_tok0 = request.num_output_tokens, request.num_tokens
+        n = len(sampled)
+        for k, tok in enumerate(sampled):
+            n_out = n_out0 + k + 1
+            if n_out >= params.min_tokens:
+                if eos is not None and tok == eos:
+                    request.status = RequestStatus.FINISHED_STOPPED
+                elif stop_ids and tok in stop_ids:
+                    request.status = RequestStatus.FINISHED_STOPPED
+                    request.stop_reason = tok
+            if not request.status.finished and (n_out >= request.max_tokens
+                                                or n_tok0 + k + 1 >= self.max_model_len):
+                request.status = RequestStatus.FINISHED_LENGTH
+            if request.status.finished:
+                n = k + 1
+                break
+        new_tokens = list(sampled[:n])
+        request.append_output_token_ids(new_tokens)
+        self.kv_cache_manager.update_block_hashes(request)
+        return new_tokens
+
+    # ------------------------------------------------------------------ introspection
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def make_stats(self) -> SchedulerStats:
+        """Snapshot; prefix-cache queries/hits (tokens) and preemptions are cumulative counters."""
+        kv = self.kv_cache_manager
+        return SchedulerStats(num_running_reqs=len(self.running), num_waiting_reqs=len(self.waiting),
+                              kv_cache_usage=kv.usage, prefix_cache_queries=kv.prefix_cache_queries,
+                              prefix_cache_hits=kv.prefix_cache_hits, num_preemptions=self.num_preemptions)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv_cache_manager.reset_prefix_cache()
