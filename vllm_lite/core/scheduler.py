@@ -204,7 +204,7 @@ class Scheduler:
         return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.make_stats())
 
     def _append_and_check_stop(self, request: Request, sampled: list[int]) -> list[int]:
-        """Append tokens up to the first stop; order: min_tokens gate, EOS, stop_token_ids, then length."""
+        """Append tokens up to the first stop; vLLM's order: length, then (past min_tokens) EOS and stop ids."""
         params = request.sampling_params
         stop_ids = params.stop_token_ids
         eos = None if params.ignore_eos else request.eos_token_id
@@ -212,15 +212,14 @@ class Scheduler:
         n = len(sampled)
         for k, tok in enumerate(sampled):
             n_out = n_out0 + k + 1
-            if n_out >= params.min_tokens:
+            if n_out >= request.max_tokens or n_tok0 + k + 1 >= self.max_model_len:
+                request.status = RequestStatus.FINISHED_LENGTH
+            elif n_out >= params.min_tokens:
                 if eos is not None and tok == eos:
                     request.status = RequestStatus.FINISHED_STOPPED
                 elif stop_ids and tok in stop_ids:
                     request.status = RequestStatus.FINISHED_STOPPED
                     request.stop_reason = tok
-            if not request.status.finished and (n_out >= request.max_tokens
-                                                or n_tok0 + k + 1 >= self.max_model_len):
-                request.status = RequestStatus.FINISHED_LENGTH
             if request.status.finished:
                 n = k + 1
                 break
