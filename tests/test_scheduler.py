@@ -238,9 +238,9 @@ def test_min_tokens_delays_eos_and_stop_ids():
     s.add_request(make_req("a", 4, min_tokens=3, stop_token_ids=[9]))
     outs = _decode(s, "a", [[EOS], [9], [EOS]])
     assert [o.finish_reason for o in outs] == [None, None, "stop"]
-    s.add_request(make_req("b", 4, min_tokens=2, max_tokens=2))  # EOS at the last allowed token is a stop
+    s.add_request(make_req("b", 4, min_tokens=2, max_tokens=2))  # length is checked first, as in vLLM
     outs = _decode(s, "b", [[EOS], [EOS]])
-    assert [o.finish_reason for o in outs] == [None, "stop"]
+    assert [o.finish_reason for o in outs] == [None, "length"]
     s.add_request(make_req("c", 62, min_tokens=5, max_tokens=10))  # the context limit still applies
     outs = _decode(s, "c", [[EOS], [EOS]])
     assert [o.finish_reason for o in outs] == [None, "length"]
