@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 
 
 def load_tokenizer(info: Any) -> Any:
-    return AutoTokenizer.from_pretrained(info.tokenizer_path)
+    return AutoTokenizer.from_pretrained(info.tokenizer)
 
 
 def apply_chat_template(tokenizer: Any, messages: list[dict[str, Any]], chat_template: str | None = None,

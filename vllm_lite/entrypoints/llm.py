@@ -25,7 +25,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         self.config = EngineConfig.from_kwargs(model=model, **kwargs)
-        self.info = resolve_model(self.config.model, self.config.load)
+        self.info = resolve_model(self.config.model, self.config.load, self.config.device.resolved_device())
         self.tokenizer = None if self.config.model.skip_tokenizer_init else load_tokenizer(self.info)
         self.engine = EngineCore(self.config, self.info)
         eos = self.info.eos_token_ids

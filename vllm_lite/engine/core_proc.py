@@ -1,0 +1,90 @@
+"""The engine core process: a busy loop that takes requests and aborts from the API server, steps the engine
+and streams EngineCoreOutputs back. It dies with its parent and reports its own failures before exiting."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+import zmq
+
+from vllm_lite.config import EngineConfig
+from vllm_lite.engine.core import EngineCore
+from vllm_lite.engine.ipc import (CORE_INPUT_DECODER, AbortRequests, EngineDead, EngineReady, die_with_parent,
+                                  encode)
+from vllm_lite.engine.messages import EngineCoreOutput, EngineCoreOutputs
+from vllm_lite.logging_utils import setup_logging
+from vllm_lite.model_loader import ModelInfo
+
+logger = logging.getLogger("vllm_lite.engine_core")
+
+
+class _Shutdown(Exception):
+    pass
+
+
+def _raise_shutdown(signum: int, frame: object) -> None:
+    raise _Shutdown()
+
+
+def run_engine_core(config: EngineConfig, info: ModelInfo, in_addr: str, out_addr: str, sock_dir: str) -> None:
+    die_with_parent()
+    setup_logging()
+    signal.signal(signal.SIGTERM, _raise_shutdown)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API server decides when to stop on Ctrl-C
+    ctx = zmq.Context()
+    inbox = ctx.socket(zmq.PULL)
+    inbox.connect(in_addr)
+    outbox = ctx.socket(zmq.PUSH)
+    outbox.connect(out_addr)
+    core = None
+    code = 0
+    try:
+        from vllm_lite.worker.worker_proc import MultiprocExecutor
+        executor = MultiprocExecutor(config, info, sock_dir)
+        core = EngineCore(config, info, executor)
+        outbox.send(encode(EngineReady(core.num_blocks)))
+        _busy_loop(core, inbox, outbox)
+    except _Shutdown:
+        logger.info("engine core shutting down")
+    except Exception as e:
+        logger.exception("engine core failed")
+        outbox.send(encode(EngineDead(f"{type(e).__name__}: {e}")))
+        code = 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if core is not None:
+            core.shutdown()
+        elif "executor" in locals():
+            executor.shutdown()
+        ctx.destroy(linger=1000)
+    sys.exit(code)
+
+
+def _busy_loop(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
+    parent = os.getppid()
+    while True:
+        # Block (with a timeout to notice a dead parent) only when there is nothing to step.
+        timeout = 0 if core.has_unfinished_requests() else 1000
+        while inbox.poll(timeout):
+            _handle(core, CORE_INPUT_DECODER.decode(inbox.recv()), outbox)
+            timeout = 0
+        if os.getppid() != parent:
+            raise _Shutdown()
+        if core.has_unfinished_requests():
+            outputs = core.step()
+            if outputs.outputs:
+                outbox.send(encode(outputs))
+
+
+def _handle(core: EngineCore, msg: object, outbox: zmq.Socket) -> None:
+    if isinstance(msg, AbortRequests):
+        core.abort_requests(msg.request_ids)
+        return
+    try:
+        core.add_request(msg)
+    except ValueError as e:  # the API server validates first; anything left ends this request, not the engine
+        logger.warning("rejected request %s: %s", msg.request_id, e)
+        outbox.send(encode(EngineCoreOutputs([EngineCoreOutput(msg.request_id, [], finish_reason="abort",
+                                                               stop_reason=str(e))])))
