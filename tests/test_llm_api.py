@@ -1,0 +1,105 @@
+"""The offline `LLM` API end to end on a tiny model: seeds, sampling filters, stops, n, chat, errors."""
+from __future__ import annotations
+
+import pytest
+
+from vllm_lite import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    from tiny_models import make_tiny_model
+    path = make_tiny_model(tmp_path_factory.mktemp("api"), "qwen3")
+    return LLM(path, device="cpu", dtype="float32", max_model_len=128, seed=0)
+
+
+def _ids(o):
+    return o.outputs[0].token_ids
+
+
+def test_seed_reproduces_alone_and_in_mixed_batch(llm):
+    seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=20, ignore_eos=True)
+    alone = llm.generate("Hello world", seeded, use_tqdm=False)[0]
+    other = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
+    batch = llm.generate(["The quick brown fox", "Hello world", "Once upon a time", "Hello world"],
+                         [other, seeded, other, SamplingParams(temperature=0.7, seed=9, max_tokens=5)],
+                         use_tqdm=False)
+    assert _ids(batch[1]) == _ids(alone)
+    unseeded = [_ids(o) for o in llm.generate(["Hello world"] * 4, other, use_tqdm=False)]
+    assert len({tuple(u) for u in unseeded}) > 1  # without a seed the draws differ
+
+
+def test_temperature_zero_equals_greedy_argmax(llm):
+    greedy = llm.generate("Hello world", SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                                                        logprobs=1), use_tqdm=False)[0].outputs[0]
+    for tok, lp in zip(greedy.token_ids, greedy.logprobs):
+        assert lp[tok].rank == 1
+
+
+def test_top_k_never_leaves_allowed_set(llm):
+    """top_k=2 at every step: each sampled token must be rank 1 or 2 under the raw distribution."""
+    params = SamplingParams(temperature=1.5, top_k=2, max_tokens=8, ignore_eos=True, logprobs=2)
+    outs = llm.generate(["Hello world"] * 16, params, use_tqdm=False)
+    ranks = {lp[tok].rank for o in outs for tok, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)}
+    assert ranks <= {1, 2} and ranks == {1, 2}
+
+
+def test_stop_strings_stop_token_ids_and_lengths(llm):
+    base = llm.generate("Hello world", SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    assert base.finish_reason == "length" and len(base.token_ids) == 30
+    stop_tok = base.token_ids[5]
+    first = base.token_ids.index(stop_tok)
+    o = llm.generate("Hello world", SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
+                                                   stop_token_ids=[stop_tok]), use_tqdm=False)[0].outputs[0]
+    assert o.finish_reason == "stop" and o.stop_reason == stop_tok and o.token_ids == base.token_ids[: first + 1]
+    text = base.text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    if stop.strip():
+        o = llm.generate("Hello world", SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop]),
+                         use_tqdm=False)[0].outputs[0]
+        assert o.finish_reason == "stop" and o.stop_reason == stop
+        assert o.text == text[: text.index(stop)] and stop not in o.text
+    o = llm.generate("Hello world", SamplingParams(temperature=0, max_tokens=4, min_tokens=4),
+                     use_tqdm=False)[0].outputs[0]
+    assert len(o.token_ids) == 4
+
+
+def test_n_choices_and_prompt_forms(llm):
+    outs = llm.generate([{"prompt_token_ids": [5, 6, 7]}, "Hello"],
+                        SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=6, ignore_eos=True),
+                        use_tqdm=False)
+    assert [len(o.outputs) for o in outs] == [3, 3]
+    assert outs[0].prompt_token_ids == [5, 6, 7] and outs[1].prompt == "Hello"
+    assert [c.index for c in outs[0].outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in outs[0].outputs}) > 1
+
+
+def test_chat_applies_template(llm):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    out = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
+    tok = llm.get_tokenizer()
+    expected = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False).input_ids
+    assert out.prompt_token_ids == expected
+    two = llm.chat([msgs, [{"role": "user", "content": "Yo"}]], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert len(two) == 2
+
+
+def test_bad_input_is_a_clear_error_and_engine_keeps_working(llm):
+    with pytest.raises(ValueError, match="200 tokens.*128"):
+        llm.generate({"prompt_token_ids": [5] * 200}, use_tqdm=False)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="out of the vocabulary"):
+        llm.generate({"prompt_token_ids": [10**6]}, use_tqdm=False)
+    assert len(_ids(llm.generate("Hi", SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)[0])) == 3
+
+
+def test_invalid_engine_arguments_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="dtype.*allowed"):
+        LLM(str(tmp_path), dtype="float64")
+    with pytest.raises(ValueError, match="block_size"):
+        LLM(str(tmp_path), block_size=0)
+    with pytest.raises(ValueError, match="unknown engine argument"):
+        LLM(str(tmp_path), not_a_flag=1)
