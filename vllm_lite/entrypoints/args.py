@@ -1,0 +1,92 @@
+"""Engine command-line flags (vLLM's names) -> EngineConfig keyword arguments."""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from vllm_lite.config import (ATTENTION_BACKENDS, DEFAULT_MODEL, DEVICES, DTYPES, LOAD_FORMATS, CacheConfig,
+                              SchedulerConfig)
+
+API_KEY_ENV = "VLLM_LITE_API_KEY"
+
+# flag dest -> EngineConfig.from_kwargs name (identical today; kept explicit so server-only flags stay out)
+ENGINE_ARGS = ("model", "tokenizer", "dtype", "seed", "max_model_len", "served_model_name", "block_size",
+               "enable_prefix_caching", "gpu_memory_utilization", "num_gpu_blocks_override", "kv_cache_memory_bytes",
+               "max_num_seqs", "max_num_batched_tokens", "device", "enforce_eager", "attention_backend",
+               "load_format", "download_dir")
+
+
+def _size(text: str) -> int:
+    """Byte counts like 1073741824, 512M, 4G, 1.5GiB."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    num = t[:-1] if t[-1:] in "KMGT" and t[-1:] else t
+    try:
+        return int(float(num) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 1073741824, 512M, 4G)") from None
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", dest="model_flag", default=None, metavar="MODEL",
+                   help=f"model to serve: a local HF-layout folder, a .gguf file, a Hugging Face repo id, or "
+                        f"{DEFAULT_MODEL!r} (the built-in default). Same as the positional MODEL.")
+    g.add_argument("--tokenizer", default=None, help="tokenizer folder or repo id (default: the model's)")
+    g.add_argument("--served-model-name", default=None,
+                   help="model name clients must send in `model` and that /v1/models lists "
+                        "(default: MODEL as given)")
+    g.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="weight and activation dtype; auto = the checkpoint's dtype on GPU, float32 on CPU")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="context window in tokens (prompt + output); default: the model's maximum")
+    g.add_argument("--seed", type=int, default=0, help="random seed for the engine (sampling without a seed)")
+    g.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
+                   help="weights format; 'dummy' builds random weights from config.json (benchmarks)")
+    g.add_argument("--download-dir", default=None, help="cache folder for downloaded / converted models")
+
+    g = parser.add_argument_group("cache")
+    g.add_argument("--block-size", type=int, default=CacheConfig.block_size, help="KV-cache block size in tokens")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV cache of shared prompt prefixes (--no-enable-prefix-caching turns it off)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=CacheConfig.gpu_memory_utilization,
+                   help="fraction of GPU memory the engine may use (weights + activations + KV cache)")
+    g.add_argument("--num-gpu-blocks-override", type=int, default=None,
+                   help="use exactly this many KV-cache blocks instead of profiling")
+    g.add_argument("--kv-cache-memory-bytes", type=_size, default=None,
+                   help="KV-cache size in bytes (e.g. 2G); overrides --gpu-memory-utilization for the cache")
+
+    g = parser.add_argument_group("scheduler")
+    g.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs,
+                   help="most sequences in one batch")
+    g.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens,
+                   help="token budget of one engine step (prefills are chunked to fit)")
+
+    g = parser.add_argument_group("device")
+    g.add_argument("--device", default="auto", choices=DEVICES, help="where the model runs (auto: cuda if present)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="no torch.compile and no CUDA graphs (faster start, slower steps)")
+    g.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
+                   help="attention kernels: torch (reference, any device) or flashinfer (GPU)")
+    return parser
+
+
+def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """EngineConfig.from_kwargs(**result) for parsed flags; MODEL positional or --model (not both, unless equal)."""
+    positional = getattr(args, "model", None)
+    flag = getattr(args, "model_flag", None)
+    if positional and flag and positional != flag:
+        raise ValueError(f"the model is given twice: positional {positional!r} and --model {flag!r}")
+    kwargs: dict[str, Any] = {}
+    for name in ENGINE_ARGS:
+        if name == "model":
+            kwargs["model"] = flag or positional or DEFAULT_MODEL
+        elif hasattr(args, name):
+            kwargs[name] = getattr(args, name)
+    return kwargs
+
+
+def resolve_api_key(flag: str | None) -> str | None:
+    """--api-key wins; else VLLM_LITE_API_KEY; empty means none. The only place the environment is read."""
+    return flag or os.environ.get(API_KEY_ENV) or None

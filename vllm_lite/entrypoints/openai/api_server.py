@@ -1,0 +1,260 @@
+"""The OpenAI-compatible HTTP server: FastAPI app factory (`build_app`) and the life cycle (`run_server`).
+
+Life cycle: config -> resolve model -> tokenizer -> AsyncEngineClient.start() (spawns the engine core, which spawns
+the workers) -> uvicorn on uvloop. Ctrl-C / SIGTERM: uvicorn stops, the FastAPI lifespan shuts the client down
+(no process left behind). If the engine dies, in-flight requests fail first, /health turns 503, and a couple of
+seconds later uvicorn is told to exit; run_server then returns 1.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import signal
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import vllm_lite
+from vllm_lite.entrypoints.openai.errors import (APIError, api_error_response, error_body, error_response,
+                                                 validation_message)
+from vllm_lite.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
+from vllm_lite.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                                   TokenizeRequest)
+from vllm_lite.entrypoints.openai.serving_chat import OpenAIServingChat
+from vllm_lite.entrypoints.openai.serving_completions import OpenAIServingCompletion
+
+logger = logging.getLogger("vllm_lite.api_server")
+
+EXIT_DELAY_S = 2.0  # after the engine dies: time for in-flight requests to get their errors and /health its 503
+OPEN_PATHS = frozenset({"/health", "/ping"})
+
+
+class APIKeyMiddleware:
+    """Pure ASGI middleware (keeps disconnect detection and streaming intact): `Authorization: Bearer <key>` on
+    every route except /health."""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") == "OPTIONS" or scope.get("path") in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        auth = b""
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                auth = value
+                break
+        if hmac.compare_digest(auth, self.expected):
+            await self.app(scope, receive, send)
+            return
+        message = "missing API key" if not auth else "invalid API key"
+        response = JSONResponse(error_body(f"Unauthorized: {message} (send 'Authorization: Bearer <key>')", 401),
+                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+
+def build_app(client: Any, served_model_names: list[str] | str | None = None, api_key: str | None = None,
+              chat_template: str | None = None, on_shutdown: Any = None) -> FastAPI:
+    """The FastAPI app over an engine client (an AsyncEngineClient, or anything with its API, e.g. in tests).
+
+    `api_key` is passed explicitly (cli/args read the environment); `on_shutdown` runs in the lifespan's
+    shutdown (run_server passes client.shutdown).
+    """
+    if served_model_names is None:
+        served_model_names = [client.info.model]
+    elif isinstance(served_model_names, str):
+        served_model_names = [served_model_names]
+    model_name = served_model_names[0]
+    metrics = ServerMetrics(client, model_name)
+    completions = OpenAIServingCompletion(client, served_model_names, metrics)
+    chat = OpenAIServingChat(client, served_model_names, metrics, chat_template)
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        try:
+            yield
+        finally:
+            if on_shutdown is not None:
+                logger.info("shutting down the engine")
+                on_shutdown()
+
+    app = FastAPI(title="vllm-lite OpenAI-compatible server", version=vllm_lite.__version__, lifespan=lifespan)
+    app.state.client = client
+    app.state.metrics = metrics
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = validation_message(list(exc.errors()))
+        return error_response(message, 400, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(str(exc.detail), exc.status_code)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return api_error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s", request.url.path)
+        return error_response(f"internal server error: {exc!r}", 500)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if client.is_healthy:
+            return Response(status_code=200)
+        reason = getattr(client, "dead_reason", None) or "engine is not running"
+        return error_response(f"unhealthy: {reason}", 503)
+
+    @app.get("/ping")
+    async def ping() -> Response:
+        return await health()
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": vllm_lite.__version__}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        info = client.info
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": created, "owned_by": "vllm-lite",
+             "root": getattr(info, "path", name), "parent": None, "max_model_len": int(info.max_model_len),
+             "permission": []} for name in served_model_names]}
+
+    @app.post("/v1/completions")
+    async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
+        return await completions.create_completion(request, raw_request)
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
+        return await chat.create_chat_completion(request, raw_request)
+
+    @app.post("/tokenize")
+    async def tokenize(request: TokenizeRequest) -> Response:
+        completions.check_model(request.model)
+        tok = client.tokenizer
+        if tok is None:
+            raise APIError("this server has no tokenizer", 400)
+        if request.messages is not None:
+            from vllm_lite.entrypoints.openai.protocol import ChatCompletionRequest as _Chat
+            chat_req = _Chat(messages=request.messages, add_generation_prompt=request.add_generation_prompt,
+                             chat_template=request.chat_template)
+            try:
+                ids = chat.render(chat_req)
+            except ValueError as exc:
+                raise APIError(str(exc), 400, "messages") from exc
+        elif request.prompt is not None:
+            add = True if request.add_special_tokens is None else request.add_special_tokens
+            ids = tok(request.prompt, add_special_tokens=add).input_ids
+        else:
+            raise APIError("either prompt or messages is required", 400, "prompt")
+        return JSONResponse({"count": len(ids), "max_model_len": completions.max_model_len, "tokens": ids,
+                             "token_strs": tok.convert_ids_to_tokens(ids)})
+
+    @app.post("/detokenize")
+    async def detokenize(request: DetokenizeRequest) -> Response:
+        completions.check_model(request.model)
+        if client.tokenizer is None:
+            raise APIError("this server has no tokenizer", 400)
+        bad = next((t for t in request.tokens if not 0 <= t < completions.vocab_size), None)
+        if bad is not None:
+            raise APIError(f"tokens is invalid: token id {bad} is out of the vocabulary "
+                           f"(size {completions.vocab_size})", 400, "tokens")
+        return JSONResponse({"prompt": client.tokenizer.decode(request.tokens)})
+
+    return app
+
+
+def _log_stage(name: str, start: float) -> float:
+    now = time.perf_counter()
+    logger.info("%s done in %.2f s", name, now - start)
+    return now
+
+
+async def run_server(engine_kwargs: dict[str, Any], host: str = "127.0.0.1", port: int = 8000,
+                     api_key: str | None = None, chat_template: str | None = None, log_level: str = "info",
+                     exit_delay_s: float = EXIT_DELAY_S) -> int:
+    """Start the engine and serve until SIGINT/SIGTERM (returns 0) or engine death (returns 1)."""
+    import uvicorn
+
+    from vllm_lite.config import EngineConfig
+    from vllm_lite.engine.async_client import AsyncEngineClient
+    from vllm_lite.model_loader import resolve_model
+    from vllm_lite.tokenizer import load_tokenizer
+
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    # Until uvicorn installs its own handlers, a signal cancels startup (and the finally below stops the engine).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, main_task.cancel)
+    client = None
+    shut = False
+
+    def shutdown_client() -> None:
+        nonlocal shut
+        if client is not None and not shut:
+            shut = True
+            client.shutdown()
+
+    try:
+        t0 = t = time.perf_counter()
+        config = EngineConfig.from_kwargs(**engine_kwargs)
+        t = _log_stage("config", t)
+        info = resolve_model(config.model, config.load, config.device.resolved_device())
+        t = _log_stage(f"resolve model {config.model.model!r} -> {info.path}", t)
+        tokenizer = None if config.model.skip_tokenizer_init else load_tokenizer(info)
+        t = _log_stage("load tokenizer", t)
+        client = AsyncEngineClient(config, info, tokenizer)
+        await client.start()
+        t = _log_stage(f"engine start (load, profile, {client.num_blocks} KV blocks, warm-up)", t)
+        served = config.model.served_model_name or config.model.model
+        app = build_app(client, [served], api_key=api_key, chat_template=chat_template, on_shutdown=shutdown_client)
+        uconfig = uvicorn.Config(app, host=host, port=port, log_level=log_level, loop="uvloop", lifespan="on",
+                                 timeout_graceful_shutdown=5, timeout_keep_alive=5, access_log=False)
+        server = uvicorn.Server(uconfig)
+
+        def on_dead() -> None:
+            logger.error("engine died (%s); the server exits in %.1f s", client.dead_reason, exit_delay_s)
+            loop.call_later(exit_delay_s, setattr, server, "should_exit", True)
+        client.on_dead = on_dead
+        if client.dead_reason is not None:
+            on_dead()
+
+        async def announce() -> None:
+            while not server.started and not server.should_exit:
+                await asyncio.sleep(0.05)
+            if server.started:
+                shown = host if host not in ("0.0.0.0", "::", "") else "localhost"
+                print(f"vllm-lite: serving {served} at http://{shown}:{port} "
+                      f"(ready in {time.perf_counter() - t0:.1f} s)", flush=True)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        announcer = asyncio.ensure_future(announce())
+        await server.serve()
+        announcer.cancel()
+        return 1 if client.dead_reason is not None else 0
+    except asyncio.CancelledError:
+        logger.info("interrupted during startup")
+        return 130
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+        shutdown_client()

@@ -1,0 +1,76 @@
+"""OpenAI-style error JSON (vLLM flavour): {"error": {"message", "type", "param", "code"}} with the HTTP status."""
+from __future__ import annotations
+
+import json
+import re
+from http import HTTPStatus
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+try:  # the real class once the process layer exists; a stand-in keeps the HTTP layer importable before that
+    from vllm_lite.engine.async_client import EngineDeadError
+except ImportError:  # pragma: no cover - only while vllm_lite.engine.ipc is missing
+    class EngineDeadError(RuntimeError):  # type: ignore[no-redef]
+        """The engine core (or a worker) is gone."""
+
+_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
+          405: "MethodNotAllowed", 413: "RequestTooLarge", 422: "UnprocessableEntityError", 429: "RateLimitError",
+          500: "InternalServerError", 501: "NotImplementedError", 503: "ServiceUnavailableError"}
+_PARAM_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_\[\]\.]*)(?:=| is invalid| must|:)")
+
+
+class APIError(Exception):
+    """Raised by the serving code; turned into the error JSON with `status`."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+
+
+def param_of(message: str) -> str | None:
+    """The field a validation message names ("temperature=-1 is invalid: ..." -> "temperature")."""
+    m = _PARAM_RE.match(message)
+    return m.group(1) if m else None
+
+
+def bad_request(exc: Exception) -> APIError:
+    message = str(exc)
+    return APIError(message, 400, param_of(message))
+
+
+def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": _TYPES.get(status, HTTPStatus(status).phrase.replace(" ", "")),
+                      "param": param, "code": status}}
+
+
+def error_response(message: str, status: int = 400, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, status, param), status_code=status)
+
+
+def api_error_response(exc: APIError) -> JSONResponse:
+    return error_response(exc.message, exc.status, exc.param)
+
+
+def engine_dead_message(exc: BaseException) -> str:
+    return f"the engine is dead and cannot serve requests: {exc}"
+
+
+def sse_error(message: str, status: int) -> str:
+    return f"data: {json.dumps(error_body(message, status))}\n\n"
+
+
+def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """A readable message and the first offending field from pydantic's error list."""
+    parts, param = [], None
+    for err in errors:
+        loc = [str(x) for x in err.get("loc", ()) if x not in ("body",)]
+        if err.get("type") == "json_invalid":
+            return f"malformed JSON in the request body: {err.get('ctx', {}).get('error', err.get('msg'))}", None
+        field = ".".join(loc)
+        if param is None and loc:
+            param = loc[0]
+        parts.append(f"{field}: {err.get('msg')}" if field else str(err.get("msg")))
+    return "invalid request: " + "; ".join(parts), param

@@ -1,0 +1,119 @@
+"""Prometheus metrics (vLLM names, `vllm:` prefix) on a private CollectorRegistry.
+
+Scheduler gauges and the prefix-cache counters are read from `client.stats` (a SchedulerStats; its
+prefix_cache_queries/hits are cumulative) at scrape time; token counters and latency histograms are fed by the
+serving code and by `client.output_listeners`.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                 40.0, 80.0, 160.0]
+_TPOT_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                 10.0, 20.0, 40.0, 80.0]
+_E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                480.0, 960.0, 1920.0, 7680.0]
+
+
+class _SchedulerCollector:
+    """Gauges and cumulative counters straight from the client's latest SchedulerStats."""
+
+    def __init__(self, client: Any, model_name: str) -> None:
+        self.client = client
+        self.model_name = model_name
+
+    def collect(self):
+        stats = self.client.stats
+        labels = [self.model_name]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(name, doc, labels=["model_name"])
+            g.add_metric(labels, value)
+            return g
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(name, doc, labels=["model_name"])
+            c.add_metric(labels, value)
+            return c
+
+        usage = float(stats.kv_cache_usage)
+        yield gauge("vllm:num_requests_running", "Number of requests in model execution batches.",
+                    stats.num_running_reqs)
+        yield gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+                    stats.num_waiting_reqs)
+        yield gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", usage)
+        yield gauge("vllm:gpu_cache_usage_perc", "KV-cache usage (old name). 1 means 100 percent usage.", usage)
+        yield counter("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
+                      stats.prefix_cache_queries)
+        yield counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+                      stats.prefix_cache_hits)
+        q = stats.prefix_cache_queries
+        yield gauge("vllm:prefix_cache_hit_rate", "Prefix cache hit rate since start (hits / queries).",
+                    stats.prefix_cache_hits / q if q else 0.0)
+        yield counter("vllm:num_preemptions", "Cumulative number of preemptions.", stats.num_preemptions)
+        yield gauge("vllm:engine_healthy", "1 while the engine core is alive.", 1.0 if self.client.is_healthy else 0.0)
+
+
+class ServerMetrics:
+    def __init__(self, client: Any, model_name: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.model_name = model_name
+        lab = ["model_name"]
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", lab,
+                                     registry=self.registry).labels(model_name)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Number of generation tokens processed.", lab,
+                                         registry=self.registry).labels(model_name)
+        self._success = Counter("vllm:request_success", "Count of successfully finished requests.",
+                                ["model_name", "finished_reason"], registry=self.registry)
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                              lab, buckets=_TTFT_BUCKETS, registry=self.registry).labels(model_name)
+        self.tpot = Histogram("vllm:time_per_output_token_seconds",
+                              "Histogram of time per output token in seconds.", lab, buckets=_TPOT_BUCKETS,
+                              registry=self.registry).labels(model_name)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Histogram of end-to-end request latency.", lab,
+                             buckets=_E2E_BUCKETS, registry=self.registry).labels(model_name)
+        self.prompt_len = Histogram("vllm:request_prompt_tokens", "Number of prefill tokens per request.", lab,
+                                    buckets=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000],
+                                    registry=self.registry).labels(model_name)
+        self.gen_len = Histogram("vllm:request_generation_tokens", "Number of generation tokens per request.",
+                                 lab, buckets=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000],
+                                 registry=self.registry).labels(model_name)
+        self.registry.register(_SchedulerCollector(client, model_name))
+        listeners = getattr(client, "output_listeners", None)
+        if listeners is not None:
+            listeners.append(self.on_engine_outputs)
+
+    def on_engine_outputs(self, outputs: Any) -> None:
+        n = sum(len(o.new_token_ids) for o in outputs.outputs)
+        if n:
+            self.generation_tokens.inc(n)
+
+    def on_request_start(self, num_prompt_tokens: int) -> None:
+        self.prompt_tokens.inc(num_prompt_tokens)
+        self.prompt_len.observe(num_prompt_tokens)
+
+    def on_request_finished(self, state: Any) -> None:
+        """Latency histograms from a finished RequestState (arrival/first-token times are wall-clock)."""
+        now = time.time()
+        e2e = now - state.arrival_time
+        self.e2e.observe(e2e)
+        num_out = max((len(s.token_ids) for s in state.sequences), default=0)
+        self.gen_len.observe(sum(len(s.token_ids) for s in state.sequences))
+        if state.first_token_time is not None:
+            ttft = state.first_token_time - state.arrival_time
+            self.ttft.observe(max(ttft, 0.0))
+            if num_out > 1:
+                self.tpot.observe(max(now - state.first_token_time, 0.0) / (num_out - 1))
+        for s in state.sequences:
+            if s.finish_reason in ("stop", "length"):
+                self._success.labels(self.model_name, s.finish_reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

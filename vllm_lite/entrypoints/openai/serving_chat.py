@@ -1,0 +1,129 @@
+"""/v1/chat/completions: messages through the chat template, then the same engine plumbing as completions."""
+from __future__ import annotations
+
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from vllm_lite.entrypoints.openai.errors import APIError
+from vllm_lite.entrypoints.openai.protocol import (ChatChoiceLogprobs, ChatCompletionRequest, ChatCompletionResponse,
+                                                   ChatCompletionResponseChoice, ChatCompletionStreamChoice,
+                                                   ChatCompletionStreamResponse, ChatLogprobToken,
+                                                   ChatResponseMessage, ChatTopLogprob, DeltaMessage, UsageInfo,
+                                                   random_uuid)
+from vllm_lite.entrypoints.openai.serving_completions import (SSE_DONE, OpenAIServing, SSEResponse, _clamp,
+                                                              sorted_top, sse, token_text)
+from vllm_lite.tokenizer import apply_chat_template
+
+
+def chat_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[dict], num: int) -> ChatChoiceLogprobs:
+    content = []
+    for token, d in zip(token_ids, logprobs):
+        lp = d.get(token)
+        text = token_text(tokenizer, token, lp)
+        top = [ChatTopLogprob(token=(t := token_text(tokenizer, tid, tlp)), logprob=_clamp(tlp.logprob),
+                              bytes=list(t.encode("utf-8", errors="replace"))) for tid, tlp in sorted_top(d, num)]
+        content.append(ChatLogprobToken(token=text, logprob=_clamp(lp.logprob) if lp is not None else -9999.0,
+                                        bytes=list(text.encode("utf-8", errors="replace")), top_logprobs=top))
+    return ChatChoiceLogprobs(content=content)
+
+
+class OpenAIServingChat(OpenAIServing):
+
+    def __init__(self, client: Any, served_model_names: list[str], metrics: Any | None = None,
+                 chat_template: str | None = None) -> None:
+        super().__init__(client, served_model_names, metrics)
+        self.chat_template = chat_template
+
+    def render(self, request: ChatCompletionRequest) -> list[int]:
+        if self.tokenizer is None:
+            raise APIError("chat completions need a tokenizer", 400, "messages")
+        conversation = request.conversation()
+        add_gen = request.add_generation_prompt
+        try:
+            ids = apply_chat_template(self.tokenizer, conversation, request.chat_template or self.chat_template,
+                                      add_gen)
+        except ValueError as exc:
+            raise APIError(f"chat_template: {exc}", 400, "chat_template") from exc
+        except Exception as exc:  # noqa: BLE001 - jinja errors in a user template
+            raise APIError(f"chat_template: could not render the conversation: {exc}", 400, "chat_template") \
+                from exc
+        return ids
+
+    async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
+        async def build() -> Response:
+            self.check_model(request.model)
+            request.check()
+            self.check_alive()
+            ids = self.render(request)
+            params = request.to_sampling_params(self.check_prompt(ids, request._requested_max_tokens(), "messages"))
+            request_id = f"chatcmpl-{random_uuid()}"
+            if request.stream:
+                return SSEResponse(self.stream_guard(self._stream(request, request_id, ids, params)))
+            return await self._full(request, request_id, ids, params)
+        return await self.handle(raw_request, build)
+
+    async def _full(self, request: ChatCompletionRequest, request_id: str, ids: list[int], params: Any) -> Response:
+        state = await self.collect(self.generate(request_id, None, ids, params))
+        choices, completion_tokens = [], 0
+        for seq in state.sequences:
+            completion_tokens += len(seq.token_ids)
+            lps = None
+            if request.logprobs and seq.logprobs is not None:
+                lps = chat_logprobs(self.tokenizer, seq.token_ids, seq.logprobs, request.top_logprobs or 0)
+            choices.append(ChatCompletionResponseChoice(index=seq.index, message=ChatResponseMessage(content=seq.text),
+                                                        logprobs=lps, finish_reason=seq.finish_reason,
+                                                        stop_reason=seq.stop_reason))
+        usage = UsageInfo(prompt_tokens=len(ids), completion_tokens=completion_tokens,
+                          total_tokens=len(ids) + completion_tokens)
+        resp = ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage)
+        return JSONResponse(resp.model_dump())
+
+    async def _stream(self, request: ChatCompletionRequest, request_id: str, ids: list[int],
+                      params: Any) -> AsyncIterator[str]:
+        n = request.n
+        created = int(time.time())
+        include_usage = request.stream_options is not None and bool(request.stream_options.include_usage)
+
+        def chunk(choices: list[ChatCompletionStreamChoice]) -> str:
+            return sse(ChatCompletionStreamResponse(id=request_id, model=self.model_name, created=created,
+                                                    choices=choices))
+
+        gen = self.generate(request_id, None, ids, params)
+        sent = [0] * n
+        done = [False] * n
+        try:
+            for i in range(n):
+                yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+            async for state in gen:
+                for seq in state.sequences:
+                    i = seq.index
+                    if done[i]:
+                        continue
+                    finished = seq.finish_reason is not None
+                    delta = seq.detokenizer.get_delta(finished) if seq.detokenizer is not None else ""
+                    new_ids = seq.token_ids[sent[i]:]
+                    lps = None
+                    if request.logprobs and seq.logprobs is not None and new_ids:
+                        lps = chat_logprobs(self.tokenizer, new_ids, seq.logprobs[sent[i]:sent[i] + len(new_ids)],
+                                            request.top_logprobs or 0)
+                    sent[i] += len(new_ids)
+                    if not delta and not finished and lps is None:
+                        continue
+                    if finished:
+                        done[i] = True
+                    yield chunk([ChatCompletionStreamChoice(
+                        index=i, delta=DeltaMessage(content=delta) if delta or not finished else DeltaMessage(),
+                        logprobs=lps, finish_reason=seq.finish_reason if finished else None,
+                        stop_reason=seq.stop_reason if finished else None)])
+            if include_usage:
+                completion_tokens = sum(sent)
+                yield sse(ChatCompletionStreamResponse(
+                    id=request_id, model=self.model_name, created=created, choices=[],
+                    usage=UsageInfo(prompt_tokens=len(ids), completion_tokens=completion_tokens,
+                                    total_tokens=len(ids) + completion_tokens)))
+            yield SSE_DONE
+        finally:
+            await gen.aclose()
