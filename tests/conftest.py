@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random HF model folders (llama / qwen2 / qwen3), built once per session.
+
+Each fixture returns a str path to a folder with config.json, model.safetensors, generation_config.json and a
+tokenizer (byte-level BPE, ChatML chat template, eos <|im_end|>), so `LLM(model=path)` works end to end.
+`tiny_model_factory(arch, **config_overrides)` builds a fresh variant in a new temp dir.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from tiny_models import make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory) -> str:
+    return make_tiny_model(tmp_path_factory.mktemp("models"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_path(tmp_path_factory) -> str:
+    return make_tiny_model(tmp_path_factory.mktemp("models"), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_path(tmp_path_factory) -> str:
+    return make_tiny_model(tmp_path_factory.mktemp("models"), "qwen3")
+
+
+@pytest.fixture(params=["llama", "qwen2", "qwen3"])
+def tiny_model_path(request, tmp_path_factory) -> str:
+    """Parametrised over the three architectures (session-built folders)."""
+    return request.getfixturevalue(f"tiny_{request.param}_path")
+
+
+@pytest.fixture
+def tiny_model_factory(tmp_path_factory):
+    """factory(arch="llama", **config_overrides) -> str path of a freshly built tiny model folder."""
+    def factory(arch: str = "llama", **overrides) -> str:
+        return make_tiny_model(tmp_path_factory.mktemp(f"tiny-{arch}"), arch, **overrides)
+    return factory

@@ -1,0 +1,205 @@
+"""Llama-family decoder-only models (Llama, Qwen2, Qwen3) as plain nn.Modules over flat token batches.
+
+One class covers the family; the subclasses only switch features (qkv bias, per-head q/k RMSNorm). Projections are
+fused (qkv_proj, gate_up_proj) so that a step runs two big GEMMs instead of five; `load_weights` copies the HF
+shards into their slices. Attention metadata and KV caches come from the AttentionContext given at construction,
+so forward has no data-dependent Python control flow and torch.compile can trace it with a dynamic token dimension.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from vllm_lite.attention import Attention, AttentionContext
+from vllm_lite.layers.activation import SiluAndMul
+from vllm_lite.layers.norm import RMSNorm
+from vllm_lite.layers.rotary import RotaryEmbedding, get_rope, head_dim_of
+
+logger = logging.getLogger("vllm_lite.models")
+
+# (fused parameter module, HF module, shard id) for the HF tensors that land in a slice of a fused parameter.
+FUSED_SHARDS = (("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"),
+                ("gate_up_proj", "gate_proj", "gate"), ("gate_up_proj", "up_proj", "up"))
+
+
+class WeightLoadError(ValueError):
+    """A checkpoint does not fit the model: a tensor is missing or has the wrong shape."""
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, cfg: Any, layer_idx: int, ctx: AttentionContext, qkv_bias: bool, qk_norm: bool,
+                 rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = head_dim_of(cfg)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        o_bias = bool(getattr(cfg, "attention_bias", False))
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=o_bias)
+        self.qkv_proj.shard_offsets = {"q": (0, self.q_size), "k": (self.q_size, self.kv_size),
+                                       "v": (self.q_size + self.kv_size, self.kv_size)}
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.rotary = [rotary]  # a list: shared module, not registered once per layer
+        self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5, ctx)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        t = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.q_norm is not None:
+            q = self.q_norm(q.reshape(t, self.num_heads, self.head_dim)).reshape(t, self.q_size)
+            k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim)).reshape(t, self.kv_size)
+        rotary = self.rotary[0]
+        q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
+        return self.o_proj(self.attn(q, k, v.contiguous()))
+
+
+class DecoderMLP(nn.Module):
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        bias = bool(getattr(cfg, "mlp_bias", False))
+        inter = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * inter, bias=bias)
+        self.gate_up_proj.shard_offsets = {"gate": (0, inter), "up": (inter, inter)}
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=bias)
+        self.act = SiluAndMul()
+        act = getattr(cfg, "hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ValueError(f"hidden_act={act!r} is not supported (only silu)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Any, layer_idx: int, ctx: AttentionContext, qkv_bias: bool, qk_norm: bool,
+                 rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.self_attn = DecoderAttention(cfg, layer_idx, ctx, qkv_bias, qk_norm, rotary)
+        self.mlp = DecoderMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:  # first layer (static: known at trace time)
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, cos, sin)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: Any, ctx: AttentionContext, qkv_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.rotary_emb = get_rope(cfg)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, ctx, qkv_bias, qk_norm, self.rotary_emb)
+                                    for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb.cos_sin(positions, hidden.dtype)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual, cos, sin)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class DecoderForCausalLM(nn.Module):
+    """Base of the Llama-family causal LMs: `forward(input_ids[T], positions[T]) -> hidden [T, hidden]`."""
+    qkv_bias_default = False
+    qk_norm = False
+
+    def __init__(self, hf_config: Any, attn_ctx: AttentionContext) -> None:
+        super().__init__()
+        self.config = hf_config
+        qkv_bias = self.qkv_bias_default or bool(getattr(hf_config, "attention_bias", False))
+        if getattr(hf_config, "use_sliding_window", False):
+            logger.warning("sliding-window attention is not implemented; attending to the full context")
+        self.model = DecoderModel(hf_config, attn_ctx, qkv_bias, self.qk_norm)
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Flat batch of tokens (any mix of requests) -> final-normed hidden states [T, hidden]."""
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] (usually only the rows that sample) -> float32 logits [N, vocab]."""
+        return self.lm_head(hidden_states).float()
+
+    # ---- weight loading -------------------------------------------------------------------------------------
+    def _targets(self) -> dict[str, tuple[torch.nn.Parameter, int, int]]:
+        """HF tensor name -> (parameter, row offset, rows) covering every tensor the checkpoint must provide."""
+        params = dict(self.named_parameters())
+        modules = dict(self.named_modules())
+        targets: dict[str, tuple[torch.nn.Parameter, int, int]] = {}
+        for name, param in params.items():
+            mod_name, _, leaf = name.rpartition(".")
+            fused = [(hf, shard) for f, hf, shard in FUSED_SHARDS if mod_name.endswith("." + f)]
+            if fused:
+                offsets = modules[mod_name].shard_offsets
+                prefix = mod_name[: -len(mod_name.rpartition(".")[2])]
+                for hf, shard in fused:
+                    off, size = offsets[shard]
+                    targets[f"{prefix}{hf}.{leaf}"] = (param, off, size)
+            else:
+                targets[name] = (param, 0, param.shape[0])
+        return targets
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into the (fused) parameters; missing tensors and wrong shapes raise
+        WeightLoadError naming the tensor; tensors the model does not use (rotary inv_freq, a tied lm_head) are
+        skipped."""
+        targets = self._targets()
+        loaded: set[str] = set()
+        skipped = 0
+        for name, tensor in weights:
+            target = targets.get(name)
+            if target is None:
+                skipped += 1
+                logger.debug("ignoring checkpoint tensor %s %s", name, tuple(tensor.shape))
+                continue
+            param, off, size = target
+            dest = param.data.narrow(0, off, size) if (off, size) != (0, param.shape[0]) else param.data
+            if tuple(tensor.shape) != tuple(dest.shape):
+                where = "" if dest.shape == param.shape else f" (rows {off}:{off + size} of a fused parameter)"
+                raise WeightLoadError(f"shape mismatch for tensor {name}: checkpoint has {tuple(tensor.shape)}, "
+                                      f"model expects {tuple(dest.shape)}{where}")
+            dest.copy_(tensor)
+            loaded.add(name)
+        missing = sorted(set(targets) - loaded)
+        if missing:
+            shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
+            raise WeightLoadError(f"checkpoint is missing {len(missing)} tensor(s) the model needs: {shown}")
+        if skipped:
+            logger.debug("ignored %d checkpoint tensor(s) the model does not use", skipped)
+
+
+class LlamaForCausalLM(DecoderForCausalLM):
+    """Llama (1/2/3, SmolLM2, Mistral-style dense): biases only when the config's attention_bias says so."""
+
+
+class Qwen2ForCausalLM(DecoderForCausalLM):
+    """Qwen2 / Qwen2.5: bias on q/k/v (not on o_proj)."""
+    qkv_bias_default = True
+
+
+class Qwen3ForCausalLM(DecoderForCausalLM):
+    """Qwen3 dense: per-head RMSNorm on q and k before rotary, explicit head_dim."""
+    qk_norm = True
