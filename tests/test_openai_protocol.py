@@ -383,3 +383,32 @@ def test_disconnect_aborts(tokenizer):
             await task
         assert "cmpl-y-0" in fake.aborted and not fake.processor.requests
     run(go())
+
+
+# ---- CLI --------------------------------------------------------------------------------------------------------
+
+def test_cli_flags_and_api_key_env(monkeypatch):
+    from vllm_lite.config import EngineConfig
+    from vllm_lite.entrypoints.args import engine_kwargs_from_args, resolve_api_key
+    from vllm_lite.entrypoints.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["serve", "m", "--port", "9", "--max-model-len", "64", "--no-enable-prefix-caching",
+                              "--kv-cache-memory-bytes", "2G", "--device", "cpu", "--enforce-eager",
+                              "--served-model-name", "x", "--num-gpu-blocks-override", "7", "--seed", "3"])
+    cfg = EngineConfig.from_kwargs(**engine_kwargs_from_args(args))
+    assert cfg.model.model == "m" and cfg.model.max_model_len == 64 and cfg.model.served_model_name == "x"
+    assert not cfg.cache.enable_prefix_caching and cfg.cache.kv_cache_memory_bytes == 2 << 30
+    assert cfg.cache.num_gpu_blocks_override == 7 and cfg.device.enforce_eager and cfg.model.seed == 3
+    assert engine_kwargs_from_args(parser.parse_args(["serve"]))["model"] == "smollm2-135m-instruct"
+    assert engine_kwargs_from_args(parser.parse_args(["serve", "--model", "y"]))["model"] == "y"
+    serve_help = parser._subparsers._group_actions[0].choices["serve"].format_help()
+    for flag in ("--model", "--host", "--port", "--api-key", "--served-model-name", "--dtype", "--max-model-len",
+                 "--max-num-seqs", "--max-num-batched-tokens", "--block-size", "--enable-prefix-caching",
+                 "--gpu-memory-utilization", "--enforce-eager", "--device", "--load-format", "--seed",
+                 "--num-gpu-blocks-override", "--kv-cache-memory-bytes", "--attention-backend", "--tokenizer"):
+        assert flag in serve_help, flag
+    monkeypatch.setenv("VLLM_LITE_API_KEY", "from-env")
+    assert resolve_api_key(None) == "from-env" and resolve_api_key("flag") == "flag"
+    monkeypatch.delenv("VLLM_LITE_API_KEY")
+    assert resolve_api_key(None) is None

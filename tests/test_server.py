@@ -1,0 +1,248 @@
+"""A real `vllm-lite serve` subprocess (CPU, tiny random llama) driven through the official openai client:
+shapes, streaming, n, logprobs, stops, usage, 32 concurrent greedy requests equal to the offline LLM, bad inputs
+beside a long generation, disconnect aborts, API key, SIGTERM and engine-core death with no process left."""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+
+from server_utils import RemoteServer, alive, wait_gone
+from tiny_models import make_tiny_model
+
+SERVER_ARGS = ["--device", "cpu", "--dtype", "float32", "--max-model-len", "256", "--seed", "0"]
+OFFLINE_KWARGS = dict(device="cpu", dtype="float32", max_model_len=256, seed=0)
+PROMPTS = [f"Question {i}: what is {i} plus {i * 3}? Hello world" for i in range(32)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return make_tiny_model(tmp_path_factory.mktemp("server-model"), "llama")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    with RemoteServer(model_dir, SERVER_ARGS) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url_for("v1"), api_key="EMPTY", max_retries=0)
+
+
+def _metric(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+    assert m, f"{name} missing from /metrics"
+    return float(m.group(1))
+
+
+def test_routes(server, model_dir):
+    assert httpx.get(server.url_for("health")).status_code == 200
+    assert httpx.get(server.url_for("version")).json()["version"]
+    models = httpx.get(server.url_for("v1", "models")).json()
+    assert models["data"][0]["id"] == model_dir and models["data"][0]["max_model_len"] == 256
+    ids = httpx.post(server.url_for("tokenize"), json={"prompt": "Hello world"}).json()["tokens"]
+    assert httpx.post(server.url_for("detokenize"), json={"tokens": ids}).json()["prompt"] == "Hello world"
+    text = httpx.get(server.url_for("metrics")).text
+    for name in ("vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:prompt_tokens_total",
+                 "vllm:generation_tokens_total", "vllm:time_to_first_token_seconds_bucket",
+                 "vllm:e2e_request_latency_seconds_bucket", "vllm:prefix_cache_hits_total"):
+        assert name in text
+
+
+def test_completions(client, model_dir):
+    r = client.completions.create(model=model_dir, prompt="Hello world", max_tokens=8, temperature=0, logprobs=3,
+                                  extra_body={"ignore_eos": True})
+    c = r.choices[0]
+    assert r.id.startswith("cmpl-") and c.finish_reason == "length"
+    assert r.usage.completion_tokens == 8 and r.usage.total_tokens == r.usage.prompt_tokens + 8
+    assert len(c.logprobs.tokens) == 8 and all(1 <= len(t) <= 4 for t in c.logprobs.top_logprobs)
+    assert all(lp <= 0 for lp in c.logprobs.token_logprobs)
+    # the sampled greedy token is the top-1
+    assert all(max(t.values()) == pytest.approx(lp, abs=1e-4)
+               for t, lp in zip(c.logprobs.top_logprobs, c.logprobs.token_logprobs))
+    r2 = client.completions.create(model=model_dir, prompt="Hello world", max_tokens=8, temperature=0.8, n=2,
+                                   seed=1, echo=True, extra_body={"ignore_eos": True})
+    assert [x.index for x in r2.choices] == [0, 1] and r2.usage.completion_tokens == 16
+    assert all(x.text.startswith("Hello world") for x in r2.choices)
+    # streaming gives the same greedy text, then usage
+    stream = client.completions.create(model=model_dir, prompt="Hello world", max_tokens=8, temperature=0,
+                                       stream=True, stream_options={"include_usage": True},
+                                       extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.text
+    assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].choices == []
+
+
+def test_stop_strings(client, model_dir):
+    base = client.completions.create(model=model_dir, prompt="Once upon a time", max_tokens=30, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = base[len(base) // 2: len(base) // 2 + 2]
+    assert stop
+    for stream in (False, True):
+        kw = dict(model=model_dir, prompt="Once upon a time", max_tokens=30, temperature=0, stop=[stop],
+                  extra_body={"ignore_eos": True})
+        if stream:
+            chunks = list(client.completions.create(stream=True, **kw))
+            text = "".join(ch.choices[0].text for ch in chunks)
+            finish = chunks[-1].choices[0].finish_reason
+        else:
+            choice = client.completions.create(**kw).choices[0]
+            text, finish = choice.text, choice.finish_reason
+        assert text == base[:base.find(stop)] and finish == "stop"
+
+
+def test_chat(client, model_dir):
+    msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is the capital?"}]
+    r = client.chat.completions.create(model=model_dir, messages=msgs, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=2, extra_body={"ignore_eos": True})
+    choice = r.choices[0]
+    assert r.id.startswith("chatcmpl-") and choice.message.role == "assistant"
+    assert r.usage.completion_tokens == 6 and choice.finish_reason == "length"
+    assert len(choice.logprobs.content) == 6 and all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)
+    stream = client.chat.completions.create(model=model_dir, messages=msgs, max_tokens=6, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == choice.message.content
+    assert chunks[-1].usage.completion_tokens == 6
+    r = client.chat.completions.create(model=model_dir, messages=msgs, max_completion_tokens=5, n=2,
+                                       temperature=1.0, seed=3, extra_body={"ignore_eos": True})
+    assert len(r.choices) == 2 and r.usage.completion_tokens == 10
+    # content as a list of text parts
+    r = client.chat.completions.create(model=model_dir, max_tokens=2, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "What is the capital?"}]}])
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_concurrent_greedy_equals_offline(server, model_dir):
+    from vllm_lite import LLM, SamplingParams
+
+    async def run_all():
+        aclient = openai.AsyncOpenAI(base_url=server.url_for("v1"), api_key="EMPTY", max_retries=0)
+        rs = await asyncio.gather(*(aclient.completions.create(model=model_dir, prompt=p, max_tokens=16,
+                                                               temperature=0) for p in PROMPTS))
+        await aclient.close()
+        return rs
+
+    t0 = time.perf_counter()
+    results = asyncio.run(run_all())
+    elapsed = time.perf_counter() - t0
+    llm = LLM(model=model_dir, **OFFLINE_KWARGS)
+    offline = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)
+    for r, o in zip(results, offline):
+        assert r.choices[0].text == o.outputs[0].text
+        assert r.choices[0].finish_reason == o.outputs[0].finish_reason
+        assert r.usage.completion_tokens == len(o.outputs[0].token_ids)
+    print(f"32 concurrent completions in {elapsed:.2f} s")
+
+
+def test_bad_inputs_beside_long_generation(server, model_dir):
+    async def go():
+        aclient = openai.AsyncOpenAI(base_url=server.url_for("v1"), api_key="EMPTY", max_retries=0)
+        long = asyncio.ensure_future(aclient.completions.create(
+            model=model_dir, prompt="Hello world", max_tokens=200, temperature=0, extra_body={"ignore_eos": True}))
+        async with httpx.AsyncClient(base_url=server.url_for()) as http:
+            await asyncio.sleep(0.2)
+            r = await http.post("/v1/completions", json={"model": model_dir, "prompt": "hello " * 300,
+                                                         "max_tokens": 4})
+            err = r.json()["error"]
+            assert r.status_code == 400 and "256" in err["message"]
+            n_prompt = len((await http.post("/tokenize", json={"prompt": "hello " * 300})).json()["tokens"])
+            assert str(n_prompt) in err["message"]
+            r = await http.post("/v1/completions", json={"model": model_dir, "prompt": "hi", "max_tokens": 300})
+            assert r.status_code == 400 and "256" in r.json()["error"]["message"]
+            r = await http.post("/v1/chat/completions", json={"model": model_dir, "temperature": -0.5,
+                                                              "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 400 and "temperature" in r.json()["error"]["message"]
+            r = await http.post("/v1/completions", json={"model": "no-such-model", "prompt": "hi"})
+            assert r.status_code == 404 and r.json()["error"]["code"] == 404
+            r = await http.post("/v1/completions", content=b'{"model": ', headers={"content-type":
+                                                                                  "application/json"})
+            assert r.status_code == 400 and r.json()["error"]["type"] == "BadRequestError"
+            assert not long.done()
+        result = await long
+        await aclient.close()
+        return result
+
+    result = asyncio.run(go())
+    assert result.usage.completion_tokens == 200 and result.choices[0].finish_reason == "length"
+
+
+def test_disconnect_aborts_request(server, model_dir):
+    metrics = server.url_for("metrics")
+    before = _metric(httpx.get(metrics).text, "vllm:kv_cache_usage_perc")
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", server.url_for("v1", "completions"),
+                         json={"model": model_dir, "prompt": "Hello world", "max_tokens": 240, "stream": True,
+                               "temperature": 0, "ignore_eos": True}) as resp:
+            lines = resp.iter_lines()
+            got = [next(lines) for _ in range(6)]
+            assert any(x.startswith("data: {") for x in got)
+            text = httpx.get(metrics).text
+            assert _metric(text, "vllm:num_requests_running") >= 1
+            assert _metric(text, "vllm:kv_cache_usage_perc") > before
+            gen_at_close = _metric(text, "vllm:generation_tokens_total")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        text = httpx.get(metrics).text
+        if _metric(text, "vllm:num_requests_running") == 0 and \
+                _metric(text, "vllm:kv_cache_usage_perc") <= before + 1e-9:
+            break
+        time.sleep(0.2)
+    assert _metric(text, "vllm:num_requests_running") == 0
+    assert _metric(text, "vllm:kv_cache_usage_perc") <= before + 1e-9
+    time.sleep(0.5)  # the aborted request generates nothing more (it would have made 240 tokens)
+    assert _metric(httpx.get(metrics).text, "vllm:generation_tokens_total") < gen_at_close + 100
+
+
+def test_api_key_and_sigterm(model_dir):
+    srv = RemoteServer(model_dir, SERVER_ARGS, api_key="test-key")
+    try:
+        assert httpx.get(srv.url_for("health")).status_code == 200
+        r = httpx.get(srv.url_for("v1", "models"))
+        assert r.status_code == 401 and r.json()["error"]["code"] == 401
+        bad = openai.OpenAI(base_url=srv.url_for("v1"), api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        good = openai.OpenAI(base_url=srv.url_for("v1"), api_key="test-key", max_retries=0)
+        assert good.completions.create(model=model_dir, prompt="hi", max_tokens=2).usage.completion_tokens >= 1
+        tree = srv.tree()
+        assert len(tree) >= 3, "expected API server, engine core and a worker"
+        os.kill(srv.pid, signal.SIGTERM)
+        srv.proc.wait(30)
+        assert wait_gone(tree, 15) == [], "processes left behind after SIGTERM"
+    finally:
+        srv.close()
+
+
+def test_engine_core_death(model_dir):
+    srv = RemoteServer(model_dir, SERVER_ARGS)
+    try:
+        tree = srv.tree()
+        core = srv.engine_core_pid()
+        aclient = openai.OpenAI(base_url=srv.url_for("v1"), api_key="EMPTY", max_retries=0, timeout=30)
+        stream = aclient.completions.create(model=model_dir, prompt="Hello", max_tokens=240, stream=True,
+                                            extra_body={"ignore_eos": True})
+        it = iter(stream)
+        next(it)
+        os.kill(core, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(openai.APIError):
+            for _ in it:
+                pass
+        assert time.monotonic() - t0 < 10
+        r = httpx.get(srv.url_for("health"), timeout=5)
+        assert r.status_code == 503
+        assert srv.proc.wait(30) != 0
+        assert not alive(core)
+        assert wait_gone(tree, 15) == [], "processes left behind after the engine core died"
+    finally:
+        srv.close()
