@@ -67,15 +67,16 @@ def _busy_loop(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
     while True:
         # Block (with a timeout to notice a dead parent) only when there is nothing to step.
         timeout = 0 if core.has_unfinished_requests() else 1000
+        handled = False
         while inbox.poll(timeout):
             _handle(core, CORE_INPUT_DECODER.decode(inbox.recv()), outbox)
-            timeout = 0
+            timeout, handled = 0, True
         if os.getppid() != parent:
             raise _Shutdown()
-        if core.has_unfinished_requests():
-            outputs = core.step()
-            if outputs.outputs:
-                outbox.send(encode(outputs))
+        # An empty step still carries fresh stats, so the server's gauges see aborts and admissions at once.
+        outputs = core.step() if core.has_unfinished_requests() or handled else None
+        if outputs is not None and (outputs.outputs or handled):
+            outbox.send(encode(outputs))
 
 
 def _handle(core: EngineCore, msg: object, outbox: zmq.Socket) -> None:
