@@ -10,13 +10,14 @@ import time
 import numpy as np
 import torch
 
-from vllm_lite.attention import AttentionContext, StepMetadata, TorchAttentionBackend
+from vllm_lite.attention import AttentionContext, TorchAttentionBackend
 from vllm_lite.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from vllm_lite.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from vllm_lite.model_loader import ModelInfo, load_model
 from vllm_lite.sample.metadata import SamplingMetadata
 from vllm_lite.sample.sampler import Sampler
 from vllm_lite.sample.topk_topp import skip_random_draws
+from vllm_lite.worker.input_batch import InputStager
 from vllm_lite.worker.request_state import CachedRequestState
 
 logger = logging.getLogger("vllm_lite.model_runner")
@@ -32,7 +33,12 @@ class ModelRunner:
         self.model: torch.nn.Module | None = None
         self.sampler = Sampler()
         self.requests: dict[str, CachedRequestState] = {}
+        self._sampling_key: tuple[str, ...] | None = None
+        self._sampling_cached: SamplingMetadata | None = None
         self.num_blocks = 0
+        sched = config.scheduler
+        self.stager = InputStager(max(sched.max_num_batched_tokens, sched.max_num_seqs), sched.max_num_seqs,
+                                  -(-info.max_model_len // self.block_size), self.block_size, device)
         hf = info.hf_config
         self.vocab_size = hf.vocab_size
         self.num_layers = hf.num_hidden_layers
@@ -81,12 +87,11 @@ class ModelRunner:
         nblk = -(-n // self.block_size)
         saved = self.attn_ctx.kv_caches
         self._allocate_kv(nblk)
-        tokens = torch.zeros(n, dtype=torch.long, device=self.device)
-        positions = torch.arange(n, device=self.device)
-        self.attn_ctx.set_step(self._metadata([n], [n], [list(range(nblk))], positions.cpu().numpy(),
-                                              np.zeros(n, dtype=np.int64)))
+        inputs = self.stager.stage([np.zeros(n, dtype=np.int32)], np.zeros(1, dtype=np.int64),
+                                   np.array([n]), [list(range(nblk))], np.zeros(1, dtype=np.int64))
+        self.attn_ctx.set_step(inputs.meta)
         with torch.inference_mode():
-            hidden = self.model(tokens, positions)
+            hidden = self.forward(inputs.input_ids, inputs.positions)
             self.model.compute_logits(hidden[-self.config.scheduler.max_num_seqs:])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
@@ -123,30 +128,8 @@ class ModelRunner:
             state.block_ids.extend(data.new_block_ids)
             state.num_computed_tokens = data.num_computed_tokens
 
-    def _metadata(self, query_lens: list[int], seq_lens: list[int], block_ids: list[list[int]],
-                  positions: np.ndarray, req_index: np.ndarray) -> StepMetadata:
-        num_reqs = len(query_lens)
-        max_blocks = max(len(b) for b in block_ids)
-        table = np.zeros((num_reqs, max_blocks), dtype=np.int32)
-        for i, blocks in enumerate(block_ids):
-            table[i, : len(blocks)] = blocks
-        slots = table[req_index, positions // self.block_size].astype(np.int64) * self.block_size
-        slots += positions % self.block_size
-        qsl = np.zeros(num_reqs + 1, dtype=np.int32)
-        np.cumsum(query_lens, out=qsl[1:])
-        qsl_cpu = torch.from_numpy(qsl)
-        seq_cpu = torch.tensor(seq_lens, dtype=torch.int32)
-        return StepMetadata(
-            num_reqs=num_reqs, num_tokens=int(qsl[-1]), query_start_loc=self._to_device(qsl_cpu),
-            seq_lens=self._to_device(seq_cpu), block_table=self._to_device(torch.from_numpy(table)),
-            slot_mapping=self._to_device(torch.from_numpy(slots)), query_start_loc_cpu=qsl_cpu,
-            seq_lens_cpu=seq_cpu, max_query_len=max(query_lens), max_seq_len=max(seq_lens),
-            block_size=self.block_size)
-
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cpu":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
 
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
@@ -155,61 +138,72 @@ class ModelRunner:
         if not req_ids:
             return ModelRunnerOutput([], [], [])
         states = [self.requests[r] for r in req_ids]
-        query_lens = [so.num_scheduled_tokens[r] for r in req_ids]
-        starts = np.array([s.num_computed_tokens for s in states], dtype=np.int64)
-        lens = np.array(query_lens, dtype=np.int64)
-        req_index = np.repeat(np.arange(len(states)), lens)
-        offsets = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
-        positions = starts[req_index] + offsets
-        input_ids = np.concatenate([s.token_ids[st: st + n] for s, st, n in zip(states, starts, query_lens)])
-        seq_lens = (starts + lens).tolist()
-        meta = self._metadata(query_lens, seq_lens, [s.block_ids for s in states], positions, req_index)
-        self.attn_ctx.set_step(meta)
-        hidden = self.model(self._to_device(torch.from_numpy(input_ids)),
-                            self._to_device(torch.from_numpy(positions)))
+        query_lens = np.fromiter(so.num_scheduled_tokens.values(), dtype=np.int64, count=len(req_ids))
+        starts = np.fromiter((s.num_computed_tokens for s in states), dtype=np.int64, count=len(states))
+        ends = starts + query_lens
         # Only requests whose scheduled tokens reach the end of what is known sample; partial prefills do not.
-        sample_rows = [i for i, (s, end) in enumerate(zip(states, seq_lens)) if end >= s.num_tokens]
+        known = np.fromiter((s.num_tokens for s in states), dtype=np.int64, count=len(states))
+        sample_rows = np.flatnonzero(ends >= known)
+        inputs = self.stager.stage([s.token_ids[st:e] for s, st, e in zip(states, starts.tolist(), ends.tolist())],
+                                   starts, query_lens, [s.block_ids for s in states], sample_rows)
+        self.attn_ctx.set_step(inputs.meta)
+        hidden = self.forward(inputs.input_ids, inputs.positions)
         sampled: list[list[int]] = [[] for _ in req_ids]
         logprobs: list = [None] * len(req_ids)
-        if sample_rows:
-            last = meta.query_start_loc_cpu[1:][sample_rows] - 1
-            logits = self.model.compute_logits(hidden[last.to(self.device)])
-            out = self.sampler(logits, self._sampling_metadata([states[i] for i in sample_rows]))
-            tokens = out.sampled_token_ids.tolist()
-            lp = _logprob_lists(out) if out.logprobs is not None else None
-            for j, i in enumerate(sample_rows):
-                states[i].append([tokens[j]])
-                sampled[i] = [tokens[j]]
+        if len(sample_rows):
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])
+            rows = sample_rows.tolist()
+            out = self.sampler(logits, self._sampling_metadata([states[i] for i in rows]))
+            tokens, lp = self._to_host(out)
+            for j, i in enumerate(rows):
+                states[i].append(tokens[j: j + 1])
+                sampled[i] = tokens[j: j + 1]
                 if lp is not None and states[i].sampling_params.logprobs is not None:
                     logprobs[i] = [lp[j][: states[i].sampling_params.logprobs + 1]]
         return ModelRunnerOutput(req_ids, sampled, logprobs)
 
+    def _to_host(self, out) -> tuple[list[int], list | None]:
+        """One synchronisation for the sampled tokens and (if asked) their logprobs."""
+        tensors = [out.sampled_token_ids]
+        if out.logprobs is not None:
+            tensors += [out.logprob_token_ids, out.logprobs, out.ranks]
+        host = [t.to("cpu", non_blocking=True) for t in tensors]
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        tokens = host[0].tolist()
+        return tokens, (_logprob_lists(*host[1:]) if len(host) > 1 else None)
+
     def _sampling_metadata(self, states: list[CachedRequestState]) -> SamplingMetadata:
-        blocked = []
-        for s in states:
-            p = s.sampling_params
-            if s.num_output_tokens < p.min_tokens:
-                ids = set(p.stop_token_ids or ())
-                if not p.ignore_eos and self.info.eos_token_ids:
-                    ids.update(self.info.eos_token_ids)
-                blocked.append(ids)
-            else:
-                blocked.append(set())
+        """Rebuilt only when the batch changes, or when penalties / min_tokens make it depend on the outputs."""
         params = [s.sampling_params for s in states]
         penalised = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params)
-        return SamplingMetadata.build(
+        blocked = [self._blocked_ids(s) for s in states]
+        key = tuple(s.req_id for s in states)
+        if not penalised and not any(blocked) and key == self._sampling_key:
+            return self._sampling_cached
+        meta = SamplingMetadata.build(
             params=params, prompt_token_ids=[s.prompt_token_ids if penalised else [] for s in states],
             output_token_ids=[s.output_token_ids if penalised else [] for s in states],
-            generators=[s.generator for s in states],
-            stop_ids_blocked=blocked, device=self.device, vocab_size=self.vocab_size)
+            generators=[s.generator for s in states], stop_ids_blocked=blocked, device=self.device,
+            vocab_size=self.vocab_size)
+        self._sampling_key = None if penalised or any(blocked) else key
+        self._sampling_cached = meta
+        return meta
+
+    def _blocked_ids(self, s: CachedRequestState) -> set[int]:
+        """EOS and stop ids are forbidden until a request has min_tokens outputs."""
+        p = s.sampling_params
+        if s.num_output_tokens >= p.min_tokens:
+            return set()
+        ids = set(p.stop_token_ids or ())
+        if not p.ignore_eos:
+            ids.update(self.info.eos_token_ids)
+        return ids
 
 
-def _logprob_lists(out) -> list[list[tuple[int, float, int]]]:
+def _logprob_lists(ids_t: torch.Tensor, vals_t: torch.Tensor, ranks_t: torch.Tensor) -> list:
     """Per row: (token, logprob, rank) with the sampled token first (its true rank), then top-N ranked 1..N."""
-    ids = out.logprob_token_ids.tolist()
-    vals = out.logprobs.tolist()
-    ranks = out.ranks.tolist()
     rows = []
-    for tid, val, rank in zip(ids, vals, ranks):
+    for tid, val, rank in zip(ids_t.tolist(), vals_t.tolist(), ranks_t.tolist()):
         rows.append([(tid[0], val[0], rank)] + [(t, v, k + 1) for k, (t, v) in enumerate(zip(tid[1:], val[1:]))])
     return rows

@@ -1,0 +1,76 @@
+"""Builds one step's flat inputs with numpy and moves them to the device in a single non-blocking copy.
+
+All integer inputs of a step (token ids, positions, KV slots, logits rows, query/sequence offsets, block table) are
+packed back to back into one persistent pinned int32 buffer; the device tensors are views into one persistent
+device buffer. No device tensor is allocated per step and no Python loop runs per token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vllm_lite.attention import StepMetadata
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T] int32, device
+    positions: torch.Tensor  # [T] int32, device
+    logits_indices: torch.Tensor  # [S] int32, device: last scheduled token of each sampling request
+    meta: StepMetadata
+
+
+class InputStager:
+    def __init__(self, max_tokens: int, max_reqs: int, max_blocks_per_req: int, block_size: int,
+                 device: torch.device) -> None:
+        self.max_tokens = max_tokens
+        self.max_reqs = max_reqs
+        self.max_blocks = max_blocks_per_req
+        self.block_size = block_size
+        self.device = device
+        size = 3 * max_tokens + 3 * max_reqs + 1 + max_reqs * max_blocks_per_req
+        pin = device.type == "cuda"
+        self.host = torch.zeros(size, dtype=torch.int32, pin_memory=pin)
+        self.host_np = self.host.numpy()
+        self.dev = torch.zeros(size, dtype=torch.int32, device=device) if pin else self.host
+
+    def stage(self, token_ids: list[np.ndarray], starts: np.ndarray, query_lens: np.ndarray,
+              block_ids: list[list[int]], sample_rows: np.ndarray) -> StepInputs:
+        """token_ids[i]: the tokens request i computes this step; starts[i]: its position of the first one."""
+        num_reqs = len(query_lens)
+        num_tokens = int(query_lens.sum())
+        cu = np.cumsum(query_lens)
+        req_index = np.repeat(np.arange(num_reqs), query_lens)
+        positions = starts[req_index] + np.arange(num_tokens) - np.repeat(cu - query_lens, query_lens)
+        max_blocks = max(len(b) for b in block_ids)
+        table = np.zeros((num_reqs, max_blocks), dtype=np.int32)
+        for i, blocks in enumerate(block_ids):
+            table[i, : len(blocks)] = blocks
+        seq_lens = starts + query_lens
+
+        sizes = [num_tokens, num_tokens, num_tokens, len(sample_rows), num_reqs + 1, num_reqs, table.size]
+        offs = np.concatenate([[0], np.cumsum(sizes)])
+        buf = self.host_np
+        buf[offs[0]:offs[1]] = np.concatenate(token_ids) if num_reqs > 1 else token_ids[0]
+        buf[offs[1]:offs[2]] = positions
+        slots = buf[offs[2]:offs[3]]
+        np.multiply(table[req_index, positions // self.block_size], self.block_size, out=slots)
+        slots += positions % self.block_size
+        buf[offs[3]:offs[4]] = cu[sample_rows] - 1
+        buf[offs[4]] = 0
+        buf[offs[4] + 1:offs[5]] = cu
+        buf[offs[5]:offs[6]] = seq_lens
+        buf[offs[6]:offs[7]] = table.ravel()
+        end = int(offs[-1])
+        if self.dev is not self.host:
+            self.dev[:end].copy_(self.host[:end], non_blocking=True)
+        d, h = self.dev, self.host
+        meta = StepMetadata(
+            num_reqs=num_reqs, num_tokens=num_tokens, query_start_loc=d[offs[4]:offs[5]],
+            seq_lens=d[offs[5]:offs[6]], block_table=d[offs[6]:offs[7]].view(num_reqs, max_blocks),
+            slot_mapping=d[offs[2]:offs[3]], query_start_loc_cpu=h[offs[4]:offs[5]],
+            seq_lens_cpu=h[offs[5]:offs[6]], max_query_len=int(query_lens.max()), max_seq_len=int(seq_lens.max()),
+            block_size=self.block_size)
+        return StepInputs(d[offs[0]:offs[1]], d[offs[1]:offs[2]], d[offs[3]:offs[4]], meta)
