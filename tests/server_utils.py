@@ -75,14 +75,14 @@ def wait_gone(pids: list[int], timeout: float) -> list[int]:
 class RemoteServer:
     """`with RemoteServer(model, ["--device", "cpu"]) as srv: srv.url_for("v1")`."""
 
-    def __init__(self, model: str, args: list[str] | None = None, env: dict[str, str] | None = None,
+    def __init__(self, model: str | None, args: list[str] | None = None, env: dict[str, str] | None = None,
                  api_key: str | None = None, startup_timeout: float = 180.0) -> None:
         self.model = model
         self.port = free_port()
         self.api_key = api_key
         self.log = tempfile.NamedTemporaryFile(prefix="vllm-lite-server-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "vllm_lite", "serve", model, "--host", "127.0.0.1", "--port", str(self.port),
-               *(args or [])]
+        cmd = [sys.executable, "-m", "vllm_lite", "serve", *([model] if model else []), "--host", "127.0.0.1",
+               "--port", str(self.port), *(args or [])]
         if api_key:
             cmd += ["--api-key", api_key]
         full_env = dict(os.environ)

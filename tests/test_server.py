@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from server_utils import RemoteServer, alive, wait_gone
+from server_utils import RemoteServer, alive, children, wait_gone
 from tiny_models import make_tiny_model
 
 SERVER_ARGS = ["--device", "cpu", "--dtype", "float32", "--max-model-len", "256", "--seed", "0"]
@@ -223,17 +223,19 @@ def test_api_key_and_sigterm(model_dir):
         srv.close()
 
 
-def test_engine_core_death(model_dir):
+@pytest.mark.parametrize("victim", ["engine_core", "worker"])
+def test_process_death_fails_requests_and_exits(model_dir, victim):
     srv = RemoteServer(model_dir, SERVER_ARGS)
     try:
         tree = srv.tree()
         core = srv.engine_core_pid()
+        target = core if victim == "engine_core" else children(core)[0]
         aclient = openai.OpenAI(base_url=srv.url_for("v1"), api_key="EMPTY", max_retries=0, timeout=30)
         stream = aclient.completions.create(model=model_dir, prompt="Hello", max_tokens=240, stream=True,
                                             extra_body={"ignore_eos": True})
         it = iter(stream)
         next(it)
-        os.kill(core, signal.SIGKILL)
+        os.kill(target, signal.SIGKILL)
         t0 = time.monotonic()
         with pytest.raises(openai.APIError):
             for _ in it:
@@ -242,7 +244,22 @@ def test_engine_core_death(model_dir):
         r = httpx.get(srv.url_for("health"), timeout=5)
         assert r.status_code == 503
         assert srv.proc.wait(30) != 0
-        assert not alive(core)
-        assert wait_gone(tree, 15) == [], "processes left behind after the engine core died"
+        assert not alive(target)
+        assert wait_gone(tree, 15) == [], f"processes left behind after the {victim} died"
     finally:
         srv.close()
+
+
+def test_default_model_with_no_model_argument():
+    """`vllm-lite serve` with no model serves SmolLM2-135M-Instruct; the README's curl and openai examples work."""
+    with RemoteServer(None, ["--device", "cpu", "--max-model-len", "1024"]) as srv:
+        models = httpx.get(srv.url_for("v1", "models")).json()
+        assert [m["id"] for m in models["data"]] == ["smollm2-135m-instruct"]
+        body = {"model": "smollm2-135m-instruct", "max_tokens": 32, "temperature": 0,
+                "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+        r = httpx.post(srv.url_for("v1", "chat", "completions"), json=body, timeout=60)
+        assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]
+        client = openai.OpenAI(base_url=srv.url_for("v1"), api_key="EMPTY", max_retries=0)
+        resp = client.chat.completions.create(model="smollm2-135m-instruct", temperature=0, max_tokens=32,
+                                              messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in resp.choices[0].message.content
