@@ -263,3 +263,20 @@ def test_default_model_with_no_model_argument():
         resp = client.chat.completions.create(model="smollm2-135m-instruct", temperature=0, max_tokens=32,
                                               messages=[{"role": "user", "content": "What is the capital of France?"}])
         assert "Paris" in resp.choices[0].message.content
+
+
+def test_cli_complete_and_chat(server, model_dir):
+    """`vllm-lite complete` prints a completion; `vllm-lite chat` streams answers and keeps the conversation."""
+    import subprocess
+    import sys
+    url = server.url_for("v1")
+    done = subprocess.run([sys.executable, "-m", "vllm_lite", "complete", "--url", url, "--max-tokens", "8",
+                           "--temperature", "0", "Hello world"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    offline = openai.OpenAI(base_url=url, api_key="EMPTY").completions.create(
+        model=model_dir, prompt="Hello world", max_tokens=8, temperature=0).choices[0].text
+    assert done.stdout.strip() == offline.strip()
+    chat = subprocess.run([sys.executable, "-m", "vllm_lite", "chat", "--url", url, "--max-tokens", "6"],
+                          input="Hi there\nAnd again\nquit\n", capture_output=True, text=True, timeout=60)
+    assert chat.returncode == 0, chat.stderr
+    assert len(chat.stdout.strip()) > 0
