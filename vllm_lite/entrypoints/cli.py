@@ -45,7 +45,7 @@ def _client_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-lite", description="vllm-lite: a compact LLM inference engine")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="{serve,chat,complete}")
+    sub = parser.add_subparsers(dest="command", metavar="{serve,chat,complete,bench}")
     _serve_parser(sub)
     p = sub.add_parser("chat", help="interactive chat with a running server",
                        description="Chat with a running vllm-lite (or any OpenAI-compatible) server; tokens stream "
@@ -61,7 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     _client_args(p)
     p.add_argument("prompt", nargs="?", default=None, metavar="PROMPT", help="the prompt (default: read stdin)")
     p.set_defaults(func=cmd_complete)
+    p = sub.add_parser("bench", help="run a benchmark: latency (L1/L8) or throughput (T1)",
+                       description="vllm-lite bench {latency,throughput} [options]; `--help` after the name "
+                                   "lists each benchmark's options.")
+    p.add_argument("benchmark", choices=["latency", "throughput"])
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of that benchmark")
+    p.set_defaults(func=cmd_bench)
     return parser
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from vllm_lite.benchmarks import latency, throughput
+    (latency if args.benchmark == "latency" else throughput).main(args.bench_args)
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -1,0 +1,1 @@
+"""Benchmarks (`vllm-lite bench latency|throughput`, also bench/*.py): the workloads of docs/PERF.md."""

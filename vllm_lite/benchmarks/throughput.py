@@ -1,0 +1,57 @@
+"""Throughput (T1): 256 requests, input and output lengths uniform in [100, 1024], token ids uniform in
+[0, 10000), random.seed(0), ignore_eos, temperature 1.0; reports output and total tokens/s.
+
+    vllm-lite bench throughput --model qwen3-0.6b
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+from vllm_lite.benchmarks.utils import add_engine_args, bandwidth_floor, make_llm, progress
+from vllm_lite.sampling_params import SamplingParams
+
+
+def workload(num_requests: int, lo: int, hi: int) -> tuple[list[dict], list[SamplingParams]]:
+    random.seed(0)
+    prompts, params = [], []
+    for _ in range(num_requests):
+        n_in, n_out = random.randint(lo, hi), random.randint(lo, hi)
+        prompts.append({"prompt_token_ids": [random.randrange(10000) for _ in range(n_in)]})
+        params.append(SamplingParams(temperature=1.0, max_tokens=n_out, ignore_eos=True))
+    return prompts, params
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="vllm-lite bench throughput", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_args(ap, "qwen3-0.6b")
+    ap.add_argument("--num-requests", type=int, default=256)
+    ap.add_argument("--min-len", type=int, default=100)
+    ap.add_argument("--max-len", type=int, default=1024)
+    args = ap.parse_args(argv)
+    llm = make_llm(args)
+    prompts, params = workload(args.num_requests, args.min_len, args.max_len)
+    progress("warm-up")
+    llm.generate(prompts[:8], [SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)] * 8,
+                 use_tqdm=False)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=True)
+    elapsed = time.perf_counter() - t0
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    in_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
+    result = {"workload": "T1", "model": args.model, "num_requests": args.num_requests, "elapsed_s": elapsed,
+              "output_tokens": out_tokens, "input_tokens": in_tokens,
+              "output_tokens_per_s": out_tokens / elapsed, "total_tokens_per_s": (in_tokens + out_tokens) / elapsed,
+              "requests_per_s": args.num_requests / elapsed, **bandwidth_floor(llm)}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
