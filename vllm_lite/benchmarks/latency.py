@@ -5,12 +5,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
 
-from vllm_lite.benchmarks.utils import add_engine_args, bandwidth_floor, hf_latency, make_llm, progress, \
+from vllm_lite.benchmarks.utils import add_engine_args, bandwidth_floor, report, hf_latency, make_llm, progress, \
     resolve_bench_model
 from vllm_lite.sampling_params import SamplingParams
 
@@ -58,11 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
         progress("transformers baseline")
         result.update(hf_latency(resolve_bench_model(args.model), device, dtype, args.batch_size, args.input_len,
                                  args.output_len, 3))
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 
-from vllm_lite.benchmarks.utils import add_engine_args, bandwidth_floor, make_llm, progress
+from vllm_lite.benchmarks.utils import add_engine_args, bandwidth_floor, report, make_llm, progress
 from vllm_lite.sampling_params import SamplingParams
 
 
@@ -46,11 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
               "output_tokens": out_tokens, "input_tokens": in_tokens,
               "output_tokens_per_s": out_tokens / elapsed, "total_tokens_per_s": (in_tokens + out_tokens) / elapsed,
               "requests_per_s": args.num_requests / elapsed, **bandwidth_floor(llm)}
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return report(result, args.json)
 
 
 if __name__ == "__main__":

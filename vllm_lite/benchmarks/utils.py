@@ -3,6 +3,7 @@ the transformers baseline."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -104,6 +105,14 @@ def hf_latency(model_path: str, device: torch.device, dtype: torch.dtype, batch_
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"hf_ttft_ms": 1000 * ttft, "hf_tpot_ms": 1000 * (total - ttft) / (output_len - 1)}
+
+
+def report(result: dict, json_path: str | None) -> dict:
+    print(json.dumps(result, indent=2))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
 
 
 def progress(msg: str) -> None:
