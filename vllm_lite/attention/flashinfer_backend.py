@@ -1,0 +1,186 @@
+"""FlashInfer attention over the same paged KV cache as the torch backend (NHD: [blocks, 2, block, Hkv, D]).
+
+One step = one `plan()`: `prepare(meta)` (outside the model) turns StepMetadata into FlashInfer's CSR page table
+(kv_indptr, kv_indices, kv_last_page_len, qo_indptr) and plans the decode wrapper for pure-decode steps, else the
+paged prefill wrapper (causal, bottom-right aligned: handles prefill chunks over cached prefixes mixed with
+decodes). Every layer then calls `forward`, which writes this step's K/V (`write_kv_cache`) and runs the wrapper.
+Host-side work is a few vectorised ops on the *_cpu tensors; kv_indices is gathered on the device without a sync.
+
+Decode kernel choice: the CUDA-core decode kernel is used when the GQA group size is <= 4 (vLLM's rule; it is
+what the prebuilt JIT cache holds). Larger groups (or sizes its dispatch lacks: 5, 7, 9+ except 8/16) use the
+tensor-core path, which runs the fa2 prefill kernel and JIT-compiles on first use. Prefill on H100 resolves to fa3.
+
+CUDA-graph contract (pure decode only; used by compile/cuda_graphs.py):
+  capture, per padded batch size bs (<= max_num_seqs + 1024 padding rows):
+    1. meta = backend.prepare(dummy_meta, graph_batch_size=bs)     # plans the bs wrapper, outside the graph
+    2. warm up, then run the model under torch.cuda.graph(...) with static input buffers of bs tokens;
+       ctx.metadata = meta. `forward` captures `write_kv_cache` over all bs rows and the wrapper's run().
+  replay:
+    1. copy the real step's inputs into the static buffers; the slot_mapping buffer the *captured* metadata
+       points at (dummy_meta.slot_mapping, >= bs entries) must be refilled: real slots, then -1 for padding rows;
+    2. backend.prepare(real_meta, graph_batch_size=bs)  # real_meta.num_reqs <= bs, all query lens 1
+    3. graph.replay(); rows >= real_meta.num_reqs of the output are garbage and must be discarded.
+  Padding requests attend to block 0 with seq_len 1 (no block is reserved; block 0 is only read). Padding tokens
+  (slot -1) are never written to the cache. Each bs keeps its own wrapper (static indptr / last_page_len buffers,
+  8 MiB device + 8 MiB pinned int workspace inside FlashInfer); the float workspace and kv_indices buffer are shared
+  since one graph replays at a time and its plan() precedes it on the stream.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import flashinfer
+import torch
+
+from vllm_lite.attention.backend import AttentionSpec, StepMetadata
+
+WORKSPACE_BYTES = 128 * 1024 * 1024
+MAX_GRAPH_PADDING = 1024
+_CUDA_CORE_GROUPS = (1, 2, 3, 4)  # groups the CUDA-core kernel serves well; it dispatches 1,2,3,4,6,8,16
+
+
+@dataclass
+class FlashInferMetadata:
+    step: StepMetadata
+    wrapper: Any  # the planned BatchDecode/BatchPrefill wrapper
+    graph_batch_size: int | None  # set when planned for CUDA-graph decode (padded batch)
+
+
+class FlashInferBackend:
+    """All layers share one shape (num_heads, num_kv_heads, head_dim, scale, dtype), so one plan serves them all."""
+    name = "flashinfer"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, dtype: torch.dtype,
+                 device: torch.device | str, max_num_seqs: int, max_blocks_per_seq: int,
+                 use_tensor_cores: bool | None = None) -> None:
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} not a multiple of num_kv_heads {num_kv_heads}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale, self.dtype, self.device = scale, dtype, torch.device(device)
+        self.max_num_seqs, self.max_blocks_per_seq = max_num_seqs, max_blocks_per_seq
+        group = num_heads // num_kv_heads
+        self.use_tensor_cores = group not in _CUDA_CORE_GROUPS if use_tensor_cores is None else use_tensor_cores
+        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        self.prefill_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self.decode_wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_tensor_cores=self.use_tensor_cores)
+        self._graph_wrappers: dict[int, Any] = {}
+        self._graph_indices: torch.Tensor | None = None
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        return (num_blocks, 2, block_size, num_kv_heads, head_dim)
+
+    # ---- CUDA graphs -------------------------------------------------------------------------------------------
+    def decode_graph_state(self, batch_size: int) -> Any:
+        """The graph-safe decode wrapper for a padded batch size (created once, static buffers, reused)."""
+        wrapper = self._graph_wrappers.get(batch_size)
+        if wrapper is not None:
+            return wrapper
+        if batch_size > self.max_num_seqs + MAX_GRAPH_PADDING:
+            raise ValueError(f"graph batch size {batch_size} too large for max_num_seqs {self.max_num_seqs}")
+        if self._graph_indices is None:
+            # Real requests use <= max_num_seqs * max_blocks_per_seq pages; each padding request one more.
+            size = self.max_num_seqs * self.max_blocks_per_seq + MAX_GRAPH_PADDING
+            self._graph_indices = torch.zeros(size, dtype=torch.int32, device=self.device)
+        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.use_tensor_cores,
+            paged_kv_indptr_buffer=torch.zeros(batch_size + 1, dtype=torch.int32, device=self.device),
+            paged_kv_indices_buffer=self._graph_indices,
+            paged_kv_last_page_len_buffer=torch.ones(batch_size, dtype=torch.int32, device=self.device))
+        self._graph_wrappers[batch_size] = wrapper
+        return wrapper
+
+    # ---- per step ----------------------------------------------------------------------------------------------
+    def prepare(self, meta: StepMetadata, graph_batch_size: int | None = None) -> FlashInferMetadata:
+        """Build the page table and plan the wrapper this step uses (decode, graph decode or paged prefill)."""
+        n, bs = meta.num_reqs, meta.block_size
+        seq_lens = meta.seq_lens_cpu[:n].to(torch.int32)
+        nblk = (seq_lens + bs - 1) // bs
+        last_page_len = (seq_lens - (nblk - 1) * bs).to(torch.int32)
+        indptr = torch.zeros(n + 1, dtype=torch.int32)
+        torch.cumsum(nblk, 0, out=indptr[1:])
+        total = int(indptr[-1])
+        indices = _gather_kv_indices(meta.block_table[:n], meta.seq_lens[:n], bs, total)
+        common = dict(q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale)
+        if graph_batch_size is not None:
+            if meta.max_query_len != 1:
+                raise ValueError("CUDA-graph attention is for pure-decode steps only")
+            if n > graph_batch_size:
+                raise ValueError(f"{n} requests do not fit graph batch size {graph_batch_size}")
+            pad = graph_batch_size - n
+            if pad:  # padding requests: one page (block 0), one token
+                indptr = torch.cat([indptr, total + torch.arange(1, pad + 1, dtype=torch.int32)])
+                last_page_len = torch.cat([last_page_len, torch.ones(pad, dtype=torch.int32)])
+                indices = torch.cat([indices, torch.zeros(pad, dtype=torch.int32, device=indices.device)])
+            wrapper = self.decode_graph_state(graph_batch_size)
+            wrapper.plan(indptr, indices, last_page_len, self.num_heads, self.num_kv_heads, self.head_dim, bs,
+                         **common)
+            return FlashInferMetadata(meta, wrapper, graph_batch_size)
+        if meta.max_query_len == 1:
+            wrapper = self.decode_wrapper
+            wrapper.plan(indptr, indices, last_page_len, self.num_heads, self.num_kv_heads, self.head_dim, bs,
+                         **common)
+        else:
+            wrapper = self.prefill_wrapper
+            qo_indptr = meta.query_start_loc_cpu[: n + 1].to(torch.int32)
+            wrapper.plan(qo_indptr, indptr, indices, last_page_len, self.num_heads, self.num_kv_heads,
+                         self.head_dim, bs, causal=True, **common)
+        return FlashInferMetadata(meta, wrapper, None)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                spec: AttentionSpec, meta: FlashInferMetadata) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]; rows past the real tokens are padding (garbage out)."""
+        step = meta.step
+        t = q.shape[0]
+        if meta.graph_batch_size is not None:
+            # Under a graph the real token count is not known at capture: write all rows, skipping slot -1.
+            if t != meta.graph_batch_size:
+                raise ValueError(f"graph planned for {meta.graph_batch_size} tokens, got {t}")
+            write_kv_cache(k, v, kv_cache, step.slot_mapping[:t], step.block_size, may_pad=True)
+            return meta.wrapper.run(q, kv_cache)
+        n = step.num_tokens
+        write_kv_cache(k[:n], v[:n], kv_cache, step.slot_mapping[:n], step.block_size, may_pad=False)
+        if t == n:
+            return meta.wrapper.run(q, kv_cache)
+        out = torch.zeros_like(q)
+        meta.wrapper.run(q[:n], kv_cache, out=out[:n])
+        return out
+
+
+def _gather_kv_indices(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
+                       total: int) -> torch.Tensor:
+    """Concatenate each request's first ceil(seq_len / block_size) block ids, on the device, without a sync."""
+    dev = block_table.device
+    nblk = (seq_lens.to(torch.int64) + block_size - 1) // block_size
+    req = torch.repeat_interleave(torch.arange(len(nblk), device=dev), nblk, output_size=total)
+    starts = torch.cumsum(nblk, 0) - nblk
+    col = torch.arange(total, device=dev) - starts[req]
+    return block_table[req, col].to(torch.int32)
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                   block_size: int, may_pad: bool = True) -> None:
+    """Scatter k/v rows [T, Hkv, D] into their slots of the NHD cache; one function so a kernel can replace it.
+
+    may_pad=False: every slot is valid (eager steps) -> a plain indexed write. may_pad=True: slot -1 marks a
+    padding row, skipped without a host sync (CUDA-graph safe): padding rows re-write the last real row's slot
+    with that row's own values (duplicate indices with equal values are race-free); if no row is real they
+    write slot 0's current contents back.
+    """
+    slots = slot_mapping.to(torch.int64)
+    if may_pad:
+        valid = slots >= 0
+        rows = torch.arange(slots.shape[0], device=slots.device)
+        last = torch.where(valid, rows, -1).max().clamp(min=0)
+        src = torch.where(valid, rows, last)
+        slots, k, v = slots[src], k[src], v[src]
+        real = (slots >= 0)[:, None, None]
+        slots = slots.clamp(min=0)
+        blk, off = slots // block_size, slots % block_size
+        k = torch.where(real, k.to(kv_cache.dtype), kv_cache[blk, 0, off])
+        v = torch.where(real, v.to(kv_cache.dtype), kv_cache[blk, 1, off])
+    else:
+        blk, off = slots // block_size, slots % block_size
+    kv_cache[blk, 0, off] = k.to(kv_cache.dtype)
+    kv_cache[blk, 1, off] = v.to(kv_cache.dtype)
