@@ -10,7 +10,8 @@ import time
 import numpy as np
 import torch
 
-from vllm_lite.attention import AttentionContext, TorchAttentionBackend
+from vllm_lite.attention import AttentionContext
+from vllm_lite.attention.selector import make_backend
 from vllm_lite.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from vllm_lite.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from vllm_lite.model_loader import ModelInfo, load_model
@@ -29,27 +30,27 @@ class ModelRunner:
         self.info = info
         self.device = device
         self.block_size = config.cache.block_size
-        self.attn_ctx = AttentionContext(self._make_backend())
+        hf = info.hf_config
+        self.vocab_size = hf.vocab_size
+        self.num_layers = hf.num_hidden_layers
+        self.num_heads = hf.num_attention_heads
+        self.num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+        self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        sched = config.scheduler
+        self.max_blocks_per_seq = -(-info.max_model_len // self.block_size)
+        self.attn_ctx = AttentionContext(make_backend(
+            config.device.attention_backend, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim, scale=self.head_dim ** -0.5, dtype=info.dtype, device=device,
+            max_num_seqs=sched.max_num_seqs, max_blocks_per_seq=self.max_blocks_per_seq))
+        logger.info("attention backend: %s", self.attn_ctx.backend.name)
         self.model: torch.nn.Module | None = None
         self.sampler = Sampler()
         self.requests: dict[str, CachedRequestState] = {}
         self._sampling_key: tuple[str, ...] | None = None
         self._sampling_cached: SamplingMetadata | None = None
         self.num_blocks = 0
-        sched = config.scheduler
         self.stager = InputStager(max(sched.max_num_batched_tokens, sched.max_num_seqs), sched.max_num_seqs,
-                                  -(-info.max_model_len // self.block_size), self.block_size, device)
-        hf = info.hf_config
-        self.vocab_size = hf.vocab_size
-        self.num_layers = hf.num_hidden_layers
-        self.num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
-        self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-
-    def _make_backend(self) -> TorchAttentionBackend:
-        name = self.config.device.attention_backend
-        if name == "flashinfer":
-            raise ValueError("attention_backend='flashinfer' is not available yet; use 'torch'")
-        return TorchAttentionBackend()
+                                  self.max_blocks_per_seq, self.block_size, device)
 
     def load_model(self) -> None:
         start = time.perf_counter()
