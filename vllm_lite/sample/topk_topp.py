@@ -8,15 +8,51 @@ These are plain-PyTorch reference implementations with stable signatures so that
 Semantics follow vLLM: top-k keeps every token whose logit ties the k-th largest; top-p keeps the smallest
 descending-probability prefix whose mass reaches p (always at least the best token); min-p keeps tokens whose
 probability is at least min_p times the row's highest probability.
+On CUDA `apply_min_p` / `apply_top_k_top_p` dispatch to the sort-free Triton kernel in vllm_lite.kernels.sampling
+(same allowed set; VLLM_LITE_SAMPLING_KERNEL=0 turns it off); the `*_torch` functions are the references.
 """
 from __future__ import annotations
 
 import torch
 
 _NEG_INF = float("-inf")
+_kernels = None  # vllm_lite.kernels.sampling, imported on first CUDA call (it imports this module)
+
+
+def _kernel_module(logits: torch.Tensor):
+    global _kernels
+    if not logits.is_cuda:
+        return None
+    if _kernels is None:
+        from vllm_lite.kernels import sampling as _kernels_mod
+        _kernels = _kernels_mod
+    return _kernels if _kernels.kernel_enabled(logits) else None
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask tokens with prob < min_p * max_prob (Triton kernel on CUDA, else `apply_min_p_torch`)."""
+    kern = _kernel_module(logits)
+    if kern is not None:
+        return kern.top_k_top_p_min_p_triton(logits, None, None, min_p)
+    return apply_min_p_torch(logits, min_p)
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor,
+    k: torch.Tensor | None,
+    p: torch.Tensor | None,
+    max_k: int | None = None,
+) -> torch.Tensor:
+    """Mask logits outside each row's top-k / top-p set (Triton kernel on CUDA, else `apply_top_k_top_p_torch`)."""
+    if k is None and p is None:
+        return logits
+    kern = _kernel_module(logits)
+    if kern is not None:
+        return kern.top_k_top_p_min_p_triton(logits, k, p, None)
+    return apply_top_k_top_p_torch(logits, k, p, max_k=max_k)
+
+
+def apply_min_p_torch(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Mask tokens with prob < min_p * max_prob, in place.
 
     Done in logit space (l_i - l_max < log(min_p)) so no softmax is needed; min_p = 0 gives log = -inf,
@@ -27,13 +63,13 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill_(logits < threshold, _NEG_INF)
 
 
-def apply_top_k_top_p(
+def apply_top_k_top_p_torch(
     logits: torch.Tensor,
     k: torch.Tensor | None,
     p: torch.Tensor | None,
     max_k: int | None = None,
 ) -> torch.Tensor:
-    """Mask logits [B, V] outside each row's top-k / top-p set (k: [B] int, 0 or >= V = off; p: [B], 1.0 = off).
+    """Reference. Mask logits [B, V] outside each row's top-k / top-p set (k: [B] int, 0 or >= V = off; p: [B], 1.0 = off).
 
     Top-k only uses torch.topk (no full sort); `max_k` (largest k in the batch, known on the host) avoids a
     device sync to find it. Top-p needs the sorted distribution, so it sorts once and applies both filters.

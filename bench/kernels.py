@@ -1,0 +1,143 @@
+"""Micro-benchmark of the Triton kernels (kernels/) against their torch references and inductor (torch.compile of
+the reference), at decode-like sizes. Prints tables of microseconds per call (median of repeats), each timed two
+ways: `eager` = back-to-back launches timed with CUDA events (includes launch overhead), `graph` = the same calls
+captured in a CUDA graph and replayed (device time only, as under CUDA-graph decode).
+
+    python bench/kernels.py [--quick]
+
+Sampling rows start from a fresh copy of the logits each call (the filters work in place); the copy alone is
+timed too ("copy") so it can be subtracted. Keep a kernel only where it wins.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+
+
+def _time(fn, eager_iters=50, graph_calls=20, repeats=5) -> tuple[float, float]:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    eager = []
+    for _ in range(repeats):
+        start.record()
+        for _ in range(eager_iters):
+            fn()
+        end.record()
+        end.synchronize()
+        eager.append(start.elapsed_time(end) * 1000 / eager_iters)
+    graph_us = float("nan")
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(graph_calls):
+                fn()
+        g.replay()
+        torch.cuda.synchronize()
+        gt = []
+        for _ in range(repeats):
+            start.record()
+            g.replay()
+            end.record()
+            end.synchronize()
+            gt.append(start.elapsed_time(end) * 1000 / graph_calls)
+        graph_us = statistics.median(gt)
+    except Exception as e:  # noqa: BLE001 - a variant that cannot be captured just shows nan
+        print(f"  (graph capture failed: {type(e).__name__}: {str(e)[:100]})", file=sys.stderr)
+    return statistics.median(eager), graph_us
+
+
+def _row(name: str, cols: list[tuple[float, float]]) -> str:
+    return f"{name:<34}" + "".join(f"{e:>10.1f}{g:>9.1f}" for e, g in cols)
+
+
+def bench_kv_write(quick: bool) -> None:
+    from vllm_lite.kernels.kv_cache import write_kv_cache_torch, write_kv_cache_triton
+    h, d, bs, nb = 8, 128, 16, 4096
+    compiled = torch.compile(write_kv_cache_torch, dynamic=True)
+    print(f"\nKV-cache write: k,v [T, {h}, {d}] bf16 -> cache [{nb}, 2, {bs}, {h}, {d}]; us (eager / graph)")
+    print(f"{'T':<34}" + "".join(f"{n:>19}" for n in ("torch", "inductor", "triton")))
+    for t in ((1, 64, 256) if quick else (1, 8, 32, 64, 128, 256)):
+        cache = torch.zeros(nb, 2, bs, h, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(t, h, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        slots = torch.randperm(nb * bs, device="cuda")[:t]
+        cols = [_time(lambda: write_kv_cache_torch(k, v, cache, slots, bs)),
+                _time(lambda: compiled(k, v, cache, slots, bs)),
+                _time(lambda: write_kv_cache_triton(k, v, cache, slots, bs))]
+        print(_row(str(t), cols))
+
+
+def bench_sampling(quick: bool) -> None:
+    from vllm_lite.kernels.sampling import apply_min_p_torch, apply_top_k_top_p_torch, top_k_top_p_min_p_triton
+    vocab = 151936
+
+    def ref(x, k, p, mp, max_k):
+        if mp is not None:
+            x = apply_min_p_torch(x, mp)
+        if k is not None or p is not None:
+            x = apply_top_k_top_p_torch(x, k, p, max_k=max_k)  # max_k as the Sampler passes it: no sync
+        return x
+
+    compiled = torch.compile(ref, dynamic=True)
+    configs = {"top_k=50": (50, None, None), "top_p=0.9": (None, 0.9, None), "top_k=50 top_p=0.9": (50, 0.9, None),
+               "min_p=0.05": (None, None, 0.05), "min_p+top_k+top_p": (50, 0.9, 0.05)}
+    batches = (1, 16, 256) if quick else (1, 4, 16, 64, 128, 256)
+    print(f"\nTop-k/top-p/min-p mask, logits [B, {vocab}] fp32 (randn*3); us (eager / graph), copy included")
+    print(f"{'config, B':<34}" + "".join(f"{n:>19}" for n in ("copy", "torch", "inductor", "triton")))
+    for name, (kk, pp, mpp) in configs.items():
+        for b in batches:
+            src = torch.randn(b, vocab, device="cuda") * 3
+            work = torch.empty_like(src)
+            k = torch.full((b,), kk, device="cuda", dtype=torch.int64) if kk else None
+            p = torch.full((b,), pp, device="cuda") if pp else None
+            mp = torch.full((b,), mpp, device="cuda") if mpp else None
+            cols = [_time(lambda: work.copy_(src)),
+                    _time(lambda: ref(work.copy_(src), k, p, mp, kk)),
+                    _time(lambda: compiled(work.copy_(src), k, p, mp, kk)),
+                    _time(lambda: top_k_top_p_min_p_triton(work.copy_(src), k, p, mp))]
+            print(_row(f"{name}, B={b}", cols))
+
+    print("\nTriton variants (top_k=50 top_p=0.9), graph us incl. copy: block/npiv/warps")
+    variants = [(1024, 16, 8), (1024, 8, 8), (1024, 32, 8), (1024, 16, 4), (1024, 16, 16), (2048, 16, 16), (512, 16, 4)]
+    print(f"{'B':<8}" + "".join(f"{f'{bl}/{n}/{w}':>14}" for bl, n, w in variants))
+    for b in ((1, 256) if quick else (1, 16, 64, 256)):
+        src = torch.randn(b, vocab, device="cuda") * 3
+        work = torch.empty_like(src)
+        k = torch.full((b,), 50, device="cuda", dtype=torch.int64)
+        p = torch.full((b,), 0.9, device="cuda")
+        res = []
+        for bl, n, w in variants:
+            res.append(_time(lambda: top_k_top_p_min_p_triton(work.copy_(src), k, p, None, block=bl, npiv=n,
+                                                              num_warps=w), eager_iters=10, repeats=3)[1])
+        print(f"{b:<8}" + "".join(f"{r:>14.1f}" for r in res))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer sizes")
+    ap.add_argument("--only", choices=["kv", "sampling"], default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/kernels.py needs CUDA")
+    torch._dynamo.config.cache_size_limit = 64
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", end="")
+    import triton
+    print(f"  triton {triton.__version__}")
+    if args.only in (None, "kv"):
+        bench_kv_write(args.quick)
+    if args.only in (None, "sampling"):
+        bench_sampling(args.quick)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Triton kernels on the GPU vs their torch references: KV-cache write (exact, eager and under a CUDA graph) and the
+sort-free top-k/top-p/min-p mask (same allowed set as the reference, see tests/test_kernels.py:check_mask)."""
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+pytest.importorskip("triton")
+
+from test_kernels import check_mask  # noqa: E402  (tests/ is on sys.path via tests/conftest.py)
+
+from vllm_lite.kernels.kv_cache import write_kv_cache, write_kv_cache_torch  # noqa: E402
+from vllm_lite.kernels.sampling import top_k_top_p_min_p_triton  # noqa: E402
+
+DEV = "cuda"
+
+
+@pytest.mark.parametrize("kdt,cdt", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                     (torch.float32, torch.float32), (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("t,h,d", [(1, 8, 128), (17, 8, 128), (256, 8, 128), (64, 2, 64), (5, 4, 80)])
+def test_kv_write_exact(kdt, cdt, t, h, d):
+    g = torch.Generator(device=DEV).manual_seed(t * 131 + h + d)
+    bs, nb = 16, 64
+    qkv = torch.randn(t, 4 * h * d, device=DEV, generator=g).to(kdt)
+    k, v = qkv[:, 2 * h * d:3 * h * d].view(t, h, d), qkv[:, 3 * h * d:].view(t, h, d)
+    slots = torch.randperm(nb * bs, device=DEV, generator=g)[:t]
+    if t > 1:
+        slots[1::4] = -1
+    cache = torch.randn(nb, 2, bs, h, d, device=DEV, generator=g).to(cdt)
+    ref = cache.clone()
+    valid = slots >= 0
+    write_kv_cache_torch(k[valid], v[valid], ref, slots[valid], bs)
+    write_kv_cache(k, v, cache, slots, bs)
+    assert torch.equal(cache, ref)
+
+
+def test_kv_write_cuda_graph():
+    """Captured once with padding rows, replayed with new k/v/slots: same as the reference each time."""
+    t, h, d, bs, nb = 8, 8, 128, 16, 32
+    k = torch.zeros(t, h, d, device=DEV, dtype=torch.bfloat16)
+    v = torch.zeros_like(k)
+    slots = torch.full((t,), -1, device=DEV, dtype=torch.int64)
+    cache = torch.zeros(nb, 2, bs, h, d, device=DEV, dtype=torch.bfloat16)
+    write_kv_cache(k, v, cache, slots, bs)  # compile outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        write_kv_cache(k, v, cache, slots, bs)
+    ref = cache.clone()
+    for n in (8, 3, 1):
+        k.copy_(torch.randn_like(k))
+        v.copy_(torch.randn_like(v))
+        s = torch.randperm(nb * bs, device=DEV)[:t]
+        s[n:] = -1
+        slots.copy_(s)
+        graph.replay()
+        write_kv_cache_torch(k[:n], v[:n], ref, s[:n], bs)
+        assert torch.equal(cache, ref)
+
+
+KS, PS = (0, 1, 20, 50), (1.0, 0.9, 0.5)
+
+
+@pytest.mark.parametrize("vocab", [151936, 128256])
+@pytest.mark.parametrize("batch", [1, 3, 12, 64, 256])
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+def test_top_k_top_p_allowed_set(vocab, batch, scale):
+    g = torch.Generator(device=DEV).manual_seed(vocab + batch)
+    x = torch.randn(batch, vocab, device=DEV, generator=g) * scale
+    combos = list(itertools.product(KS, PS))
+    k = torch.tensor([combos[i % len(combos)][0] for i in range(batch)], device=DEV)
+    p = torch.tensor([combos[i % len(combos)][1] for i in range(batch)], device=DEV, dtype=torch.float32)
+    for args in [(k, None, None), (None, p, None), (k, p, None)]:
+        out = top_k_top_p_min_p_triton(x.clone(), *args)
+        err = check_mask(x, out, *args)
+        assert err is None, (args[0] is not None, args[1] is not None, err)
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_min_p_and_all_three(batch):
+    g = torch.Generator(device=DEV).manual_seed(7)
+    x = torch.randn(batch, 151936, device=DEV, generator=g) * 3
+    x[:, ::11] = float("-inf")
+    k = torch.tensor([(0, 1, 20, 50)[i % 4] for i in range(batch)], device=DEV)
+    p = torch.tensor([(1.0, 0.9, 0.5)[i % 3] for i in range(batch)], device=DEV)
+    mp = torch.tensor([(0.0, 0.05, 0.2, 0.001)[i % 4] for i in range(batch)], device=DEV)
+    for args in [(None, None, mp), (k, p, mp)]:
+        out = top_k_top_p_min_p_triton(x.clone(), *args)
+        assert check_mask(x, out, *args) is None
+    xb = x.to(torch.bfloat16)  # bf16 logits: many ties
+    out = top_k_top_p_min_p_triton(xb.clone(), k, p, mp)
+    assert check_mask(xb, out, k, p, mp) is None
+
+
+def test_sampler_same_tokens_with_and_without_kernel(monkeypatch):
+    """Seeded sampling through the Sampler: identical tokens with the kernel and with the torch path."""
+    from vllm_lite.sample.metadata import SamplingMetadata
+    from vllm_lite.sample.sampler import Sampler
+    from vllm_lite.sampling_params import SamplingParams
+    vocab, b = 151936, 16
+    params = [SamplingParams(temperature=0.8, top_k=(0, 1, 20, 50)[i % 4], min_p=(0.0, 0.05)[i % 2], seed=i)
+              for i in range(b)]
+    x = torch.randn(b, vocab, device=DEV) * 3
+    outs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("VLLM_LITE_SAMPLING_KERNEL", flag)
+        gens = [torch.Generator(device=DEV).manual_seed(i) for i in range(b)]
+        meta = SamplingMetadata.build(params, [[]] * b, [[]] * b, gens, [set()] * b, DEV, vocab)
+        outs.append(Sampler()(x, meta).sampled_token_ids)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_kernel_is_dispatched_on_cuda():
+    from vllm_lite.sample import topk_topp
+    x = torch.randn(2, 1000, device=DEV)
+    topk_topp.apply_top_k_top_p(x.clone(), torch.tensor([5, 0], device=DEV), None)
+    assert topk_topp._kernels is not None and topk_topp._kernels.kernel_enabled(x)
+    assert os.environ.get("VLLM_LITE_SAMPLING_KERNEL", "1") != "0"

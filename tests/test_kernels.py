@@ -1,0 +1,157 @@
+"""Triton kernels (kernels/) vs their plain-PyTorch references, on the CPU through the Triton interpreter.
+
+The interpreter has to be switched on before triton decorates the kernels, so the checks run in one child process
+with TRITON_INTERPRET=1 (small shapes: the interpreter is slow). Skipped with a reason if triton is not
+importable. `check_mask` is shared with tests/gpu/test_kernels_gpu.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOP_P_TOL = 5e-5  # top-p boundary: float32 cumsum (reference) vs blockwise sums (kernel)
+
+
+def reference_mask(x: torch.Tensor, k, p, min_p) -> torch.Tensor:
+    from vllm_lite.sample.topk_topp import apply_min_p_torch, apply_top_k_top_p_torch
+    ref = x.float().clone()
+    if min_p is not None:
+        ref = apply_min_p_torch(ref, min_p)
+    if k is not None or p is not None:
+        ref = apply_top_k_top_p_torch(ref, k, p)
+    return ref
+
+
+def check_mask(x: torch.Tensor, out: torch.Tensor, k, p, min_p) -> str | None:
+    """None if `out` (kernel result on logits x) keeps exactly the reference's allowed set and leaves kept logits
+    untouched; top-p may differ only on tokens whose strictly-greater mass is within TOP_P_TOL of p, or that tie
+    with the reference's last kept token (the kernel keeps a whole tie group at the top-p boundary)."""
+    x32 = x.float()
+    ref = reference_mask(x32, k, p, min_p)
+    got_keep, ref_keep = out.float() > float("-inf"), ref > float("-inf")
+    if not torch.equal(out.float()[got_keep], x32[got_keep]):
+        return "kept logits were modified"
+    bad = got_keep != ref_keep
+    if not bad.any():
+        return None
+    if p is None:
+        return f"{int(bad.sum())} tokens differ (no top-p)"
+    # Which differences are top-p boundary rounding? Strictly-greater mass in float64 over the pre-top-p set.
+    pre = reference_mask(x32, k, None, min_p).double() if (k is not None or min_p is not None) else x32.double()
+    probs = torch.softmax(pre, dim=-1)
+    for r, c in bad.nonzero().tolist():
+        if got_keep[r, c] and x32[r, c] == ref[r][ref_keep[r]].min():
+            continue  # tied with the reference's last kept token: a sort keeps only some of a tie, the kernel all
+        s_gt = float(probs[r][pre[r] > pre[r, c]].sum())
+        if abs(s_gt - float(p[r])) > TOP_P_TOL:
+            return f"row {r} token {c}: kept={bool(got_keep[r, c])} ref={bool(ref_keep[r, c])} " \
+                   f"greater-mass {s_gt:.7f} vs p {float(p[r])}"
+    return None
+
+
+_CHILD = textwrap.dedent(r"""
+    import json, sys, torch
+    sys.path.insert(0, sys.argv[1] + "/tests")
+    from test_kernels import check_mask
+    from vllm_lite.kernels.kv_cache import write_kv_cache_triton, write_kv_cache_torch
+    from vllm_lite.kernels.sampling import top_k_top_p_min_p_triton
+    res = {}
+    g = torch.Generator().manual_seed(0)
+
+    # ---- KV-cache write: dtypes, GQA shapes, non-power-of-2 head dim, padding rows, strided k/v
+    for (t, h, d, bs, kdt, cdt) in [(1, 8, 128, 16, torch.bfloat16, torch.bfloat16), (7, 2, 64, 16, torch.float16,
+            torch.float16), (33, 1, 80, 8, torch.float32, torch.float32), (5, 4, 128, 16, torch.float32,
+            torch.bfloat16), (9, 3, 96, 4, torch.bfloat16, torch.float32)]:
+        nb = 12
+        qkv = torch.randn(t, (2 + 2) * h * d, generator=g).to(kdt)
+        k = qkv[:, 2 * h * d:3 * h * d].view(t, h, d)   # strided views, as sliced out of a fused projection
+        v = qkv[:, 3 * h * d:].view(t, h, d)
+        slots = torch.randperm(nb * bs, generator=g)[:t]
+        slots[::3] = -1  # padding rows
+        cache = torch.randn(nb, 2, bs, h, d, generator=g).to(cdt)
+        ref = cache.clone()
+        valid = slots >= 0
+        write_kv_cache_torch(k[valid], v[valid], ref, slots[valid], bs)
+        write_kv_cache_triton(k, v, cache, slots, bs)
+        if kdt.itemsize > cdt.itemsize:  # the interpreter truncates on downcast (the GPU rounds like torch)
+            same = torch.allclose(cache.float(), ref.float(), rtol=2 ** -7, atol=0)
+        else:
+            same = torch.equal(cache, ref)
+        res[f"kv_{t}_{h}_{d}_{kdt}_{cdt}"] = same
+
+    # ---- top-k / top-p / min-p masks
+    def run(name, x, k, p, mp):
+        out = top_k_top_p_min_p_triton(x.clone(), k, p, mp)
+        res[name] = check_mask(x, out, k, p, mp) or True
+
+    B, V = 8, 2053
+    x = torch.randn(B, V, generator=g) * 2
+    k = torch.tensor([0, 1, 2, 20, 50, V, V + 5, 1000])
+    p = torch.tensor([0.9, 1.0, 0.5, 0.95, 0.3, 0.9, 0.01, 0.7])
+    mp = torch.tensor([0.0, 0.1, 0.0, 0.05, 0.0, 0.2, 0.0, 0.01])
+    for name, args in [("topk", (k, None, None)), ("topp", (None, p, None)), ("topk_topp", (k, p, None)),
+                       ("minp", (None, None, mp)), ("all", (k, p, mp))]:
+        run(name, x, *args)
+    xi = x.clone()
+    xi[:, ::7] = float("-inf")  # grammar-masked tokens
+    xi[3, :-10] = float("-inf")  # fewer finite tokens than k
+    xi[5] = float("-inf")        # fully masked row: left alone
+    run("neg_inf", xi, k, p, mp)
+    xt = (x * 2).round() / 2     # heavy ties: top-k keeps every token tied with the k-th
+    run("ties_topk_minp", xt, k, None, mp)
+    run("bf16", x.to(torch.bfloat16), k, p, mp)
+    xf = torch.randn(4, 4096, generator=g)  # V a multiple of the tile
+    run("topp_tile_multiple", xf, None, torch.tensor([0.9, 0.5, 0.99, 0.1]), None)
+    print("RESULT" + json.dumps({kk: (vv if isinstance(vv, bool) else str(vv)) for kk, vv in res.items()}))
+""")
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pytest.skip("triton is not importable here (pip install triton); the Triton interpreter checks need it")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", _CHILD, ROOT], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    if proc.returncode != 0 or not lines:
+        pytest.fail(f"interpreter run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return json.loads(lines[-1][len("RESULT"):])
+
+
+def test_kv_cache_write_matches_reference(interpreter_results):
+    kv = {k: v for k, v in interpreter_results.items() if k.startswith("kv_")}
+    assert len(kv) == 5
+    assert all(v is True for v in kv.values()), kv
+
+
+@pytest.mark.parametrize("case", ["topk", "topp", "topk_topp", "minp", "all", "neg_inf", "ties_topk_minp", "bf16",
+                                  "topp_tile_multiple"])
+def test_sampling_mask_matches_reference(interpreter_results, case):
+    assert interpreter_results[case] is True, interpreter_results[case]
+
+
+def test_cpu_dispatch_uses_reference():
+    """On CPU tensors the public entry points are the torch references (no triton needed)."""
+    from vllm_lite.sample.topk_topp import apply_min_p, apply_top_k_top_p
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 100, generator=g)
+    k, p, mp = torch.tensor([5, 0, 10]), torch.tensor([0.9, 0.5, 1.0]), torch.tensor([0.1, 0.0, 0.0])
+    out = apply_top_k_top_p(apply_min_p(x.clone(), mp), k, p)
+    assert torch.equal(out, reference_mask(x, k, p, mp))
+    from vllm_lite.kernels.kv_cache import write_kv_cache
+    cache, ref = torch.zeros(4, 2, 4, 2, 8), torch.zeros(4, 2, 4, 2, 8)
+    kk, vv, slots = torch.randn(3, 2, 8, generator=g), torch.randn(3, 2, 8, generator=g), torch.tensor([0, 5, 14])
+    write_kv_cache(kk, vv, cache, slots, 4)
+    from vllm_lite.attention.torch_backend import write_kv_cache as torch_write
+    torch_write(kk, vv, ref, slots, 4)
+    assert torch.equal(cache, ref)
