@@ -1,0 +1,108 @@
+"""torch.compile of the model forward: inductor, one graph for every token count, no graph breaks, on-disk cache.
+
+- Dynamic token dimension: dim 0 of input_ids / positions is marked *unbacked* (torch._dynamo.mark_unbacked) on
+  every call, so Dynamo neither specialises sizes 0/1 nor guards on the size: sizes 1, 2, 7, 8192 all run ONE
+  compiled graph (a backed `mark_dynamic` symbol recompiles once for size 1). Falls back to mark_dynamic on a
+  torch without mark_unbacked.
+- fullgraph=True: a graph break is an error at the first call, not a silent slowdown. Attention is the opaque custom
+  op `vllm_lite::attention` (compile/custom_ops.py), so Dynamo never traces a backend.
+- Persistent cache: `configure_compile_cache` is the ONE place that sets the compile-cache settings. It sets, before
+  anything is compiled, TORCHINDUCTOR_CACHE_DIR (default ~/.cache/vllm_lite/torch_compile; override with the
+  `cache_dir` argument or the VLLM_LITE_COMPILE_CACHE environment variable), TORCHINDUCTOR_FX_GRAPH_CACHE=1,
+  TORCHINDUCTOR_AUTOGRAD_CACHE=1, torch._inductor.config.fx_graph_cache = True and
+  torch._functorch.config.enable_autograd_cache = True. Environment variables are set too so that inductor's
+  compile worker processes and Triton (cache under <dir>/triton) use the same folder. A second start then skips
+  AOTAutograd and inductor codegen/compilation (Dynamo still traces the Python, which is fast).
+- The first call's time (Dynamo + inductor) is logged as the compile time; a later recompile is logged as a warning.
+- config.device.enforce_eager: no compilation, the plain forward is returned.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("vllm_lite.compile")
+
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "vllm_lite", "torch_compile")
+CACHE_ENV = "VLLM_LITE_COMPILE_CACHE"
+
+
+def configure_compile_cache(cache_dir: str | None = None) -> str:
+    """Turn on inductor's FX-graph cache and the AOTAutograd cache in one folder; returns the folder.
+
+    Precedence: `cache_dir` argument, then $VLLM_LITE_COMPILE_CACHE, then ~/.cache/vllm_lite/torch_compile. Call it
+    before the first torch.compile of the process (compile_model does)."""
+    path = os.path.abspath(os.path.expanduser(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR))
+    os.makedirs(path, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "1"
+    os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "1"
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
+    return path
+
+
+def _mark_tokens_dynamic(*tensors: torch.Tensor) -> None:
+    mark_unbacked = getattr(torch._dynamo.decorators, "mark_unbacked", None)
+    for t in tensors:
+        if mark_unbacked is not None:
+            mark_unbacked(t, 0)
+        else:  # pragma: no cover - older torch
+            torch._dynamo.mark_dynamic(t, 0)
+
+
+def _graph_count() -> int:
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
+class CompiledForward:
+    """`forward(input_ids, positions) -> hidden` running the torch.compile'd model forward."""
+
+    def __init__(self, forward: Callable[..., torch.Tensor], backend: str | Callable = "inductor",
+                 fullgraph: bool = True, options: dict[str, Any] | None = None) -> None:
+        self.eager_forward = forward
+        self.compiled = torch.compile(forward, backend=backend, fullgraph=fullgraph, dynamic=None,
+                                      options=options if backend == "inductor" else None)
+        self.num_calls = 0
+        self.compile_seconds = 0.0
+        self._graphs_seen: int | None = None
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        _mark_tokens_dynamic(input_ids, positions)
+        if self.num_calls:
+            out = self.compiled(input_ids, positions)
+            if _graph_count() != self._graphs_seen:  # a recompile (or another model compiled meanwhile)
+                self._graphs_seen = _graph_count()
+                logger.warning("torch.compile recompiled the model forward (%d tokens)", input_ids.shape[0])
+            self.num_calls += 1
+            return out
+        start = time.perf_counter()
+        out = self.compiled(input_ids, positions)
+        self.compile_seconds = time.perf_counter() - start
+        self._graphs_seen = _graph_count()
+        self.num_calls += 1
+        logger.info("torch.compile: model forward compiled in %.2f s (first call, %d tokens; cache %s)",
+                    self.compile_seconds, input_ids.shape[0], os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+        return out
+
+
+def compile_model(model: torch.nn.Module, config: Any = None, *, cache_dir: str | None = None,
+                  backend: str | Callable = "inductor") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The callable the model runner uses instead of model.forward: model.forward itself when
+    config.device.enforce_eager, else a CompiledForward (compiled lazily at the first call, logged)."""
+    if config is not None and config.device.enforce_eager:
+        logger.info("enforce_eager: torch.compile and CUDA graphs disabled")
+        return model.forward
+    path = configure_compile_cache(cache_dir)
+    logger.info("torch.compile (%s, dynamic token dimension, fullgraph); compile cache in %s",
+                backend if isinstance(backend, str) else getattr(backend, "__name__", "custom"), path)
+    return CompiledForward(model.forward, backend=backend)

@@ -1,0 +1,75 @@
+"""Attention as one opaque torch.library custom op, so Dynamo/inductor never trace into a backend.
+
+`torch.ops.vllm_lite.attention(q, k, v, ctx_id, layer_idx) -> out` looks up the AttentionContext registered under
+`ctx_id` and calls `ctx.backend.forward(q, k, v, ctx.kv_caches[layer_idx], spec, ctx.metadata)`. The KV-cache write
+happens inside backend.forward, so it is inside the op as well: the compiled graph sees a pure function of (q, k, v)
+and the per-step state (backend metadata, KV caches) is read when the op runs, never baked into the graph. Under
+CUDA-graph capture the op runs once in Python and records the backend's kernels; replays re-run those kernels on
+whatever the backend's static buffers hold.
+
+Contexts are held weakly (the model's layers keep them alive), so dropping a model frees its KV caches.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import weakref
+from typing import Any
+
+import torch
+
+_lock = threading.Lock()
+_contexts: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
+_ids: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
+_specs: "weakref.WeakKeyDictionary[Any, dict[int, Any]]" = weakref.WeakKeyDictionary()
+_next_id = itertools.count()
+
+
+def register_context(ctx: Any) -> int:
+    """Register an AttentionContext (idempotent) and return its integer id for the custom op."""
+    with _lock:
+        cid = _ids.get(ctx)
+        if cid is None:
+            cid = next(_next_id)
+            _ids[ctx] = cid
+            _contexts[cid] = ctx
+        return cid
+
+
+def get_context(ctx_id: int) -> Any:
+    ctx = _contexts.get(ctx_id)
+    if ctx is None:
+        raise RuntimeError(f"attention context {ctx_id} is not registered (was its model deleted?)")
+    return ctx
+
+
+def register_layer(ctx: Any, layer_idx: int, spec: Any) -> int:
+    """Register a layer's AttentionSpec under its context (registering the context too); returns the ctx id."""
+    cid = register_context(ctx)
+    with _lock:
+        _specs.setdefault(ctx, {})[layer_idx] = spec
+    return cid
+
+
+def _spec_of(ctx: Any, layer_idx: int) -> Any:
+    try:
+        return _specs[ctx][layer_idx]
+    except KeyError:
+        raise RuntimeError(f"attention layer {layer_idx} was not registered with register_layer()") from None
+
+
+@torch.library.custom_op("vllm_lite::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_id: int, layer_idx: int) -> torch.Tensor:
+    """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D] (contiguous); writes k/v into the layer's paged KV cache."""
+    ctx = get_context(ctx_id)
+    out = ctx.backend.forward(q, k, v, ctx.kv_caches[layer_idx], _spec_of(ctx, layer_idx), ctx.metadata)
+    # A custom op's output may not alias an input, and its strides must match the fake impl (contiguous).
+    if not out.is_contiguous() or any(out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+                                      for t in (q, k, v)):
+        out = out.contiguous() if not out.is_contiguous() else out.clone()
+    return out
+
+
+@attention.register_fake
+def _attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_id: int, layer_idx: int) -> torch.Tensor:
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)

@@ -1,0 +1,139 @@
+"""compile/: the opaque attention op, torch.compile of the tiny models (no graph breaks, compiled == eager on a mixed
+batch, one graph for every token count, the on-disk cache) and the CUDA-graph runner's size logic (CPU parts)."""
+import os
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from vllm_lite.attention import AttentionContext, StepMetadata, TorchAttentionBackend
+from vllm_lite.compile import CUDAGraphRunner, compile_model, default_capture_sizes
+from vllm_lite.compile.custom_ops import get_context, register_context
+from vllm_lite.config import DeviceConfig, EngineConfig, LoadConfig, ModelConfig
+from vllm_lite.model_loader import load_model, resolve_model
+
+BLOCK = 4
+
+
+def _load(path):
+    info = resolve_model(ModelConfig(model=path), LoadConfig(), device="cpu")
+    ctx = AttentionContext(TorchAttentionBackend())
+    model = load_model(info, LoadConfig(), "cpu", ctx)
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    shape = ctx.backend.kv_cache_shape(64, BLOCK, cfg.num_key_value_heads, head_dim)
+    ctx.kv_caches = [torch.zeros(shape) for _ in range(cfg.num_hidden_layers)]
+    return model, ctx
+
+
+def _step(reqs):
+    """reqs: [(first block, prefix_len, query_len)] -> (StepMetadata, positions). Request i owns blocks
+    first, first+1, ... (enough for 64 tokens)."""
+    qlens = [q for _, _, q in reqs]
+    seq_lens = [p + q for _, p, q in reqs]
+    qsl = torch.tensor([0] + torch.cumsum(torch.tensor(qlens), 0).tolist(), dtype=torch.int32)
+    table = torch.tensor([list(range(b, b + 16)) for b, _, _ in reqs], dtype=torch.int32)
+    pos = torch.cat([torch.arange(p, p + q) for _, p, q in reqs])
+    row = torch.repeat_interleave(torch.arange(len(reqs)), torch.tensor(qlens))
+    slots = table[row, pos // BLOCK].long() * BLOCK + pos % BLOCK
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    meta = StepMetadata(len(reqs), int(qsl[-1]), qsl, lens, table, slots, qsl, lens, max(qlens), max(seq_lens), BLOCK)
+    return meta, pos
+
+
+def _run(forward, model, ctx, reqs, seed):
+    meta, pos = _step(reqs)
+    ids = torch.randint(0, model.config.vocab_size, (meta.num_tokens,), generator=torch.Generator().manual_seed(seed))
+    ctx.set_step(meta)
+    with torch.inference_mode():
+        return model.compute_logits(forward(ids, pos))
+
+
+def test_attention_op_registered_and_opaque(tiny_qwen3_path):
+    model, ctx = _load(tiny_qwen3_path)
+    attn = model.model.layers[1].self_attn.attn
+    assert get_context(attn.ctx_id) is ctx and register_context(ctx) == attn.ctx_id
+    meta, _ = _step([(0, 0, 3), (16, 0, 2)])
+    ctx.set_step(meta)
+    q, k, v = torch.randn(5, 4, 16), torch.randn(5, 2, 16), torch.randn(5, 2, 16)
+    torch.library.opcheck(torch.ops.vllm_lite.attention.default, (q, k, v, attn.ctx_id, 1),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    out = torch.ops.vllm_lite.attention(q, k, v, attn.ctx_id, 1)
+    want = ctx.backend.forward(q, k, v, ctx.kv_caches[1], attn.spec, ctx.metadata)
+    torch.testing.assert_close(out, want)
+    assert ctx.kv_caches[1][16, 0, 1].abs().sum() > 0  # the KV write happened inside the op
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_no_graph_breaks(request, arch):
+    model, ctx = _load(request.getfixturevalue(f"tiny_{arch}_path"))
+    meta, pos = _step([(0, 0, 6), (16, 0, 1)])
+    ctx.set_step(meta)
+    ids = torch.randint(0, 300, (7,))
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(model.forward)(ids, pos)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        assert explained.graph_count == 1
+        fwd = compile_model(model, None, backend="eager")  # fullgraph=True: a break would raise here
+        torch.testing.assert_close(fwd(ids, pos), model(ids, pos))
+
+
+def test_compiled_matches_eager_one_graph_and_cache(tiny_qwen3_path, tmp_path, monkeypatch):
+    for var in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE"):
+        monkeypatch.setenv(var, os.environ.get(var, ""))  # restored after the test
+    model, ctx = _load(tiny_qwen3_path)
+    torch._dynamo.reset()
+    counters.clear()
+    fwd = compile_model(model, EngineConfig(), cache_dir=str(tmp_path / "cache"))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache")
+    # Step 1: two fresh prefills. Step 2 (mixed): a decode, a chunk after a cached prefix, a new prompt.
+    step1, step2 = [(0, 0, 9), (16, 0, 5)], [(0, 9, 1), (16, 5, 4), (32, 0, 7)]
+    saved = [c.clone() for c in ctx.kv_caches]
+    want1, want2 = _run(model.forward, model, ctx, step1, 1), _run(model.forward, model, ctx, step2, 2)
+    ctx.kv_caches = [c.clone() for c in saved]
+    got1, got2 = _run(fwd, model, ctx, step1, 1), _run(fwd, model, ctx, step2, 2)
+    torch.testing.assert_close(got1, want1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got2, want2, atol=1e-5, rtol=1e-5)
+    for n in (1, 2, 7, 33):  # decode-sized and odd sizes: no recompilation (no 0/1 specialisation)
+        reqs = [(16 * i, 0, 1) for i in range(n)] if n <= 4 else [(0, 0, n)]
+        ctx.kv_caches = [c.clone() for c in saved]
+        want = _run(model.forward, model, ctx, reqs, n)
+        ctx.kv_caches = [c.clone() for c in saved]
+        torch.testing.assert_close(_run(fwd, model, ctx, reqs, n), want, atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert fwd.compile_seconds > 0 and fwd.num_calls == 6
+    # A second start (fresh Dynamo state, same cache dir) loads the compiled graph from the on-disk cache.
+    assert counters["inductor"]["fxgraph_cache_miss"] >= 1
+    torch._dynamo.reset()
+    counters.clear()
+    fwd2 = compile_model(model, EngineConfig(), cache_dir=str(tmp_path / "cache"))
+    ctx.kv_caches = [c.clone() for c in saved]
+    torch.testing.assert_close(_run(fwd2, model, ctx, step1, 1), want1, atol=1e-5, rtol=1e-5)
+    hits = counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
+    assert hits >= 1 and counters["inductor"]["fxgraph_cache_miss"] == 0, (dict(counters["inductor"]),
+                                                                          dict(counters["aot_autograd"]))
+    torch._dynamo.reset()
+
+
+def test_enforce_eager_returns_plain_forward(tiny_llama_path):
+    model, _ = _load(tiny_llama_path)
+    fwd = compile_model(model, EngineConfig(device=DeviceConfig(enforce_eager=True)))
+    assert fwd == model.forward
+
+
+def test_capture_sizes_and_padding():
+    assert default_capture_sizes(256) == [1, 2, 4, 8] + list(range(16, 257, 8))
+    assert default_capture_sizes(1000)[-1] == 512 and default_capture_sizes(1000, max_capture_size=64)[-1] == 64
+    assert default_capture_sizes(5) == [1, 2, 4, 8]  # every batch up to max_num_seqs has a graph
+    assert default_capture_sizes(250)[-2:] == [248, 256]
+    runner = CUDAGraphRunner(lambda i, p: None, default_capture_sizes(40), 40, "cpu", 64, torch.float32)
+    assert runner.sizes == [1, 2, 4, 8, 16, 24, 32, 40] and runner.input_ids.shape == (40,)
+    assert [runner.padded_size(n) for n in (1, 2, 3, 5, 9, 17, 40)] == [1, 2, 4, 8, 16, 24, 40]
+    assert not runner.can_run(1)  # nothing captured
+    meta = runner.dummy_decode_metadata(3, 16)  # capture metadata: its slots are the runner's static buffer
+    assert meta.is_pure_decode and meta.num_reqs == meta.num_tokens == 3 and meta.seq_lens.tolist() == [1, 1, 1]
+    assert meta.slot_mapping.data_ptr() == runner.slot_mapping.data_ptr() and (runner.slot_mapping == -1).all()
+    with pytest.raises(ValueError, match="no CUDA graph for 41 tokens"):
+        runner.padded_size(41)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        runner.capture(lambda meta, bs: None, 4)
