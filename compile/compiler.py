@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
+from vllm_lite import envs
+
 logger = logging.getLogger("vllm_lite.compile")
 
-DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "vllm_lite", "torch_compile")
-CACHE_ENV = "VLLM_LITE_COMPILE_CACHE"
 
 
 def configure_compile_cache(cache_dir: str | None = None) -> str:
@@ -37,7 +37,7 @@ def configure_compile_cache(cache_dir: str | None = None) -> str:
 
     Precedence: `cache_dir` argument, then $VLLM_LITE_COMPILE_CACHE, then ~/.cache/vllm_lite/torch_compile. Call it
     before the first torch.compile of the process (compile_model does)."""
-    path = os.path.abspath(os.path.expanduser(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR))
+    path = os.path.abspath(os.path.expanduser(cache_dir or envs.compile_cache_dir()))
     os.makedirs(path, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
     os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "1"
@@ -90,8 +90,8 @@ class CompiledForward:
         self.compile_seconds = time.perf_counter() - start
         self._graphs_seen = _graph_count()
         self.num_calls += 1
-        logger.info("torch.compile: model forward compiled in %.2f s (first call, %d tokens; cache %s)",
-                    self.compile_seconds, input_ids.shape[0], os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+        logger.info("torch.compile: model forward compiled in %.2f s (first call, %d tokens)",
+                    self.compile_seconds, input_ids.shape[0])
         return out
 
 

@@ -10,10 +10,10 @@ dimension is contiguous, so the same kernel serves the torch backend's and Flash
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
+from vllm_lite.envs import USE_KV_WRITE_KERNEL
 from vllm_lite.attention.torch_backend import write_kv_cache as write_kv_cache_torch
 
 try:  # triton is optional (CPU installs); the CUDA path needs it
@@ -92,7 +92,7 @@ def write_kv_cache_triton(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tens
 
 def _use_triton(k: torch.Tensor, kv_cache: torch.Tensor) -> bool:
     return (HAS_TRITON and k.is_cuda and kv_cache.dtype in _SUPPORTED and k.dtype in _SUPPORTED
-            and kv_cache.stride(4) == 1 and os.environ.get("VLLM_LITE_KV_WRITE_KERNEL", "1") != "0")
+            and kv_cache.stride(4) == 1 and USE_KV_WRITE_KERNEL)
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,

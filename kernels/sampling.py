@@ -18,10 +18,10 @@ reference's order: min-p -> top-k -> top-p. The last pass writes -inf below the 
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
+from vllm_lite.envs import USE_SAMPLING_KERNEL
 from vllm_lite.sample.topk_topp import apply_min_p_torch, apply_top_k_top_p_torch
 
 try:  # triton is optional (CPU installs); the CUDA path needs it
@@ -214,7 +214,7 @@ def kernel_enabled(logits: torch.Tensor) -> bool:
     """True when the Triton path applies: CUDA tensor, triton importable, not disabled by the environment."""
     return (HAS_TRITON and logits.is_cuda and logits.dim() == 2 and logits.stride(1) == 1
             and logits.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and os.environ.get("VLLM_LITE_SAMPLING_KERNEL", "1") != "0")
+            and USE_SAMPLING_KERNEL)
 
 
 def top_k_top_p_min_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None,

@@ -45,6 +45,7 @@ class AttentionSpec:
 
 class AttentionBackend(Protocol):
     name: str
+    supports_cuda_graphs: bool  # prepare(meta, graph_batch_size=bs) plans static buffers a captured graph reads
 
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
         """Per-layer KV cache tensor shape."""

@@ -50,6 +50,7 @@ class FlashInferMetadata:
 class FlashInferBackend:
     """All layers share one shape (num_heads, num_kv_heads, head_dim, scale, dtype), so one plan serves them all."""
     name = "flashinfer"
+    supports_cuda_graphs = True
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, dtype: torch.dtype,
                  device: torch.device | str, max_num_seqs: int, max_blocks_per_seq: int,

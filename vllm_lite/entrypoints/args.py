@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
+from vllm_lite import envs
 from vllm_lite.config import (ATTENTION_BACKENDS, DEFAULT_MODEL, DEVICES, DTYPES, LOAD_FORMATS, CacheConfig,
                               SchedulerConfig)
 
@@ -14,7 +14,7 @@ API_KEY_ENV = "VLLM_LITE_API_KEY"
 ENGINE_ARGS = ("model", "tokenizer", "dtype", "seed", "max_model_len", "served_model_name", "block_size",
                "enable_prefix_caching", "gpu_memory_utilization", "num_gpu_blocks_override", "kv_cache_memory_bytes",
                "max_num_seqs", "max_num_batched_tokens", "device", "enforce_eager", "attention_backend",
-               "load_format", "download_dir")
+               "load_format", "download_dir", "skip_tokenizer_init")
 
 
 def _size(text: str) -> int:
@@ -34,6 +34,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help=f"model to serve: a local HF-layout folder, a .gguf file, a Hugging Face repo id, or "
                         f"{DEFAULT_MODEL!r} (the built-in default). Same as the positional MODEL.")
     g.add_argument("--tokenizer", default=None, help="tokenizer folder or repo id (default: the model's)")
+    g.add_argument("--skip-tokenizer-init", action="store_true",
+                   help="load no tokenizer: prompts must be token ids and outputs carry no text (benchmarks)")
     g.add_argument("--served-model-name", default=None,
                    help="model name clients must send in `model` and that /v1/models lists "
                         "(default: MODEL as given)")
@@ -89,4 +91,4 @@ def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def resolve_api_key(flag: str | None) -> str | None:
     """--api-key wins; else VLLM_LITE_API_KEY; empty means none. The only place the environment is read."""
-    return flag or os.environ.get(API_KEY_ENV) or None
+    return flag or envs.api_key()

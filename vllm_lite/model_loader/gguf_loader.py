@@ -22,6 +22,8 @@ import time
 import numpy as np
 import torch
 
+from vllm_lite import envs
+
 logger = logging.getLogger("vllm_lite.model_loader.gguf")
 
 CONVERTER_VERSION = 1
@@ -61,8 +63,7 @@ def reverse_llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 def cache_root(cache_dir: str | None = None) -> str:
     if cache_dir:
         return cache_dir
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "vllm_lite")
+    return envs.cache_root()
 
 
 def converted_path(gguf_path: str, cache_dir: str | None = None) -> str:

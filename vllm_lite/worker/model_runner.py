@@ -10,7 +10,10 @@ import time
 import numpy as np
 import torch
 
-from vllm_lite.attention import AttentionContext
+from vllm_lite.attention import AttentionContext, StepMetadata
+from vllm_lite.compile.compiler import compile_model
+from vllm_lite.compile.cuda_graphs import (CUDAGraphRunner, default_capture_sizes, measure_graph_memory,
+                                          outputs_bytes)
 from vllm_lite.attention.selector import make_backend
 from vllm_lite.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from vllm_lite.core.sched_output import ModelRunnerOutput, SchedulerOutput
@@ -57,6 +60,13 @@ class ModelRunner:
         torch.manual_seed(self.config.model.seed)
         self.model = load_model(self.info, self.config.load, self.device, self.attn_ctx)
         logger.info("model loaded in %.2f s", time.perf_counter() - start)
+        # torch.compile and CUDA graphs are the CUDA fast path; CPU runs stay eager (compiling costs more there
+        # than it saves for development and tests).
+        self.use_compile = self.device.type == "cuda" and not self.config.device.enforce_eager
+        self.forward = compile_model(self.model, self.config) if self.use_compile else self.model.forward
+        self.use_cuda_graphs = self.use_compile and self.attn_ctx.backend.supports_cuda_graphs
+        self.graphs: CUDAGraphRunner | None = None
+        self.capture_sizes = default_capture_sizes(self.config.scheduler.max_num_seqs)
 
     # ---- KV cache sizing -------------------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -96,12 +106,18 @@ class ModelRunner:
             self.model.compute_logits(hidden[-self.config.scheduler.max_num_seqs:])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
+        graph_bytes = 0
+        if self.use_cuda_graphs:
+            graph_bytes = measure_graph_memory(self.forward, max(self.capture_sizes), self.device,
+                                               self.info.hf_config.hidden_size, self.info.dtype,
+                                               self._prepare_graph_step, self.block_size)
+            graph_bytes += outputs_bytes(self.capture_sizes, self.info.hf_config.hidden_size, self.info.dtype)
         self.attn_ctx.kv_caches = saved
         torch.cuda.empty_cache()
         _, total = torch.cuda.mem_get_info(self.device)
-        budget = int(total * self.config.cache.gpu_memory_utilization) - peak
-        logger.info("profiling: peak %.2f GiB of %.2f GiB; %.2f GiB for the KV cache", peak / 2**30,
-                    total / 2**30, budget / 2**30)
+        budget = int(total * self.config.cache.gpu_memory_utilization) - peak - graph_bytes
+        logger.info("profiling: peak %.2f GiB of %.2f GiB, CUDA graphs %.2f GiB; %.2f GiB for the KV cache",
+                    peak / 2**30, total / 2**30, graph_bytes / 2**30, budget / 2**30)
         return max(budget, 0)
 
     def _allocate_kv(self, num_blocks: int) -> None:
@@ -114,6 +130,13 @@ class ModelRunner:
         self._allocate_kv(num_blocks)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.block_size,
                     num_blocks * self.kv_bytes_per_block() / 2**20)
+        if self.use_cuda_graphs:  # after the KV cache exists: graphs bake in its address
+            self.graphs = CUDAGraphRunner(self.forward, self.capture_sizes, max(self.capture_sizes), self.device,
+                                          self.info.hf_config.hidden_size, self.info.dtype)
+            self.graphs.capture(self._prepare_graph_step, self.block_size)
+
+    def _prepare_graph_step(self, meta: StepMetadata, batch_size: int) -> None:
+        self.attn_ctx.metadata = self.attn_ctx.backend.prepare(meta, graph_batch_size=batch_size)
 
     # ---- one step --------------------------------------------------------------------------------------------
     def _update_states(self, so: SchedulerOutput) -> None:
@@ -128,9 +151,6 @@ class ModelRunner:
             state = self.requests[data.req_id]
             state.block_ids.extend(data.new_block_ids)
             state.num_computed_tokens = data.num_computed_tokens
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
 
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
@@ -147,8 +167,13 @@ class ModelRunner:
         sample_rows = np.flatnonzero(ends >= known)
         inputs = self.stager.stage([s.token_ids[st:e] for s, st, e in zip(states, starts.tolist(), ends.tolist())],
                                    starts, query_lens, [s.block_ids for s in states], sample_rows)
-        self.attn_ctx.set_step(inputs.meta)
-        hidden = self.forward(inputs.input_ids, inputs.positions)
+        meta = inputs.meta
+        if self.graphs is not None and meta.is_pure_decode and self.graphs.can_run(meta.num_tokens):
+            self._prepare_graph_step(meta, self.graphs.padded_size(meta.num_tokens))
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, meta.num_tokens, meta.slot_mapping)
+        else:
+            self.attn_ctx.set_step(meta)
+            hidden = self.forward(inputs.input_ids, inputs.positions)
         sampled: list[list[int]] = [[] for _ in req_ids]
         logprobs: list = [None] * len(req_ids)
         if len(sample_rows):

@@ -1,0 +1,28 @@
+"""The one place that reads environment variables; everything else takes explicit values from here or the config.
+
+- XDG_CACHE_HOME: root of the cache (converted GGUF models, torch.compile cache) -> $XDG_CACHE_HOME/vllm_lite.
+- VLLM_LITE_COMPILE_CACHE: folder of the persistent torch.compile cache (default <cache root>/torch_compile).
+- VLLM_LITE_API_KEY: the server's API key when --api-key is not given.
+- VLLM_LITE_KV_WRITE_KERNEL=0 / VLLM_LITE_SAMPLING_KERNEL=0: use the torch references instead of the Triton
+  kernels (for A/B measurements and debugging).
+"""
+from __future__ import annotations
+
+import os
+
+
+def cache_root() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "vllm_lite")
+
+
+def compile_cache_dir() -> str:
+    return os.environ.get("VLLM_LITE_COMPILE_CACHE") or os.path.join(cache_root(), "torch_compile")
+
+
+def api_key() -> str | None:
+    return os.environ.get("VLLM_LITE_API_KEY") or None
+
+
+USE_KV_WRITE_KERNEL = os.environ.get("VLLM_LITE_KV_WRITE_KERNEL", "1") != "0"
+USE_SAMPLING_KERNEL = os.environ.get("VLLM_LITE_SAMPLING_KERNEL", "1") != "0"
