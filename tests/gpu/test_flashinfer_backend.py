@@ -35,7 +35,7 @@ CASES = {
     "decode": [(p, 1) for p in (0, 1, 15, 16, 17, 31, 100, 255, 511, 64, 3, 47)],
     "mixed": [(0, 7), (5, 6), (12, 1), (3, 1), (0, 1), (9, 4), (200, 1), (70, 50), (16, 16)],
 }
-SHAPES = [(16, 8, 64), (16, 8, 128), (32, 8, 64), (32, 8, 128)]
+SHAPES = [(16, 8, 64), (16, 8, 128), (32, 8, 64), (32, 8, 128), (9, 3, 64)]  # last: SmolLM2-135M
 DTYPES = [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.slow)]
 
 
@@ -105,6 +105,25 @@ def test_matches_torch_backend(case, shape, dtype):
     assert out.shape == q.shape and out.dtype == q.dtype
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
     assert torch.equal(cache, ref_cache)  # same K/V written to the same slots, nothing else touched
+
+
+@pytest.mark.parametrize("case", ["prefill", "mixed", "decode"])
+def test_strided_views_of_fused_qkv(case):
+    """The models pass q/k/v as column slices of one fused qkv projection (row stride > heads * head_dim)."""
+    spec = _spec(9, 3, 64)
+    gen = torch.Generator().manual_seed(7)
+    backend = _backend(spec, torch.bfloat16)
+    cache = _new_cache(spec, torch.bfloat16, gen)
+    q, k, v, meta = build_batch(CASES[case], spec, cache, gen, torch.bfloat16)
+    t = q.shape[0]
+    qkv = torch.cat([q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)], dim=1)
+    qv, kv_, vv = qkv.split([9 * 64, 3 * 64, 3 * 64], dim=1)
+    ref, ref_cache = _torch_ref(q, k, v, cache, spec, meta)
+    out = backend.forward(qv.view(t, 9, 64), kv_.view(t, 3, 64), vv.view(t, 3, 64), cache, spec,
+                          backend.prepare(meta))
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
+    assert torch.equal(cache, ref_cache)
 
 
 def test_steps_replan_and_padded_rows():
