@@ -105,4 +105,5 @@ def compile_model(model: torch.nn.Module, config: Any = None, *, cache_dir: str 
     path = configure_compile_cache(cache_dir)
     logger.info("torch.compile (%s, dynamic token dimension, fullgraph); compile cache in %s",
                 backend if isinstance(backend, str) else getattr(backend, "__name__", "custom"), path)
-    return CompiledForward(model.forward, backend=backend)
+    # Round intermediates where eager rounds them, so compiled and eager greedy outputs agree in bf16/fp16.
+    return CompiledForward(model.forward, backend=backend, options={"emulate_precision_casts": True})

@@ -125,7 +125,7 @@ def test_graph_decode_matches_eager(tiny_model_factory, tmp_path, backend_name, 
     path = tiny_model_factory("qwen3", head_dim=64)  # GQA 4/2, head_dim 64: a FlashInfer shape
     model, ctx, backend = _setup(path, backend_name, dtype)
     fwd = compile_model(model, None, cache_dir=str(tmp_path / "cache")) if compiled else model.forward
-    tol = dict(atol=1e-4, rtol=1e-4) if dtype == "float32" else dict(atol=5e-2, rtol=5e-2)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == "float32" else dict(atol=1e-1, rtol=5e-2)
     gen = torch.Generator().manual_seed(0)
     prompt_lens = [5, 9, 3, 12, 7, 1, 4, 10]
     first = [1 + i * MAX_BLOCKS for i in range(len(prompt_lens))]

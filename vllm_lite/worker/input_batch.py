@@ -13,6 +13,8 @@ import torch
 
 from vllm_lite.attention import StepMetadata
 
+_ALIGN = 16  # int32 elements = 64 bytes
+
 
 @dataclass
 class StepInputs:
@@ -30,7 +32,7 @@ class InputStager:
         self.max_blocks = max_blocks_per_req
         self.block_size = block_size
         self.device = device
-        size = 3 * max_tokens + 3 * max_reqs + 1 + max_reqs * max_blocks_per_req
+        size = 3 * max_tokens + 3 * max_reqs + 1 + max_reqs * max_blocks_per_req + 7 * _ALIGN
         pin = device.type == "cuda"
         self.host = torch.zeros(size, dtype=torch.int32, pin_memory=pin)
         self.host_np = self.host.numpy()
@@ -50,27 +52,27 @@ class InputStager:
             table[i, : len(blocks)] = blocks
         seq_lens = starts + query_lens
 
-        sizes = [num_tokens, num_tokens, num_tokens, len(sample_rows), num_reqs + 1, num_reqs, table.size]
-        offs = np.concatenate([[0], np.cumsum(sizes)])
+        sizes = np.array([num_tokens, num_tokens, num_tokens, len(sample_rows), num_reqs + 1, num_reqs, table.size])
+        # Each field starts 64-byte aligned: compiled kernels are specialised on input alignment.
+        begin = np.concatenate([[0], np.cumsum(-(-sizes // _ALIGN) * _ALIGN)[:-1]])
+        ids_s, pos_s, slot_s, lidx_s, qsl_s, seq_s, bt_s = (slice(b, b + n) for b, n in zip(begin, sizes))
         buf = self.host_np
-        buf[offs[0]:offs[1]] = np.concatenate(token_ids) if num_reqs > 1 else token_ids[0]
-        buf[offs[1]:offs[2]] = positions
-        slots = buf[offs[2]:offs[3]]
+        buf[ids_s] = np.concatenate(token_ids) if num_reqs > 1 else token_ids[0]
+        buf[pos_s] = positions
+        slots = buf[slot_s]
         np.multiply(table[req_index, positions // self.block_size], self.block_size, out=slots)
         slots += positions % self.block_size
-        buf[offs[3]:offs[4]] = cu[sample_rows] - 1
-        buf[offs[4]] = 0
-        buf[offs[4] + 1:offs[5]] = cu
-        buf[offs[5]:offs[6]] = seq_lens
-        buf[offs[6]:offs[7]] = table.ravel()
-        end = int(offs[-1])
+        buf[lidx_s] = cu[sample_rows] - 1
+        buf[qsl_s] = np.concatenate([[0], cu])
+        buf[seq_s] = seq_lens
+        buf[bt_s] = table.ravel()
+        end = int(begin[-1] + sizes[-1])
         if self.dev is not self.host:
             self.dev[:end].copy_(self.host[:end], non_blocking=True)
         d, h = self.dev, self.host
         meta = StepMetadata(
-            num_reqs=num_reqs, num_tokens=num_tokens, query_start_loc=d[offs[4]:offs[5]],
-            seq_lens=d[offs[5]:offs[6]], block_table=d[offs[6]:offs[7]].view(num_reqs, max_blocks),
-            slot_mapping=d[offs[2]:offs[3]], query_start_loc_cpu=h[offs[4]:offs[5]],
-            seq_lens_cpu=h[offs[5]:offs[6]], max_query_len=int(query_lens.max()), max_seq_len=int(seq_lens.max()),
+            num_reqs=num_reqs, num_tokens=num_tokens, query_start_loc=d[qsl_s], seq_lens=d[seq_s],
+            block_table=d[bt_s].view(num_reqs, max_blocks), slot_mapping=d[slot_s], query_start_loc_cpu=h[qsl_s],
+            seq_lens_cpu=h[seq_s], max_query_len=int(query_lens.max()), max_seq_len=int(seq_lens.max()),
             block_size=self.block_size)
-        return StepInputs(d[offs[0]:offs[1]], d[offs[1]:offs[2]], d[offs[3]:offs[4]], meta)
+        return StepInputs(d[ids_s], d[pos_s], d[lidx_s], meta)
