@@ -1,4 +1,12 @@
-"""The whole engine on CUDA: compiled + CUDA-graph decode against eager, FlashInfer against the torch backend."""
+"""The whole engine on CUDA (default model, bf16): compiled + CUDA-graph decode against eager, and FlashInfer against
+the torch backend.
+
+Greedy outputs must be identical token for token, except where the two runs face a near tie: bf16 kernels that
+sum in a different order may flip a choice between tokens whose logprobs are within a few hundredths (SmolLM2 has
+exact bf16 ties on some of these prompts, e.g. "The" vs "A" at -1.91 each). At the first differing position, each
+run's token must then be in the other's top-5 with a logprob within 0.15 of the top one (vLLM's
+check_logprobs_close criterion); everything before it must be identical.
+"""
 from __future__ import annotations
 
 import pytest
@@ -11,49 +19,54 @@ pytestmark = pytest.mark.gpu
 CHATS = [[{"role": "user", "content": q}] for q in (
     "What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
     "Explain what a GPU is in one sentence.", "Translate 'good morning' into Spanish.")]
+TIE = 0.15
 
 
-def _greedy(llm: LLM, max_tokens: int = 48) -> list[list[int]]:
-    outs = llm.chat(CHATS, SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outs]
+def _greedy(llm: LLM, batched: bool = True):
+    params = SamplingParams(temperature=0, max_tokens=48, logprobs=5)
+    outs = llm.chat(CHATS, params, use_tqdm=False) if batched else \
+        [llm.chat(c, params, use_tqdm=False)[0] for c in CHATS]
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+
+
+def _assert_close(a, b) -> int:
+    """Identical, or identical up to a near tie (see module doc). Returns how many prompts were identical."""
+    identical = 0
+    for i, ((ta, la), (tb, lb)) in enumerate(zip(a, b)):
+        if ta == tb:
+            identical += 1
+            continue
+        k = next(j for j, (x, y) in enumerate(zip(ta, tb)) if x != y)
+        top_a, top_b = max(v.logprob for v in la[k].values()), max(v.logprob for v in lb[k].values())
+        assert tb[k] in la[k] and top_a - la[k][tb[k]].logprob < TIE, (i, k, la[k], lb[k])
+        assert ta[k] in lb[k] and top_b - lb[k][ta[k]].logprob < TIE, (i, k, la[k], lb[k])
+    return identical
 
 
 @pytest.fixture(scope="module")
-def eager_tokens():
+def eager():
     llm = LLM("smollm2-135m-instruct", dtype="bfloat16", enforce_eager=True, max_model_len=1024,
               gpu_memory_utilization=0.3)
-    tokens = _greedy(llm)
+    out = _greedy(llm)
     del llm
     torch.cuda.empty_cache()
-    return tokens
+    return out
 
 
-def test_compiled_with_cuda_graphs_equals_eager(eager_tokens):
+def test_compiled_with_cuda_graphs_matches_eager(eager):
     llm = LLM("smollm2-135m-instruct", dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.3)
     runner = llm.engine.executor.worker.runner
     assert runner.attn_ctx.backend.name == "flashinfer"
     assert runner.graphs is not None and runner.graphs.graphs
-    assert _greedy(llm) == eager_tokens
-    # Batched decode through padded graph sizes gives the same tokens as one request at a time.
-    single = [_greedy_one(llm, c) for c in CHATS]
-    assert single == eager_tokens
+    batched = _greedy(llm)
+    identical = _assert_close(batched, eager)
+    print(f"compiled+graphs vs eager: {identical}/5 identical")
+    # One request at a time replays other (padded) graph sizes; the tokens must not depend on the batch.
+    assert [t for t, _ in _greedy(llm, batched=False)] == [t for t, _ in batched]
 
 
-def _greedy_one(llm: LLM, chat: list[dict]) -> list[int]:
-    return llm.chat(chat, SamplingParams(temperature=0, max_tokens=48), use_tqdm=False)[0].outputs[0].token_ids
-
-
-def test_flashinfer_equals_torch_backend_eager(eager_tokens):
+def test_flashinfer_matches_torch_backend(eager):
     llm = LLM("smollm2-135m-instruct", dtype="bfloat16", enforce_eager=True, attention_backend="torch",
               max_model_len=1024, gpu_memory_utilization=0.3)
-    torch_tokens = _greedy(llm)
-    # bf16 kernels differ in rounding; the greedy paths agree on the first tokens of every answer.
-    agree = [sum(1 for _ in _common_prefix(a, b)) for a, b in zip(torch_tokens, eager_tokens)]
-    assert min(agree) >= 8, agree
-
-
-def _common_prefix(a: list[int], b: list[int]):
-    for x, y in zip(a, b):
-        if x != y:
-            return
-        yield x
+    identical = _assert_close(_greedy(llm), eager)
+    print(f"torch vs flashinfer: {identical}/5 identical")

@@ -28,6 +28,7 @@ class StepMetadata:
     max_query_len: int
     max_seq_len: int
     block_size: int
+    block_table_cpu: torch.Tensor | None = None  # host copy of block_table, when the builder has one
 
     @property
     def is_pure_decode(self) -> bool:

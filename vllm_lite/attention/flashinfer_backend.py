@@ -34,6 +34,7 @@ import flashinfer
 import torch
 
 from vllm_lite.attention.backend import AttentionSpec, StepMetadata
+from vllm_lite.kernels.kv_cache import write_kv_cache
 
 WORKSPACE_BYTES = 128 * 1024 * 1024
 MAX_GRAPH_PADDING = 1024
@@ -102,7 +103,11 @@ class FlashInferBackend:
         indptr = torch.zeros(n + 1, dtype=torch.int32)
         torch.cumsum(nblk, 0, out=indptr[1:])
         total = int(indptr[-1])
-        indices = _gather_kv_indices(meta.block_table[:n], meta.seq_lens[:n], bs, total)
+        if meta.block_table_cpu is not None:  # from the host copy: no device kernels, plan() uploads it
+            bt = meta.block_table_cpu[:n]
+            indices = bt[torch.arange(bt.shape[1])[None, :] < nblk[:, None]]
+        else:
+            indices = _gather_kv_indices(meta.block_table[:n], meta.seq_lens[:n], bs, total)
         common = dict(q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale)
         if graph_batch_size is not None:
             if meta.max_query_len != 1:
@@ -113,7 +118,7 @@ class FlashInferBackend:
             if pad:  # padding requests: one page (block 0), one token
                 indptr = torch.cat([indptr, total + torch.arange(1, pad + 1, dtype=torch.int32)])
                 last_page_len = torch.cat([last_page_len, torch.ones(pad, dtype=torch.int32)])
-                indices = torch.cat([indices, torch.zeros(pad, dtype=torch.int32, device=indices.device)])
+                indices = torch.cat([indices, torch.zeros(pad, dtype=indices.dtype, device=indices.device)])
             wrapper = self.decode_graph_state(graph_batch_size)
             wrapper.plan(indptr, indices, last_page_len, self.num_heads, self.num_kv_heads, self.head_dim, bs,
                          **common)
@@ -138,10 +143,10 @@ class FlashInferBackend:
             # Under a graph the real token count is not known at capture: write all rows, skipping slot -1.
             if t != meta.graph_batch_size:
                 raise ValueError(f"graph planned for {meta.graph_batch_size} tokens, got {t}")
-            write_kv_cache(k, v, kv_cache, step.slot_mapping[:t], step.block_size, may_pad=True)
+            write_kv_cache(k, v, kv_cache, step.slot_mapping[:t], step.block_size)
             return meta.wrapper.run(q, kv_cache)
         n = step.num_tokens
-        write_kv_cache(k[:n], v[:n], kv_cache, step.slot_mapping[:n], step.block_size, may_pad=False)
+        write_kv_cache(k[:n], v[:n], kv_cache, step.slot_mapping[:n], step.block_size)
         if t == n:
             return meta.wrapper.run(q, kv_cache)
         out = torch.zeros_like(q)
@@ -159,29 +164,3 @@ def _gather_kv_indices(block_table: torch.Tensor, seq_lens: torch.Tensor, block_
     col = torch.arange(total, device=dev) - starts[req]
     return block_table[req, col].to(torch.int32)
 
-
-def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                   block_size: int, may_pad: bool = True) -> None:
-    """Scatter k/v rows [T, Hkv, D] into their slots of the NHD cache; one function so a kernel can replace it.
-
-    may_pad=False: every slot is valid (eager steps) -> a plain indexed write. may_pad=True: slot -1 marks a
-    padding row, skipped without a host sync (CUDA-graph safe): padding rows re-write the last real row's slot
-    with that row's own values (duplicate indices with equal values are race-free); if no row is real they
-    write slot 0's current contents back.
-    """
-    slots = slot_mapping.to(torch.int64)
-    if may_pad:
-        valid = slots >= 0
-        rows = torch.arange(slots.shape[0], device=slots.device)
-        last = torch.where(valid, rows, -1).max().clamp(min=0)
-        src = torch.where(valid, rows, last)
-        slots, k, v = slots[src], k[src], v[src]
-        real = (slots >= 0)[:, None, None]
-        slots = slots.clamp(min=0)
-        blk, off = slots // block_size, slots % block_size
-        k = torch.where(real, k.to(kv_cache.dtype), kv_cache[blk, 0, off])
-        v = torch.where(real, v.to(kv_cache.dtype), kv_cache[blk, 1, off])
-    else:
-        blk, off = slots // block_size, slots % block_size
-    kv_cache[blk, 0, off] = k.to(kv_cache.dtype)
-    kv_cache[blk, 1, off] = v.to(kv_cache.dtype)

@@ -74,5 +74,5 @@ class InputStager:
             num_reqs=num_reqs, num_tokens=num_tokens, query_start_loc=d[qsl_s], seq_lens=d[seq_s],
             block_table=d[bt_s].view(num_reqs, max_blocks), slot_mapping=d[slot_s], query_start_loc_cpu=h[qsl_s],
             seq_lens_cpu=h[seq_s], max_query_len=int(query_lens.max()), max_seq_len=int(seq_lens.max()),
-            block_size=self.block_size)
+            block_size=self.block_size, block_table_cpu=h[bt_s].view(num_reqs, max_blocks))
         return StepInputs(d[ids_s], d[pos_s], d[lidx_s], meta)

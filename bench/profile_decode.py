@@ -1,0 +1,50 @@
+"""Where a decode step's time goes: cProfile of the engine loop for a batch of greedy requests (dummy weights).
+
+    python bench/profile_decode.py --model qwen3-0.6b --batch-size 8 --output-len 128
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import random
+import time
+
+import torch
+
+from vllm_lite.benchmarks.utils import add_engine_args, make_llm
+from vllm_lite.sampling_params import SamplingParams
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    add_engine_args(ap, "qwen3-0.6b")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--capture-sizes-max", type=int, default=None)
+    args = ap.parse_args()
+    llm = make_llm(args)
+    rng = random.Random(0)
+    batch = [{"prompt_token_ids": [rng.randrange(10000) for _ in range(128)]} for _ in range(args.batch_size)]
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    llm.generate(batch, params, use_tqdm=False)
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    llm.generate(batch, params, use_tqdm=False)
+    prof.disable()
+    dt = time.perf_counter() - t0
+    print(f"{args.output_len} steps in {dt * 1000:.1f} ms: {dt / args.output_len * 1000:.3f} ms/step")
+    stats = pstats.Stats(prof)
+    stats.sort_stats("tottime").print_stats(15)
+    from torch.profiler import ProfilerActivity, profile
+    short = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as kprof:
+        llm.generate(batch, short, use_tqdm=False)
+        torch.cuda.synchronize()
+    print(kprof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
