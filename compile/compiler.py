@@ -14,6 +14,8 @@
   compile worker processes and Triton (cache under <dir>/triton) use the same folder. A second start then skips
   AOTAutograd and inductor codegen/compilation (Dynamo still traces the Python, which is fast).
 - The first call's time (Dynamo + inductor) is logged as the compile time; a later recompile is logged as a warning.
+  Inputs are given to the compiled graph at storage offset 0 (views into the model runner's packed input buffer
+  are copied into persistent buffers), because Dynamo guards on offsets and would otherwise compile twice.
 - config.device.enforce_eager: no compilation, the plain forward is returned.
 """
 from __future__ import annotations
@@ -75,13 +77,32 @@ class CompiledForward:
         self.num_calls = 0
         self.compile_seconds = 0.0
         self._graphs_seen: int | None = None
+        self._buffers: list[torch.Tensor | None] = [None, None]
+        self.num_recompiles = 0
+
+    def _at_offset0(self, slot: int, t: torch.Tensor) -> torch.Tensor:
+        """Copy into a persistent buffer (a plain tensor, not an inference tensor: Dynamo guards on that too)."""
+        buf = self._buffers[slot]
+        if buf is None or buf.numel() < t.numel() or buf.dtype != t.dtype or buf.device != t.device:
+            with torch.inference_mode(False):
+                buf = torch.empty(max(t.numel(), 1024), dtype=t.dtype, device=t.device)
+            self._buffers[slot] = buf
+        out = buf[: t.numel()]
+        out.copy_(t)
+        return out
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # Dynamo guards on storage offsets (0 vs >= 2): views into a packed buffer would compile a second graph.
+        if input_ids.storage_offset():
+            input_ids = self._at_offset0(0, input_ids)
+        if positions.storage_offset():
+            positions = self._at_offset0(1, positions)
         _mark_tokens_dynamic(input_ids, positions)
         if self.num_calls:
             out = self.compiled(input_ids, positions)
             if _graph_count() != self._graphs_seen:  # a recompile (or another model compiled meanwhile)
                 self._graphs_seen = _graph_count()
+                self.num_recompiles += 1
                 logger.warning("torch.compile recompiled the model forward (%d tokens)", input_ids.shape[0])
             self.num_calls += 1
             return out

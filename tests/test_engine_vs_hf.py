@@ -1,6 +1,6 @@
 """The whole engine against transformers' `generate`: token-exact greedy and matching top logprobs (fp32), for tiny
 random Llama / Qwen2 / Qwen3 models, under every scheduling regime (small blocks, chunked prefill, prefix caching
-with shared prefixes, preemption)."""
+with shared prefixes, preemption), with and without async scheduling."""
 from __future__ import annotations
 
 import random
@@ -56,10 +56,12 @@ def reference(request, tmp_path_factory):
     return path, prompts, tokens, logprobs
 
 
+@pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
 @pytest.mark.parametrize("regime", list(REGIMES))
-def test_greedy_and_logprobs_match_transformers(reference, regime):
+def test_greedy_and_logprobs_match_transformers(reference, regime, async_scheduling):
     path, prompts, hf_tokens, hf_logprobs = reference
-    llm = LLM(path, device="cpu", dtype="float32", max_model_len=256, seed=0, **REGIMES[regime])
+    llm = LLM(path, device="cpu", dtype="float32", max_model_len=256, seed=0, async_scheduling=async_scheduling,
+              **REGIMES[regime])
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=NUM_LOGPROBS)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     if regime == "prefix":  # a second pass over the same prompts is served mostly from the prefix cache

@@ -145,51 +145,67 @@ def test_concurrent_greedy_equals_offline(server, model_dir):
 
 
 def test_bad_inputs_beside_long_generation(server, model_dir):
+    async def bad_inputs(http):
+        r = await http.post("/v1/completions", json={"model": model_dir, "prompt": "hello " * 300, "max_tokens": 4})
+        err = r.json()["error"]
+        assert r.status_code == 400 and "256" in err["message"]
+        n_prompt = len((await http.post("/tokenize", json={"prompt": "hello " * 300})).json()["tokens"])
+        assert str(n_prompt) in err["message"]
+        r = await http.post("/v1/completions", json={"model": model_dir, "prompt": "hi", "max_tokens": 300})
+        assert r.status_code == 400 and "256" in r.json()["error"]["message"]
+        r = await http.post("/v1/chat/completions", json={"model": model_dir, "temperature": -0.5,
+                                                          "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 400 and "temperature" in r.json()["error"]["message"]
+        r = await http.post("/v1/completions", json={"model": "no-such-model", "prompt": "hi"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == 404
+        r = await http.post("/v1/completions", content=b'{"model": ', headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "BadRequestError"
+
     async def go():
         aclient = openai.AsyncOpenAI(base_url=server.url_for("v1"), api_key="EMPTY", max_retries=0)
-        long = asyncio.ensure_future(aclient.completions.create(
-            model=model_dir, prompt="Hello world", max_tokens=200, temperature=0, extra_body={"ignore_eos": True}))
+        results, overlapped = [], False
         async with httpx.AsyncClient(base_url=server.url_for()) as http:
-            await asyncio.sleep(0.2)
-            r = await http.post("/v1/completions", json={"model": model_dir, "prompt": "hello " * 300,
-                                                         "max_tokens": 4})
-            err = r.json()["error"]
-            assert r.status_code == 400 and "256" in err["message"]
-            n_prompt = len((await http.post("/tokenize", json={"prompt": "hello " * 300})).json()["tokens"])
-            assert str(n_prompt) in err["message"]
-            r = await http.post("/v1/completions", json={"model": model_dir, "prompt": "hi", "max_tokens": 300})
-            assert r.status_code == 400 and "256" in r.json()["error"]["message"]
-            r = await http.post("/v1/chat/completions", json={"model": model_dir, "temperature": -0.5,
-                                                              "messages": [{"role": "user", "content": "hi"}]})
-            assert r.status_code == 400 and "temperature" in r.json()["error"]["message"]
-            r = await http.post("/v1/completions", json={"model": "no-such-model", "prompt": "hi"})
-            assert r.status_code == 404 and r.json()["error"]["code"] == 404
-            r = await http.post("/v1/completions", content=b'{"model": ', headers={"content-type":
-                                                                                  "application/json"})
-            assert r.status_code == 400 and r.json()["error"]["type"] == "BadRequestError"
-            assert not long.done()
-        result = await long
+            # The tiny model is fast: retry until one round of bad inputs ran wholly inside a long generation.
+            for _ in range(5):
+                long = asyncio.ensure_future(aclient.completions.create(
+                    model=model_dir, prompt="Hello world", max_tokens=200, temperature=0,
+                    extra_body={"ignore_eos": True}))
+                await asyncio.sleep(0.05)
+                started_inside = not long.done()
+                await bad_inputs(http)
+                overlapped = started_inside and not long.done()
+                results.append(await long)
+                if overlapped:
+                    break
         await aclient.close()
-        return result
+        return results, overlapped
 
-    result = asyncio.run(go())
-    assert result.usage.completion_tokens == 200 and result.choices[0].finish_reason == "length"
+    results, overlapped = asyncio.run(go())
+    assert overlapped, "the long generation always finished before the bad inputs were answered"
+    for result in results:
+        assert result.usage.completion_tokens == 200 and result.choices[0].finish_reason == "length"
 
 
 def test_disconnect_aborts_request(server, model_dir):
     metrics = server.url_for("metrics")
     before = _metric(httpx.get(metrics).text, "vllm:kv_cache_usage_perc")
-    with httpx.Client(timeout=30) as http:
-        with http.stream("POST", server.url_for("v1", "completions"),
-                         json={"model": model_dir, "prompt": "Hello world", "max_tokens": 240, "stream": True,
-                               "temperature": 0, "ignore_eos": True}) as resp:
-            lines = resp.iter_lines()
-            got = [next(lines) for _ in range(6)]
-            assert any(x.startswith("data: {") for x in got)
-            text = httpx.get(metrics).text
-            assert _metric(text, "vllm:num_requests_running") >= 1
-            assert _metric(text, "vllm:kv_cache_usage_perc") > before
-            gen_at_close = _metric(text, "vllm:generation_tokens_total")
+    # The tiny model is fast: retry until the client closed the stream while the request was still running.
+    for _ in range(5):
+        with httpx.Client(timeout=30) as http:
+            with http.stream("POST", server.url_for("v1", "completions"),
+                             json={"model": model_dir, "prompt": "Hello world", "max_tokens": 240, "stream": True,
+                                   "temperature": 0, "ignore_eos": True}) as resp:
+                lines = resp.iter_lines()
+                got = [next(lines) for _ in range(6)]
+                assert any(x.startswith("data: {") for x in got)
+                text = httpx.get(metrics).text
+                running_mid_stream = _metric(text, "vllm:num_requests_running") >= 1
+                usage_mid_stream = _metric(text, "vllm:kv_cache_usage_perc")
+                gen_at_close = _metric(text, "vllm:generation_tokens_total")
+        if running_mid_stream:
+            break
+    assert running_mid_stream, "the request always finished before the client closed the stream"
+    assert usage_mid_stream > before
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         text = httpx.get(metrics).text

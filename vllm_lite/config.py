@@ -63,6 +63,9 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
+    # Schedule step N+1 while step N runs on the device (its sampled tokens feed N+1 on the device); stop checks
+    # then see each token one step later and a finished request may compute one extra, discarded token.
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         _positive("max_num_seqs", self.max_num_seqs)

@@ -46,6 +46,8 @@ class Request:
         self.num_cached_tokens = -1
         self.num_preemptions = 0
         self.spec_token_ids: list[int] = []
+        # Tokens scheduled to be sampled whose values have not come back yet (async scheduling).
+        self.num_output_placeholders = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.block_hashes: list[int] = []

@@ -63,6 +63,12 @@ def test_compiled_with_cuda_graphs_matches_eager(eager):
     print(f"compiled+graphs vs eager: {identical}/5 identical")
     # One request at a time replays other (padded) graph sizes and GEMM shapes: same tokens up to near ties.
     _assert_close(_greedy(llm, batched=False), batched)
+    # Prefills of many lengths and decode batches of every size ran: one compiled graph, no recompilation.
+    assert runner.forward.num_recompiles == 0
+    # Async scheduling (the default) against waiting for every step's tokens.
+    assert llm.engine.max_in_flight == 2
+    llm.engine.max_in_flight = 1
+    _assert_close(_greedy(llm), batched)
 
 
 def test_flashinfer_matches_torch_backend(eager):

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import flashinfer
+import numpy as np
 import torch
 
 from vllm_lite.attention.backend import AttentionSpec, StepMetadata
@@ -69,6 +70,13 @@ class FlashInferBackend:
             self.workspace, "NHD", use_tensor_cores=self.use_tensor_cores)
         self._graph_wrappers: dict[int, Any] = {}
         self._graph_indices: torch.Tensor | None = None
+        # Page-table staging in pinned memory, so plan()'s uploads are truly asynchronous (a copy from pageable
+        # memory may wait for the stream). Reused every step: the model runner waits until the device has read
+        # the previous step's copies before preparing the next one.
+        max_reqs = max_num_seqs + MAX_GRAPH_PADDING
+        sizes = (max_reqs + 1, max_reqs, max_num_seqs * max_blocks_per_seq + MAX_GRAPH_PADDING)
+        pinned = torch.zeros(sum(sizes), dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        self._indptr_host, self._last_host, self._indices_host = torch.split(pinned, sizes)
 
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
         return (num_blocks, 2, block_size, num_kv_heads, head_dim)
@@ -97,28 +105,36 @@ class FlashInferBackend:
     def prepare(self, meta: StepMetadata, graph_batch_size: int | None = None) -> FlashInferMetadata:
         """Build the page table and plan the wrapper this step uses (decode, graph decode or paged prefill)."""
         n, bs = meta.num_reqs, meta.block_size
-        seq_lens = meta.seq_lens_cpu[:n].to(torch.int32)
+        pad = 0 if graph_batch_size is None else graph_batch_size - n
+        if pad < 0:
+            raise ValueError(f"{n} requests do not fit graph batch size {graph_batch_size}")
+        # numpy on the host views: a handful of vectorised ops, no per-op torch dispatch cost.
+        seq_lens = meta.seq_lens_cpu[:n].numpy()
         nblk = (seq_lens + bs - 1) // bs
-        last_page_len = (seq_lens - (nblk - 1) * bs).to(torch.int32)
-        indptr = torch.zeros(n + 1, dtype=torch.int32)
-        torch.cumsum(nblk, 0, out=indptr[1:])
-        total = int(indptr[-1])
-        if meta.block_table_cpu is not None:  # from the host copy: no device kernels, plan() uploads it
-            bt = meta.block_table_cpu[:n]
-            indices = bt[torch.arange(bt.shape[1])[None, :] < nblk[:, None]]
+        indptr_t, last_t = self._indptr_host[: n + pad + 1], self._last_host[: n + pad]
+        indptr, last_page_len = indptr_t.numpy(), last_t.numpy()
+        indptr[0] = 0
+        np.cumsum(nblk, out=indptr[1: n + 1])
+        total = int(indptr[n])
+        last_page_len[:n] = seq_lens - (nblk - 1) * bs
+        last_page_len[n:] = 1  # padding requests: one page (block 0), one token
+        indptr[n + 1:] = total + np.arange(1, pad + 1, dtype=np.int32)
+        if meta.block_table_cpu is not None and total + pad <= len(self._indices_host):
+            # From the host copy of the block table: no device kernels; plan() uploads it.
+            bt = meta.block_table_cpu[:n].numpy()
+            indices_t = self._indices_host[: total + pad]
+            indices = indices_t.numpy()
+            indices[:total] = bt[np.arange(bt.shape[1])[None, :] < nblk[:, None]]
+            indices[total:] = 0
         else:
-            indices = _gather_kv_indices(meta.block_table[:n], meta.seq_lens[:n], bs, total)
+            indices_t = _gather_kv_indices(meta.block_table[:n], meta.seq_lens[:n], bs, total)
+            if pad:
+                indices_t = torch.cat([indices_t, torch.zeros(pad, dtype=indices_t.dtype, device=indices_t.device)])
+        indptr, indices, last_page_len = indptr_t, indices_t, last_t
         common = dict(q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale)
         if graph_batch_size is not None:
             if meta.max_query_len != 1:
                 raise ValueError("CUDA-graph attention is for pure-decode steps only")
-            if n > graph_batch_size:
-                raise ValueError(f"{n} requests do not fit graph batch size {graph_batch_size}")
-            pad = graph_batch_size - n
-            if pad:  # padding requests: one page (block 0), one token
-                indptr = torch.cat([indptr, total + torch.arange(1, pad + 1, dtype=torch.int32)])
-                last_page_len = torch.cat([last_page_len, torch.ones(pad, dtype=torch.int32)])
-                indices = torch.cat([indices, torch.zeros(pad, dtype=indices.dtype, device=indices.device)])
             wrapper = self.decode_graph_state(graph_batch_size)
             wrapper.plan(indptr, indices, last_page_len, self.num_heads, self.num_kv_heads, self.head_dim, bs,
                          **common)
@@ -129,7 +145,7 @@ class FlashInferBackend:
                          **common)
         else:
             wrapper = self.prefill_wrapper
-            qo_indptr = meta.query_start_loc_cpu[: n + 1].to(torch.int32)
+            qo_indptr = meta.query_start_loc_cpu[: n + 1]
             wrapper.plan(qo_indptr, indptr, indices, last_page_len, self.num_heads, self.num_kv_heads,
                          self.head_dim, bs, causal=True, **common)
         return FlashInferMetadata(meta, wrapper, None)

@@ -85,7 +85,8 @@ def hf_latency(model_path: str, device: torch.device, dtype: torch.dtype, batch_
     """transformers' `generate` on the same config (random weights), greedy, for the same shapes."""
     from transformers import AutoConfig, AutoModelForCausalLM
     config = AutoConfig.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+    with torch.device(device):  # random init on the device itself: an 8B model would take minutes on the CPU
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     ids = torch.randint(0, 10000, (batch_size, input_len), device=device)
     mask = torch.ones_like(ids)
 

@@ -4,6 +4,10 @@ Each request carries `num_computed_tokens`; a step gives every request `num_toke
 (capped by the budget), RUNNING requests first (in admission order), then WAITING ones (FCFS, after a
 prefix-cache lookup). `num_computed_tokens` advances at schedule time; `update_from_output` rolls back rejected
 speculative tokens. Out of blocks -> preempt the last running request by recompute.
+
+Async scheduling: step N+1 may be scheduled before step N's tokens are back. A step that samples for a request
+adds an output placeholder (`num_output_placeholders`), so the next step already schedules the token after it;
+`update_from_output` replaces the placeholder with the real token and runs the stop checks, one step late.
 """
 from __future__ import annotations
 
@@ -116,8 +120,12 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = request.num_tokens + len(request.spec_token_ids) - request.num_computed_tokens
+            pending = request.num_output_placeholders
+            num_new = request.num_tokens + pending + len(request.spec_token_ids) - request.num_computed_tokens
             num_new = min(num_new, budget, self.max_model_len - request.num_computed_tokens)
+            if pending and (request.num_output_tokens + pending >= request.max_tokens
+                            or request.num_tokens + pending >= self.max_model_len):
+                num_new = 0  # its pending token ends it: nothing more to compute
             if num_new <= 0:
                 i += 1
                 continue
@@ -146,6 +154,8 @@ class Scheduler:
         # No admissions in a step that had to preempt: the pool is under pressure (same as vLLM).
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
+            if request.num_output_placeholders:
+                break  # preempted while a token was in flight: resume once it is back
             hit_blocks, num_hit = kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit, budget)
             if kv.allocate_slots(request, num_new, hit_blocks) is None:
@@ -163,7 +173,10 @@ class Scheduler:
                                            kv.get_block_ids(request.request_id), num_hit))
 
         for req_id, n in num_scheduled.items():
-            self.requests[req_id].num_computed_tokens += n
+            request = self.requests[req_id]
+            request.num_computed_tokens += n
+            if request.num_computed_tokens >= request.num_tokens + request.num_output_placeholders:
+                request.num_output_placeholders += 1  # this step samples a token for it
         finished = list(self.finished_req_ids)
         self.finished_req_ids = {}
         return SchedulerOutput(new_reqs, cached_reqs, num_scheduled, sum(num_scheduled.values()),
@@ -178,10 +191,12 @@ class Scheduler:
         outputs: list[EngineCoreOutput] = []
         for req_id in scheduler_output.num_scheduled_tokens:
             request = self.requests.get(req_id)
-            if request is None or request.status != RequestStatus.RUNNING:
-                continue  # aborted (or preempted) after it was scheduled
+            if request is None or request.status.finished:
+                continue  # aborted (or finished one step earlier: an async extra step) after it was scheduled
             j = index.get(req_id)
             sampled = model_runner_output.sampled_token_ids[j] if j is not None else []
+            if sampled:
+                request.num_output_placeholders = max(request.num_output_placeholders - 1, 0)
             spec = scheduler_output.scheduled_spec_decode_tokens.get(req_id)
             request.spec_token_ids = []  # verified (or stale); the proposer sets fresh ones
             if spec and sampled:
@@ -197,7 +212,8 @@ class Scheduler:
             if j is not None and model_runner_output.logprobs and model_runner_output.logprobs[j] is not None:
                 logprobs = model_runner_output.logprobs[j][:len(new_tokens)]
             if request.status.finished:
-                self.running.remove(request)
+                # Usually running; a request preempted while its token was in flight waits (async scheduling).
+                (self.running if request in self.running else self.waiting).remove(request)
                 self._free_request(request)
             outputs.append(EngineCoreOutput(req_id, new_tokens, logprobs, request.finish_reason,
                                             request.stop_reason, max(request.num_cached_tokens, 0)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from typing import Protocol
 
 from vllm_lite.config import EngineConfig
@@ -19,13 +20,18 @@ logger = logging.getLogger("vllm_lite.engine")
 
 
 class Executor(Protocol):
-    """Runs steps on the workers (in this process, or in worker processes over sockets)."""
+    """Runs steps on the workers (in this process, or in worker processes over sockets).
+
+    `execute_model` launches a step without waiting for it; `get_output` returns the results of the oldest
+    launched step not yet returned (waiting for it if need be). Steps complete in launch order."""
 
     def determine_num_blocks(self) -> int: ...
 
     def initialize_kv_cache(self, num_blocks: int) -> None: ...
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+    def execute_model(self, scheduler_output: SchedulerOutput) -> None: ...
+
+    def get_output(self) -> ModelRunnerOutput: ...
 
     def shutdown(self) -> None: ...
 
@@ -44,8 +50,11 @@ class InProcExecutor:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.worker.initialize_kv_cache(num_blocks)
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.worker.execute_model(scheduler_output)
+    def execute_model(self, scheduler_output: SchedulerOutput) -> None:
+        self.worker.execute_model(scheduler_output)
+
+    def get_output(self) -> ModelRunnerOutput:
+        return self.worker.get_output()
 
     def shutdown(self) -> None:
         pass
@@ -63,6 +72,8 @@ class EngineCore:
         t2 = time.perf_counter()
         self.num_blocks = num_blocks
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, info.max_model_len)
+        self.in_flight: deque[SchedulerOutput] = deque()
+        self.max_in_flight = 2 if config.scheduler.async_scheduling else 1
         logger.info("engine ready: load %.2f s, KV cache %d blocks (%.2f s)", t1 - t0, num_blocks, t2 - t1)
 
     def add_request(self, req: EngineCoreRequest) -> None:
@@ -75,14 +86,20 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self.in_flight)
 
     def step(self) -> EngineCoreOutputs:
-        if not self.scheduler.has_unfinished_requests():
+        """Launch the next step, then apply the oldest step in flight once `max_in_flight` are out (1: every step
+        is launched and applied at once; 2: step N+1 is launched before step N's tokens are applied)."""
+        if self.scheduler.has_unfinished_requests():
+            scheduler_output = self.scheduler.schedule()
+            self.executor.execute_model(scheduler_output)
+            self.in_flight.append(scheduler_output)
+            if len(self.in_flight) < self.max_in_flight:
+                return EngineCoreOutputs(scheduler_stats=self.scheduler.make_stats())
+        if not self.in_flight:
             return EngineCoreOutputs(scheduler_stats=self.scheduler.make_stats())
-        scheduler_output = self.scheduler.schedule()
-        runner_output = self.executor.execute_model(scheduler_output)
-        return self.scheduler.update_from_output(scheduler_output, runner_output)
+        return self.scheduler.update_from_output(self.in_flight.popleft(), self.executor.get_output())
 
     def shutdown(self) -> None:
         self.executor.shutdown()

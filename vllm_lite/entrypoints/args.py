@@ -13,8 +13,8 @@ API_KEY_ENV = "VLLM_LITE_API_KEY"
 # flag dest -> EngineConfig.from_kwargs name (identical today; kept explicit so server-only flags stay out)
 ENGINE_ARGS = ("model", "tokenizer", "dtype", "seed", "max_model_len", "served_model_name", "block_size",
                "enable_prefix_caching", "gpu_memory_utilization", "num_gpu_blocks_override", "kv_cache_memory_bytes",
-               "max_num_seqs", "max_num_batched_tokens", "device", "enforce_eager", "attention_backend",
-               "load_format", "download_dir", "skip_tokenizer_init")
+               "max_num_seqs", "max_num_batched_tokens", "async_scheduling", "device", "enforce_eager",
+               "attention_backend", "load_format", "download_dir", "skip_tokenizer_init")
 
 
 def _size(text: str) -> int:
@@ -64,6 +64,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="most sequences in one batch")
     g.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens,
                    help="token budget of one engine step (prefills are chunked to fit)")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="schedule and prepare the next step while the device runs the current one "
+                        "(--no-async-scheduling waits for every step's tokens first)")
 
     g = parser.add_argument_group("device")
     g.add_argument("--device", default="auto", choices=DEVICES, help="where the model runs (auto: cuda if present)")

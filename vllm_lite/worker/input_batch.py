@@ -22,6 +22,9 @@ class StepInputs:
     positions: torch.Tensor  # [T] int32, device
     logits_indices: torch.Tensor  # [S] int32, device: last scheduled token of each sampling request
     meta: StepMetadata
+    # Async scheduling: input_ids[fill_dst[i]] must become the previous step's sampled_ids[fill_src[i]] (None: none).
+    fill_dst: torch.Tensor | None = None
+    fill_src: torch.Tensor | None = None
 
 
 class InputStager:
@@ -32,15 +35,17 @@ class InputStager:
         self.max_blocks = max_blocks_per_req
         self.block_size = block_size
         self.device = device
-        size = 3 * max_tokens + 3 * max_reqs + 1 + max_reqs * max_blocks_per_req + 7 * _ALIGN
+        size = 3 * max_tokens + 5 * max_reqs + 1 + max_reqs * max_blocks_per_req + 9 * _ALIGN
         pin = device.type == "cuda"
         self.host = torch.zeros(size, dtype=torch.int32, pin_memory=pin)
         self.host_np = self.host.numpy()
         self.dev = torch.zeros(size, dtype=torch.int32, device=device) if pin else self.host
 
     def stage(self, token_ids: list[np.ndarray], starts: np.ndarray, query_lens: np.ndarray,
-              block_ids: list[list[int]], sample_rows: np.ndarray) -> StepInputs:
-        """token_ids[i]: the tokens request i computes this step; starts[i]: its position of the first one."""
+              block_ids: list[list[int]], sample_rows: np.ndarray, fill_dst: np.ndarray | None = None,
+              fill_src: np.ndarray | None = None) -> StepInputs:
+        """token_ids[i]: the tokens request i computes this step; starts[i]: its position of the first one.
+        fill_dst / fill_src: flat token indices whose ids come from the previous step's sampled ids (rows)."""
         num_reqs = len(query_lens)
         num_tokens = int(query_lens.sum())
         cu = np.cumsum(query_lens)
@@ -52,10 +57,13 @@ class InputStager:
             table[i, : len(blocks)] = blocks
         seq_lens = starts + query_lens
 
-        sizes = np.array([num_tokens, num_tokens, num_tokens, len(sample_rows), num_reqs + 1, num_reqs, table.size])
+        num_fill = 0 if fill_dst is None else len(fill_dst)
+        sizes = np.array([num_tokens, num_tokens, num_tokens, len(sample_rows), num_reqs + 1, num_reqs, num_fill,
+                          num_fill, table.size])
         # Each field starts 64-byte aligned: compiled kernels are specialised on input alignment.
         begin = np.concatenate([[0], np.cumsum(-(-sizes // _ALIGN) * _ALIGN)[:-1]])
-        ids_s, pos_s, slot_s, lidx_s, qsl_s, seq_s, bt_s = (slice(b, b + n) for b, n in zip(begin, sizes))
+        ids_s, pos_s, slot_s, lidx_s, qsl_s, seq_s, dst_s, src_s, bt_s = (
+            slice(b, b + n) for b, n in zip(begin, sizes))
         buf = self.host_np
         buf[ids_s] = np.concatenate(token_ids) if num_reqs > 1 else token_ids[0]
         buf[pos_s] = positions
@@ -66,6 +74,9 @@ class InputStager:
         buf[qsl_s] = np.concatenate([[0], cu])
         buf[seq_s] = seq_lens
         buf[bt_s] = table.ravel()
+        if num_fill:
+            buf[dst_s] = fill_dst
+            buf[src_s] = fill_src
         end = int(begin[-1] + sizes[-1])
         if self.dev is not self.host:
             self.dev[:end].copy_(self.host[:end], non_blocking=True)
@@ -75,4 +86,6 @@ class InputStager:
             block_table=d[bt_s].view(num_reqs, max_blocks), slot_mapping=d[slot_s], query_start_loc_cpu=h[qsl_s],
             seq_lens_cpu=h[seq_s], max_query_len=int(query_lens.max()), max_seq_len=int(seq_lens.max()),
             block_size=self.block_size, block_table_cpu=h[bt_s].view(num_reqs, max_blocks))
+        if num_fill:
+            return StepInputs(d[ids_s], d[pos_s], d[lidx_s], meta, d[dst_s], d[src_s])
         return StepInputs(d[ids_s], d[pos_s], d[lidx_s], meta)

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,11 +23,24 @@ from vllm_lite.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from vllm_lite.model_loader import ModelInfo, load_model
 from vllm_lite.sample.metadata import SamplingMetadata
 from vllm_lite.sample.sampler import Sampler
+from vllm_lite.sampling_params import SamplingParams
 from vllm_lite.sample.topk_topp import skip_random_draws
 from vllm_lite.worker.input_batch import InputStager
 from vllm_lite.worker.request_state import CachedRequestState
 
 logger = logging.getLogger("vllm_lite.model_runner")
+
+
+@dataclass
+class _Launch:
+    """One launched step: which requests it ran, which rows sampled, and the sampled ids on their way to the host."""
+    number: int
+    req_ids: list[str]
+    rows: list[int]  # indices into req_ids of the requests that sampled (row j of the sampled ids)
+    host: list[Any] = field(default_factory=list)  # non-blocking host copies: ids [, logprob ids, values, ranks]
+    done: Any = None  # CUDA event after the copies
+    num_logprobs: list[int | None] = field(default_factory=list)  # per sampling row, when logprobs were computed
+    output: ModelRunnerOutput | None = None
 
 
 class ModelRunner:
@@ -51,6 +67,10 @@ class ModelRunner:
         self.requests: dict[str, CachedRequestState] = {}
         self._sampling_key: tuple[str, ...] | None = None
         self._sampling_cached: SamplingMetadata | None = None
+        self.pending: deque[_Launch] = deque()  # launched steps whose output was not returned yet
+        self._launches = 0
+        self._last_sampled: torch.Tensor | None = None
+        self._inputs_consumed: torch.cuda.Event | None = None
         self.num_blocks = 0
         self.stager = InputStager(max(sched.max_num_batched_tokens, sched.max_num_seqs), sched.max_num_seqs,
                                   self.max_blocks_per_seq, self.block_size, device)
@@ -153,51 +173,116 @@ class ModelRunner:
             state.num_computed_tokens = data.num_computed_tokens
 
     @torch.inference_mode()
-    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model(self, so: SchedulerOutput) -> None:
+        """Launch one step (inputs, forward, sampling, async copy of the sampled ids); `get_output` returns it."""
+        if self._inputs_consumed is not None:
+            # The host staging buffer and FlashInfer's page-locked plan buffer are reused: wait until the device
+            # has read the previous step's copies (it has started that step; this costs nothing in practice).
+            self._inputs_consumed.synchronize()
         self._update_states(so)
+        self._launches += 1
         req_ids = list(so.num_scheduled_tokens)
         if not req_ids:
-            return ModelRunnerOutput([], [], [])
+            self.pending.append(_Launch(self._launches, [], [], output=ModelRunnerOutput([], [], [])))
+            return
         states = [self.requests[r] for r in req_ids]
+        if any(s.pending and _uses_token_values(s.sampling_params) for s in states):
+            self._resolve_all()  # penalties need the values of the tokens still on the device
         query_lens = np.fromiter(so.num_scheduled_tokens.values(), dtype=np.int64, count=len(req_ids))
         starts = np.fromiter((s.num_computed_tokens for s in states), dtype=np.int64, count=len(states))
         ends = starts + query_lens
         # Only requests whose scheduled tokens reach the end of what is known sample; partial prefills do not.
         known = np.fromiter((s.num_tokens for s in states), dtype=np.int64, count=len(states))
         sample_rows = np.flatnonzero(ends >= known)
+        fill_dst, fill_src = self._device_token_fills(states, starts, ends, query_lens)
         inputs = self.stager.stage([s.token_ids[st:e] for s, st, e in zip(states, starts.tolist(), ends.tolist())],
-                                   starts, query_lens, [s.block_ids for s in states], sample_rows)
+                                   starts, query_lens, [s.block_ids for s in states], sample_rows, fill_dst, fill_src)
+        if inputs.fill_dst is not None:
+            inputs.input_ids[inputs.fill_dst] = self._last_sampled[inputs.fill_src].to(inputs.input_ids.dtype)
         meta = inputs.meta
-        if self.graphs is not None and meta.is_pure_decode and self.graphs.can_run(meta.num_tokens):
+        use_graph = self.graphs is not None and meta.is_pure_decode and self.graphs.can_run(meta.num_tokens)
+        if use_graph:
             self._prepare_graph_step(meta, self.graphs.padded_size(meta.num_tokens))
-            hidden = self.graphs.run(inputs.input_ids, inputs.positions, meta.num_tokens, meta.slot_mapping)
         else:
             self.attn_ctx.set_step(meta)
-            hidden = self.forward(inputs.input_ids, inputs.positions)
-        sampled: list[list[int]] = [[] for _ in req_ids]
-        logprobs: list = [None] * len(req_ids)
-        if len(sample_rows):
-            logits = self.model.compute_logits(hidden[inputs.logits_indices])
-            rows = sample_rows.tolist()
-            out = self.sampler(logits, self._sampling_metadata([states[i] for i in rows]))
-            tokens, lp = self._to_host(out)
-            for j, i in enumerate(rows):
-                states[i].append(tokens[j: j + 1])
-                sampled[i] = tokens[j: j + 1]
-                if lp is not None and states[i].sampling_params.logprobs is not None:
-                    logprobs[i] = [lp[j][: states[i].sampling_params.logprobs + 1]]
-        return ModelRunnerOutput(req_ids, sampled, logprobs)
-
-    def _to_host(self, out) -> tuple[list[int], list | None]:
-        """One synchronisation for the sampled tokens and (if asked) their logprobs."""
-        tensors = [out.sampled_token_ids]
-        if out.logprobs is not None:
-            tensors += [out.logprob_token_ids, out.logprobs, out.ranks]
-        host = [t.to("cpu", non_blocking=True) for t in tensors]
         if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        tokens = host[0].tolist()
-        return tokens, (_logprob_lists(*host[1:]) if len(host) > 1 else None)
+            self._inputs_consumed = torch.cuda.Event()
+            self._inputs_consumed.record()
+        if use_graph:
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, meta.num_tokens, meta.slot_mapping)
+        else:
+            hidden = self.forward(inputs.input_ids, inputs.positions)
+        rows = sample_rows.tolist()
+        launch = _Launch(self._launches, req_ids, rows)
+        if rows:
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])
+            out = self.sampler(logits, self._sampling_metadata([states[i] for i in rows]))
+            self._last_sampled = out.sampled_token_ids
+            tensors = [out.sampled_token_ids]
+            if out.logprobs is not None:
+                tensors += [out.logprob_token_ids, out.logprobs, out.ranks]
+                launch.num_logprobs = [states[i].sampling_params.logprobs for i in rows]
+            launch.host = [t.to("cpu", non_blocking=True) for t in tensors]
+            if self.device.type == "cuda":
+                launch.done = torch.cuda.Event()
+                launch.done.record()
+            for j, i in enumerate(rows):
+                states[i].add_placeholder(self._launches, j)
+        self.pending.append(launch)
+
+    def get_output(self) -> ModelRunnerOutput:
+        """Results of the oldest launched step not yet returned (waits for its sampled ids)."""
+        return self._resolve(self.pending.popleft())
+
+    def _resolve_all(self) -> None:
+        for launch in self.pending:
+            self._resolve(launch)
+
+    def _resolve(self, launch: "_Launch") -> ModelRunnerOutput:
+        """Wait for a launch's sampled ids, write them into the request states, build its output (once)."""
+        if launch.output is not None:
+            return launch.output
+        if launch.done is not None:
+            launch.done.synchronize()
+        tokens = launch.host[0].tolist() if launch.rows else []
+        sampled: list[list[int]] = [[] for _ in launch.req_ids]
+        logprobs: list = [None] * len(launch.req_ids)
+        for j, i in enumerate(launch.rows):
+            sampled[i] = tokens[j: j + 1]
+            state = self.requests.get(launch.req_ids[i])
+            if state is not None:  # else finished or preempted meanwhile; the scheduler drops the token
+                pos = next((p for p, src in state.pending.items() if src == (launch.number, j)), None)
+                if pos is not None:
+                    state.resolve(pos, tokens[j])
+        if launch.num_logprobs:
+            lp = _logprob_lists(*launch.host[1:])
+            for j, (i, n) in enumerate(zip(launch.rows, launch.num_logprobs)):
+                if n is not None:
+                    logprobs[i] = [lp[j][: n + 1]]
+        launch.output = ModelRunnerOutput(launch.req_ids, sampled, logprobs)
+        launch.host = []
+        return launch.output
+
+    def _device_token_fills(self, states: list[CachedRequestState], starts: np.ndarray, ends: np.ndarray,
+                            query_lens: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Flat indices of scheduled tokens that were sampled by the previous launch and are not on the host yet,
+        with their rows in that launch's sampled ids (older pending tokens are resolved first)."""
+        dst: list[int] = []
+        src: list[int] = []
+        offset = 0
+        for s, st, e, n in zip(states, starts.tolist(), ends.tolist(), query_lens.tolist()):
+            if s.pending:
+                for pos, (launch, row) in list(s.pending.items()):
+                    if st <= pos < e:
+                        if launch != self._launches - 1:
+                            self._resolve_all()  # an older launch: its values are on the host once resolved
+                            continue
+                        dst.append(offset + pos - st)
+                        src.append(row)
+            offset += n
+        if not dst:
+            return None, None
+        return np.array(dst, dtype=np.int32), np.array(src, dtype=np.int32)
 
     def _sampling_metadata(self, states: list[CachedRequestState]) -> SamplingMetadata:
         """Rebuilt only when the batch changes, or when penalties / min_tokens make it depend on the outputs."""
@@ -225,6 +310,11 @@ class ModelRunner:
         if not p.ignore_eos:
             ids.update(self.info.eos_token_ids)
         return ids
+
+
+def _uses_token_values(p: SamplingParams) -> bool:
+    """Sampling that reads the generated tokens' values (not just their number) on the host."""
+    return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
 
 
 def _logprob_lists(ids_t: torch.Tensor, vals_t: torch.Tensor, ranks_t: torch.Tensor) -> list:

@@ -21,6 +21,8 @@ class CachedRequestState:
         self.num_tokens = len(tokens)
         self.block_ids: list[int] = list(data.block_ids)
         self.num_computed_tokens = data.num_computed_tokens
+        # position -> (launch number, row) of tokens sampled on the device whose values are not on the host yet.
+        self.pending: dict[int, tuple[int, int]] = {}
         self.generator: torch.Generator | None = None
         if data.sampling_params.seed is not None:
             self.generator = torch.Generator(device=device)
@@ -28,6 +30,7 @@ class CachedRequestState:
 
     @property
     def token_ids(self) -> np.ndarray:
+        """Prompt + outputs; positions still in `pending` hold stale values (their tokens are on the device)."""
         return self._tokens[: self.num_tokens]
 
     @property
@@ -42,11 +45,15 @@ class CachedRequestState:
     def num_output_tokens(self) -> int:
         return self.num_tokens - self.num_prompt_tokens
 
-    def append(self, token_ids: list[int]) -> None:
-        end = self.num_tokens + len(token_ids)
-        if end > len(self._tokens):
-            grown = np.zeros(2 * end, dtype=np.int64)
-            grown[: self.num_tokens] = self._tokens[: self.num_tokens]
+    def add_placeholder(self, step: int, row: int) -> None:
+        """A token sampled on the device in launch `step`, row `row` of its sampled ids; `resolve` fills it."""
+        if self.num_tokens == len(self._tokens):
+            grown = np.zeros(2 * self.num_tokens, dtype=np.int64)
+            grown[: self.num_tokens] = self._tokens
             self._tokens = grown
-        self._tokens[self.num_tokens: end] = token_ids
-        self.num_tokens = end
+        self.pending[self.num_tokens] = (step, row)
+        self.num_tokens += 1
+
+    def resolve(self, pos: int, token: int) -> None:
+        self._tokens[pos] = token
+        del self.pending[pos]

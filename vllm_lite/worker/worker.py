@@ -30,5 +30,12 @@ class Worker:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.runner.initialize_kv_cache(num_blocks)
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.runner.execute_model(scheduler_output)
+    def execute_model(self, scheduler_output: SchedulerOutput) -> None:
+        self.runner.execute_model(scheduler_output)
+
+    def get_output(self) -> ModelRunnerOutput:
+        return self.runner.get_output()
+
+    @property
+    def num_pending(self) -> int:
+        return len(self.runner.pending)

@@ -39,6 +39,7 @@ def run_worker(config: EngineConfig, info: ModelInfo, rank: int, in_addr: str, o
     outbox = ctx.socket(zmq.PUSH)
     outbox.connect(out_addr)
     parent = os.getppid()
+    max_in_flight = 2 if config.scheduler.async_scheduling else 1
     try:
         worker = Worker(config, info, rank)
         worker.load_model()
@@ -50,7 +51,13 @@ def run_worker(config: EngineConfig, info: ModelInfo, rank: int, in_addr: str, o
                 continue
             msg = WORKER_INPUT_DECODER.decode(inbox.recv())
             if isinstance(msg, SchedulerOutput):
-                outbox.send(encode(worker.execute_model(msg)))
+                # Launch, then answer with the oldest step once max_in_flight are out: with async scheduling
+                # the device runs this step while the engine core digests the previous one.
+                worker.execute_model(msg)
+                if worker.num_pending >= max_in_flight:
+                    outbox.send(encode(worker.get_output()))
+            elif msg.method == "get_output":
+                outbox.send(encode(worker.get_output()))
             elif msg.method == "shutdown":
                 outbox.send(encode(WorkerReply(result="bye")))
                 return
@@ -80,6 +87,9 @@ class MultiprocExecutor:
         self.proc = mp.get_context("spawn").Process(target=run_worker, name="vllm-lite-worker-0",
                                                     args=(config, info, 0, in_addr, out_addr))
         self.proc.start()
+        self.max_in_flight = 2 if config.scheduler.async_scheduling else 1
+        self.worker_pending = 0  # steps the worker launched and has not answered for
+        self.answers_due = 0  # answers the worker sends unasked (see execute_model)
         self._wait_reply()  # "ready" once the model is loaded
 
     def _recv(self) -> Any:
@@ -106,8 +116,21 @@ class MultiprocExecutor:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self._call("initialize_kv_cache", num_blocks)
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model(self, scheduler_output: SchedulerOutput) -> None:
+        """Send a step; the worker answers with its oldest output once max_in_flight steps are out (mirrored here
+        so that `get_output` knows whether an answer is on its way or must be asked for)."""
         self.to_worker.send(encode(scheduler_output))
+        self.worker_pending += 1
+        if self.worker_pending >= self.max_in_flight:
+            self.worker_pending -= 1
+            self.answers_due += 1
+
+    def get_output(self) -> ModelRunnerOutput:
+        if self.answers_due:
+            self.answers_due -= 1
+        else:
+            self.to_worker.send(encode(WorkerCall("get_output")))
+            self.worker_pending -= 1
         out = self._recv()
         if isinstance(out, WorkerReply):
             raise RuntimeError(f"worker error: {out.error}")
