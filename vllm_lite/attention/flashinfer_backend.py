@@ -77,6 +77,9 @@ class FlashInferBackend:
         sizes = (max_reqs + 1, max_reqs, max_num_seqs * max_blocks_per_seq + MAX_GRAPH_PADDING)
         pinned = torch.zeros(sum(sizes), dtype=torch.int32, pin_memory=self.device.type == "cuda")
         self._indptr_host, self._last_host, self._indices_host = torch.split(pinned, sizes)
+        # The graph wrappers' plan() copies host page indices with a blocking copy (a stream sync that would stall
+        # async scheduling); it copies device indices asynchronously, so they are uploaded here first.
+        self._indices_dev = torch.zeros(sizes[2], dtype=torch.int32, device=self.device)
 
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
         return (num_blocks, 2, block_size, num_kv_heads, head_dim)
@@ -136,6 +139,10 @@ class FlashInferBackend:
             if meta.max_query_len != 1:
                 raise ValueError("CUDA-graph attention is for pure-decode steps only")
             wrapper = self.decode_graph_state(graph_batch_size)
+            if indices.device != self.device:
+                staged = self._indices_dev[: len(indices)]
+                staged.copy_(indices, non_blocking=True)
+                indices = staged
             wrapper.plan(indptr, indices, last_page_len, self.num_heads, self.num_kv_heads, self.head_dim, bs,
                          **common)
             return FlashInferMetadata(meta, wrapper, graph_batch_size)
