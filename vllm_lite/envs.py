@@ -3,8 +3,9 @@
 - XDG_CACHE_HOME: root of the cache (converted GGUF models, torch.compile cache) -> $XDG_CACHE_HOME/vllm_lite.
 - VLLM_LITE_COMPILE_CACHE: folder of the persistent torch.compile cache (default <cache root>/torch_compile).
 - VLLM_LITE_API_KEY: the server's API key when --api-key is not given.
-- VLLM_LITE_KV_WRITE_KERNEL=0 / VLLM_LITE_SAMPLING_KERNEL=0: use the torch references instead of the Triton
-  kernels (for A/B measurements and debugging).
+- VLLM_LITE_KV_WRITE_KERNEL=0: use the torch reference instead of the Triton KV-cache write (A/B, debugging).
+- VLLM_LITE_SAMPLING_KERNEL=1: use the Triton top-k/top-p/min-p kernel instead of the torch path (off by default:
+  it measured slower on the H100, see docs/PERF.md).
 """
 from __future__ import annotations
 
@@ -25,4 +26,4 @@ def api_key() -> str | None:
 
 
 USE_KV_WRITE_KERNEL = os.environ.get("VLLM_LITE_KV_WRITE_KERNEL", "1") != "0"
-USE_SAMPLING_KERNEL = os.environ.get("VLLM_LITE_SAMPLING_KERNEL", "1") != "0"
+USE_SAMPLING_KERNEL = os.environ.get("VLLM_LITE_SAMPLING_KERNEL", "0") == "1"

@@ -107,18 +107,23 @@ def test_sampler_same_tokens_with_and_without_kernel(monkeypatch):
     params = [SamplingParams(temperature=0.8, top_k=(0, 1, 20, 50)[i % 4], min_p=(0.0, 0.05)[i % 2], seed=i)
               for i in range(b)]
     x = torch.randn(b, vocab, device=DEV) * 3
+    import vllm_lite.kernels.sampling as ks
     outs = []
-    for flag in ("1", "0"):
-        monkeypatch.setenv("VLLM_LITE_SAMPLING_KERNEL", flag)
+    for flag in (True, False):
+        monkeypatch.setattr(ks, "USE_SAMPLING_KERNEL", flag)
         gens = [torch.Generator(device=DEV).manual_seed(i) for i in range(b)]
         meta = SamplingMetadata.build(params, [[]] * b, [[]] * b, gens, [set()] * b, DEV, vocab)
         outs.append(Sampler()(x, meta).sampled_token_ids)
     assert torch.equal(outs[0], outs[1])
 
 
-def test_kernel_is_dispatched_on_cuda():
+def test_kernel_dispatch_is_opt_in(monkeypatch):
+    """The torch path by default (the kernel measured slower); VLLM_LITE_SAMPLING_KERNEL=1 selects the kernel."""
     from vllm_lite.sample import topk_topp
+    import vllm_lite.kernels.sampling as ks
     x = torch.randn(2, 1000, device=DEV)
     topk_topp.apply_top_k_top_p(x.clone(), torch.tensor([5, 0], device=DEV), None)
-    assert topk_topp._kernels is not None and topk_topp._kernels.kernel_enabled(x)
-    assert os.environ.get("VLLM_LITE_SAMPLING_KERNEL", "1") != "0"
+    assert topk_topp._kernels is not None
+    assert ks.kernel_enabled(x) == (os.environ.get("VLLM_LITE_SAMPLING_KERNEL") == "1")
+    monkeypatch.setattr(ks, "USE_SAMPLING_KERNEL", True)
+    assert ks.kernel_enabled(x)

@@ -8,8 +8,9 @@ These are plain-PyTorch reference implementations with stable signatures so that
 Semantics follow vLLM: top-k keeps every token whose logit ties the k-th largest; top-p keeps the smallest
 descending-probability prefix whose mass reaches p (always at least the best token); min-p keeps tokens whose
 probability is at least min_p times the row's highest probability.
-On CUDA `apply_min_p` / `apply_top_k_top_p` dispatch to the sort-free Triton kernel in vllm_lite.kernels.sampling
-(same allowed set; VLLM_LITE_SAMPLING_KERNEL=0 turns it off); the `*_torch` functions are the references.
+With VLLM_LITE_SAMPLING_KERNEL=1, `apply_min_p` / `apply_top_k_top_p` on CUDA dispatch to the sort-free Triton
+kernel in vllm_lite.kernels.sampling (same allowed set; off by default because it measured slower than this torch
+path on the H100, docs/PERF.md); the `*_torch` functions are the references.
 """
 from __future__ import annotations
 
