@@ -7,7 +7,7 @@
 #   t1         T1 throughput, qwen3-0.6b
 #   llama      L1 for llama-3.1-8b with the transformers baseline
 #   hf         L1 for qwen3-0.6b with the transformers baseline
-#   profile    where a decode step's time goes (cProfile + torch profiler), batch 1 and 8
+#   profile    where a decode step's time goes (cProfile + torch profiler), batch 1, 8 and 256 (T1's regime)
 #   kernels    Triton kernel micro-benchmarks against their torch references
 #   startup    `vllm-lite serve` time to ready: cold, then warm compile cache
 set -uo pipefail
@@ -29,8 +29,9 @@ for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case "$stage" in
     tests)
-      timeout 420 python3 -m pytest -q -p no:cacheprovider -m "gpu and not slow" tests/gpu > "$OUT/gpu_tests.log" 2>&1
-      echo "tests rc=$?"; tail -15 "$OUT/gpu_tests.log" ;;
+      timeout 420 python3 -m pytest -q -p no:cacheprovider --durations=15 -m "gpu and not slow" tests/gpu \
+        > "$OUT/gpu_tests.log" 2>&1
+      echo "tests rc=$?"; tail -30 "$OUT/gpu_tests.log" ;;
     latency)
       lat qwen3-0.6b 1 L1-qwen3.json --max-num-seqs 8
       lat qwen3-0.6b 8 L8-qwen3.json --max-num-seqs 8 ;;
@@ -42,9 +43,9 @@ for stage in "$@"; do
     hf)
       lat qwen3-0.6b 1 L1-qwen3-hf.json --max-num-seqs 8 --baseline hf ;;
     profile)
-      for bs in 1 8; do
+      for bs in 1 8 256; do
         timeout 200 python3 bench/profile_decode.py --model qwen3-0.6b --batch-size $bs --output-len 256 \
-          --max-num-seqs 8 > "$OUT/profile-b$bs.log" 2>&1; echo "profile b$bs rc=$?"
+          --max-num-seqs $(( bs > 8 ? bs : 8 )) > "$OUT/profile-b$bs.log" 2>&1; echo "profile b$bs rc=$?"
         grep "ms/step" "$OUT/profile-b$bs.log"
       done ;;
     kernels)

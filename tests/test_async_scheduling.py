@@ -17,8 +17,8 @@ def test_decode_is_scheduled_on_a_placeholder():
     so1 = s.schedule()  # prefill: samples -> one placeholder
     a = s.requests["a"]
     assert so1.num_scheduled_tokens == {"a": 5} and (a.num_computed_tokens, a.num_output_placeholders) == (5, 1)
-    so2 = s.schedule()  # decode of the token still in flight
-    assert so2.num_scheduled_tokens == {"a": 1}
+    so2 = s.schedule()  # decode of the token still in flight (not a speculative token)
+    assert so2.num_scheduled_tokens == {"a": 1} and so2.scheduled_spec_decode_tokens == {}
     assert so2.scheduled_cached_reqs[0].num_computed_tokens == 5
     assert (a.num_computed_tokens, a.num_output_placeholders, a.num_tokens) == (6, 2, 5)
     out = s.update_from_output(so1, runner_out(so1, {"a": [30]}))

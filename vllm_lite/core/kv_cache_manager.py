@@ -68,8 +68,13 @@ class KVCacheManager:
         state changed, when the pool cannot satisfy it (free cached blocks count as available, except the hits
         themselves).
         """
-        new_computed_blocks = new_computed_blocks or []
         req_id = request.request_id
+        if not new_computed_blocks:  # fast path of a running request whose blocks already have room (most decodes)
+            owned = self.req_to_blocks.get(req_id)
+            if owned is not None and (request.num_computed_tokens + num_new_tokens + num_lookahead_tokens
+                                      <= len(owned) * self.block_size):
+                return []
+        new_computed_blocks = new_computed_blocks or []
         req_blocks = self.req_to_blocks.get(req_id, [])
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
         total = num_computed + num_new_tokens + num_lookahead_tokens

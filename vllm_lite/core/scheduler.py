@@ -144,7 +144,7 @@ class Scheduler:
                 break
             num_scheduled[request.request_id] = num_new
             budget -= num_new
-            num_spec = request.num_computed_tokens + num_new - request.num_tokens
+            num_spec = request.num_computed_tokens + num_new - request.num_tokens - pending
             if num_spec > 0:
                 spec_tokens[request.request_id] = request.spec_token_ids[:num_spec]
             cached_reqs.append(CachedRequestData(request.request_id, [b.block_id for b in new_blocks],

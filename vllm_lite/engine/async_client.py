@@ -11,6 +11,7 @@ import logging
 import multiprocessing as mp
 import os
 import tempfile
+import time
 from typing import Any, AsyncIterator
 
 import zmq
@@ -66,7 +67,8 @@ class AsyncEngineClient:
         self._output.bind(out_addr)
         ctx = mp.get_context("spawn")
         self._proc = ctx.Process(target=run_engine_core, name="vllm-lite-engine-core",
-                                 args=(self.config, self.info, in_addr, out_addr, self._tmpdir), daemon=False)
+                                 args=(self.config, self.info, in_addr, out_addr, self._tmpdir, time.time()),
+                                 daemon=False)
         self._proc.start()
         while True:
             if await self._output.poll(500) and (msg := CORE_EVENT_DECODER.decode(await self._output.recv())):

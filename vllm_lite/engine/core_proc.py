@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 import zmq
 
@@ -28,9 +29,12 @@ def _raise_shutdown(signum: int, frame: object) -> None:
     raise _Shutdown()
 
 
-def run_engine_core(config: EngineConfig, info: ModelInfo, in_addr: str, out_addr: str, sock_dir: str) -> None:
+def run_engine_core(config: EngineConfig, info: ModelInfo, in_addr: str, out_addr: str, sock_dir: str,
+                    spawned_at: float | None = None) -> None:
     die_with_parent()
     setup_logging()
+    if spawned_at is not None:  # interpreter start + imports + unpickling the arguments
+        logger.info("engine core process up %.2f s after spawn", time.time() - spawned_at)
     signal.signal(signal.SIGTERM, _raise_shutdown)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API server decides when to stop on Ctrl-C
     ctx = zmq.Context()

@@ -41,6 +41,13 @@ class Sampler:
         if meta.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
 
+        if meta.all_greedy and meta.logits_mask is None and meta.blocked_rows is None and meta.no_penalties:
+            # Plain greedy (the common decode case): argmax of the raw logits, no float32 copy of the vocabulary.
+            sampled = logits.argmax(dim=-1).view(-1)
+            if raw_logprobs is None:
+                return SamplerOutput(sampled_token_ids=sampled)
+            ids, lps, ranks = gather_logprobs(raw_logprobs, meta.max_num_logprobs, sampled)
+            return SamplerOutput(sampled_token_ids=sampled, logprob_token_ids=ids, logprobs=lps, ranks=ranks)
         # Own float32 copy: every later stage may work in place.
         logits = logits.to(torch.float32, copy=True)
         logits = self.apply_constraints(logits, meta)

@@ -215,7 +215,9 @@ class ModelRunner:
         rows = sample_rows.tolist()
         launch = _Launch(self._launches, req_ids, rows)
         if rows:
-            logits = self.model.compute_logits(hidden[inputs.logits_indices])
+            # Pure decode where every request samples: the rows are 0..n-1 already, no gather needed.
+            all_rows = meta.is_pure_decode and len(rows) == meta.num_tokens
+            logits = self.model.compute_logits(hidden[: meta.num_tokens] if all_rows else hidden[inputs.logits_indices])
             out = self.sampler(logits, self._sampling_metadata([states[i] for i in rows]))
             self._last_sampled = out.sampled_token_ids
             tensors = [out.sampled_token_ids]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -17,9 +18,14 @@ class Worker:
     def __init__(self, config: EngineConfig, info: ModelInfo, rank: int = 0) -> None:
         device = config.device.resolved_device()
         self.device = torch.device(f"cuda:{rank}") if device == "cuda" else torch.device("cpu")
+        start = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            torch.empty(1, device=self.device)  # create the CUDA context now, so its cost shows up here
+            logger.info("CUDA context on %s in %.2f s", self.device, time.perf_counter() - start)
+        start = time.perf_counter()
         self.runner = ModelRunner(config, info, self.device)
+        logger.info("model runner (attention backend, input buffers) set up in %.2f s", time.perf_counter() - start)
 
     def load_model(self) -> None:
         self.runner.load_model()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import time
 from typing import Any
 
 import zmq
@@ -28,11 +29,16 @@ class WorkerDiedError(RuntimeError):
     pass
 
 
-def run_worker(config: EngineConfig, info: ModelInfo, rank: int, in_addr: str, out_addr: str) -> None:
+def run_worker(config: EngineConfig, info: ModelInfo, rank: int, in_addr: str, out_addr: str,
+               spawned_at: float | None = None) -> None:
     """Worker process main: load the model, then serve calls and steps until told to stop."""
     die_with_parent()
     setup_logging()
+    if spawned_at is not None:
+        logger.info("worker %d process up %.2f s after spawn", rank, time.time() - spawned_at)
+    start = time.perf_counter()
     from vllm_lite.worker.worker import Worker
+    logger.info("worker %d imports done in %.2f s", rank, time.perf_counter() - start)
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
     inbox.connect(in_addr)
@@ -85,7 +91,7 @@ class MultiprocExecutor:
         self.from_worker = self.ctx.socket(zmq.PULL)
         self.from_worker.bind(out_addr)
         self.proc = mp.get_context("spawn").Process(target=run_worker, name="vllm-lite-worker-0",
-                                                    args=(config, info, 0, in_addr, out_addr))
+                                                    args=(config, info, 0, in_addr, out_addr, time.time()))
         self.proc.start()
         self.max_in_flight = 2 if config.scheduler.async_scheduling else 1
         self.worker_pending = 0  # steps the worker launched and has not answered for
