@@ -56,6 +56,15 @@ def _time(fn, eager_iters=50, graph_calls=20, repeats=5) -> tuple[float, float]:
     return statistics.median(eager), graph_us
 
 
+def _safe_time(fn, **kw) -> tuple[float, float]:
+    """_time, or nan when the variant fails (inductor cannot compile some references on some torch versions)."""
+    try:
+        return _time(fn, **kw)
+    except Exception as e:  # noqa: BLE001 - report and go on with the other columns
+        print(f"  (failed: {type(e).__name__}: {str(e).splitlines()[0][:100]})", file=sys.stderr)
+        return float("nan"), float("nan")
+
+
 def _row(name: str, cols: list[tuple[float, float]]) -> str:
     return f"{name:<34}" + "".join(f"{e:>10.1f}{g:>9.1f}" for e, g in cols)
 
@@ -72,7 +81,7 @@ def bench_kv_write(quick: bool) -> None:
         v = torch.randn_like(k)
         slots = torch.randperm(nb * bs, device="cuda")[:t]
         cols = [_time(lambda: write_kv_cache_torch(k, v, cache, slots, bs)),
-                _time(lambda: compiled(k, v, cache, slots, bs)),
+                _safe_time(lambda: compiled(k, v, cache, slots, bs)),
                 _time(lambda: write_kv_cache_triton(k, v, cache, slots, bs))]
         print(_row(str(t), cols))
 
@@ -103,7 +112,7 @@ def bench_sampling(quick: bool) -> None:
             mp = torch.full((b,), mpp, device="cuda") if mpp else None
             cols = [_time(lambda: work.copy_(src)),
                     _time(lambda: ref(work.copy_(src), k, p, mp, kk)),
-                    _time(lambda: compiled(work.copy_(src), k, p, mp, kk)),
+                    _safe_time(lambda: compiled(work.copy_(src), k, p, mp, kk)),
                     _time(lambda: top_k_top_p_min_p_triton(work.copy_(src), k, p, mp))]
             print(_row(f"{name}, B={b}", cols))
 
