@@ -30,7 +30,8 @@ def measure(batch_size: int, steps: int, async_scheduling: bool, model_dir: str,
     from vllm_lite import LLM, SamplingParams
     llm = LLM(model_dir, device="cpu", dtype="float32", load_format="dummy", skip_tokenizer_init=True,
               max_model_len=4096, max_num_seqs=max(batch_size, 1), enable_prefix_caching=False,
-              num_gpu_blocks_override=batch_size * (steps + 64) // 16 + 4096 // 16 + 64, async_scheduling=async_scheduling)
+              num_gpu_blocks_override=batch_size * (steps + 64) // 16 + 4096 // 16 + 64,
+              async_scheduling=async_scheduling)
     runner = llm.engine.executor.worker.runner
     hidden, vocab = runner.info.hf_config.hidden_size, runner.vocab_size
     runner.forward = lambda ids, pos: torch.zeros(ids.shape[0], hidden)

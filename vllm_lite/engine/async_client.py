@@ -10,6 +10,7 @@ import asyncio
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import tempfile
 import time
 from typing import Any, AsyncIterator
@@ -66,9 +67,9 @@ class AsyncEngineClient:
         self._output = self._ctx.socket(zmq.PULL)
         self._output.bind(out_addr)
         ctx = mp.get_context("spawn")
-        self._proc = ctx.Process(target=run_engine_core, name="vllm-lite-engine-core",
-                                 args=(self.config, self.info, in_addr, out_addr, self._tmpdir, time.time()),
-                                 daemon=False)
+        # ModelInfo travels pickled: the engine core unpickles it (torch, transformers) after spawning its worker.
+        args = (self.config, pickle.dumps(self.info), in_addr, out_addr, self._tmpdir, time.time())
+        self._proc = ctx.Process(target=run_engine_core, name="vllm-lite-engine-core", args=args, daemon=False)
         self._proc.start()
         while True:
             if await self._output.poll(500) and (msg := CORE_EVENT_DECODER.decode(await self._output.recv())):

@@ -66,15 +66,15 @@ class EngineCore:
         self.info = info
         t0 = time.perf_counter()
         self.executor = executor if executor is not None else InProcExecutor(config, info)
-        t1 = time.perf_counter()
-        num_blocks = self.executor.determine_num_blocks()
+        num_blocks = self.executor.determine_num_blocks()  # waits for the workers' model load, then profiles
         self.executor.initialize_kv_cache(num_blocks)
-        t2 = time.perf_counter()
+        t1 = time.perf_counter()
         self.num_blocks = num_blocks
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, info.max_model_len)
         self.in_flight: deque[SchedulerOutput] = deque()
         self.max_in_flight = 2 if config.scheduler.async_scheduling else 1
-        logger.info("engine ready: load %.2f s, KV cache %d blocks (%.2f s)", t1 - t0, num_blocks, t2 - t1)
+        logger.info("engine ready in %.2f s (model load, profiling, KV cache of %d blocks, CUDA graphs)",
+                    t1 - t0, num_blocks)
 
     def add_request(self, req: EngineCoreRequest) -> None:
         """Queue a request; raises ValueError (e.g. prompt longer than the context) before anything is queued."""

@@ -1,22 +1,29 @@
 """The engine core process: a busy loop that takes requests and aborts from the API server, steps the engine
-and streams EngineCoreOutputs back. It dies with its parent and reports its own failures before exiting."""
+and streams EngineCoreOutputs back. It dies with its parent and reports its own failures before exiting.
+
+Start-up is overlapped: this module imports nothing heavy and the model description arrives pickled, so the
+process spawns its worker first and only then imports torch/transformers and unpickles it, while the worker boots.
+"""
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import zmq
 
 from vllm_lite.config import EngineConfig
-from vllm_lite.engine.core import EngineCore
 from vllm_lite.engine.ipc import (CORE_INPUT_DECODER, AbortRequests, EngineDead, EngineReady, die_with_parent,
                                   encode)
 from vllm_lite.engine.messages import EngineCoreOutput, EngineCoreOutputs
 from vllm_lite.logging_utils import setup_logging
-from vllm_lite.model_loader import ModelInfo
+
+if TYPE_CHECKING:
+    from vllm_lite.engine.core import EngineCore
 
 logger = logging.getLogger("vllm_lite.engine_core")
 
@@ -29,8 +36,10 @@ def _raise_shutdown(signum: int, frame: object) -> None:
     raise _Shutdown()
 
 
-def run_engine_core(config: EngineConfig, info: ModelInfo, in_addr: str, out_addr: str, sock_dir: str,
+def run_engine_core(config: EngineConfig, info_blob: bytes, in_addr: str, out_addr: str, sock_dir: str,
                     spawned_at: float | None = None) -> None:
+    """info_blob: the pickled ModelInfo (unpickling it imports torch and transformers; done after the worker
+    is spawned)."""
     die_with_parent()
     setup_logging()
     if spawned_at is not None:  # interpreter start + imports + unpickling the arguments
@@ -46,7 +55,11 @@ def run_engine_core(config: EngineConfig, info: ModelInfo, in_addr: str, out_add
     code = 0
     try:
         from vllm_lite.worker.worker_proc import MultiprocExecutor
-        executor = MultiprocExecutor(config, info, sock_dir)
+        executor = MultiprocExecutor(config, info_blob, sock_dir)  # the worker boots from here on
+        start = time.perf_counter()
+        from vllm_lite.engine.core import EngineCore
+        info = pickle.loads(info_blob)
+        logger.info("engine core imports done in %.2f s (while the worker boots)", time.perf_counter() - start)
         core = EngineCore(config, info, executor)
         outbox.send(encode(EngineReady(core.num_blocks)))
         _busy_loop(core, inbox, outbox)

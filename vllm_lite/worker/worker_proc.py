@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import time
 from typing import Any
 
@@ -18,7 +19,6 @@ from vllm_lite.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from vllm_lite.engine.ipc import (WORKER_EVENT_DECODER, WORKER_INPUT_DECODER, WorkerCall, WorkerReply,
                                   die_with_parent, encode, ipc_address)
 from vllm_lite.logging_utils import setup_logging
-from vllm_lite.model_loader import ModelInfo
 
 logger = logging.getLogger("vllm_lite.worker")
 
@@ -29,15 +29,17 @@ class WorkerDiedError(RuntimeError):
     pass
 
 
-def run_worker(config: EngineConfig, info: ModelInfo, rank: int, in_addr: str, out_addr: str,
+def run_worker(config: EngineConfig, info_blob: bytes, rank: int, in_addr: str, out_addr: str,
                spawned_at: float | None = None) -> None:
-    """Worker process main: load the model, then serve calls and steps until told to stop."""
+    """Worker process main: load the model, then serve calls and steps until told to stop.
+    info_blob: the pickled ModelInfo."""
     die_with_parent()
     setup_logging()
     if spawned_at is not None:
         logger.info("worker %d process up %.2f s after spawn", rank, time.time() - spawned_at)
     start = time.perf_counter()
     from vllm_lite.worker.worker import Worker
+    info = pickle.loads(info_blob)
     logger.info("worker %d imports done in %.2f s", rank, time.perf_counter() - start)
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
@@ -82,7 +84,9 @@ def run_worker(config: EngineConfig, info: ModelInfo, rank: int, in_addr: str, o
 class MultiprocExecutor:
     """Spawns one worker process per device and exchanges msgspec messages with it."""
 
-    def __init__(self, config: EngineConfig, info: ModelInfo, sock_dir: str) -> None:
+    def __init__(self, config: EngineConfig, info_blob: bytes, sock_dir: str) -> None:
+        """Spawns the worker and returns at once (it boots meanwhile); the first call waits for it to be ready.
+        info_blob: the pickled ModelInfo."""
         self.ctx = zmq.Context()
         self.to_worker = self.ctx.socket(zmq.PUSH)
         in_addr = ipc_address(sock_dir, "worker0-in")
@@ -91,12 +95,12 @@ class MultiprocExecutor:
         self.from_worker = self.ctx.socket(zmq.PULL)
         self.from_worker.bind(out_addr)
         self.proc = mp.get_context("spawn").Process(target=run_worker, name="vllm-lite-worker-0",
-                                                    args=(config, info, 0, in_addr, out_addr, time.time()))
+                                                    args=(config, info_blob, 0, in_addr, out_addr, time.time()))
         self.proc.start()
         self.max_in_flight = 2 if config.scheduler.async_scheduling else 1
         self.worker_pending = 0  # steps the worker launched and has not answered for
         self.answers_due = 0  # answers the worker sends unasked (see execute_model)
-        self._wait_reply()  # "ready" once the model is loaded
+        self._ready = False  # "ready" once the model is loaded
 
     def _recv(self) -> Any:
         while not self.from_worker.poll(_POLL_MS):
@@ -113,6 +117,9 @@ class MultiprocExecutor:
         return reply.result
 
     def _call(self, method: str, *args: Any) -> Any:
+        if not self._ready:  # "ready" once the model is loaded
+            self._wait_reply()
+            self._ready = True
         self.to_worker.send(encode(WorkerCall(method, list(args))))
         return self._wait_reply()
 
