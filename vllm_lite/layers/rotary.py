@@ -119,6 +119,17 @@ def max_rope_positions(cfg: Any) -> int:
     return n
 
 
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, H, head_dim]; cos, sin: [T, 1, rot_dim/2] -> rotate-half rotary on the first rot_dim channels."""
+    half = cos.shape[-1]
+    rot = 2 * half
+    x1, x2 = x[..., :half], x[..., half:rot]
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    if rot < x.shape[-1]:
+        rotated = torch.cat([rotated, x[..., rot:]], dim=-1)
+    return rotated
+
+
 class RotaryEmbedding(nn.Module):
     """cos/sin cache [max_positions, rot_dim] (cos half | sin half), applied rotate_half style to q and k."""
 
@@ -140,13 +151,7 @@ class RotaryEmbedding(nn.Module):
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [T, H*head_dim] -> rotated, same shape. Same arithmetic as HF's x*cos + rotate_half(x)*sin."""
         t = x.shape[0]
-        x = x.view(t, -1, self.head_dim)
-        half = self.rot_dim // 2
-        x1, x2 = x[..., :half], x[..., half:self.rot_dim]
-        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-        if self.rot_dim < self.head_dim:
-            rotated = torch.cat([rotated, x[..., self.rot_dim:]], dim=-1)
-        return rotated.reshape(t, -1)
+        return apply_rotary(x.view(t, -1, self.head_dim), cos, sin).reshape(t, -1)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,8 @@ from torch import nn
 from vllm_lite.attention import Attention, AttentionContext
 from vllm_lite.layers.activation import SiluAndMul
 from vllm_lite.layers.norm import RMSNorm
-from vllm_lite.layers.rotary import RotaryEmbedding, get_rope, head_dim_of
+from vllm_lite.layers.rotary import get_rope, head_dim_of
+from vllm_lite.kernels.qk_norm_rope import qk_norm_rope
 
 logger = logging.getLogger("vllm_lite.models")
 
@@ -31,8 +32,7 @@ class WeightLoadError(ValueError):
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, cfg: Any, layer_idx: int, ctx: AttentionContext, qkv_bias: bool, qk_norm: bool,
-                 rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: Any, layer_idx: int, ctx: AttentionContext, qkv_bias: bool, qk_norm: bool) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
@@ -46,18 +46,16 @@ class DecoderAttention(nn.Module):
                                        "v": (self.q_size + self.kv_size, self.kv_size)}
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
-        self.rotary = [rotary]  # a list: shared module, not registered once per layer
         self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5, ctx)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        t = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.q_norm is not None:
-            q = self.q_norm(q.reshape(t, self.num_heads, self.head_dim)).reshape(t, self.q_size)
-            k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim)).reshape(t, self.kv_size)
-        rotary = self.rotary[0]
-        q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
-        return self.o_proj(self.attn(q, k, v.contiguous()))
+        # Per-head q/k RMSNorm (Qwen3) and rotary: one fused kernel on CUDA, the reference elsewhere. v stays a
+        # strided view: the KV-cache write takes any row stride.
+        norm = self.q_norm is not None
+        q, k = qk_norm_rope(q, k, cos[:, 0], sin[:, 0], self.q_norm.weight if norm else None,
+                            self.k_norm.weight if norm else None, self.q_norm.eps if norm else 0.0, self.head_dim)
+        return self.o_proj(self.attn(q, k, v))
 
 
 class DecoderMLP(nn.Module):
@@ -78,10 +76,9 @@ class DecoderMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: Any, layer_idx: int, ctx: AttentionContext, qkv_bias: bool, qk_norm: bool,
-                 rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: Any, layer_idx: int, ctx: AttentionContext, qkv_bias: bool, qk_norm: bool) -> None:
         super().__init__()
-        self.self_attn = DecoderAttention(cfg, layer_idx, ctx, qkv_bias, qk_norm, rotary)
+        self.self_attn = DecoderAttention(cfg, layer_idx, ctx, qkv_bias, qk_norm)
         self.mlp = DecoderMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -103,7 +100,7 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.rotary_emb = get_rope(cfg)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, ctx, qkv_bias, qk_norm, self.rotary_emb)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, ctx, qkv_bias, qk_norm)
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
