@@ -1,8 +1,9 @@
 """Attention as one opaque torch.library custom op, so Dynamo/inductor never trace into a backend.
 
-`torch.ops.vllm_lite.attention(q, k, v, ctx_id, layer_idx) -> out` looks up the AttentionContext registered under
-`ctx_id` and calls `ctx.backend.forward(q, k, v, ctx.kv_caches[layer_idx], spec, ctx.metadata)`. The KV-cache write
-happens inside backend.forward, so it is inside the op as well: the compiled graph sees a pure function of (q, k, v)
+`torch.ops.vllm_lite.attention(q, k, v, cos, sin, q_weight, k_weight, eps, ctx_id, layer_idx) -> out` looks up the
+AttentionContext registered under `ctx_id` and calls `ctx.backend.forward_rope(...)`: per-head q/k RMSNorm, rotary,
+the KV-cache write and attention, fused as far as the backend can (FlashInfer: one Triton kernel for the first
+three). The KV-cache write is inside the op: the compiled graph sees a pure function of (q, k, v)
 and the per-step state (backend metadata, KV caches) is read when the op runs, never baked into the graph. Under
 CUDA-graph capture the op runs once in Python and records the backend's kernels; replays re-run those kernels on
 whatever the backend's static buffers hold.
@@ -59,10 +60,16 @@ def _spec_of(ctx: Any, layer_idx: int) -> Any:
 
 
 @torch.library.custom_op("vllm_lite::attention", mutates_args=())
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_id: int, layer_idx: int) -> torch.Tensor:
-    """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D] (contiguous); writes k/v into the layer's paged KV cache."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float, ctx_id: int,
+              layer_idx: int) -> torch.Tensor:
+    """q: [T, Hq*D], k/v: [T, Hkv*D] straight from the qkv projection -> [T, Hq*D] (contiguous).
+
+    Inside: per-head q/k RMSNorm (when the weights are given), rotary (cos/sin: [T, rot/2]), the write of k/v into
+    the layer's paged KV cache, and attention: `backend.forward_rope`."""
     ctx = get_context(ctx_id)
-    out = ctx.backend.forward(q, k, v, ctx.kv_caches[layer_idx], _spec_of(ctx, layer_idx), ctx.metadata)
+    out = ctx.backend.forward_rope(q, k, v, cos, sin, q_weight, k_weight, eps, ctx.kv_caches[layer_idx],
+                                   _spec_of(ctx, layer_idx), ctx.metadata)
     # A custom op's output may not alias an input, and its strides must match the fake impl (contiguous).
     if not out.is_contiguous() or any(out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
                                       for t in (q, k, v)):
@@ -71,5 +78,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_id: int, la
 
 
 @attention.register_fake
-def _attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_id: int, layer_idx: int) -> torch.Tensor:
+def _attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float, ctx_id: int,
+                    layer_idx: int) -> torch.Tensor:
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)

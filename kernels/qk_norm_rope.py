@@ -1,23 +1,26 @@
-"""Per-head q/k RMSNorm (Qwen3) and rotary embedding in one Triton launch, instead of inductor's four kernels.
+"""Per-head q/k RMSNorm (Qwen3), rotary embedding and the paged KV-cache write of k and v, in one Triton launch.
 
-`qk_norm_rope(q, k, cos, sin, q_weight, k_weight, eps)` takes q [T, Hq*D] and k [T, Hkv*D] (views of the fused qkv
-projection are fine: only the last dimension must be contiguous) and returns new contiguous tensors with, per head,
-RMSNorm (when weights are given) and then rotate-half rotary applied to the first `rot_dim` channels (cos, sin:
-[T, rot_dim / 2] in the activation dtype). One program handles one (token, head); q and k heads share the launch.
+Without it a layer runs inductor's two reductions and two pointwise kernels for q/k norm + rotary, a copy of v and
+a separate KV-cache write; a decode step of a small model is mostly launch gaps between such tiny kernels inside
+the CUDA graph (docs/PERF.md), so they are worth merging.
+
+`qk_norm_rope_cache_triton(q, k, v, cos, sin, q_weight, k_weight, eps, head_dim, kv_cache, slot_mapping,
+block_size, num_write)` takes q [T, Hq*D], k and v [T, Hkv*D] (views of the fused qkv projection are fine: only
+the last dimension must be contiguous), cos/sin [T, rot_dim / 2] in the activation dtype, and returns q normed and
+rotated ([T, Hq*D], contiguous) while k (normed and rotated) and v go straight into
+kv_cache [num_blocks, 2, block_size, Hkv, D] at slot_mapping for the first `num_write` rows (slot -1 = padding
+row, skipped: CUDA-graph safe). One program handles one (token, head); q heads and k/v heads share the launch.
 
 The arithmetic follows the eager reference operation by operation (vllm_lite.layers.norm.rms_norm_ref and
-vllm_lite.layers.rotary.apply_rotary): statistics in float32, the normalised value rounded to the activation dtype before the
-weight multiply, and every product / sum of the rotation rounded to the activation dtype as eager bf16 code does,
-so compiled and eager runs agree. Fewer kernels per layer matter because a decode step of a small model is mostly
-launch gaps between tiny kernels inside the CUDA graph (docs/PERF.md).
-
-On CUDA (with triton) the model calls it through the opaque custom op `vllm_lite::qk_norm_rope`; elsewhere
-`qk_norm_rope_torch`, the reference, runs.
+vllm_lite.layers.rotary.apply_rotary): statistics in float32, the normalised value rounded to the activation dtype
+before the weight multiply, every product / sum of the rotation rounded to the activation dtype as eager bf16 code
+does. `qk_norm_rope_cache_torch` is that reference (plus the reference KV write).
 """
 from __future__ import annotations
 
 import torch
 
+from vllm_lite.attention.torch_backend import write_kv_cache as write_kv_cache_torch
 from vllm_lite.layers.norm import rms_norm_ref
 from vllm_lite.layers.rotary import apply_rotary
 
@@ -30,7 +33,7 @@ except ImportError:  # pragma: no cover
 
 HAS_TRITON = triton is not None
 
-__all__ = ["qk_norm_rope", "qk_norm_rope_torch", "qk_norm_rope_triton", "HAS_TRITON"]
+__all__ = ["qk_norm_rope_torch", "qk_norm_rope_cache_torch", "qk_norm_rope_cache_triton", "HAS_TRITON"]
 
 
 def qk_norm_rope_torch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -46,6 +49,21 @@ def qk_norm_rope_torch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin:
     return apply_rotary(qh, c, s).reshape(t, q_size), apply_rotary(kh, c, s).reshape(t, kv_size)
 
 
+def qk_norm_rope_cache_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                             sin: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
+                             eps: float, head_dim: int, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                             block_size: int, num_write: int) -> torch.Tensor:
+    """Reference of the fused kernel: norm + rotary, then the KV write of the first num_write rows (slots >= 0)."""
+    q, k = qk_norm_rope_torch(q, k, cos, sin, q_weight, k_weight, eps, head_dim)
+    t = q.shape[0]
+    k3 = k.reshape(t, k.shape[1] // head_dim, head_dim)[:num_write]
+    v3 = v.reshape(t, v.shape[1] // head_dim, head_dim)[:num_write]
+    slots = slot_mapping[:num_write]
+    valid = slots >= 0
+    write_kv_cache_torch(k3[valid], v3[valid], kv_cache, slots[valid], block_size)
+    return q
+
+
 if HAS_TRITON:
 
     @triton.jit
@@ -57,20 +75,28 @@ if HAS_TRITON:
             return x.to(ty, fp_downcast_rounding="rtne").to(tl.float32)
 
     @triton.jit
-    def _qk_norm_rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr,
-                             q_stride_t, k_stride_t, cs_stride_t, eps,
-                             HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
-                             TAIL: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
-                             NORM: tl.constexpr):
+    def _cast(x, ty: tl.constexpr):
+        if ty == tl.float32:
+            return x
+        else:
+            return x.to(ty, fp_downcast_rounding="rtne")
+
+    @triton.jit
+    def _qk_norm_rope_cache_kernel(
+            q_ptr, k_ptr, v_ptr, qo_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, cache_ptr, slot_ptr,
+            q_stride_t, k_stride_t, v_stride_t, cs_stride_t, eps, num_write, block_size,
+            c_stride_blk, c_stride_kv, c_stride_slot, c_stride_h,
+            HQ: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, TAIL: tl.constexpr,
+            BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
-        if h < HQ:
+        is_q = h < HQ
+        hk = h - HQ
+        if is_q:
             src = q_ptr + t * q_stride_t + h * D
-            dst = qo_ptr + (t * HQ + h) * D
             w_ptr = qw_ptr
         else:
-            src = k_ptr + t * k_stride_t + (h - HQ) * D
-            dst = ko_ptr + (t * HK + (h - HQ)) * D
+            src = k_ptr + t * k_stride_t + hk * D
             w_ptr = kw_ptr
         ty = qo_ptr.dtype.element_ty
         i = tl.arange(0, BLOCK_HALF)
@@ -93,54 +119,51 @@ if HAS_TRITON:
         s = tl.load(sin_ptr + t * cs_stride_t + i, mask=m, other=0.0).to(tl.float32)
         o1 = _round(_round(x1 * c, ty) - _round(x2 * s, ty), ty)
         o2 = _round(_round(x2 * c, ty) + _round(x1 * s, ty), ty)
-        tl.store(dst + i, o1.to(ty), mask=m)
-        tl.store(dst + HALF + i, o2.to(ty), mask=m)
-        tl.store(dst + 2 * HALF + j, xt.to(ty), mask=mt)
+        if is_q:
+            dst = qo_ptr + (t * HQ + h) * D
+            tl.store(dst + i, o1.to(ty), mask=m)
+            tl.store(dst + HALF + i, o2.to(ty), mask=m)
+            tl.store(dst + 2 * HALF + j, xt.to(ty), mask=mt)
+        else:
+            slot = tl.load(slot_ptr + t).to(tl.int64)
+            if (slot >= 0) & (t < num_write):
+                cty = cache_ptr.dtype.element_ty
+                dst = cache_ptr + (slot // block_size) * c_stride_blk + (slot % block_size) * c_stride_slot \
+                    + hk * c_stride_h
+                tl.store(dst + i, _cast(o1, cty), mask=m)
+                tl.store(dst + HALF + i, _cast(o2, cty), mask=m)
+                tl.store(dst + 2 * HALF + j, _cast(xt, cty), mask=mt)
+                d = tl.arange(0, BLOCK_D)
+                vx = tl.load(v_ptr + t * v_stride_t + hk * D + d, mask=d < D)
+                tl.store(dst + c_stride_kv + d, _cast(vx, cty), mask=d < D)
 
 
-def qk_norm_rope_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
-                        head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused kernel (same contract as qk_norm_rope_torch; the last dimension of q, k, cos, sin contiguous)."""
+def qk_norm_rope_cache_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                              sin: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
+                              eps: float, head_dim: int, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                              block_size: int, num_write: int) -> torch.Tensor:
+    """The fused kernel (same contract as qk_norm_rope_cache_torch)."""
     t = q.shape[0]
     hq, hk = q.shape[1] // head_dim, k.shape[1] // head_dim
     half = cos.shape[-1]
-    if sin.shape != cos.shape or sin.stride() != cos.stride() or 2 * half > head_dim:
-        raise ValueError(f"qk_norm_rope: cos {tuple(cos.shape)} / sin {tuple(sin.shape)} for head_dim {head_dim}")
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
+    if sin.shape != cos.shape or sin.stride() != cos.stride() or 2 * half > head_dim or v.shape != k.shape:
+        raise ValueError(f"qk_norm_rope_cache: q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)} "
+                         f"cos {tuple(cos.shape)} sin {tuple(sin.shape)} head_dim {head_dim}")
+    if kv_cache.shape[1] != 2 or kv_cache.shape[2] != block_size or tuple(kv_cache.shape[3:]) != (hk, head_dim) \
+            or kv_cache.stride(4) != 1:
+        raise ValueError(f"qk_norm_rope_cache: cache {tuple(kv_cache.shape)} for {hk} x {head_dim}")
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     qo = torch.empty(t, hq * head_dim, dtype=q.dtype, device=q.device)
-    ko = torch.empty(t, hk * head_dim, dtype=k.dtype, device=k.device)
     if t == 0:
-        return qo, ko
+        return qo
     norm = q_weight is not None
     tail = head_dim - 2 * half
-    _qk_norm_rope_kernel[(t, hq + hk)](
-        q, k, qo, ko, cos, sin, q_weight if norm else q, k_weight if norm else k,
-        q.stride(0), k.stride(0), cos.stride(0), eps,
-        HQ=hq, HK=hk, D=head_dim, HALF=half, TAIL=tail, BLOCK_HALF=triton.next_power_of_2(half),
-        BLOCK_TAIL=max(triton.next_power_of_2(tail), 2), NORM=norm, num_warps=1 if head_dim <= 128 else 2)
-    return qo, ko
-
-
-@torch.library.custom_op("vllm_lite::qk_norm_rope", mutates_args=())
-def _qk_norm_rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
-                     head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return qk_norm_rope_triton(q, k, cos, sin, q_weight, k_weight, eps, head_dim)
-
-
-@_qk_norm_rope_op.register_fake
-def _(q, k, cos, sin, q_weight, k_weight, eps, head_dim):
-    return q.new_empty(q.shape), k.new_empty(k.shape)
-
-
-def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
-                 head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused kernel (as an opaque custom op) on CUDA with triton, else the torch reference."""
-    if HAS_TRITON and q.is_cuda and cos.dtype == q.dtype:
-        return torch.ops.vllm_lite.qk_norm_rope(q, k, cos, sin, q_weight, k_weight, eps, head_dim)
-    return qk_norm_rope_torch(q, k, cos, sin, q_weight, k_weight, eps, head_dim)
+    cs = kv_cache.stride()
+    _qk_norm_rope_cache_kernel[(t, hq + hk)](
+        q, k, v, qo, cos, sin, q_weight if norm else q, k_weight if norm else k, kv_cache, slot_mapping,
+        q.stride(0), k.stride(0), v.stride(0), cos.stride(0), eps, num_write, block_size,
+        cs[0], cs[1], cs[2], cs[3],
+        HQ=hq, D=head_dim, HALF=half, TAIL=tail, BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_TAIL=max(triton.next_power_of_2(tail), 2), BLOCK_D=triton.next_power_of_2(head_dim), NORM=norm,
+        num_warps=1 if head_dim <= 128 else 2)
+    return qo

@@ -60,13 +60,23 @@ def test_attention_op_registered_and_opaque(tiny_qwen3_path):
     assert get_context(attn.ctx_id) is ctx and register_context(ctx) == attn.ctx_id
     meta, _ = _step([(0, 0, 3), (16, 0, 2)])
     ctx.set_step(meta)
-    q, k, v = torch.randn(5, 4, 16), torch.randn(5, 2, 16), torch.randn(5, 2, 16)
-    torch.library.opcheck(torch.ops.vllm_lite.attention.default, (q, k, v, attn.ctx_id, 1),
+    qkv = torch.randn(5, (4 + 2 + 2) * 16)
+    q, k, v = qkv[:, :64], qkv[:, 64:96], qkv[:, 96:]  # views of a fused projection, as the model passes them
+    cos, sin = torch.randn(5, 8), torch.randn(5, 8)
+    qw, kw = torch.randn(16), torch.randn(16)
+    args = (q, k, v, cos, sin, qw, kw, 1e-6, attn.ctx_id, 1)
+    torch.library.opcheck(torch.ops.vllm_lite.attention.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
-    out = torch.ops.vllm_lite.attention(q, k, v, attn.ctx_id, 1)
-    want = ctx.backend.forward(q, k, v, ctx.kv_caches[1], attn.spec, ctx.metadata)
-    torch.testing.assert_close(out, want)
-    assert ctx.kv_caches[1][16, 0, 1].abs().sum() > 0  # the KV write happened inside the op
+    out = torch.ops.vllm_lite.attention(*args)
+    # = q/k RMSNorm + rotary (reference), then the backend's write + attend
+    from vllm_lite.kernels.qk_norm_rope import qk_norm_rope_torch
+    qr, kr = qk_norm_rope_torch(q, k, cos, sin, qw, kw, 1e-6, 16)
+    want = ctx.backend.forward(qr.view(5, 4, 16), kr.view(5, 2, 16), v.reshape(5, 2, 16), ctx.kv_caches[1],
+                               attn.spec, ctx.metadata)
+    torch.testing.assert_close(out, want.reshape(5, 64))
+    # The KV write happened inside the op: token 4 is the second token of the request whose block is 16.
+    assert torch.equal(ctx.kv_caches[1][16, 0, 1], kr.view(5, 2, 16)[4])
+    assert torch.equal(ctx.kv_caches[1][16, 1, 1], v.reshape(5, 2, 16)[4])
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])

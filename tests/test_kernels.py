@@ -84,24 +84,30 @@ _CHILD_KV = textwrap.dedent(r"""
             same = torch.equal(cache, ref)
         res[f"kv_{t}_{h}_{d}_{kdt}_{cdt}"] = same
 
-    # ---- fused q/k RMSNorm + rotary vs the reference: fp32 to 1e-5; bf16 within a few ulps of the operands (the
-    # interpreter truncates where the GPU rounds to nearest, and x1*cos - x2*sin cancels; exactness is a GPU test)
-    from vllm_lite.kernels.qk_norm_rope import qk_norm_rope_torch, qk_norm_rope_triton
-    for (t, hq, hk, d, rot, norm, dt) in [(5, 4, 2, 64, 64, True, torch.float32), (3, 16, 8, 128, 128, True,
-            torch.bfloat16), (7, 8, 8, 64, 64, False, torch.float32), (2, 3, 1, 80, 48, True, torch.float32),
-            (1, 9, 3, 64, 64, False, torch.bfloat16)]:
+    # ---- fused q/k RMSNorm + rotary + KV write vs the reference: fp32 to 1e-5; bf16 within a few ulps of the
+    # operands (the interpreter truncates where the GPU rounds to nearest, and x1*cos - x2*sin cancels; exactness
+    # is a GPU test). Strided q/k/v views, padding slots (-1), rows past num_write left alone.
+    from vllm_lite.kernels.qk_norm_rope import qk_norm_rope_cache_torch, qk_norm_rope_cache_triton
+    for (t, hq, hk, d, rot, norm, dt, nw) in [(5, 4, 2, 64, 64, True, torch.float32, 5), (3, 16, 8, 128, 128, True,
+            torch.bfloat16, 3), (7, 8, 8, 64, 64, False, torch.float32, 4), (2, 3, 1, 80, 48, True, torch.float32, 2),
+            (1, 9, 3, 64, 64, False, torch.bfloat16, 1)]:
+        bs, nb = 4, 8
         qkv = torch.randn(t, (hq + 2 * hk) * d, generator=g).to(dt)
-        q, k = qkv[:, :hq * d], qkv[:, hq * d:(hq + hk) * d]  # strided views of a fused projection
+        q, k, v = qkv[:, :hq * d], qkv[:, hq * d:(hq + hk) * d], qkv[:, (hq + hk) * d:]
         cs = torch.randn(t, rot, generator=g).to(dt)
         cos, sin = cs[:, :rot // 2], cs[:, rot // 2:]
         qw = (1 + 0.1 * torch.randn(d, generator=g)).to(dt) if norm else None
         kw = (1 + 0.1 * torch.randn(d, generator=g)).to(dt) if norm else None
-        want = qk_norm_rope_torch(q, k, cos, sin, qw, kw, 1e-6, d)
-        got = qk_norm_rope_triton(q, k, cos, sin, qw, kw, 1e-6, d)
+        slots = torch.randperm(nb * bs, generator=g)[:t]
+        slots[1::3] = -1
+        cache = torch.randn(nb, 2, bs, hk, d, generator=g).to(dt)
+        want_cache = cache.clone()
+        want = qk_norm_rope_cache_torch(q, k, v, cos, sin, qw, kw, 1e-6, d, want_cache, slots, bs, nw)
+        got = qk_norm_rope_cache_triton(q, k, v, cos, sin, qw, kw, 1e-6, d, cache, slots, bs, nw)
         tol = dict(rtol=1e-5, atol=1e-5) if dt == torch.float32 else dict(rtol=2 ** -5, atol=2 ** -3)
-        res[f"qkrope_{t}_{hq}_{hk}_{d}_{rot}_{norm}_{dt}"] = all(
-            torch.allclose(a.float(), b.float(), **tol) and a.shape == b.shape and a.is_contiguous()
-            for a, b in zip(got, want))
+        res[f"qkrope_{t}_{hq}_{hk}_{d}_{rot}_{norm}_{dt}"] = (
+            got.shape == want.shape and got.is_contiguous() and torch.allclose(got.float(), want.float(), **tol)
+            and torch.allclose(cache.float(), want_cache.float(), **tol))
     print("RESULT" + json.dumps({kk: (vv if isinstance(vv, bool) else str(vv)) for kk, vv in res.items()}))
 """)
 

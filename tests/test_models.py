@@ -137,6 +137,10 @@ class _CausalOneSeqBackend:
     def forward(self, q, k, v, kv_cache, spec, meta):
         return torch.ops.vllm_lite_test.causal_attn(q, k, v, spec.scale)
 
+    def forward_rope(self, *args):
+        from vllm_lite.attention.backend import forward_rope_reference
+        return forward_rope_reference(self, *args)
+
 
 @torch.library.custom_op("vllm_lite_test::causal_attn", mutates_args=())
 def _causal_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -132,24 +132,27 @@ def test_kernel_dispatch_is_opt_in(monkeypatch):
 @pytest.mark.parametrize("hq,hk,d,rot,norm", [(16, 8, 128, 128, True), (32, 8, 128, 128, False),
                                               (9, 3, 64, 64, True), (4, 2, 80, 48, True)])
 @pytest.mark.parametrize("t", [1, 7, 300])
-def test_qk_norm_rope_matches_eager(t, hq, hk, d, rot, norm):
-    """The fused q/k RMSNorm + rotary kernel against the eager bf16 reference: equal up to rare 1-ulp flips (fp32
-    sums in another order), on strided views of a fused projection; and a sound custom op."""
-    from vllm_lite.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_torch
+def test_qk_norm_rope_cache_matches_eager(t, hq, hk, d, rot, norm):
+    """The fused q/k RMSNorm + rotary + KV-write kernel against the eager bf16 reference, on strided views of a
+    fused projection with padding slots: equal up to rare 1-ulp flips (fp32 sums in another order)."""
+    from vllm_lite.kernels.qk_norm_rope import qk_norm_rope_cache_torch, qk_norm_rope_cache_triton
     g = torch.Generator(device=DEV).manual_seed(t)
-    dt = torch.bfloat16
+    dt, bs, nb = torch.bfloat16, 16, 64
     qkv = torch.randn(t, (hq + 2 * hk) * d, device=DEV, generator=g).to(dt)
-    q, k = qkv[:, :hq * d], qkv[:, hq * d:(hq + hk) * d]
+    q, k, v = qkv[:, :hq * d], qkv[:, hq * d:(hq + hk) * d], qkv[:, (hq + hk) * d:]
     cs = torch.rand(t, rot, device=DEV, generator=g).mul(2).sub(1).to(dt)  # cos/sin-like values in [-1, 1]
     cos, sin = cs[:, :rot // 2], cs[:, rot // 2:]
     qw = (1 + 0.1 * torch.randn(d, device=DEV, generator=g)).to(dt) if norm else None
     kw = (1 + 0.1 * torch.randn(d, device=DEV, generator=g)).to(dt) if norm else None
-    want = qk_norm_rope_torch(q, k, cos, sin, qw, kw, 1e-6, d)
-    got = qk_norm_rope(q, k, cos, sin, qw, kw, 1e-6, d)
-    for a, b in zip(got, want):
-        assert a.shape == b.shape and a.is_contiguous()
+    slots = torch.randperm(nb * bs, device=DEV, generator=g)[:t]
+    slots[1::4] = -1
+    cache = torch.zeros(nb, 2, bs, hk, d, device=DEV, dtype=dt)
+    want_cache = cache.clone()
+    want = qk_norm_rope_cache_torch(q, k, v, cos, sin, qw, kw, 1e-6, d, want_cache, slots, bs, t)
+    got = qk_norm_rope_cache_triton(q, k, v, cos, sin, qw, kw, 1e-6, d, cache, slots, bs, t)
+    assert got.shape == want.shape and got.is_contiguous()
+    for a, b in ((got, want), (cache, want_cache)):
         diff = (a.float() - b.float()).abs()
         # One ulp of the rotation's operands (|x| up to ~4 after the norm), not of a result that may cancel.
         assert (diff > 2 ** -6 + b.float().abs() * 2 ** -7).sum() == 0, float(diff.max())
         assert (diff > 0).float().mean() < 0.01
-    torch.library.opcheck(torch.ops.vllm_lite.qk_norm_rope.default, (q, k, cos, sin, qw, kw, 1e-6, d))

@@ -61,6 +61,26 @@ class AttentionBackend(Protocol):
         """Write k/v into the paged cache, then attend. q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]."""
         ...
 
+    def forward_rope(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
+                     kv_cache: torch.Tensor, spec: AttentionSpec, meta: Any) -> torch.Tensor:
+        """What the model calls: q [T, Hq*D], k/v [T, Hkv*D] straight from the projection -> [T, Hq*D]; per-head
+        RMSNorm of q/k (when weights are given), rotary (cos/sin [T, rot/2]), then `forward`'s write + attend."""
+        ...
+
+
+def forward_rope_reference(backend: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                           sin: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
+                           eps: float, kv_cache: torch.Tensor, spec: AttentionSpec, meta: Any) -> torch.Tensor:
+    """`forward_rope` out of plain-PyTorch q/k norm + rotary and the backend's own `forward`."""
+    from vllm_lite.kernels.qk_norm_rope import qk_norm_rope_torch
+    q, k = qk_norm_rope_torch(q, k, cos, sin, q_weight, k_weight, eps, spec.head_dim)
+    t = q.shape[0]
+    v = v.reshape(t, spec.num_kv_heads, spec.head_dim)
+    out = backend.forward(q.view(t, spec.num_heads, spec.head_dim), k.view(t, spec.num_kv_heads, spec.head_dim), v,
+                          kv_cache, spec, meta)
+    return out.reshape(t, spec.num_heads * spec.head_dim)
+
 
 class AttentionContext:
     """Per-model state the attention layers read each forward: the backend, the KV caches and the step metadata.

@@ -36,6 +36,7 @@ import torch
 
 from vllm_lite.attention.backend import AttentionSpec, StepMetadata
 from vllm_lite.kernels.kv_cache import write_kv_cache
+from vllm_lite.kernels.qk_norm_rope import HAS_TRITON, qk_norm_rope_cache_torch, qk_norm_rope_cache_triton
 
 WORKSPACE_BYTES = 128 * 1024 * 1024
 MAX_GRAPH_PADDING = 1024
@@ -160,17 +161,38 @@ class FlashInferBackend:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 spec: AttentionSpec, meta: FlashInferMetadata) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]; rows past the real tokens are padding (garbage out)."""
-        step = meta.step
+        n = self._num_written(q.shape[0], meta)
+        write_kv_cache(k[:n], v[:n], kv_cache, meta.step.slot_mapping[:n], meta.step.block_size)
+        return self._attend(q, kv_cache, meta)
+
+    def forward_rope(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
+                     kv_cache: torch.Tensor, spec: AttentionSpec, meta: FlashInferMetadata) -> torch.Tensor:
+        """One Triton kernel for q/k RMSNorm + rotary + the KV write (kernels/qk_norm_rope.py), then attention."""
         t = q.shape[0]
+        n = self._num_written(t, meta)
+        step = meta.step
+        fused = qk_norm_rope_cache_triton if (HAS_TRITON and q.is_cuda and cos.dtype == q.dtype) \
+            else qk_norm_rope_cache_torch
+        q = fused(q, k, v, cos, sin, q_weight, k_weight, eps, spec.head_dim, kv_cache, step.slot_mapping,
+                  step.block_size, n)
+        out = self._attend(q.view(t, spec.num_heads, spec.head_dim), kv_cache, meta)
+        return out.view(t, spec.num_heads * spec.head_dim)
+
+    @staticmethod
+    def _num_written(t: int, meta: FlashInferMetadata) -> int:
+        """Rows whose k/v go into the cache: all under a graph (padding rows have slot -1), else the real tokens."""
         if meta.graph_batch_size is not None:
             # Under a graph the real token count is not known at capture: write all rows, skipping slot -1.
             if t != meta.graph_batch_size:
                 raise ValueError(f"graph planned for {meta.graph_batch_size} tokens, got {t}")
-            write_kv_cache(k, v, kv_cache, step.slot_mapping[:t], step.block_size)
-            return meta.wrapper.run(q, kv_cache)
-        n = step.num_tokens
-        write_kv_cache(k[:n], v[:n], kv_cache, step.slot_mapping[:n], step.block_size)
-        if t == n:
+            return t
+        return meta.step.num_tokens
+
+    @staticmethod
+    def _attend(q: torch.Tensor, kv_cache: torch.Tensor, meta: FlashInferMetadata) -> torch.Tensor:
+        n = q.shape[0] if meta.graph_batch_size is not None else meta.step.num_tokens
+        if q.shape[0] == n:
             return meta.wrapper.run(q, kv_cache)
         out = torch.zeros_like(q)
         meta.wrapper.run(q[:n], kv_cache, out=out[:n])

@@ -1,6 +1,7 @@
-"""The attention layer the models use: reshapes heads and calls the opaque `vllm_lite::attention` custom op.
+"""The attention layer the models use: calls the opaque `vllm_lite::attention` custom op.
 
-The op (compile/custom_ops.py) looks the context up by id and runs its backend (KV-cache write + attention), so the
+The op (compile/custom_ops.py) looks the context up by id and runs its backend (q/k norm, rotary, KV-cache write,
+attention), so the
 same code path serves eager mode, torch.compile (Dynamo sees one opaque op per layer) and CUDA-graph capture.
 """
 from __future__ import annotations
@@ -21,10 +22,10 @@ class Attention(nn.Module):
         self.ctx = ctx
         self.ctx_id = register_layer(ctx, layer_idx, self.spec)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [T, Hq*D], k/v: [T, Hkv*D] (rotary already applied) -> [T, Hq*D]."""
-        s = self.spec
-        t = q.shape[0]
-        out = torch.ops.vllm_lite.attention(q.view(t, s.num_heads, s.head_dim), k.view(t, s.num_kv_heads, s.head_dim),
-                                            v.view(t, s.num_kv_heads, s.head_dim), self.ctx_id, self.layer_idx)
-        return out.view(t, s.num_heads * s.head_dim)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
+                eps: float = 0.0) -> torch.Tensor:
+        """q: [T, Hq*D], k/v: [T, Hkv*D] from the qkv projection (views are fine); cos/sin: [T, rot/2];
+        q_weight/k_weight: per-head RMSNorm weights (Qwen3) or None -> [T, Hq*D]."""
+        return torch.ops.vllm_lite.attention(q, k, v, cos, sin, q_weight, k_weight, eps, self.ctx_id,
+                                             self.layer_idx)

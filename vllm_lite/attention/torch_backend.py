@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vllm_lite.attention.backend import AttentionSpec, StepMetadata
+from vllm_lite.attention.backend import AttentionSpec, StepMetadata, forward_rope_reference
 
 
 @dataclass
@@ -61,6 +61,11 @@ class TorchAttentionBackend:
             out[qs:qe] = self._prefill_one(q[qs:qe], kv_cache, spec, step.block_table[row], seq_len,
                                            step.block_size)
         return out
+
+    def forward_rope(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
+                     kv_cache: torch.Tensor, spec: AttentionSpec, meta: TorchAttentionMetadata) -> torch.Tensor:
+        return forward_rope_reference(self, q, k, v, cos, sin, q_weight, k_weight, eps, kv_cache, spec, meta)
 
     @staticmethod
     def _decode(q: torch.Tensor, kv_cache: torch.Tensor, spec: AttentionSpec,

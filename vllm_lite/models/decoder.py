@@ -18,7 +18,6 @@ from vllm_lite.attention import Attention, AttentionContext
 from vllm_lite.layers.activation import SiluAndMul
 from vllm_lite.layers.norm import RMSNorm
 from vllm_lite.layers.rotary import get_rope, head_dim_of
-from vllm_lite.kernels.qk_norm_rope import qk_norm_rope
 
 logger = logging.getLogger("vllm_lite.models")
 
@@ -50,12 +49,12 @@ class DecoderAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        # Per-head q/k RMSNorm (Qwen3) and rotary: one fused kernel on CUDA, the reference elsewhere. v stays a
-        # strided view: the KV-cache write takes any row stride.
+        # Per-head q/k RMSNorm (Qwen3), rotary, the KV-cache write and attention all happen inside the attention
+        # op (on CUDA the first three in one kernel); q, k, v stay views of the projection.
         norm = self.q_norm is not None
-        q, k = qk_norm_rope(q, k, cos[:, 0], sin[:, 0], self.q_norm.weight if norm else None,
-                            self.k_norm.weight if norm else None, self.q_norm.eps if norm else 0.0, self.head_dim)
-        return self.o_proj(self.attn(q, k, v))
+        out = self.attn(q, k, v, cos[:, 0], sin[:, 0], self.q_norm.weight if norm else None,
+                        self.k_norm.weight if norm else None, self.q_norm.eps if norm else 0.0)
+        return self.o_proj(out)
 
 
 class DecoderMLP(nn.Module):
