@@ -42,7 +42,7 @@ def _assert_close(a, b) -> int:
 
 @pytest.fixture(scope="module")
 def eager():
-    llm = LLM("smollm2-135m-instruct", dtype="bfloat16", enforce_eager=True, max_model_len=1024,
+    llm = LLM("smollm2-135m-instruct", dtype="bfloat16", enforce_eager=True, max_model_len=1024, max_num_seqs=16,
               gpu_memory_utilization=0.3)
     out = _greedy(llm)
     del llm
@@ -51,7 +51,9 @@ def eager():
 
 
 def test_compiled_with_cuda_graphs_matches_eager(eager):
-    llm = LLM("smollm2-135m-instruct", dtype="bfloat16", max_model_len=1024, gpu_memory_utilization=0.3)
+    # max_num_seqs=16: graphs for 1, 2, 4, 8, 16 (the 5 chats fit; fewer captures keep the test quick)
+    llm = LLM("smollm2-135m-instruct", dtype="bfloat16", max_model_len=1024, max_num_seqs=16,
+              gpu_memory_utilization=0.3)
     runner = llm.engine.executor.worker.runner
     assert runner.attn_ctx.backend.name == "flashinfer"
     assert runner.graphs is not None and runner.graphs.graphs
@@ -70,6 +72,6 @@ def test_compiled_with_cuda_graphs_matches_eager(eager):
 
 def test_flashinfer_matches_torch_backend(eager):
     llm = LLM("smollm2-135m-instruct", dtype="bfloat16", enforce_eager=True, attention_backend="torch",
-              max_model_len=1024, gpu_memory_utilization=0.3)
+              max_model_len=1024, max_num_seqs=16, gpu_memory_utilization=0.3)
     identical = _assert_close(_greedy(llm), eager)
     print(f"torch vs flashinfer: {identical}/5 identical")
