@@ -58,6 +58,19 @@ def test_greedy_equals_argmax():
     assert out.logprobs is None and out.logprob_token_ids is None and out.ranks is None
 
 
+def test_handed_over_logits_give_the_same_tokens_and_unowned_stay_untouched():
+    """logits_owned=True lets the sampler work in place; tokens and logprobs are the same as with a copy."""
+    params = [SamplingParams(temperature=0.7, top_k=10, top_p=0.9, min_p=0.02, seed=i, logprobs=2) for i in range(4)]
+    params.append(SamplingParams(temperature=0.0, repetition_penalty=1.2))
+    logits = torch.randn(5, V, generator=gen(3))
+    before = logits.clone()
+    a = Sampler()(logits, build(params, gens=[gen(i) for i in range(4)] + [None], outputs=[[1, 2]] * 5))
+    assert torch.equal(logits, before)
+    b = Sampler()(logits.clone(), build(params, gens=[gen(i) for i in range(4)] + [None], outputs=[[1, 2]] * 5),
+                  logits_owned=True)
+    assert torch.equal(a.sampled_token_ids, b.sampled_token_ids) and torch.equal(a.logprobs, b.logprobs)
+
+
 def test_temperature_zero_equals_greedy_in_mixed_batch():
     torch.manual_seed(1)
     logits = torch.randn(6, V)

@@ -32,9 +32,10 @@ class SamplerOutput:
 
 
 class Sampler:
-    """Stateless; one instance per model runner. Does not modify the caller's logits."""
+    """Stateless; one instance per model runner. Does not modify the caller's logits unless they are handed over."""
 
-    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata, logits_owned: bool = False) -> SamplerOutput:
+        """logits_owned: the caller no longer needs `logits`, so float32 logits may be modified in place."""
         if logits.dim() != 2:
             raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
         raw_logprobs = None
@@ -48,8 +49,8 @@ class Sampler:
                 return SamplerOutput(sampled_token_ids=sampled)
             ids, lps, ranks = gather_logprobs(raw_logprobs, meta.max_num_logprobs, sampled)
             return SamplerOutput(sampled_token_ids=sampled, logprob_token_ids=ids, logprobs=lps, ranks=ranks)
-        # Own float32 copy: every later stage may work in place.
-        logits = logits.to(torch.float32, copy=True)
+        # Own float32 copy (unless handed over): every later stage may work in place.
+        logits = logits.to(torch.float32, copy=not (logits_owned and logits.dtype == torch.float32))
         logits = self.apply_constraints(logits, meta)
         sampled = self.sample(logits, meta)
 

@@ -218,7 +218,7 @@ class ModelRunner:
             # Pure decode where every request samples: the rows are 0..n-1 already, no gather needed.
             all_rows = meta.is_pure_decode and len(rows) == meta.num_tokens
             logits = self.model.compute_logits(hidden[: meta.num_tokens] if all_rows else hidden[inputs.logits_indices])
-            out = self.sampler(logits, self._sampling_metadata([states[i] for i in rows]))
+            out = self.sampler(logits, self._sampling_metadata([states[i] for i in rows]), logits_owned=True)
             self._last_sampled = out.sampled_token_ids
             tensors = [out.sampled_token_ids]
             if out.logprobs is not None:
