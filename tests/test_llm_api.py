@@ -103,3 +103,5 @@ def test_invalid_engine_arguments_name_the_field(tmp_path):
         LLM(str(tmp_path), block_size=0)
     with pytest.raises(ValueError, match="unknown engine argument"):
         LLM(str(tmp_path), not_a_flag=1)
+    with pytest.raises(ValueError, match="max_cudagraph_capture_size"):
+        LLM(str(tmp_path), max_cudagraph_capture_size=0)

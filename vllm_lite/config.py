@@ -77,9 +77,13 @@ class DeviceConfig:
     device: str = "auto"
     enforce_eager: bool = False
     attention_backend: str = "auto"
+    # Largest decode batch replayed from a CUDA graph (sizes 1, 2, 4, 8, 16, 24, ... up to min(this, max_num_seqs));
+    # larger decode batches run compiled without a graph.
+    max_cudagraph_capture_size: int = 512
 
     def __post_init__(self) -> None:
         _choice("device", self.device, DEVICES)
+        _positive("max_cudagraph_capture_size", self.max_cudagraph_capture_size)
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
 
     def resolved_device(self) -> str:

@@ -6,7 +6,7 @@ from typing import Any
 
 from vllm_lite import envs
 from vllm_lite.config import (ATTENTION_BACKENDS, DEFAULT_MODEL, DEVICES, DTYPES, LOAD_FORMATS, CacheConfig,
-                              SchedulerConfig)
+                              DeviceConfig, SchedulerConfig)
 
 API_KEY_ENV = "VLLM_LITE_API_KEY"
 
@@ -14,7 +14,7 @@ API_KEY_ENV = "VLLM_LITE_API_KEY"
 ENGINE_ARGS = ("model", "tokenizer", "dtype", "seed", "max_model_len", "served_model_name", "block_size",
                "enable_prefix_caching", "gpu_memory_utilization", "num_gpu_blocks_override", "kv_cache_memory_bytes",
                "max_num_seqs", "max_num_batched_tokens", "async_scheduling", "device", "enforce_eager",
-               "attention_backend", "load_format", "download_dir", "skip_tokenizer_init")
+               "attention_backend", "max_cudagraph_capture_size", "load_format", "download_dir", "skip_tokenizer_init")
 
 
 def _size(text: str) -> int:
@@ -72,6 +72,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", choices=DEVICES, help="where the model runs (auto: cuda if present)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="no torch.compile and no CUDA graphs (faster start, slower steps)")
+    g.add_argument("--max-cudagraph-capture-size", type=int, default=DeviceConfig.max_cudagraph_capture_size,
+                   help="largest decode batch replayed from a CUDA graph (graphs for 1, 2, 4, 8, 16, 24, ... up to "
+                        "this and max_num_seqs); larger batches run compiled without a graph")
     g.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="attention kernels: torch (reference, any device) or flashinfer (GPU)")
     return parser

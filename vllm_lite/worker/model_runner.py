@@ -86,7 +86,8 @@ class ModelRunner:
         self.forward = compile_model(self.model, self.config) if self.use_compile else self.model.forward
         self.use_cuda_graphs = self.use_compile and self.attn_ctx.backend.supports_cuda_graphs
         self.graphs: CUDAGraphRunner | None = None
-        self.capture_sizes = default_capture_sizes(self.config.scheduler.max_num_seqs)
+        self.capture_sizes = default_capture_sizes(self.config.scheduler.max_num_seqs,
+                                                   self.config.device.max_cudagraph_capture_size)
 
     # ---- KV cache sizing -------------------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
