@@ -187,7 +187,9 @@ def test_cuda_graph_decode(shape):
     torch.cuda.synchronize()
     assert torch.equal(cache, before)  # the all-padding warm-up wrote nothing
 
-    for reqs in ([(40, 1), (3, 1), (0, 1)], [(p, 1) for p in (511, 16, 17, 100, 1, 250, 31, 64)],
+    # The second batch has the first one's page counts (the plan is reused; indices and last pages change).
+    for reqs in ([(40, 1), (3, 1), (0, 1)], [(41, 1), (4, 1), (1, 1)],
+                 [(p, 1) for p in (511, 16, 17, 100, 1, 250, 31, 64)],
                  [(15, 1)], [(300, 1), (47, 1), (2, 1), (129, 1), (64, 1)]):
         n = len(reqs)
         q, k, v, meta = build_batch(reqs, spec, cache, gen, dtype)
