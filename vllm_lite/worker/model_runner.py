@@ -23,8 +23,8 @@ from vllm_lite.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from vllm_lite.model_loader import ModelInfo, load_model
 from vllm_lite.sample.metadata import SamplingMetadata
 from vllm_lite.sample.sampler import Sampler
-from vllm_lite.sampling_params import SamplingParams
 from vllm_lite.sample.topk_topp import skip_random_draws
+from vllm_lite.sampling_params import SamplingParams
 from vllm_lite.worker.input_batch import InputStager
 from vllm_lite.worker.request_state import CachedRequestState
 
