@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from vllm_lite import envs
 from vllm_lite.attention.backend import AttentionBackend
 from vllm_lite.attention.torch_backend import TorchAttentionBackend
 
@@ -32,7 +33,7 @@ def make_backend(name: str, *, num_heads: int, num_kv_heads: int, head_dim: int,
             problem = f"flashinfer failed to import: {e}"
         else:
             return FlashInferBackend(num_heads, num_kv_heads, head_dim, scale, dtype, device, max_num_seqs,
-                                     max_blocks_per_seq)
+                                     max_blocks_per_seq, use_tensor_cores=envs.flashinfer_tensor_cores())
     if name == "flashinfer":
         raise ValueError(f"attention_backend='flashinfer' cannot run: {problem}; use 'torch'")
     if device.type == "cuda":
