@@ -54,7 +54,7 @@ if HAS_TRITON:
         return b.to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _search(row_ptr, V, lo, hi, target_cnt, target_mass, m,
+    def _search(row_ptr, V: tl.constexpr, lo, hi, target_cnt, target_mass, m,
                 BY_MASS: tl.constexpr, BLOCK: tl.constexpr, NPIV: tl.constexpr):
         """Largest key t in [lo, hi] with F(t) >= target, given F(lo) >= target (F = count, or mass if BY_MASS,
         of keys >= t)."""
@@ -105,7 +105,7 @@ if HAS_TRITON:
         return lo
 
     @triton.jit
-    def _topk_topp_minp_kernel(logits_ptr, stride_row, V, k_ptr, p_ptr, lmp_ptr,
+    def _topk_topp_minp_kernel(logits_ptr, stride_row, V: tl.constexpr, k_ptr, p_ptr, lmp_ptr,
                                HAS_K: tl.constexpr, HAS_P: tl.constexpr, HAS_MINP: tl.constexpr,
                                BLOCK: tl.constexpr, NPIV: tl.constexpr):
         row = tl.program_id(0)
@@ -181,7 +181,8 @@ if HAS_TRITON:
                     valid = offs < V
                     x = tl.load(row_ptr + offs, mask=valid, other=float("-inf"))
                     drop = valid & (_to_key(x.to(tl.float32)) < thr)
-                    tl.store(row_ptr + offs, tl.full([BLOCK], float("-inf"), x.dtype), mask=drop)
+                    neg_inf = tl.full([BLOCK], float("-inf"), tl.float32).to(row_ptr.dtype.element_ty)
+                    tl.store(row_ptr + offs, neg_inf, mask=drop)
 
 
 def top_k_top_p_min_p_triton(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None,
