@@ -120,3 +120,11 @@ def test_async_equals_sync(tiny, name):
             if a.logprobs is not None:
                 assert [{t: lp.logprob for t, lp in e.items()} for e in a.logprobs] == \
                     [{t: lp.logprob for t, lp in e.items()} for e in b.logprobs]
+
+
+def test_generate_returns_with_nothing_in_flight(tiny):
+    llm = LLM(tiny, device="cpu", dtype="float32", max_model_len=128)
+    outs = llm.generate(["Hello world", "def add(a, b):"], SamplingParams(temperature=0.0, max_tokens=5, stop=["o"]),
+                        use_tqdm=False)
+    assert all(o.finished for o in outs)
+    assert not llm.engine.in_flight and not llm.engine.has_unfinished_requests()
