@@ -61,6 +61,14 @@ def _mark_tokens_dynamic(*tensors: torch.Tensor) -> None:
             torch._dynamo.mark_dynamic(t, 0)
 
 
+def _cache_stats() -> str:
+    """Compile-cache hits and misses so far (a warm start should show hits and no misses)."""
+    from torch._dynamo.utils import counters
+    ind, aot = counters["inductor"], counters["aot_autograd"]
+    return (f"FX graph cache {ind['fxgraph_cache_hit']} hit / {ind['fxgraph_cache_miss']} miss, "
+            f"AOTAutograd cache {aot['autograd_cache_hit']} hit / {aot['autograd_cache_miss']} miss")
+
+
 def _graph_count() -> int:
     from torch._dynamo.utils import counters
     return int(counters["stats"]["unique_graphs"])
@@ -111,8 +119,8 @@ class CompiledForward:
         self.compile_seconds = time.perf_counter() - start
         self._graphs_seen = _graph_count()
         self.num_calls += 1
-        logger.info("torch.compile: model forward compiled in %.2f s (first call, %d tokens)",
-                    self.compile_seconds, input_ids.shape[0])
+        logger.info("torch.compile: model forward compiled in %.2f s (first call, %d tokens; %s)",
+                    self.compile_seconds, input_ids.shape[0], _cache_stats())
         return out
 
 
