@@ -47,8 +47,10 @@ for stage in "$@"; do
       lat qwen3-0.6b 1 L1-qwen3-hf.json --max-num-seqs 8 --baseline hf ;;
     profile)
       for bs in 1 8 256; do
+        # batch 256 with 560-token prompts: T1's decode regime (context ~800 tokens halfway through)
         timeout 200 python3 bench/profile_decode.py --model qwen3-0.6b --batch-size $bs --output-len 256 \
-          --max-num-seqs $(( bs > 8 ? bs : 8 )) > "$OUT/profile-b$bs.log" 2>&1; echo "profile b$bs rc=$?"
+          --input-len $(( bs > 8 ? 560 : 128 )) --max-num-seqs $(( bs > 8 ? bs : 8 )) \
+          > "$OUT/profile-b$bs.log" 2>&1; echo "profile b$bs rc=$?"
         grep "ms/step" "$OUT/profile-b$bs.log"
       done ;;
     kernels)

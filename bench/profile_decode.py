@@ -37,11 +37,13 @@ def main() -> None:
     add_engine_args(ap, "qwen3-0.6b")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--capture-sizes-max", type=int, default=None)
     args = ap.parse_args()
     llm = make_llm(args)
     rng = random.Random(0)
-    batch = [{"prompt_token_ids": [rng.randrange(10000) for _ in range(128)]} for _ in range(args.batch_size)]
+    batch = [{"prompt_token_ids": [rng.randrange(10000) for _ in range(args.input_len)]}
+             for _ in range(args.batch_size)]
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(batch, params, use_tqdm=False)
     torch.cuda.synchronize()
