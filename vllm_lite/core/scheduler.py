@@ -206,14 +206,14 @@ class Scheduler:
             if not sampled:  # partial prefill chunk
                 kv.cache_blocks(request, request.num_computed_tokens)
                 continue
+            was_running = request.status == RequestStatus.RUNNING  # else preempted while its token was in flight
             new_tokens = self._append_and_check_stop(request, sampled)
             kv.cache_blocks(request, request.num_computed_tokens)
             logprobs = None
             if j is not None and model_runner_output.logprobs and model_runner_output.logprobs[j] is not None:
                 logprobs = model_runner_output.logprobs[j][:len(new_tokens)]
             if request.status.finished:
-                # Usually running; a request preempted while its token was in flight waits (async scheduling).
-                (self.running if request in self.running else self.waiting).remove(request)
+                (self.running if was_running else self.waiting).remove(request)
                 self._free_request(request)
             outputs.append(EngineCoreOutput(req_id, new_tokens, logprobs, request.finish_reason,
                                             request.stop_reason, max(request.num_cached_tokens, 0)))

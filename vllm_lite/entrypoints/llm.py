@@ -117,6 +117,6 @@ class LLM:
             sys.stderr.write("\n")
         # Async scheduling may leave a step in flight for requests that already finished: apply it now, so the
         # engine is idle (and any change of its settings takes full effect) when generate returns.
-        while self.engine.in_flight and not self.engine.scheduler.has_unfinished_requests():
+        while self.engine.has_unfinished_requests():
             self.engine.step()
         return [results[r] for r in request_ids if r in results]

@@ -45,14 +45,10 @@ class Sampler:
         if meta.all_greedy and meta.logits_mask is None and meta.blocked_rows is None and meta.no_penalties:
             # Plain greedy (the common decode case): argmax of the raw logits, no float32 copy of the vocabulary.
             sampled = logits.argmax(dim=-1).view(-1)
-            if raw_logprobs is None:
-                return SamplerOutput(sampled_token_ids=sampled)
-            ids, lps, ranks = gather_logprobs(raw_logprobs, meta.max_num_logprobs, sampled)
-            return SamplerOutput(sampled_token_ids=sampled, logprob_token_ids=ids, logprobs=lps, ranks=ranks)
-        # Own float32 copy (unless handed over): every later stage may work in place.
-        logits = logits.to(torch.float32, copy=not (logits_owned and logits.dtype == torch.float32))
-        logits = self.apply_constraints(logits, meta)
-        sampled = self.sample(logits, meta)
+        else:
+            # Own float32 copy (unless handed over): every later stage may work in place.
+            logits = logits.to(torch.float32, copy=not (logits_owned and logits.dtype == torch.float32))
+            sampled = self.sample(self.apply_constraints(logits, meta), meta)
 
         if raw_logprobs is None:
             return SamplerOutput(sampled_token_ids=sampled)

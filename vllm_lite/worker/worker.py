@@ -41,7 +41,3 @@ class Worker:
 
     def get_output(self) -> ModelRunnerOutput:
         return self.runner.get_output()
-
-    @property
-    def num_pending(self) -> int:
-        return len(self.runner.pending)

@@ -47,7 +47,6 @@ def run_worker(config: EngineConfig, info_blob: bytes, rank: int, in_addr: str, 
     outbox = ctx.socket(zmq.PUSH)
     outbox.connect(out_addr)
     parent = os.getppid()
-    max_in_flight = 2 if config.scheduler.async_scheduling else 1
     try:
         worker = Worker(config, info, rank)
         worker.load_model()
@@ -59,11 +58,9 @@ def run_worker(config: EngineConfig, info_blob: bytes, rank: int, in_addr: str, 
                 continue
             msg = WORKER_INPUT_DECODER.decode(inbox.recv())
             if isinstance(msg, SchedulerOutput):
-                # Launch, then answer with the oldest step once max_in_flight are out: with async scheduling
-                # the device runs this step while the engine core digests the previous one.
+                # Launch only. The engine core asks for outputs with "get_output"; with async scheduling that
+                # request arrives after the next step, which is then already running while this one is answered.
                 worker.execute_model(msg)
-                if worker.num_pending >= max_in_flight:
-                    outbox.send(encode(worker.get_output()))
             elif msg.method == "get_output":
                 outbox.send(encode(worker.get_output()))
             elif msg.method == "shutdown":
@@ -97,9 +94,6 @@ class MultiprocExecutor:
         self.proc = mp.get_context("spawn").Process(target=run_worker, name="vllm-lite-worker-0",
                                                     args=(config, info_blob, 0, in_addr, out_addr, time.time()))
         self.proc.start()
-        self.max_in_flight = 2 if config.scheduler.async_scheduling else 1
-        self.worker_pending = 0  # steps the worker launched and has not answered for
-        self.answers_due = 0  # answers the worker sends unasked (see execute_model)
         self._ready = False  # "ready" once the model is loaded
 
     def _recv(self) -> Any:
@@ -130,20 +124,12 @@ class MultiprocExecutor:
         self._call("initialize_kv_cache", num_blocks)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> None:
-        """Send a step; the worker answers with its oldest output once max_in_flight steps are out (mirrored here
-        so that `get_output` knows whether an answer is on its way or must be asked for)."""
+        """Send a step to launch; nothing comes back until `get_output` asks."""
         self.to_worker.send(encode(scheduler_output))
-        self.worker_pending += 1
-        if self.worker_pending >= self.max_in_flight:
-            self.worker_pending -= 1
-            self.answers_due += 1
 
     def get_output(self) -> ModelRunnerOutput:
-        if self.answers_due:
-            self.answers_due -= 1
-        else:
-            self.to_worker.send(encode(WorkerCall("get_output")))
-            self.worker_pending -= 1
+        """The oldest launched step's output (the worker answers in launch order)."""
+        self.to_worker.send(encode(WorkerCall("get_output")))
         out = self._recv()
         if isinstance(out, WorkerReply):
             raise RuntimeError(f"worker error: {out.error}")
