@@ -120,7 +120,8 @@ def max_rope_positions(cfg: Any) -> int:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, head_dim]; cos, sin: [T, 1, rot_dim/2] -> rotate-half rotary on the first rot_dim channels."""
+    """x: [T, H, head_dim]; cos, sin: [T, 1, rot_dim/2] -> rotate-half rotary on the first rot_dim channels, the
+    same arithmetic as HF's x * cos + rotate_half(x) * sin."""
     half = cos.shape[-1]
     rot = 2 * half
     x1, x2 = x[..., :half], x[..., half:rot]
@@ -131,7 +132,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin cache [max_positions, rot_dim] (cos half | sin half), applied rotate_half style to q and k."""
+    """cos/sin cache [max_positions, rot_dim] (cos half | sin half) for rotate-half rotary of q and k."""
 
     def __init__(self, head_dim: int, max_positions: int, inv_freq: torch.Tensor, attention_scaling: float = 1.0):
         super().__init__()
@@ -143,20 +144,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cache", cache, persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather once per forward: ([T, 1, rot_dim/2], [T, 1, rot_dim/2]) in the activation dtype (as HF casts)."""
-        cs = self.cos_sin_cache.index_select(0, positions).to(dtype)
-        cos, sin = cs.chunk(2, dim=-1)
-        return cos[:, None, :], sin[:, None, :]
-
-    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: [T, H*head_dim] -> rotated, same shape. Same arithmetic as HF's x*cos + rotate_half(x)*sin."""
-        t = x.shape[0]
-        return apply_rotary(x.view(t, -1, self.head_dim), cos, sin).reshape(t, -1)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor,
-                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.cos_sin(positions, q.dtype)
-        return self.apply(q, cos, sin), self.apply(k, cos, sin)
+        """Gather once per forward: ([T, rot_dim/2], [T, rot_dim/2]) in the activation dtype (as HF casts). The
+        attention op applies them (`apply_rotary`, or the fused kernel in kernels/qk_norm_rope.py)."""
+        cos, sin = self.cos_sin_cache.index_select(0, positions).to(dtype).chunk(2, dim=-1)
+        return cos, sin
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, rot_dim={self.rot_dim}, max_positions={self.cos_sin_cache.shape[0]}"

@@ -52,7 +52,7 @@ class DecoderAttention(nn.Module):
         # Per-head q/k RMSNorm (Qwen3), rotary, the KV-cache write and attention all happen inside the attention
         # op (on CUDA the first three in one kernel); q, k, v stay views of the projection.
         norm = self.q_norm is not None
-        out = self.attn(q, k, v, cos[:, 0], sin[:, 0], self.q_norm.weight if norm else None,
+        out = self.attn(q, k, v, cos, sin, self.q_norm.weight if norm else None,
                         self.k_norm.weight if norm else None, self.q_norm.eps if norm else 0.0)
         return self.o_proj(out)
 
