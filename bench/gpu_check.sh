@@ -54,8 +54,8 @@ for stage in "$@"; do
         grep "ms/step" "$OUT/profile-b$bs.log"
       done ;;
     kernels)
-      timeout 200 python3 bench/kernels.py --quick > "$OUT/kernels.log" 2>&1; echo "kernels rc=$?"
-      tail -12 "$OUT/kernels.log" ;;
+      timeout 240 python3 bench/kernels.py --quick > "$OUT/kernels.log" 2>&1; echo "kernels rc=$?"
+      grep -v "^\s*$" "$OUT/kernels.log" | grep -v Warning | head -40 ;;
     startup)
       rm -rf ~/.cache/vllm_lite/torch_compile
       for run in cold warm; do

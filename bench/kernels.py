@@ -86,6 +86,28 @@ def bench_kv_write(quick: bool) -> None:
         print(_row(str(t), cols))
 
 
+def bench_qk_norm_rope(quick: bool) -> None:
+    """The fused q/k RMSNorm + rotary + KV write (one launch) against the same steps in torch and inductor."""
+    from vllm_lite.kernels.qk_norm_rope import qk_norm_rope_cache_torch, qk_norm_rope_cache_triton
+    hq, hk, d, bs, nb = 16, 8, 128, 16, 4096
+    compiled = torch.compile(qk_norm_rope_cache_torch, dynamic=True)
+    print(f"\nq/k RMSNorm + rotary + KV write, qwen3-0.6b heads ({hq}/{hk} x {d}) bf16; us (eager / graph)")
+    print(f"{'T':<34}" + "".join(f"{n:>19}" for n in ("torch", "inductor", "triton")))
+    for t in ((1, 8, 256) if quick else (1, 8, 32, 64, 256, 2048)):
+        dt = torch.bfloat16
+        qkv = torch.randn(t, (hq + 2 * hk) * d, device="cuda", dtype=dt)
+        q, k, v = qkv[:, :hq * d], qkv[:, hq * d:(hq + hk) * d], qkv[:, (hq + hk) * d:]
+        cs = torch.rand(t, d, device="cuda", dtype=dt)
+        cos, sin = cs[:, :d // 2], cs[:, d // 2:]
+        qw, kw = torch.ones(d, device="cuda", dtype=dt), torch.ones(d, device="cuda", dtype=dt)
+        cache = torch.zeros(nb, 2, bs, hk, d, device="cuda", dtype=dt)
+        slots = torch.randperm(nb * bs, device="cuda")[:t]
+        args = (q, k, v, cos, sin, qw, kw, 1e-6, d, cache, slots, bs, t)
+        cols = [_time(lambda: qk_norm_rope_cache_torch(*args)), _safe_time(lambda: compiled(*args)),
+                _time(lambda: qk_norm_rope_cache_triton(*args))]
+        print(_row(str(t), cols))
+
+
 def bench_sampling(quick: bool) -> None:
     from vllm_lite.kernels.sampling import apply_min_p_torch, apply_top_k_top_p_torch, top_k_top_p_min_p_triton
     vocab = 151936
@@ -134,7 +156,7 @@ def bench_sampling(quick: bool) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer sizes")
-    ap.add_argument("--only", choices=["kv", "sampling"], default=None)
+    ap.add_argument("--only", choices=["kv", "qk", "sampling"], default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py needs CUDA")
@@ -144,6 +166,8 @@ def main() -> None:
     print(f"  triton {triton.__version__}")
     if args.only in (None, "kv"):
         bench_kv_write(args.quick)
+    if args.only in (None, "qk"):
+        bench_qk_norm_rope(args.quick)
     if args.only in (None, "sampling"):
         bench_sampling(args.quick)
 
