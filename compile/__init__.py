@@ -1,8 +1,7 @@
 """Torch.compile wrapper, custom-op registration and CUDA graph capture (installed as vllm_lite.compile).
 
 - custom_ops:  `torch.ops.vllm_lite.attention(q, k, v, cos, sin, ...)`, the opaque q/k norm + rotary + KV-write +
-  attention op, and
-               its context registry (`register_context`, `register_layer`).
+               attention op, and its context registry (`register_context`, `register_layer`).
 - compiler:    `compile_model(model, config)` -> forward callable (inductor, dynamic tokens, fullgraph, disk cache).
 - cuda_graphs: `CUDAGraphRunner` (pure-decode capture/replay), `default_capture_sizes`, `measure_graph_memory`.
 """

@@ -1,8 +1,8 @@
 """The attention layer the models use: calls the opaque `vllm_lite::attention` custom op.
 
 The op (compile/custom_ops.py) looks the context up by id and runs its backend (q/k norm, rotary, KV-cache write,
-attention), so the
-same code path serves eager mode, torch.compile (Dynamo sees one opaque op per layer) and CUDA-graph capture.
+attention), so the same code path serves eager mode, torch.compile (Dynamo sees one opaque op per layer) and
+CUDA-graph capture.
 """
 from __future__ import annotations
 
