@@ -11,6 +11,7 @@
 #   hf         L1 for qwen3-0.6b with the transformers baseline
 #   profile    where a decode step's time goes (cProfile + torch profiler), batch 1, 8 and 256 (T1's regime)
 #   kernels    Triton kernel micro-benchmarks against their torch references
+#   pytest:P   the gpu tests in P
 #   startup    `vllm-lite serve` time to ready: cold, then warm compile cache
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -79,7 +80,10 @@ for stage in "$@"; do
         kill -TERM $pid; wait $pid
       done
       grep -hE "compiled in|captured|ready" "$OUT"/serve-*.log | head -12 ;;
-    stage) ;;  # unpack only (the model halves)
+    stage) ;;  # unpack only (a model third)
+    pytest:*)
+      timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu "${stage#pytest:}" > "$OUT/pytest.log" 2>&1
+      echo "pytest ${stage#pytest:} rc=$?"; tail -15 "$OUT/pytest.log" ;;
     model)
       timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_engine_gpu.py > "$OUT/model_tests.log" 2>&1
       echo "model tests rc=$?"; tail -15 "$OUT/model_tests.log" ;;
