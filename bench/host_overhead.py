@@ -48,7 +48,7 @@ def measure(batch_size: int, steps: int, async_scheduling: bool, model_dir: str,
         prof.enable()
         llm.generate(batch, params, use_tqdm=False)
         prof.disable()
-        pstats.Stats(prof).sort_stats("cumulative").print_stats("vllm_lite", 25)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
     return seconds
 
 

@@ -21,6 +21,8 @@ from vllm_lite.core.sched_output import (CachedRequestData, ModelRunnerOutput, N
 from vllm_lite.engine.messages import EngineCoreOutput, EngineCoreOutputs, SchedulerStats
 from vllm_lite.request import Request, RequestStatus
 
+FINISHED = RequestStatus.FINISHED_STOPPED  # statuses >= this are finished (a plain int compare in the hot loop)
+
 
 class Scheduler:
     """Decides, step by step, which tokens of which requests the model computes, and owns the KV block tables."""
@@ -121,10 +123,11 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             pending = request.num_output_placeholders
-            num_new = request.num_tokens + pending + len(request.spec_token_ids) - request.num_computed_tokens
-            num_new = min(num_new, budget, self.max_model_len - request.num_computed_tokens)
-            if pending and (request.num_output_tokens + pending >= request.max_tokens
-                            or request.num_tokens + pending >= self.max_model_len):
+            num_tokens, computed = len(request.all_token_ids), request.num_computed_tokens
+            num_new = num_tokens + pending + len(request.spec_token_ids) - computed
+            num_new = min(num_new, budget, self.max_model_len - computed)
+            if pending and (len(request.output_token_ids) + pending >= request.max_tokens
+                            or num_tokens + pending >= self.max_model_len):
                 num_new = 0  # its pending token ends it: nothing more to compute
             if num_new <= 0:
                 i += 1
@@ -144,11 +147,12 @@ class Scheduler:
                 break
             num_scheduled[request.request_id] = num_new
             budget -= num_new
-            num_spec = request.num_computed_tokens + num_new - request.num_tokens - pending
+            num_spec = computed + num_new - num_tokens - pending
             if num_spec > 0:
                 spec_tokens[request.request_id] = request.spec_token_ids[:num_spec]
             cached_reqs.append(CachedRequestData(request.request_id, [b.block_id for b in new_blocks],
                                                  request.num_computed_tokens))
+            self._advance(request, num_new)
             i += 1
 
         # No admissions in a step that had to preempt: the pool is under pressure (same as vLLM).
@@ -171,16 +175,19 @@ class Scheduler:
             new_reqs.append(NewRequestData(request.request_id, request.prompt_token_ids,
                                            list(request.output_token_ids), request.sampling_params,
                                            kv.get_block_ids(request.request_id), num_hit))
+            self._advance(request, num_new)
 
-        for req_id, n in num_scheduled.items():
-            request = self.requests[req_id]
-            request.num_computed_tokens += n
-            if request.num_computed_tokens >= request.num_tokens + request.num_output_placeholders:
-                request.num_output_placeholders += 1  # this step samples a token for it
         finished = list(self.finished_req_ids)
         self.finished_req_ids = {}
         return SchedulerOutput(new_reqs, cached_reqs, num_scheduled, sum(num_scheduled.values()),
                                spec_tokens, finished)
+
+    @staticmethod
+    def _advance(request: Request, num_new: int) -> None:
+        """Count the scheduled tokens as computed; a step that reaches the end of the request samples a token."""
+        request.num_computed_tokens += num_new
+        if request.num_computed_tokens >= len(request.all_token_ids) + request.num_output_placeholders:
+            request.num_output_placeholders += 1
 
     # ------------------------------------------------------------------ results
     def update_from_output(self, scheduler_output: SchedulerOutput,
@@ -191,14 +198,15 @@ class Scheduler:
         outputs: list[EngineCoreOutput] = []
         for req_id in scheduler_output.num_scheduled_tokens:
             request = self.requests.get(req_id)
-            if request is None or request.status.finished:
+            if request is None or request.status >= FINISHED:
                 continue  # aborted (or finished one step earlier: an async extra step) after it was scheduled
             j = index.get(req_id)
             sampled = model_runner_output.sampled_token_ids[j] if j is not None else []
-            if sampled:
-                request.num_output_placeholders = max(request.num_output_placeholders - 1, 0)
+            if sampled and request.num_output_placeholders > 0:
+                request.num_output_placeholders -= 1
             spec = scheduler_output.scheduled_spec_decode_tokens.get(req_id)
-            request.spec_token_ids = []  # verified (or stale); the proposer sets fresh ones
+            if request.spec_token_ids:
+                request.spec_token_ids = []  # verified (or stale); the proposer sets fresh ones
             if spec and sampled:
                 if len(sampled) > len(spec) + 1:
                     raise ValueError(f"request {req_id!r}: {len(sampled)} tokens back for {len(spec)} spec tokens")
@@ -212,11 +220,13 @@ class Scheduler:
             logprobs = None
             if j is not None and model_runner_output.logprobs and model_runner_output.logprobs[j] is not None:
                 logprobs = model_runner_output.logprobs[j][:len(new_tokens)]
-            if request.status.finished:
+            finish_reason = None
+            if request.status >= FINISHED:
                 (self.running if was_running else self.waiting).remove(request)
                 self._free_request(request)
-            outputs.append(EngineCoreOutput(req_id, new_tokens, logprobs, request.finish_reason,
-                                            request.stop_reason, max(request.num_cached_tokens, 0)))
+                finish_reason = request.finish_reason
+            outputs.append(EngineCoreOutput(req_id, new_tokens, logprobs, finish_reason, request.stop_reason,
+                                            request.num_cached_tokens if request.num_cached_tokens > 0 else 0))
         return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.make_stats())
 
     def _append_and_check_stop(self, request: Request, sampled: list[int]) -> list[int]:
@@ -224,8 +234,14 @@ class Scheduler:
         params = request.sampling_params
         stop_ids = params.stop_token_ids
         eos = None if params.ignore_eos else request.eos_token_id
-        n_out0, n_tok0 = request.num_output_tokens, request.num_tokens
+        n_out0, n_tok0 = len(request.output_token_ids), len(request.all_token_ids)
         n = len(sampled)
+        if n == 1 and n_out0 + 1 < request.max_tokens and n_tok0 + 1 < self.max_model_len and sampled[0] != eos \
+                and not (stop_ids and sampled[0] in stop_ids):
+            request.output_token_ids.append(sampled[0])  # the common decode step: nothing stops it
+            request.all_token_ids.append(sampled[0])
+            self.kv_cache_manager.update_block_hashes(request)
+            return sampled
         for k, tok in enumerate(sampled):
             n_out = n_out0 + k + 1
             if n_out >= request.max_tokens or n_tok0 + k + 1 >= self.max_model_len:

@@ -123,10 +123,9 @@ class OutputProcessor:
                 seq.stop_reason = stop_str if stop_str is not None else out.stop_reason
             if seq.finish_reason is not None:
                 self.engine_to_request.pop(seq.engine_id, None)
+                if state.finished:
+                    self.requests.pop(state.request_id, None)
             changed[state.request_id] = state
-        for state in changed.values():
-            if state.finished:
-                self.requests.pop(state.request_id, None)
         return list(changed.values()), to_abort
 
     def abort_request(self, request_id: str) -> list[str]:

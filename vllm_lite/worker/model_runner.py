@@ -40,6 +40,7 @@ class _Launch:
     host: list[Any] = field(default_factory=list)  # non-blocking host copies: ids [, logprob ids, values, ranks]
     done: Any = None  # CUDA event after the copies
     num_logprobs: list[int | None] = field(default_factory=list)  # per sampling row, when logprobs were computed
+    positions: list[int] = field(default_factory=list)  # per sampling row: the token position it fills
     output: ModelRunnerOutput | None = None
 
 
@@ -229,8 +230,7 @@ class ModelRunner:
             if self.device.type == "cuda":
                 launch.done = torch.cuda.Event()
                 launch.done.record()
-            for j, i in enumerate(rows):
-                states[i].add_placeholder(self._launches, j)
+            launch.positions = [states[i].add_placeholder(self._launches, j) for j, i in enumerate(rows)]
         self.pending.append(launch)
 
     def get_output(self) -> ModelRunnerOutput:
@@ -250,13 +250,13 @@ class ModelRunner:
         tokens = launch.host[0].tolist() if launch.rows else []
         sampled: list[list[int]] = [[] for _ in launch.req_ids]
         logprobs: list = [None] * len(launch.req_ids)
-        for j, i in enumerate(launch.rows):
+        requests, number = self.requests, launch.number
+        for j, (i, pos) in enumerate(zip(launch.rows, launch.positions)):
             sampled[i] = tokens[j: j + 1]
-            state = self.requests.get(launch.req_ids[i])
-            if state is not None:  # else finished or preempted meanwhile; the scheduler drops the token
-                pos = next((p for p, src in state.pending.items() if src == (launch.number, j)), None)
-                if pos is not None:
-                    state.resolve(pos, tokens[j])
+            state = requests.get(launch.req_ids[i])
+            # Else finished or preempted meanwhile (the scheduler drops the token), or re-added since then.
+            if state is not None and state.pending.get(pos) == (number, j):
+                state.resolve(pos, tokens[j])
         if launch.num_logprobs:
             lp = _logprob_lists(*launch.host[1:])
             for j, (i, n) in enumerate(zip(launch.rows, launch.num_logprobs)):
@@ -289,17 +289,18 @@ class ModelRunner:
 
     def _sampling_metadata(self, states: list[CachedRequestState]) -> SamplingMetadata:
         """Rebuilt only when the batch changes, or when penalties / min_tokens make it depend on the outputs."""
+        key = tuple(s.req_id for s in states)
+        if key == self._sampling_key:  # same batch, and its metadata does not depend on the outputs
+            return self._sampling_cached
         params = [s.sampling_params for s in states]
         penalised = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params)
         blocked = [self._blocked_ids(s) for s in states]
-        key = tuple(s.req_id for s in states)
-        if not penalised and not any(blocked) and key == self._sampling_key:
-            return self._sampling_cached
         meta = SamplingMetadata.build(
             params=params, prompt_token_ids=[s.prompt_token_ids if penalised else [] for s in states],
             output_token_ids=[s.output_token_ids if penalised else [] for s in states],
             generators=[s.generator for s in states], stop_ids_blocked=blocked, device=self.device,
             vocab_size=self.vocab_size)
+        # Cacheable once no row is penalised or below min_tokens (outputs only grow while the batch is unchanged).
         self._sampling_key = None if penalised or any(blocked) else key
         self._sampling_cached = meta
         return meta

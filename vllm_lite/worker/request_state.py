@@ -45,14 +45,17 @@ class CachedRequestState:
     def num_output_tokens(self) -> int:
         return self.num_tokens - self.num_prompt_tokens
 
-    def add_placeholder(self, step: int, row: int) -> None:
-        """A token sampled on the device in launch `step`, row `row` of its sampled ids; `resolve` fills it."""
+    def add_placeholder(self, step: int, row: int) -> int:
+        """A token sampled on the device in launch `step`, row `row` of its sampled ids; `resolve` fills it.
+        Returns its position."""
         if self.num_tokens == len(self._tokens):
             grown = np.zeros(2 * self.num_tokens, dtype=np.int64)
             grown[: self.num_tokens] = self._tokens
             self._tokens = grown
-        self.pending[self.num_tokens] = (step, row)
-        self.num_tokens += 1
+        pos = self.num_tokens
+        self.pending[pos] = (step, row)
+        self.num_tokens = pos + 1
+        return pos
 
     def resolve(self, pos: int, token: int) -> None:
         self._tokens[pos] = token
