@@ -7,13 +7,15 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
 import openai
 import pytest
 
-from server_utils import RemoteServer, alive, children, wait_gone
+from server_utils import RemoteServer, alive, children, free_port, wait_gone
 from tiny_models import make_tiny_model
 
 SERVER_ARGS = ["--device", "cpu", "--dtype", "float32", "--max-model-len", "256", "--seed", "0"]
@@ -296,3 +298,38 @@ def test_cli_complete_and_chat(server, model_dir):
                           input="Hi there\nAnd again\nquit\n", capture_output=True, text=True, timeout=60)
     assert chat.returncode == 0, chat.stderr
     assert len(chat.stdout.strip()) > 0
+
+
+def _session_members(sid: int) -> list[int]:
+    """Live processes of session `sid` (zombies excluded)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":
+                found.append(int(name))
+    return found
+
+
+def test_bad_model_fails_clearly_and_stops_the_early_engine(tmp_path):
+    """The engine core and its worker are spawned before the model is resolved (start-up overlap): a model that
+    cannot be resolved still gives one clear error line, a non-zero exit, and no process left behind."""
+    missing = str(tmp_path / "no-such-model")
+    proc = subprocess.Popen([sys.executable, "-m", "vllm_lite", "serve", missing, "--device", "cpu",
+                             "--port", str(free_port())], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, (out, err)
+    assert "vllm-lite serve: error:" in err and "no-such-model" in err, err
+    deadline = time.monotonic() + 15
+    while _session_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _session_members(proc.pid) == []

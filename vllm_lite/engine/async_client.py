@@ -9,18 +9,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing as mp
-import os
 import pickle
-import tempfile
-import time
 from typing import Any, AsyncIterator
 
 import zmq
 import zmq.asyncio
 
 from vllm_lite.config import EngineConfig
-from vllm_lite.engine.ipc import (CORE_EVENT_DECODER, AbortRequests, EngineDead, EngineReady, encode,
-                                  ipc_address)
+from vllm_lite.engine.core_launch import EngineCoreProcess, spawn_engine_core
+from vllm_lite.engine.ipc import CORE_EVENT_DECODER, AbortRequests, EngineDead, EngineReady, encode
 from vllm_lite.engine.messages import EngineCoreOutputs, SchedulerStats
 from vllm_lite.engine.output_processor import OutputProcessor, RequestState
 from vllm_lite.model_loader import ModelInfo
@@ -34,7 +31,9 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngineClient:
-    def __init__(self, config: EngineConfig, info: ModelInfo, tokenizer: Any) -> None:
+    def __init__(self, config: EngineConfig, info: ModelInfo, tokenizer: Any,
+                 core: EngineCoreProcess | None = None) -> None:
+        """core: an engine core spawned early (`spawn_engine_core`); `start` spawns one when None."""
         self.config = config
         self.info = info
         self.tokenizer = tokenizer
@@ -47,30 +46,30 @@ class AsyncEngineClient:
         self.dead_reason: str | None = None
         self._events: dict[str, asyncio.Event] = {}
         self._tasks: list[asyncio.Task] = []
-        self._tmpdir = tempfile.mkdtemp(prefix="vllm-lite-")
-        os.chmod(self._tmpdir, 0o700)
-        self._proc: mp.process.BaseProcess | None = None
+        self._core = core
         self._ctx = zmq.asyncio.Context()
         self.on_dead: Any = None  # callback run once when the engine dies (the server uses it to exit)
         self.output_listeners: list[Any] = []  # callables fed every EngineCoreOutputs (metrics)
+
+    @property
+    def _proc(self) -> mp.process.BaseProcess | None:
+        return self._core.proc if self._core is not None else None
 
     @property
     def is_healthy(self) -> bool:
         return self.dead_reason is None and self._proc is not None and self._proc.is_alive()
 
     async def start(self) -> None:
-        """Spawn the engine core process (which spawns the workers) and wait until it is ready."""
-        from vllm_lite.engine.core_proc import run_engine_core
-        in_addr, out_addr = ipc_address(self._tmpdir, "input"), ipc_address(self._tmpdir, "output")
+        """Spawn the engine core (unless spawned early), send it the model description, wait until it is ready."""
+        if self._core is None:
+            self._core = spawn_engine_core(self.config)
         self._input = self._ctx.socket(zmq.PUSH)
-        self._input.bind(in_addr)
+        self._input.bind(self._core.in_addr)
         self._output = self._ctx.socket(zmq.PULL)
-        self._output.bind(out_addr)
-        ctx = mp.get_context("spawn")
-        # ModelInfo travels pickled: the engine core unpickles it (torch, transformers) after spawning its worker.
-        args = (self.config, pickle.dumps(self.info), in_addr, out_addr, self._tmpdir, time.time())
-        self._proc = ctx.Process(target=run_engine_core, name="vllm-lite-engine-core", args=args, daemon=False)
-        self._proc.start()
+        self._output.bind(self._core.out_addr)
+        # ModelInfo travels pickled, as the first frame: the engine core unpickles it (torch, transformers) after
+        # spawning its worker.
+        await self._input.send(pickle.dumps(self.info))
         while True:
             if await self._output.poll(500) and (msg := CORE_EVENT_DECODER.decode(await self._output.recv())):
                 if isinstance(msg, EngineReady):
@@ -156,17 +155,7 @@ class AsyncEngineClient:
         """Stop the engine core (it stops its workers) and wait for it; no process is left behind."""
         for task in self._tasks:
             task.cancel()
-        if self._proc is not None and self._proc.is_alive():
-            self._proc.terminate()
-            self._proc.join(10)
-            if self._proc.is_alive():
-                self._proc.kill()
-                self._proc.join(5)
+        if self._core is not None:
+            self._core.stop()
         self._ctx.destroy(linger=0)
-        try:
-            for name in os.listdir(self._tmpdir):
-                os.unlink(os.path.join(self._tmpdir, name))
-            os.rmdir(self._tmpdir)
-        except OSError:
-            pass
 

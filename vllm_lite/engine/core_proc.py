@@ -1,16 +1,19 @@
 """The engine core process: a busy loop that takes requests and aborts from the API server, steps the engine
 and streams EngineCoreOutputs back. It dies with its parent and reports its own failures before exiting.
 
-Start-up is overlapped: this module imports nothing heavy and the model description arrives pickled, so the
-process spawns its worker first and only then imports torch/transformers and unpickles it, while the worker boots.
+Start-up is overlapped: this module imports nothing heavy and the model description arrives pickled as the first
+message (the API server resolves it while this process boots), so the process spawns its worker first and only then
+imports torch/transformers and unpickles it, while the worker boots.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import pickle
 import signal
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -36,10 +39,10 @@ def _raise_shutdown(signum: int, frame: object) -> None:
     raise _Shutdown()
 
 
-def run_engine_core(config: EngineConfig, info_blob: bytes, in_addr: str, out_addr: str, sock_dir: str,
+def run_engine_core(config: EngineConfig, in_addr: str, out_addr: str, sock_dir: str,
                     spawned_at: float | None = None) -> None:
-    """info_blob: the pickled ModelInfo (unpickling it imports torch and transformers; done after the worker
-    is spawned)."""
+    """The first frame on the input socket is the pickled ModelInfo (unpickling it imports torch and
+    transformers; done after the worker is spawned and the frame is passed on to it)."""
     die_with_parent()
     setup_logging()
     if spawned_at is not None:  # interpreter start + imports + unpickling the arguments
@@ -55,11 +58,19 @@ def run_engine_core(config: EngineConfig, info_blob: bytes, in_addr: str, out_ad
     code = 0
     try:
         from vllm_lite.worker.worker_proc import MultiprocExecutor
-        executor = MultiprocExecutor(config, info_blob, sock_dir)  # the worker boots from here on
+        executor = MultiprocExecutor(config, sock_dir)  # the worker boots from here on
         start = time.perf_counter()
-        from vllm_lite.engine.core import EngineCore
+        # Heavy imports in a thread while waiting for the API server to resolve the model.
+        importer = threading.Thread(target=importlib.import_module, args=("vllm_lite.engine.core",), daemon=True)
+        importer.start()
+        info_blob = inbox.recv()
+        executor.send_model_info(info_blob)
+        waited = time.perf_counter() - start
+        importer.join()
+        from vllm_lite.engine.core import EngineCore  # re-raises here if the import failed
         info = pickle.loads(info_blob)
-        logger.info("engine core imports done in %.2f s (while the worker boots)", time.perf_counter() - start)
+        logger.info("engine core: model description after %.2f s, imports done after %.2f s (while the worker "
+                    "boots)", waited, time.perf_counter() - start)
         core = EngineCore(config, info, executor)
         outbox.send(encode(EngineReady(core.num_blocks)))
         _busy_loop(core, inbox, outbox)

@@ -77,20 +77,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from vllm_lite.entrypoints.openai.api_server import run_server
+    from vllm_lite.config import EngineConfig
     try:
         kwargs = engine_kwargs_from_args(args)
-        from vllm_lite.config import EngineConfig
-        EngineConfig.from_kwargs(**kwargs)  # flag errors before anything starts
+        config = EngineConfig.from_kwargs(**kwargs)  # flag errors before anything starts
     except ValueError as exc:
         print(f"vllm-lite serve: error: {exc}", file=sys.stderr)
         return 2
+    # The engine core (and its worker) boot while this process imports torch/transformers/FastAPI below.
+    from vllm_lite.engine.core_launch import spawn_engine_core
+    core = spawn_engine_core(config)
+    try:
+        from vllm_lite.entrypoints.openai.api_server import run_server
+    except BaseException:
+        core.stop()
+        raise
     chat_template = args.chat_template
     if chat_template and os.path.isfile(chat_template):
         with open(chat_template, encoding="utf-8") as f:
             chat_template = f.read()
     coro = run_server(kwargs, host=args.host, port=args.port, api_key=resolve_api_key(args.api_key),
-                      chat_template=chat_template, log_level=args.uvicorn_log_level)
+                      chat_template=chat_template, log_level=args.uvicorn_log_level, core=core)
     try:
         try:
             import uvloop

@@ -29,17 +29,16 @@ class WorkerDiedError(RuntimeError):
     pass
 
 
-def run_worker(config: EngineConfig, info_blob: bytes, rank: int, in_addr: str, out_addr: str,
+def run_worker(config: EngineConfig, rank: int, in_addr: str, out_addr: str,
                spawned_at: float | None = None) -> None:
-    """Worker process main: load the model, then serve calls and steps until told to stop.
-    info_blob: the pickled ModelInfo."""
+    """Worker process main: load the model, then serve calls and steps until told to stop. The first frame on
+    the input socket is the pickled ModelInfo (the engine core passes it on once the API server has sent it)."""
     die_with_parent()
     setup_logging()
     if spawned_at is not None:
         logger.info("worker %d process up %.2f s after spawn", rank, time.time() - spawned_at)
     start = time.perf_counter()
     from vllm_lite.worker.worker import Worker
-    info = pickle.loads(info_blob)
     logger.info("worker %d imports done in %.2f s", rank, time.perf_counter() - start)
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
@@ -48,6 +47,7 @@ def run_worker(config: EngineConfig, info_blob: bytes, rank: int, in_addr: str, 
     outbox.connect(out_addr)
     parent = os.getppid()
     try:
+        info = pickle.loads(inbox.recv())
         worker = Worker(config, info, rank)
         worker.load_model()
         outbox.send(encode(WorkerReply(result="ready")))
@@ -81,9 +81,9 @@ def run_worker(config: EngineConfig, info_blob: bytes, rank: int, in_addr: str, 
 class MultiprocExecutor:
     """Spawns one worker process per device and exchanges msgspec messages with it."""
 
-    def __init__(self, config: EngineConfig, info_blob: bytes, sock_dir: str) -> None:
-        """Spawns the worker and returns at once (it boots meanwhile); the first call waits for it to be ready.
-        info_blob: the pickled ModelInfo."""
+    def __init__(self, config: EngineConfig, sock_dir: str) -> None:
+        """Spawns the worker and returns at once (it boots meanwhile); `send_model_info` must follow; the first
+        call waits for the worker to be ready."""
         self.ctx = zmq.Context()
         self.to_worker = self.ctx.socket(zmq.PUSH)
         in_addr = ipc_address(sock_dir, "worker0-in")
@@ -92,9 +92,13 @@ class MultiprocExecutor:
         self.from_worker = self.ctx.socket(zmq.PULL)
         self.from_worker.bind(out_addr)
         self.proc = mp.get_context("spawn").Process(target=run_worker, name="vllm-lite-worker-0",
-                                                    args=(config, info_blob, 0, in_addr, out_addr, time.time()))
+                                                    args=(config, 0, in_addr, out_addr, time.time()))
         self.proc.start()
         self._ready = False  # "ready" once the model is loaded
+
+    def send_model_info(self, info_blob: bytes) -> None:
+        """The pickled ModelInfo: the worker's first message."""
+        self.to_worker.send(info_blob)
 
     def _recv(self) -> Any:
         while not self.from_worker.poll(_POLL_MS):

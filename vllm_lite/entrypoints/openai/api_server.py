@@ -13,7 +13,7 @@ import hmac
 import logging
 import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,6 +28,10 @@ from vllm_lite.entrypoints.openai.protocol import (ChatCompletionRequest, Comple
                                                    TokenizeRequest)
 from vllm_lite.entrypoints.openai.serving_chat import OpenAIServingChat
 from vllm_lite.entrypoints.openai.serving_completions import OpenAIServingCompletion
+from vllm_lite.logging_utils import process_start_time
+
+if TYPE_CHECKING:
+    from vllm_lite.engine.core_launch import EngineCoreProcess
 
 logger = logging.getLogger("vllm_lite.api_server")
 
@@ -190,8 +194,9 @@ def _log_stage(name: str, start: float) -> float:
 
 async def run_server(engine_kwargs: dict[str, Any], host: str = "127.0.0.1", port: int = 8000,
                      api_key: str | None = None, chat_template: str | None = None, log_level: str = "info",
-                     exit_delay_s: float = EXIT_DELAY_S) -> int:
-    """Start the engine and serve until SIGINT/SIGTERM (returns 0) or engine death (returns 1)."""
+                     exit_delay_s: float = EXIT_DELAY_S, core: EngineCoreProcess | None = None) -> int:
+    """Start the engine and serve until SIGINT/SIGTERM (returns 0) or engine death (returns 1).
+    core: an engine core spawned early by the CLI (stopped here on every exit path)."""
     import uvicorn
 
     from vllm_lite.config import EngineConfig
@@ -214,14 +219,14 @@ async def run_server(engine_kwargs: dict[str, Any], host: str = "127.0.0.1", por
             client.shutdown()
 
     try:
-        t0 = t = time.perf_counter()
+        t = time.perf_counter()
         config = EngineConfig.from_kwargs(**engine_kwargs)
         t = _log_stage("config", t)
         info = resolve_model(config.model, config.load, config.device.resolved_device())
         t = _log_stage(f"resolve model {config.model.model!r} -> {info.path}", t)
         tokenizer = None if config.model.skip_tokenizer_init else load_tokenizer(info)
         t = _log_stage("load tokenizer", t)
-        client = AsyncEngineClient(config, info, tokenizer)
+        client = AsyncEngineClient(config, info, tokenizer, core=core)
         await client.start()
         t = _log_stage(f"engine start (load, profile, {client.num_blocks} KV blocks, warm-up)", t)
         served = config.model.served_model_name or config.model.model
@@ -243,7 +248,7 @@ async def run_server(engine_kwargs: dict[str, Any], host: str = "127.0.0.1", por
             if server.started:
                 shown = host if host not in ("0.0.0.0", "::", "") else "localhost"
                 print(f"vllm-lite: serving {served} at http://{shown}:{port} "
-                      f"(ready in {time.perf_counter() - t0:.1f} s)", flush=True)
+                      f"(ready {time.time() - process_start_time():.1f} s after launch)", flush=True)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         announcer = asyncio.ensure_future(announce())
@@ -258,3 +263,5 @@ async def run_server(engine_kwargs: dict[str, Any], host: str = "127.0.0.1", por
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
         shutdown_client()
+        if client is None and core is not None:
+            core.stop()  # failed before the client took it over (bad model, tokenizer error, cancelled)
