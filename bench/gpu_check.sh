@@ -6,6 +6,7 @@
 #   tests      gpu-marked tests (FlashInfer, CUDA graphs, kernels) except the default model's
 #   model      the default model's gpu tests (compiled + graphs vs eager, async vs sync): needs model1..3
 #   latency    L1 and L8 for qwen3-0.6b (docs/PERF.md workloads)
+#   latency-tc the same with FlashInfer's tensor-core decode (VLLM_LITE_FLASHINFER_TENSOR_CORES=1)
 #   t1         T1 throughput, qwen3-0.6b
 #   llama      L1 for llama-3.1-8b with the transformers baseline
 #   hf         L1 for qwen3-0.6b with the transformers baseline
@@ -49,6 +50,9 @@ for stage in "$@"; do
     latency)
       lat qwen3-0.6b 1 L1-qwen3.json --max-num-seqs 8
       lat qwen3-0.6b 8 L8-qwen3.json --max-num-seqs 8 ;;
+    latency-tc)  # the same with FlashInfer's tensor-core decode kernels (vs the CUDA-core ones picked for GQA 2)
+      VLLM_LITE_FLASHINFER_TENSOR_CORES=1 lat qwen3-0.6b 1 L1-qwen3-tc.json --max-num-seqs 8
+      VLLM_LITE_FLASHINFER_TENSOR_CORES=1 lat qwen3-0.6b 8 L8-qwen3-tc.json --max-num-seqs 8 ;;
     t1)
       timeout 300 python3 bench/throughput.py --model qwen3-0.6b --json "$OUT/T1-qwen3.json" > "$OUT/T1.log" 2>&1
       echo "t1 rc=$?" ;;
