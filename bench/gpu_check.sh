@@ -65,8 +65,9 @@ for stage in "$@"; do
         # batch 256 with 560-token prompts: T1's decode regime (context ~800 tokens halfway through)
         timeout 200 python3 bench/profile_decode.py --model qwen3-0.6b --batch-size $bs --output-len 256 \
           --input-len $(( bs > 8 ? 560 : 128 )) --max-num-seqs $(( bs > 8 ? bs : 8 )) \
+          --temperature $(( bs > 8 ? 1 : 0 )) \
           > "$OUT/profile-b$bs.log" 2>&1; echo "profile b$bs rc=$?"
-        grep "ms/step" "$OUT/profile-b$bs.log"
+        grep -E "ms/step|GPU busy|without a profiler" "$OUT/profile-b$bs.log"
       done ;;
     kernels)
       timeout 240 python3 bench/kernels.py --quick > "$OUT/kernels.log" 2>&1; echo "kernels rc=$?"

@@ -39,12 +39,13 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--capture-sizes-max", type=int, default=None)
+    ap.add_argument("--temperature", type=float, default=0.0, help="T1 samples at 1.0; the latency runs are greedy")
     args = ap.parse_args()
     llm = make_llm(args)
     rng = random.Random(0)
     batch = [{"prompt_token_ids": [rng.randrange(10000) for _ in range(args.input_len)]}
              for _ in range(args.batch_size)]
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(batch, params, use_tqdm=False)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -64,11 +65,17 @@ def main() -> None:
     stats = pstats.Stats(prof)
     stats.sort_stats("tottime").print_stats(30)
     from torch.profiler import ProfilerActivity, profile
-    short = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    short = SamplingParams(temperature=args.temperature, max_tokens=16, ignore_eos=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as kprof:
+        t0 = time.perf_counter()
         llm.generate(batch, short, use_tqdm=False)
         torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1000
     print(kprof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    # Host- or GPU-bound? Kernel time summed over the window (kernels of one stream do not overlap) vs its wall time.
+    busy_ms = sum(e.self_device_time_total for e in kprof.key_averages()) / 1000
+    print(f"GPU busy {busy_ms:.1f} ms of {wall_ms:.1f} ms wall over 16 steps (prefill included): "
+          f"{100 * busy_ms / wall_ms:.0f} % (low = host-bound or launch gaps)")
 
 
 if __name__ == "__main__":
