@@ -65,6 +65,20 @@ def test_stop_strings_stop_token_ids_and_lengths(llm):
     assert len(o.token_ids) == 4
 
 
+def test_min_tokens_blocks_stop_ids_then_releases_them(llm):
+    """Stop ids cannot be sampled before min_tokens, and can be after: half the vocabulary stops, the batch stays the
+    same for many steps (the sampling metadata is reused between steps, so a stale block or a lost one shows)."""
+    vocab = llm.engine.executor.worker.runner.vocab_size
+    stops = list(range(vocab // 2))
+    params = SamplingParams(temperature=5.0, seed=1, min_tokens=8, max_tokens=48, stop_token_ids=stops,
+                            ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": [10 + i, 20, 30]} for i in range(6)], params, use_tqdm=False)
+    for o in outs:
+        c = o.outputs[0]
+        assert not set(c.token_ids[:8]) & set(stops), c.token_ids
+        assert c.finish_reason == "stop" and len(c.token_ids) > 8 and c.token_ids[-1] in stops, c.token_ids
+
+
 def test_n_choices_and_prompt_forms(llm):
     outs = llm.generate([{"prompt_token_ids": [5, 6, 7]}, "Hello"],
                         SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=6, ignore_eos=True),
