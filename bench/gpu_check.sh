@@ -31,7 +31,9 @@ if [ -f /root/stage/parts/part.0 ] && [ -f /root/stage/parts/part.1 ] && [ -f /r
 fi
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 || echo "pip install -e . failed"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
-echo "commit $(git rev-parse --short HEAD 2>/dev/null)"
+# The device's copy of .git can lag behind the working tree: trust .gpu/base/COMMIT, written here before each run
+# (`git rev-parse --short HEAD > .gpu/base/COMMIT`), over what git says there.
+echo "commit $(cat .gpu/base/COMMIT 2>/dev/null || echo "unknown ($(git rev-parse --short HEAD 2>/dev/null) by the device's git)")"
 
 lat() {  # model batch json [extra args]
   local model=$1 bs=$2 json=$3; shift 3
