@@ -333,3 +333,35 @@ def test_bad_model_fails_clearly_and_stops_the_early_engine(tmp_path):
     while _session_members(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _session_members(proc.pid) == []
+
+
+def _exit_at_once() -> None:
+    sys.exit(3)
+
+
+def test_engine_core_dead_before_handshake_fails_startup(model_dir, tmp_path):
+    """An engine core that dies before it connects (e.g. a crash while importing) fails start() with a clear error
+    instead of blocking forever on the first message."""
+    import multiprocessing as mp
+
+    from vllm_lite.config import EngineConfig
+    from vllm_lite.engine.async_client import AsyncEngineClient, EngineDeadError
+    from vllm_lite.engine.core_launch import EngineCoreProcess
+    from vllm_lite.model_loader import resolve_model
+
+    config = EngineConfig.from_kwargs(model=model_dir, device="cpu")
+    info = resolve_model(config.model, config.load, "cpu")
+    proc = mp.get_context("spawn").Process(target=_exit_at_once)
+    proc.start()
+    sock_dir = str(tmp_path / "socks")
+    os.makedirs(sock_dir)
+    core = EngineCoreProcess(proc, sock_dir, f"ipc://{sock_dir}/in", f"ipc://{sock_dir}/out")
+    client = AsyncEngineClient(config, info, None, core=core)
+
+    async def start() -> None:
+        await asyncio.wait_for(client.start(), 30)
+    try:
+        with pytest.raises(EngineDeadError, match="exited during startup"):
+            asyncio.run(start())
+    finally:
+        client.shutdown()

@@ -68,8 +68,16 @@ class AsyncEngineClient:
         self._output = self._ctx.socket(zmq.PULL)
         self._output.bind(self._core.out_addr)
         # ModelInfo travels pickled, as the first frame: the engine core unpickles it (torch, transformers) after
-        # spawning its worker.
-        await self._input.send(pickle.dumps(self.info))
+        # spawning its worker. A PUSH socket blocks until its peer connects, so poll (the peer may have died).
+        blob = pickle.dumps(self.info)
+        while True:
+            try:
+                await self._input.send(blob, flags=zmq.NOBLOCK)
+                break
+            except zmq.Again:
+                if not self._proc.is_alive():
+                    raise EngineDeadError(f"engine core exited during startup (exit code {self._proc.exitcode})")
+                await asyncio.sleep(0.01)
         while True:
             if await self._output.poll(500) and (msg := CORE_EVENT_DECODER.decode(await self._output.recv())):
                 if isinstance(msg, EngineReady):

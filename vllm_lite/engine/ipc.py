@@ -8,9 +8,11 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import time
 from typing import Any, Union
 
 import msgspec
+import zmq
 
 from vllm_lite.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from vllm_lite.engine.messages import EngineCoreOutputs, EngineCoreRequest
@@ -91,3 +93,16 @@ def die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+def send_first(sock: Any, frame: bytes, peer: Any, what: str) -> None:
+    """Send the first frame on a bound PUSH socket, waiting for the peer process to connect. A plain send would
+    block forever if `peer` (a multiprocessing process) died before connecting; this raises RuntimeError then."""
+    while True:
+        try:
+            sock.send(frame, flags=zmq.NOBLOCK)
+            return
+        except zmq.Again:
+            if not peer.is_alive():
+                raise RuntimeError(f"{what} exited before connecting (exit code {peer.exitcode})") from None
+            time.sleep(0.01)

@@ -17,7 +17,7 @@ import zmq
 from vllm_lite.config import EngineConfig
 from vllm_lite.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from vllm_lite.engine.ipc import (WORKER_EVENT_DECODER, WORKER_INPUT_DECODER, WorkerCall, WorkerReply,
-                                  die_with_parent, encode, ipc_address)
+                                  die_with_parent, encode, ipc_address, send_first)
 from vllm_lite.logging_utils import setup_logging
 
 logger = logging.getLogger("vllm_lite.worker")
@@ -98,7 +98,7 @@ class MultiprocExecutor:
 
     def send_model_info(self, info_blob: bytes) -> None:
         """The pickled ModelInfo: the worker's first message."""
-        self.to_worker.send(info_blob)
+        send_first(self.to_worker, info_blob, self.proc, "worker process")
 
     def _recv(self) -> Any:
         while not self.from_worker.poll(_POLL_MS):
