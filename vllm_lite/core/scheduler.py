@@ -236,26 +236,20 @@ class Scheduler:
         eos = None if params.ignore_eos else request.eos_token_id
         n_out0, n_tok0 = len(request.output_token_ids), len(request.all_token_ids)
         n = len(sampled)
-        if n == 1 and n_out0 + 1 < request.max_tokens and n_tok0 + 1 < self.max_model_len and sampled[0] != eos \
-                and not (stop_ids and sampled[0] in stop_ids):
-            request.output_token_ids.append(sampled[0])  # the common decode step: nothing stops it
-            request.all_token_ids.append(sampled[0])
-            self.kv_cache_manager.update_block_hashes(request)
-            return sampled
         for k, tok in enumerate(sampled):
             n_out = n_out0 + k + 1
             if n_out >= request.max_tokens or n_tok0 + k + 1 >= self.max_model_len:
                 request.status = RequestStatus.FINISHED_LENGTH
             elif n_out >= params.min_tokens:
-                if eos is not None and tok == eos:
+                if tok == eos:
                     request.status = RequestStatus.FINISHED_STOPPED
                 elif stop_ids and tok in stop_ids:
                     request.status = RequestStatus.FINISHED_STOPPED
                     request.stop_reason = tok
-            if request.status.finished:
+            if request.status >= FINISHED:
                 n = k + 1
                 break
-        new_tokens = list(sampled[:n])
+        new_tokens = sampled if n == len(sampled) else sampled[:n]
         request.append_output_token_ids(new_tokens)
         self.kv_cache_manager.update_block_hashes(request)
         return new_tokens
