@@ -84,7 +84,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"vllm-lite serve: error: {exc}", file=sys.stderr)
         return 2
-    # The engine core (and its worker) boot while this process imports torch/transformers/FastAPI below.
+    chat_template = args.chat_template
+    if chat_template and os.path.isfile(chat_template):
+        with open(chat_template, encoding="utf-8") as f:
+            chat_template = f.read()
+    # The engine core (and its worker) boot while this process imports torch/transformers/FastAPI below. From here
+    # on every exit path must stop it (run_server does once it runs).
     from vllm_lite.engine.core_launch import spawn_engine_core
     core = spawn_engine_core(config)
     try:
@@ -92,10 +97,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except BaseException:
         core.stop()
         raise
-    chat_template = args.chat_template
-    if chat_template and os.path.isfile(chat_template):
-        with open(chat_template, encoding="utf-8") as f:
-            chat_template = f.read()
     coro = run_server(kwargs, host=args.host, port=args.port, api_key=resolve_api_key(args.api_key),
                       chat_template=chat_template, log_level=args.uvicorn_log_level, core=core)
     try:

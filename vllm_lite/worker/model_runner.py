@@ -293,7 +293,7 @@ class ModelRunner:
         if key == self._sampling_key:  # same batch, and its metadata does not depend on the outputs
             return self._sampling_cached
         params = [s.sampling_params for s in states]
-        penalised = any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params)
+        penalised = any(_uses_token_values(p) for p in params)
         blocked = [self._blocked_ids(s) for s in states]
         meta = SamplingMetadata.build(
             params=params, prompt_token_ids=[s.prompt_token_ids if penalised else [] for s in states],
