@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Everything GPU-related in as few device runs as possible. On the GPU machine, after staging (../shared/GPU.md):
+# Everything GPU-related in as few device runs as possible. On the GPU machine, carrying .gpu/base (made here by
+# bench/gpu_pack.sh; it unpacks on a bare machine in the same run):
 #   bash bench/gpu_check.sh STAGE [STAGE ...]
-# Carry .gpu/base (bench/gpu_pack.sh) so a bare machine works in one run.
 # Stages (each under its own time limit, logs and JSON results in $OUT or ./gpu-out, a summary table last):
 #   tests      gpu-marked tests (FlashInfer, CUDA graphs, kernels) except the default model's
 #   model      the default model's gpu tests (compiled + graphs vs eager, async vs sync): needs model1..3
