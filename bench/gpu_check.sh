@@ -8,6 +8,9 @@
 #   latency    L1 and L8 for qwen3-0.6b (docs/PERF.md workloads)
 #   latency-tc the same with FlashInfer's tensor-core decode (VLLM_LITE_FLASHINFER_TENSOR_CORES=1)
 #   t1         T1 throughput, qwen3-0.6b
+#   t1b        T1 with every step timed and classified (prefill / decode by batch size, achieved bandwidth) and a
+#              kernel profile of pure-decode steps at batch 256 (bench/t1_breakdown.py)
+#   imports    import times of the three processes' entry modules (start-up critical path), twice
 #   llama      L1 for llama-3.1-8b with the transformers baseline
 #   hf         L1 for qwen3-0.6b with the transformers baseline
 #   profile    where a decode step's time goes (cProfile + torch profiler), batch 1, 8 and 256 (T1's regime)
@@ -58,6 +61,21 @@ for stage in "$@"; do
     t1)
       timeout 300 python3 bench/throughput.py --model qwen3-0.6b --json "$OUT/T1-qwen3.json" > "$OUT/T1.log" 2>&1
       echo "t1 rc=$?" ;;
+    t1b)
+      timeout 400 python3 bench/t1_breakdown.py --model qwen3-0.6b > "$OUT/t1b.log" 2>&1; echo "t1b rc=$?"
+      grep -B2 -A12 "^T1:" "$OUT/t1b.log"; grep "decode profile" "$OUT/t1b.log" ;;
+    imports)
+      for round in 1 2; do
+        for m in torch transformers xgrammar flashinfer fastapi vllm_lite.worker.worker vllm_lite.engine.core \
+                 vllm_lite.entrypoints.openai.api_server; do
+          s=$(date +%s.%N); python3 -c "import $m" 2>/dev/null
+          echo "round $round import $m: $(python3 -c "print(round($(date +%s.%N) - $s, 2))") s"
+        done
+      done
+      for m in vllm_lite.engine.core vllm_lite.entrypoints.openai.api_server; do
+        python3 -X importtime -c "import $m" 2> "$OUT/importtime-$m.txt"
+        echo "slowest cumulative imports under $m:"; sort -t'|' -k2 -n -r "$OUT/importtime-$m.txt" | head -12
+      done ;;
     llama)
       lat llama-3.1-8b 1 L1-llama8b.json --max-num-seqs 8 --baseline hf ;;
     hf)
