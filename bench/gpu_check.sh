@@ -14,7 +14,8 @@
 #   llama      L1 for llama-3.1-8b with the transformers baseline
 #   hf         L1 for qwen3-0.6b with the transformers baseline
 #   profile    where a decode step's time goes (cProfile + torch profiler), batch 1, 8 and 256 (T1's regime)
-#   kernels    Triton kernel micro-benchmarks against their torch references
+#   kernels    Triton kernel micro-benchmarks against their torch references (kernels:NAME: only one of them)
+#   t1-tc / llama-tc   T1 / llama L1 with FlashInfer's tensor-core decode
 #   pytest:P   the gpu tests in P
 #   startup    `vllm-lite serve` time to ready: cold, then warm compile cache
 set -uo pipefail
@@ -61,6 +62,12 @@ for stage in "$@"; do
     t1)
       timeout 300 python3 bench/throughput.py --model qwen3-0.6b --json "$OUT/T1-qwen3.json" > "$OUT/T1.log" 2>&1
       echo "t1 rc=$?" ;;
+    t1-tc)
+      VLLM_LITE_FLASHINFER_TENSOR_CORES=1 timeout 300 python3 bench/throughput.py --model qwen3-0.6b \
+        --json "$OUT/T1-qwen3-tc.json" > "$OUT/T1-tc.log" 2>&1
+      echo "t1-tc rc=$?" ;;
+    llama-tc)
+      VLLM_LITE_FLASHINFER_TENSOR_CORES=1 lat llama-3.1-8b 1 L1-llama8b-tc.json --max-num-seqs 8 ;;
     t1b)
       timeout 400 python3 bench/t1_breakdown.py --model qwen3-0.6b > "$OUT/t1b.log" 2>&1; echo "t1b rc=$?"
       grep -B2 -A12 "^T1:" "$OUT/t1b.log"; grep "decode profile" "$OUT/t1b.log" ;;
@@ -89,9 +96,10 @@ for stage in "$@"; do
           > "$OUT/profile-b$bs.log" 2>&1; echo "profile b$bs rc=$?"
         grep -E "ms/step|GPU busy|without a profiler" "$OUT/profile-b$bs.log"
       done ;;
-    kernels)
-      timeout 240 python3 bench/kernels.py --quick > "$OUT/kernels.log" 2>&1; echo "kernels rc=$?"
-      grep -v "^\s*$" "$OUT/kernels.log" | grep -v Warning | head -40 ;;
+    kernels|kernels:*)
+      only=${stage#kernels}; only=${only#:}
+      timeout 240 python3 bench/kernels.py --quick ${only:+--only $only} > "$OUT/kernels$only.log" 2>&1
+      echo "kernels $only rc=$?"; grep -v "^\s*$" "$OUT/kernels$only.log" | grep -v Warning | head -40 ;;
     startup)
       rm -rf ~/.cache/vllm_lite/torch_compile
       for run in cold warm; do

@@ -153,10 +153,30 @@ def bench_sampling(quick: bool) -> None:
         print(f"{b:<8}" + "".join(f"{r:>14.1f}" for r in res))
 
 
+def bench_random_sample(quick: bool) -> None:
+    """Temperature-only random sampling (T1): the Sampler's torch path vs the one-pass Triton kernel."""
+    from vllm_lite.kernels.gumbel_sample import gumbel_sample_triton
+    from vllm_lite.sample.topk_topp import random_sample
+    vocab = 151936
+
+    def torch_path(x, t):  # what the Sampler ran before the kernel: float32 copy, /T, softmax, exponential race
+        y = x.to(torch.float32).div_(t.unsqueeze(1))
+        return random_sample(y.softmax(dim=-1), {})
+
+    print(f"\nTemperature-only sampling, bf16 logits [B, {vocab}]; us (eager / graph)")
+    print(f"{'B':<34}" + "".join(f"{n:>19}" for n in ("torch path", "triton one-pass")))
+    for b in ((1, 64, 256) if quick else (1, 8, 64, 128, 256)):
+        x = (torch.randn(b, vocab, device="cuda") * 3).to(torch.bfloat16)
+        t = torch.ones(b, device="cuda")
+        greedy = torch.zeros(b, dtype=torch.bool, device="cuda")
+        print(_row(f"B={b}", [_time(lambda: torch_path(x, t)),
+                              _time(lambda: gumbel_sample_triton(x, t, greedy, seed=1))]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer sizes")
-    ap.add_argument("--only", choices=["kv", "qk", "sampling"], default=None)
+    ap.add_argument("--only", choices=["kv", "qk", "sampling", "random"], default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py needs CUDA")
@@ -170,6 +190,8 @@ def main() -> None:
         bench_qk_norm_rope(args.quick)
     if args.only in (None, "sampling"):
         bench_sampling(args.quick)
+    if args.only in (None, "random"):
+        bench_random_sample(args.quick)
 
 
 if __name__ == "__main__":

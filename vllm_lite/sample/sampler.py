@@ -4,6 +4,8 @@ Order (matches vLLM V1): logits mask -> min_tokens blocking -> penalties -> gree
 min-p -> top-k/top-p -> random sample. Logprobs are vLLM's default "raw" logprobs: log_softmax of the model's
 logits before any of the above, so they describe the model, not the sampling transform.
 Everything is tensor work on the logits' device; stages a batch does not need are skipped by host-side flags.
+With only a temperature (no filters, penalties, masks or seeds) CUDA batches sample in one Triton pass over the
+logits (kernels/gumbel_sample.py), the same exponential race without the softmax.
 """
 from __future__ import annotations
 
@@ -14,6 +16,12 @@ import torch
 from vllm_lite.sample.metadata import SamplingMetadata
 from vllm_lite.sample.penalties import apply_blocked_tokens, apply_penalties
 from vllm_lite.sample.topk_topp import apply_min_p, apply_top_k_top_p, random_sample
+
+try:
+    import triton  # noqa: F401  (the one-pass sampling kernel needs it; CPU installs may lack it)
+    _HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    _HAS_TRITON = False
 
 
 @dataclass
@@ -45,6 +53,10 @@ class Sampler:
         if meta.all_greedy and meta.logits_mask is None and meta.blocked_rows is None and meta.no_penalties:
             # Plain greedy (the common decode case): argmax of the raw logits, no float32 copy of the vocabulary.
             sampled = logits.argmax(dim=-1).view(-1)
+        elif _one_pass_random(logits, meta):
+            # Temperature only (T1's case): one Triton pass over the raw logits, no float32 copy or softmax.
+            from vllm_lite.kernels.gumbel_sample import gumbel_sample_triton
+            sampled = gumbel_sample_triton(logits, meta.temperature, meta.is_greedy)
         else:
             # Own float32 copy (unless handed over): every later stage may work in place.
             logits = logits.to(torch.float32, copy=not (logits_owned and logits.dtype == torch.float32))
@@ -86,6 +98,13 @@ class Sampler:
         if greedy is None:
             return sampled
         return torch.where(meta.is_greedy, greedy, sampled)
+
+
+def _one_pass_random(logits: torch.Tensor, meta: SamplingMetadata) -> bool:
+    """Random rows with nothing but a temperature, on CUDA, none seeded: the fused kernel's case (same distribution
+    as the exponential race below; seeded rows keep the torch path, which draws from their own generator)."""
+    return (logits.is_cuda and _HAS_TRITON and not meta.generators and meta.logits_mask is None
+            and meta.blocked_rows is None and meta.no_penalties and meta.no_min_p and meta.no_top_k and meta.no_top_p)
 
 
 def gather_logprobs(logprobs: torch.Tensor, num_logprobs: int,
