@@ -1,50 +1,28 @@
-"""IPC helpers: the first frame to a process that has not connected yet must not block forever if it died."""
+"""IPC messages: the model description the worker sends at start-up survives the trip and rebuilds the ModelInfo."""
 from __future__ import annotations
 
-import multiprocessing as mp
-import sys
-import time
+import torch
 
-import pytest
-import zmq
-
-from vllm_lite.engine.ipc import ipc_address, send_first
+from vllm_lite.config import LoadConfig, ModelConfig
+from vllm_lite.engine.ipc import (CORE_EVENT_DECODER, WORKER_EVENT_DECODER, ModelDescription, ModelError,
+                                  describe_model, encode, model_info_from)
+from vllm_lite.model_loader import resolve_model
 
 
-def _exit_at_once() -> None:
-    sys.exit(3)
+def test_model_description_round_trip(tiny_qwen3_path):
+    config = ModelConfig(model=tiny_qwen3_path, max_model_len=100, dtype="bfloat16")
+    info = resolve_model(config, LoadConfig(), device="cpu")
+    frame = encode(describe_model(info))
+    desc = WORKER_EVENT_DECODER.decode(frame)
+    assert isinstance(desc, ModelDescription) and CORE_EVENT_DECODER.decode(frame) == desc  # passed on as is
+    assert (desc.path, desc.max_model_len, desc.dtype, desc.vocab_size) == (info.path, 100, "bfloat16",
+                                                                             info.vocab_size)
+    back = model_info_from(desc)
+    assert back == info and back.dtype is torch.bfloat16  # hf_config is not compared: checked below
+    assert back.hf_config.to_dict() == info.hf_config.to_dict()
 
 
-def _receive_one(addr: str, conn) -> None:
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PULL)
-    sock.connect(addr)
-    conn.send(sock.recv())
-    ctx.destroy()
-
-
-def test_send_first_to_dead_peer_raises(tmp_path):
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PUSH)
-    sock.bind(ipc_address(str(tmp_path), "dead"))
-    peer = mp.get_context("spawn").Process(target=_exit_at_once)
-    peer.start()
-    start = time.monotonic()
-    with pytest.raises(RuntimeError, match="worker process exited before connecting"):
-        send_first(sock, b"info", peer, "worker process")
-    assert time.monotonic() - start < 30
-    ctx.destroy(linger=0)
-
-
-def test_send_first_reaches_a_peer_that_connects_later(tmp_path):
-    addr = ipc_address(str(tmp_path), "live")
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PUSH)
-    sock.bind(addr)
-    mine, theirs = mp.get_context("spawn").Pipe()
-    peer = mp.get_context("spawn").Process(target=_receive_one, args=(addr, theirs))
-    peer.start()
-    send_first(sock, b"info", peer, "worker process")
-    assert mine.poll(30) and mine.recv() == b"info"
-    peer.join(10)
-    ctx.destroy(linger=0)
+def test_model_error_decodes_on_both_sockets():
+    frame = encode(ModelError("ValueError: model 'x' has no config.json"))
+    assert WORKER_EVENT_DECODER.decode(frame) == CORE_EVENT_DECODER.decode(frame) == ModelError(
+        "ValueError: model 'x' has no config.json")

@@ -316,8 +316,8 @@ def _session_members(sid: int) -> list[int]:
 
 
 def test_bad_model_fails_clearly_and_stops_the_early_engine(tmp_path):
-    """The engine core and its worker are spawned before the model is resolved (start-up overlap): a model that
-    cannot be resolved still gives one clear error line, a non-zero exit, and no process left behind."""
+    """The worker resolves the model (the API server never does): a model that cannot be resolved still gives one
+    clear error line, a non-zero exit, and no process left behind."""
     missing = str(tmp_path / "no-such-model")
     proc = subprocess.Popen([sys.executable, "-m", "vllm_lite", "serve", missing, "--device", "cpu",
                              "--port", str(free_port())], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -329,6 +329,7 @@ def test_bad_model_fails_clearly_and_stops_the_early_engine(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 1, (out, err)
     assert "vllm-lite serve: error:" in err and "no-such-model" in err, err
+    assert "Traceback" not in err, err  # the worker resolves the model; its failure is still one line
     deadline = time.monotonic() + 15
     while _session_members(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -340,23 +341,21 @@ def _exit_at_once() -> None:
 
 
 def test_engine_core_dead_before_handshake_fails_startup(model_dir, tmp_path):
-    """An engine core that dies before it connects (e.g. a crash while importing) fails start() with a clear error
-    instead of blocking forever on the first message."""
+    """An engine core that dies before it says anything (e.g. a crash while importing) fails start() with a clear
+    error instead of waiting forever for the model description."""
     import multiprocessing as mp
 
     from vllm_lite.config import EngineConfig
     from vllm_lite.engine.async_client import AsyncEngineClient, EngineDeadError
     from vllm_lite.engine.core_launch import EngineCoreProcess
-    from vllm_lite.model_loader import resolve_model
 
     config = EngineConfig.from_kwargs(model=model_dir, device="cpu")
-    info = resolve_model(config.model, config.load, "cpu")
     proc = mp.get_context("spawn").Process(target=_exit_at_once)
     proc.start()
     sock_dir = str(tmp_path / "socks")
     os.makedirs(sock_dir)
     core = EngineCoreProcess(proc, sock_dir, f"ipc://{sock_dir}/in", f"ipc://{sock_dir}/out")
-    client = AsyncEngineClient(config, info, None, core=core)
+    client = AsyncEngineClient(config, core=core)
 
     async def start() -> None:
         await asyncio.wait_for(client.start(), 30)

@@ -1,12 +1,16 @@
-"""Tokenizer loading and chat templating (thin layer over transformers' tokenizers)."""
+"""Tokenizer loading and chat templating (thin layer over transformers' tokenizers).
+
+transformers is imported when a tokenizer is loaded, not with this module: the API server imports it (through the
+chat serving code) whether or not it will ever need a tokenizer (--skip-tokenizer-init).
+"""
 from __future__ import annotations
 
 from typing import Any
 
-from transformers import AutoTokenizer
-
 
 def load_tokenizer(info: Any) -> Any:
+    """info: anything with a `tokenizer` path or repo id (a ModelInfo or the API server's ModelDescription)."""
+    from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(info.tokenizer)
 
 

@@ -3,24 +3,28 @@
 It owns the OutputProcessor (detokenization, stop strings, n-fan-out) so the engine core only sees token ids.
 A background task reads EngineCoreOutputs from the core's socket and wakes the waiting request streams; another
 watches the core process and fails every open request within a second of its death.
+
+Start-up: the worker resolves the model; its description (`info`) is the first message from the engine core. The
+tokenizer then loads in a thread while the engine loads the model. No torch or transformers import here.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import multiprocessing as mp
-import pickle
-from typing import Any, AsyncIterator
+import threading
+import time
+from typing import Any, AsyncIterator, Callable
 
 import zmq
 import zmq.asyncio
 
 from vllm_lite.config import EngineConfig
 from vllm_lite.engine.core_launch import EngineCoreProcess, spawn_engine_core
-from vllm_lite.engine.ipc import CORE_EVENT_DECODER, AbortRequests, EngineDead, EngineReady, encode
+from vllm_lite.engine.ipc import (CORE_EVENT_DECODER, AbortRequests, EngineDead, EngineReady, ModelDescription,
+                                  ModelError, encode)
 from vllm_lite.engine.messages import EngineCoreOutputs, SchedulerStats
 from vllm_lite.engine.output_processor import OutputProcessor, RequestState
-from vllm_lite.model_loader import ModelInfo
 from vllm_lite.sampling_params import SamplingParams
 
 logger = logging.getLogger("vllm_lite.async_client")
@@ -30,17 +34,21 @@ class EngineDeadError(RuntimeError):
     """The engine core (or a worker) is gone; no request can complete."""
 
 
+class EngineStartupError(EngineDeadError):
+    """The engine did not start (the model cannot be served, a process died); the message says it all."""
+
+
 class AsyncEngineClient:
-    def __init__(self, config: EngineConfig, info: ModelInfo, tokenizer: Any,
-                 core: EngineCoreProcess | None = None) -> None:
-        """core: an engine core spawned early (`spawn_engine_core`); `start` spawns one when None."""
+    def __init__(self, config: EngineConfig, core: EngineCoreProcess | None = None,
+                 tokenizer_loader: Callable[[ModelDescription], Any] | None = None) -> None:
+        """core: an engine core spawned early (`spawn_engine_core`); `start` spawns one when None.
+        tokenizer_loader: builds the tokenizer from the model description (None: no tokenizer). `info`, `tokenizer`
+        and `num_blocks` are set by `start`."""
         self.config = config
-        self.info = info
-        self.tokenizer = tokenizer
-        eos = list(info.eos_token_ids)
-        primary = tokenizer.eos_token_id if tokenizer is not None and tokenizer.eos_token_id is not None \
-            else (eos[0] if eos else None)
-        self.processor = OutputProcessor(tokenizer, [e for e in eos if e != primary], primary)
+        self.info: ModelDescription | None = None
+        self.tokenizer: Any = None
+        self._tokenizer_loader = tokenizer_loader
+        self.processor: OutputProcessor | None = None
         self.stats = SchedulerStats()
         self.num_blocks = 0
         self.dead_reason: str | None = None
@@ -60,34 +68,51 @@ class AsyncEngineClient:
         return self.dead_reason is None and self._proc is not None and self._proc.is_alive()
 
     async def start(self) -> None:
-        """Spawn the engine core (unless spawned early), send it the model description, wait until it is ready."""
+        """Spawn the engine core (unless spawned early), take the model description, load the tokenizer while the
+        engine loads the model, and wait until the engine is ready. Raises EngineStartupError."""
         if self._core is None:
             self._core = spawn_engine_core(self.config)
         self._input = self._ctx.socket(zmq.PUSH)
         self._input.bind(self._core.in_addr)
         self._output = self._ctx.socket(zmq.PULL)
         self._output.bind(self._core.out_addr)
-        # ModelInfo travels pickled, as the first frame: the engine core unpickles it (torch, transformers) after
-        # spawning its worker. A PUSH socket blocks until its peer connects, so poll (the peer may have died).
-        blob = pickle.dumps(self.info)
-        while True:
-            try:
-                await self._input.send(blob, flags=zmq.NOBLOCK)
-                break
-            except zmq.Again:
-                if not self._proc.is_alive():
-                    raise EngineDeadError(f"engine core exited during startup (exit code {self._proc.exitcode})")
-                await asyncio.sleep(0.01)
-        while True:
-            if await self._output.poll(500) and (msg := CORE_EVENT_DECODER.decode(await self._output.recv())):
-                if isinstance(msg, EngineReady):
-                    self.num_blocks = msg.num_blocks
-                    break
-                if isinstance(msg, EngineDead):
-                    raise EngineDeadError(f"engine core failed to start: {msg.reason}")
-            if not self._proc.is_alive():
-                raise EngineDeadError(f"engine core exited during startup (exit code {self._proc.exitcode})")
+        start = time.perf_counter()
+        msg = await self._startup_event()
+        if isinstance(msg, ModelError):
+            raise EngineStartupError(msg.reason)
+        if not isinstance(msg, ModelDescription):
+            raise EngineStartupError(f"engine core sent {type(msg).__name__} before the model description")
+        self.info = msg
+        logger.info("model description from the engine after %.2f s: %r -> %s", time.perf_counter() - start,
+                    msg.model, msg.path)
+        tokenizer = _in_thread(self._tokenizer_loader, msg) if self._tokenizer_loader is not None else None
+        try:
+            msg = await self._startup_event()
+            if not isinstance(msg, EngineReady):
+                raise EngineStartupError(f"engine core sent {type(msg).__name__} before it was ready")
+        except BaseException:
+            if tokenizer is not None:
+                tokenizer.cancel()
+            raise
+        self.num_blocks = msg.num_blocks
+        if tokenizer is not None:
+            self.tokenizer = await tokenizer
+        eos = list(self.info.eos_token_ids)
+        primary = self.tokenizer.eos_token_id if self.tokenizer is not None and \
+            self.tokenizer.eos_token_id is not None else (eos[0] if eos else None)
+        self.processor = OutputProcessor(self.tokenizer, [e for e in eos if e != primary], primary)
         self._tasks = [asyncio.create_task(self._output_loop()), asyncio.create_task(self._watch_core())]
+
+    async def _startup_event(self) -> Any:
+        """The next message from the engine core during start-up; its death or EngineDead is an error."""
+        while True:
+            if await self._output.poll(500):
+                msg = CORE_EVENT_DECODER.decode(await self._output.recv())
+                if isinstance(msg, EngineDead):
+                    raise EngineStartupError(f"engine core failed to start: {msg.reason}")
+                return msg
+            if not self._proc.is_alive():
+                raise EngineStartupError(f"engine core exited during startup (exit code {self._proc.exitcode})")
 
     async def _output_loop(self) -> None:
         while True:
@@ -167,3 +192,25 @@ class AsyncEngineClient:
             self._core.stop()
         self._ctx.destroy(linger=0)
 
+
+def _in_thread(fn: Callable[..., Any], *args: Any) -> asyncio.Future:
+    """Run fn in a daemon thread (an abandoned tokenizer load must not hold up the exit), as an awaitable."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if not future.done():
+            future.set_result(result) if error is None else future.set_exception(error)
+
+    def run() -> None:
+        result, error = None, None
+        try:
+            result = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
+            error = e
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop is gone (start-up failed meanwhile): nobody waits for it
+            pass
+    threading.Thread(target=run, name="tokenizer-load", daemon=True).start()
+    return future

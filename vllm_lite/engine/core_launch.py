@@ -1,9 +1,9 @@
 """Spawning the engine-core process, cheaply and early.
 
-`vllm-lite serve` calls `spawn_engine_core` before it imports torch, transformers or FastAPI: the engine core (and
-the worker it spawns at once) boot while the API server imports and resolves the model. The model description
-follows as the first frame on the engine core's input socket (`AsyncEngineClient.start` sends it), so it is
-resolved once, in the API server, which also reports what is wrong with it. Only light modules are imported here.
+`vllm-lite serve` calls `spawn_engine_core` before it imports FastAPI: the engine core (and the worker it spawns at
+once) boot from the config alone while the API server imports. The model is resolved once, in the worker; its
+description comes back as the first message on the engine core's output socket (`AsyncEngineClient.start` reads it),
+and so does what is wrong with it. Only light modules are imported here.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class EngineCoreProcess:
 
 
 def spawn_engine_core(config: EngineConfig) -> EngineCoreProcess:
-    """Start the engine-core process; it connects to the addresses and waits there for the model description."""
+    """Start the engine-core process; it connects to the addresses (the API server binds them later)."""
     from vllm_lite.engine.core_proc import run_engine_core
     sock_dir = tempfile.mkdtemp(prefix="vllm-lite-")
     os.chmod(sock_dir, 0o700)

@@ -1,16 +1,15 @@
 """The engine core process: a busy loop that takes requests and aborts from the API server, steps the engine
 and streams EngineCoreOutputs back. It dies with its parent and reports its own failures before exiting.
 
-Start-up is overlapped: this module imports nothing heavy and the model description arrives pickled as the first
-message (the API server resolves it while this process boots), so the process spawns its worker first and only then
-imports torch/transformers and unpickles it, while the worker boots.
+Start-up is overlapped: this module imports nothing heavy, so the process spawns its worker at once (the worker
+resolves the model and loads it on its own), imports the engine in a thread meanwhile, and passes the worker's
+model description on to the API server as soon as it comes.
 """
 from __future__ import annotations
 
 import importlib
 import logging
 import os
-import pickle
 import signal
 import sys
 import threading
@@ -20,15 +19,18 @@ from typing import TYPE_CHECKING
 import zmq
 
 from vllm_lite.config import EngineConfig
-from vllm_lite.engine.ipc import (CORE_INPUT_DECODER, AbortRequests, EngineDead, EngineReady, die_with_parent,
-                                  encode)
+from vllm_lite.engine.ipc import (CORE_INPUT_DECODER, AbortRequests, EngineDead, EngineReady, ModelError,
+                                  die_with_parent, encode, model_info_from)
 from vllm_lite.engine.messages import EngineCoreOutput, EngineCoreOutputs
 from vllm_lite.logging_utils import setup_logging
+from vllm_lite.worker.worker_proc import MultiprocExecutor
 
 if TYPE_CHECKING:
     from vllm_lite.engine.core import EngineCore
 
 logger = logging.getLogger("vllm_lite.engine_core")
+
+_REPORT_LINGER_MS = 60_000
 
 
 class _Shutdown(Exception):
@@ -41,8 +43,8 @@ def _raise_shutdown(signum: int, frame: object) -> None:
 
 def run_engine_core(config: EngineConfig, in_addr: str, out_addr: str, sock_dir: str,
                     spawned_at: float | None = None) -> None:
-    """The first frame on the input socket is the pickled ModelInfo (unpickling it imports torch and
-    transformers; done after the worker is spawned and the frame is passed on to it)."""
+    """Spawn the worker, pass its model description on to the API server (the first message on the output
+    socket), build the EngineCore, say EngineReady, then loop. Failures go out as EngineDead before exiting."""
     die_with_parent()
     setup_logging()
     if spawned_at is not None:  # interpreter start + imports + unpickling the arguments
@@ -57,23 +59,13 @@ def run_engine_core(config: EngineConfig, in_addr: str, out_addr: str, sock_dir:
     core = None
     code = 0
     try:
-        from vllm_lite.worker.worker_proc import MultiprocExecutor
         executor = MultiprocExecutor(config, sock_dir)  # the worker boots from here on
-        start = time.perf_counter()
-        # Heavy imports in a thread while waiting for the API server to resolve the model.
-        importer = threading.Thread(target=importlib.import_module, args=("vllm_lite.engine.core",), daemon=True)
-        importer.start()
-        info_blob = inbox.recv()
-        executor.send_model_info(info_blob)
-        waited = time.perf_counter() - start
-        importer.join()
-        from vllm_lite.engine.core import EngineCore  # re-raises here if the import failed
-        info = pickle.loads(info_blob)
-        logger.info("engine core: model description after %.2f s, imports done after %.2f s (while the worker "
-                    "boots)", waited, time.perf_counter() - start)
-        core = EngineCore(config, info, executor)
-        outbox.send(encode(EngineReady(core.num_blocks)))
-        _busy_loop(core, inbox, outbox)
+        core = _start(config, executor, outbox)
+        if core is None:
+            code = 1  # the model cannot be served; the API server prints why
+        else:
+            outbox.send(encode(EngineReady(core.num_blocks)))
+            _busy_loop(core, inbox, outbox)
     except _Shutdown:
         logger.info("engine core shutting down")
     except Exception as e:
@@ -86,8 +78,30 @@ def run_engine_core(config: EngineConfig, in_addr: str, out_addr: str, sock_dir:
             core.shutdown()
         elif "executor" in locals():
             executor.shutdown()
-        ctx.destroy(linger=1000)
+        # A failure report may be sent before the API server binds (it may still be importing): wait for it to be
+        # delivered, unless stopped meanwhile (nothing is left to clean up, so SIGTERM may end this at once).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        ctx.destroy(linger=_REPORT_LINGER_MS if code else 1000)
     sys.exit(code)
+
+
+def _start(config: EngineConfig, executor: MultiprocExecutor, outbox: zmq.Socket) -> EngineCore | None:
+    """Pass the worker's model description on to the API server and build the EngineCore (None: the worker says
+    the model cannot be served). The engine is imported in a thread meanwhile."""
+    start = time.perf_counter()
+    importer = threading.Thread(target=importlib.import_module, args=("vllm_lite.engine.core",), daemon=True)
+    importer.start()
+    desc, frame = executor.wait_model_description()
+    outbox.send(frame)
+    if isinstance(desc, ModelError):
+        return None
+    waited = time.perf_counter() - start
+    importer.join()
+    from vllm_lite.engine.core import EngineCore  # re-raises here if the import failed
+    info = model_info_from(desc)
+    logger.info("engine core: model description after %.2f s, imports done after %.2f s (while the worker "
+                "boots)", waited, time.perf_counter() - start)
+    return EngineCore(config, info, executor)
 
 
 def _busy_loop(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket) -> None:

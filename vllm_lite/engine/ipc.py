@@ -2,20 +2,26 @@
 
 Every socket carries msgspec msgpack. Each direction has a tagged union of the Structs it may carry, so the
 receiver decodes into typed objects and a malformed or foreign message fails to decode instead of executing.
+
+Start-up handshake: the worker resolves the model (nobody waits for the API server's imports) and sends a
+`ModelDescription` (or a `ModelError`) as its first message; the engine core passes the same frame on to the API
+server, then waits for the worker's "ready". This module stays light (no torch, no transformers): the API server
+imports it.
 """
 from __future__ import annotations
 
 import ctypes
 import os
 import signal
-import time
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import msgspec
-import zmq
 
 from vllm_lite.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from vllm_lite.engine.messages import EngineCoreOutputs, EngineCoreRequest
+
+if TYPE_CHECKING:
+    from vllm_lite.model_loader import ModelInfo
 
 
 class AbortRequests(msgspec.Struct, array_like=True, tag=True):
@@ -28,6 +34,62 @@ class EngineReady(msgspec.Struct, array_like=True, tag=True):
 
 class EngineDead(msgspec.Struct, array_like=True, tag=True):
     reason: str
+
+
+class ModelDescription(msgspec.Struct, array_like=True, tag=True):
+    """A resolved model, as it travels: ModelInfo without the transformers config object (the receiver re-reads
+    `path`/config.json when it needs it) and with the dtype by name. Field names match ModelInfo's, so the API
+    server uses it where it used a ModelInfo."""
+    model: str
+    path: str
+    architecture: str
+    tokenizer: str
+    dtype: str  # torch dtype name, e.g. "bfloat16"
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    load_format: str
+    gguf_file: str | None
+    vocab_size: int
+
+
+class ModelError(msgspec.Struct, array_like=True, tag=True):
+    """Sent instead of a ModelDescription: why the model cannot be served ("ValueError: model ... has no
+    config.json"), for the API server to print as it is."""
+    reason: str
+
+
+def describe_model(info: ModelInfo) -> ModelDescription:
+    return ModelDescription(info.model, info.path, info.architecture, info.tokenizer,
+                            str(info.dtype).removeprefix("torch."), info.max_model_len, tuple(info.eos_token_ids),
+                            info.load_format, info.gguf_file, info.vocab_size)
+
+
+def model_info_from(desc: ModelDescription) -> ModelInfo:
+    """The ModelInfo a description was made from; its hf_config reads config.json from the resolved folder on
+    first use (the engine core does not use it today, and transformers costs seconds to import)."""
+    import torch
+
+    from vllm_lite.model_loader import ModelInfo
+    return ModelInfo(model=desc.model, path=desc.path, hf_config=_ConfigOnDemand(desc.path),
+                     architecture=desc.architecture, tokenizer=desc.tokenizer, dtype=getattr(torch, desc.dtype),
+                     max_model_len=desc.max_model_len, eos_token_ids=tuple(desc.eos_token_ids),
+                     load_format=desc.load_format, gguf_file=desc.gguf_file, vocab_size=desc.vocab_size)
+
+
+class _ConfigOnDemand:
+    """Stands in for a transformers config: loads `path`/config.json at the first attribute read."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._config: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # private and dunder lookups (copy, pickle) never load the config
+            raise AttributeError(name)
+        if self._config is None:
+            from transformers import AutoConfig
+            self._config = AutoConfig.from_pretrained(self._path)
+        return getattr(self._config, name)
 
 
 class WorkerCall(msgspec.Struct, array_like=True, tag=True):
@@ -58,9 +120,9 @@ class TaggedRunnerOutput(ModelRunnerOutput, tag=True):
 
 
 CoreInput = Union[TaggedRequest, AbortRequests]
-CoreEvent = Union[TaggedOutputs, EngineReady, EngineDead]
+CoreEvent = Union[TaggedOutputs, ModelDescription, ModelError, EngineReady, EngineDead]
 WorkerInput = Union[TaggedSchedulerOutput, WorkerCall]
-WorkerEvent = Union[TaggedRunnerOutput, WorkerReply]
+WorkerEvent = Union[TaggedRunnerOutput, ModelDescription, ModelError, WorkerReply]
 
 CORE_INPUT_DECODER = msgspec.msgpack.Decoder(CoreInput)
 CORE_EVENT_DECODER = msgspec.msgpack.Decoder(CoreEvent)
@@ -93,16 +155,3 @@ def die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
-
-
-def send_first(sock: Any, frame: bytes, peer: Any, what: str) -> None:
-    """Send the first frame on a bound PUSH socket, waiting for the peer process to connect. A plain send would
-    block forever if `peer` (a multiprocessing process) died before connecting; this raises RuntimeError then."""
-    while True:
-        try:
-            sock.send(frame, flags=zmq.NOBLOCK)
-            return
-        except zmq.Again:
-            if not peer.is_alive():
-                raise RuntimeError(f"{what} exited before connecting (exit code {peer.exitcode})") from None
-            time.sleep(0.01)

@@ -88,8 +88,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if chat_template and os.path.isfile(chat_template):
         with open(chat_template, encoding="utf-8") as f:
             chat_template = f.read()
-    # The engine core (and its worker) boot while this process imports torch/transformers/FastAPI below. From here
-    # on every exit path must stop it (run_server does once it runs).
+    # The engine core and its worker boot (and resolve the model) while this process imports FastAPI below. From
+    # here on every exit path must stop it (run_server does once it runs).
     from vllm_lite.engine.core_launch import spawn_engine_core
     core = spawn_engine_core(config)
     try:
@@ -109,8 +109,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - startup failures: one clear line, non-zero exit
+        from vllm_lite.engine.async_client import EngineStartupError
         logging.getLogger("vllm_lite").debug("startup failed", exc_info=True)
-        print(f"vllm-lite serve: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        what = str(exc) if isinstance(exc, EngineStartupError) else f"{type(exc).__name__}: {exc}"
+        print(f"vllm-lite serve: error: {what}", file=sys.stderr)
         return 1
 
 

@@ -1,5 +1,8 @@
 """Worker processes and the executor the engine core uses to drive them over ZeroMQ.
 
+A worker needs nothing but the EngineConfig to boot: it resolves the model itself, so its imports, model load
+and compile start at spawn and never wait for another process.
+
 The executor waits for replies while watching each worker's process sentinel, so a dead worker surfaces as an
 error in the engine core within a fraction of a second instead of a hang.
 """
@@ -8,17 +11,19 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import pickle
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from vllm_lite.config import EngineConfig
 from vllm_lite.core.sched_output import ModelRunnerOutput, SchedulerOutput
-from vllm_lite.engine.ipc import (WORKER_EVENT_DECODER, WORKER_INPUT_DECODER, WorkerCall, WorkerReply,
-                                  die_with_parent, encode, ipc_address, send_first)
+from vllm_lite.engine.ipc import (WORKER_EVENT_DECODER, WORKER_INPUT_DECODER, ModelDescription, ModelError,
+                                  WorkerCall, WorkerReply, describe_model, die_with_parent, encode, ipc_address)
 from vllm_lite.logging_utils import setup_logging
+
+if TYPE_CHECKING:
+    from vllm_lite.worker.worker import Worker
 
 logger = logging.getLogger("vllm_lite.worker")
 
@@ -31,15 +36,13 @@ class WorkerDiedError(RuntimeError):
 
 def run_worker(config: EngineConfig, rank: int, in_addr: str, out_addr: str,
                spawned_at: float | None = None) -> None:
-    """Worker process main: load the model, then serve calls and steps until told to stop. The first frame on
-    the input socket is the pickled ModelInfo (the engine core passes it on once the API server has sent it)."""
+    """Worker process main. It boots on its own from the config, at once: resolve the model (its description is
+    the first message; the engine core passes it on to the API server), load it, size the KV cache (the profiling
+    forward compiles the model), then say "ready" and serve calls and steps until told to stop."""
     die_with_parent()
     setup_logging()
     if spawned_at is not None:
         logger.info("worker %d process up %.2f s after spawn", rank, time.time() - spawned_at)
-    start = time.perf_counter()
-    from vllm_lite.worker.worker import Worker
-    logger.info("worker %d imports done in %.2f s", rank, time.perf_counter() - start)
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
     inbox.connect(in_addr)
@@ -47,9 +50,10 @@ def run_worker(config: EngineConfig, rank: int, in_addr: str, out_addr: str,
     outbox.connect(out_addr)
     parent = os.getppid()
     try:
-        info = pickle.loads(inbox.recv())
-        worker = Worker(config, info, rank)
-        worker.load_model()
+        booted = _boot(config, rank, outbox)
+        if booted is None:
+            return
+        worker, early = booted
         outbox.send(encode(WorkerReply(result="ready")))
         while True:
             if not inbox.poll(1000):
@@ -66,6 +70,8 @@ def run_worker(config: EngineConfig, rank: int, in_addr: str, out_addr: str,
             elif msg.method == "shutdown":
                 outbox.send(encode(WorkerReply(result="bye")))
                 return
+            elif msg.method in early:
+                outbox.send(encode(WorkerReply(result=early.pop(msg.method))))
             else:
                 try:
                     outbox.send(encode(WorkerReply(result=getattr(worker, msg.method)(*msg.args))))
@@ -78,12 +84,36 @@ def run_worker(config: EngineConfig, rank: int, in_addr: str, out_addr: str,
         ctx.destroy(linger=1000)
 
 
+def _boot(config: EngineConfig, rank: int, outbox: zmq.Socket) -> tuple[Worker, dict[str, Any]] | None:
+    """Resolve the model and send its description (or, returning None, what is wrong with it: the API server
+    prints that as one line), then load the model and size the KV cache. Returns the worker and the answers to
+    calls made early (the profiling run happens before the engine core asks, overlapping its own imports)."""
+    start = time.perf_counter()
+    try:
+        from vllm_lite.model_loader import resolve_model
+        imported = time.perf_counter()
+        info = resolve_model(config.model, config.load, config.device.resolved_device())
+    except Exception as e:  # noqa: BLE001 - any resolution failure is about the model (bad path, config, ...)
+        logger.debug("worker %d: model resolution failed", rank, exc_info=True)
+        outbox.send(encode(ModelError(f"{type(e).__name__}: {e}")))
+        return None
+    outbox.send(encode(describe_model(info)))
+    logger.info("worker %d: model %r -> %s resolved in %.2f s (+ %.2f s of imports)", rank, config.model.model,
+                info.path, time.perf_counter() - imported, imported - start)
+    start = time.perf_counter()
+    from vllm_lite.worker.worker import Worker
+    logger.info("worker %d imports done in %.2f s", rank, time.perf_counter() - start)
+    worker = Worker(config, info, rank)
+    worker.load_model()
+    return worker, {"determine_num_blocks": worker.determine_num_blocks()}
+
+
 class MultiprocExecutor:
     """Spawns one worker process per device and exchanges msgspec messages with it."""
 
     def __init__(self, config: EngineConfig, sock_dir: str) -> None:
-        """Spawns the worker and returns at once (it boots meanwhile); `send_model_info` must follow; the first
-        call waits for the worker to be ready."""
+        """Spawns the worker and returns at once (it boots meanwhile); `wait_model_description` must come first,
+        then the first call waits for the worker to be ready (model loaded, KV cache size known)."""
         self.ctx = zmq.Context()
         self.to_worker = self.ctx.socket(zmq.PUSH)
         in_addr = ipc_address(sock_dir, "worker0-in")
@@ -96,15 +126,25 @@ class MultiprocExecutor:
         self.proc.start()
         self._ready = False  # "ready" once the model is loaded
 
-    def send_model_info(self, info_blob: bytes) -> None:
-        """The pickled ModelInfo: the worker's first message."""
-        send_first(self.to_worker, info_blob, self.proc, "worker process")
+    def wait_model_description(self) -> tuple[ModelDescription | ModelError, bytes]:
+        """The worker's first message, decoded and as received (to pass on unchanged): the resolved model, or what
+        is wrong with it. Raises WorkerDiedError if the worker exits first."""
+        frame = self._recv_frame()
+        msg = WORKER_EVENT_DECODER.decode(frame)
+        if isinstance(msg, WorkerReply):
+            raise RuntimeError(f"worker error: {msg.error}")
+        if not isinstance(msg, (ModelDescription, ModelError)):
+            raise RuntimeError(f"unexpected first message from worker: {type(msg).__name__}")
+        return msg, frame
 
-    def _recv(self) -> Any:
+    def _recv_frame(self) -> bytes:
         while not self.from_worker.poll(_POLL_MS):
             if not self.proc.is_alive():
                 raise WorkerDiedError(f"worker process exited with code {self.proc.exitcode}")
-        return WORKER_EVENT_DECODER.decode(self.from_worker.recv())
+        return self.from_worker.recv()
+
+    def _recv(self) -> Any:
+        return WORKER_EVENT_DECODER.decode(self._recv_frame())
 
     def _wait_reply(self) -> Any:
         reply = self._recv()

@@ -1,9 +1,10 @@
 """The OpenAI-compatible HTTP server: FastAPI app factory (`build_app`) and the life cycle (`run_server`).
 
-Life cycle: config -> resolve model -> tokenizer -> AsyncEngineClient.start() (spawns the engine core, which spawns
-the workers) -> uvicorn on uvloop. Ctrl-C / SIGTERM: uvicorn stops, the FastAPI lifespan shuts the client down
-(no process left behind). If the engine dies, in-flight requests fail first, /health turns 503, and a couple of
-seconds later uvicorn is told to exit; run_server then returns 1.
+Life cycle: config -> AsyncEngineClient.start() (the engine core, usually spawned early by the CLI, spawns the
+worker, which resolves the model; the tokenizer loads here while the worker loads the model) -> uvicorn on uvloop.
+Ctrl-C / SIGTERM: uvicorn stops, the FastAPI lifespan shuts the client down (no process left behind). If the
+engine dies, in-flight requests fail first, /health turns 503, and a couple of seconds later uvicorn is told to
+exit; run_server then returns 1.
 """
 from __future__ import annotations
 
@@ -192,6 +193,15 @@ def _log_stage(name: str, start: float) -> float:
     return now
 
 
+def _load_tokenizer(info: Any) -> Any:
+    """Runs in a thread while the engine loads the model (transformers is imported here, not before)."""
+    from vllm_lite.tokenizer import load_tokenizer
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(info)
+    logger.info("tokenizer loaded in %.2f s (while the engine loads)", time.perf_counter() - start)
+    return tokenizer
+
+
 async def run_server(engine_kwargs: dict[str, Any], host: str = "127.0.0.1", port: int = 8000,
                      api_key: str | None = None, chat_template: str | None = None, log_level: str = "info",
                      exit_delay_s: float = EXIT_DELAY_S, core: EngineCoreProcess | None = None) -> int:
@@ -201,8 +211,6 @@ async def run_server(engine_kwargs: dict[str, Any], host: str = "127.0.0.1", por
 
     from vllm_lite.config import EngineConfig
     from vllm_lite.engine.async_client import AsyncEngineClient
-    from vllm_lite.model_loader import resolve_model
-    from vllm_lite.tokenizer import load_tokenizer
 
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
@@ -222,13 +230,10 @@ async def run_server(engine_kwargs: dict[str, Any], host: str = "127.0.0.1", por
         t = time.perf_counter()
         config = EngineConfig.from_kwargs(**engine_kwargs)
         t = _log_stage("config", t)
-        info = resolve_model(config.model, config.load, config.device.resolved_device())
-        t = _log_stage(f"resolve model {config.model.model!r} -> {info.path}", t)
-        tokenizer = None if config.model.skip_tokenizer_init else load_tokenizer(info)
-        t = _log_stage("load tokenizer", t)
-        client = AsyncEngineClient(config, info, tokenizer, core=core)
+        client = AsyncEngineClient(config, core=core,
+                                   tokenizer_loader=None if config.model.skip_tokenizer_init else _load_tokenizer)
         await client.start()
-        t = _log_stage(f"engine start (load, profile, {client.num_blocks} KV blocks, warm-up)", t)
+        t = _log_stage(f"engine start (resolve, load, profile, {client.num_blocks} KV blocks, warm-up)", t)
         served = config.model.served_model_name or config.model.model
         app = build_app(client, [served], api_key=api_key, chat_template=chat_template, on_shutdown=shutdown_client)
         uconfig = uvicorn.Config(app, host=host, port=port, log_level=log_level, loop="uvloop", lifespan="on",
@@ -264,4 +269,4 @@ async def run_server(engine_kwargs: dict[str, Any], host: str = "127.0.0.1", por
                 loop.remove_signal_handler(sig)
         shutdown_client()
         if client is None and core is not None:
-            core.stop()  # failed before the client took it over (bad model, tokenizer error, cancelled)
+            core.stop()  # failed before the client took it over (a config error, cancelled)

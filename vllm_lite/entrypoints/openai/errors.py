@@ -8,11 +8,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-try:  # the real class once the process layer exists; a stand-in keeps the HTTP layer importable before that
-    from vllm_lite.engine.async_client import EngineDeadError
-except ImportError:  # pragma: no cover - only while vllm_lite.engine.ipc is missing
-    class EngineDeadError(RuntimeError):  # type: ignore[no-redef]
-        """The engine core (or a worker) is gone."""
+from vllm_lite.engine.async_client import EngineDeadError
 
 _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
           405: "MethodNotAllowed", 413: "RequestTooLarge", 422: "UnprocessableEntityError", 429: "RateLimitError",
