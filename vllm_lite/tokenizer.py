@@ -8,6 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 
+def import_tokenizer_classes() -> None:
+    """Import what `load_tokenizer` needs (seconds on a slow disk): the server runs this in a thread ahead of time."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
+
+
 def load_tokenizer(info: Any) -> Any:
     """info: anything with a `tokenizer` path or repo id (a ModelInfo or the API server's ModelDescription)."""
     from transformers import AutoTokenizer

@@ -13,6 +13,7 @@ import contextlib
 import hmac
 import logging
 import signal
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -230,6 +231,9 @@ async def run_server(engine_kwargs: dict[str, Any], host: str = "127.0.0.1", por
         t = time.perf_counter()
         config = EngineConfig.from_kwargs(**engine_kwargs)
         t = _log_stage("config", t)
+        if not config.model.skip_tokenizer_init:  # import ahead, while waiting for the model description
+            from vllm_lite.tokenizer import import_tokenizer_classes
+            threading.Thread(target=import_tokenizer_classes, name="tokenizer-import", daemon=True).start()
         client = AsyncEngineClient(config, core=core,
                                    tokenizer_loader=None if config.model.skip_tokenizer_init else _load_tokenizer)
         await client.start()
