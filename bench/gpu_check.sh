@@ -6,7 +6,7 @@
 #   tests      gpu-marked tests (FlashInfer, CUDA graphs, kernels) except the default model's
 #   model      the default model's gpu tests (compiled + graphs vs eager, async vs sync): needs model1..3
 #   latency    L1 and L8 for qwen3-0.6b (docs/PERF.md workloads)
-#   latency-tc the same with FlashInfer's tensor-core decode (VLLM_LITE_FLASHINFER_TENSOR_CORES=1)
+#   latency-cc the same with FlashInfer's CUDA-core decode (VLLM_LITE_FLASHINFER_TENSOR_CORES=0)
 #   t1         T1 throughput, qwen3-0.6b
 #   t1b        T1 with every step timed and classified (prefill / decode by batch size, achieved bandwidth) and a
 #              kernel profile of pure-decode steps at batch 256 (bench/t1_breakdown.py)
@@ -15,7 +15,8 @@
 #   hf         L1 for qwen3-0.6b with the transformers baseline
 #   profile    where a decode step's time goes (cProfile + torch profiler), batch 1, 8 and 256 (T1's regime)
 #   kernels    Triton kernel micro-benchmarks against their torch references (kernels:NAME: only one of them)
-#   t1-tc / llama-tc   T1 / llama L1 with FlashInfer's tensor-core decode
+#   t1-cc / llama-cc   T1 / llama L1 with FlashInfer's CUDA-core decode
+#   jit        FlashInfer's JIT cache of this machine into $OUT/jit-new.tgz (to stage kernels built here)
 #   pytest:P   the gpu tests in P
 #   startup    `vllm-lite serve` time to ready: cold, then warm compile cache
 set -uo pipefail
@@ -56,18 +57,20 @@ for stage in "$@"; do
     latency)
       lat qwen3-0.6b 1 L1-qwen3.json --max-num-seqs 8
       lat qwen3-0.6b 8 L8-qwen3.json --max-num-seqs 8 ;;
-    latency-tc)  # the same with FlashInfer's tensor-core decode kernels (vs the CUDA-core ones picked for GQA 2)
-      VLLM_LITE_FLASHINFER_TENSOR_CORES=1 lat qwen3-0.6b 1 L1-qwen3-tc.json --max-num-seqs 8
-      VLLM_LITE_FLASHINFER_TENSOR_CORES=1 lat qwen3-0.6b 8 L8-qwen3-tc.json --max-num-seqs 8 ;;
+    latency-cc)  # the same with FlashInfer's CUDA-core decode kernels (the default is the tensor-core one)
+      VLLM_LITE_FLASHINFER_TENSOR_CORES=0 lat qwen3-0.6b 1 L1-qwen3-cc.json --max-num-seqs 8
+      VLLM_LITE_FLASHINFER_TENSOR_CORES=0 lat qwen3-0.6b 8 L8-qwen3-cc.json --max-num-seqs 8 ;;
     t1)
       timeout 300 python3 bench/throughput.py --model qwen3-0.6b --json "$OUT/T1-qwen3.json" > "$OUT/T1.log" 2>&1
       echo "t1 rc=$?" ;;
-    t1-tc)
-      VLLM_LITE_FLASHINFER_TENSOR_CORES=1 timeout 300 python3 bench/throughput.py --model qwen3-0.6b \
-        --json "$OUT/T1-qwen3-tc.json" > "$OUT/T1-tc.log" 2>&1
-      echo "t1-tc rc=$?" ;;
-    llama-tc)
-      VLLM_LITE_FLASHINFER_TENSOR_CORES=1 lat llama-3.1-8b 1 L1-llama8b-tc.json --max-num-seqs 8 ;;
+    t1-cc)
+      VLLM_LITE_FLASHINFER_TENSOR_CORES=0 timeout 300 python3 bench/throughput.py --model qwen3-0.6b \
+        --json "$OUT/T1-qwen3-cc.json" > "$OUT/T1-cc.log" 2>&1
+      echo "t1-cc rc=$?" ;;
+    llama-cc)
+      VLLM_LITE_FLASHINFER_TENSOR_CORES=0 lat llama-3.1-8b 1 L1-llama8b-cc.json --max-num-seqs 8 ;;
+    jit)  # FlashInfer JIT modules built on this machine, for bench/gpu_pack.sh to add to .gpu/base/jit.tgz
+      tar -C /root/.cache -czf "$OUT/jit-new.tgz" flashinfer && ls -la "$OUT/jit-new.tgz" ;;
     t1b)
       timeout 400 python3 bench/t1_breakdown.py --model qwen3-0.6b > "$OUT/t1b.log" 2>&1; echo "t1b rc=$?"
       grep -B2 -A12 "^T1:" "$OUT/t1b.log"; grep "decode profile" "$OUT/t1b.log" ;;

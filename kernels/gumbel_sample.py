@@ -43,36 +43,50 @@ def gumbel_sample_torch(logits: torch.Tensor, temperature: torch.Tensor, is_gree
 
 if HAS_TRITON:
     @triton.jit
+    def _take_best(base, qbase, cols, V, t, noisy, r, best_v, best_i, HAS_Q: tl.constexpr):
+        """One quarter tile: tempered logits minus log q (q = -log u from the random bits r, or read from q)."""
+        mask = cols < V
+        x = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32) / t
+        if HAS_Q:
+            q = tl.load(qbase + cols, mask=mask, other=1.0)
+        else:
+            q = -tl.log(tl.random.uint_to_uniform_float(r))
+        x = tl.where(noisy, x - tl.log(q), x)
+        x = tl.where(mask, x, float("-inf"))
+        take = x > best_v  # strict: a lane keeps its earliest index on ties
+        return tl.where(take, x, best_v), tl.where(take, cols, best_i)
+
+    @triton.jit
     def _gumbel_kernel(logits_ptr, stride_row, temp_ptr, greedy_ptr, q_ptr, stride_q, seed, V,
                        best_val_ptr, best_idx_ptr, num_chunks, HAS_Q: tl.constexpr, BLOCK: tl.constexpr,
                        CHUNK_BLOCKS: tl.constexpr):
+        # A tile of BLOCK tokens is four quarters; one Philox call (randint4x) draws the noise of all four, a
+        # quarter of the integer work of one call per token (the kernel is bound by that work, not by the read).
+        Q: tl.constexpr = BLOCK // 4
         row = tl.program_id(0)
         c = tl.program_id(1)
         t = tl.load(temp_ptr + row)
         noisy = tl.load(greedy_ptr + row) == 0
-        start = c * (CHUNK_BLOCKS * BLOCK)
-        best_v = float("-inf")
-        best_i = start
-        offs = tl.arange(0, BLOCK)
+        base = logits_ptr + row.to(tl.int64) * stride_row
+        qbase = q_ptr + row.to(tl.int64) * stride_q
+        offs = tl.arange(0, Q)
+        best_v = tl.full([Q], float("-inf"), tl.float32)
+        best_i = tl.zeros([Q], tl.int32)
         for k in range(CHUNK_BLOCKS):  # the last chunk may pass V
-            b = start + k * BLOCK
-            cols = b + offs
-            mask = cols < V
-            x = tl.load(logits_ptr + row.to(tl.int64) * stride_row + cols, mask=mask, other=float("-inf"))
-            x = x.to(tl.float32) / t
-            if HAS_Q:
-                q = tl.load(q_ptr + row.to(tl.int64) * stride_q + cols, mask=mask, other=1.0)
-            else:
-                q = -tl.log(tl.rand(seed, row * V + cols))
-            x = tl.where(noisy, x - tl.log(q), x)
-            x = tl.where(mask, x, float("-inf"))
-            m = tl.max(x, axis=0)
-            i = tl.argmax(x, axis=0) + b
-            take = m > best_v
-            best_v = tl.where(take, m, best_v)
-            best_i = tl.where(take, i, best_i)
-        tl.store(best_val_ptr + row * num_chunks + c, best_v)
-        tl.store(best_idx_ptr + row * num_chunks + c, best_i)
+            b = (c * CHUNK_BLOCKS + k) * BLOCK
+            # Offsets row*V + b + [0, Q): distinct for every in-range token (b + offs < V there). With HAS_Q the
+            # bits are unused (the compiler drops the call).
+            r0, r1, r2, r3 = tl.randint4x(seed, row * V + b + offs)
+            best_v, best_i = _take_best(base, qbase, b + offs, V, t, noisy, r0, best_v, best_i, HAS_Q)
+            best_v, best_i = _take_best(base, qbase, b + Q + offs, V, t, noisy, r1, best_v, best_i, HAS_Q)
+            best_v, best_i = _take_best(base, qbase, b + 2 * Q + offs, V, t, noisy, r2, best_v, best_i, HAS_Q)
+            best_v, best_i = _take_best(base, qbase, b + 3 * Q + offs, V, t, noisy, r3, best_v, best_i, HAS_Q)
+        m = tl.max(best_v, axis=0)
+        # First index among the lanes holding the maximum (argmax semantics); a row of -inf keeps its start.
+        i = tl.min(tl.where(best_v == m, best_i, 2147483647), axis=0)
+        i = tl.where(m == float("-inf"), c * CHUNK_BLOCKS * BLOCK, i)
+        tl.store(best_val_ptr + row * num_chunks + c, m)
+        tl.store(best_idx_ptr + row * num_chunks + c, i)
 
 
 def gumbel_sample_triton(logits: torch.Tensor, temperature: torch.Tensor, is_greedy: torch.Tensor,

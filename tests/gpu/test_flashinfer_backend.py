@@ -43,9 +43,9 @@ def _spec(hq: int, hkv: int, d: int) -> AttentionSpec:
     return AttentionSpec(hq, hkv, d, 1 / math.sqrt(d))
 
 
-def _backend(spec: AttentionSpec, dtype: torch.dtype) -> FlashInferBackend:
+def _backend(spec: AttentionSpec, dtype: torch.dtype, tensor_cores: bool | None = None) -> FlashInferBackend:
     return FlashInferBackend(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.scale, dtype, DEVICE,
-                             MAX_SEQS, MAX_BLOCKS)
+                             MAX_SEQS, MAX_BLOCKS, use_tensor_cores=tensor_cores)
 
 
 def build_batch(reqs: list[tuple[int, int]], spec: AttentionSpec, cache: torch.Tensor, gen: torch.Generator,
@@ -93,10 +93,11 @@ def _torch_ref(q, k, v, cache, spec, meta):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"hq{s[0]}-hkv{s[1]}-d{s[2]}")
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_torch_backend(case, shape, dtype):
+@pytest.mark.parametrize("tc", [True, False], ids=["tensor-core", "cuda-core"])
+def test_matches_torch_backend(case, shape, dtype, tc):
     spec = _spec(*shape)
     gen = torch.Generator().manual_seed(list(CASES).index(case))
-    backend = _backend(spec, dtype)
+    backend = _backend(spec, dtype, tc)
     cache = _new_cache(spec, dtype, gen)
     q, k, v, meta = build_batch(CASES[case], spec, cache, gen, dtype)
     ref, ref_cache = _torch_ref(q, k, v, cache, spec, meta)
@@ -159,14 +160,15 @@ def _capture(fn):
 
 
 @pytest.mark.parametrize("shape", [(16, 8, 64), (32, 8, 128)], ids=lambda s: f"hq{s[0]}-hkv{s[1]}-d{s[2]}")
-def test_cuda_graph_decode(shape):
+@pytest.mark.parametrize("tc", [True, False], ids=["tensor-core", "cuda-core"])
+def test_cuda_graph_decode(shape, tc):
     """Capture at padded batch size G with an all-padding dummy step; replay with real batches of <= G requests."""
     spec = _spec(*shape)
     dtype = torch.bfloat16
     hq, hkv, d = shape
     G = 8
     gen = torch.Generator().manual_seed(2)
-    backend = _backend(spec, dtype)
+    backend = _backend(spec, dtype, tc)
     cache = _new_cache(spec, dtype, gen)
     q_buf = torch.zeros(G, hq, d, device=DEVICE, dtype=dtype)
     k_buf = torch.zeros(G, hkv, d, device=DEVICE, dtype=dtype)
