@@ -180,7 +180,8 @@ class MultiprocExecutor:
         return out
 
     def shutdown(self) -> None:
-        if self.proc.is_alive():
+        """Ask a worker that is serving to stop; one still booting reads no messages, so it is terminated."""
+        if self.proc.is_alive() and self._ready:
             try:
                 self.to_worker.send(encode(WorkerCall("shutdown")), flags=zmq.NOBLOCK)
             except zmq.ZMQError:
