@@ -25,7 +25,8 @@ export PYTHONPATH=/root/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 # Unpack what bench/gpu_pack.sh made (carry .gpu/base, plus .gpu/modelN in three back-to-back runs).
 if [ -f .gpu/base/site.tar.xz ] && [ ! -f /root/site/.unpacked ]; then
   mkdir -p /root/site /root/.cache && xz -dc .gpu/base/site.tar.xz | tar -C /root/site -x && \
-    tar -C /root/.cache -xzf .gpu/base/jit.tgz && touch /root/site/.unpacked && echo "unpacked .gpu/base"
+    { if [ -f .gpu/base/jit.tar.xz ]; then xz -dc .gpu/base/jit.tar.xz | tar -C /root/.cache -x
+      else tar -C /root/.cache -xzf .gpu/base/jit.tgz; fi; } && touch /root/site/.unpacked && echo "unpacked .gpu/base"
 fi
 for m in .gpu/model1 .gpu/model2 .gpu/model3; do [ -d $m ] && mkdir -p /root/stage/parts && cp -n $m/part.* /root/stage/parts/; done
 if [ -f /root/stage/parts/part.0 ] && [ -f /root/stage/parts/part.1 ] && [ -f /root/stage/parts/part.2 ]; then
