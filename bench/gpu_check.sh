@@ -64,6 +64,10 @@ for stage in "$@"; do
     t1)
       timeout 300 python3 bench/throughput.py --model qwen3-0.6b --json "$OUT/T1-qwen3.json" > "$OUT/T1.log" 2>&1
       echo "t1 rc=$?" ;;
+    t1-16k)  # larger prefill chunks (vLLM's offline default on 80 GB GPUs is 16384 batched tokens)
+      timeout 300 python3 bench/throughput.py --model qwen3-0.6b --max-num-batched-tokens 16384 \
+        --json "$OUT/T1-qwen3-16k.json" > "$OUT/T1-16k.log" 2>&1
+      echo "t1-16k rc=$?" ;;
     t1-cc)
       VLLM_LITE_FLASHINFER_TENSOR_CORES=0 timeout 300 python3 bench/throughput.py --model qwen3-0.6b \
         --json "$OUT/T1-qwen3-cc.json" > "$OUT/T1-cc.log" 2>&1
