@@ -91,6 +91,22 @@ for stage in "$@"; do
         python3 -X importtime -c "import $m" 2> "$OUT/importtime-$m.txt"
         echo "slowest cumulative imports under $m:"; sort -t'|' -k2 -n -r "$OUT/importtime-$m.txt" | head -12
       done ;;
+    resolve)  # the worker's first job at start-up: where its ~8-14 s go on this machine
+      python3 -X importtime -c "from vllm_lite.model_loader import resolve_model" 2> "$OUT/importtime-resolve.txt"
+      echo "slowest cumulative imports under model_loader:"; sort -t'|' -k2 -n -r "$OUT/importtime-resolve.txt" | head -8
+      python3 - <<'PY'
+import cProfile, pstats, time
+t0 = time.perf_counter()
+from vllm_lite.config import LoadConfig, ModelConfig
+from vllm_lite.model_loader import resolve_model
+t1 = time.perf_counter()
+prof = cProfile.Profile(); prof.enable()
+resolve_model(ModelConfig(model="bench/data/qwen3-0.6b"), LoadConfig(load_format="dummy"), "cuda")
+prof.disable()
+print(f"imports {t1 - t0:.2f} s, resolve {time.perf_counter() - t1:.2f} s")
+pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+PY
+      ;;
     llama)
       lat llama-3.1-8b 1 L1-llama8b.json --max-num-seqs 8 --baseline hf ;;
     hf)

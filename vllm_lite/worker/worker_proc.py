@@ -8,11 +8,9 @@ error in the engine core within a fraction of a second instead of a hang.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import multiprocessing as mp
 import os
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -86,26 +84,11 @@ def run_worker(config: EngineConfig, rank: int, in_addr: str, out_addr: str,
         ctx.destroy(linger=1000)
 
 
-# What the worker imports after resolving the model (model code, FlashInfer, the compiler stack). Imported in a thread
-# while the main thread resolves the model: on machines where an import waits on file-system calls more than on
-# the CPU (the H100 host: `import torch` 5 s there, 1.3 s here), the two overlap.
-_PREFETCH = ("vllm_lite.worker.worker", "flashinfer", "triton", "torch._dynamo", "torch._inductor.compile_fx")
-
-
-def _prefetch_imports() -> None:
-    for name in _PREFETCH:
-        try:
-            importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - optional or failing modules fail again, with context, where they are used
-            logger.debug("prefetch of %s failed", name, exc_info=True)
-
-
 def _boot(config: EngineConfig, rank: int, outbox: zmq.Socket) -> tuple[Worker, dict[str, Any]] | None:
     """Resolve the model and send its description (or, returning None, what is wrong with it: the API server
     prints that as one line), then load the model and size the KV cache. Returns the worker and the answers to
     calls made early (the profiling run happens before the engine core asks, overlapping its own imports)."""
     start = time.perf_counter()
-    threading.Thread(target=_prefetch_imports, name="prefetch-imports", daemon=True).start()
     try:
         from vllm_lite.model_loader import resolve_model
         imported = time.perf_counter()
