@@ -125,6 +125,8 @@ PY
       timeout 240 python3 bench/kernels.py --quick ${only:+--only $only} > "$OUT/kernels$only.log" 2>&1
       echo "kernels $only rc=$?"; grep -v "^\s*$" "$OUT/kernels$only.log" | grep -v Warning | head -40 ;;
     startup)
+      python3 -c "import os, sys, transformers as t; print('dont_write_bytecode', sys.flags.dont_write_bytecode, \
+        'transformers dir writable', os.access(os.path.dirname(t.__file__), os.W_OK))"
       rm -rf ~/.cache/vllm_lite/torch_compile
       for run in cold warm; do
         port=$((8100 + RANDOM % 500)); start=$(date +%s.%N)

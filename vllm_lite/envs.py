@@ -2,6 +2,7 @@
 
 - XDG_CACHE_HOME: root of the cache (converted GGUF models, torch.compile cache) -> $XDG_CACHE_HOME/vllm_lite.
 - VLLM_LITE_COMPILE_CACHE: folder of the persistent torch.compile cache (default <cache root>/torch_compile).
+- PYTHONPYCACHEPREFIX: if unset, `serve` sets it to <cache root>/pycache for its processes (bytecode cache).
 - VLLM_LITE_API_KEY: the server's API key when --api-key is not given.
 - VLLM_LITE_KV_WRITE_KERNEL=0: use the torch reference instead of the Triton KV-cache write (A/B, debugging).
 - VLLM_LITE_SAMPLING_KERNEL=1: use the Triton top-k/top-p/min-p kernel instead of the torch path (off by default:
@@ -21,6 +22,13 @@ def cache_root() -> str:
 
 def compile_cache_dir() -> str:
     return os.environ.get("VLLM_LITE_COMPILE_CACHE") or os.path.join(cache_root(), "torch_compile")
+
+
+def bytecode_cache_dir() -> str | None:
+    """Where `serve` keeps Python bytecode (None: the user set PYTHONPYCACHEPREFIX, Python already uses it)."""
+    if os.environ.get("PYTHONPYCACHEPREFIX"):
+        return None
+    return os.path.join(cache_root(), "pycache")
 
 
 def api_key() -> str | None:
