@@ -7,8 +7,8 @@
 - VLLM_LITE_KV_WRITE_KERNEL=0: use the torch reference instead of the Triton KV-cache write (A/B, debugging).
 - VLLM_LITE_SAMPLING_KERNEL=1: use the Triton top-k/top-p/min-p kernel instead of the torch path (off by default:
   it measured slower on the H100, see docs/PERF.md).
-- VLLM_LITE_FLASHINFER_TENSOR_CORES=1 / 0: force FlashInfer's tensor-core (or CUDA-core) decode kernels instead
-  of choosing by GQA group size (for A/B measurements; the tensor-core variant may JIT-compile on first use).
+- VLLM_LITE_FLASHINFER_TENSOR_CORES=0 / 1: FlashInfer's CUDA-core (0) or tensor-core (1, the default) decode kernels
+  (for A/B measurements; the tensor-core variant may JIT-compile on first use).
 """
 from __future__ import annotations
 
