@@ -87,3 +87,23 @@ def test_model_error_reaches_an_api_server_that_binds_late(tmp_path):
     finally:
         client.shutdown()
     assert not alive(core.proc.pid)
+
+
+@pytest.mark.parametrize("user_prefix", [None, "/tmp/user-pycache"])
+def test_serve_keeps_bytecode_in_the_cache_folder_unless_the_user_chose(tmp_path, user_prefix):
+    """Read-only site-packages recompile every module on every start; serve caches bytecode under its cache folder
+    (inherited by its processes through PYTHONPYCACHEPREFIX) unless the user set a prefix or disabled bytecode."""
+    code = ("import os, sys; from vllm_lite.entrypoints.cli import _use_bytecode_cache; _use_bytecode_cache(); "
+            "print(sys.pycache_prefix, os.environ.get('PYTHONPYCACHEPREFIX'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")}
+    env["XDG_CACHE_HOME"] = str(tmp_path)
+    if user_prefix:
+        env["PYTHONPYCACHEPREFIX"] = user_prefix
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    want = user_prefix or os.path.join(str(tmp_path), "vllm_lite", "pycache")
+    assert done.stdout.split() == [want, want]
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env.pop("PYTHONPYCACHEPREFIX", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.stdout.split() == ["None", "None"]
