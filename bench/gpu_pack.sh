@@ -23,7 +23,10 @@ cat .gpu/p0*/chunk.* | tar -C "$work" -x
 pip download -q --no-deps -d "$work/wheels" opentelemetry-api importlib-metadata zipp
 rm -rf .gpu/model*; mkdir -p "$work/site" .gpu/base .gpu/model1 .gpu/model2 .gpu/model3
 for w in "$work"/wheels/*.whl; do python3 -m zipfile -e "$w" "$work/site/"; done
-tar -C "$work/site" -c . | xz -T0 -6 > .gpu/base/site.tar.xz
+# Old, fixed mtimes: FlashInfer runs ninja before loading a JIT module; headers unpacked "now" must never look newer
+# than the staged .so files (built earlier), or a fresh machine could rebuild modules for minutes (a suspect for the
+# ~100 s a first start spent outside the compile cache, docs/PERF.md; not confirmed).
+tar -C "$work/site" --mtime="2000-01-01 00:00:00" -c . | xz -T0 -6 > .gpu/base/site.tar.xz
 rm -f .gpu/base/jit.tgz .gpu/base/jit.tar.xz
 if [ -f .gpu/jit-cache.tar.xz ]; then cp .gpu/jit-cache.tar.xz .gpu/base/jit.tar.xz
 else cp "$work"/flashinfer-*-jit-cache-*.tgz .gpu/base/jit.tgz; fi
