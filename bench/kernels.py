@@ -172,6 +172,17 @@ def bench_random_sample(quick: bool) -> None:
         print(_row(f"B={b}", [_time(lambda: torch_path(x, t)),
                               _time(lambda: gumbel_sample_triton(x, t, greedy, seed=1))]))
 
+    variants = [(2048, 8, 8), (2048, 8, 4), (1024, 8, 4), (1024, 16, 4), (2048, 4, 8), (4096, 4, 8), (4096, 2, 16)]
+    print("\nTriton one-pass variants, graph us: block/chunk blocks/warps")
+    print(f"{'B':<8}" + "".join(f"{f'{bl}/{cb}/{w}':>14}" for bl, cb, w in variants))
+    for b in (1, 64, 256):
+        x = (torch.randn(b, vocab, device="cuda") * 3).to(torch.bfloat16)
+        t = torch.ones(b, device="cuda")
+        greedy = torch.zeros(b, dtype=torch.bool, device="cuda")
+        res = [_time(lambda: gumbel_sample_triton(x, t, greedy, seed=1, block=bl, chunk_blocks=cb, num_warps=w))[1]
+               for bl, cb, w in variants]
+        print(f"{b:<8}" + "".join(f"{r:14.1f}" for r in res))
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -91,9 +91,10 @@ if HAS_TRITON:
 
 def gumbel_sample_triton(logits: torch.Tensor, temperature: torch.Tensor, is_greedy: torch.Tensor,
                          q: torch.Tensor | None = None, seed: int | None = None, block: int = _BLOCK,
-                         chunk_blocks: int = _CHUNK_BLOCKS) -> torch.Tensor:
+                         chunk_blocks: int = _CHUNK_BLOCKS, num_warps: int = 8) -> torch.Tensor:
     """Same contract as `gumbel_sample_torch`; logits may be bf16/fp16/fp32 with unit stride along the vocabulary.
-    block / chunk_blocks: tile sizes (the defaults suit a 150k vocabulary; tests on the interpreter use small ones)."""
+    block / chunk_blocks / num_warps: tiling (the defaults suit a 150k vocabulary; bench/kernels.py sweeps them;
+    the interpreter tests use small tiles)."""
     b, v = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -107,7 +108,7 @@ def gumbel_sample_triton(logits: torch.Tensor, temperature: torch.Tensor, is_gre
     _gumbel_kernel[(b, num_chunks)](
         logits, logits.stride(0), temperature, is_greedy, q if q is not None else logits,
         q.stride(0) if q is not None else 0, seed or 0, v, best_val, best_idx, num_chunks,
-        HAS_Q=q is not None, BLOCK=block, CHUNK_BLOCKS=chunk_blocks, num_warps=8)
+        HAS_Q=q is not None, BLOCK=block, CHUNK_BLOCKS=chunk_blocks, num_warps=num_warps)
     if num_chunks == 1:
         return best_idx.view(-1).long()
     winner = best_val.argmax(dim=1, keepdim=True)
