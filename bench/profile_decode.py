@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from vllm_lite.benchmarks.utils import add_engine_args, make_llm
+from vllm_lite.benchmarks.utils import add_engine_args, kernel_profile, make_llm
 from vllm_lite.sampling_params import SamplingParams
 
 
@@ -75,19 +75,11 @@ def main() -> None:
     print(f"{args.output_len} steps in {dt * 1000:.1f} ms: {dt / args.output_len * 1000:.3f} ms/step")
     stats = pstats.Stats(prof)
     stats.sort_stats("tottime").print_stats(30)
-    from torch.profiler import ProfilerActivity, profile
     short = SamplingParams(temperature=args.temperature, max_tokens=16, ignore_eos=True)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as kprof:
-        t0 = time.perf_counter()
-        llm.generate(batch, short, use_tqdm=False)
-        torch.cuda.synchronize()
-        wall_ms = (time.perf_counter() - t0) * 1000
-    print(kprof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
-    # Host- or GPU-bound? Kernel time summed over the window (kernels of one stream do not overlap) vs its wall time.
-    busy_ms = sum(e.self_device_time_total for e in kprof.key_averages()) / 1000
+    table, busy_ms, wall_ms = kernel_profile(lambda: llm.generate(batch, short, use_tqdm=False))
+    print(table)
     print(f"GPU busy {busy_ms:.1f} ms of {wall_ms:.1f} ms wall over 16 steps (prefill included): "
           f"{100 * busy_ms / wall_ms:.0f} % (low = host-bound or launch gaps)")
-
 
 if __name__ == "__main__":
     main()

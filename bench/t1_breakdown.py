@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from vllm_lite.benchmarks.throughput import workload
-from vllm_lite.benchmarks.utils import add_engine_args, make_llm, weight_bytes
+from vllm_lite.benchmarks.utils import add_engine_args, kernel_profile, make_llm, weight_bytes
 from vllm_lite.sampling_params import SamplingParams
 
 
@@ -69,17 +69,15 @@ def summarise(rows: np.ndarray, weights: int, kv_bytes_per_token: int) -> None:
 
 def profile_decode_steps(llm, steps: int) -> None:
     """Kernel table of `steps` engine steps (call while the batch is pure decode)."""
-    from torch.profiler import ProfilerActivity, profile
     if not torch.cuda.is_available():
         return
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
+
+    def run() -> None:
         for _ in range(steps):
             llm.engine.step()
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) * 1000
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
-    busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1000
+
+    table, busy, wall = kernel_profile(run, row_limit=30)
+    print(table)
     print(f"decode profile: {steps} steps, {wall / steps:.3f} ms/step under the profiler; GPU busy {busy:.1f} of "
           f"{wall:.1f} ms ({100 * busy / wall:.0f} %)")
 

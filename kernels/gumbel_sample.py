@@ -114,9 +114,3 @@ def gumbel_sample_triton(logits: torch.Tensor, temperature: torch.Tensor, is_gre
     winner = best_val.argmax(dim=1, keepdim=True)
     return best_idx.gather(1, winner).view(-1).long()
 
-
-def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, is_greedy: torch.Tensor) -> torch.Tensor:
-    """The kernel on CUDA with Triton, else the torch reference."""
-    if HAS_TRITON and logits.is_cuda:
-        return gumbel_sample_triton(logits, temperature, is_greedy)
-    return gumbel_sample_torch(logits, temperature, is_greedy)

@@ -3,7 +3,8 @@
 One step = one `plan()`: `prepare(meta)` (outside the model) turns StepMetadata into FlashInfer's CSR page table
 (kv_indptr, kv_indices, kv_last_page_len, qo_indptr) and plans the decode wrapper for pure-decode steps, else the
 paged prefill wrapper (causal, bottom-right aligned: handles prefill chunks over cached prefixes mixed with
-decodes). Every layer then calls `forward`, which writes this step's K/V (`write_kv_cache`) and runs the wrapper.
+decodes). Every layer then calls `forward_rope` (q/k norm + rotary + this step's K/V write in one Triton kernel, then
+the wrapper; `forward` is the same without norm and rotary).
 Host-side work is a few vectorised ops on the *_cpu tensors; kv_indices is gathered on the device without a sync.
 
 Decode kernel choice: the tensor-core decode path (FlashInfer runs its fa2 prefill kernel with one query row per

@@ -116,5 +116,21 @@ def report(result: dict, json_path: str | None) -> dict:
     return result
 
 
+def kernel_profile(run: Any, row_limit: int = 25) -> tuple[str, float, float]:
+    """Profile `run()` with the torch profiler (CPU + CUDA): (kernel table, GPU-busy ms, wall ms).
+
+    GPU busy = kernel time summed over the window (one stream's kernels do not overlap) against its wall time: low
+    means host-bound or launch gaps."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1000
+    events = prof.key_averages()
+    busy_ms = sum(e.self_device_time_total for e in events) / 1000
+    return events.table(sort_by="cuda_time_total", row_limit=row_limit, max_name_column_width=70), busy_ms, wall_ms
+
+
 def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)

@@ -15,13 +15,8 @@ import torch
 
 from vllm_lite.sample.metadata import SamplingMetadata
 from vllm_lite.sample.penalties import apply_blocked_tokens, apply_penalties
+from vllm_lite.kernels.gumbel_sample import HAS_TRITON, gumbel_sample_triton
 from vllm_lite.sample.topk_topp import apply_min_p, apply_top_k_top_p, random_sample
-
-try:
-    import triton  # noqa: F401  (the one-pass sampling kernel needs it; CPU installs may lack it)
-    _HAS_TRITON = True
-except ImportError:  # pragma: no cover
-    _HAS_TRITON = False
 
 
 @dataclass
@@ -55,7 +50,6 @@ class Sampler:
             sampled = logits.argmax(dim=-1).view(-1)
         elif _one_pass_random(logits, meta):
             # Temperature only (T1's case): one Triton pass over the raw logits, no float32 copy or softmax.
-            from vllm_lite.kernels.gumbel_sample import gumbel_sample_triton
             sampled = gumbel_sample_triton(logits, meta.temperature, meta.is_greedy)
         else:
             # Own float32 copy (unless handed over): every later stage may work in place.
@@ -103,7 +97,7 @@ class Sampler:
 def _one_pass_random(logits: torch.Tensor, meta: SamplingMetadata) -> bool:
     """Random rows with nothing but a temperature, on CUDA, none seeded: the fused kernel's case (same distribution
     as the exponential race below; seeded rows keep the torch path, which draws from their own generator)."""
-    return (logits.is_cuda and _HAS_TRITON and not meta.generators and meta.logits_mask is None
+    return (logits.is_cuda and HAS_TRITON and not meta.generators and meta.logits_mask is None
             and meta.blocked_rows is None and meta.no_penalties and meta.no_min_p and meta.no_top_k and meta.no_top_p)
 
 
