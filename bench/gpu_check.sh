@@ -18,7 +18,7 @@
 #   t1-cc / llama-cc   T1 / llama L1 with FlashInfer's CUDA-core decode
 #   jit        FlashInfer's JIT cache of this machine into $OUT/jit-new.tgz (to stage kernels built here)
 #   pytest:P   the gpu tests in P
-#   startup    `vllm-lite serve` time to ready: cold, then warm compile cache
+#   startup    `vllm-lite serve` time to ready: cold (torch.compile and bytecode caches removed), then warm
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=/root/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -127,7 +127,7 @@ PY
     startup)
       python3 -c "import os, sys, transformers as t; print('dont_write_bytecode', sys.flags.dont_write_bytecode, \
         'transformers dir writable', os.access(os.path.dirname(t.__file__), os.W_OK))"
-      rm -rf ~/.cache/vllm_lite/torch_compile
+      rm -rf ~/.cache/vllm_lite/torch_compile ~/.cache/vllm_lite/pycache  # cold: none of serve's caches
       for run in cold warm; do
         port=$((8100 + RANDOM % 500)); start=$(date +%s.%N)
         python3 -m vllm_lite serve bench/data/qwen3-0.6b --load-format dummy --skip-tokenizer-init --port $port \

@@ -92,9 +92,11 @@ def test_model_error_reaches_an_api_server_that_binds_late(tmp_path):
 @pytest.mark.parametrize("user_prefix", [None, "/tmp/user-pycache"])
 def test_serve_keeps_bytecode_in_the_cache_folder_unless_the_user_chose(tmp_path, user_prefix):
     """Read-only site-packages recompile every module on every start; serve caches bytecode under its cache folder
-    (inherited by its processes through PYTHONPYCACHEPREFIX) unless the user set a prefix or disabled bytecode."""
+    (inherited by its processes through PYTHONPYCACHEPREFIX), also where PYTHONDONTWRITEBYTECODE is set (images set
+    it to keep .pyc out of their layers), unless the user set a prefix or VLLM_LITE_BYTECODE_CACHE=0."""
     code = ("import os, sys; from vllm_lite.entrypoints.cli import _use_bytecode_cache; _use_bytecode_cache(); "
-            "print(sys.pycache_prefix, os.environ.get('PYTHONPYCACHEPREFIX'))")
+            "print(sys.pycache_prefix, os.environ.get('PYTHONPYCACHEPREFIX'), sys.dont_write_bytecode, "
+            "os.environ.get('PYTHONDONTWRITEBYTECODE'))")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")}
     env["XDG_CACHE_HOME"] = str(tmp_path)
     if user_prefix:
@@ -102,8 +104,12 @@ def test_serve_keeps_bytecode_in_the_cache_folder_unless_the_user_chose(tmp_path
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     want = user_prefix or os.path.join(str(tmp_path), "vllm_lite", "pycache")
-    assert done.stdout.split() == [want, want]
+    assert done.stdout.split() == [want, want, "False", "None"]
+    if user_prefix:
+        return
     env["PYTHONDONTWRITEBYTECODE"] = "1"
-    env.pop("PYTHONPYCACHEPREFIX", None)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-    assert done.stdout.split() == ["None", "None"]
+    assert done.stdout.split() == [want, want, "False", "None"]
+    env["VLLM_LITE_BYTECODE_CACHE"] = "0"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.stdout.split() == ["None", "None", "True", "1"]

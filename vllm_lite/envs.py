@@ -3,6 +3,9 @@
 - XDG_CACHE_HOME: root of the cache (converted GGUF models, torch.compile cache) -> $XDG_CACHE_HOME/vllm_lite.
 - VLLM_LITE_COMPILE_CACHE: folder of the persistent torch.compile cache (default <cache root>/torch_compile).
 - PYTHONPYCACHEPREFIX: if unset, `serve` sets it to <cache root>/pycache for its processes (bytecode cache).
+- VLLM_LITE_BYTECODE_CACHE=0: `serve` leaves bytecode caching to Python's own settings (default 1: cache bytecode
+  under <cache root>/pycache even where PYTHONDONTWRITEBYTECODE is set, as container images do to keep .pyc files
+  out of their layers; nothing is written next to any source file).
 - VLLM_LITE_API_KEY: the server's API key when --api-key is not given.
 - VLLM_LITE_KV_WRITE_KERNEL=0: use the torch reference instead of the Triton KV-cache write (A/B, debugging).
 - VLLM_LITE_SAMPLING_KERNEL=1: use the Triton top-k/top-p/min-p kernel instead of the torch path (off by default:
@@ -25,8 +28,8 @@ def compile_cache_dir() -> str:
 
 
 def bytecode_cache_dir() -> str | None:
-    """Where `serve` keeps Python bytecode (None: the user set PYTHONPYCACHEPREFIX, Python already uses it)."""
-    if os.environ.get("PYTHONPYCACHEPREFIX"):
+    """Where `serve` keeps Python bytecode (None: the user set PYTHONPYCACHEPREFIX, or turned it off)."""
+    if os.environ.get("PYTHONPYCACHEPREFIX") or os.environ.get("VLLM_LITE_BYTECODE_CACHE", "1") == "0":
         return None
     return os.path.join(cache_root(), "pycache")
 

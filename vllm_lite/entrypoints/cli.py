@@ -80,14 +80,17 @@ def _use_bytecode_cache() -> None:
     """Keep compiled bytecode of every imported module under our cache folder (serve's processes inherit it).
 
     Where site-packages is read-only (container images), Python recompiles each imported source on every start:
-    5.5 s of `compile()` per process for torch/transformers on the H100 host. A user's PYTHONPYCACHEPREFIX or
-    PYTHONDONTWRITEBYTECODE wins."""
+    5.5 s of `compile()` per process for torch/transformers on the H100 host. Images often also set
+    PYTHONDONTWRITEBYTECODE (to keep .pyc files out of their layers); the cache folder is outside them, so it is
+    used anyway. A user's PYTHONPYCACHEPREFIX or VLLM_LITE_BYTECODE_CACHE=0 wins."""
     from vllm_lite import envs
     prefix = envs.bytecode_cache_dir()
-    if prefix is None or sys.flags.dont_write_bytecode:
+    if prefix is None:
         return
     sys.pycache_prefix = prefix
-    os.environ["PYTHONPYCACHEPREFIX"] = prefix  # spawned processes read it at interpreter start
+    sys.dont_write_bytecode = False
+    os.environ["PYTHONPYCACHEPREFIX"] = prefix  # spawned processes read both at interpreter start
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
