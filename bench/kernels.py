@@ -154,7 +154,9 @@ def bench_sampling(quick: bool) -> None:
 
 
 def bench_random_sample(quick: bool) -> None:
-    """Temperature-only random sampling (T1): the Sampler's torch path vs the one-pass Triton kernel."""
+    """Temperature-only random sampling (T1): the Sampler's torch path vs the inverse-CDF kernel (and the earlier
+    one-pass exponential-race kernel it replaces)."""
+    from vllm_lite.kernels.cdf_sample import cdf_sample_triton
     from vllm_lite.kernels.gumbel_sample import gumbel_sample_triton
     from vllm_lite.sample.topk_topp import random_sample
     vocab = 151936
@@ -164,23 +166,23 @@ def bench_random_sample(quick: bool) -> None:
         return random_sample(y.softmax(dim=-1), {})
 
     print(f"\nTemperature-only sampling, bf16 logits [B, {vocab}]; us (eager / graph)")
-    print(f"{'B':<34}" + "".join(f"{n:>19}" for n in ("torch path", "triton one-pass")))
+    print(f"{'B':<34}" + "".join(f"{n:>19}" for n in ("torch path", "triton race", "triton cdf")))
     for b in ((1, 64, 256) if quick else (1, 8, 64, 128, 256)):
         x = (torch.randn(b, vocab, device="cuda") * 3).to(torch.bfloat16)
         t = torch.ones(b, device="cuda")
         greedy = torch.zeros(b, dtype=torch.bool, device="cuda")
         print(_row(f"B={b}", [_time(lambda: torch_path(x, t)),
-                              _time(lambda: gumbel_sample_triton(x, t, greedy, seed=1))]))
+                              _time(lambda: gumbel_sample_triton(x, t, greedy, seed=1)),
+                              _time(lambda: cdf_sample_triton(x, t, greedy, seed=1))]))
 
-    variants = [(2048, 8, 8), (2048, 8, 4), (1024, 8, 4), (1024, 16, 4), (2048, 4, 8), (4096, 4, 8), (4096, 2, 16)]
-    print("\nTriton one-pass variants, graph us: block/chunk blocks/warps")
-    print(f"{'B':<8}" + "".join(f"{f'{bl}/{cb}/{w}':>14}" for bl, cb, w in variants))
+    variants = [(4096, 8), (4096, 4), (2048, 4), (2048, 8), (8192, 8), (8192, 16), (1024, 4)]
+    print("\nTriton inverse-CDF variants, graph us: chunk/warps")
+    print(f"{'B':<8}" + "".join(f"{f'{c}/{w}':>14}" for c, w in variants))
     for b in (1, 64, 256):
         x = (torch.randn(b, vocab, device="cuda") * 3).to(torch.bfloat16)
         t = torch.ones(b, device="cuda")
         greedy = torch.zeros(b, dtype=torch.bool, device="cuda")
-        res = [_time(lambda: gumbel_sample_triton(x, t, greedy, seed=1, block=bl, chunk_blocks=cb, num_warps=w))[1]
-               for bl, cb, w in variants]
+        res = [_time(lambda: cdf_sample_triton(x, t, greedy, seed=1, chunk=c, num_warps=w))[1] for c, w in variants]
         print(f"{b:<8}" + "".join(f"{r:14.1f}" for r in res))
 
 

@@ -172,6 +172,57 @@ def test_gumbel_sample_exact_with_given_noise(b, dtype):
     assert torch.equal(gumbel_sample_triton(x, t, greedy, q=q), gumbel_sample_torch(x, t, greedy, q=q))
 
 
+@pytest.mark.parametrize("b", [1, 7, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+def test_cdf_sample_matches_reference_with_given_uniforms(b, dtype, scale):
+    """Same uniforms -> the float64 reference's ids at a real vocabulary size (38 chunks per row), except where the
+    target lies within float32 rounding of the boundary between two tokens (then either neighbour is right)."""
+    from vllm_lite.kernels.cdf_sample import cdf_sample_torch, cdf_sample_triton
+    g = torch.Generator(device=DEV).manual_seed(b)
+    v = 151936
+    x = (torch.randn(b, v, generator=g, device=DEV) * scale).to(dtype)
+    t = torch.rand(b, generator=g, device=DEV) + 0.3
+    greedy = torch.rand(b, generator=g, device=DEV) < 0.3
+    u = torch.rand(b, generator=g, device=DEV)
+    want = cdf_sample_torch(x, t, greedy, u=u)
+    got = cdf_sample_triton(x, t, greedy, u=u)
+    assert torch.equal(got[greedy], want[greedy])
+    xs = (x.float() / t.unsqueeze(1)).double()
+    cdf = torch.exp(xs - xs.max(1, keepdim=True).values).cumsum(1)
+    cdf = cdf / cdf[:, -1:]
+    for r in (got != want).nonzero().view(-1).tolist():
+        lo = float(cdf[r, got[r] - 1]) if got[r] > 0 else 0.0
+        assert lo - 1e-5 <= float(u[r]) <= float(cdf[r, got[r]]) + 1e-5, (r, int(got[r]), int(want[r]))
+    assert int((got != want).sum()) <= max(1, b // 50)
+
+
+def test_cdf_sample_distribution_and_sampler_path():
+    """In-kernel uniforms: frequencies follow softmax(x / T); the Sampler takes this path for temperature-only batches."""
+    from vllm_lite.kernels.cdf_sample import cdf_sample_triton
+    from vllm_lite.sample.metadata import SamplingMetadata
+    from vllm_lite.sample.sampler import Sampler, _one_pass_random
+    from vllm_lite.sampling_params import SamplingParams
+    g = torch.Generator(device=DEV).manual_seed(0)
+    row = torch.randn(1, 10000, generator=g, device=DEV) * 2
+    n = 200_000
+    ids = cdf_sample_triton(row.expand(n, -1).contiguous(), torch.full((n,), 0.7, device=DEV),
+                            torch.zeros(n, dtype=torch.bool, device=DEV), chunk=1024)
+    p = torch.softmax(row[0].double() / 0.7, -1)
+    top = p.topk(32).indices
+    freq = torch.bincount(ids, minlength=10000).double() / n
+    assert (freq[top] - p[top]).abs().max() < 0.005, (freq[top], p[top])
+    assert abs(float(freq.sum() - freq[top].sum()) - float(1 - p[top].sum())) < 0.005  # the tail's mass too
+    params = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.0), SamplingParams(temperature=0.5)]
+    meta = SamplingMetadata.build(params=params, prompt_token_ids=[[]] * 3, output_token_ids=[[]] * 3,
+                                  generators=[None] * 3, stop_ids_blocked=[set()] * 3, device=torch.device(DEV),
+                                  vocab_size=1000)
+    logits = torch.randn(3, 1000, device=DEV, dtype=torch.bfloat16)
+    assert _one_pass_random(logits, meta)
+    out = Sampler()(logits, meta).sampled_token_ids
+    assert out.shape == (3,) and int(out[1]) == int(logits[1].argmax())
+
+
 def test_gumbel_sample_distribution_and_sampler_path():
     """In-kernel noise follows softmax(x / T); the Sampler takes this path for temperature-only batches."""
     from vllm_lite.kernels.gumbel_sample import gumbel_sample_triton

@@ -4,8 +4,8 @@ Order (matches vLLM V1): logits mask -> min_tokens blocking -> penalties -> gree
 min-p -> top-k/top-p -> random sample. Logprobs are vLLM's default "raw" logprobs: log_softmax of the model's
 logits before any of the above, so they describe the model, not the sampling transform.
 Everything is tensor work on the logits' device; stages a batch does not need are skipped by host-side flags.
-With only a temperature (no filters, penalties, masks or seeds) CUDA batches sample in one Triton pass over the
-logits (kernels/gumbel_sample.py), the same exponential race without the softmax.
+With only a temperature (no filters, penalties, masks or seeds) CUDA batches sample by inverse CDF in one read of
+the logits (kernels/cdf_sample.py): the same distribution, one random number per row instead of one per token.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 
 from vllm_lite.sample.metadata import SamplingMetadata
 from vllm_lite.sample.penalties import apply_blocked_tokens, apply_penalties
-from vllm_lite.kernels.gumbel_sample import HAS_TRITON, gumbel_sample_triton
+from vllm_lite.kernels.cdf_sample import HAS_TRITON, cdf_sample_triton
 from vllm_lite.sample.topk_topp import apply_min_p, apply_top_k_top_p, random_sample
 
 
@@ -49,8 +49,8 @@ class Sampler:
             # Plain greedy (the common decode case): argmax of the raw logits, no float32 copy of the vocabulary.
             sampled = logits.argmax(dim=-1).view(-1)
         elif _one_pass_random(logits, meta):
-            # Temperature only (T1's case): one Triton pass over the raw logits, no float32 copy or softmax.
-            sampled = gumbel_sample_triton(logits, meta.temperature, meta.is_greedy)
+            # Temperature only (T1's case): one read of the raw logits, no float32 copy or softmax.
+            sampled = cdf_sample_triton(logits, meta.temperature, meta.is_greedy)
         else:
             # Own float32 copy (unless handed over): every later stage may work in place.
             logits = logits.to(torch.float32, copy=not (logits_owned and logits.dtype == torch.float32))
@@ -95,8 +95,8 @@ class Sampler:
 
 
 def _one_pass_random(logits: torch.Tensor, meta: SamplingMetadata) -> bool:
-    """Random rows with nothing but a temperature, on CUDA, none seeded: the fused kernel's case (same distribution
-    as the exponential race below; seeded rows keep the torch path, which draws from their own generator)."""
+    """Random rows with nothing but a temperature, on CUDA, none seeded: the kernel's case (same distribution as the
+    exponential race below; seeded rows keep the torch path, which draws from their own generator)."""
     return (logits.is_cuda and HAS_TRITON and not meta.generators and meta.logits_mask is None
             and meta.blocked_rows is None and meta.no_penalties and meta.no_min_p and meta.no_top_k and meta.no_top_p)
 
