@@ -66,7 +66,7 @@ def describe_model(info: ModelInfo) -> ModelDescription:
 
 def model_info_from(desc: ModelDescription) -> ModelInfo:
     """The ModelInfo a description was made from; its hf_config reads config.json from the resolved folder on
-    first use (the engine core does not use it today, and transformers costs seconds to import)."""
+    first use (the engine core does not use it today)."""
     import torch
 
     from vllm_lite.model_loader import ModelInfo
@@ -77,7 +77,8 @@ def model_info_from(desc: ModelDescription) -> ModelInfo:
 
 
 class _ConfigOnDemand:
-    """Stands in for a transformers config: loads `path`/config.json at the first attribute read."""
+    """Stands in for the model's config: loads `path`/config.json (without transformers) at the first attribute
+    read."""
 
     def __init__(self, path: str) -> None:
         self._path = path
@@ -87,8 +88,8 @@ class _ConfigOnDemand:
         if name.startswith("_"):  # private and dunder lookups (copy, pickle) never load the config
             raise AttributeError(name)
         if self._config is None:
-            from transformers import AutoConfig
-            self._config = AutoConfig.from_pretrained(self._path)
+            from vllm_lite.model_loader.hf_config import load_hf_config
+            self._config = load_hf_config(self._path)
         return getattr(self._config, name)
 
 

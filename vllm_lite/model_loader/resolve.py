@@ -22,6 +22,7 @@ from vllm_lite.config import LoadConfig, ModelConfig
 from vllm_lite.layers.rotary import max_rope_positions
 from vllm_lite.model_loader.default_model import default_gguf_path, is_default_model
 from vllm_lite.model_loader.gguf_loader import convert_gguf
+from vllm_lite.model_loader.hf_config import load_hf_config
 from vllm_lite.model_loader.weights import find_bin_files, find_safetensors
 from vllm_lite.models.registry import architecture_of
 
@@ -36,7 +37,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class ModelInfo:
     model: str  # the name the user gave
     path: str  # local HF-layout folder (config.json + weights, unless load_format == "dummy")
-    hf_config: Any = field(compare=False, repr=False)  # transformers PretrainedConfig
+    hf_config: Any = field(compare=False, repr=False)  # HFConfig (hf_config.py), or a transformers config
     architecture: str  # e.g. "LlamaForCausalLM"
     tokenizer: str  # tokenizer path or repo id (defaults to `path`)
     dtype: torch.dtype
@@ -49,11 +50,9 @@ class ModelInfo:
 
 def resolve_model(model_config: ModelConfig, load_config: LoadConfig, device: str | None = None) -> ModelInfo:
     """Locate (convert, download) the model and read its config; raise ValueError for what cannot run."""
-    from transformers import AutoConfig
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     path, gguf_file = _local_folder(model_config.model, load_config)
-    hf_config = AutoConfig.from_pretrained(path)
+    hf_config = load_hf_config(path)  # no transformers import (seconds of start-up)
     architecture = architecture_of(hf_config)
     load_format = _weights_format(path, load_config.load_format)
     limit = max_rope_positions(hf_config)
