@@ -9,7 +9,8 @@ block_size, num_write)` takes q [T, Hq*D], k and v [T, Hkv*D] (views of the fuse
 the last dimension must be contiguous), cos/sin [T, rot_dim / 2] in the activation dtype, and returns q normed and
 rotated ([T, Hq*D], contiguous) while k (normed and rotated) and v go straight into
 kv_cache [num_blocks, 2, block_size, Hkv, D] at slot_mapping for the first `num_write` rows (slot -1 = padding
-row, skipped: CUDA-graph safe). One program handles one (token, head); q heads and k/v heads share the launch.
+row, skipped: CUDA-graph safe). One program handles one head of one token (decode) or of 8 tokens (prefill chunks);
+q heads and k/v heads share the launch.
 
 The arithmetic follows the eager reference operation by operation (vllm_lite.layers.norm.rms_norm_ref and
 vllm_lite.layers.rotary.apply_rotary): statistics in float32, the normalised value rounded to the activation dtype
@@ -32,6 +33,7 @@ except ImportError:  # pragma: no cover
     tl = None
 
 HAS_TRITON = triton is not None
+_MANY_TOKENS = 512  # from here on a program takes several tokens (prefill chunks)
 
 __all__ = ["qk_norm_rope_torch", "qk_norm_rope_cache_torch", "qk_norm_rope_cache_triton", "HAS_TRITON"]
 
@@ -90,65 +92,69 @@ if HAS_TRITON:
     @triton.jit
     def _qk_norm_rope_cache_kernel(
             q_ptr, k_ptr, v_ptr, qo_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, cache_ptr, slot_ptr,
-            q_stride_t, k_stride_t, v_stride_t, cs_stride_t, eps, num_write, block_size,
+            q_stride_t, k_stride_t, v_stride_t, cs_stride_t, eps, num_tokens, num_write, block_size,
             c_stride_blk, c_stride_kv, c_stride_slot, c_stride_h,
-            HQ: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, TAIL: tl.constexpr,
+            HQ: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, TAIL: tl.constexpr, BLOCK_T: tl.constexpr,
             BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr):
-        t = tl.program_id(0).to(tl.int64)
+        # One program: BLOCK_T tokens of one head (rows of the 2-D tiles below are tokens).
+        t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+        tm = t < num_tokens
         h = tl.program_id(1)
         is_q = h < HQ
         hk = h - HQ
         if is_q:
-            src = q_ptr + t * q_stride_t + h * D
+            src = q_ptr + t[:, None] * q_stride_t + h * D
             w_ptr = qw_ptr
         else:
-            src = k_ptr + t * k_stride_t + hk * D
+            src = k_ptr + t[:, None] * k_stride_t + hk * D
             w_ptr = kw_ptr
         ty = qo_ptr.dtype.element_ty
-        i = tl.arange(0, BLOCK_HALF)
-        m = i < HALF
+        i = tl.arange(0, BLOCK_HALF)[None, :]
+        m = tm[:, None] & (i < HALF)
         x1 = tl.load(src + i, mask=m, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF + i, mask=m, other=0.0).to(tl.float32)
-        j = tl.arange(0, BLOCK_TAIL)
-        mt = j < TAIL
+        j = tl.arange(0, BLOCK_TAIL)[None, :]
+        mt = tm[:, None] & (j < TAIL)
         xt = tl.load(src + 2 * HALF + j, mask=mt, other=0.0).to(tl.float32)
         if NORM:
-            var = (tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0) + tl.sum(xt * xt, axis=0)) / D
-            r = tl.rsqrt(var + eps)
-            w1 = tl.load(w_ptr + i, mask=m, other=0.0).to(tl.float32)
-            w2 = tl.load(w_ptr + HALF + i, mask=m, other=0.0).to(tl.float32)
-            wt = tl.load(w_ptr + 2 * HALF + j, mask=mt, other=0.0).to(tl.float32)
+            var = (tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1) + tl.sum(xt * xt, axis=1)) / D
+            r = tl.rsqrt(var + eps)[:, None]
+            w1 = tl.load(w_ptr + i, mask=i < HALF, other=0.0).to(tl.float32)
+            w2 = tl.load(w_ptr + HALF + i, mask=i < HALF, other=0.0).to(tl.float32)
+            wt = tl.load(w_ptr + 2 * HALF + j, mask=j < TAIL, other=0.0).to(tl.float32)
             x1 = _round(w1 * _round(x1 * r, ty), ty)
             x2 = _round(w2 * _round(x2 * r, ty), ty)
             xt = _round(wt * _round(xt * r, ty), ty)
-        c = tl.load(cos_ptr + t * cs_stride_t + i, mask=m, other=0.0).to(tl.float32)
-        s = tl.load(sin_ptr + t * cs_stride_t + i, mask=m, other=0.0).to(tl.float32)
+        c = tl.load(cos_ptr + t[:, None] * cs_stride_t + i, mask=m, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + t[:, None] * cs_stride_t + i, mask=m, other=0.0).to(tl.float32)
         o1 = _round(_round(x1 * c, ty) - _round(x2 * s, ty), ty)
         o2 = _round(_round(x2 * c, ty) + _round(x1 * s, ty), ty)
         if is_q:
-            dst = qo_ptr + (t * HQ + h) * D
+            dst = qo_ptr + (t[:, None] * HQ + h) * D
             tl.store(dst + i, o1.to(ty), mask=m)
             tl.store(dst + HALF + i, o2.to(ty), mask=m)
             tl.store(dst + 2 * HALF + j, xt.to(ty), mask=mt)
         else:
-            slot = tl.load(slot_ptr + t).to(tl.int64)
-            if (slot >= 0) & (t < num_write):
-                cty = cache_ptr.dtype.element_ty
-                dst = cache_ptr + (slot // block_size) * c_stride_blk + (slot % block_size) * c_stride_slot \
-                    + hk * c_stride_h
-                tl.store(dst + i, _cast(o1, cty), mask=m)
-                tl.store(dst + HALF + i, _cast(o2, cty), mask=m)
-                tl.store(dst + 2 * HALF + j, _cast(xt, cty), mask=mt)
-                d = tl.arange(0, BLOCK_D)
-                vx = tl.load(v_ptr + t * v_stride_t + hk * D + d, mask=d < D)
-                tl.store(dst + c_stride_kv + d, _cast(vx, cty), mask=d < D)
+            slot = tl.load(slot_ptr + t, mask=tm, other=-1).to(tl.int64)
+            wm = ((slot >= 0) & (t < num_write))[:, None]
+            cty = cache_ptr.dtype.element_ty
+            dst = (cache_ptr + (slot // block_size) * c_stride_blk + (slot % block_size) * c_stride_slot
+                   + hk * c_stride_h)[:, None]
+            tl.store(dst + i, _cast(o1, cty), mask=wm & (i < HALF))
+            tl.store(dst + HALF + i, _cast(o2, cty), mask=wm & (i < HALF))
+            tl.store(dst + 2 * HALF + j, _cast(xt, cty), mask=wm & (j < TAIL))
+            d = tl.arange(0, BLOCK_D)[None, :]
+            vx = tl.load(v_ptr + t[:, None] * v_stride_t + hk * D + d, mask=wm & (d < D))
+            tl.store(dst + c_stride_kv + d, _cast(vx, cty), mask=wm & (d < D))
 
 
 def qk_norm_rope_cache_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                               sin: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
                               eps: float, head_dim: int, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                              block_size: int, num_write: int) -> torch.Tensor:
-    """The fused kernel (same contract as qk_norm_rope_cache_torch)."""
+                              block_size: int, num_write: int, block_t: int | None = None,
+                              num_warps: int | None = None) -> torch.Tensor:
+    """The fused kernel (same contract as qk_norm_rope_cache_torch). block_t tokens per program: 1 for decode-sized
+    batches (most programs), several for prefill chunks, where one-token programs leave the memory system idle."""
     t = q.shape[0]
     hq, hk = q.shape[1] // head_dim, k.shape[1] // head_dim
     half = cos.shape[-1]
@@ -165,11 +171,15 @@ def qk_norm_rope_cache_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     norm = q_weight is not None
     tail = head_dim - 2 * half
     cs = kv_cache.stride()
-    _qk_norm_rope_cache_kernel[(t, hq + hk)](
+    if block_t is None:
+        block_t = 1 if t < _MANY_TOKENS else 8
+    if num_warps is None:
+        num_warps = max(1, block_t // 2) * (1 if head_dim <= 128 else 2)
+    _qk_norm_rope_cache_kernel[(triton.cdiv(t, block_t), hq + hk)](
         q, k, v, qo, cos, sin, q_weight if norm else q, k_weight if norm else k, kv_cache, slot_mapping,
-        q.stride(0), k.stride(0), v.stride(0), cos.stride(0), eps, num_write, block_size,
+        q.stride(0), k.stride(0), v.stride(0), cos.stride(0), eps, t, num_write, block_size,
         cs[0], cs[1], cs[2], cs[3],
-        HQ=hq, D=head_dim, HALF=half, TAIL=tail, BLOCK_HALF=triton.next_power_of_2(half),
+        HQ=hq, D=head_dim, HALF=half, TAIL=tail, BLOCK_T=block_t, BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_TAIL=max(triton.next_power_of_2(tail), 2), BLOCK_D=triton.next_power_of_2(head_dim), NORM=norm,
-        num_warps=1 if head_dim <= 128 else 2)
+        num_warps=num_warps)
     return qo

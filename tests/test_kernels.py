@@ -103,11 +103,14 @@ _CHILD_KV = textwrap.dedent(r"""
         cache = torch.randn(nb, 2, bs, hk, d, generator=g).to(dt)
         want_cache = cache.clone()
         want = qk_norm_rope_cache_torch(q, k, v, cos, sin, qw, kw, 1e-6, d, want_cache, slots, bs, nw)
-        got = qk_norm_rope_cache_triton(q, k, v, cos, sin, qw, kw, 1e-6, d, cache, slots, bs, nw)
         tol = dict(rtol=1e-5, atol=1e-5) if dt == torch.float32 else dict(rtol=2 ** -5, atol=2 ** -3)
-        res[f"qkrope_{t}_{hq}_{hk}_{d}_{rot}_{norm}_{dt}"] = (
-            got.shape == want.shape and got.is_contiguous() and torch.allclose(got.float(), want.float(), **tol)
-            and torch.allclose(cache.float(), want_cache.float(), **tol))
+        start = cache.clone()
+        for block_t in (1, 4):  # one token per program (decode) and several, with a partial last tile (prefill)
+            cache = start.clone()
+            got = qk_norm_rope_cache_triton(q, k, v, cos, sin, qw, kw, 1e-6, d, cache, slots, bs, nw, block_t=block_t)
+            res[f"qkrope_{t}_{hq}_{hk}_{d}_{rot}_{norm}_{dt}_bt{block_t}"] = (
+                got.shape == want.shape and got.is_contiguous() and torch.allclose(got.float(), want.float(), **tol)
+                and torch.allclose(cache.float(), want_cache.float(), **tol))
     print("RESULT" + json.dumps({kk: (vv if isinstance(vv, bool) else str(vv)) for kk, vv in res.items()}))
 """)
 
@@ -272,7 +275,7 @@ def test_sampling_mask_matches_reference(sampling_results, case):
 
 def test_qk_norm_rope_matches_reference(interpreter_results):
     got = {k: v for k, v in interpreter_results.items() if k.startswith("qkrope_")}
-    assert len(got) == 5
+    assert len(got) == 10
     assert all(v is True for v in got.values()), got
 
 

@@ -131,8 +131,9 @@ def test_kernel_dispatch_is_opt_in(monkeypatch):
 
 @pytest.mark.parametrize("hq,hk,d,rot,norm", [(16, 8, 128, 128, True), (32, 8, 128, 128, False),
                                               (9, 3, 64, 64, True), (4, 2, 80, 48, True)])
-@pytest.mark.parametrize("t", [1, 7, 300])
-def test_qk_norm_rope_cache_matches_eager(t, hq, hk, d, rot, norm):
+@pytest.mark.parametrize("t", [1, 7, 300, 1000])
+@pytest.mark.parametrize("block_t", [1, 8])
+def test_qk_norm_rope_cache_matches_eager(t, hq, hk, d, rot, norm, block_t):
     """The fused q/k RMSNorm + rotary + KV-write kernel against the eager bf16 reference, on strided views of a
     fused projection with padding slots: equal up to rare 1-ulp flips (fp32 sums in another order)."""
     from vllm_lite.kernels.qk_norm_rope import qk_norm_rope_cache_torch, qk_norm_rope_cache_triton
@@ -149,7 +150,7 @@ def test_qk_norm_rope_cache_matches_eager(t, hq, hk, d, rot, norm):
     cache = torch.zeros(nb, 2, bs, hk, d, device=DEV, dtype=dt)
     want_cache = cache.clone()
     want = qk_norm_rope_cache_torch(q, k, v, cos, sin, qw, kw, 1e-6, d, want_cache, slots, bs, t)
-    got = qk_norm_rope_cache_triton(q, k, v, cos, sin, qw, kw, 1e-6, d, cache, slots, bs, t)
+    got = qk_norm_rope_cache_triton(q, k, v, cos, sin, qw, kw, 1e-6, d, cache, slots, bs, t, block_t=block_t)
     assert got.shape == want.shape and got.is_contiguous()
     for a, b in ((got, want), (cache, want_cache)):
         diff = (a.float() - b.float()).abs()
