@@ -14,6 +14,7 @@
 #   llama      L1 for llama-3.1-8b with the transformers baseline
 #   hf         L1 for qwen3-0.6b with the transformers baseline
 #   profile    where a decode step's time goes (cProfile + torch profiler), batch 1, 8 and 256 (T1's regime)
+#   profile:B:IN   the same for one batch size B and prompt length IN (T1's tail: profile:16:1400)
 #   kernels    Triton kernel micro-benchmarks against their torch references (kernels:NAME: only one of them)
 #   t1-cc / llama-cc   T1 / llama L1 with FlashInfer's CUDA-core decode
 #   jit        FlashInfer's JIT cache of this machine into $OUT/jit-new.tgz (to stage kernels built here)
@@ -120,6 +121,13 @@ PY
           > "$OUT/profile-b$bs.log" 2>&1; echo "profile b$bs rc=$?"
         grep -E "ms/step|GPU busy|without a profiler" "$OUT/profile-b$bs.log"
       done ;;
+    profile:*)  # profile:B:IN  one decode batch size and prompt length (e.g. T1's tail: profile:16:1400)
+      spec=${stage#profile:}; bs=${spec%%:*}; inlen=${spec#*:}
+      timeout 200 python3 bench/profile_decode.py --model qwen3-0.6b --batch-size $bs --output-len 256 \
+        --input-len $inlen --max-num-seqs $(( bs > 8 ? bs : 8 )) --temperature 1 \
+        > "$OUT/profile-b$bs-in$inlen.log" 2>&1; echo "profile b$bs in$inlen rc=$?"
+      grep -E "ms/step|GPU busy|without a profiler" "$OUT/profile-b$bs-in$inlen.log"
+      grep -E "^(void|nvjet|triton|_|Memcpy)" "$OUT/profile-b$bs-in$inlen.log" | cut -c1-60,140-172 | head -14 ;;
     kernels|kernels:*)
       only=${stage#kernels}; only=${only#:}
       timeout 240 python3 bench/kernels.py --quick ${only:+--only $only} > "$OUT/kernels$only.log" 2>&1

@@ -205,10 +205,40 @@ def bench_random_sample(quick: bool) -> None:
         print(f"{b:<8}" + "".join(f"{r:14.1f}" for r in res))
 
 
+def bench_gemm(quick: bool) -> None:
+    """A decode step's projection GEMMs (qwen3-0.6b: 28 layers of qkv, o, gate_up, down; distinct weights, so
+    nothing stays in L2) per BLAS backend, as in the model: bf16 F.linear."""
+    import torch.nn.functional as F
+    hidden, q_size, kv_size, inter, layers = 1024, 2048, 1024, 3072, 28
+    shapes = [(q_size + 2 * kv_size, hidden), (hidden, q_size), (2 * inter, hidden), (hidden, inter)]
+    weights = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for n, k in shapes]
+               for _ in range(layers)]
+    nbytes = sum(w.numel() * 2 for layer in weights for w in layer)
+    flops_per_token = 2 * nbytes / 2
+    backends = ["cublas", "cublaslt"]
+    print(f"\nProjection GEMMs of one qwen3-0.6b step ({nbytes / 1e6:.0f} MB of weights), graph us per step "
+          f"(TB/s of weights, TFLOP/s)")
+    print(f"{'M':<8}" + "".join(f"{b:>28}" for b in backends))
+    for m in ((1, 16, 64, 256, 8192) if quick else (1, 8, 16, 32, 64, 128, 256, 512, 8192)):
+        xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes]
+
+        def step():
+            for layer in weights:
+                for x, w in zip(xs, layer):
+                    F.linear(x, w)
+        cols = []
+        for backend in backends:
+            torch.backends.cuda.preferred_blas_library(backend)
+            us = _time(step, eager_iters=3, graph_calls=1, repeats=5)[1]
+            cols.append(f"{us:.0f} ({nbytes / us / 1e6:.2f}, {flops_per_token * m / us / 1e6:.0f})")
+        torch.backends.cuda.preferred_blas_library("cublas")
+        print(f"{m:<8}" + "".join(f"{c:>28}" for c in cols))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer sizes")
-    ap.add_argument("--only", choices=["kv", "qk", "sampling", "random"], default=None)
+    ap.add_argument("--only", choices=["kv", "qk", "sampling", "random", "gemm"], default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py needs CUDA")
@@ -224,6 +254,8 @@ def main() -> None:
         bench_sampling(args.quick)
     if args.only in (None, "random"):
         bench_random_sample(args.quick)
+    if args.only in (None, "gemm"):
+        bench_gemm(args.quick)
 
 
 if __name__ == "__main__":

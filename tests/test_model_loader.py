@@ -107,10 +107,11 @@ def _transformers_gguf_model(gguf_file, config):
 @pytest.mark.slow  # ~30 s with the conversion: transformers' GGUF loader re-dequantises the file
 def test_default_model_converted_like_transformers(converted_default):
     from safetensors.torch import load_file
+    from transformers import AutoConfig
 
     info, _ = converted_default
     assert info.architecture == "LlamaForCausalLM" and info.gguf_file.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
-    hf = _transformers_gguf_model(info.gguf_file, info.hf_config)
+    hf = _transformers_gguf_model(info.gguf_file, AutoConfig.from_pretrained(info.path))
     ours = load_file(os.path.join(info.path, "model.safetensors"))
     want = hf.state_dict()
     assert info.hf_config.tie_word_embeddings and "lm_head.weight" not in ours
