@@ -1,12 +1,16 @@
 """Throughput (T1): 256 requests, input and output lengths uniform in [100, 1024], token ids uniform in
 [0, 10000), random.seed(0), ignore_eos, temperature 1.0; reports output and total tokens/s.
 
+The timed workload runs --repeats times (default 3) after the small warm-up; the reported throughput is the median
+run's, and every run's time is listed (runs on the H100 spread by ~3 %, more than most changes we measure).
+
     vllm-lite bench throughput --model qwen3-0.6b
 """
 from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import time
 
 from vllm_lite.benchmarks.utils import add_engine_args, bandwidth_floor, report, make_llm, progress
@@ -30,18 +34,25 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--num-requests", type=int, default=256)
     ap.add_argument("--min-len", type=int, default=100)
     ap.add_argument("--max-len", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of the whole workload (median reported)")
     args = ap.parse_args(argv)
     llm = make_llm(args)
     prompts, params = workload(args.num_requests, args.min_len, args.max_len)
     progress("warm-up")
-    llm.generate(prompts[:8], [SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)] * 8,
+    warm = min(8, len(prompts))
+    llm.generate(prompts[:warm], [SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)] * warm,
                  use_tqdm=False)
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=True)
-    elapsed = time.perf_counter() - t0
+    runs = []
+    for i in range(max(args.repeats, 1)):
+        progress(f"timed run {i + 1} of {max(args.repeats, 1)}")
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=True)
+        runs.append(time.perf_counter() - t0)
+    elapsed = statistics.median(runs)
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     in_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
     result = {"workload": "T1", "model": args.model, "num_requests": args.num_requests, "elapsed_s": elapsed,
+              "runs_elapsed_s": [round(r, 4) for r in runs],
               "output_tokens": out_tokens, "input_tokens": in_tokens,
               "output_tokens_per_s": out_tokens / elapsed, "total_tokens_per_s": (in_tokens + out_tokens) / elapsed,
               "requests_per_s": args.num_requests / elapsed, **bandwidth_floor(llm)}

@@ -1,0 +1,33 @@
+"""The benchmark entry points (`vllm-lite bench throughput|latency`) run end to end on a tiny random model on the CPU:
+the GPU numbers in docs/PERF.md come from exactly this code."""
+from __future__ import annotations
+
+import json
+
+from tiny_models import make_tiny_model
+
+from vllm_lite.benchmarks import latency, throughput
+
+
+def _tiny(tmp_path) -> str:
+    # T1's prompts hold token ids up to 10000.
+    return make_tiny_model(str(tmp_path), "qwen3", num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=10000,
+                           max_position_embeddings=4096)
+
+
+def test_throughput_reports_the_median_of_its_timed_runs(tmp_path):
+    out = tmp_path / "t1.json"
+    result = throughput.main(["--model", _tiny(tmp_path), "--device", "cpu", "--num-requests", "5", "--min-len", "4",
+                              "--max-len", "12", "--repeats", "3", "--json", str(out)])
+    runs = result["runs_elapsed_s"]
+    assert len(runs) == 3 and sorted(runs)[1] == round(result["elapsed_s"], 4)
+    assert 5 * 4 <= result["output_tokens"] <= 5 * 12  # ignore_eos: every request runs to its max_tokens
+    assert result["output_tokens_per_s"] == result["output_tokens"] / result["elapsed_s"]
+    assert json.loads(out.read_text())["runs_elapsed_s"] == runs
+
+
+def test_latency_reports_tpot_and_ttft(tmp_path):
+    result = latency.main(["--model", _tiny(tmp_path), "--device", "cpu", "--batch-size", "2", "--input-len", "8",
+                           "--output-len", "6", "--num-iters-warmup", "1", "--num-iters", "2"])
+    assert result["tpot_ms"] > 0 and result["ttft_ms"] > 0
