@@ -17,7 +17,6 @@
 #   profile:B:IN   the same for one batch size B and prompt length IN (T1's tail: profile:16:1400)
 #   kernels    Triton kernel micro-benchmarks against their torch references (kernels:NAME: only one of them)
 #   t1-cc / llama-cc   T1 / llama L1 with FlashInfer's CUDA-core decode
-#   t1-split   T1 with split KV in every decode graph (FlashInfer's graph default; ours: none from 128 rows)
 #   jit        FlashInfer's JIT cache of this machine into $OUT/jit-new.tgz (to stage kernels built here)
 #   pytest:P   the gpu tests in P
 #   startup    `vllm-lite serve` time to ready: cold (torch.compile and bytecode caches removed), then warm
@@ -66,10 +65,6 @@ for stage in "$@"; do
     t1)
       timeout 300 python3 bench/throughput.py --model qwen3-0.6b --json "$OUT/T1-qwen3.json" > "$OUT/T1.log" 2>&1
       echo "t1 rc=$?" ;;
-    t1-split)  # FlashInfer's default split KV in every decode graph (the default plans batches >= 128 without it)
-      VLLM_LITE_FLASHINFER_NO_SPLIT_FROM=0 timeout 300 python3 bench/throughput.py --model qwen3-0.6b \
-        --json "$OUT/T1-qwen3-split.json" > "$OUT/T1-split.log" 2>&1
-      echo "t1-split rc=$?" ;;
     t1-16k)  # larger prefill chunks (vLLM's offline default on 80 GB GPUs is 16384 batched tokens)
       timeout 300 python3 bench/throughput.py --model qwen3-0.6b --max-num-batched-tokens 16384 \
         --json "$OUT/T1-qwen3-16k.json" > "$OUT/T1-16k.log" 2>&1
@@ -169,6 +164,5 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
     r = json.load(open(path))
     keys = [k for k in ("tpot_ms", "ttft_ms", "floor_ms", "hf_tpot_ms", "hf_ttft_ms", "output_tokens_per_s",
                         "total_tokens_per_s", "elapsed_s") if r.get(k) is not None]
-    runs = f" runs_elapsed_s={r['runs_elapsed_s']}" if r.get("runs_elapsed_s") else ""
-    print(os.path.basename(path), " ".join(f"{k}={r[k]:.3f}" for k in keys) + runs)
+    print(os.path.basename(path), " ".join(f"{k}={r[k]:.3f}" for k in keys))
 EOF

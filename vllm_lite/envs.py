@@ -12,8 +12,6 @@
   it measured slower on the H100, see docs/PERF.md).
 - VLLM_LITE_FLASHINFER_TENSOR_CORES=0 / 1: FlashInfer's CUDA-core (0) or tensor-core (1, the default) decode kernels
   (for A/B measurements; the tensor-core variant may JIT-compile on first use).
-- VLLM_LITE_FLASHINFER_NO_SPLIT_FROM=N: CUDA-graph decode batches of N rows and more plan FlashInfer's tensor-core
-  decode without split KV (default 128; 0: always split, FlashInfer's graph default; for A/B measurements).
 """
 from __future__ import annotations
 
@@ -48,9 +46,3 @@ def flashinfer_tensor_cores() -> bool | None:
     """True / False when VLLM_LITE_FLASHINFER_TENSOR_CORES forces a decode kernel family, else None (automatic)."""
     value = os.environ.get("VLLM_LITE_FLASHINFER_TENSOR_CORES")
     return None if value in (None, "") else value == "1"
-
-
-def flashinfer_no_split_kv_from() -> int | None:
-    """VLLM_LITE_FLASHINFER_NO_SPLIT_FROM as an int, else None (the backend's default)."""
-    value = os.environ.get("VLLM_LITE_FLASHINFER_NO_SPLIT_FROM")
-    return None if value in (None, "") else int(value)

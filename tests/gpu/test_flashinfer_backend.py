@@ -43,10 +43,9 @@ def _spec(hq: int, hkv: int, d: int) -> AttentionSpec:
     return AttentionSpec(hq, hkv, d, 1 / math.sqrt(d))
 
 
-def _backend(spec: AttentionSpec, dtype: torch.dtype, tensor_cores: bool | None = None,
-             no_split_kv_from: int | None = None) -> FlashInferBackend:
+def _backend(spec: AttentionSpec, dtype: torch.dtype, tensor_cores: bool | None = None) -> FlashInferBackend:
     return FlashInferBackend(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.scale, dtype, DEVICE,
-                             MAX_SEQS, MAX_BLOCKS, use_tensor_cores=tensor_cores, no_split_kv_from=no_split_kv_from)
+                             MAX_SEQS, MAX_BLOCKS, use_tensor_cores=tensor_cores)
 
 
 def build_batch(reqs: list[tuple[int, int]], spec: AttentionSpec, cache: torch.Tensor, gen: torch.Generator,
@@ -161,17 +160,15 @@ def _capture(fn):
 
 
 @pytest.mark.parametrize("shape", [(16, 8, 64), (32, 8, 128)], ids=lambda s: f"hq{s[0]}-hkv{s[1]}-d{s[2]}")
-@pytest.mark.parametrize("tc,no_split", [(True, 0), (True, 8), (False, 0)],
-                         ids=["tensor-core", "tensor-core-no-split", "cuda-core"])
-def test_cuda_graph_decode(shape, tc, no_split):
-    """Capture at padded batch size G with an all-padding dummy step; replay with real batches of <= G requests
-    (tensor-core plans with split KV, FlashInfer's graph default, and without: what batches >= 128 use)."""
+@pytest.mark.parametrize("tc", [True, False], ids=["tensor-core", "cuda-core"])
+def test_cuda_graph_decode(shape, tc):
+    """Capture at padded batch size G with an all-padding dummy step; replay with real batches of <= G requests."""
     spec = _spec(*shape)
     dtype = torch.bfloat16
     hq, hkv, d = shape
     G = 8
     gen = torch.Generator().manual_seed(2)
-    backend = _backend(spec, dtype, tc, no_split)
+    backend = _backend(spec, dtype, tc)
     cache = _new_cache(spec, dtype, gen)
     q_buf = torch.zeros(G, hq, d, device=DEVICE, dtype=dtype)
     k_buf = torch.zeros(G, hkv, d, device=DEVICE, dtype=dtype)

@@ -13,11 +13,6 @@ faster for Qwen3-0.6B (group 2) at every batch size we run (docs/PERF.md: L1 1.4
 T1 7.47 vs 7.70 s); `use_tensor_cores=False` (VLLM_LITE_FLASHINFER_TENSOR_CORES=0) selects the CUDA-core kernel.
 Prefill on H100 resolves to fa3.
 
-Split KV: planned for a CUDA graph, FlashInfer's decode always splits long KV ranges over a fixed grid and merges
-the partial results (a merge kernel per layer: ~4 us at batch 256). From `no_split_kv_from` graph rows on
-(default 128) the tensor-core plan keeps one work unit per (request, KV head) instead: batch x heads already fill
-the GPU, so the split buys no parallelism there. 0 keeps the split everywhere (VLLM_LITE_FLASHINFER_NO_SPLIT_FROM).
-
 CUDA-graph contract (pure decode only; used by compile/cuda_graphs.py):
   capture, per padded batch size bs (<= max_num_seqs + 1024 padding rows):
     1. meta = backend.prepare(dummy_meta, graph_batch_size=bs)     # plans the bs wrapper, outside the graph
@@ -48,7 +43,6 @@ from vllm_lite.kernels.qk_norm_rope import HAS_TRITON, qk_norm_rope_cache_torch,
 
 WORKSPACE_BYTES = 128 * 1024 * 1024
 MAX_GRAPH_PADDING = 1024
-NO_SPLIT_KV_FROM = 128
 
 
 @dataclass
@@ -65,14 +59,13 @@ class FlashInferBackend:
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, dtype: torch.dtype,
                  device: torch.device | str, max_num_seqs: int, max_blocks_per_seq: int,
-                 use_tensor_cores: bool | None = None, no_split_kv_from: int | None = None) -> None:
+                 use_tensor_cores: bool | None = None) -> None:
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} not a multiple of num_kv_heads {num_kv_heads}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale, self.dtype, self.device = scale, dtype, torch.device(device)
         self.max_num_seqs, self.max_blocks_per_seq = max_num_seqs, max_blocks_per_seq
         self.use_tensor_cores = True if use_tensor_cores is None else use_tensor_cores
-        self.no_split_kv_from = NO_SPLIT_KV_FROM if no_split_kv_from is None else no_split_kv_from
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self.prefill_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
         self.decode_wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
@@ -163,9 +156,8 @@ class FlashInferBackend:
                 staged = self._indices_dev[: len(indices)]
                 staged.copy_(indices, non_blocking=True)
                 indices = staged
-            no_split = self.use_tensor_cores and 0 < self.no_split_kv_from <= graph_batch_size
             wrapper.plan(indptr, indices, last_page_len, self.num_heads, self.num_kv_heads, self.head_dim, bs,
-                         **common, **({"disable_split_kv": True} if no_split else {}))
+                         **common)
             self._graph_planned[graph_batch_size] = key
             return FlashInferMetadata(meta, wrapper, graph_batch_size)
         if meta.max_query_len == 1:

@@ -33,8 +33,7 @@ def make_backend(name: str, *, num_heads: int, num_kv_heads: int, head_dim: int,
             problem = f"flashinfer failed to import: {e}"
         else:
             return FlashInferBackend(num_heads, num_kv_heads, head_dim, scale, dtype, device, max_num_seqs,
-                                     max_blocks_per_seq, use_tensor_cores=envs.flashinfer_tensor_cores(),
-                                     no_split_kv_from=envs.flashinfer_no_split_kv_from())
+                                     max_blocks_per_seq, use_tensor_cores=envs.flashinfer_tensor_cores())
     if name == "flashinfer":
         raise ValueError(f"attention_backend='flashinfer' cannot run: {problem}; use 'torch'")
     if device.type == "cuda":
