@@ -164,5 +164,6 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
     r = json.load(open(path))
     keys = [k for k in ("tpot_ms", "ttft_ms", "floor_ms", "hf_tpot_ms", "hf_ttft_ms", "output_tokens_per_s",
                         "total_tokens_per_s", "elapsed_s") if r.get(k) is not None]
-    print(os.path.basename(path), " ".join(f"{k}={r[k]:.3f}" for k in keys))
+    runs = f" runs_elapsed_s={r['runs_elapsed_s']}" if r.get("runs_elapsed_s") else ""
+    print(os.path.basename(path), " ".join(f"{k}={r[k]:.3f}" for k in keys) + runs)
 EOF
