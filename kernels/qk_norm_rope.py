@@ -9,8 +9,8 @@ block_size, num_write)` takes q [T, Hq*D], k and v [T, Hkv*D] (views of the fuse
 the last dimension must be contiguous), cos/sin [T, rot_dim / 2] in the activation dtype, and returns q normed and
 rotated ([T, Hq*D], contiguous) while k (normed and rotated) and v go straight into
 kv_cache [num_blocks, 2, block_size, Hkv, D] at slot_mapping for the first `num_write` rows (slot -1 = padding
-row, skipped: CUDA-graph safe). One program handles one head of 1, 2 (batches of 128-511) or 8 tokens (prefill chunks);
-q heads and k/v heads share the launch.
+row, skipped: CUDA-graph safe). One program handles one head of 1 token (batches below 128), 2 (128-511) or 8
+(prefill chunks); q heads and k/v heads share the launch.
 
 The arithmetic follows the eager reference operation by operation (vllm_lite.layers.norm.rms_norm_ref and
 vllm_lite.layers.rotary.apply_rotary): statistics in float32, the normalised value rounded to the activation dtype
@@ -33,7 +33,8 @@ except ImportError:  # pragma: no cover
     tl = None
 
 HAS_TRITON = triton is not None
-_MANY_TOKENS = 512  # from here on a program takes several tokens (prefill chunks)
+# Tokens per program by batch: 2 from 128 rows, 8 from 512 (prefill chunks); measured on the H100 (docs/PERF.md).
+_TWO_TOKENS_FROM, _EIGHT_TOKENS_FROM = 128, 512
 
 __all__ = ["qk_norm_rope_torch", "qk_norm_rope_cache_torch", "qk_norm_rope_cache_triton", "HAS_TRITON"]
 
@@ -171,8 +172,8 @@ def qk_norm_rope_cache_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     norm = q_weight is not None
     tail = head_dim - 2 * half
     cs = kv_cache.stride()
-    if block_t is None:  # measured on the H100 (docs/PERF.md): 1 token up to 64, 2 at 256, 8 from 2048
-        block_t = 1 if t < 128 else 2 if t < _MANY_TOKENS else 8
+    if block_t is None:
+        block_t = 1 if t < _TWO_TOKENS_FROM else 2 if t < _EIGHT_TOKENS_FROM else 8
     if num_warps is None:
         num_warps = (1 if block_t <= 2 else 2) * (1 if head_dim <= 128 else 2)
     _qk_norm_rope_cache_kernel[(triton.cdiv(t, block_t), hq + hk)](
