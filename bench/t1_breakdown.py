@@ -2,8 +2,9 @@
 pure-decode steps at T1's largest batch.
 
 Per step: wall time (async scheduling: the step launches one batch and applies the previous one, so the wall time of
-a step is the period of the pipeline), whether it carries prefill tokens, the decode batch size and the KV tokens the
-decode attention reads. Summary: seconds in steps with prefill vs pure decode; decode steps by batch size with the
+a step is the period of the pipeline), the part of it the host spent waiting for the device's sampled ids
+(`get_output`: ~0 means the host, not the GPU, sets the pace), whether it carries prefill tokens, the decode batch
+size and the KV tokens the decode attention reads. Summary: seconds in steps with prefill vs pure decode; decode steps by batch size with the
 achieved bandwidth of (weights + KV read) per step, the number that says how far decode is from the memory floor.
 
     python bench/t1_breakdown.py --model qwen3-0.6b
@@ -22,12 +23,22 @@ from vllm_lite.sampling_params import SamplingParams
 
 
 class StepRecorder:
-    """Wraps EngineCore.step and Scheduler.schedule: one row per step (wall ms, tokens, decode reqs, KV tokens)."""
+    """Wraps EngineCore.step, Scheduler.schedule and the model runner's get_output: one row per step (wall ms,
+    tokens, decode reqs, KV tokens, ms waiting for the device)."""
 
     def __init__(self, engine) -> None:
-        self.rows: list[tuple[float, int, int, int]] = []
+        self.rows: list[tuple[float, int, int, int, float]] = []
         self._last: tuple[int, int, int] = (0, 0, 0)
+        self._wait = 0.0
         sched, step = engine.scheduler.schedule, engine.step
+        runner = engine.executor.worker.runner
+        get_output = runner.get_output
+
+        def timed_get_output():
+            t0 = time.perf_counter()
+            out = get_output()
+            self._wait += time.perf_counter() - t0
+            return out
 
         def schedule():
             so = sched()
@@ -38,22 +49,25 @@ class StepRecorder:
 
         def timed_step():
             self._last = (0, 0, 0)
+            self._wait = 0.0
             t0 = time.perf_counter()
             out = step()
-            self.rows.append(((time.perf_counter() - t0) * 1000, *self._last))
+            self.rows.append(((time.perf_counter() - t0) * 1000, *self._last, self._wait * 1000))
             return out
 
         engine.scheduler.schedule = schedule
         engine.step = timed_step
+        runner.get_output = timed_get_output
         self.profile_at: int | None = None
 
 
 def summarise(rows: np.ndarray, weights: int, kv_bytes_per_token: int) -> None:
-    ms, tokens, decodes, kv = rows.T
+    ms, tokens, decodes, kv, wait = rows.T
     pure = (tokens == decodes) & (tokens > 0)
     print(f"{len(rows)} steps, {ms.sum() / 1000:.2f} s: {ms[~pure].sum() / 1000:.2f} s in {int((~pure).sum())} steps "
           f"with prefill tokens, {ms[pure].sum() / 1000:.2f} s in {int(pure.sum())} pure-decode steps")
-    print("pure decode by batch size: steps, mean ms/step, mean KV tokens read, GB moved/step, achieved TB/s")
+    print("pure decode by batch size: steps, mean ms/step, mean KV tokens read, GB moved/step, achieved TB/s, "
+          "ms/step waiting for the device, host ms/step (the rest)")
     for lo, hi in ((1, 32), (33, 64), (65, 128), (129, 192), (193, 256), (257, 1 << 20)):
         sel = pure & (decodes >= lo) & (decodes <= hi)
         if not sel.any():
@@ -61,7 +75,7 @@ def summarise(rows: np.ndarray, weights: int, kv_bytes_per_token: int) -> None:
         gb = (weights + kv[sel].mean() * kv_bytes_per_token) / 1e9
         mean_ms = ms[sel].mean()
         print(f"  {lo:4d}-{hi:<4d} {int(sel.sum()):5d} {mean_ms:7.3f} {kv[sel].mean():10.0f} {gb:7.2f} "
-              f"{gb / mean_ms:6.2f}")
+              f"{gb / mean_ms:6.2f} {wait[sel].mean():7.3f} {mean_ms - wait[sel].mean():7.3f}")
     total_gb = (pure.sum() * weights + (kv[pure] * kv_bytes_per_token).sum()) / 1e9
     print(f"pure decode moved {total_gb:.1f} GB in {ms[pure].sum() / 1000:.2f} s: "
           f"{total_gb / ms[pure].sum():.2f} TB/s average (the copy bandwidth is ~3.0 TB/s)")
@@ -91,7 +105,8 @@ def main() -> None:
     args = ap.parse_args()
     llm = make_llm(args)
     prompts, params = workload(args.num_requests, 100, 1024)
-    llm.generate(prompts[:8], [SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)] * 8,
+    warm = min(8, len(prompts))
+    llm.generate(prompts[:warm], [SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)] * warm,
                  use_tqdm=False)
     engine = llm.engine
     rec = StepRecorder(engine)
