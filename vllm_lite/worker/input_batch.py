@@ -2,11 +2,13 @@
 
 All integer inputs of a step (token ids, positions, KV slots, logits rows, query/sequence offsets, block table) are
 packed back to back into one persistent pinned int32 buffer; the device tensors are views into one persistent
-device buffer. No device tensor is allocated per step and no Python loop runs per token.
+device buffer. No device tensor is allocated per step and no Python loop runs per token; the views of a step shape
+are built once and reused (steady decode repeats its shape), and block tables come from per-request int32 arrays.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,6 +16,7 @@ import torch
 from vllm_lite.attention import StepMetadata
 
 _ALIGN = 16  # int32 elements = 64 bytes
+_MAX_LAYOUTS = 4096  # cached field layouts (one per distinct step shape); cleared when full
 
 
 @dataclass
@@ -40,52 +43,101 @@ class InputStager:
         self.host = torch.zeros(size, dtype=torch.int32, pin_memory=pin)
         self.host_np = self.host.numpy()
         self.dev = torch.zeros(size, dtype=torch.int32, device=device) if pin else self.host
+        self._arange = np.arange(max(max_tokens, max_reqs, max_blocks_per_req) + 1, dtype=np.int64)
+        self._layouts: dict[tuple[int, ...], _Layout] = {}
 
     def stage(self, token_ids: list[np.ndarray], starts: np.ndarray, query_lens: np.ndarray,
-              block_ids: list[list[int]], sample_rows: np.ndarray, fill_dst: np.ndarray | None = None,
+              block_ids: list[np.ndarray], sample_rows: np.ndarray, fill_dst: np.ndarray | None = None,
               fill_src: np.ndarray | None = None) -> StepInputs:
-        """token_ids[i]: the tokens request i computes this step; starts[i]: its position of the first one.
-        fill_dst / fill_src: flat token indices whose ids come from the previous step's sampled ids (rows)."""
+        """token_ids[i]: the tokens request i computes this step; starts[i]: its position of the first one;
+        block_ids[i]: its KV blocks (int32 array or list). fill_dst / fill_src: flat token indices whose ids come from the
+        previous step's sampled ids (rows)."""
         num_reqs = len(query_lens)
         num_tokens = int(query_lens.sum())
-        cu = np.cumsum(query_lens)
-        req_index = np.repeat(np.arange(num_reqs), query_lens)
-        positions = starts[req_index] + np.arange(num_tokens) - np.repeat(cu - query_lens, query_lens)
-        max_blocks = max(len(b) for b in block_ids)
-        table = np.zeros((num_reqs, max_blocks), dtype=np.int32)
-        for i, blocks in enumerate(block_ids):
-            table[i, : len(blocks)] = blocks
-        seq_lens = starts + query_lens
-
+        pure_decode = num_tokens == num_reqs
+        nblk = np.fromiter(map(len, block_ids), dtype=np.int64, count=num_reqs)
+        max_blocks = int(nblk.max())
         num_fill = 0 if fill_dst is None else len(fill_dst)
-        sizes = np.array([num_tokens, num_tokens, num_tokens, len(sample_rows), num_reqs + 1, num_reqs, num_fill,
-                          num_fill, table.size])
-        # Each field starts 64-byte aligned: compiled kernels are specialised on input alignment.
-        begin = np.concatenate([[0], np.cumsum(-(-sizes // _ALIGN) * _ALIGN)[:-1]])
-        ids_s, pos_s, slot_s, lidx_s, qsl_s, seq_s, dst_s, src_s, bt_s = (
-            slice(b, b + n) for b, n in zip(begin, sizes))
-        buf = self.host_np
-        buf[ids_s] = np.concatenate(token_ids) if num_reqs > 1 else token_ids[0]
-        buf[pos_s] = positions
-        slots = buf[slot_s]
-        np.multiply(table[req_index, positions // self.block_size], self.block_size, out=slots)
-        slots += positions % self.block_size
-        buf[lidx_s] = cu[sample_rows] - 1
-        buf[qsl_s] = np.concatenate([[0], cu])
-        buf[seq_s] = seq_lens
-        buf[bt_s] = table.ravel()
+        lay = self._layout(num_tokens, len(sample_rows), num_reqs, num_fill, max_blocks)
+        h = lay.host
+        cu = np.cumsum(query_lens)
+        if pure_decode:  # one token per request: positions are the starts, request i owns token i
+            positions = starts
+            h.ids[:] = np.concatenate(token_ids)
+            h.pos[:] = starts
+            slot_table_idx = positions // self.block_size
+            slot_rows = self._arange[:num_reqs]
+        else:
+            req_index = np.repeat(self._arange[:num_reqs], query_lens)
+            positions = starts[req_index] + self._arange[:num_tokens] - np.repeat(cu - query_lens, query_lens)
+            h.ids[:] = np.concatenate(token_ids) if num_reqs > 1 else token_ids[0]
+            h.pos[:] = positions
+            slot_table_idx = positions // self.block_size
+            slot_rows = req_index
+        table = h.bt.reshape(num_reqs, max_blocks)
+        table.fill(0)  # entries past a request's blocks: block 0, always a valid index (the torch backend gathers them)
+        table[self._arange[:max_blocks] < nblk[:, None]] = np.concatenate(block_ids) if num_reqs > 1 else block_ids[0]
+        np.multiply(table[slot_rows, slot_table_idx], self.block_size, out=h.slot)
+        h.slot += positions % self.block_size
+        h.lidx[:] = cu[sample_rows] - 1
+        h.qsl[0] = 0
+        h.qsl[1:] = cu
+        seq_lens = starts + query_lens
+        h.seq[:] = seq_lens
         if num_fill:
-            buf[dst_s] = fill_dst
-            buf[src_s] = fill_src
-        end = int(begin[-1] + sizes[-1])
+            h.dst[:] = fill_dst
+            h.src[:] = fill_src
         if self.dev is not self.host:
-            self.dev[:end].copy_(self.host[:end], non_blocking=True)
-        d, h = self.dev, self.host
+            self.dev[:lay.end].copy_(self.host[:lay.end], non_blocking=True)
+        d, c = lay.dev, lay.cpu
         meta = StepMetadata(
-            num_reqs=num_reqs, num_tokens=num_tokens, query_start_loc=d[qsl_s], seq_lens=d[seq_s],
-            block_table=d[bt_s].view(num_reqs, max_blocks), slot_mapping=d[slot_s], query_start_loc_cpu=h[qsl_s],
-            seq_lens_cpu=h[seq_s], max_query_len=int(query_lens.max()), max_seq_len=int(seq_lens.max()),
-            block_size=self.block_size, block_table_cpu=h[bt_s].view(num_reqs, max_blocks))
+            num_reqs=num_reqs, num_tokens=num_tokens, query_start_loc=d.qsl, seq_lens=d.seq, block_table=d.bt,
+            slot_mapping=d.slot, query_start_loc_cpu=c.qsl, seq_lens_cpu=c.seq, max_query_len=int(query_lens.max()),
+            max_seq_len=int(seq_lens.max()), block_size=self.block_size, block_table_cpu=c.bt)
         if num_fill:
-            return StepInputs(d[ids_s], d[pos_s], d[lidx_s], meta, d[dst_s], d[src_s])
-        return StepInputs(d[ids_s], d[pos_s], d[lidx_s], meta)
+            return StepInputs(d.ids, d.pos, d.lidx, meta, d.dst, d.src)
+        return StepInputs(d.ids, d.pos, d.lidx, meta)
+
+    def _layout(self, num_tokens: int, num_sample: int, num_reqs: int, num_fill: int, max_blocks: int) -> "_Layout":
+        """Views of every field for these sizes (cached: steady decode repeats the same sizes step after step, and
+        building ~30 numpy/torch views costs more than filling them on a slow host)."""
+        key = (num_tokens, num_sample, num_reqs, num_fill, max_blocks)
+        lay = self._layouts.get(key)
+        if lay is not None:
+            return lay
+        sizes = [num_tokens, num_tokens, num_tokens, num_sample, num_reqs + 1, num_reqs, num_fill, num_fill,
+                 num_reqs * max_blocks]
+        # Each field starts 64-byte aligned: compiled kernels are specialised on input alignment.
+        begin = np.concatenate([[0], np.cumsum(-(-np.array(sizes) // _ALIGN) * _ALIGN)[:-1]]).tolist()
+        spans = [slice(b, b + n) for b, n in zip(begin, sizes)]
+        lay = _Layout(_Fields(*(self.host_np[sp] for sp in spans)), _Fields(*(self.dev[sp] for sp in spans)),
+                      _Fields(*(self.host[sp] for sp in spans)), int(begin[-1] + sizes[-1]))
+        for fields in (lay.dev, lay.cpu):
+            fields.bt = fields.bt.view(num_reqs, max_blocks)
+        if len(self._layouts) >= _MAX_LAYOUTS:
+            self._layouts.clear()
+        self._layouts[key] = lay
+        return lay
+
+
+@dataclass
+class _Fields:
+    """One step's fields in a buffer: token ids, positions, KV slots, logits rows, query start offsets, sequence
+    lengths, fill destinations / sources, block table."""
+    ids: Any
+    pos: Any
+    slot: Any
+    lidx: Any
+    qsl: Any
+    seq: Any
+    dst: Any
+    src: Any
+    bt: Any
+
+
+@dataclass
+class _Layout:
+    host: _Fields  # numpy views of the pinned host buffer (filled each step)
+    dev: _Fields  # device views (what the step's kernels read)
+    cpu: _Fields  # torch views of the host buffer (host-side consumers such as FlashInfer's plan)
+    end: int  # elements to copy

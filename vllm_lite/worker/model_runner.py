@@ -171,7 +171,8 @@ class ModelRunner:
             self.requests[data.req_id] = state
         for data in so.scheduled_cached_reqs:
             state = self.requests[data.req_id]
-            state.block_ids.extend(data.new_block_ids)
+            if data.new_block_ids:
+                state.add_blocks(data.new_block_ids)
             state.num_computed_tokens = data.num_computed_tokens
 
     @torch.inference_mode()

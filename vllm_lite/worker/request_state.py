@@ -19,7 +19,9 @@ class CachedRequestState:
         self._tokens = np.zeros(max(16, 2 * len(tokens)), dtype=np.int64)
         self._tokens[: len(tokens)] = tokens
         self.num_tokens = len(tokens)
-        self.block_ids: list[int] = list(data.block_ids)
+        self._blocks = np.zeros(max(16, 2 * len(data.block_ids)), dtype=np.int32)
+        self._blocks[: len(data.block_ids)] = data.block_ids
+        self.num_blocks = len(data.block_ids)
         self.num_computed_tokens = data.num_computed_tokens
         # position -> (launch number, row) of tokens sampled on the device whose values are not on the host yet.
         self.pending: dict[int, tuple[int, int]] = {}
@@ -32,6 +34,20 @@ class CachedRequestState:
     def token_ids(self) -> np.ndarray:
         """Prompt + outputs; positions still in `pending` hold stale values (their tokens are on the device)."""
         return self._tokens[: self.num_tokens]
+
+    @property
+    def block_ids(self) -> np.ndarray:
+        """The request's KV blocks in order (int32; a view, valid until add_blocks)."""
+        return self._blocks[: self.num_blocks]
+
+    def add_blocks(self, block_ids: list[int]) -> None:
+        n = self.num_blocks + len(block_ids)
+        if n > len(self._blocks):
+            grown = np.zeros(2 * n, dtype=np.int32)
+            grown[: self.num_blocks] = self._blocks[: self.num_blocks]
+            self._blocks = grown
+        self._blocks[self.num_blocks: n] = block_ids
+        self.num_blocks = n
 
     @property
     def prompt_token_ids(self) -> list[int]:
