@@ -93,16 +93,18 @@ def bench_qk_norm_rope(quick: bool) -> None:
     compiled = torch.compile(qk_norm_rope_cache_torch, dynamic=True)
     print(f"\nq/k RMSNorm + rotary + KV write, qwen3-0.6b heads ({hq}/{hk} x {d}) bf16; us (eager / graph)")
     print(f"{'T':<34}" + "".join(f"{n:>19}" for n in ("torch", "inductor", "triton")))
-    for t in ((1, 8, 256) if quick else (1, 8, 32, 64, 256, 2048)):
-        dt = torch.bfloat16
-        qkv = torch.randn(t, (hq + 2 * hk) * d, device="cuda", dtype=dt)
+    def inputs(t: int) -> tuple:
+        """Strided q/k/v views of one fused projection, cos/sin, unit norm weights, a cache with room for t slots."""
+        qkv = torch.randn(t, (hq + 2 * hk) * d, device="cuda", dtype=torch.bfloat16)
         q, k, v = qkv[:, :hq * d], qkv[:, hq * d:(hq + hk) * d], qkv[:, (hq + hk) * d:]
-        cs = torch.rand(t, d, device="cuda", dtype=dt)
-        cos, sin = cs[:, :d // 2], cs[:, d // 2:]
-        qw, kw = torch.ones(d, device="cuda", dtype=dt), torch.ones(d, device="cuda", dtype=dt)
-        cache = torch.zeros(nb, 2, bs, hk, d, device="cuda", dtype=dt)
-        slots = torch.randperm(nb * bs, device="cuda")[:t]
-        args = (q, k, v, cos, sin, qw, kw, 1e-6, d, cache, slots, bs, t)
+        cs = torch.rand(t, d, device="cuda", dtype=torch.bfloat16)
+        ones = torch.ones(d, device="cuda", dtype=torch.bfloat16)
+        cache = torch.zeros(max(nb, t // bs + 1), 2, bs, hk, d, device="cuda", dtype=torch.bfloat16)
+        slots = torch.randperm(cache.shape[0] * bs, device="cuda")[:t]
+        return (q, k, v, cs[:, :d // 2], cs[:, d // 2:], ones, ones, 1e-6, d, cache, slots, bs, t)
+
+    for t in ((1, 8, 256) if quick else (1, 8, 32, 64, 256, 2048)):
+        args = inputs(t)
         cols = [_time(lambda: qk_norm_rope_cache_torch(*args)), _safe_time(lambda: compiled(*args)),
                 _time(lambda: qk_norm_rope_cache_triton(*args))]
         print(_row(str(t), cols))
@@ -110,19 +112,12 @@ def bench_qk_norm_rope(quick: bool) -> None:
     print("\nTriton tokens per program / warps, graph us (GB/s moved)")
     print(f"{'T':<8}" + "".join(f"{f'{bt}/{w}':>18}" for bt, w in variants))
     for t in (1, 64, 256, 2048, 8192):
-        dt = torch.bfloat16
-        qkv = torch.randn(t, (hq + 2 * hk) * d, device="cuda", dtype=dt)
-        q, k, v = qkv[:, :hq * d], qkv[:, hq * d:(hq + hk) * d], qkv[:, (hq + hk) * d:]
-        cs = torch.rand(t, d, device="cuda", dtype=dt)
-        cos, sin = cs[:, :d // 2], cs[:, d // 2:]
-        qw, kw = torch.ones(d, device="cuda", dtype=dt), torch.ones(d, device="cuda", dtype=dt)
-        cache = torch.zeros(max(nb, t // bs + 1), 2, bs, hk, d, device="cuda", dtype=dt)
-        slots = torch.randperm(cache.shape[0] * bs, device="cuda")[:t]
+        args = inputs(t)
         moved = t * (hq + 2 * hk) * d * 2 * 2 + t * d * 2  # read q/k/v and write q/k/v, read cos/sin
         res = []
         for bt, w in variants:
-            us = _time(lambda: qk_norm_rope_cache_triton(q, k, v, cos, sin, qw, kw, 1e-6, d, cache, slots, bs, t,
-                                                         block_t=bt, num_warps=w), eager_iters=10, repeats=3)[1]
+            us = _time(lambda: qk_norm_rope_cache_triton(*args, block_t=bt, num_warps=w), eager_iters=10,
+                       repeats=3)[1]
             res.append(f"{us:.1f} ({moved / us / 1e3:.0f})")
         print(f"{t:<8}" + "".join(f"{r:>18}" for r in res))
 
