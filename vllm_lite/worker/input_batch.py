@@ -50,8 +50,8 @@ class InputStager:
               block_ids: list[np.ndarray], sample_rows: np.ndarray, fill_dst: np.ndarray | None = None,
               fill_src: np.ndarray | None = None) -> StepInputs:
         """token_ids[i]: the tokens request i computes this step; starts[i]: its position of the first one;
-        block_ids[i]: its KV blocks (int32 array or list). fill_dst / fill_src: flat token indices whose ids come from the
-        previous step's sampled ids (rows)."""
+        block_ids[i]: its KV blocks (int32 array or list). fill_dst / fill_src: flat token indices whose ids come
+        from the previous step's sampled ids (rows)."""
         num_reqs = len(query_lens)
         num_tokens = int(query_lens.sum())
         pure_decode = num_tokens == num_reqs
@@ -62,22 +62,16 @@ class InputStager:
         h = lay.host
         cu = np.cumsum(query_lens)
         if pure_decode:  # one token per request: positions are the starts, request i owns token i
-            positions = starts
-            h.ids[:] = np.concatenate(token_ids)
-            h.pos[:] = starts
-            slot_table_idx = positions // self.block_size
-            slot_rows = self._arange[:num_reqs]
+            req_index, positions = self._arange[:num_reqs], starts
         else:
             req_index = np.repeat(self._arange[:num_reqs], query_lens)
             positions = starts[req_index] + self._arange[:num_tokens] - np.repeat(cu - query_lens, query_lens)
-            h.ids[:] = np.concatenate(token_ids) if num_reqs > 1 else token_ids[0]
-            h.pos[:] = positions
-            slot_table_idx = positions // self.block_size
-            slot_rows = req_index
+        h.ids[:] = np.concatenate(token_ids) if num_reqs > 1 else token_ids[0]
+        h.pos[:] = positions
         table = h.bt.reshape(num_reqs, max_blocks)
         table.fill(0)  # entries past a request's blocks: block 0, always a valid index (the torch backend gathers them)
         table[self._arange[:max_blocks] < nblk[:, None]] = np.concatenate(block_ids) if num_reqs > 1 else block_ids[0]
-        np.multiply(table[slot_rows, slot_table_idx], self.block_size, out=h.slot)
+        np.multiply(table[req_index, positions // self.block_size], self.block_size, out=h.slot)
         h.slot += positions % self.block_size
         h.lidx[:] = cu[sample_rows] - 1
         h.qsl[0] = 0
