@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_lite.kernels.cdf_sample import HAS_TRITON, cdf_sample_triton
 from vllm_lite.sample.metadata import SamplingMetadata
 from vllm_lite.sample.penalties import apply_blocked_tokens, apply_penalties
-from vllm_lite.kernels.cdf_sample import HAS_TRITON, cdf_sample_triton
 from vllm_lite.sample.topk_topp import apply_min_p, apply_top_k_top_p, random_sample
 
 
