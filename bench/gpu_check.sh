@@ -80,7 +80,7 @@ for stage in "$@"; do
       tar -C /root/.cache -czf "$OUT/jit-new.tgz" flashinfer && ls -la "$OUT/jit-new.tgz" ;;
     t1b)
       timeout 400 python3 bench/t1_breakdown.py --model qwen3-0.6b > "$OUT/t1b.log" 2>&1; echo "t1b rc=$?"
-      grep -B2 -A12 "^T1:" "$OUT/t1b.log"; grep "decode profile" "$OUT/t1b.log" ;;
+      grep -B2 -A12 "^T1:" "$OUT/t1b.log"; grep -E "(prefill|decode).* profile" "$OUT/t1b.log" ;;
     imports)
       for round in 1 2; do
         for m in torch transformers xgrammar flashinfer fastapi vllm_lite.worker.worker vllm_lite.engine.core \

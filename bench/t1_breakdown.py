@@ -1,11 +1,12 @@
-"""Where T1's time goes: the T1 workload with every engine step timed and classified, plus a kernel profile of
-pure-decode steps at T1's largest batch.
+"""Where T1's time goes: the T1 workload with every engine step timed and classified, plus kernel profiles of
+prefill steps (8192-token chunks) and of pure-decode steps at T1's largest batch.
 
 Per step: wall time (async scheduling: the step launches one batch and applies the previous one, so the wall time of
 a step is the period of the pipeline), the part of it the host spent waiting for the device's sampled ids
 (`get_output`: ~0 means the host, not the GPU, sets the pace), whether it carries prefill tokens, the decode batch
-size and the KV tokens the decode attention reads. Summary: seconds in steps with prefill vs pure decode; decode steps by batch size with the
-achieved bandwidth of (weights + KV read) per step, the number that says how far decode is from the memory floor.
+size and the KV tokens the decode attention reads. Summary: seconds in steps with prefill vs pure decode; decode
+steps by batch size with the achieved bandwidth of (weights + KV read) per step, the number that says how far decode
+is from the memory floor.
 
     python bench/t1_breakdown.py --model qwen3-0.6b
 """
@@ -81,8 +82,8 @@ def summarise(rows: np.ndarray, weights: int, kv_bytes_per_token: int) -> None:
           f"{total_gb / ms[pure].sum():.2f} TB/s average (the copy bandwidth is ~3.0 TB/s)")
 
 
-def profile_decode_steps(llm, steps: int) -> None:
-    """Kernel table of `steps` engine steps (call while the batch is pure decode)."""
+def profile_steps(llm, steps: int, label: str) -> None:
+    """Kernel table of the next `steps` engine steps."""
     if not torch.cuda.is_available():
         return
 
@@ -92,7 +93,7 @@ def profile_decode_steps(llm, steps: int) -> None:
 
     table, busy, wall = kernel_profile(run, row_limit=30)
     print(table)
-    print(f"decode profile: {steps} steps, {wall / steps:.3f} ms/step under the profiler; GPU busy {busy:.1f} of "
+    print(f"{label} profile: {steps} steps, {wall / steps:.3f} ms/step under the profiler; GPU busy {busy:.1f} of "
           f"{wall:.1f} ms ({100 * busy / wall:.0f} %)")
 
 
@@ -128,9 +129,11 @@ def main() -> None:
     for i, p in enumerate(prompts2):
         for req in llm.processor.add_request(f"prof-{i}", None, p["prompt_token_ids"], long):
             engine.add_request(req)
-    for _ in range(args.warm_steps):  # prefill (18 chunks of 8192 tokens) and a few decode steps
+    engine.step()
+    profile_steps(llm, 4, "prefill (chunks of 8192 prompt tokens)")
+    for _ in range(args.warm_steps - 5):  # the rest of the prefill (18 chunks of 8192 tokens) and some decode steps
         engine.step()
-    profile_decode_steps(llm, args.profile_steps)
+    profile_steps(llm, args.profile_steps, "decode")
 
 
 if __name__ == "__main__":

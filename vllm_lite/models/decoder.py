@@ -135,8 +135,9 @@ class DecoderForCausalLM(nn.Module):
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] (usually only the rows that sample) -> float32 logits [N, vocab]."""
-        return self.lm_head(hidden_states).float()
+        """hidden [N, hidden] (usually only the rows that sample) -> logits [N, vocab] in the model's dtype: the
+        sampler reads them as they are (greedy, inverse-CDF sampling) or makes its own float32 copy."""
+        return self.lm_head(hidden_states)
 
     # ---- weight loading -------------------------------------------------------------------------------------
     def _targets(self) -> dict[str, tuple[torch.nn.Parameter, int, int]]:

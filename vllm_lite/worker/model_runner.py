@@ -125,7 +125,7 @@ class ModelRunner:
         self.attn_ctx.set_step(inputs.meta)
         with torch.inference_mode():
             hidden = self.forward(inputs.input_ids, inputs.positions)
-            self.model.compute_logits(hidden[-self.config.scheduler.max_num_seqs:])
+            self.model.compute_logits(hidden[-self.config.scheduler.max_num_seqs:]).float()  # + the sampler's copy
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         graph_bytes = 0
