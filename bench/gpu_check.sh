@@ -70,6 +70,9 @@ for stage in "$@"; do
       timeout 300 python3 bench/throughput.py --model qwen3-0.6b --max-num-batched-tokens 16384 \
         --json "$OUT/T1-qwen3-16k.json" > "$OUT/T1-16k.log" 2>&1
       echo "t1-16k rc=$?" ;;
+    t1b-16k)  # t1b with prefill chunks of 16384 tokens
+      timeout 400 python3 bench/t1_breakdown.py --model qwen3-0.6b --max-num-batched-tokens 16384 > "$OUT/t1b-16k.log" 2>&1
+      echo "t1b-16k rc=$?"; grep -A13 "^T1:" "$OUT/t1b-16k.log" ;;
     t1-cc)
       VLLM_LITE_FLASHINFER_TENSOR_CORES=0 timeout 300 python3 bench/throughput.py --model qwen3-0.6b \
         --json "$OUT/T1-qwen3-cc.json" > "$OUT/T1-cc.log" 2>&1
@@ -80,7 +83,7 @@ for stage in "$@"; do
       tar -C /root/.cache -czf "$OUT/jit-new.tgz" flashinfer && ls -la "$OUT/jit-new.tgz" ;;
     t1b)
       timeout 400 python3 bench/t1_breakdown.py --model qwen3-0.6b > "$OUT/t1b.log" 2>&1; echo "t1b rc=$?"
-      grep -B2 -A12 "^T1:" "$OUT/t1b.log"; grep -E "(prefill|decode).* profile" "$OUT/t1b.log" ;;
+      grep -B2 -A13 "^T1:" "$OUT/t1b.log"; grep -E "(prefill|decode).* profile" "$OUT/t1b.log" ;;
     imports)
       for round in 1 2; do
         for m in torch transformers xgrammar flashinfer fastapi vllm_lite.worker.worker vllm_lite.engine.core \

@@ -67,6 +67,10 @@ def summarise(rows: np.ndarray, weights: int, kv_bytes_per_token: int) -> None:
     pure = (tokens == decodes) & (tokens > 0)
     print(f"{len(rows)} steps, {ms.sum() / 1000:.2f} s: {ms[~pure].sum() / 1000:.2f} s in {int((~pure).sum())} steps "
           f"with prefill tokens, {ms[pure].sum() / 1000:.2f} s in {int(pure.sum())} pure-decode steps")
+    if (~pure).any():
+        print(f"steps with prefill tokens: mean {ms[~pure].mean():.2f} ms/step, {tokens[~pure].mean():.0f} tokens/step "
+              f"({decodes[~pure].mean():.0f} of them decodes), {wait[~pure].mean():.2f} ms/step waiting for the "
+              f"device (~0: the host sets the pace)")
     print("pure decode by batch size: steps, mean ms/step, mean KV tokens read, GB moved/step, achieved TB/s, "
           "ms/step waiting for the device, host ms/step (the rest)")
     for lo, hi in ((1, 32), (33, 64), (65, 128), (129, 192), (193, 256), (257, 1 << 20)):

@@ -119,3 +119,22 @@ def test_invalid_engine_arguments_name_the_field(tmp_path):
         LLM(str(tmp_path), not_a_flag=1)
     with pytest.raises(ValueError, match="max_cudagraph_capture_size"):
         LLM(str(tmp_path), max_cudagraph_capture_size=0)
+
+
+def test_startup_heap_is_frozen_while_the_llm_lives(tmp_path):
+    """The engine's start-up objects are out of the collector's view (no full-collection stalls mid-run); once
+    the LLM is dropped the freeze ends, so its reference cycles (graphs, compiled model) can be collected."""
+    import gc
+    import weakref
+
+    from tiny_models import make_tiny_model
+    gc.unfreeze()
+    llm = LLM(make_tiny_model(tmp_path, "llama"), device="cpu", dtype="float32", max_model_len=64)
+    assert gc.get_freeze_count() > 1000
+    engine = weakref.ref(llm.engine)
+    with pytest.raises(ValueError, match="token id -1 is out of the vocabulary"):
+        llm.generate({"prompt_token_ids": [3, -1]}, use_tqdm=False)
+    del llm
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert engine() is None

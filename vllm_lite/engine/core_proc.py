@@ -22,6 +22,7 @@ from vllm_lite.config import EngineConfig
 from vllm_lite.engine.ipc import (CORE_INPUT_DECODER, AbortRequests, EngineDead, EngineReady, ModelError,
                                   die_with_parent, encode, model_info_from)
 from vllm_lite.engine.messages import EngineCoreOutput, EngineCoreOutputs
+from vllm_lite.gc_utils import freeze_startup_heap
 from vllm_lite.logging_utils import setup_logging
 from vllm_lite.worker.worker_proc import MultiprocExecutor
 
@@ -65,6 +66,7 @@ def run_engine_core(config: EngineConfig, in_addr: str, out_addr: str, sock_dir:
             code = 1  # the model cannot be served; the API server prints why
         else:
             outbox.send(encode(EngineReady(core.num_blocks)))
+            freeze_startup_heap()
             _busy_loop(core, inbox, outbox)
     except _Shutdown:
         logger.info("engine core shutting down")

@@ -1,15 +1,18 @@
 """The offline API, mirroring vLLM: `LLM(model=...).generate(prompts, sampling_params)` and `.chat(messages)`."""
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import sys
 import time
+import weakref
 from typing import Any, Sequence
 
 from vllm_lite.config import EngineConfig
 from vllm_lite.engine.core import EngineCore
 from vllm_lite.engine.output_processor import OutputProcessor
+from vllm_lite.gc_utils import freeze_startup_heap
 from vllm_lite.model_loader import resolve_model
 from vllm_lite.outputs import RequestOutput
 from vllm_lite.sampling_params import SamplingParams
@@ -33,6 +36,10 @@ class LLM:
             is not None else (eos[0] if eos else None)
         self.processor = OutputProcessor(self.tokenizer, [e for e in eos if e != primary], primary)
         self._counter = itertools.count()
+        # The engine's heap is static from here on; once this LLM is dropped its cycles (CUDA graphs, the compiled
+        # model) must be collectable again, so the freeze ends with it.
+        freeze_startup_heap()
+        weakref.finalize(self, gc.unfreeze)
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer

@@ -20,6 +20,7 @@ from vllm_lite.config import EngineConfig
 from vllm_lite.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from vllm_lite.engine.ipc import (WORKER_EVENT_DECODER, WORKER_INPUT_DECODER, ModelDescription, ModelError,
                                   WorkerCall, WorkerReply, describe_model, die_with_parent, encode, ipc_address)
+from vllm_lite.gc_utils import freeze_startup_heap
 from vllm_lite.logging_utils import setup_logging
 
 if TYPE_CHECKING:
@@ -77,6 +78,9 @@ def run_worker(config: EngineConfig, rank: int, in_addr: str, out_addr: str,
                     outbox.send(encode(WorkerReply(result=getattr(worker, msg.method)(*msg.args))))
                 except Exception as e:  # a failed control call is reported, the engine core decides
                     outbox.send(encode(WorkerReply(error=f"{type(e).__name__}: {e}")))
+                else:
+                    if msg.method == "initialize_kv_cache":  # KV cache and CUDA graphs exist: start-up is done
+                        freeze_startup_heap()
     except Exception as e:
         logger.exception("worker %d failed", rank)
         outbox.send(encode(WorkerReply(error=f"{type(e).__name__}: {e}")))
