@@ -15,6 +15,7 @@
 #   hf         L1 for qwen3-0.6b with the transformers baseline
 #   profile    where a decode step's time goes (cProfile + torch profiler), batch 1, 8 and 256 (T1's regime)
 #   profile:B:IN   the same for one batch size B and prompt length IN (T1's tail: profile:16:1400)
+#   prefill    a prefill step's host time by phase, sync-debug warnings, cProfile (bench/profile_prefill.py)
 #   host       the host's share of a decode step (bench/host_step.py, CPU only) at batch 1, 16, 64, 256
 #   kernels    Triton kernel micro-benchmarks against their torch references (kernels:NAME: only one of them)
 #   t1-cc / llama-cc   T1 / llama L1 with FlashInfer's CUDA-core decode
@@ -132,6 +133,9 @@ PY
         > "$OUT/profile-b$bs-in$inlen.log" 2>&1; echo "profile b$bs in$inlen rc=$?"
       grep -E "ms/step|GPU busy|without a profiler" "$OUT/profile-b$bs-in$inlen.log"
       grep -E "^(void|nvjet|triton|_|Memcpy)" "$OUT/profile-b$bs-in$inlen.log" | cut -c1-60,140-172 | head -14 ;;
+    prefill)  # where a prefill step's host time goes (bench/profile_prefill.py)
+      timeout 300 python3 bench/profile_prefill.py --model qwen3-0.6b > "$OUT/prefill.log" 2>&1; echo "prefill rc=$?"
+      grep -E "ms/step|warnings|^   " "$OUT/prefill.log" | head -14; grep -A34 "Ordered by" "$OUT/prefill.log" | cut -c1-150 ;;
     host)  # the host's share of a decode step on this machine's CPU (bench/host_step.py; compare docs/PERF.md's CPU rows)
       for bs in 1 16 64 256; do
         timeout 120 python3 bench/host_step.py --batch-size $bs 2>&1 | grep -v Writing | tee -a "$OUT/host.log" | head -1
