@@ -7,7 +7,8 @@
 #   model      the default model's gpu tests (compiled + graphs vs eager, async vs sync): needs model1..3
 #   latency    L1 and L8 for qwen3-0.6b (docs/PERF.md workloads)
 #   latency-cc the same with FlashInfer's CUDA-core decode (VLLM_LITE_FLASHINFER_TENSOR_CORES=0)
-#   t1         T1 throughput, qwen3-0.6b
+#   t1         T1 throughput, qwen3-0.6b (the LLM class's scheduler defaults: vLLM's, 16384 tokens / 1024 seqs here)
+#   t1-8k      T1 with 8192 batched tokens / 256 seqs (the settings of the runs before 2026-11-25's fifth session)
 #   t1b        T1 with every step timed and classified (prefill / decode by batch size, achieved bandwidth) and a
 #              kernel profile of pure-decode steps at batch 256 (bench/t1_breakdown.py)
 #   imports    import times of the three processes' entry modules (start-up critical path), twice
@@ -67,13 +68,10 @@ for stage in "$@"; do
     t1)
       timeout 300 python3 bench/throughput.py --model qwen3-0.6b --json "$OUT/T1-qwen3.json" > "$OUT/T1.log" 2>&1
       echo "t1 rc=$?" ;;
-    t1-16k)  # larger prefill chunks (vLLM's offline default on 80 GB GPUs is 16384 batched tokens)
-      timeout 300 python3 bench/throughput.py --model qwen3-0.6b --max-num-batched-tokens 16384 \
-        --json "$OUT/T1-qwen3-16k.json" > "$OUT/T1-16k.log" 2>&1
-      echo "t1-16k rc=$?" ;;
-    t1b-16k)  # t1b with prefill chunks of 16384 tokens
-      timeout 400 python3 bench/t1_breakdown.py --model qwen3-0.6b --max-num-batched-tokens 16384 > "$OUT/t1b-16k.log" 2>&1
-      echo "t1b-16k rc=$?"; grep -A13 "^T1:" "$OUT/t1b-16k.log" ;;
+    t1-8k)  # T1 with the scheduler settings used before vLLM's offline defaults (16384 / 1024 on an H100) applied
+      timeout 300 python3 bench/throughput.py --model qwen3-0.6b --max-num-batched-tokens 8192 --max-num-seqs 256 \
+        --json "$OUT/T1-qwen3-8k.json" > "$OUT/T1-8k.log" 2>&1
+      echo "t1-8k rc=$?" ;;
     t1-cc)
       VLLM_LITE_FLASHINFER_TENSOR_CORES=0 timeout 300 python3 bench/throughput.py --model qwen3-0.6b \
         --json "$OUT/T1-qwen3-cc.json" > "$OUT/T1-cc.log" 2>&1

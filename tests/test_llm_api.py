@@ -138,3 +138,26 @@ def test_startup_heap_is_frozen_while_the_llm_lives(tmp_path):
     assert gc.get_freeze_count() == 0
     gc.collect()
     assert engine() is None
+
+
+@pytest.mark.parametrize("name,gib,want", [("NVIDIA H100 80GB HBM3", 79.6, (16384, 1024)),
+                                           ("NVIDIA H200", 139.8, (16384, 1024)),
+                                           ("NVIDIA A100-SXM4-80GB", 79.2, None),
+                                           ("NVIDIA L4", 22.0, None)])
+def test_offline_batch_defaults_follow_vllm(monkeypatch, name, gib, want):
+    """Like vLLM's LLM class: 16384 batched tokens / 1024 seqs on >= 70 GiB GPUs but the A100, else the
+    SchedulerConfig defaults (which the server always uses); explicit arguments win."""
+    import types
+
+    import torch
+
+    from vllm_lite.config import EngineConfig, SchedulerConfig, offline_batch_defaults
+    props = types.SimpleNamespace(name=name, total_memory=int(gib * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    got = offline_batch_defaults("cuda")
+    assert got == ({} if want is None else {"max_num_batched_tokens": want[0], "max_num_seqs": want[1]})
+    assert offline_batch_defaults("cpu") == {}
+    assert (SchedulerConfig.max_num_batched_tokens, SchedulerConfig.max_num_seqs) == (8192, 256)
+    merged = EngineConfig.from_kwargs(**{**got, "max_num_seqs": 64})
+    assert merged.scheduler.max_num_seqs == 64
+    assert merged.scheduler.max_num_batched_tokens == (want[0] if want else 8192)

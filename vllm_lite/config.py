@@ -102,6 +102,19 @@ class LoadConfig:
         _choice("load_format", self.load_format, LOAD_FORMATS)
 
 
+def offline_batch_defaults(device: str) -> dict[str, int]:
+    """vLLM's scheduler defaults for the offline `LLM` class: prefill chunks of 16384 tokens and 1024 sequences on
+    GPUs of >= 70 GiB other than the A100 (H100, H200, MI300X), SchedulerConfig's 8192 / 256 elsewhere. The API
+    server keeps SchedulerConfig's. Querying the GPU initialises CUDA: only for processes that run the model."""
+    if not DeviceConfig(device).resolved_device().startswith("cuda"):
+        return {}
+    import torch
+    props = torch.cuda.get_device_properties(torch.device(DeviceConfig(device).resolved_device()))
+    if props.total_memory >= 70 * 2**30 and "a100" not in props.name.lower():
+        return {"max_num_batched_tokens": 16384, "max_num_seqs": 1024}
+    return {}
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)

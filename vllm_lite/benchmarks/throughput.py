@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
               "runs_elapsed_s": [round(r, 4) for r in runs],
               "output_tokens": out_tokens, "input_tokens": in_tokens,
               "output_tokens_per_s": out_tokens / elapsed, "total_tokens_per_s": (in_tokens + out_tokens) / elapsed,
-              "requests_per_s": args.num_requests / elapsed, **bandwidth_floor(llm)}
+              "requests_per_s": args.num_requests / elapsed,
+              "max_num_batched_tokens": llm.config.scheduler.max_num_batched_tokens,
+              "max_num_seqs": llm.config.scheduler.max_num_seqs, **bandwidth_floor(llm)}
     return report(result, args.json)
 
 

@@ -27,8 +27,10 @@ def add_engine_args(ap: argparse.ArgumentParser, model: str) -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--load-format", default="dummy")
     ap.add_argument("--max-model-len", type=int, default=4096)
-    ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--max-num-seqs", type=int, default=None,
+                    help="default: the LLM class's, like vLLM's (1024 on >= 70 GiB GPUs but the A100, else 256)")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None,
+                    help="default: the LLM class's, like vLLM's (16384 on >= 70 GiB GPUs but the A100, else 8192)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--attention-backend", default="auto")

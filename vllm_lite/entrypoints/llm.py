@@ -9,7 +9,7 @@ import time
 import weakref
 from typing import Any, Sequence
 
-from vllm_lite.config import EngineConfig
+from vllm_lite.config import EngineConfig, offline_batch_defaults
 from vllm_lite.engine.core import EngineCore
 from vllm_lite.engine.output_processor import OutputProcessor
 from vllm_lite.gc_utils import freeze_startup_heap
@@ -27,7 +27,9 @@ class LLM:
     """An engine in this process: same engine core and scheduler as the server, no sockets."""
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
-        self.config = EngineConfig.from_kwargs(model=model, **kwargs)
+        given = {k: v for k, v in kwargs.items() if v is not None}
+        self.config = EngineConfig.from_kwargs(model=model, **{**offline_batch_defaults(given.get("device", "auto")),
+                                                               **given})
         self.info = resolve_model(self.config.model, self.config.load, self.config.device.resolved_device())
         self.tokenizer = None if self.config.model.skip_tokenizer_init else load_tokenizer(self.info)
         self.engine = EngineCore(self.config, self.info)
