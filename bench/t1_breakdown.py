@@ -1,5 +1,5 @@
 """Where T1's time goes: the T1 workload with every engine step timed and classified, plus kernel profiles of
-prefill steps (8192-token chunks) and of pure-decode steps at T1's largest batch.
+prefill steps (chunks of max_num_batched_tokens) and of pure-decode steps at T1's largest batch.
 
 Per step: wall time (async scheduling: the step launches one batch and applies the previous one, so the wall time of
 a step is the period of the pipeline), the part of it the host spent waiting for the device's sampled ids
@@ -133,9 +133,10 @@ def main() -> None:
     for i, p in enumerate(prompts2):
         for req in llm.processor.add_request(f"prof-{i}", None, p["prompt_token_ids"], long):
             engine.add_request(req)
+    chunk = llm.config.scheduler.max_num_batched_tokens
     engine.step()
-    profile_steps(llm, 4, "prefill (chunks of 8192 prompt tokens)")
-    for _ in range(args.warm_steps - 5):  # the rest of the prefill (18 chunks of 8192 tokens) and some decode steps
+    profile_steps(llm, 4, f"prefill (chunks of {chunk} prompt tokens)")
+    for _ in range(args.warm_steps - 5):  # the rest of the prefill (143k tokens) and some decode steps
         engine.step()
     profile_steps(llm, args.profile_steps, "decode")
 

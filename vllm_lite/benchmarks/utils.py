@@ -130,7 +130,9 @@ def kernel_profile(run: Any, row_limit: int = 25) -> tuple[str, float, float]:
         torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - t0) * 1000
     events = prof.key_averages()
-    busy_ms = sum(e.self_device_time_total for e in events) / 1000
+    # Only the device's own rows: a Python-launched kernel also has a host-side row carrying the same device time.
+    busy_ms = sum(e.self_device_time_total for e in events
+                  if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA) / 1000
     return events.table(sort_by="cuda_time_total", row_limit=row_limit, max_name_column_width=70), busy_ms, wall_ms
 
 
