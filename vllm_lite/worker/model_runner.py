@@ -198,9 +198,16 @@ class ModelRunner:
         known = np.fromiter((s.num_tokens for s in states), dtype=np.int64, count=len(states))
         sample_rows = np.flatnonzero(ends >= known)
         fill_dst, fill_src = self._device_token_fills(states, starts, ends, query_lens)
+        # Steady decode: token i is row i of the previous launch's ids, one copy instead of a gather + scatter.
+        # (dst is increasing, so dst[0] == 0 and dst[-1] == len - 1 make it 0..k-1.)
+        in_order = fill_dst is not None and fill_dst[0] == 0 and fill_dst[-1] == len(fill_dst) - 1 \
+            and bool(np.array_equal(fill_dst, fill_src))
         inputs = self.stager.stage([s.token_ids[st:e] for s, st, e in zip(states, starts.tolist(), ends.tolist())],
-                                   starts, query_lens, [s.block_ids for s in states], sample_rows, fill_dst, fill_src)
-        if inputs.fill_dst is not None:
+                                   starts, query_lens, [s.block_ids for s in states], sample_rows,
+                                   *((None, None) if in_order else (fill_dst, fill_src)))
+        if in_order:
+            inputs.input_ids[: len(fill_dst)].copy_(self._last_sampled[: len(fill_dst)])
+        elif inputs.fill_dst is not None:
             inputs.input_ids[inputs.fill_dst] = self._last_sampled[inputs.fill_src].to(inputs.input_ids.dtype)
         meta = inputs.meta
         use_graph = self.graphs is not None and meta.is_pure_decode and self.graphs.can_run(meta.num_tokens)
