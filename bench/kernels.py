@@ -228,10 +228,42 @@ def bench_gemm(quick: bool) -> None:
         print(f"{m:<8}" + "".join(f"{c:>28}" for c in cols))
 
 
+def bench_skinny(quick: bool) -> None:
+    """kernels/skinny_gemm.py against cuBLAS on the same step of projection GEMMs, M <= 16 (decode batches)."""
+    import torch.nn.functional as F
+
+    from vllm_lite.kernels.skinny_gemm import skinny_gemm_triton
+    hidden, q_size, kv_size, inter, layers = 1024, 2048, 1024, 3072, 28
+    shapes = [(q_size + 2 * kv_size, hidden), (hidden, q_size), (2 * inter, hidden), (hidden, inter)]
+    weights = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for n, k in shapes]
+               for _ in range(layers)]
+    nbytes = sum(w.numel() * 2 for layer in weights for w in layer)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    variants = {"cublas": lambda x, w: F.linear(x, w)}
+    for warps in (2, 4, 8):
+        variants[f"triton w{warps}"] = lambda x, w, nw=warps: skinny_gemm_triton(x, w, num_warps=nw, num_sms=sms)
+    variants["triton bn16 w4"] = lambda x, w: skinny_gemm_triton(x, w, block_n=16, num_sms=sms)
+    print(f"\nDecode-sized GEMMs of one qwen3-0.6b step ({nbytes / 1e6:.0f} MB), graph us per step (TB/s of weights)")
+    print(f"{'M':<6}" + "".join(f"{name:>20}" for name in variants))
+    for m in ((1, 8, 16) if quick else (1, 2, 4, 8, 16)):
+        xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes]
+        errs = [float((skinny_gemm_triton(x, w, num_sms=sms).float() - F.linear(x, w).float()).abs().max())
+                for x, w in zip(xs, weights[0])]
+        cols = []
+        for fn in variants.values():
+            def step(fn=fn):
+                for layer in weights:
+                    for x, w in zip(xs, layer):
+                        fn(x, w)
+            us = _safe_time(step, eager_iters=3, graph_calls=1, repeats=5)[1]
+            cols.append(f"{us:.0f} ({nbytes / us / 1e6:.2f})")
+        print(f"{m:<6}" + "".join(f"{c:>20}" for c in cols) + f"   max |triton - cublas| {max(errs):.2e}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer sizes")
-    ap.add_argument("--only", choices=["kv", "qk", "sampling", "random", "gemm"], default=None)
+    ap.add_argument("--only", choices=["kv", "qk", "sampling", "random", "gemm", "skinny"], default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py needs CUDA")
@@ -249,6 +281,8 @@ def main() -> None:
         bench_random_sample(args.quick)
     if args.only in (None, "gemm"):
         bench_gemm(args.quick)
+    if args.only in (None, "skinny"):
+        bench_skinny(args.quick)
 
 
 if __name__ == "__main__":

@@ -172,3 +172,25 @@ def test_engine_with_compiled_forward_matches_eager_and_never_recompiles(tiny_ll
     assert compiled == eager
     assert runner.forward.num_calls > 10 and runner.forward.num_recompiles == 0
     torch._dynamo.reset()
+
+
+def test_skinny_linear_op_compiles_without_breaks(tiny_qwen3_path, monkeypatch):
+    """VLLM_LITE_SKINNY_GEMM=1 routes the projections through the opaque `vllm_lite::skinny_linear` op (the Triton
+    kernel on CUDA for <= 16 rows, F.linear otherwise): valid schema / fake impl, no graph breaks, same outputs."""
+    import vllm_lite.envs as envs
+    w, x = torch.randn(24, 16), torch.randn(3, 16)
+    torch.library.opcheck(torch.ops.vllm_lite.skinny_linear.default, (x, w, None),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    torch.testing.assert_close(torch.ops.vllm_lite.skinny_linear(x, w, torch.ones(24)), x @ w.t() + 1)
+    model, ctx = _load(tiny_qwen3_path)
+    meta, pos = _step([(0, 0, 6), (16, 0, 1)])
+    ctx.set_step(meta)
+    ids = torch.randint(0, 300, (7,))
+    with torch.inference_mode():
+        want = model(ids, pos)
+        monkeypatch.setattr(envs, "USE_SKINNY_GEMM", True)
+        explained = torch._dynamo.explain(model.forward)(ids, pos)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        targets = {str(n.target) for g in explained.graphs for n in g.graph.nodes}
+        assert any("skinny_linear" in t for t in targets), targets
+        torch.testing.assert_close(compile_model(model, None, backend="eager")(ids, pos), want)

@@ -1,5 +1,6 @@
-"""Triton kernels on the GPU vs their torch references: KV-cache write (exact, eager and under a CUDA graph) and the
-sort-free top-k/top-p/min-p mask (same allowed set as the reference, see tests/test_kernels.py:check_mask)."""
+"""Triton kernels on the GPU vs their torch references: KV-cache write (exact, eager and under a CUDA graph), the
+sort-free top-k/top-p/min-p mask (same allowed set as the reference, see tests/test_kernels.py:check_mask), the
+q/k norm + rotary kernel, inverse-CDF sampling and the decode-sized GEMM."""
 from __future__ import annotations
 
 import itertools
@@ -208,3 +209,26 @@ def test_cdf_sample_distribution_and_sampler_path():
     assert _one_pass_random(logits, meta)
     out = Sampler()(logits, meta).sampled_token_ids
     assert out.shape == (3,) and int(out[1]) == int(logits[1].argmax())
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+@pytest.mark.parametrize("n,k", [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)])
+def test_skinny_gemm_matches_cublas(m, n, k):
+    """The decode-sized GEMM kernel on qwen3-0.6b's projection shapes, eager and replayed from a CUDA graph, and the
+    `vllm_lite::skinny_linear` op taking it for <= 16 rows (F.linear beyond)."""
+    import vllm_lite.compile.custom_ops  # noqa: F401  (registers torch.ops.vllm_lite.*)
+    from vllm_lite.kernels.skinny_gemm import skinny_gemm_triton
+    g = torch.Generator(device=DEV).manual_seed(m * 7 + n + k)
+    x = torch.randn(m, k, device=DEV, generator=g).to(torch.bfloat16)
+    w = (torch.randn(n, k, device=DEV, generator=g) * 0.02).to(torch.bfloat16)
+    want = (x.float() @ w.float().t()).to(torch.bfloat16)
+    torch.testing.assert_close(skinny_gemm_triton(x, w), want, rtol=2 ** -7, atol=1e-3)
+    graph, out = torch.cuda.CUDAGraph(), None
+    with torch.cuda.graph(graph):
+        out = skinny_gemm_triton(x, w)
+    x.copy_(torch.randn(m, k, device=DEV, generator=g))
+    graph.replay()
+    torch.testing.assert_close(out, (x.float() @ w.float().t()).to(torch.bfloat16), rtol=2 ** -7, atol=1e-3)
+    torch.testing.assert_close(torch.ops.vllm_lite.skinny_linear(x, w, None), out, rtol=0, atol=0)
+    big = torch.randn(17, k, device=DEV, generator=g).to(torch.bfloat16)
+    torch.testing.assert_close(torch.ops.vllm_lite.skinny_linear(big, w, None), torch.nn.functional.linear(big, w))

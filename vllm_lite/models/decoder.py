@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import vllm_lite.envs as envs
 from vllm_lite.attention import Attention, AttentionContext
 from vllm_lite.layers.activation import SiluAndMul
 from vllm_lite.layers.norm import RMSNorm
@@ -30,6 +31,16 @@ class WeightLoadError(ValueError):
     """A checkpoint does not fit the model: a tensor is missing or has the wrong shape."""
 
 
+class Linear(nn.Linear):
+    """A projection; with VLLM_LITE_SKINNY_GEMM=1 its decode-sized calls go to kernels/skinny_gemm.py (through the
+    opaque `vllm_lite::skinny_linear` op), otherwise it is nn.Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if envs.USE_SKINNY_GEMM:
+            return torch.ops.vllm_lite.skinny_linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
 class DecoderAttention(nn.Module):
     def __init__(self, cfg: Any, layer_idx: int, ctx: AttentionContext, qkv_bias: bool, qk_norm: bool) -> None:
         super().__init__()
@@ -39,8 +50,8 @@ class DecoderAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         o_bias = bool(getattr(cfg, "attention_bias", False))
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=o_bias)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=o_bias)
         self.qkv_proj.shard_offsets = {"q": (0, self.q_size), "k": (self.q_size, self.kv_size),
                                        "v": (self.q_size + self.kv_size, self.kv_size)}
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
@@ -62,9 +73,9 @@ class DecoderMLP(nn.Module):
         super().__init__()
         bias = bool(getattr(cfg, "mlp_bias", False))
         inter = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * inter, bias=bias)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * inter, bias=bias)
         self.gate_up_proj.shard_offsets = {"gate": (0, inter), "up": (inter, inter)}
-        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=bias)
+        self.down_proj = Linear(inter, cfg.hidden_size, bias=bias)
         self.act = SiluAndMul()
         act = getattr(cfg, "hidden_act", "silu")
         if act not in ("silu", "swish"):
