@@ -243,6 +243,8 @@ def bench_skinny(quick: bool) -> None:
     for warps in (2, 4, 8):
         variants[f"triton w{warps}"] = lambda x, w, nw=warps: skinny_gemm_triton(x, w, num_warps=nw, num_sms=sms)
     variants["triton bn16 w4"] = lambda x, w: skinny_gemm_triton(x, w, block_n=16, num_sms=sms)
+    variants["triton dot w4"] = lambda x, w: skinny_gemm_triton(x, w, num_sms=sms, use_dot=True)
+    variants["triton dot bk256"] = lambda x, w: skinny_gemm_triton(x, w, num_sms=sms, use_dot=True, block_k=256)
     print(f"\nDecode-sized GEMMs of one qwen3-0.6b step ({nbytes / 1e6:.0f} MB), graph us per step (TB/s of weights)")
     print(f"{'M':<6}" + "".join(f"{name:>20}" for name in variants))
     for m in ((1, 8, 16) if quick else (1, 2, 4, 8, 16)):

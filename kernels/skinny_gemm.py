@@ -3,12 +3,12 @@
 At M = 1..16 a projection GEMM is a read of its weight: Qwen3-0.6B's are 4-12 MB each, and cuBLAS reaches only
 ~1.2-1.5 TB/s of the H100's ~3 TB/s on them (docs/PERF.md, `kernels:gemm`), which makes the GEMMs about half of an
 L1 decode step. Here every program owns BLOCK_N output columns for all M rows and streams its [BLOCK_N, K] slice of
-the weight exactly once (K is a compile-time constant: one variant per projection shape), accumulating in
-float32 by broadcast-multiply-reduce (tensor-core tiles need >= 16 columns
-per program, too few programs for N = 1024). BLOCK_N is chosen so that N / BLOCK_N programs cover the GPU's SMs.
+the weight exactly once (K is a compile-time constant: one variant per projection shape), accumulating in float32
+either by broadcast-multiply-reduce, which allows column blocks of 8 (N = 1024 still gives every SM a program), or
+with tl.dot (rows padded to 16, column blocks of >= 16). BLOCK_N is the widest that still covers the GPU's SMs.
 
-Status: correct against `skinny_gemm_torch` (Triton interpreter tests); speed against cuBLAS not yet measured
-(`python bench/kernels.py --only skinny`), so nothing calls it yet.
+Status: correct against `skinny_gemm_torch` (Triton interpreter tests; tests/gpu on the H100 shapes); speed against
+cuBLAS not yet measured (`python bench/kernels.py --only skinny`), so it runs only with VLLM_LITE_SKINNY_GEMM=1.
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def skinny_gemm_torch(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 if HAS_TRITON:
     @triton.jit
     def _skinny_gemm_kernel(x_ptr, w_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_ym, K: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            USE_DOT: tl.constexpr):
         pid = tl.program_id(0)
         rows = tl.arange(0, BLOCK_M)
         cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -47,8 +48,11 @@ if HAS_TRITON:
             x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=row_ok[:, None] & k_ok[None, :],
                         other=0.0).to(tl.float32)
             w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wn + k[None, :],
-                        mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            if USE_DOT:  # tensor cores: rows padded to 16, free in a memory-bound kernel
+                acc = tl.dot(x.to(w.dtype), tl.trans(w), acc)
+            else:
+                acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
         tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
@@ -62,8 +66,9 @@ def _block_n(n: int, num_sms: int) -> int:
 
 
 def skinny_gemm_triton(x: torch.Tensor, w: torch.Tensor, block_n: int | None = None, block_k: int | None = None,
-                       num_warps: int = 4, num_sms: int = 132) -> torch.Tensor:
-    """Same contract as `skinny_gemm_torch` for M <= MAX_ROWS rows; x and w need unit stride along K."""
+                       num_warps: int = 4, num_sms: int = 132, use_dot: bool = False) -> torch.Tensor:
+    """Same contract as `skinny_gemm_torch` for M <= MAX_ROWS rows; x and w need unit stride along K.
+    use_dot: accumulate with tl.dot (rows padded to 16, column blocks of >= 16) instead of multiply-reduce."""
     m, k = x.shape
     n = w.shape[0]
     if m > MAX_ROWS or w.shape[1] != k or x.stride(1) != 1 or w.stride(1) != 1:
@@ -71,11 +76,11 @@ def skinny_gemm_triton(x: torch.Tensor, w: torch.Tensor, block_n: int | None = N
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    block_m = max(triton.next_power_of_2(m), 1)
-    block_n = block_n or _block_n(n, num_sms)
-    # Register budget: BLOCK_M x BLOCK_N x BLOCK_K products per iteration.
-    block_k = block_k or max(32, min(256, 8192 // (block_m * block_n)))
+    block_m = 16 if use_dot else max(triton.next_power_of_2(m), 1)
+    block_n = max(block_n or _block_n(n, num_sms), 16 if use_dot else 1)
+    # Register budget of the multiply-reduce: BLOCK_M x BLOCK_N x BLOCK_K products per iteration.
+    block_k = block_k or (128 if use_dot else max(32, min(256, 8192 // (block_m * block_n))))
     _skinny_gemm_kernel[(triton.cdiv(n, block_n),)](x, w, y, m, n, x.stride(0), w.stride(0), y.stride(0), K=k,
                                                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                                                     num_warps=num_warps)
+                                                     USE_DOT=use_dot, num_warps=num_warps)
     return y

@@ -211,9 +211,10 @@ def test_cdf_sample_distribution_and_sampler_path():
     assert out.shape == (3,) and int(out[1]) == int(logits[1].argmax())
 
 
+@pytest.mark.parametrize("use_dot", [False, True])
 @pytest.mark.parametrize("m", [1, 3, 8, 16])
 @pytest.mark.parametrize("n,k", [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)])
-def test_skinny_gemm_matches_cublas(m, n, k):
+def test_skinny_gemm_matches_cublas(m, n, k, use_dot):
     """The decode-sized GEMM kernel on qwen3-0.6b's projection shapes, eager and replayed from a CUDA graph, and the
     `vllm_lite::skinny_linear` op taking it for <= 16 rows (F.linear beyond)."""
     import vllm_lite.compile.custom_ops  # noqa: F401  (registers torch.ops.vllm_lite.*)
@@ -222,13 +223,14 @@ def test_skinny_gemm_matches_cublas(m, n, k):
     x = torch.randn(m, k, device=DEV, generator=g).to(torch.bfloat16)
     w = (torch.randn(n, k, device=DEV, generator=g) * 0.02).to(torch.bfloat16)
     want = (x.float() @ w.float().t()).to(torch.bfloat16)
-    torch.testing.assert_close(skinny_gemm_triton(x, w), want, rtol=2 ** -7, atol=1e-3)
+    torch.testing.assert_close(skinny_gemm_triton(x, w, use_dot=use_dot), want, rtol=2 ** -7, atol=1e-3)
     graph, out = torch.cuda.CUDAGraph(), None
     with torch.cuda.graph(graph):
-        out = skinny_gemm_triton(x, w)
+        out = skinny_gemm_triton(x, w, use_dot=use_dot)
     x.copy_(torch.randn(m, k, device=DEV, generator=g))
     graph.replay()
     torch.testing.assert_close(out, (x.float() @ w.float().t()).to(torch.bfloat16), rtol=2 ** -7, atol=1e-3)
-    torch.testing.assert_close(torch.ops.vllm_lite.skinny_linear(x, w, None), out, rtol=0, atol=0)
+    if not use_dot:  # the op takes the default variant
+        torch.testing.assert_close(torch.ops.vllm_lite.skinny_linear(x, w, None), out, rtol=0, atol=0)
     big = torch.randn(17, k, device=DEV, generator=g).to(torch.bfloat16)
     torch.testing.assert_close(torch.ops.vllm_lite.skinny_linear(big, w, None), torch.nn.functional.linear(big, w))
