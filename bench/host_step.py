@@ -61,10 +61,13 @@ def main() -> None:
     runner.model.compute_logits = lambda h: logits[: h.shape[0]]
     runner.sampler = lambda lg, meta, logits_owned=False: SamplerOutput(ids[: lg.shape[0]].clone())
     acc: collections.Counter = collections.Counter()
-    for obj, name, label in ((engine, "step", "engine.step (all)"), (engine.scheduler, "schedule", "scheduler.schedule"),
+    for obj, name, label in ((engine, "step", "engine.step (all)"),
+                             (engine.scheduler, "schedule", "scheduler.schedule"),
                              (engine.scheduler, "update_from_output", "scheduler.update_from_output"),
-                             (runner, "execute_model", "runner.execute_model"), (runner, "get_output", "runner.get_output"),
-                             (runner.stager, "stage", "  input staging"), (runner.attn_ctx.backend, "prepare", "  attention prepare"),
+                             (runner, "execute_model", "runner.execute_model"),
+                             (runner, "get_output", "runner.get_output"),
+                             (runner.stager, "stage", "  input staging"),
+                             (runner.attn_ctx.backend, "prepare", "  attention prepare"),
                              (llm.processor, "process_outputs", "output processing")):
         _timed(acc, obj, name, label)
     random.seed(0)

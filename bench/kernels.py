@@ -198,15 +198,29 @@ def bench_random_sample(quick: bool) -> None:
         print(f"{b:<8}" + "".join(f"{r:14.1f}" for r in res))
 
 
-def bench_gemm(quick: bool) -> None:
-    """A decode step's projection GEMMs (qwen3-0.6b: 28 layers of qkv, o, gate_up, down; distinct weights, so
-    nothing stays in L2) per BLAS backend, as in the model: bf16 F.linear."""
-    import torch.nn.functional as F
+def _projection_weights() -> tuple[list[tuple[int, int]], list[list[torch.Tensor]], int]:
+    """qwen3-0.6b's projection weights (qkv, o, gate_up, down) x 28 layers, bf16, distinct so nothing stays in L2:
+    (shapes [N, K], weights per layer, bytes)."""
     hidden, q_size, kv_size, inter, layers = 1024, 2048, 1024, 3072, 28
     shapes = [(q_size + 2 * kv_size, hidden), (hidden, q_size), (2 * inter, hidden), (hidden, inter)]
     weights = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for n, k in shapes]
                for _ in range(layers)]
-    nbytes = sum(w.numel() * 2 for layer in weights for w in layer)
+    return shapes, weights, sum(w.numel() * 2 for layer in weights for w in layer)
+
+
+def _projection_step(fn, xs: list[torch.Tensor], weights: list[list[torch.Tensor]]):
+    """One decode step's projections through fn(x, w)."""
+    def step() -> None:
+        for layer in weights:
+            for x, w in zip(xs, layer):
+                fn(x, w)
+    return step
+
+
+def bench_gemm(quick: bool) -> None:
+    """A step's projection GEMMs (`_projection_weights`) per BLAS backend, as in the model: bf16 F.linear."""
+    import torch.nn.functional as F
+    shapes, weights, nbytes = _projection_weights()
     flops_per_token = 2 * nbytes / 2
     backends = ["cublas", "cublaslt"]
     print(f"\nProjection GEMMs of one qwen3-0.6b step ({nbytes / 1e6:.0f} MB of weights), graph us per step "
@@ -214,15 +228,10 @@ def bench_gemm(quick: bool) -> None:
     print(f"{'M':<8}" + "".join(f"{b:>28}" for b in backends))
     for m in ((1, 16, 64, 256, 8192) if quick else (1, 8, 16, 32, 64, 128, 256, 512, 8192)):
         xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes]
-
-        def step():
-            for layer in weights:
-                for x, w in zip(xs, layer):
-                    F.linear(x, w)
         cols = []
         for backend in backends:
             torch.backends.cuda.preferred_blas_library(backend)
-            us = _time(step, eager_iters=3, graph_calls=1, repeats=5)[1]
+            us = _time(_projection_step(F.linear, xs, weights), eager_iters=3, graph_calls=1, repeats=5)[1]
             cols.append(f"{us:.0f} ({nbytes / us / 1e6:.2f}, {flops_per_token * m / us / 1e6:.0f})")
         torch.backends.cuda.preferred_blas_library("cublas")
         print(f"{m:<8}" + "".join(f"{c:>28}" for c in cols))
@@ -233,11 +242,7 @@ def bench_skinny(quick: bool) -> None:
     import torch.nn.functional as F
 
     from vllm_lite.kernels.skinny_gemm import skinny_gemm_triton
-    hidden, q_size, kv_size, inter, layers = 1024, 2048, 1024, 3072, 28
-    shapes = [(q_size + 2 * kv_size, hidden), (hidden, q_size), (2 * inter, hidden), (hidden, inter)]
-    weights = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for n, k in shapes]
-               for _ in range(layers)]
-    nbytes = sum(w.numel() * 2 for layer in weights for w in layer)
+    shapes, weights, nbytes = _projection_weights()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     variants = {"cublas": lambda x, w: F.linear(x, w)}
     for warps in (2, 4, 8):
@@ -253,19 +258,19 @@ def bench_skinny(quick: bool) -> None:
                 for x, w in zip(xs, weights[0])]
         cols = []
         for fn in variants.values():
-            def step(fn=fn):
-                for layer in weights:
-                    for x, w in zip(xs, layer):
-                        fn(x, w)
-            us = _safe_time(step, eager_iters=3, graph_calls=1, repeats=5)[1]
+            us = _safe_time(_projection_step(fn, xs, weights), eager_iters=3, graph_calls=1, repeats=5)[1]
             cols.append(f"{us:.0f} ({nbytes / us / 1e6:.2f})")
         print(f"{m:<6}" + "".join(f"{c:>20}" for c in cols) + f"   max |triton - cublas| {max(errs):.2e}")
+
+
+BENCHES = {"kv": bench_kv_write, "qk": bench_qk_norm_rope, "sampling": bench_sampling, "random": bench_random_sample,
+           "gemm": bench_gemm, "skinny": bench_skinny}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer sizes")
-    ap.add_argument("--only", choices=["kv", "qk", "sampling", "random", "gemm", "skinny"], default=None)
+    ap.add_argument("--only", choices=list(BENCHES), default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py needs CUDA")
@@ -273,18 +278,9 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", end="")
     import triton
     print(f"  triton {triton.__version__}")
-    if args.only in (None, "kv"):
-        bench_kv_write(args.quick)
-    if args.only in (None, "qk"):
-        bench_qk_norm_rope(args.quick)
-    if args.only in (None, "sampling"):
-        bench_sampling(args.quick)
-    if args.only in (None, "random"):
-        bench_random_sample(args.quick)
-    if args.only in (None, "gemm"):
-        bench_gemm(args.quick)
-    if args.only in (None, "skinny"):
-        bench_skinny(args.quick)
+    for name, bench in BENCHES.items():
+        if args.only in (None, name):
+            bench(args.quick)
 
 
 if __name__ == "__main__":

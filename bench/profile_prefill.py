@@ -1,9 +1,11 @@
-"""Where a prefill step's host time goes (T1's prefill steps run at ~27 ms for ~18 ms of GPU work).
+"""Whether the host or the device sets the pace of prefill steps, and where their host time goes.
 
 Queues 256 requests of 560 prompt tokens (prefill chunks of --max-num-batched-tokens), then over the prefill steps:
 the wall time per step, the same steps with the device synchronised after each phase of a step (schedule, inputs,
 forward, sampling: how long the host takes to issue each when it never waits on the GPU), torch's sync-debug
-warnings (an operation that blocks the host on the device) and a cProfile table.
+warnings (an operation that blocks the host on the device) and a cProfile table. Async and synchronised steps
+taking the same time means overlapping host and device work gains nothing, which points to the device as the bound
+(docs/PERF.md).
 
     python bench/profile_prefill.py --model qwen3-0.6b
 """
@@ -34,6 +36,18 @@ def _queue(llm, tag: str, n: int, input_len: int) -> None:
             llm.engine.add_request(req)
 
 
+def _ms_per_step(engine, steps: int, sync_each: bool) -> float:
+    """Wall ms per engine step over `steps` steps (the device synchronised after each when sync_each)."""
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+        if sync_each:
+            _sync()
+    _sync()
+    return (time.perf_counter() - t0) * 1000 / steps
+
+
 def _drain(llm) -> None:
     while llm.engine.has_unfinished_requests():
         llm.engine.step()
@@ -54,12 +68,7 @@ def main() -> None:
 
     # 1. plain wall time per prefill step (async pipeline as in T1)
     _queue(llm, "a", args.num_requests, args.input_len)
-    _sync()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        engine.step()
-    _sync()
-    print(f"prefill steps: {(time.perf_counter() - t0) * 1000 / args.steps:.2f} ms/step (async, as in T1)")
+    print(f"prefill steps: {_ms_per_step(engine, args.steps, sync_each=False):.2f} ms/step (async, as in T1)")
     _drain(llm)
 
     # 2. host time to issue each phase, the device idle before each (synchronised in between)
@@ -80,12 +89,7 @@ def main() -> None:
     runner.sampler, runner.stager.stage = timed("sampler", sampler), timed("stage", stage)
     runner.attn_ctx.set_step = timed("plan", set_step)
     _queue(llm, "b", args.num_requests, args.input_len)
-    _sync()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        engine.step()
-        _sync()
-    total = (time.perf_counter() - t0) * 1000 / args.steps
+    total = _ms_per_step(engine, args.steps, sync_each=True)
     print(f"synchronised steps: {total:.2f} ms/step; host time to issue, per step: "
           + ", ".join(f"{k} {v * 1000 / args.steps:.2f} ms" for k, v in phases.items()))
     runner.forward, runner.model.compute_logits, runner.sampler, runner.stager.stage = fwd, logits, sampler, stage

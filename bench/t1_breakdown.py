@@ -3,10 +3,11 @@ prefill steps (chunks of max_num_batched_tokens) and of pure-decode steps at T1'
 
 Per step: wall time (async scheduling: the step launches one batch and applies the previous one, so the wall time of
 a step is the period of the pipeline), the part of it the host spent waiting for the device's sampled ids
-(`get_output`: ~0 means the host, not the GPU, sets the pace), whether it carries prefill tokens, the decode batch
-size and the KV tokens the decode attention reads. Summary: seconds in steps with prefill vs pure decode; decode
-steps by batch size with the achieved bandwidth of (weights + KV read) per step, the number that says how far decode
-is from the memory floor.
+(`get_output`: ~0 means the host, not the GPU, sets the pace, unless the host was blocked in kernel launches by a
+full launch queue, as in eager prefill steps of hundreds of kernels), whether it carries prefill tokens, the decode
+batch size and the KV tokens the decode attention reads. Summary: seconds in steps with prefill vs pure decode;
+decode steps by batch size with the achieved bandwidth of (weights + KV read) per step, the number that says how far
+decode is from the memory floor.
 
     python bench/t1_breakdown.py --model qwen3-0.6b
 """
@@ -70,7 +71,7 @@ def summarise(rows: np.ndarray, weights: int, kv_bytes_per_token: int) -> None:
     if (~pure).any():
         print(f"steps with prefill tokens: mean {ms[~pure].mean():.2f} ms/step, {tokens[~pure].mean():.0f} tokens/step "
               f"({decodes[~pure].mean():.0f} of them decodes), {wait[~pure].mean():.2f} ms/step waiting for the "
-              f"device (~0: the host sets the pace)")
+              f"device (~0: the host sets the pace, or it blocks in launches)")
     print("pure decode by batch size: steps, mean ms/step, mean KV tokens read, GB moved/step, achieved TB/s, "
           "ms/step waiting for the device, host ms/step (the rest)")
     for lo, hi in ((1, 32), (33, 64), (65, 128), (129, 192), (193, 256), (257, 1 << 20)):

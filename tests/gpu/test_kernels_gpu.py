@@ -186,7 +186,8 @@ def test_cdf_sample_matches_reference_with_given_uniforms(b, dtype, scale):
 
 
 def test_cdf_sample_distribution_and_sampler_path():
-    """In-kernel uniforms: frequencies follow softmax(x / T); the Sampler takes this path for temperature-only batches."""
+    """In-kernel uniforms: frequencies follow softmax(x / T); the Sampler takes this path for temperature-only
+    batches."""
     from vllm_lite.kernels.cdf_sample import cdf_sample_triton
     from vllm_lite.sample.metadata import SamplingMetadata
     from vllm_lite.sample.sampler import Sampler, _one_pass_random
