@@ -245,14 +245,19 @@ def bench_skinny(quick: bool) -> None:
     shapes, weights, nbytes = _projection_weights()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     variants = {"cublas": lambda x, w: F.linear(x, w)}
-    for warps in (2, 4, 8):
-        variants[f"triton w{warps}"] = lambda x, w, nw=warps: skinny_gemm_triton(x, w, num_warps=nw, num_sms=sms)
-    variants["triton bn16 w4"] = lambda x, w: skinny_gemm_triton(x, w, block_n=16, num_sms=sms)
-    variants["triton dot w4"] = lambda x, w: skinny_gemm_triton(x, w, num_sms=sms, use_dot=True)
-    variants["triton dot bk256"] = lambda x, w: skinny_gemm_triton(x, w, num_sms=sms, use_dot=True, block_k=256)
+    for warps in (4, 8):
+        variants[f"mac w{warps}"] = lambda x, w, nw=warps: skinny_gemm_triton(x, w, num_warps=nw, num_sms=sms)
+    variants["mac bn8 bk512"] = lambda x, w: skinny_gemm_triton(x, w, block_n=8, block_k=512, num_sms=sms)
+    variants["mac bn16 w8"] = lambda x, w: skinny_gemm_triton(x, w, block_n=16, num_warps=8, num_sms=sms)
+    variants["dot bk256"] = lambda x, w: skinny_gemm_triton(x, w, num_sms=sms, use_dot=True, block_k=256)
+    variants["dot bk512"] = lambda x, w: skinny_gemm_triton(x, w, num_sms=sms, use_dot=True, block_k=512)
+    variants["dot bk256 s4"] = lambda x, w: skinny_gemm_triton(x, w, num_sms=sms, use_dot=True, block_k=256,
+                                                                  num_stages=4)
+    variants["dot bk256 w8"] = lambda x, w: skinny_gemm_triton(x, w, num_sms=sms, use_dot=True, block_k=256,
+                                                                  num_warps=8)
     print(f"\nDecode-sized GEMMs of one qwen3-0.6b step ({nbytes / 1e6:.0f} MB), graph us per step (TB/s of weights)")
-    print(f"{'M':<6}" + "".join(f"{name:>20}" for name in variants))
-    for m in ((1, 8, 16) if quick else (1, 2, 4, 8, 16)):
+    print(f"{'M':<6}" + "".join(f"{name:>15}" for name in variants))
+    for m in (1, 2, 4, 8, 16):
         xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes]
         errs = [float((skinny_gemm_triton(x, w, num_sms=sms).float() - F.linear(x, w).float()).abs().max())
                 for x, w in zip(xs, weights[0])]
@@ -260,7 +265,7 @@ def bench_skinny(quick: bool) -> None:
         for fn in variants.values():
             us = _safe_time(_projection_step(fn, xs, weights), eager_iters=3, graph_calls=1, repeats=5)[1]
             cols.append(f"{us:.0f} ({nbytes / us / 1e6:.2f})")
-        print(f"{m:<6}" + "".join(f"{c:>20}" for c in cols) + f"   max |triton - cublas| {max(errs):.2e}")
+        print(f"{m:<6}" + "".join(f"{c:>15}" for c in cols) + f"   max |triton - cublas| {max(errs):.2e}")
 
 
 BENCHES = {"kv": bench_kv_write, "qk": bench_qk_norm_rope, "sampling": bench_sampling, "random": bench_random_sample,

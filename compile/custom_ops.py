@@ -96,17 +96,18 @@ for _key in ("CPU", "CUDA"):
 torch.library.register_fake("vllm_lite::attention", _attention_fake, lib=_lib)
 
 
-# Projections: decode-sized ones (<= 16 rows, CUDA) through the weight-streaming Triton kernel, everything else
-# through F.linear. Opaque to Dynamo like attention, so the row-count branch runs at call time (and once per size at
-# CUDA-graph capture). Used only where VLLM_LITE_SKINNY_GEMM=1 (models/decoder.py's Linear).
+# Projections: decode-sized ones (CUDA, where kernels/skinny_gemm.py's decode_config measured it faster) through the
+# weight-streaming Triton kernel, everything else through F.linear. Opaque to Dynamo like attention, so the row-count
+# branch runs at call time (and once per size at CUDA-graph capture). Used only where VLLM_LITE_SKINNY_GEMM=1 (models/decoder.py's Linear).
 _lib.define("skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    from vllm_lite.kernels.skinny_gemm import HAS_TRITON, MAX_ROWS, skinny_gemm_triton
-    if (x.is_cuda and HAS_TRITON and bias is None and x.dim() == 2 and x.shape[0] <= MAX_ROWS
-            and x.stride(1) == 1 and weight.stride(1) == 1):
-        return skinny_gemm_triton(x, weight)
+    from vllm_lite.kernels.skinny_gemm import HAS_TRITON, decode_config, skinny_gemm_triton
+    config = decode_config(x.shape[0], *weight.shape) if x.dim() == 2 and weight.dim() == 2 else None
+    if (config is not None and x.is_cuda and HAS_TRITON and bias is None and x.stride(1) == 1
+            and weight.stride(1) == 1):
+        return skinny_gemm_triton(x, weight, **config)
     return torch.nn.functional.linear(x, weight, bias)
 
 

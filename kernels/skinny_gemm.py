@@ -23,6 +23,20 @@ except ImportError:  # pragma: no cover
 
 HAS_TRITON = triton is not None
 MAX_ROWS = 16
+# Where the kernel beats cuBLAS (docs/PERF.md, `bench/kernels.py --only skinny`): up to this many rows, this setting,
+# for weights up to Qwen3-0.6B's largest (6144 x 1024); larger ones were not measured and stay with cuBLAS.
+_ROW_CONFIGS: tuple[tuple[int, dict], ...] = ((4, {"use_dot": True, "block_k": 256}),)
+_MAX_WEIGHT_NUMEL = 8 * 1024 * 1024
+
+
+def decode_config(rows: int, n: int, k: int) -> dict | None:
+    """The measured-best kernel setting for a [rows, k] x [n, k] projection, or None where cuBLAS is faster."""
+    if n * k > _MAX_WEIGHT_NUMEL:
+        return None
+    for max_rows, config in _ROW_CONFIGS:
+        if rows <= max_rows:
+            return config
+    return None
 
 
 def skinny_gemm_torch(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -34,41 +48,50 @@ if HAS_TRITON:
     @triton.jit
     def _skinny_gemm_kernel(x_ptr, w_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_ym, K: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            USE_DOT: tl.constexpr):
+                            USE_DOT: tl.constexpr, EVEN_N: tl.constexpr):
         pid = tl.program_id(0)
         rows = tl.arange(0, BLOCK_M)
         cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, BLOCK_K)
         row_ok = rows < M
         col_ok = cols < N
+        w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :]
+        x_ptrs = x_ptr + rows[:, None] * stride_xm + ks[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # Multiply-accumulate keeps a [M, N, K] tile of partial products and reduces it once after the loop: a
+        # reduction per iteration serialises the loads behind shuffles.
+        part = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            k = k0 + ks
-            k_ok = k < K
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                        other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wn + k[None, :],
-                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            k_ok = (k0 + ks) < K
+            x = tl.load(x_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if EVEN_N and K % BLOCK_K == 0:
+                w = tl.load(w_ptrs + k0, eviction_policy="evict_first")
+            else:
+                w = tl.load(w_ptrs + k0, mask=col_ok[:, None] & k_ok[None, :], other=0.0,
+                            eviction_policy="evict_first")
             if USE_DOT:  # tensor cores: rows padded to 16, free in a memory-bound kernel
                 acc = tl.dot(x.to(w.dtype), tl.trans(w), acc)
             else:
-                acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+                part += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        if not USE_DOT:
+            acc = tl.sum(part, axis=2)
         tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _block_n(n: int, num_sms: int) -> int:
-    """The widest power-of-two column block (8..64) that still gives every SM a program."""
-    block = 64
+def _block_n(n: int, num_sms: int, widest: int = 64) -> int:
+    """The widest power-of-two column block (8..widest) that still gives every SM a program."""
+    block = widest
     while block > 8 and triton.cdiv(n, block) < num_sms:
         block //= 2
     return block
 
 
 def skinny_gemm_triton(x: torch.Tensor, w: torch.Tensor, block_n: int | None = None, block_k: int | None = None,
-                       num_warps: int = 4, num_sms: int = 132, use_dot: bool = False) -> torch.Tensor:
+                       num_warps: int = 4, num_sms: int = 132, use_dot: bool = False,
+                       num_stages: int | None = None) -> torch.Tensor:
     """Same contract as `skinny_gemm_torch` for M <= MAX_ROWS rows; x and w need unit stride along K.
-    use_dot: accumulate with tl.dot (rows padded to 16, column blocks of >= 16) instead of multiply-reduce."""
+    use_dot: accumulate with tl.dot (rows padded to 16, column blocks of >= 16) instead of multiply-accumulate."""
     m, k = x.shape
     n = w.shape[0]
     if m > MAX_ROWS or w.shape[1] != k or x.stride(1) != 1 or w.stride(1) != 1:
@@ -78,9 +101,13 @@ def skinny_gemm_triton(x: torch.Tensor, w: torch.Tensor, block_n: int | None = N
         return y
     block_m = 16 if use_dot else max(triton.next_power_of_2(m), 1)
     block_n = max(block_n or _block_n(n, num_sms), 16 if use_dot else 1)
-    # Register budget of the multiply-reduce: BLOCK_M x BLOCK_N x BLOCK_K products per iteration.
-    block_k = block_k or (128 if use_dot else max(32, min(256, 8192 // (block_m * block_n))))
+    # Register budget of multiply-accumulate: a BLOCK_M x BLOCK_N x BLOCK_K float32 tile, 32 values a thread.
+    budget = 32 * 32 * num_warps
+    block_k = block_k or (128 if use_dot else max(16, min(1024, budget // (block_m * block_n))))
+    block_k = min(block_k, triton.next_power_of_2(k))
+    extra = {} if num_stages is None else {"num_stages": num_stages}
     _skinny_gemm_kernel[(triton.cdiv(n, block_n),)](x, w, y, m, n, x.stride(0), w.stride(0), y.stride(0), K=k,
                                                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                                                     USE_DOT=use_dot, num_warps=num_warps)
+                                                     USE_DOT=use_dot, EVEN_N=n % block_n == 0, num_warps=num_warps,
+                                                     **extra)
     return y
