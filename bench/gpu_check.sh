@@ -7,7 +7,8 @@
 #   model      the default model's gpu tests (compiled + graphs vs eager, async vs sync): needs model1..3
 #   latency    L1 and L8 for qwen3-0.6b (docs/PERF.md workloads)
 #   latency-cc the same with FlashInfer's CUDA-core decode (VLLM_LITE_FLASHINFER_TENSOR_CORES=0)
-#   latency-skinny  the same with the Triton skinny GEMM for <= 16-row projections (VLLM_LITE_SKINNY_GEMM=1)
+#   latency-cublas  the same with cuBLAS for every projection (VLLM_LITE_SKINNY_GEMM=0; default: kernels/skinny_gemm.py
+#              for decode-sized ones)
 #   t1         T1 throughput, qwen3-0.6b (the LLM class's scheduler defaults: vLLM's, 16384 tokens / 1024 seqs here)
 #   t1-8k      T1 with 8192 batched tokens / 256 seqs (the settings of the runs before 2026-11-25's fifth session)
 #   t1b        T1 with every step timed and classified (prefill / decode by batch size, achieved bandwidth) and a
@@ -66,9 +67,9 @@ for stage in "$@"; do
     latency-cc)  # the same with FlashInfer's CUDA-core decode kernels (the default is the tensor-core one)
       VLLM_LITE_FLASHINFER_TENSOR_CORES=0 lat qwen3-0.6b 1 L1-qwen3-cc.json --max-num-seqs 8
       VLLM_LITE_FLASHINFER_TENSOR_CORES=0 lat qwen3-0.6b 8 L8-qwen3-cc.json --max-num-seqs 8 ;;
-    latency-skinny)  # the same with kernels/skinny_gemm.py for the decode-sized projections
-      VLLM_LITE_SKINNY_GEMM=1 lat qwen3-0.6b 1 L1-qwen3-skinny.json --max-num-seqs 8
-      VLLM_LITE_SKINNY_GEMM=1 lat qwen3-0.6b 8 L8-qwen3-skinny.json --max-num-seqs 8 ;;
+    latency-cublas)  # the same with cuBLAS for every projection (no kernels/skinny_gemm.py)
+      VLLM_LITE_SKINNY_GEMM=0 lat qwen3-0.6b 1 L1-qwen3-cublas.json --max-num-seqs 8
+      VLLM_LITE_SKINNY_GEMM=0 lat qwen3-0.6b 8 L8-qwen3-cublas.json --max-num-seqs 8 ;;
     t1)
       timeout 300 python3 bench/throughput.py --model qwen3-0.6b --json "$OUT/T1-qwen3.json" > "$OUT/T1.log" 2>&1
       echo "t1 rc=$?" ;;

@@ -283,3 +283,14 @@ def test_skinny_gemm_matches_reference():
     tl.dot is wrong; tests/gpu covers it) tl.dot accumulation."""
     res = _run_child(_CHILD_SKINNY)
     assert len(res) == 8 and all(v is True for v in res.values()), res
+
+
+def test_skinny_decode_config_takes_the_kernel_only_where_it_measured_faster():
+    """decode_config: multiply-accumulate for 1-2 rows, tl.dot for 3-4, cuBLAS (None) from 5 rows and for weights
+    larger than the measured Qwen3-0.6B shapes (llama-3.1-8b's projections stay on cuBLAS)."""
+    from vllm_lite.kernels.skinny_gemm import decode_config
+    one = decode_config(1, 4096, 1024)
+    assert one == decode_config(2, 1024, 3072) and not one.get("use_dot") and one["block_n"] == 8
+    assert decode_config(3, 4096, 1024)["use_dot"] and decode_config(4, 1024, 2048)["use_dot"]
+    assert decode_config(5, 4096, 1024) is None and decode_config(16, 4096, 1024) is None
+    assert decode_config(1, 6144, 4096) is None and decode_config(1, 4096, 14336) is None

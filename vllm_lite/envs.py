@@ -10,8 +10,8 @@
 - VLLM_LITE_KV_WRITE_KERNEL=0: use the torch reference instead of the Triton KV-cache write (A/B, debugging).
 - VLLM_LITE_SAMPLING_KERNEL=1: use the Triton top-k/top-p/min-p kernel instead of the torch path (off by default:
   it measured slower on the H100, see docs/PERF.md).
-- VLLM_LITE_SKINNY_GEMM=1: projections of <= 16 rows (decode batches) through kernels/skinny_gemm.py instead of
-  cuBLAS (off by default: not yet measured against cuBLAS on a GPU).
+- VLLM_LITE_SKINNY_GEMM=0: every projection through cuBLAS (default 1: decode-sized ones of small models through
+  kernels/skinny_gemm.py, where it measured faster; see its decode_config).
 - VLLM_LITE_FLASHINFER_TENSOR_CORES=0 / 1: FlashInfer's CUDA-core (0) or tensor-core (1, the default) decode kernels
   (for A/B measurements; the tensor-core variant may JIT-compile on first use).
 """
@@ -42,7 +42,7 @@ def api_key() -> str | None:
 
 USE_KV_WRITE_KERNEL = os.environ.get("VLLM_LITE_KV_WRITE_KERNEL", "1") != "0"
 USE_SAMPLING_KERNEL = os.environ.get("VLLM_LITE_SAMPLING_KERNEL", "0") == "1"
-USE_SKINNY_GEMM = os.environ.get("VLLM_LITE_SKINNY_GEMM", "0") == "1"
+USE_SKINNY_GEMM = os.environ.get("VLLM_LITE_SKINNY_GEMM", "1") != "0"
 
 
 def flashinfer_tensor_cores() -> bool | None:

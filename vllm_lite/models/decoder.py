@@ -32,11 +32,14 @@ class WeightLoadError(ValueError):
 
 
 class Linear(nn.Linear):
-    """A projection; with VLLM_LITE_SKINNY_GEMM=1 its decode-sized calls go to kernels/skinny_gemm.py (through the
-    opaque `vllm_lite::skinny_linear` op), otherwise it is nn.Linear."""
+    """A projection; on the devices in `skinny_devices` (unless VLLM_LITE_SKINNY_GEMM=0) it goes through the opaque
+    `vllm_lite::skinny_linear` op, which sends decode-sized calls to kernels/skinny_gemm.py where that measured
+    faster than cuBLAS; otherwise it is nn.Linear (so CPU graphs keep inductor's own matmuls)."""
+
+    skinny_devices: tuple[str, ...] = ("cuda",)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if envs.USE_SKINNY_GEMM:
+        if envs.USE_SKINNY_GEMM and self.weight.device.type in self.skinny_devices:
             return torch.ops.vllm_lite.skinny_linear(x, self.weight, self.bias)
         return super().forward(x)
 
