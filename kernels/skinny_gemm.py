@@ -1,13 +1,13 @@
 """y = x @ w.T for decode-sized batches (M <= 16 rows): a weight-streaming Triton kernel.
 
-At M = 1..16 a projection GEMM is a read of its weight: Qwen3-0.6B's are 4-12 MB each, and cuBLAS reaches only
-~1.2-1.5 TB/s of the H100's ~3 TB/s on them (docs/PERF.md, `kernels:gemm`), which makes the GEMMs about half of an
-L1 decode step. Here every program owns BLOCK_N output columns for all M rows and streams its [BLOCK_N, K] slice of
-the weight exactly once (K is a compile-time constant: one variant per projection shape), accumulating in float32
-either by broadcast-multiply-reduce, which allows column blocks of 8 (N = 1024 still gives every SM a program), or
-with tl.dot (rows padded to 16, column blocks of >= 16). BLOCK_N is the widest that still covers the GPU's SMs.
+At M = 1..16 a projection GEMM is a read of its weight: Qwen3-0.6B's are 4-12 MB each, and cuBLAS reaches only a
+quarter (H200) to a half (H100) of the copy bandwidth on them (docs/PERF.md, `kernels:gemm`), which makes the GEMMs
+about half of an L1 decode step. Here every program owns BLOCK_N output columns for all M rows and streams its
+[BLOCK_N, K] slice of the weight exactly once (K is a compile-time constant: one variant per projection shape),
+accumulating in float32 either by multiply-accumulate into a [BLOCK_M, BLOCK_N, BLOCK_K] tile reduced once after the
+K loop, which allows column blocks of 8 (N = 1024 still gives every SM a program), or with tl.dot (rows padded to 16,
+column blocks of >= 16). BLOCK_N defaults to the widest that still covers the GPU's SMs.
 
-Multiply-accumulate keeps a [BLOCK_M, BLOCK_N, BLOCK_K] float32 tile of products and reduces it once at the end.
 On the H200 (docs/PERF.md, `python bench/kernels.py --only skinny`) it streams a Qwen3-0.6B step's projections at
 1.55 TB/s for M = 1 against cuBLAS's 1.08; tl.dot wins at M = 3-4; from M = 8 cuBLAS ties, so it keeps those.
 """
@@ -28,7 +28,7 @@ MAX_ROWS = 16
 # for weights up to Qwen3-0.6B's largest (6144 x 1024); larger ones were not measured and stay with cuBLAS.
 _ROW_CONFIGS: tuple[tuple[int, dict], ...] = ((2, {"block_n": 8, "block_k": 512}),
                                               (4, {"use_dot": True, "block_k": 256, "num_stages": 4}))
-_MAX_WEIGHT_NUMEL = 8 * 1024 * 1024
+_MAX_WEIGHT_NUMEL = 6144 * 1024
 
 
 def decode_config(rows: int, n: int, k: int) -> dict | None:
@@ -81,9 +81,9 @@ if HAS_TRITON:
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _block_n(n: int, num_sms: int, widest: int = 64) -> int:
-    """The widest power-of-two column block (8..widest) that still gives every SM a program."""
-    block = widest
+def _block_n(n: int, num_sms: int) -> int:
+    """The widest power-of-two column block (8..64) that still gives every SM a program."""
+    block = 64
     while block > 8 and triton.cdiv(n, block) < num_sms:
         block //= 2
     return block

@@ -293,4 +293,5 @@ def test_skinny_decode_config_takes_the_kernel_only_where_it_measured_faster():
     assert one == decode_config(2, 1024, 3072) and not one.get("use_dot") and one["block_n"] == 8
     assert decode_config(3, 4096, 1024)["use_dot"] and decode_config(4, 1024, 2048)["use_dot"]
     assert decode_config(5, 4096, 1024) is None and decode_config(16, 4096, 1024) is None
+    assert decode_config(1, 6144, 1024) is not None and decode_config(1, 4096, 2048) is None  # measured sizes only
     assert decode_config(1, 6144, 4096) is None and decode_config(1, 4096, 14336) is None
