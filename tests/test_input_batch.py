@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vllm_lite.core.sched_output import NewRequestData
+from vllm_lite.protocol import NewRequestData
 from vllm_lite.sampling_params import SamplingParams
 from vllm_lite.worker.input_batch import InputStager
 from vllm_lite.worker.request_state import CachedRequestState

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 
 from vllm_lite.config import LoadConfig, ModelConfig
-from vllm_lite.engine.ipc import (CORE_EVENT_DECODER, WORKER_EVENT_DECODER, ModelDescription, ModelError,
-                                  describe_model, encode, model_info_from)
-from vllm_lite.model_loader import resolve_model
+from vllm_lite.model_loader import ModelInfo, resolve_model
+from vllm_lite.protocol import (CORE_EVENT_DECODER, WORKER_EVENT_DECODER, ModelDescription, ModelError,
+                                describe_model, encode)
 
 
 def test_model_description_round_trip(tiny_qwen3_path):
@@ -15,10 +15,11 @@ def test_model_description_round_trip(tiny_qwen3_path):
     frame = encode(describe_model(info))
     desc = WORKER_EVENT_DECODER.decode(frame)
     assert isinstance(desc, ModelDescription) and CORE_EVENT_DECODER.decode(frame) == desc  # passed on as is
-    assert (desc.path, desc.max_model_len, desc.dtype, desc.vocab_size) == (info.path, 100, "bfloat16",
+    assert (desc.path, desc.max_model_len, desc.dtype_name, desc.vocab_size) == (info.path, 100, "bfloat16",
                                                                              info.vocab_size)
-    back = model_info_from(desc)
-    assert back == info and back.dtype is torch.bfloat16  # hf_config is not compared: checked below
+    back = ModelInfo.from_description(desc)
+    assert describe_model(back) == desc and back.dtype is torch.bfloat16
+    assert type(desc) is ModelDescription  # the parsed config never travels
     assert back.hf_config.to_dict() == info.hf_config.to_dict()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from vllm_lite.config import CacheConfig, SchedulerConfig
-from vllm_lite.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from vllm_lite.protocol import ModelRunnerOutput, SchedulerOutput
 from vllm_lite.core.scheduler import Scheduler
 from vllm_lite.request import Request, RequestStatus
 from vllm_lite.sampling_params import SamplingParams
@@ -298,9 +298,9 @@ def test_spec_tokens_capped_by_budget_and_max_model_len():
     s.add_request(make_req("a", 7, max_tokens=100))
     step(s, {"a": [20]})  # 8 tokens, 7 computed
     s.requests["a"].spec_token_ids = [1, 3, 4, 5]
-    so = s.schedule()  # only 3 slots left in the context window
-    assert so.num_scheduled_tokens == {"a": 3} and so.scheduled_spec_decode_tokens == {"a": [1, 3]}
-    out = s.update_from_output(so, runner_out(so, {"a": [1, 3, 4]}))
+    so = s.schedule()  # 2 tokens left in the context window: one draft, then the sampled last token
+    assert so.num_scheduled_tokens == {"a": 2} and so.scheduled_spec_decode_tokens == {"a": [1]}
+    out = s.update_from_output(so, runner_out(so, {"a": [1, 3]}))
     assert out.outputs[0].new_token_ids == [1, 3] and out.outputs[0].finish_reason == "length"
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from server_utils import alive, children
 from vllm_lite.config import EngineConfig
-from vllm_lite.engine.ipc import ModelDescription, ModelError
+from vllm_lite.protocol import ModelDescription, ModelError
 
 
 def test_api_server_imports_neither_torch_nor_transformers():

@@ -32,11 +32,20 @@ class Request:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                  eos_token_id: int | None = None, arrival_time: float | None = None,
-                 max_tokens: int | None = None) -> None:
+                 max_tokens: int | None = None, extra_eos_token_ids: tuple[int, ...] = ()) -> None:
+        """The stop policy is resolved here, once: `eos_token_id` (the tokenizer's EOS) stops with no stop reason,
+        the model's other EOS ids and the stop_token_ids stop with the token as the reason (vLLM's semantics);
+        ignore_eos drops the EOS ids; below min_tokens all of them are forbidden (`min_tokens_blocked`, which the
+        worker masks)."""
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
-        self.eos_token_id = eos_token_id
+        eos = () if sampling_params.ignore_eos else (eos_token_id, *extra_eos_token_ids)
+        self.eos_token_id = None if sampling_params.ignore_eos else eos_token_id
+        self.stop_token_ids = frozenset(sampling_params.stop_token_ids or ()).union(
+            e for e in eos[1:] if e != eos_token_id)
+        self.min_tokens_blocked = sorted(self.stop_token_ids.union(e for e in eos if e is not None)) \
+            if sampling_params.min_tokens else []
         self.arrival_time = time.time() if arrival_time is None else arrival_time
         # Effective cap on generated tokens (sampling max_tokens clipped to the context window).
         self.max_tokens = max_tokens if max_tokens is not None else (sampling_params.max_tokens or 1 << 30)

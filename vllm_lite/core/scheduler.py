@@ -7,7 +7,14 @@ speculative tokens. Out of blocks -> preempt the last running request by recompu
 
 Async scheduling: step N+1 may be scheduled before step N's tokens are back. A step that samples for a request
 adds an output placeholder (`num_output_placeholders`), so the next step already schedules the token after it;
-`update_from_output` replaces the placeholder with the real token and runs the stop checks, one step late.
+`update_from_output` replaces the placeholder with the tokens that came back (1, or 1..k+1 after verifying k
+speculative tokens) and runs the stop checks, one step late.
+
+Speculative decoding: a request's draft tokens (`spec_token_ids`, set by a proposer between steps) are scheduled
+as 1 + k query tokens; their KV slots (plus `num_lookahead_tokens` for an in-worker drafter) are allocated here, and
+`update_from_output` rolls `num_computed_tokens` back past the rejected ones, whose slots the next step overwrites.
+How many drafts are accepted is known only when the step's output is back, so while speculating a request is not
+scheduled again before its previous step is applied (its steps run in order; other requests keep overlapping).
 """
 from __future__ import annotations
 
@@ -16,9 +23,8 @@ from collections.abc import Iterable
 
 from vllm_lite.config import CacheConfig, SchedulerConfig
 from vllm_lite.core.kv_cache_manager import KVCacheManager
-from vllm_lite.core.sched_output import (CachedRequestData, ModelRunnerOutput, NewRequestData,
-                                         SchedulerOutput)
-from vllm_lite.engine.messages import EngineCoreOutput, EngineCoreOutputs, SchedulerStats
+from vllm_lite.protocol import (CachedRequestData, EngineCoreOutput, EngineCoreOutputs, ModelRunnerOutput,
+                                NewRequestData, SchedulerOutput, SchedulerStats)
 from vllm_lite.request import Request, RequestStatus
 
 FINISHED = RequestStatus.FINISHED_STOPPED  # statuses >= this are finished (a plain int compare in the hot loop)
@@ -28,7 +34,10 @@ class Scheduler:
     """Decides, step by step, which tokens of which requests the model computes, and owns the KV block tables."""
 
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
-                 max_model_len: int) -> None:
+                 max_model_len: int, speculative: bool = False, num_lookahead_tokens: int = 0) -> None:
+        """speculative: requests may carry draft tokens (their steps are then kept in order, see above);
+        num_lookahead_tokens: KV slots reserved past each speculating request's scheduled tokens (for drafts an
+        in-worker proposer writes in the same step)."""
         if num_blocks * cache_config.block_size < max_model_len:
             # Otherwise a single long request could preempt itself forever (the engine would hang).
             raise ValueError(
@@ -49,6 +58,10 @@ class Scheduler:
         # Finished, aborted or preempted since the last schedule(): workers drop their state (ordered set).
         self.finished_req_ids: dict[str, None] = {}
         self.num_preemptions = 0  # cumulative
+        self.speculative = speculative
+        self.num_lookahead_tokens = num_lookahead_tokens
+        self.num_draft_tokens = 0  # cumulative: draft tokens verified
+        self.num_accepted_tokens = 0  # cumulative: of those, accepted
 
     # ------------------------------------------------------------------ requests in / out
     def add_request(self, request: Request) -> None:
@@ -123,8 +136,16 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             pending = request.num_output_placeholders
+            if pending and self.speculative:
+                i += 1  # its accepted tokens are not back yet: next step
+                continue
             num_tokens, computed = len(request.all_token_ids), request.num_computed_tokens
-            num_new = num_tokens + pending + len(request.spec_token_ids) - computed
+            drafts = request.spec_token_ids
+            if drafts:  # never verify past max_tokens or the context: the last token is sampled, not drafted
+                room = min(request.max_tokens - len(request.output_token_ids), self.max_model_len - num_tokens) - 1
+                drafts = drafts[:max(room, 0)]
+                request.spec_token_ids = []  # consumed: the proposer sets fresh ones after this step
+            num_new = num_tokens + pending + len(drafts) - computed
             num_new = min(num_new, budget, self.max_model_len - computed)
             if pending and (len(request.output_token_ids) + pending >= request.max_tokens
                             or num_tokens + pending >= self.max_model_len):
@@ -133,8 +154,9 @@ class Scheduler:
                 i += 1
                 continue
             scheduled = True
+            lookahead = self.num_lookahead_tokens if drafts else 0
             while True:
-                new_blocks = kv.allocate_slots(request, num_new)
+                new_blocks = kv.allocate_slots(request, num_new, num_lookahead_tokens=lookahead)
                 if new_blocks is not None:
                     break
                 victim = self.running.pop()  # lowest priority = admitted last
@@ -149,7 +171,7 @@ class Scheduler:
             budget -= num_new
             num_spec = computed + num_new - num_tokens - pending
             if num_spec > 0:
-                spec_tokens[request.request_id] = request.spec_token_ids[:num_spec]
+                spec_tokens[request.request_id] = drafts[:num_spec]
             cached_reqs.append(CachedRequestData(request.request_id, [b.block_id for b in new_blocks],
                                                  request.num_computed_tokens))
             self._advance(request, num_new)
@@ -174,13 +196,19 @@ class Scheduler:
             budget -= num_new
             new_reqs.append(NewRequestData(request.request_id, request.prompt_token_ids,
                                            list(request.output_token_ids), request.sampling_params,
-                                           kv.get_block_ids(request.request_id), num_hit))
+                                           kv.get_block_ids(request.request_id), num_hit,
+                                           request.min_tokens_blocked))
             self._advance(request, num_new)
 
         finished = list(self.finished_req_ids)
         self.finished_req_ids = {}
         return SchedulerOutput(new_reqs, cached_reqs, num_scheduled, sum(num_scheduled.values()),
                                spec_tokens, finished)
+
+    def requeue_finished(self, req_ids: list[str]) -> None:
+        """Finished ids of a schedule() that was not launched: they go out with the next step instead."""
+        if req_ids:
+            self.finished_req_ids = {**dict.fromkeys(req_ids), **self.finished_req_ids}
 
     @staticmethod
     def _advance(request: Request, num_new: int) -> None:
@@ -205,12 +233,12 @@ class Scheduler:
             if sampled and request.num_output_placeholders > 0:
                 request.num_output_placeholders -= 1
             spec = scheduler_output.scheduled_spec_decode_tokens.get(req_id)
-            if request.spec_token_ids:
-                request.spec_token_ids = []  # verified (or stale); the proposer sets fresh ones
             if spec and sampled:
                 if len(sampled) > len(spec) + 1:
                     raise ValueError(f"request {req_id!r}: {len(sampled)} tokens back for {len(spec)} spec tokens")
-                request.num_computed_tokens -= len(spec) + 1 - len(sampled)
+                request.num_computed_tokens -= len(spec) + 1 - len(sampled)  # the rejected drafts' slots
+                self.num_draft_tokens += len(spec)
+                self.num_accepted_tokens += len(sampled) - 1
             if not sampled:  # partial prefill chunk
                 kv.cache_blocks(request, request.num_computed_tokens)
                 continue
@@ -232,8 +260,8 @@ class Scheduler:
     def _append_and_check_stop(self, request: Request, sampled: list[int]) -> list[int]:
         """Append tokens up to the first stop; vLLM's order: length, then (past min_tokens) EOS and stop ids."""
         params = request.sampling_params
-        stop_ids = params.stop_token_ids
-        eos = None if params.ignore_eos else request.eos_token_id
+        stop_ids = request.stop_token_ids
+        eos = request.eos_token_id
         n_out0, n_tok0 = len(request.output_token_ids), len(request.all_token_ids)
         n = len(sampled)
         for k, tok in enumerate(sampled):
@@ -266,7 +294,9 @@ class Scheduler:
         kv = self.kv_cache_manager
         return SchedulerStats(num_running_reqs=len(self.running), num_waiting_reqs=len(self.waiting),
                               kv_cache_usage=kv.usage, prefix_cache_queries=kv.prefix_cache_queries,
-                              prefix_cache_hits=kv.prefix_cache_hits, num_preemptions=self.num_preemptions)
+                              prefix_cache_hits=kv.prefix_cache_hits, num_preemptions=self.num_preemptions,
+                              num_draft_tokens=self.num_draft_tokens,
+                              num_accepted_tokens=self.num_accepted_tokens)
 
     def reset_prefix_cache(self) -> bool:
         return self.kv_cache_manager.reset_prefix_cache()

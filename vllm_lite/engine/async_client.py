@@ -21,10 +21,9 @@ import zmq.asyncio
 
 from vllm_lite.config import EngineConfig
 from vllm_lite.engine.core_launch import EngineCoreProcess, spawn_engine_core
-from vllm_lite.engine.ipc import (CORE_EVENT_DECODER, AbortRequests, EngineDead, EngineReady, ModelDescription,
-                                  ModelError, encode)
-from vllm_lite.engine.messages import EngineCoreOutputs, SchedulerStats
 from vllm_lite.engine.output_processor import OutputProcessor, RequestState
+from vllm_lite.protocol import (CORE_EVENT_DECODER, AbortRequests, EngineCoreOutputs, EngineDead, EngineReady,
+                                ModelDescription, ModelError, SchedulerStats, encode)
 from vllm_lite.sampling_params import SamplingParams
 
 logger = logging.getLogger("vllm_lite.async_client")
@@ -97,10 +96,7 @@ class AsyncEngineClient:
         self.num_blocks = msg.num_blocks
         if tokenizer is not None:
             self.tokenizer = await tokenizer
-        eos = list(self.info.eos_token_ids)
-        primary = self.tokenizer.eos_token_id if self.tokenizer is not None and \
-            self.tokenizer.eos_token_id is not None else (eos[0] if eos else None)
-        self.processor = OutputProcessor(self.tokenizer, [e for e in eos if e != primary], primary)
+        self.processor = OutputProcessor(self.tokenizer)
         self._tasks = [asyncio.create_task(self._output_loop()), asyncio.create_task(self._watch_core())]
 
     async def _startup_event(self) -> Any:

@@ -1,6 +1,12 @@
 """The engine core: one scheduler + KV cache manager driving the workers, step by step.
 
 The offline `LLM` calls it in-process; the server runs the same class in its own process behind sockets.
+
+One step (vLLM v1's shape): `schedule()` -> `executor.execute_model(scheduler_output)` (the forward is launched,
+nothing waits) -> while it runs, the grammar bitmask for the scheduled requests is built here ->
+`executor.sample_tokens(grammar_output)` -> `update_from_output` once the step's tokens are back -> the proposer
+drafts the next step's speculative tokens. With async scheduling up to two steps are in flight: step N+1 is
+launched before step N's tokens are applied.
 """
 from __future__ import annotations
 
@@ -10,58 +16,31 @@ from collections import deque
 from typing import Protocol
 
 from vllm_lite.config import EngineConfig
-from vllm_lite.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from vllm_lite.core.scheduler import Scheduler
-from vllm_lite.engine.messages import EngineCoreOutputs, EngineCoreRequest
+from vllm_lite.executor import Executor, InProcExecutor
 from vllm_lite.model_loader import ModelInfo
+from vllm_lite.protocol import EngineCoreOutputs, EngineCoreRequest, GrammarOutput, SchedulerOutput
 from vllm_lite.request import Request, RequestStatus
 
 logger = logging.getLogger("vllm_lite.engine")
 
 
-class Executor(Protocol):
-    """Runs steps on the workers (in this process, or in worker processes over sockets).
+class Proposer(Protocol):
+    """Drafts speculative tokens for a request whose tokens are all known (spec_decode/ holds the real ones)."""
 
-    `execute_model` launches a step without waiting for it; `get_output` returns the results of the oldest
-    launched step not yet returned (waiting for it if need be). Steps complete in launch order."""
-
-    def determine_num_blocks(self) -> int: ...
-
-    def initialize_kv_cache(self, num_blocks: int) -> None: ...
-
-    def execute_model(self, scheduler_output: SchedulerOutput) -> None: ...
-
-    def get_output(self) -> ModelRunnerOutput: ...
-
-    def shutdown(self) -> None: ...
+    def propose(self, request: Request, max_tokens: int) -> list[int]: ...
 
 
-class InProcExecutor:
-    """One worker in the calling process (offline use, tests, CPU)."""
+class GrammarBitmaskBuilder(Protocol):
+    """Builds a step's packed grammar bitmask on the engine core while the forward runs (None: no constrained
+    request in the step), and advances the grammars with the tokens a step produced."""
 
-    def __init__(self, config: EngineConfig, info: ModelInfo) -> None:
-        from vllm_lite.worker.worker import Worker
-        self.worker = Worker(config, info)
-        self.worker.load_model()
-
-    def determine_num_blocks(self) -> int:
-        return self.worker.determine_num_blocks()
-
-    def initialize_kv_cache(self, num_blocks: int) -> None:
-        self.worker.initialize_kv_cache(num_blocks)
-
-    def execute_model(self, scheduler_output: SchedulerOutput) -> None:
-        self.worker.execute_model(scheduler_output)
-
-    def get_output(self) -> ModelRunnerOutput:
-        return self.worker.get_output()
-
-    def shutdown(self) -> None:
-        pass
+    def bitmask(self, scheduler_output: SchedulerOutput) -> GrammarOutput | None: ...
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, info: ModelInfo, executor: Executor | None = None) -> None:
+    def __init__(self, config: EngineConfig, info: ModelInfo, executor: Executor | None = None,
+                 proposer: Proposer | None = None, grammar: GrammarBitmaskBuilder | None = None) -> None:
         self.config = config
         self.info = info
         t0 = time.perf_counter()
@@ -70,16 +49,24 @@ class EngineCore:
         self.executor.initialize_kv_cache(num_blocks)
         t1 = time.perf_counter()
         self.num_blocks = num_blocks
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, info.max_model_len)
+        self.num_spec_tokens = config.speculative.num_speculative_tokens if proposer is not None else 0
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, info.max_model_len,
+                                   speculative=self.num_spec_tokens > 0)
+        self.proposer = proposer
+        self.grammar = grammar
         self.in_flight: deque[SchedulerOutput] = deque()
         self.max_in_flight = 2 if config.scheduler.async_scheduling else 1
+        eos = tuple(info.eos_token_ids)
+        self._default_eos = eos[0] if eos else None
+        self._all_eos = eos
         logger.info("engine ready in %.2f s (model load, profiling, KV cache of %d blocks, CUDA graphs)",
                     t1 - t0, num_blocks)
 
     def add_request(self, req: EngineCoreRequest) -> None:
         """Queue a request; raises ValueError (e.g. prompt longer than the context) before anything is queued."""
-        request = Request(req.request_id, req.prompt_token_ids, req.sampling_params,
-                          eos_token_id=req.eos_token_id, arrival_time=req.arrival_time)
+        eos = req.eos_token_id if req.eos_token_id is not None else self._default_eos
+        request = Request(req.request_id, req.prompt_token_ids, req.sampling_params, eos_token_id=eos,
+                          arrival_time=req.arrival_time, extra_eos_token_ids=self._all_eos)
         self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids: list[str]) -> None:
@@ -90,16 +77,37 @@ class EngineCore:
 
     def step(self) -> EngineCoreOutputs:
         """Launch the next step, then apply the oldest step in flight once `max_in_flight` are out (1: every step
-        is launched and applied at once; 2: step N+1 is launched before step N's tokens are applied)."""
+        is launched and applied at once; 2: step N+1 is launched before step N's tokens are applied). A schedule
+        with nothing to run while a step is in flight (speculating requests wait for their accepted tokens) is
+        not launched: the step in flight is applied instead."""
+        launched = False
         if self.scheduler.has_unfinished_requests():
             scheduler_output = self.scheduler.schedule()
-            self.executor.execute_model(scheduler_output)
-            self.in_flight.append(scheduler_output)
-            if len(self.in_flight) < self.max_in_flight:
-                return EngineCoreOutputs(scheduler_stats=self.scheduler.make_stats())
-        if not self.in_flight:
+            if scheduler_output.total_num_scheduled_tokens or not self.in_flight:
+                self.executor.execute_model(scheduler_output)
+                grammar_output = self.grammar.bitmask(scheduler_output) if self.grammar is not None else None
+                self.executor.sample_tokens(grammar_output)
+                self.in_flight.append(scheduler_output)
+                launched = True
+            else:
+                self.scheduler.requeue_finished(scheduler_output.finished_req_ids)
+        if not self.in_flight or (launched and len(self.in_flight) < self.max_in_flight):
             return EngineCoreOutputs(scheduler_stats=self.scheduler.make_stats())
-        return self.scheduler.update_from_output(self.in_flight.popleft(), self.executor.get_output())
+        scheduler_output = self.in_flight.popleft()
+        outputs = self.scheduler.update_from_output(scheduler_output, self.executor.get_output())
+        if self.proposer is not None:
+            self._propose(scheduler_output)
+        return outputs
+
+    def _propose(self, scheduler_output: SchedulerOutput) -> None:
+        """Drafts for the requests of an applied step that are still running with all their tokens known."""
+        k = self.num_spec_tokens
+        for req_id in scheduler_output.num_scheduled_tokens:
+            request = self.scheduler.requests.get(req_id)
+            if request is None or request.status != RequestStatus.RUNNING or request.num_output_placeholders:
+                continue
+            if request.num_computed_tokens + 1 == request.num_tokens:  # decoding (not mid-prefill)
+                request.spec_token_ids = list(self.proposer.propose(request, k))[:k]
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from vllm_lite.config import EngineConfig
-from vllm_lite.engine.ipc import ipc_address
+from vllm_lite.proc_utils import ipc_address
 
 
 @dataclass

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 import zmq
 
 from vllm_lite.config import EngineConfig
-from vllm_lite.engine.ipc import (CORE_INPUT_DECODER, AbortRequests, EngineDead, EngineReady, ModelError,
-                                  die_with_parent, encode, model_info_from)
-from vllm_lite.engine.messages import EngineCoreOutput, EngineCoreOutputs
+from vllm_lite.executor.multiproc import MultiprocExecutor
 from vllm_lite.gc_utils import freeze_startup_heap
 from vllm_lite.logging_utils import setup_logging
-from vllm_lite.worker.worker_proc import MultiprocExecutor
+from vllm_lite.proc_utils import die_with_parent
+from vllm_lite.protocol import (CORE_INPUT_DECODER, AbortRequests, EngineCoreOutput, EngineCoreOutputs, EngineDead,
+                                EngineReady, ModelError, encode)
 
 if TYPE_CHECKING:
     from vllm_lite.engine.core import EngineCore
@@ -100,7 +100,8 @@ def _start(config: EngineConfig, executor: MultiprocExecutor, outbox: zmq.Socket
     waited = time.perf_counter() - start
     importer.join()
     from vllm_lite.engine.core import EngineCore  # re-raises here if the import failed
-    info = model_info_from(desc)
+    from vllm_lite.model_loader import ModelInfo
+    info = ModelInfo.from_description(desc)
     logger.info("engine core: model description after %.2f s, imports done after %.2f s (while the worker "
                 "boots)", waited, time.perf_counter() - start)
     return EngineCore(config, info, executor)

@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 
 from vllm_lite.detokenizer import IncrementalDetokenizer
-from vllm_lite.engine.messages import EngineCoreOutput, EngineCoreRequest
+from vllm_lite.protocol import EngineCoreOutput, EngineCoreRequest
 from vllm_lite.outputs import CompletionOutput, Logprob, RequestOutput
 from vllm_lite.sampling_params import SamplingParams
 
@@ -57,11 +57,10 @@ class RequestState:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Any | None, extra_stop_token_ids: list[int] | None = None,
-                 eos_token_id: int | None = None) -> None:
+    def __init__(self, tokenizer: Any | None) -> None:
+        """The tokenizer's EOS goes to the engine core with each request, which resolves the stop policy."""
         self.tokenizer = tokenizer
-        self.extra_stop_token_ids = list(extra_stop_token_ids or [])
-        self.eos_token_id = eos_token_id
+        self.eos_token_id = tokenizer.eos_token_id if tokenizer is not None else None
         self.requests: dict[str, RequestState] = {}
         self.engine_to_request: dict[str, tuple[RequestState, SequenceState]] = {}
 
@@ -77,9 +76,6 @@ class OutputProcessor:
             child = msgspec.structs.replace(params, n=1)
             if params.seed is not None and i > 0:
                 child = msgspec.structs.replace(child, seed=params.seed + i)
-            if self.extra_stop_token_ids and not params.ignore_eos:
-                stops = list(dict.fromkeys((params.stop_token_ids or []) + self.extra_stop_token_ids))
-                child = msgspec.structs.replace(child, stop_token_ids=stops)
             detok = None
             if self.tokenizer is not None:
                 detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens,

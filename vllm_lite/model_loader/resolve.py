@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ from vllm_lite.model_loader.gguf_loader import convert_gguf
 from vllm_lite.model_loader.hf_config import load_hf_config
 from vllm_lite.model_loader.weights import find_bin_files, find_safetensors
 from vllm_lite.models.registry import architecture_of
+from vllm_lite.protocol import ModelDescription
 
 logger = logging.getLogger("vllm_lite.model_loader")
 
@@ -33,19 +33,35 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
            "float": torch.float32}
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    model: str  # the name the user gave
-    path: str  # local HF-layout folder (config.json + weights, unless load_format == "dummy")
-    hf_config: Any = field(compare=False, repr=False)  # HFConfig (hf_config.py), or a transformers config
-    architecture: str  # e.g. "LlamaForCausalLM"
-    tokenizer: str  # tokenizer path or repo id (defaults to `path`)
-    dtype: torch.dtype
-    max_model_len: int
-    eos_token_ids: tuple[int, ...]  # from generation_config.json, else config.json; may be empty
-    load_format: str  # "safetensors", "pt" or "dummy"
-    gguf_file: str | None = None  # the source file when the folder was converted from GGUF
-    vocab_size: int = 0
+class ModelInfo(ModelDescription, kw_only=True, tag=False):
+    """A resolved model: its description (what travels between processes) plus the parsed config."""
+    hf_config: Any = None  # HFConfig (hf_config.py), or a transformers config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype_name]
+
+    @classmethod
+    def from_description(cls, desc: ModelDescription) -> "ModelInfo":
+        """The ModelInfo a description was made from; its config is read from `path`/config.json on first use."""
+        return cls(*(getattr(desc, f) for f in ModelDescription.__struct_fields__),
+                   hf_config=_ConfigOnDemand(desc.path))
+
+
+class _ConfigOnDemand:
+    """Stands in for the model's config: loads `path`/config.json (without transformers) at the first attribute
+    read (the engine core rarely needs it)."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._config: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # private and dunder lookups (copy, pickle) never load the config
+            raise AttributeError(name)
+        if self._config is None:
+            self._config = load_hf_config(self._path)
+        return getattr(self._config, name)
 
 
 def resolve_model(model_config: ModelConfig, load_config: LoadConfig, device: str | None = None) -> ModelInfo:
@@ -60,8 +76,9 @@ def resolve_model(model_config: ModelConfig, load_config: LoadConfig, device: st
         raise ValueError(f"max_model_len={model_config.max_model_len} is larger than the model's maximum context "
                          f"length {limit} (max_position_embeddings in {os.path.join(path, 'config.json')})")
     tokenizer = model_config.tokenizer or path
+    dtype = str(_resolve_dtype(model_config.dtype, hf_config, device)).removeprefix("torch.")
     return ModelInfo(model=model_config.model, path=path, hf_config=hf_config, architecture=architecture,
-                     tokenizer=tokenizer, dtype=_resolve_dtype(model_config.dtype, hf_config, device),
+                     tokenizer=tokenizer, dtype_name=dtype,
                      max_model_len=model_config.max_model_len or limit, eos_token_ids=_eos_ids(path, hf_config),
                      load_format=load_format, gguf_file=gguf_file, vocab_size=int(hf_config.vocab_size))
 

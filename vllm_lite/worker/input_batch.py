@@ -23,7 +23,7 @@ _MAX_LAYOUTS = 4096  # cached field layouts (one per distinct step shape); clear
 class StepInputs:
     input_ids: torch.Tensor  # [T] int32, device
     positions: torch.Tensor  # [T] int32, device
-    logits_indices: torch.Tensor  # [S] int32, device: last scheduled token of each sampling request
+    logits_indices: torch.Tensor  # [R] int32, device: the rows whose logits are computed (1 + k per sampling req)
     meta: StepMetadata
     # Async scheduling: input_ids[fill_dst[i]] must become the previous step's sampled_ids[fill_src[i]] (None: none).
     fill_dst: torch.Tensor | None = None
@@ -48,17 +48,19 @@ class InputStager:
 
     def stage(self, token_ids: list[np.ndarray], starts: np.ndarray, query_lens: np.ndarray,
               block_ids: list[np.ndarray], sample_rows: np.ndarray, fill_dst: np.ndarray | None = None,
-              fill_src: np.ndarray | None = None) -> StepInputs:
+              fill_src: np.ndarray | None = None, sample_counts: np.ndarray | None = None) -> StepInputs:
         """token_ids[i]: the tokens request i computes this step; starts[i]: its position of the first one;
         block_ids[i]: its KV blocks (int32 array or list). fill_dst / fill_src: flat token indices whose ids come
-        from the previous step's sampled ids (rows)."""
+        from the previous step's sampled ids (rows). sample_counts[j]: logits rows of sampling request j, its
+        last 1 + k tokens when it verifies k speculative tokens (None: 1 each)."""
         num_reqs = len(query_lens)
         num_tokens = int(query_lens.sum())
         pure_decode = num_tokens == num_reqs
         nblk = np.fromiter(map(len, block_ids), dtype=np.int64, count=num_reqs)
         max_blocks = int(nblk.max())
         num_fill = 0 if fill_dst is None else len(fill_dst)
-        lay = self._layout(num_tokens, len(sample_rows), num_reqs, num_fill, max_blocks)
+        num_logits = len(sample_rows) if sample_counts is None else int(sample_counts.sum())
+        lay = self._layout(num_tokens, num_logits, num_reqs, num_fill, max_blocks)
         h = lay.host
         cu = np.cumsum(query_lens)
         if pure_decode:  # one token per request: positions are the starts, request i owns token i
@@ -73,7 +75,12 @@ class InputStager:
         table[self._arange[:max_blocks] < nblk[:, None]] = np.concatenate(block_ids) if num_reqs > 1 else block_ids[0]
         np.multiply(table[req_index, positions // self.block_size], self.block_size, out=h.slot)
         h.slot += positions % self.block_size
-        h.lidx[:] = cu[sample_rows] - 1
+        if sample_counts is None:
+            h.lidx[:] = cu[sample_rows] - 1
+        else:  # the last counts[j] tokens of each sampling request
+            first = np.repeat(cu[sample_rows] - sample_counts, sample_counts)
+            h.lidx[:] = first + self._arange[:num_logits] - np.repeat(np.cumsum(sample_counts) - sample_counts,
+                                                                     sample_counts)
         h.qsl[0] = 0
         h.qsl[1:] = cu
         seq_lens = starts + query_lens

@@ -1,47 +1,40 @@
 """Runs one step on the device: keeps per-request state, builds flat inputs, runs the model and samples.
 
-Inputs are built from numpy arrays with per-request (never per-token) Python work and copied to the device once.
+A step is two calls: `execute_model` (inputs, forward, logits of the rows that sample: 1 per request, or 1 + k
+when it verifies k speculative tokens) and `sample_tokens` (grammar bitmask, sampling or rejection sampling, the
+copy of the tokens to the host). Nothing waits for the device until `get_output`. Inputs are built from numpy
+arrays with per-request (never per-token) Python work and copied to the device once.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
 from vllm_lite.attention import AttentionContext, StepMetadata
+from vllm_lite.attention.selector import make_backend
 from vllm_lite.compile.compiler import compile_model
 from vllm_lite.compile.cuda_graphs import (CUDAGraphRunner, default_capture_sizes, measure_graph_memory,
                                           outputs_bytes)
-from vllm_lite.attention.selector import make_backend
 from vllm_lite.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
-from vllm_lite.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from vllm_lite.model_loader import ModelInfo, load_model
+from vllm_lite.protocol import GrammarOutput, ModelRunnerOutput, SchedulerOutput
+from vllm_lite.sample.bitmask import unpack_bitmask
 from vllm_lite.sample.metadata import SamplingMetadata
-from vllm_lite.sample.sampler import Sampler
+from vllm_lite.sample.sampler import Sampler, gather_logprobs
 from vllm_lite.sample.topk_topp import skip_random_draws
 from vllm_lite.sampling_params import SamplingParams
+from vllm_lite.spec_decode.rejection_sampler import rejection_sample
 from vllm_lite.worker.input_batch import InputStager
 from vllm_lite.worker.request_state import CachedRequestState
+from vllm_lite.worker.step_output import Launch, resolve_launch
 
 logger = logging.getLogger("vllm_lite.model_runner")
-
-
-@dataclass
-class _Launch:
-    """One launched step: which requests it ran, which rows sampled, and the sampled ids on their way to the host."""
-    number: int
-    req_ids: list[str]
-    rows: list[int]  # indices into req_ids of the requests that sampled (row j of the sampled ids)
-    host: list[Any] = field(default_factory=list)  # non-blocking host copies: ids [, logprob ids, values, ranks]
-    done: Any = None  # CUDA event after the copies
-    num_logprobs: list[int | None] = field(default_factory=list)  # per sampling row, when logprobs were computed
-    positions: list[int] = field(default_factory=list)  # per sampling row: the token position it fills
-    output: ModelRunnerOutput | None = None
 
 
 class ModelRunner:
@@ -61,25 +54,30 @@ class ModelRunner:
         self.attn_ctx = AttentionContext(make_backend(
             config.device.attention_backend, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim, scale=self.head_dim ** -0.5, dtype=info.dtype, device=device,
-            max_num_seqs=sched.max_num_seqs, max_blocks_per_seq=self.max_blocks_per_seq))
+            max_num_seqs=sched.max_num_seqs, max_blocks_per_seq=self.max_blocks_per_seq, kernels=config.kernels))
         logger.info("attention backend: %s", self.attn_ctx.backend.name)
         self.model: torch.nn.Module | None = None
-        self.sampler = Sampler()
+        self.sampler = Sampler(config.kernels)
+        # Speculative tokens per request in a verification step: CUDA graphs are also captured for 1 + k.
+        self.num_spec_tokens = config.speculative.num_speculative_tokens
         self.requests: dict[str, CachedRequestState] = {}
         self._sampling_key: tuple[str, ...] | None = None
         self._sampling_cached: SamplingMetadata | None = None
-        self.pending: deque[_Launch] = deque()  # launched steps whose output was not returned yet
+        self.pending: deque[Launch] = deque()  # sampled steps whose output was not returned yet
+        self._step: _PendingStep | None = None  # executed, not sampled yet
         self._launches = 0
         self._last_sampled: torch.Tensor | None = None
         self._inputs_consumed: torch.cuda.Event | None = None
         self.num_blocks = 0
-        self.stager = InputStager(max(sched.max_num_batched_tokens, sched.max_num_seqs), sched.max_num_seqs,
+        self.stager = InputStager(max(sched.max_num_batched_tokens, sched.max_num_seqs * (1 + self.num_spec_tokens)),
+                                  sched.max_num_seqs,
                                   self.max_blocks_per_seq, self.block_size, device)
 
     def load_model(self) -> None:
         start = time.perf_counter()
         torch.manual_seed(self.config.model.seed)
-        self.model = load_model(self.info, self.config.load, self.device, self.attn_ctx)
+        self.model = load_model(self.info, self.config.load, self.device, self.attn_ctx,
+                                kernels=self.config.kernels)
         logger.info("model loaded in %.2f s", time.perf_counter() - start)
         # torch.compile and CUDA graphs are the CUDA fast path; CPU runs stay eager (compiling costs more there
         # than it saves for development and tests).
@@ -89,6 +87,9 @@ class ModelRunner:
         self.graphs: CUDAGraphRunner | None = None
         self.capture_sizes = default_capture_sizes(self.config.scheduler.max_num_seqs,
                                                    self.config.device.max_cudagraph_capture_size)
+        self.graph_query_lens = (1, 1 + self.num_spec_tokens) if self.num_spec_tokens else (1,)
+        if self.num_spec_tokens >= self.block_size:  # graph padding requests keep 1 + k tokens in one block
+            self.graph_query_lens = (1,)
 
     # ---- KV cache sizing -------------------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -132,8 +133,9 @@ class ModelRunner:
         if self.use_cuda_graphs:
             graph_bytes = measure_graph_memory(self.forward, max(self.capture_sizes), self.device,
                                                self.info.hf_config.hidden_size, self.info.dtype,
-                                               self._prepare_graph_step, self.block_size)
-            graph_bytes += outputs_bytes(self.capture_sizes, self.info.hf_config.hidden_size, self.info.dtype)
+                                               self._prepare_capture, query_len=max(self.graph_query_lens))
+            graph_bytes += outputs_bytes(self.capture_sizes, self.info.hf_config.hidden_size, self.info.dtype,
+                                         self.graph_query_lens)
         self.attn_ctx.kv_caches = saved
         torch.cuda.empty_cache()
         _, total = torch.cuda.mem_get_info(self.device)
@@ -154,11 +156,23 @@ class ModelRunner:
                     num_blocks * self.kv_bytes_per_block() / 2**20)
         if self.use_cuda_graphs:  # after the KV cache exists: graphs bake in its address
             self.graphs = CUDAGraphRunner(self.forward, self.capture_sizes, max(self.capture_sizes), self.device,
-                                          self.info.hf_config.hidden_size, self.info.dtype)
-            self.graphs.capture(self._prepare_graph_step, self.block_size)
+                                          self.info.hf_config.hidden_size, self.info.dtype,
+                                          query_lens=self.graph_query_lens)
+            self.graphs.capture(self._prepare_capture)
 
-    def _prepare_graph_step(self, meta: StepMetadata, batch_size: int) -> None:
-        self.attn_ctx.metadata = self.attn_ctx.backend.prepare(meta, graph_batch_size=batch_size)
+    def _prepare_graph_step(self, meta: StepMetadata, num_tokens: int) -> None:
+        self.attn_ctx.metadata = self.attn_ctx.backend.prepare(meta, graph_batch_size=num_tokens)
+
+    def _prepare_capture(self, num_tokens: int, query_len: int, slot_mapping: torch.Tensor) -> None:
+        """Plan a dummy uniform batch for capture: num_tokens // query_len requests of query_len tokens in block 0
+        (seq_len query_len), writing nowhere (slot_mapping is all -1)."""
+        n = num_tokens // query_len
+        qsl = torch.arange(0, num_tokens + 1, query_len, dtype=torch.int32)
+        lens = torch.full((n,), query_len, dtype=torch.int32)
+        meta = StepMetadata(n, num_tokens, qsl.to(self.device), lens.to(self.device),
+                            torch.zeros(n, 1, dtype=torch.int32, device=self.device), slot_mapping, qsl, lens,
+                            query_len, query_len, self.block_size)
+        self._prepare_graph_step(meta, num_tokens)
 
     # ---- one step --------------------------------------------------------------------------------------------
     def _update_states(self, so: SchedulerOutput) -> None:
@@ -177,7 +191,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> None:
-        """Launch one step (inputs, forward, sampling, async copy of the sampled ids); `get_output` returns it."""
+        """Phase one of a step: inputs, forward and logits of the sampling rows are launched (nothing waits for the
+        device); `sample_tokens` then samples them, `get_output` returns the results."""
         if self._inputs_consumed is not None:
             # The host staging buffer and FlashInfer's page-locked plan buffer are reused: wait until the device
             # has read the previous step's copies (it has started that step; this costs nothing in practice).
@@ -186,93 +201,140 @@ class ModelRunner:
         self._launches += 1
         req_ids = list(so.num_scheduled_tokens)
         if not req_ids:
-            self.pending.append(_Launch(self._launches, [], [], output=ModelRunnerOutput([], [], [])))
+            self._step = _PendingStep(Launch(self._launches, [], [], output=ModelRunnerOutput([], [], [])))
             return
         states = [self.requests[r] for r in req_ids]
         if any(s.pending and _uses_token_values(s.sampling_params) for s in states):
             self._resolve_all()  # penalties need the values of the tokens still on the device
+        spec = so.scheduled_spec_decode_tokens
+        num_drafts = np.zeros(len(states), dtype=np.int64)
+        if spec:
+            for i, r in enumerate(req_ids):
+                drafts = spec.get(r)
+                if drafts:
+                    states[i].stage_drafts(drafts)
+                    num_drafts[i] = len(drafts)
         query_lens = np.fromiter(so.num_scheduled_tokens.values(), dtype=np.int64, count=len(req_ids))
         starts = np.fromiter((s.num_computed_tokens for s in states), dtype=np.int64, count=len(states))
         ends = starts + query_lens
-        # Only requests whose scheduled tokens reach the end of what is known sample; partial prefills do not.
-        known = np.fromiter((s.num_tokens for s in states), dtype=np.int64, count=len(states))
+        # Only requests whose scheduled tokens reach the end of what is known (+ drafts) sample; partial prefills
+        # do not. A request verifying k drafts samples at its last 1 + k tokens.
+        known = np.fromiter((s.num_tokens for s in states), dtype=np.int64, count=len(states)) + num_drafts
         sample_rows = np.flatnonzero(ends >= known)
+        sample_drafts = num_drafts[sample_rows]
+        counts = sample_drafts + 1 if spec else None
         fill_dst, fill_src = self._device_token_fills(states, starts, ends, query_lens)
         # Steady decode: token i is row i of the previous launch's ids, one copy instead of a gather + scatter.
         # (dst is increasing, so dst[0] == 0 and dst[-1] == len - 1 make it 0..k-1.)
         in_order = fill_dst is not None and fill_dst[0] == 0 and fill_dst[-1] == len(fill_dst) - 1 \
             and bool(np.array_equal(fill_dst, fill_src))
-        inputs = self.stager.stage([s.token_ids[st:e] for s, st, e in zip(states, starts.tolist(), ends.tolist())],
+        inputs = self.stager.stage([s.token_buffer[st:e] for s, st, e in zip(states, starts.tolist(), ends.tolist())],
                                    starts, query_lens, [s.block_ids for s in states], sample_rows,
-                                   *((None, None) if in_order else (fill_dst, fill_src)))
+                                   *((None, None) if in_order else (fill_dst, fill_src)), sample_counts=counts)
         if in_order:
             inputs.input_ids[: len(fill_dst)].copy_(self._last_sampled[: len(fill_dst)])
         elif inputs.fill_dst is not None:
             inputs.input_ids[inputs.fill_dst] = self._last_sampled[inputs.fill_src].to(inputs.input_ids.dtype)
         meta = inputs.meta
-        use_graph = self.graphs is not None and meta.is_pure_decode and self.graphs.can_run(meta.num_tokens)
+        query_len = meta.max_query_len
+        uniform = meta.num_tokens == meta.num_reqs * query_len
+        use_graph = self.graphs is not None and uniform and self.graphs.can_run(meta.num_tokens, query_len)
         if use_graph:
-            self._prepare_graph_step(meta, self.graphs.padded_size(meta.num_tokens))
+            self._prepare_graph_step(meta, self.graphs.padded_size(meta.num_tokens, query_len))
         else:
             self.attn_ctx.set_step(meta)
         if self.device.type == "cuda":
             self._inputs_consumed = torch.cuda.Event()
             self._inputs_consumed.record()
         if use_graph:
-            hidden = self.graphs.run(inputs.input_ids, inputs.positions, meta.num_tokens, meta.slot_mapping)
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, meta.num_tokens, meta.slot_mapping,
+                                     query_len)
         else:
             hidden = self.forward(inputs.input_ids, inputs.positions)
         rows = sample_rows.tolist()
-        launch = _Launch(self._launches, req_ids, rows)
+        step = _PendingStep(Launch(self._launches, req_ids, rows, num_drafts=sample_drafts.tolist()))
         if rows:
-            # Pure decode where every request samples: the rows are 0..n-1 already, no gather needed.
-            all_rows = meta.is_pure_decode and len(rows) == meta.num_tokens
-            logits = self.model.compute_logits(hidden[: meta.num_tokens] if all_rows else hidden[inputs.logits_indices])
-            out = self.sampler(logits, self._sampling_metadata([states[i] for i in rows]), logits_owned=True)
-            self._last_sampled = out.sampled_token_ids
-            tensors = [out.sampled_token_ids]
-            if out.logprobs is not None:
-                tensors += [out.logprob_token_ids, out.logprobs, out.ranks]
-                launch.num_logprobs = [states[i].sampling_params.logprobs for i in rows]
-            launch.host = [t.to("cpu", non_blocking=True) for t in tensors]
-            if self.device.type == "cuda":
-                launch.done = torch.cuda.Event()
-                launch.done.record()
-            launch.positions = [states[i].add_placeholder(self._launches, j) for j, i in enumerate(rows)]
+            # Every token samples (plain decode, or all rows of a uniform verification): no gather needed.
+            all_rows = len(inputs.logits_indices) == meta.num_tokens
+            step.logits = self.model.compute_logits(hidden[: meta.num_tokens] if all_rows
+                                                    else hidden[inputs.logits_indices])
+            step.states = [states[i] for i in rows]
+            if spec:
+                width = int(sample_drafts.max()) + 1
+                drafts = np.full((len(rows), width - 1), -1, dtype=np.int64)
+                for j, (state, k) in enumerate(zip(step.states, sample_drafts.tolist())):
+                    drafts[j, :k] = state.token_buffer[state.num_tokens: state.num_tokens + k]
+                step.drafts = torch.from_numpy(drafts).to(self.device, non_blocking=True)
+        self._step = step
+
+    @torch.inference_mode()
+    def sample_tokens(self, grammar: GrammarOutput | None = None) -> None:
+        """Phase two: apply the step's grammar bitmask (if any), sample or verify drafts, and start copying the
+        tokens to the host (non-blocking)."""
+        step, self._step = self._step, None
+        if step is None:
+            raise RuntimeError("sample_tokens called without a step launched by execute_model")
+        launch = step.launch
+        if step.logits is None:
+            self.pending.append(launch)
+            return
+        states = step.states
+        meta = self._sampling_metadata(states)
+        row_mask = self._grammar_mask(grammar, launch, step.logits.shape[0]) if grammar is not None else None
+        if step.drafts is None:
+            if row_mask is not None:
+                meta = dataclasses.replace(meta, logits_mask=row_mask)
+            out = self.sampler(step.logits, meta, logits_owned=True)
+            sampled, row_tokens = out.sampled_token_ids, None
+            self._last_sampled = sampled
+            logprob_out = out
+        else:
+            sampled, row_tokens = rejection_sample(step.logits, meta, step.drafts, launch.num_drafts, row_mask)
+            self._last_sampled = sampled[:, 0]
+            logprob_out = None
+        tensors = [sampled]
+        if meta.max_num_logprobs is not None:
+            if logprob_out is None:  # raw logprobs at every verified row, of the token that row produced
+                raw = torch.log_softmax(step.logits.float(), dim=-1)
+                tensors += list(gather_logprobs(raw, meta.max_num_logprobs, row_tokens))
+            else:
+                tensors += [logprob_out.logprob_token_ids, logprob_out.logprobs, logprob_out.ranks]
+            launch.num_logprobs = [s.sampling_params.logprobs for s in states]
+        launch.host = [t.to("cpu", non_blocking=True) for t in tensors]
+        if self.device.type == "cuda":
+            launch.done = torch.cuda.Event()
+            launch.done.record()
+        offsets = np.concatenate([[0], np.cumsum(np.asarray(launch.num_drafts) + 1)[:-1]]).tolist()
+        launch.row_offsets = offsets
+        launch.positions = [s.add_placeholder(launch.number, j) if k == 0 else -1
+                            for j, (s, k) in enumerate(zip(states, launch.num_drafts))]
         self.pending.append(launch)
 
+    def _grammar_mask(self, grammar: GrammarOutput, launch: Launch, num_rows: int) -> torch.Tensor:
+        """The step's allowed-token mask [rows, vocab] from the packed bitmask; unconstrained rows allow all."""
+        words = torch.frombuffer(bytearray(grammar.bitmask), dtype=torch.int32).view(-1, grammar.num_words)
+        mask = torch.ones(num_rows, self.vocab_size, dtype=torch.bool, device=self.device)
+        offsets = np.concatenate([[0], np.cumsum(np.asarray(launch.num_drafts) + 1)])
+        where = {launch.req_ids[i]: j for j, i in enumerate(launch.rows)}
+        dst, src, row = [], [], 0
+        for req_id, n in zip(grammar.req_ids, grammar.rows_per_req):
+            j = where.get(req_id)
+            if j is not None:
+                dst.extend(range(int(offsets[j]), int(offsets[j]) + min(n, int(offsets[j + 1] - offsets[j]))))
+                src.extend(range(row, row + min(n, int(offsets[j + 1] - offsets[j]))))
+            row += n
+        if dst:
+            allowed = unpack_bitmask(words[src].to(self.device, non_blocking=True), self.vocab_size)
+            mask[torch.tensor(dst, device=self.device)] = allowed
+        return mask
+
     def get_output(self) -> ModelRunnerOutput:
-        """Results of the oldest launched step not yet returned (waits for its sampled ids)."""
-        return self._resolve(self.pending.popleft())
+        """Results of the oldest sampled step not yet returned (waits for its sampled ids)."""
+        return resolve_launch(self.pending.popleft(), self.requests)
 
     def _resolve_all(self) -> None:
         for launch in self.pending:
-            self._resolve(launch)
-
-    def _resolve(self, launch: "_Launch") -> ModelRunnerOutput:
-        """Wait for a launch's sampled ids, write them into the request states, build its output (once)."""
-        if launch.output is not None:
-            return launch.output
-        if launch.done is not None:
-            launch.done.synchronize()
-        tokens = launch.host[0].tolist() if launch.rows else []
-        sampled: list[list[int]] = [[] for _ in launch.req_ids]
-        logprobs: list = [None] * len(launch.req_ids)
-        requests, number = self.requests, launch.number
-        for j, (i, pos) in enumerate(zip(launch.rows, launch.positions)):
-            sampled[i] = tokens[j: j + 1]
-            state = requests.get(launch.req_ids[i])
-            # Else finished or preempted meanwhile (the scheduler drops the token), or re-added since then.
-            if state is not None and state.pending.get(pos) == (number, j):
-                state.resolve(pos, tokens[j])
-        if launch.num_logprobs:
-            lp = _logprob_lists(*launch.host[1:])
-            for j, (i, n) in enumerate(zip(launch.rows, launch.num_logprobs)):
-                if n is not None:
-                    logprobs[i] = [lp[j][: n + 1]]
-        launch.output = ModelRunnerOutput(launch.req_ids, sampled, logprobs)
-        launch.host = []
-        return launch.output
+            resolve_launch(launch, self.requests)
 
     def _device_token_fills(self, states: list[CachedRequestState], starts: np.ndarray, ends: np.ndarray,
                             query_lens: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -302,7 +364,8 @@ class ModelRunner:
             return self._sampling_cached
         params = [s.sampling_params for s in states]
         penalised = any(_uses_token_values(p) for p in params)
-        blocked = [self._blocked_ids(s) for s in states]
+        blocked = [s.min_tokens_blocked if s.num_output_tokens < s.sampling_params.min_tokens else ()
+                   for s in states]
         meta = SamplingMetadata.build(
             params=params, prompt_token_ids=[s.prompt_token_ids if penalised else [] for s in states],
             output_token_ids=[s.output_token_ids if penalised else [] for s in states],
@@ -313,25 +376,16 @@ class ModelRunner:
         self._sampling_cached = meta
         return meta
 
-    def _blocked_ids(self, s: CachedRequestState) -> set[int]:
-        """EOS and stop ids are forbidden until a request has min_tokens outputs."""
-        p = s.sampling_params
-        if s.num_output_tokens >= p.min_tokens:
-            return set()
-        ids = set(p.stop_token_ids or ())
-        if not p.ignore_eos:
-            ids.update(self.info.eos_token_ids)
-        return ids
+
+@dataclass
+class _PendingStep:
+    """A step between execute_model and sample_tokens: its logits (sampling rows only) and drafts."""
+    launch: Launch
+    logits: torch.Tensor | None = None
+    states: list[CachedRequestState] = field(default_factory=list)
+    drafts: torch.Tensor | None = None  # [S, K] int64, -1 padded (verification steps only)
 
 
 def _uses_token_values(p: SamplingParams) -> bool:
     """Sampling that reads the generated tokens' values (not just their number) on the host."""
     return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
-
-
-def _logprob_lists(ids_t: torch.Tensor, vals_t: torch.Tensor, ranks_t: torch.Tensor) -> list:
-    """Per row: (token, logprob, rank) with the sampled token first (its true rank), then top-N ranked 1..N."""
-    rows = []
-    for tid, val, rank in zip(ids_t.tolist(), vals_t.tolist(), ranks_t.tolist()):
-        rows.append([(tid[0], val[0], rank)] + [(t, v, k + 1) for k, (t, v) in enumerate(zip(tid[1:], val[1:]))])
-    return rows

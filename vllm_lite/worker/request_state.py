@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vllm_lite.core.sched_output import NewRequestData
+from vllm_lite.protocol import NewRequestData
 from vllm_lite.sampling_params import SamplingParams
 
 
@@ -23,6 +23,7 @@ class CachedRequestState:
         self._blocks[: len(data.block_ids)] = data.block_ids
         self.num_blocks = len(data.block_ids)
         self.num_computed_tokens = data.num_computed_tokens
+        self.min_tokens_blocked = data.min_tokens_blocked
         # position -> (launch number, row) of tokens sampled on the device whose values are not on the host yet.
         self.pending: dict[int, tuple[int, int]] = {}
         self.generator: torch.Generator | None = None
@@ -34,6 +35,11 @@ class CachedRequestState:
     def token_ids(self) -> np.ndarray:
         """Prompt + outputs; positions still in `pending` hold stale values (their tokens are on the device)."""
         return self._tokens[: self.num_tokens]
+
+    @property
+    def token_buffer(self) -> np.ndarray:
+        """The whole token buffer: token_ids, then any staged draft tokens (slice it to what is valid)."""
+        return self._tokens
 
     @property
     def block_ids(self) -> np.ndarray:
@@ -64,14 +70,28 @@ class CachedRequestState:
     def add_placeholder(self, step: int, row: int) -> int:
         """A token sampled on the device in launch `step`, row `row` of its sampled ids; `resolve` fills it.
         Returns its position."""
-        if self.num_tokens == len(self._tokens):
-            grown = np.zeros(2 * self.num_tokens, dtype=np.int64)
-            grown[: self.num_tokens] = self._tokens
-            self._tokens = grown
+        self._ensure_capacity(self.num_tokens + 1)
         pos = self.num_tokens
         self.pending[pos] = (step, row)
         self.num_tokens = pos + 1
         return pos
+
+    def _ensure_capacity(self, n: int) -> None:
+        if n > len(self._tokens):
+            grown = np.zeros(2 * n, dtype=np.int64)
+            grown[: self.num_tokens] = self._tokens[: self.num_tokens]
+            self._tokens = grown
+
+    def stage_drafts(self, drafts: list[int]) -> None:
+        """Write speculative tokens just past the known ones (not counted in num_tokens: unverified)."""
+        self._ensure_capacity(self.num_tokens + len(drafts))
+        self._tokens[self.num_tokens: self.num_tokens + len(drafts)] = drafts
+
+    def append_tokens(self, tokens: list[int]) -> None:
+        """Tokens that came back from verifying drafts (the accepted ones plus one)."""
+        self._ensure_capacity(self.num_tokens + len(tokens))
+        self._tokens[self.num_tokens: self.num_tokens + len(tokens)] = tokens
+        self.num_tokens += len(tokens)
 
     def resolve(self, pos: int, token: int) -> None:
         self._tokens[pos] = token

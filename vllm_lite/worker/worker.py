@@ -1,43 +1,50 @@
-"""A worker owns one device: it picks the device, loads the model and runs steps through its ModelRunner."""
+"""One rank: its device, its model runner, and the typed calls the executor makes to it.
+
+Both executors drive ranks through `handle`: the in-process one calls it directly, the multiprocess one decodes a
+message from the socket and calls it in the worker process. Nothing here assumes it is the only rank: rank, world
+size and device index come from its RankConfig.
+"""
 from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import torch
 
-from vllm_lite.config import EngineConfig
-from vllm_lite.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from vllm_lite.config import EngineConfig, RankConfig
 from vllm_lite.model_loader import ModelInfo
+from vllm_lite.protocol import DetermineNumBlocks, GetOutput, InitializeKVCache, SampleTokens, SchedulerOutput
 from vllm_lite.worker.model_runner import ModelRunner
 
 logger = logging.getLogger("vllm_lite.worker")
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, info: ModelInfo, rank: int = 0) -> None:
+    def __init__(self, config: EngineConfig, info: ModelInfo, rank: RankConfig) -> None:
+        self.rank = rank
         device = config.device.resolved_device()
-        self.device = torch.device(f"cuda:{rank}") if device == "cuda" else torch.device("cpu")
+        self.device = torch.device(f"cuda:{rank.device_index}") if device == "cuda" else torch.device("cpu")
         start = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.empty(1, device=self.device)  # create the CUDA context now, so its cost shows up here
-            logger.info("CUDA context on %s in %.2f s", self.device, time.perf_counter() - start)
-        start = time.perf_counter()
+            logger.info("rank %d: CUDA context on %s in %.2f s", rank.rank, self.device, time.perf_counter() - start)
         self.runner = ModelRunner(config, info, self.device)
-        logger.info("model runner (attention backend, input buffers) set up in %.2f s", time.perf_counter() - start)
-
-    def load_model(self) -> None:
         self.runner.load_model()
 
-    def determine_num_blocks(self) -> int:
-        return self.runner.determine_num_blocks()
+    def handle(self, call: Any) -> Any:
+        """Run one call; returns its result (None for the step calls, which reply through GetOutput)."""
+        runner = self.runner
+        if isinstance(call, SchedulerOutput):  # ExecuteModel is a SchedulerOutput
+            return runner.execute_model(call)
+        if isinstance(call, SampleTokens):
+            return runner.sample_tokens(call.grammar)
+        if isinstance(call, GetOutput):
+            return runner.get_output()
+        if isinstance(call, DetermineNumBlocks):
+            return runner.determine_num_blocks()
+        if isinstance(call, InitializeKVCache):
+            return runner.initialize_kv_cache(call.num_blocks)
+        raise TypeError(f"rank {self.rank.rank}: unknown call {type(call).__name__}")
 
-    def initialize_kv_cache(self, num_blocks: int) -> None:
-        self.runner.initialize_kv_cache(num_blocks)
-
-    def execute_model(self, scheduler_output: SchedulerOutput) -> None:
-        self.runner.execute_model(scheduler_output)
-
-    def get_output(self) -> ModelRunnerOutput:
-        return self.runner.get_output()

@@ -1,0 +1,119 @@
+"""Verifying speculative tokens so that the output distribution is exactly the target model's (torch reference).
+
+Request i verifies k_i draft tokens with 1 + k_i rows of target logits (row j: the distribution of the token after
+draft j - 1). Greedy requests accept drafts while they equal the target's argmax, then take the argmax at the first
+mismatch (or the bonus row when all matched): exactly the tokens plain greedy decoding would produce. Random
+requests use the rejection rule for a draft proposed without probabilities (a point mass, as n-gram and suffix
+proposers do): accept draft d_j with probability p_j(d_j); at the first rejection sample from p_j with d_j removed
+(renormalised); after k accepted drafts sample the bonus token from p_k. Per step the output is 1..k+1 tokens.
+
+Rows carry the request's sampling parameters (temperature, filters, penalties, grammar mask); `expand_metadata`
+repeats a per-request SamplingMetadata over its rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from vllm_lite.sample.metadata import SamplingMetadata
+from vllm_lite.sample.sampler import Sampler
+from vllm_lite.sample.topk_topp import apply_min_p, apply_top_k_top_p, random_sample
+
+
+def expand_metadata(meta: SamplingMetadata, counts: torch.Tensor, offsets: list[int]) -> SamplingMetadata:
+    """Per-request metadata [S] -> per-row metadata [R] (request i owns rows offsets[i] .. + counts[i])."""
+    rep = counts.to(meta.temperature.device)
+    total = int(sum(counts.tolist()))
+
+    def expand(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.repeat_interleave(rep, dim=0, output_size=total)
+
+    blocked_rows = blocked_cols = None
+    if meta.blocked_rows is not None:
+        starts = torch.tensor(offsets, device=rep.device)[meta.blocked_rows]
+        n = rep[meta.blocked_rows]
+        blocked_rows = torch.repeat_interleave(starts, n) + _ranks(n)
+        blocked_cols = torch.repeat_interleave(meta.blocked_cols, n)
+    generators = {offsets[i] + j: g for i, g in meta.generators.items() for j in range(int(counts[i]))}
+    return dataclasses.replace(
+        meta, temperature=expand(meta.temperature), is_greedy=expand(meta.is_greedy), top_k=expand(meta.top_k),
+        top_p=expand(meta.top_p), min_p=expand(meta.min_p), prompt_token_ids=expand(meta.prompt_token_ids),
+        output_token_ids=expand(meta.output_token_ids), repetition_penalty=expand(meta.repetition_penalty),
+        presence_penalty=expand(meta.presence_penalty), frequency_penalty=expand(meta.frequency_penalty),
+        blocked_rows=blocked_rows, blocked_cols=blocked_cols, generators=generators,
+        logits_mask=expand(meta.logits_mask))
+
+
+def _ranks(n: torch.Tensor) -> torch.Tensor:
+    """0..n[i]-1 for each i, concatenated."""
+    total = int(n.sum())
+    starts = torch.cumsum(n, 0) - n
+    return torch.arange(total, device=n.device) - torch.repeat_interleave(starts, n, output_size=total)
+
+
+def target_probs(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """The distribution each random row samples from (temperature, min-p, top-k/top-p), [R, V] float32."""
+    logits = logits / meta.temperature.unsqueeze(1)
+    if not meta.no_min_p:
+        logits = apply_min_p(logits, meta.min_p)
+    if not (meta.no_top_k and meta.no_top_p):
+        logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p, max_k=meta.max_top_k)
+    return logits.softmax(dim=-1)
+
+
+def rejection_sample(logits: torch.Tensor, meta: SamplingMetadata, draft_ids: torch.Tensor,
+                     num_drafts: list[int], row_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [R, V] (R = sum(1 + k_i)), per-request `meta`, drafts [S, K] (-1 padded), k_i = num_drafts[i],
+    row_mask [R, V] bool: the grammar's allowed tokens per row (None: all).
+
+    Returns (tokens [S, K + 1] int64, -1 after each request's last output token; row_tokens [R]: the output
+    token each logits row produced, for logprobs; rows past a request's outputs hold garbage)."""
+    device = logits.device
+    s, kmax = draft_ids.shape
+    counts_list = [k + 1 for k in num_drafts]
+    offsets = [0]
+    for c in counts_list[:-1]:
+        offsets.append(offsets[-1] + c)
+    counts = torch.tensor(counts_list, device=device)
+    rows_meta = expand_metadata(meta, counts, offsets)
+    if row_mask is not None:
+        rows_meta = dataclasses.replace(rows_meta, logits_mask=row_mask)
+    logits = Sampler.apply_constraints(logits.to(torch.float32, copy=True), rows_meta)
+    # Row index of (request, position), clamped inside the request's own rows.
+    pos = torch.arange(kmax + 1, device=device)
+    row_idx = torch.tensor(offsets, device=device)[:, None] + torch.minimum(pos[None, :], (counts - 1)[:, None])
+    has_draft = pos[None, :kmax] < (counts - 1)[:, None]  # [S, K]
+    drafts = torch.where(has_draft, draft_ids, 0)
+
+    greedy_tokens = logits.argmax(dim=-1)
+    accept = drafts == greedy_tokens[row_idx[:, :kmax]]
+    final = greedy_tokens
+    if not meta.all_greedy:
+        probs = target_probs(logits, rows_meta)
+        p_draft = probs[row_idx[:, :kmax], drafts]  # [S, K]
+        u = torch.rand(p_draft.shape, device=device)
+        for i in {r for r in range(s) if offsets[r] in rows_meta.generators}:
+            u[i] = torch.rand(kmax, device=device, generator=rows_meta.generators[offsets[i]])
+        random_accept = u < p_draft
+        is_greedy = meta.is_greedy[:, None]
+        accept = torch.where(is_greedy, accept, random_accept)
+        # Residual distributions: each draft row without its draft token (rows after the drafts keep p).
+        residual = probs.clone()
+        flat_rows = row_idx[:, :kmax][has_draft]
+        residual[flat_rows, drafts[has_draft]] = 0.0
+        empty = residual.sum(dim=-1, keepdim=True) <= 0  # p was a point mass on the draft: it would be accepted
+        residual = torch.where(empty, probs, residual)
+        sampled = random_sample(residual, rows_meta.generators)
+        final = torch.where(meta.is_greedy.repeat_interleave(counts, output_size=logits.shape[0]),
+                            greedy_tokens, sampled)
+    accept = accept & has_draft
+    num_accepted = torch.cumprod(accept.to(torch.int64), dim=1).sum(dim=1)  # leading accepted drafts [S]
+    final_at = final[row_idx.gather(1, num_accepted[:, None])[:, 0]]  # [S]
+    tokens = torch.full((s, kmax + 1), -1, dtype=torch.int64, device=device)
+    tokens[:, :kmax] = torch.where(pos[None, :kmax] < num_accepted[:, None], drafts, -1)
+    tokens.scatter_(1, num_accepted[:, None], final_at[:, None])
+    row_tokens = torch.zeros(logits.shape[0], dtype=torch.int64, device=device)
+    valid = pos[None, :] < counts[:, None]
+    row_tokens[row_idx[valid]] = tokens[valid].clamp(min=0)
+    return tokens, row_tokens
