@@ -74,6 +74,7 @@ class CUDAGraphRunner:
         self.slot_mapping = torch.full((self.max_size,), -1, dtype=torch.int64, device=self.device)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (query_len, tokens) -> graph
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
+        self.num_replays = {q: 0 for q in self.token_sizes}  # per tokens-per-request (tests and benchmarks read it)
         self.pool = None
         self.graph_pool_bytes = 0  # device memory the graphs hold (free-memory drop across capture)
         self.capture_seconds = 0.0
@@ -148,6 +149,7 @@ class CUDAGraphRunner:
             if bs > num_tokens:
                 self.slot_mapping[num_tokens:bs].fill_(-1)
         self.graphs[query_len, bs].replay()
+        self.num_replays[query_len] += 1
         return self.outputs[query_len, bs][:num_tokens]
 
     def release(self) -> None:

@@ -147,13 +147,16 @@ def test_capture_sizes_and_padding():
     assert runner.sizes == [1, 2, 4, 8, 16, 24, 32, 40] and runner.input_ids.shape == (40,)
     assert [runner.padded_size(n) for n in (1, 2, 3, 5, 9, 17, 40)] == [1, 2, 4, 8, 16, 24, 40]
     assert not runner.can_run(1)  # nothing captured
-    meta = runner.dummy_decode_metadata(3, 16)  # capture metadata: its slots are the runner's static buffer
-    assert meta.is_pure_decode and meta.num_reqs == meta.num_tokens == 3 and meta.seq_lens.tolist() == [1, 1, 1]
-    assert meta.slot_mapping.data_ptr() == runner.slot_mapping.data_ptr() and (runner.slot_mapping == -1).all()
     with pytest.raises(ValueError, match="no CUDA graph for 41 tokens"):
         runner.padded_size(41)
     with pytest.raises(RuntimeError, match="CUDA"):
-        runner.capture(lambda meta, bs: None, 4)
+        runner.capture(lambda num_tokens, query_len, slots: None)
+    # Verification steps of 1 + 3 tokens per request: graphs of 4 tokens per request, sizes in multiples of 4.
+    spec = CUDAGraphRunner(lambda i, p: None, [1, 2, 4, 8], 8, "cpu", 64, torch.float32, query_lens=(1, 4))
+    assert spec.token_sizes == {1: [1, 2, 4, 8], 4: [4, 8, 16, 32]} and spec.input_ids.shape == (32,)
+    assert [spec.padded_size(n, 4) for n in (4, 8, 12, 32)] == [4, 8, 16, 32] and spec.padded_size(3) == 4
+    with pytest.raises(ValueError, match="of 2 per request"):
+        spec.padded_size(4, 2)
 
 
 def test_engine_with_compiled_forward_matches_eager_and_never_recompiles(tiny_llama_path, tmp_path):

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from vllm_lite.engine.messages import EngineCoreOutput, SchedulerStats
+from vllm_lite.protocol import EngineCoreOutput, SchedulerStats
 from vllm_lite.engine.output_processor import OutputProcessor
 from vllm_lite.entrypoints.openai.api_server import build_app
 from vllm_lite.entrypoints.openai.errors import EngineDeadError, param_of, validation_message
@@ -27,7 +27,7 @@ class FakeClient:
         self.tokenizer = tokenizer
         self.info = types.SimpleNamespace(model=MODEL, path="/fake", max_model_len=max_model_len,
                                           vocab_size=len(tokenizer), hf_config=None)
-        self.processor = OutputProcessor(tokenizer, [], tokenizer.eos_token_id)
+        self.processor = OutputProcessor(tokenizer)
         self.stats = SchedulerStats(num_running_reqs=1, num_waiting_reqs=2, kv_cache_usage=0.25,
                                     prefix_cache_queries=10, prefix_cache_hits=4)
         self.dead_reason = None
@@ -65,7 +65,7 @@ class FakeClient:
                                                    for k in range(params.logprobs)]]
                     fin = "length" if step + 1 >= params.max_tokens else None
                     outs.append(EngineCoreOutput(seq.engine_id, [tok], lps, fin))
-                from vllm_lite.engine.messages import EngineCoreOutputs
+                from vllm_lite.protocol import EngineCoreOutputs
                 for listener in self.output_listeners:
                     listener(EngineCoreOutputs(outs))
                 _, to_abort = self.processor.process_outputs(outs)

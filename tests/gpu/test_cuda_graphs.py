@@ -142,13 +142,18 @@ def test_graph_decode_matches_eager(tiny_model_factory, tmp_path, backend_name, 
         # Capture after the KV cache exists (graphs bake in its address); dummy decodes of seq_len 1 in block 0.
         runner = CUDAGraphRunner(fwd, SIZES, max(SIZES), DEV, model.config.hidden_size, model.lm_head.weight.dtype)
 
-        def prepare_for_capture(meta, bs):
-            ctx.metadata = backend.prepare(meta, graph_batch_size=bs)
+        def prepare_for_capture(num_tokens, query_len, slots):
+            qsl = torch.arange(num_tokens + 1, dtype=torch.int32)
+            ones = torch.ones(num_tokens, dtype=torch.int32)
+            meta = StepMetadata(num_tokens, num_tokens, qsl.to(DEV), ones.to(DEV),
+                                torch.zeros(num_tokens, 1, dtype=torch.int32, device=DEV), slots, qsl, ones, 1, 1,
+                                BLOCK)
+            ctx.metadata = backend.prepare(meta, graph_batch_size=num_tokens)
 
-        runner.capture(prepare_for_capture, BLOCK)
-        assert sorted(runner.graphs) == SIZES and runner.graph_pool_bytes >= 0
+        runner.capture(prepare_for_capture)
+        assert sorted(runner.graphs) == [(1, s) for s in SIZES] and runner.graph_pool_bytes >= 0
         for bs in SIZES:
-            assert runner.outputs[bs].shape == (bs, model.config.hidden_size)
+            assert runner.outputs[1, bs].shape == (bs, model.config.hidden_size)
 
         lens = list(prompt_lens)
         for n in (8, 3, 1, 5, 2, 8):  # padded to 8, 4, 1, 8, 2, 8

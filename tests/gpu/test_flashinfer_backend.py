@@ -34,6 +34,7 @@ CASES = {
     "prefix_hit": [(32, 9), (64, 30), (16, 1), (128, 100)],
     "decode": [(p, 1) for p in (0, 1, 15, 16, 17, 31, 100, 255, 511, 64, 3, 47)],
     "mixed": [(0, 7), (5, 6), (12, 1), (3, 1), (0, 1), (9, 4), (200, 1), (70, 50), (16, 16)],
+    "verify": [(p, 4) for p in (1, 12, 13, 15, 16, 60, 255, 3)],  # 1 + 3 speculative tokens per request
 }
 SHAPES = [(16, 8, 64), (16, 8, 128), (32, 8, 64), (32, 8, 128), (9, 3, 64)]  # last: SmolLM2-135M
 DTYPES = [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.slow)]
@@ -220,3 +221,51 @@ def test_selector():
     assert make_backend("auto", device=torch.device("cpu"), **kw).name == "torch"
     with pytest.raises(ValueError, match="CUDA"):
         make_backend("flashinfer", device=torch.device("cpu"), **kw)
+
+
+@pytest.mark.parametrize("q_len", [2, 4])
+def test_cuda_graph_verify(q_len):
+    """Uniform steps of q_len tokens per request (1 + k speculative) replayed from a graph captured for G requests
+    of dummy q_len-token requests; real batches of <= G requests, padding requests attend to block 0."""
+    spec = _spec(16, 8, 64)
+    dtype = torch.bfloat16
+    hq, hkv, d = 16, 8, 64
+    G = 8
+    T = G * q_len
+    gen = torch.Generator().manual_seed(3)
+    backend = _backend(spec, dtype)
+    cache = _new_cache(spec, dtype, gen)
+    q_buf = torch.zeros(T, hq, d, device=DEVICE, dtype=dtype)
+    k_buf = torch.zeros(T, hkv, d, device=DEVICE, dtype=dtype)
+    v_buf = torch.zeros(T, hkv, d, device=DEVICE, dtype=dtype)
+    slot_buf = torch.full((T,), -1, dtype=torch.int64, device=DEVICE)
+    out_buf = torch.zeros(T, hq, d, device=DEVICE, dtype=dtype)
+    lens = torch.full((G,), q_len, dtype=torch.int32)
+    qsl = torch.arange(0, T + 1, q_len, dtype=torch.int32)
+    dummy = StepMetadata(G, T, qsl.to(DEVICE), lens.to(DEVICE), torch.zeros(G, 1, dtype=torch.int32, device=DEVICE),
+                         slot_buf, qsl, lens, q_len, q_len, BLOCK)
+    before = cache.clone()
+    captured_meta = backend.prepare(dummy, graph_batch_size=T)
+
+    def step() -> None:
+        out_buf.copy_(backend.forward(q_buf, k_buf, v_buf, cache, spec, captured_meta))
+
+    replay = _capture(step)
+    torch.cuda.synchronize()
+    assert torch.equal(cache, before)
+    for reqs in ([(40, q_len), (3, q_len), (0, q_len)], [(p, q_len) for p in (511 - q_len, 16, 17, 100, 1, 250, 31, 64)],
+                 [(15, q_len)], [(300, q_len), (47, q_len), (2, q_len), (129, q_len), (64, q_len)]):
+        q, k, v, meta = build_batch(reqs, spec, cache, gen, dtype)
+        n = meta.num_tokens
+        ref, ref_cache = _torch_ref(q, k, v, cache, spec, meta)
+        q_buf.normal_()
+        k_buf.normal_()
+        v_buf.normal_()
+        q_buf[:n], k_buf[:n], v_buf[:n] = q, k, v
+        slot_buf.fill_(-1)
+        slot_buf[:n] = meta.slot_mapping
+        backend.prepare(meta, graph_batch_size=T)
+        replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out_buf[:n], ref, atol=ATOL, rtol=RTOL)
+        assert torch.equal(cache, ref_cache)

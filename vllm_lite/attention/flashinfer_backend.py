@@ -13,7 +13,8 @@ faster for Qwen3-0.6B (group 2) at every batch size we run (docs/PERF.md: L1 1.4
 T1 7.47 vs 7.70 s); `use_tensor_cores=False` (VLLM_LITE_FLASHINFER_TENSOR_CORES=0) selects the CUDA-core kernel.
 Prefill on H100 resolves to fa3.
 
-CUDA-graph contract (pure decode only; used by compile/cuda_graphs.py):
+CUDA-graph contract (uniform steps: every request has the same query length q, 1 for plain decode or 1 + k when
+verifying k speculative tokens; used by compile/cuda_graphs.py; bs below counts tokens, bs / q requests):
   capture, per padded batch size bs (<= max_num_seqs + 1024 padding rows):
     1. meta = backend.prepare(dummy_meta, graph_batch_size=bs)     # plans the bs wrapper, outside the graph
     2. warm up, then run the model under torch.cuda.graph(...) with static input buffers of bs tokens;
@@ -23,8 +24,9 @@ CUDA-graph contract (pure decode only; used by compile/cuda_graphs.py):
        points at (dummy_meta.slot_mapping, >= bs entries) must be refilled: real slots, then -1 for padding rows;
     2. backend.prepare(real_meta, graph_batch_size=bs)  # real_meta.num_reqs <= bs, all query lens 1
     3. graph.replay(); rows >= real_meta.num_reqs of the output are garbage and must be discarded.
-  Padding requests attend to block 0 with seq_len 1 (no block is reserved; block 0 is only read). Padding tokens
-  (slot -1) are never written to the cache. Each bs keeps its own wrapper (static indptr / last_page_len buffers,
+  Padding requests attend to block 0 with seq_len q (no block is reserved; block 0 is only read; q <= block size).
+  Padding tokens (slot -1) are never written to the cache. Each (q, bs) keeps its own wrapper (q = 1: the decode
+  wrapper; q > 1: the paged prefill wrapper, causal, in CUDA-graph mode; static indptr / last_page_len buffers,
   8 MiB device + 8 MiB pinned int workspace inside FlashInfer); the float workspace and kv_indices buffer are shared
   since one graph replays at a time and its plan() precedes it on the stream.
 """
@@ -71,6 +73,7 @@ class FlashInferBackend:
         self.decode_wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=self.use_tensor_cores)
         self._graph_wrappers: dict[int, Any] = {}
+        self._graph_prefill_wrappers: dict[int, Any] = {}  # uniform q > 1, by number of (padded) requests
         self._graph_indices: torch.Tensor | None = None
         self._graph_last_page_len: dict[int, torch.Tensor] = {}
         # Per graph size, the page counts (kv_indptr) its wrapper was last planned for: the CUDA-core decode plan
@@ -81,9 +84,9 @@ class FlashInferBackend:
         # memory may wait for the stream). Reused every step: the model runner waits until the device has read
         # the previous step's copies before preparing the next one.
         max_reqs = max_num_seqs + MAX_GRAPH_PADDING
-        sizes = (max_reqs + 1, max_reqs, max_num_seqs * max_blocks_per_seq + MAX_GRAPH_PADDING)
+        sizes = (max_reqs + 1, max_reqs, max_num_seqs * max_blocks_per_seq + MAX_GRAPH_PADDING, max_reqs + 1)
         pinned = torch.zeros(sum(sizes), dtype=torch.int32, pin_memory=self.device.type == "cuda")
-        self._indptr_host, self._last_host, self._indices_host = torch.split(pinned, sizes)
+        self._indptr_host, self._last_host, self._indices_host, self._qo_host = torch.split(pinned, sizes)
         # The graph wrappers' plan() copies host page indices with a blocking copy (a stream sync that would stall
         # async scheduling); it copies device indices asynchronously, so they are uploaded here first.
         self._indices_dev = torch.zeros(sizes[2], dtype=torch.int32, device=self.device)
@@ -112,11 +115,30 @@ class FlashInferBackend:
         self._graph_last_page_len[batch_size] = last_page_len
         return wrapper
 
+    def verify_graph_state(self, num_reqs: int) -> Any:
+        """The graph-safe paged prefill wrapper for uniform steps of q > 1 tokens per request (created once)."""
+        wrapper = self._graph_prefill_wrappers.get(num_reqs)
+        if wrapper is not None:
+            return wrapper
+        self.decode_graph_state(1)  # makes the shared page-index buffer
+        wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_cuda_graph=True,
+            qo_indptr_buf=torch.zeros(num_reqs + 1, dtype=torch.int32, device=self.device),
+            paged_kv_indptr_buf=torch.zeros(num_reqs + 1, dtype=torch.int32, device=self.device),
+            paged_kv_indices_buf=self._graph_indices,
+            paged_kv_last_page_len_buf=torch.zeros(num_reqs, dtype=torch.int32, device=self.device))
+        self._graph_prefill_wrappers[num_reqs] = wrapper
+        return wrapper
+
     # ---- per step ----------------------------------------------------------------------------------------------
     def prepare(self, meta: StepMetadata, graph_batch_size: int | None = None) -> FlashInferMetadata:
-        """Build the page table and plan the wrapper this step uses (decode, graph decode or paged prefill)."""
+        """Build the page table and plan the wrapper this step uses (decode, graph decode, graph verification or
+        paged prefill). graph_batch_size: the padded token count of a uniform step replayed from a CUDA graph."""
         n, bs = meta.num_reqs, meta.block_size
-        pad = 0 if graph_batch_size is None else graph_batch_size - n
+        q = meta.max_query_len
+        if graph_batch_size is not None and (meta.num_tokens != n * q or graph_batch_size % q):
+            raise ValueError("CUDA-graph attention needs a uniform step (the same query length for every request)")
+        pad = 0 if graph_batch_size is None else graph_batch_size // q - n
         if pad < 0:
             raise ValueError(f"{n} requests do not fit graph batch size {graph_batch_size}")
         # numpy on the host views: a handful of vectorised ops, no per-op torch dispatch cost.
@@ -128,7 +150,7 @@ class FlashInferBackend:
         np.cumsum(nblk, out=indptr[1: n + 1])
         total = int(indptr[n])
         last_page_len[:n] = seq_lens - (nblk - 1) * bs
-        last_page_len[n:] = 1  # padding requests: one page (block 0), one token
+        last_page_len[n:] = q  # padding requests: one page (block 0), q tokens
         indptr[n + 1:] = total + np.arange(1, pad + 1, dtype=np.int32)
         if meta.block_table_cpu is not None and total + pad <= len(self._indices_host):
             # From the host copy of the block table: no device kernels; plan() uploads it.
@@ -143,9 +165,18 @@ class FlashInferBackend:
                 indices_t = torch.cat([indices_t, torch.zeros(pad, dtype=indices_t.dtype, device=indices_t.device)])
         indptr, indices, last_page_len = indptr_t, indices_t, last_t
         common = dict(q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale)
+        if graph_batch_size is not None and q > 1:
+            wrapper = self.verify_graph_state(n + pad)
+            if indices.device != self.device:
+                staged = self._indices_dev[: len(indices)]
+                staged.copy_(indices, non_blocking=True)
+                indices = staged
+            qo_indptr = self._qo_host[: n + pad + 1]
+            qo_indptr.numpy()[:] = np.arange(0, (n + pad) * q + 1, q, dtype=np.int32)
+            wrapper.plan(qo_indptr, indptr, indices, last_page_len, self.num_heads, self.num_kv_heads,
+                         self.head_dim, bs, causal=True, **common)
+            return FlashInferMetadata(meta, wrapper, graph_batch_size)
         if graph_batch_size is not None:
-            if meta.max_query_len != 1:
-                raise ValueError("CUDA-graph attention is for pure-decode steps only")
             wrapper = self.decode_graph_state(graph_batch_size)
             key = indptr.numpy().tobytes()
             if not self.use_tensor_cores and self._graph_planned.get(graph_batch_size) == key:

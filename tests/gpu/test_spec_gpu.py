@@ -1,0 +1,64 @@
+"""Verifying 1 + k tokens per request on CUDA, with the test-only proposers of tests/spec_utils.py: the torch backend
+(float32) and FlashInfer (bf16), eager and compiled with CUDA graphs (uniform 1 + k steps replay their own graphs),
+async scheduling on and off. Drafts equal to the plain run's greedy tokens are all accepted, wrong drafts none, and
+the outputs equal the plain run's token for token."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from vllm_lite.sampling_params import SamplingParams
+
+from spec_utils import OracleProposer, WrongProposer, make_core, run_core
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+K = 3
+SETUPS = {
+    "torch-fp32-eager": dict(attention_backend="torch", dtype="float32", enforce_eager=True),
+    "flashinfer-bf16-eager": dict(attention_backend="flashinfer", dtype="bfloat16", enforce_eager=True),
+    "flashinfer-bf16-graphs": dict(attention_backend="flashinfer", dtype="bfloat16"),
+}
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    import sys
+    import os
+    sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+    from tiny_models import make_tiny_model
+    return make_tiny_model(tmp_path_factory.mktemp("spec"), "qwen3", head_dim=64)
+
+
+def _prompts() -> list[list[int]]:
+    rng = random.Random(2)
+    return [[rng.randrange(3, 384) for _ in range(rng.randrange(1, 60))] for _ in range(6)]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_verification_is_exact(model_path, setup, async_scheduling):
+    kw = dict(SETUPS[setup], device="cuda", max_model_len=512, max_num_seqs=8, gpu_memory_utilization=0.2,
+              async_scheduling=async_scheduling)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    prompts = _prompts()
+    ref = run_core(make_core(model_path, **kw), prompts, params)
+    tokens = {r: v["tokens"] for r, v in ref.items()}
+    for proposer in (OracleProposer(tokens), WrongProposer(tokens, 384)):
+        core = make_core(model_path, proposer=proposer, num_speculative_tokens=K, **kw)
+        got = run_core(core, prompts, params)
+        assert {r: v["tokens"] for r, v in got.items()} == tokens, type(proposer).__name__
+        stats = core.scheduler.make_stats()
+        assert stats.num_draft_tokens > 0
+        if isinstance(proposer, WrongProposer):
+            assert stats.num_accepted_tokens == 0
+        else:
+            assert stats.num_accepted_tokens == stats.num_draft_tokens
+        graphs = core.executor.runner.graphs
+        if setup.endswith("graphs"):
+            assert graphs.num_replays[1 + K] > 0, graphs.num_replays  # uniform verification steps replayed
+        core.shutdown()
+        del core
+        torch.cuda.empty_cache()
