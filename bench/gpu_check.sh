@@ -12,14 +12,14 @@
 #   t1         T1 throughput, qwen3-0.6b (the LLM class's scheduler defaults: vLLM's, 16384 tokens / 1024 seqs here)
 #   t1-8k      T1 with 8192 batched tokens / 256 seqs (the settings of the runs before 2026-11-25's fifth session)
 #   t1b        T1 with every step timed and classified (prefill / decode by batch size, achieved bandwidth) and a
-#              kernel profile of pure-decode steps at batch 256 (bench/t1_breakdown.py)
+#              kernel profile of pure-decode steps at batch 256 (bench/tools/t1_breakdown.py)
 #   imports    import times of the three processes' entry modules (start-up critical path), twice
 #   llama      L1 for llama-3.1-8b with the transformers baseline
 #   hf         L1 for qwen3-0.6b with the transformers baseline
 #   profile    where a decode step's time goes (cProfile + torch profiler), batch 1, 8 and 256 (T1's regime)
 #   profile:B:IN   the same for one batch size B and prompt length IN (T1's tail: profile:16:1400)
-#   prefill    a prefill step's host time by phase, sync-debug warnings, cProfile (bench/profile_prefill.py)
-#   host       the host's share of a decode step (bench/host_step.py, CPU only) at batch 1, 16, 64, 256
+#   prefill    a prefill step's host time by phase, sync-debug warnings, cProfile (bench/tools/profile_prefill.py)
+#   host       the host's share of a decode step (bench/tools/host_step.py, CPU only) at batch 1, 16, 64, 256
 #   kernels    Triton kernel micro-benchmarks against their torch references (kernels:NAME: only one of them)
 #   t1-cc / llama-cc   T1 / llama L1 with FlashInfer's CUDA-core decode
 #   jit        FlashInfer's JIT cache of this machine into $OUT/jit-new.tgz (to stage kernels built here)
@@ -86,7 +86,7 @@ for stage in "$@"; do
     jit)  # FlashInfer JIT modules built on this machine, for bench/gpu_pack.sh to add to .gpu/base/jit.tgz
       tar -C /root/.cache -czf "$OUT/jit-new.tgz" flashinfer && ls -la "$OUT/jit-new.tgz" ;;
     t1b)
-      timeout 400 python3 bench/t1_breakdown.py --model qwen3-0.6b > "$OUT/t1b.log" 2>&1; echo "t1b rc=$?"
+      timeout 400 python3 bench/tools/t1_breakdown.py --model qwen3-0.6b > "$OUT/t1b.log" 2>&1; echo "t1b rc=$?"
       grep -B2 -A13 "^T1:" "$OUT/t1b.log"; grep -E "(prefill|decode).* profile" "$OUT/t1b.log" ;;
     imports)
       for round in 1 2; do
@@ -136,12 +136,12 @@ PY
         > "$OUT/profile-b$bs-in$inlen.log" 2>&1; echo "profile b$bs in$inlen rc=$?"
       grep -E "ms/step|GPU busy|without a profiler" "$OUT/profile-b$bs-in$inlen.log"
       grep -E "^(void|nvjet|triton|_|Memcpy)" "$OUT/profile-b$bs-in$inlen.log" | cut -c1-60,140-172 | head -14 ;;
-    prefill)  # where a prefill step's host time goes (bench/profile_prefill.py)
-      timeout 300 python3 bench/profile_prefill.py --model qwen3-0.6b > "$OUT/prefill.log" 2>&1; echo "prefill rc=$?"
+    prefill)  # where a prefill step's host time goes (bench/tools/profile_prefill.py)
+      timeout 300 python3 bench/tools/profile_prefill.py --model qwen3-0.6b > "$OUT/prefill.log" 2>&1; echo "prefill rc=$?"
       grep -E "ms/step|warnings|^   " "$OUT/prefill.log" | head -14; grep -A34 "Ordered by" "$OUT/prefill.log" | cut -c1-150 ;;
-    host)  # the host's share of a decode step on this machine's CPU (bench/host_step.py; compare docs/PERF.md's CPU rows)
+    host)  # the host's share of a decode step on this machine's CPU (bench/tools/host_step.py; compare docs/PERF.md's CPU rows)
       for bs in 1 16 64 256; do
-        timeout 120 python3 bench/host_step.py --batch-size $bs 2>&1 | grep -v Writing | tee -a "$OUT/host.log" | head -1
+        timeout 120 python3 bench/tools/host_step.py --batch-size $bs 2>&1 | grep -v Writing | tee -a "$OUT/host.log" | head -1
       done ;;
     kernels|kernels:*)
       only=${stage#kernels}; only=${only#:}

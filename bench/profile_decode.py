@@ -12,13 +12,13 @@ import time
 
 import torch
 
-from vllm_lite.benchmarks.utils import add_engine_args, kernel_profile, make_llm
+from vllm_lite.benchmarks.utils import add_bench_engine_args, kernel_profile, make_llm
 from vllm_lite.sampling_params import SamplingParams
 
 
 def _graph_replay_ms(llm, batch_size: int, iters: int = 50) -> float:
     """GPU time of replaying the decode graph of this batch size back to back (the model's share of a step)."""
-    graphs = llm.engine.executor.worker.runner.graphs
+    graphs = llm.model_runner().graphs
     if graphs is None:
         return float("nan")
     graph = graphs.graphs[graphs.padded_size(batch_size)]
@@ -47,11 +47,10 @@ def _decode_step_seconds(llm, batch: list[dict], temperature: float, n: int) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    add_engine_args(ap, "qwen3-0.6b")
+    add_bench_engine_args(ap, "qwen3-0.6b")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--input-len", type=int, default=128)
-    ap.add_argument("--capture-sizes-max", type=int, default=None)
     ap.add_argument("--temperature", type=float, default=0.0, help="T1 samples at 1.0; the latency runs are greedy")
     args = ap.parse_args()
     llm = make_llm(args)

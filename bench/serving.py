@@ -23,6 +23,8 @@ import time
 import httpx
 from openai import AsyncOpenAI
 
+from vllm_lite.entrypoints.args import add_engine_args, engine_argv, engine_kwargs_from_args
+
 TOPICS = ["the sea", "a cat", "mountains", "coffee", "rain", "the moon", "trains", "books"]
 
 
@@ -34,8 +36,7 @@ def _free_port() -> int:
 
 def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    cmd = [sys.executable, "-m", "vllm_lite", "serve", args.model, "--port", str(port), "--device", args.device,
-           "--dtype", args.dtype, "--max-model-len", str(args.max_model_len)]
+    cmd = [sys.executable, "-m", "vllm_lite", "serve", *engine_argv(engine_kwargs_from_args(args)), "--port", str(port)]
     proc = subprocess.Popen(cmd, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
@@ -76,7 +77,7 @@ async def _stream_step_time(client: AsyncOpenAI, model: str, prompt_ids: list[in
 
 def _offline_step_time(args: argparse.Namespace, prompt_ids: list[int], n: int) -> float:
     from vllm_lite import LLM, SamplingParams
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
+    llm = LLM(**engine_kwargs_from_args(args))  # the server's engine settings
     p = {"prompt_token_ids": prompt_ids}
     first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     full = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
@@ -110,12 +111,11 @@ async def _bench(args: argparse.Namespace, url: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    add_engine_args(ap, model_help="the model to serve (default smollm2-135m-instruct); the engine flags are "
+                                   "those of `vllm-lite serve`, for the server and the offline comparison alike")
+    ap.set_defaults(model_flag="smollm2-135m-instruct", device="cpu", max_model_len=2048)
     ap.add_argument("--url", help="use a running server instead of starting one")
     ap.add_argument("--api-key")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--num-requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)

@@ -31,3 +31,29 @@ def test_latency_reports_tpot_and_ttft(tmp_path):
     result = latency.main(["--model", _tiny(tmp_path), "--device", "cpu", "--batch-size", "2", "--input-len", "8",
                            "--output-len", "6", "--num-iters-warmup", "1", "--num-iters", "2"])
     assert result["tpot_ms"] > 0 and result["ttft_ms"] > 0
+
+
+def test_benchmarks_take_the_serve_engine_flags():
+    """One definition of the engine flags (entrypoints/args.py): the benchmarks add theirs on top with other
+    defaults, a command line means the same to both, and engine_argv (bench/serving.py) gives the flags back."""
+    import argparse
+
+    from vllm_lite.benchmarks.utils import add_bench_engine_args
+    from vllm_lite.entrypoints.args import engine_argv, engine_kwargs_from_args
+    from vllm_lite.entrypoints.cli import build_parser
+
+    bench, serve = add_bench_engine_args(argparse.ArgumentParser()), build_parser()
+    defaults = engine_kwargs_from_args(bench.parse_args([]))
+    assert defaults.keys() == engine_kwargs_from_args(serve.parse_args(["serve"])).keys()
+    assert (defaults["model"], defaults["dtype"], defaults["load_format"], defaults["max_model_len"]) == \
+        ("qwen3-0.6b", "bfloat16", "dummy", 4096)
+    assert defaults["max_num_seqs"] is None and not defaults["enable_prefix_caching"]  # the LLM class's batch sizes
+    argv = ["--model", "m", "--dtype", "float16", "--enforce-eager", "--no-async-scheduling", "--max-num-seqs", "8",
+            "--kv-cache-memory-bytes", "1G", "--attention-backend", "torch", "--enable-prefix-caching"]
+    given = engine_kwargs_from_args(bench.parse_args(argv))
+    served = engine_kwargs_from_args(serve.parse_args(["serve", *argv]))
+    for name in ("model", "dtype", "enforce_eager", "async_scheduling", "max_num_seqs", "kv_cache_memory_bytes",
+                 "attention_backend", "enable_prefix_caching"):
+        assert given[name] == served[name], name
+    again = engine_kwargs_from_args(serve.parse_args(["serve", *engine_argv(given)]))
+    assert {k: v for k, v in given.items() if v is not None}.items() <= again.items()

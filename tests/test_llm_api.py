@@ -68,7 +68,7 @@ def test_stop_strings_stop_token_ids_and_lengths(llm):
 def test_min_tokens_blocks_stop_ids_then_releases_them(llm):
     """Stop ids cannot be sampled before min_tokens, and can be after: half the vocabulary stops, the batch stays the
     same for many steps (the sampling metadata is reused between steps, so a stale block or a lost one shows)."""
-    vocab = llm.engine.executor.worker.runner.vocab_size
+    vocab = llm.info.vocab_size
     stops = list(range(vocab // 2))
     params = SamplingParams(temperature=5.0, seed=1, min_tokens=8, max_tokens=48, stop_token_ids=stops,
                             ignore_eos=True)

@@ -155,6 +155,9 @@ def test_bad_inputs_beside_long_generation(server, model_dir):
         assert str(n_prompt) in err["message"]
         r = await http.post("/v1/completions", json={"model": model_dir, "prompt": "hi", "max_tokens": 300})
         assert r.status_code == 400 and "256" in r.json()["error"]["message"]
+        for ids in ([5, -1], [5, 10 ** 6]):  # the offline LLM's bounds (vllm_lite.inputs), refused before the engine
+            r = await http.post("/v1/completions", json={"model": model_dir, "prompt": ids, "max_tokens": 2})
+            assert r.status_code == 400 and f"token id {ids[1]} is out of the vocabulary" in r.json()["error"]["message"]
         r = await http.post("/v1/chat/completions", json={"model": model_dir, "temperature": -0.5,
                                                           "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 400 and "temperature" in r.json()["error"]["message"]

@@ -9,8 +9,8 @@ import random
 import statistics
 import time
 
-from vllm_lite.benchmarks.utils import add_engine_args, bandwidth_floor, report, hf_latency, make_llm, progress, \
-    resolve_bench_model
+from vllm_lite.benchmarks.utils import (add_bench_engine_args, bandwidth_floor, bench_model, hf_latency, make_llm,
+                                       progress, report, resolve_bench_model)
 from vllm_lite.sampling_params import SamplingParams
 
 
@@ -24,7 +24,7 @@ def _timed(llm, batch: list[dict], max_tokens: int) -> float:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="vllm-lite bench latency", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_engine_args(ap, "qwen3-0.6b")
+    add_bench_engine_args(ap, "qwen3-0.6b")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=512)
@@ -46,16 +46,16 @@ def main(argv: list[str] | None = None) -> dict:
         ttfts.append(ttft)
         tpots.append((total - ttft) / (args.output_len - 1))
         progress(f"run {i + 1}/{args.num_iters}: TTFT {1000 * ttft:.2f} ms, TPOT {1000 * tpots[-1]:.3f} ms")
-    runner = llm.engine.executor.worker.runner
-    result = {"workload": f"L{args.batch_size}", "model": args.model, "device": str(runner.device),
+    model = bench_model(args)
+    result = {"workload": f"L{args.batch_size}", "model": model, "device": str(llm.device),
               "batch_size": args.batch_size, "input_len": args.input_len, "output_len": args.output_len,
               "ttft_ms": 1000 * statistics.median(ttfts), "tpot_ms": 1000 * statistics.median(tpots),
               **bandwidth_floor(llm)}
     if args.baseline == "hf":
-        dtype, device = runner.info.dtype, runner.device
-        del llm, runner
+        dtype, device = llm.info.dtype, llm.device
+        del llm
         progress("transformers baseline")
-        result.update(hf_latency(resolve_bench_model(args.model), device, dtype, args.batch_size, args.input_len,
+        result.update(hf_latency(resolve_bench_model(model), device, dtype, args.batch_size, args.input_len,
                                  args.output_len, 3))
     return report(result, args.json)
 

@@ -13,7 +13,7 @@ import random
 import statistics
 import time
 
-from vllm_lite.benchmarks.utils import add_engine_args, bandwidth_floor, report, make_llm, progress
+from vllm_lite.benchmarks.utils import add_bench_engine_args, bandwidth_floor, bench_model, make_llm, progress, report
 from vllm_lite.sampling_params import SamplingParams
 
 
@@ -30,7 +30,7 @@ def workload(num_requests: int, lo: int, hi: int) -> tuple[list[dict], list[Samp
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="vllm-lite bench throughput", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_engine_args(ap, "qwen3-0.6b")
+    add_bench_engine_args(ap, "qwen3-0.6b")
     ap.add_argument("--num-requests", type=int, default=256)
     ap.add_argument("--min-len", type=int, default=100)
     ap.add_argument("--max-len", type=int, default=1024)
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     elapsed = statistics.median(runs)
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     in_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
-    result = {"workload": "T1", "model": args.model, "num_requests": args.num_requests, "elapsed_s": elapsed,
+    result = {"workload": "T1", "model": bench_model(args), "num_requests": args.num_requests, "elapsed_s": elapsed,
               "runs_elapsed_s": [round(r, 4) for r in runs],
               "output_tokens": out_tokens, "input_tokens": in_tokens,
               "output_tokens_per_s": out_tokens / elapsed, "total_tokens_per_s": (in_tokens + out_tokens) / elapsed,

@@ -1,5 +1,5 @@
-"""Shared pieces of the benchmarks: model-name lookup in bench/data, engine construction, the bandwidth floor and
-the transformers baseline."""
+"""Shared pieces of the benchmarks: the engine flags with the benchmarks' defaults, model-name lookup in bench/data,
+engine construction, the bandwidth floor and the transformers baseline."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from vllm_lite.entrypoints.args import add_engine_args, engine_kwargs_from_args
+
 _BENCH_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bench",
                            "data")
 
@@ -21,36 +23,35 @@ def resolve_bench_model(name: str) -> str:
     return path if os.path.isdir(path) else name
 
 
-def add_engine_args(ap: argparse.ArgumentParser, model: str) -> None:
-    ap.add_argument("--model", default=model, help="bench/data name, HF folder or default-model name")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--load-format", default="dummy")
-    ap.add_argument("--max-model-len", type=int, default=4096)
-    ap.add_argument("--max-num-seqs", type=int, default=None,
-                    help="default: the LLM class's, like vLLM's (1024 on >= 70 GiB GPUs but the A100, else 256)")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=None,
-                    help="default: the LLM class's, like vLLM's (16384 on >= 70 GiB GPUs but the A100, else 8192)")
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    ap.add_argument("--enforce-eager", action="store_true")
-    ap.add_argument("--attention-backend", default="auto")
+# The benchmarks' defaults on top of the engine flags (entrypoints/args.py): random bf16 weights, a 4096-token
+# context, no prefix caching (random prompts share nothing), and the LLM class's max_num_seqs /
+# max_num_batched_tokens (vLLM's offline defaults: 1024 / 16384 on >= 70 GiB GPUs but the A100, else 256 / 8192).
+BENCH_DEFAULTS: dict[str, Any] = dict(dtype="bfloat16", load_format="dummy", max_model_len=4096,
+                                      enable_prefix_caching=False, max_num_seqs=None, max_num_batched_tokens=None)
+
+
+def add_bench_engine_args(ap: argparse.ArgumentParser, model: str = "qwen3-0.6b") -> argparse.ArgumentParser:
+    """The engine flags of `vllm-lite serve` with the benchmarks' defaults, plus --json."""
+    add_engine_args(ap, model_help=f"bench/data name (qwen3-0.6b, llama-3.1-8b: config only, run with "
+                                   f"--load-format dummy), HF folder or default-model name (default {model})")
+    ap.set_defaults(model_flag=model, **BENCH_DEFAULTS)
     ap.add_argument("--json", help="also write the result to this file")
+    return ap
+
+
+def bench_model(args: argparse.Namespace) -> str:
+    """The model name as given (reported in the results)."""
+    return engine_kwargs_from_args(args)["model"]
 
 
 def make_llm(args: argparse.Namespace, **overrides: Any) -> Any:
+    """An LLM from the parsed engine flags (no tokenizer with dummy weights: the prompts are token ids)."""
     from vllm_lite import LLM
-    kwargs = dict(device=args.device, dtype=args.dtype, load_format=args.load_format,
-                  max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                  max_num_batched_tokens=args.max_num_batched_tokens,
-                  gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-                  attention_backend=args.attention_backend, skip_tokenizer_init=args.load_format == "dummy",
-                  enable_prefix_caching=False)
+    kwargs = engine_kwargs_from_args(args)
+    kwargs["model"] = resolve_bench_model(kwargs["model"])
+    kwargs["skip_tokenizer_init"] = kwargs.get("skip_tokenizer_init") or kwargs.get("load_format") == "dummy"
     kwargs.update(overrides)
-    return LLM(resolve_bench_model(args.model), **kwargs)
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    return LLM(**kwargs)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, iters: int = 20) -> float | None:
@@ -75,9 +76,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, iters: int = 20)
 
 def bandwidth_floor(llm: Any) -> dict:
     """The decode-step floor: every bf16 weight read once per step at the measured copy bandwidth."""
-    runner = llm.engine.executor.worker.runner
-    wbytes = weight_bytes(runner.model)
-    bw = copy_bandwidth(runner.device)
+    wbytes = llm.weight_bytes()
+    bw = copy_bandwidth(llm.device)
     return {"weight_bytes": wbytes, "copy_bandwidth_TBps": bw / 1e12 if bw else None,
             "floor_ms": 1000 * wbytes / bw if bw else None}
 

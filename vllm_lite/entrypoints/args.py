@@ -1,4 +1,5 @@
-"""Engine command-line flags (vLLM's names) -> EngineConfig keyword arguments."""
+"""Engine command-line flags (vLLM's names) -> EngineConfig keyword arguments: the one definition, used by
+`vllm-lite serve`, `vllm-lite bench` (vllm_lite/benchmarks, with its own defaults set on top) and bench/*.py."""
 from __future__ import annotations
 
 import argparse
@@ -28,13 +29,16 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 1073741824, 512M, 4G)") from None
 
 
-def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_engine_args(parser: argparse.ArgumentParser, model_help: str | None = None) -> argparse.ArgumentParser:
+    """Add the engine flags; their dests are EngineConfig.from_kwargs names (see engine_kwargs_from_args), except
+    --model's (`model_flag`, beside a positional MODEL where there is one). Tools change defaults with
+    parser.set_defaults(dtype=..., model_flag=...)."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", dest="model_flag", default=None, metavar="MODEL",
-                   help=f"model to serve: a local HF-layout folder, a .gguf file, a Hugging Face repo id, or "
-                        f"{DEFAULT_MODEL!r} (the built-in default). Same as the positional MODEL.")
+                   help=model_help or f"model to serve: a local HF-layout folder, a .gguf file, a Hugging Face repo "
+                                      f"id, or {DEFAULT_MODEL!r} (the built-in default). Same as the positional MODEL.")
     g.add_argument("--tokenizer", default=None, help="tokenizer folder or repo id (default: the model's)")
-    g.add_argument("--skip-tokenizer-init", action="store_true",
+    g.add_argument("--skip-tokenizer-init", action=argparse.BooleanOptionalAction, default=False,
                    help="load no tokenizer: prompts must be token ids and outputs carry no text (benchmarks)")
     g.add_argument("--served-model-name", default=None,
                    help="model name clients must send in `model` and that /v1/models lists "
@@ -70,7 +74,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("device")
     g.add_argument("--device", default="auto", choices=DEVICES, help="where the model runs (auto: cuda if present)")
-    g.add_argument("--enforce-eager", action="store_true",
+    g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False,
                    help="no torch.compile and no CUDA graphs (faster start, slower steps)")
     g.add_argument("--max-cudagraph-capture-size", type=int, default=DeviceConfig.max_cudagraph_capture_size,
                    help="largest decode batch replayed from a CUDA graph (graphs for 1, 2, 4, 8, 16, 24, ... up to "
@@ -93,6 +97,22 @@ def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
         elif hasattr(args, name):
             kwargs[name] = getattr(args, name)
     return kwargs
+
+
+def engine_argv(kwargs: dict[str, Any]) -> list[str]:
+    """`vllm-lite serve` arguments (MODEL first) for engine kwargs, e.g. engine_kwargs_from_args's result: what a
+    script that starts a server passes on (None values are left out: the server's default)."""
+    argv = [str(kwargs.get("model") or DEFAULT_MODEL)]
+    for name in ENGINE_ARGS:
+        value = kwargs.get(name)
+        if name == "model" or value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):  # every bool flag is a BooleanOptionalAction: --x / --no-x
+            argv.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            argv += [flag, str(value)]
+    return argv
 
 
 def resolve_api_key(flag: str | None) -> str | None:

@@ -9,10 +9,13 @@ import time
 import weakref
 from typing import Any, Sequence
 
+import torch
+
 from vllm_lite.config import EngineConfig, offline_batch_defaults
 from vllm_lite.engine.core import EngineCore
 from vllm_lite.engine.output_processor import OutputProcessor
 from vllm_lite.gc_utils import freeze_startup_heap
+from vllm_lite.inputs import validate_prompt
 from vllm_lite.model_loader import resolve_model
 from vllm_lite.outputs import RequestOutput
 from vllm_lite.sampling_params import SamplingParams
@@ -33,10 +36,7 @@ class LLM:
         self.info = resolve_model(self.config.model, self.config.load, self.config.device.resolved_device())
         self.tokenizer = None if self.config.model.skip_tokenizer_init else load_tokenizer(self.info)
         self.engine = EngineCore(self.config, self.info)
-        eos = self.info.eos_token_ids
-        primary = self.tokenizer.eos_token_id if self.tokenizer is not None and self.tokenizer.eos_token_id \
-            is not None else (eos[0] if eos else None)
-        self.processor = OutputProcessor(self.tokenizer, [e for e in eos if e != primary], primary)
+        self.processor = OutputProcessor(self.tokenizer)
         self._counter = itertools.count()
         # The engine's heap is static from here on; once this LLM is dropped its cycles (CUDA graphs, the compiled
         # model) must be collectable again, so the freeze ends with it.
@@ -45,6 +45,20 @@ class LLM:
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs (the resolved device: cuda:0 or cpu)."""
+        return self.model_runner().device
+
+    def weight_bytes(self) -> int:
+        """Bytes of the model's parameters on the device (the weights a decode step reads once)."""
+        return sum(p.numel() * p.element_size() for p in self.model_runner().model.parameters())
+
+    def model_runner(self) -> Any:
+        """The in-process model runner (rank 0): for diagnostics (bench/tools, bench/profile_decode.py) that time or
+        patch its internals (`model`, `forward`, `graphs`, `attn_ctx`, ...); not a stable API."""
+        return self.engine.executor.runner
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -59,8 +73,8 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
         encoded = [self._encode(p) for p in prompts]
-        for (_, ids), p in zip(encoded, params):
-            self._validate(ids, p)
+        for _, ids in encoded:
+            validate_prompt(ids, self.info.max_model_len, self.info.vocab_size)
         request_ids = []
         for (text, ids), p in zip(encoded, params):
             request_id = str(next(self._counter))
@@ -88,17 +102,6 @@ class LLM:
         if self.tokenizer is None:
             raise ValueError("text prompts need a tokenizer; pass {'prompt_token_ids': [...]} instead")
         return prompt, self.tokenizer(prompt).input_ids
-
-    def _validate(self, ids: list[int], params: SamplingParams) -> None:
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if len(ids) > self.info.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens, more than the model's context length of "
-                             f"{self.info.max_model_len} tokens (max_model_len)")
-        vocab = self.info.hf_config.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:  # min/max scan in C; the Python loop only names the bad id
-            bad = next(t for t in ids if not 0 <= t < vocab)
-            raise ValueError(f"token id {bad} is out of the vocabulary (size {vocab})")
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}

@@ -30,6 +30,7 @@ from vllm_lite.entrypoints.openai.protocol import (ChatCompletionRequest, Comple
                                                    TokenizeRequest)
 from vllm_lite.entrypoints.openai.serving_chat import OpenAIServingChat
 from vllm_lite.entrypoints.openai.serving_completions import OpenAIServingCompletion
+from vllm_lite.inputs import check_token_ids
 from vllm_lite.logging_utils import process_start_time
 
 if TYPE_CHECKING:
@@ -179,10 +180,10 @@ def build_app(client: Any, served_model_names: list[str] | str | None = None, ap
         completions.check_model(request.model)
         if client.tokenizer is None:
             raise APIError("this server has no tokenizer", 400)
-        bad = next((t for t in request.tokens if not 0 <= t < completions.vocab_size), None)
-        if bad is not None:
-            raise APIError(f"tokens is invalid: token id {bad} is out of the vocabulary "
-                           f"(size {completions.vocab_size})", 400, "tokens")
+        try:
+            check_token_ids(request.tokens, completions.vocab_size)
+        except ValueError as exc:
+            raise APIError(f"tokens is invalid: {exc}", 400, "tokens") from None
         return JSONResponse({"prompt": client.tokenizer.decode(request.tokens)})
 
     return app

@@ -17,6 +17,7 @@ from vllm_lite.entrypoints.openai.errors import (APIError, EngineDeadError, api_
 from vllm_lite.entrypoints.openai.protocol import (CompletionLogProbs, CompletionRequest, CompletionResponse,
                                                    CompletionResponseChoice, CompletionStreamResponse, UsageInfo,
                                                    random_uuid)
+from vllm_lite.inputs import validate_prompt
 
 logger = logging.getLogger("vllm_lite.api_server")
 
@@ -126,17 +127,20 @@ class OpenAIServing:
         self.model_name = served_model_names[0]
         self.metrics = metrics
         self.max_model_len = int(client.info.max_model_len)
-        self.vocab_size = int(getattr(client.info, "vocab_size", 0) or client.info.hf_config.vocab_size)
+        self.vocab_size = int(client.info.vocab_size)  # the LLM's bound too (vllm_lite.inputs)
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.served_model_names:
             raise APIError(f"The model `{name}` does not exist.", 404, "model")
 
     def check_prompt(self, ids: list[int], requested_max_tokens: int | None, what: str = "prompt") -> int:
-        """Validate prompt length (and vocabulary); return the room left in the context window."""
+        """Validate the prompt (vllm_lite.inputs.validate_prompt, the offline LLM's checks) and its room for output
+        in the context window; return the room left."""
+        try:
+            validate_prompt(ids, self.max_model_len, self.vocab_size)
+        except ValueError as exc:
+            raise APIError(f"{what} is invalid: {exc}", 400, what) from None
         n, limit = len(ids), self.max_model_len
-        if n == 0:
-            raise APIError(f"{what} is invalid: the prompt is empty", 400, what)
         if n >= limit:
             raise APIError(f"This model's maximum context length is {limit} tokens (max_model_len). However, your "
                            f"request has {n} input tokens in the {what}, which leaves no room for generated tokens. "
@@ -146,10 +150,6 @@ class OpenAIServing:
                            f"requested {n + requested_max_tokens} tokens ({n} in the {what}, "
                            f"{requested_max_tokens} in the completion). Please reduce the length of the {what} or "
                            f"completion.", 400, "max_tokens")
-        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise APIError(f"{what} is invalid: token id {bad} is out of the vocabulary (size {self.vocab_size})",
-                           400, what)
         return limit - n
 
     def check_alive(self) -> None:

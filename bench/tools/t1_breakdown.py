@@ -9,7 +9,7 @@ batch size and the KV tokens the decode attention reads. Summary: seconds in ste
 decode steps by batch size with the achieved bandwidth of (weights + KV read) per step, the number that says how far
 decode is from the memory floor.
 
-    python bench/t1_breakdown.py --model qwen3-0.6b
+    python bench/tools/t1_breakdown.py --model qwen3-0.6b
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from vllm_lite.benchmarks.throughput import workload
-from vllm_lite.benchmarks.utils import add_engine_args, kernel_profile, make_llm, weight_bytes
+from vllm_lite.benchmarks.utils import add_bench_engine_args, kernel_profile, make_llm
 from vllm_lite.sampling_params import SamplingParams
 
 
@@ -28,12 +28,12 @@ class StepRecorder:
     """Wraps EngineCore.step, Scheduler.schedule and the model runner's get_output: one row per step (wall ms,
     tokens, decode reqs, KV tokens, ms waiting for the device)."""
 
-    def __init__(self, engine) -> None:
+    def __init__(self, llm) -> None:
         self.rows: list[tuple[float, int, int, int, float]] = []
         self._last: tuple[int, int, int] = (0, 0, 0)
         self._wait = 0.0
+        engine, runner = llm.engine, llm.model_runner()
         sched, step = engine.scheduler.schedule, engine.step
-        runner = engine.executor.worker.runner
         get_output = runner.get_output
 
         def timed_get_output():
@@ -104,7 +104,7 @@ def profile_steps(llm, steps: int, label: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_engine_args(ap, "qwen3-0.6b")
+    add_bench_engine_args(ap, "qwen3-0.6b")
     ap.add_argument("--profile-steps", type=int, default=16)
     ap.add_argument("--warm-steps", type=int, default=64, help="steps before the profile (prefill + some decode)")
     ap.add_argument("--num-requests", type=int, default=256)
@@ -115,7 +115,7 @@ def main() -> None:
     llm.generate(prompts[:warm], [SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)] * warm,
                  use_tqdm=False)
     engine = llm.engine
-    rec = StepRecorder(engine)
+    rec = StepRecorder(llm)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
@@ -123,10 +123,9 @@ def main() -> None:
     cfg = llm.info.hf_config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2
-    runner = engine.executor.worker.runner
     print(f"T1: {out_tokens} output tokens in {elapsed:.2f} s = {out_tokens / elapsed:.0f} tok/s "
           f"(steps sum to {sum(r[0] for r in rec.rows) / 1000:.2f} s)")
-    summarise(np.array(rec.rows), weight_bytes(runner.model), kv_per_token)
+    summarise(np.array(rec.rows), llm.weight_bytes(), kv_per_token)
 
     # The same regime for the profiler: 256 requests with T1's mean prompt, past their prefill.
     prompts2 = [{"prompt_token_ids": (p["prompt_token_ids"] * 2)[:560]} for p in prompts]

@@ -3,7 +3,7 @@
 What is left when the forward costs nothing is the per-step host work that async scheduling must hide behind the
 GPU (or that bounds the step time when it cannot). Runs on any machine (CPU is fine):
 
-    python bench/host_overhead.py --batch-sizes 1 8 64 256 --steps 200
+    python bench/tools/host_overhead.py --batch-sizes 1 8 64 256 --steps 200
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def measure(batch_size: int, steps: int, async_scheduling: bool, model_dir: str,
               max_model_len=4096, max_num_seqs=max(batch_size, 1), enable_prefix_caching=False,
               num_gpu_blocks_override=batch_size * (steps + 64) // 16 + 4096 // 16 + 64,
               async_scheduling=async_scheduling)
-    runner = llm.engine.executor.worker.runner
+    runner = llm.model_runner()
     hidden, vocab = runner.info.hf_config.hidden_size, runner.vocab_size
     runner.forward = lambda ids, pos: torch.zeros(ids.shape[0], hidden)
     runner.model.compute_logits = lambda h: torch.zeros(h.shape[0], vocab)

@@ -7,7 +7,7 @@ warnings (an operation that blocks the host on the device) and a cProfile table.
 taking the same time means overlapping host and device work gains nothing, which points to the device as the bound
 (docs/PERF.md).
 
-    python bench/profile_prefill.py --model qwen3-0.6b
+    python bench/tools/profile_prefill.py --model qwen3-0.6b
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from vllm_lite.benchmarks.utils import add_engine_args, make_llm
+from vllm_lite.benchmarks.utils import add_bench_engine_args, make_llm
 from vllm_lite.sampling_params import SamplingParams
 
 
@@ -55,14 +55,14 @@ def _drain(llm) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    add_engine_args(ap, "qwen3-0.6b")
+    add_bench_engine_args(ap, "qwen3-0.6b")
     ap.add_argument("--num-requests", type=int, default=256)
     ap.add_argument("--input-len", type=int, default=560)
     ap.add_argument("--steps", type=int, default=8)
     args = ap.parse_args()
     llm = make_llm(args)
     engine = llm.engine
-    runner = engine.executor.worker.runner
+    runner = llm.model_runner()
     _queue(llm, "warm", 32, args.input_len)
     _drain(llm)
 

@@ -4,7 +4,7 @@ outputs, so what is timed is scheduling, input staging, attention planning and o
 On the GPU the host prepares step N+1 while the device runs step N, so whenever this exceeds the device's step time
 the host sets the pace (T1's small-batch tail, docs/PERF.md). Per-function times come from wrappers, not a profiler.
 
-    python bench/host_step.py --batch-size 16 --input-len 1400
+    python bench/tools/host_step.py --batch-size 16 --input-len 1400
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests"))
 
 from tiny_models import make_tiny_model  # noqa: E402
 
@@ -53,7 +53,7 @@ def main() -> None:
     llm = LLM(path, device="cpu", max_num_seqs=max(args.batch_size, 8), enable_prefix_caching=False,
               max_model_len=args.input_len + args.output_len + 64, skip_tokenizer_init=True)
     engine = llm.engine
-    runner = engine.executor.worker.runner
+    runner = llm.model_runner()
     hidden = torch.zeros(max(8192, args.batch_size), 32)
     logits = torch.randn(args.batch_size, 384)
     ids = torch.full((args.batch_size,), 7, dtype=torch.int64)
