@@ -99,7 +99,7 @@ torch.library.register_fake("vllm_lite::attention", _attention_fake, lib=_lib)
 # Projections: decode-sized ones (CUDA, where kernels/skinny_gemm.py's decode_config measured it faster) through the
 # weight-streaming Triton kernel, everything else through F.linear. Opaque to Dynamo like attention, so the row-count
 # branch runs at call time (and once per size at CUDA-graph capture). models/decoder.py's Linear calls it on CUDA
-# unless VLLM_LITE_SKINNY_GEMM=0.
+# when the model was built with KernelConfig.skinny_gemm (the default).
 _lib.define("skinny_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 
 

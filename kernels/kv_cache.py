@@ -5,16 +5,13 @@ slot `slot_mapping[t]`; slot -1 marks a padding row and is skipped inside the ke
 CUDA-graph safe and needs no index juggling for padded batches). Any cache strides work as long as the head
 dimension is contiguous, so the same kernel serves the torch backend's and FlashInfer's NHD layout.
 
-`write_kv_cache` dispatches to Triton on CUDA and to the plain-PyTorch reference
-(vllm_lite.attention.torch_backend.write_kv_cache, re-exported here as `write_kv_cache_torch`) elsewhere.
+`write_kv_cache` dispatches to Triton on CUDA (unless the caller turns the kernel off: KernelConfig.kv_write_kernel)
+and to the plain-PyTorch reference `write_kv_cache_torch` elsewhere; the torch attention backend writes with the
+reference.
 """
 from __future__ import annotations
 
-
 import torch
-
-from vllm_lite.envs import USE_KV_WRITE_KERNEL
-from vllm_lite.attention.torch_backend import write_kv_cache as write_kv_cache_torch
 
 try:  # triton is optional (CPU installs); the CUDA path needs it
     import triton
@@ -27,6 +24,16 @@ __all__ = ["write_kv_cache", "write_kv_cache_triton", "write_kv_cache_torch", "H
 
 HAS_TRITON = triton is not None
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def write_kv_cache_torch(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                         block_size: int) -> None:
+    """Reference: scatter k, v [T, Hkv, D] into their slots (every slot must be valid: no -1 padding rows)."""
+    blk = torch.div(slot_mapping, block_size, rounding_mode="floor")
+    off = slot_mapping % block_size
+    kv_cache[blk, 0, off] = k.to(kv_cache.dtype)
+    kv_cache[blk, 1, off] = v.to(kv_cache.dtype)
+
 
 if HAS_TRITON:
 
@@ -92,17 +99,18 @@ def write_kv_cache_triton(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tens
 
 def _use_triton(k: torch.Tensor, kv_cache: torch.Tensor) -> bool:
     return (HAS_TRITON and k.is_cuda and kv_cache.dtype in _SUPPORTED and k.dtype in _SUPPORTED
-            and kv_cache.stride(4) == 1 and USE_KV_WRITE_KERNEL)
+            and kv_cache.stride(4) == 1)
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                   block_size: int) -> None:
+                   block_size: int, use_kernel: bool = True) -> None:
     """Scatter k, v [T, Hkv, D] into kv_cache [num_blocks, 2, block_size, Hkv, D] at slot_mapping [>= T] (int64/int32).
 
-    CUDA: Triton kernel, slot -1 = padding row, skipped (graph safe). Elsewhere: the torch reference, which
-    expects every slot valid (slice off padding rows first). Set VLLM_LITE_KV_WRITE_KERNEL=0 to force the reference.
+    CUDA (and use_kernel): Triton kernel, slot -1 = padding row, skipped (graph safe). Elsewhere, or with
+    use_kernel=False (KernelConfig.kv_write_kernel): the torch reference, which expects every slot valid (slice off
+    padding rows first).
     """
-    if _use_triton(k, kv_cache):
+    if use_kernel and _use_triton(k, kv_cache):
         write_kv_cache_triton(k, v, kv_cache, slot_mapping, block_size)
     else:
         write_kv_cache_torch(k, v, kv_cache, slot_mapping[: k.shape[0]], block_size)

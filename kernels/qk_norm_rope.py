@@ -12,18 +12,16 @@ kv_cache [num_blocks, 2, block_size, Hkv, D] at slot_mapping for the first `num_
 row, skipped: CUDA-graph safe). One program handles one head of 1 token (batches below 128), 2 (128-511) or 8
 (prefill chunks); q heads and k/v heads share the launch.
 
-The arithmetic follows the eager reference operation by operation (vllm_lite.layers.norm.rms_norm_ref and
-vllm_lite.layers.rotary.apply_rotary): statistics in float32, the normalised value rounded to the activation dtype
-before the weight multiply, every product / sum of the rotation rounded to the activation dtype as eager bf16 code
-does. `qk_norm_rope_cache_torch` is that reference (plus the reference KV write).
+The arithmetic follows the eager reference operation by operation (`rms_norm_ref` and `apply_rotary` below, which
+are also the eager implementations of vllm_lite.layers' RMSNorm and rotary): statistics in float32, the normalised
+value rounded to the activation dtype before the weight multiply, every product / sum of the rotation rounded to the
+activation dtype as eager bf16 code does. `qk_norm_rope_cache_torch` is that reference (plus the reference KV write).
 """
 from __future__ import annotations
 
 import torch
 
-from vllm_lite.attention.torch_backend import write_kv_cache as write_kv_cache_torch
-from vllm_lite.layers.norm import rms_norm_ref
-from vllm_lite.layers.rotary import apply_rotary
+from vllm_lite.kernels.kv_cache import write_kv_cache_torch
 
 try:  # triton is optional (CPU installs); the CUDA path needs it
     import triton
@@ -36,7 +34,29 @@ HAS_TRITON = triton is not None
 # Tokens per program by batch: 2 from 128 rows, 8 from 512 (prefill chunks); measured on the H100 (docs/PERF.md).
 _TWO_TOKENS_FROM, _EIGHT_TOKENS_FROM = 128, 512
 
-__all__ = ["qk_norm_rope_torch", "qk_norm_rope_cache_torch", "qk_norm_rope_cache_triton", "HAS_TRITON"]
+__all__ = ["apply_rotary", "rms_norm_ref", "qk_norm_rope_torch", "qk_norm_rope_cache_torch",
+           "qk_norm_rope_cache_triton", "HAS_TRITON"]
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Plain-PyTorch RMSNorm, operation for operation like transformers' LlamaRMSNorm (so logits match HF)."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return weight * h.to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, H, head_dim]; cos, sin: [T, 1, rot_dim/2] -> rotate-half rotary on the first rot_dim channels, the
+    same arithmetic as HF's x * cos + rotate_half(x) * sin."""
+    half = cos.shape[-1]
+    rot = 2 * half
+    x1, x2 = x[..., :half], x[..., half:rot]
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    if rot < x.shape[-1]:
+        rotated = torch.cat([rotated, x[..., rot:]], dim=-1)
+    return rotated
 
 
 def qk_norm_rope_torch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

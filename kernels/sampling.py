@@ -13,16 +13,15 @@ instead of a segmented sort + softmax + cumsum + scatter. Min-p is the lower bou
 with torch on the host side of the launch, as the reference does) and restricts the other two, in the
 reference's order: min-p -> top-k -> top-p. The last pass writes -inf below the threshold, in place.
 
-`apply_top_k_top_p` / `apply_min_p` here dispatch to the kernel on CUDA and to the plain-PyTorch references
-(vllm_lite.sample.topk_topp.*_torch, re-exported) elsewhere; `top_k_top_p_min_p` applies all three in one launch.
+The plain-PyTorch references `apply_min_p_torch` / `apply_top_k_top_p_torch` live here too (vLLM semantics: top-k
+keeps ties of the k-th largest logit, top-p the smallest descending prefix whose mass reaches p, min-p the tokens with
+probability >= min_p * max probability). `apply_top_k_top_p` / `apply_min_p` dispatch to the kernel when the caller
+asks for it (use_kernel: the Sampler passes KernelConfig.sampling_kernel) and the logits are on CUDA, else to the
+references; `top_k_top_p_min_p` applies all three (one launch on the kernel path).
 """
 from __future__ import annotations
 
-
 import torch
-
-from vllm_lite.envs import USE_SAMPLING_KERNEL
-from vllm_lite.sample.topk_topp import apply_min_p_torch, apply_top_k_top_p_torch
 
 try:  # triton is optional (CPU installs); the CUDA path needs it
     import triton
@@ -32,9 +31,71 @@ except ImportError:  # pragma: no cover
     tl = None
 
 __all__ = ["apply_top_k_top_p", "apply_min_p", "top_k_top_p_min_p", "top_k_top_p_min_p_triton",
-           "apply_top_k_top_p_torch", "apply_min_p_torch", "HAS_TRITON", "kernel_enabled"]
+           "apply_top_k_top_p_torch", "apply_min_p_torch", "HAS_TRITON", "kernel_supports"]
 
 HAS_TRITON = triton is not None
+_NEG_INF = float("-inf")
+
+
+def apply_min_p_torch(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask tokens with prob < min_p * max_prob, in place.
+
+    Done in logit space (l_i - l_max < log(min_p)) so no softmax is needed; min_p = 0 gives log = -inf,
+    which masks nothing, so mixed batches need no special-casing.
+    """
+    max_logit = logits.amax(dim=-1, keepdim=True)
+    threshold = max_logit + torch.log(min_p.to(logits.dtype)).unsqueeze(1)
+    return logits.masked_fill_(logits < threshold, _NEG_INF)
+
+
+def apply_top_k_top_p_torch(
+    logits: torch.Tensor,
+    k: torch.Tensor | None,
+    p: torch.Tensor | None,
+    max_k: int | None = None,
+) -> torch.Tensor:
+    """Reference. Mask logits [B, V] outside each row's top-k / top-p set (k: [B] int, 0 or >= V = off;
+    p: [B], 1.0 = off).
+
+    Top-k only uses torch.topk (no full sort); `max_k` (largest k in the batch, known on the host) avoids a
+    device sync to find it. Top-p needs the sorted distribution, so it sorts once and applies both filters.
+    May modify `logits` in place; callers use the returned tensor.
+    """
+    if k is None and p is None:
+        return logits
+    vocab_size = logits.shape[1]
+    if p is None:
+        return _apply_top_k_only(logits, k, max_k)
+
+    logits_sort, logits_idx = logits.sort(dim=-1, descending=False)
+    if k is not None:
+        k_eff = torch.where((k <= 0) | (k > vocab_size), vocab_size, k).to(torch.long)
+        # The k-th largest value sits at ascending position V - k; keep everything >= it (ties included).
+        kth = logits_sort.gather(1, (vocab_size - k_eff).unsqueeze(1))
+        logits_sort.masked_fill_(logits_sort < kth, _NEG_INF)
+
+    probs_sort = logits_sort.softmax(dim=-1)
+    cum = probs_sort.cumsum(dim=-1)
+    # Drop the low tail whose total mass is <= 1 - p; the best token always survives.
+    drop = cum <= (1.0 - p.to(cum.dtype)).unsqueeze(1)
+    drop[:, -1] = False
+    logits_sort.masked_fill_(drop, _NEG_INF)
+    return logits.scatter_(1, logits_idx, logits_sort)
+
+
+def _apply_top_k_only(logits: torch.Tensor, k: torch.Tensor, max_k: int | None) -> torch.Tensor:
+    vocab_size = logits.shape[1]
+    k_eff = torch.where((k <= 0) | (k > vocab_size), vocab_size, k).to(torch.long)
+    if max_k is None:
+        max_k = int(k_eff.max())  # device sync; the Sampler passes max_k to avoid it
+    max_k = max(1, min(int(max_k), vocab_size))
+    top_vals = logits.topk(max_k, dim=-1).values
+    # Rows with k off (k_eff = V > max_k possible) get threshold -inf: nothing masked.
+    off = k_eff > max_k
+    kth = top_vals.gather(1, (k_eff.clamp(max=max_k) - 1).unsqueeze(1))
+    kth = kth.masked_fill_(off.unsqueeze(1), _NEG_INF)
+    return logits.masked_fill_(logits < kth, _NEG_INF)
+
 
 if HAS_TRITON:
     _INT_MIN = tl.constexpr(-2147483648)
@@ -211,17 +272,17 @@ def top_k_top_p_min_p_triton(logits: torch.Tensor, k: torch.Tensor | None, p: to
     return logits
 
 
-def kernel_enabled(logits: torch.Tensor) -> bool:
-    """True when the Triton path applies: CUDA tensor, triton importable, not disabled by the environment."""
+def kernel_supports(logits: torch.Tensor) -> bool:
+    """True when the Triton path can run on these logits: triton importable, CUDA, [B, V] fp32/bf16/fp16 rows."""
     return (HAS_TRITON and logits.is_cuda and logits.dim() == 2 and logits.stride(1) == 1
-            and logits.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and USE_SAMPLING_KERNEL)
+            and logits.dtype in (torch.float32, torch.float16, torch.bfloat16))
 
 
 def top_k_top_p_min_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None,
-                      min_p: torch.Tensor | None, max_k: int | None = None) -> torch.Tensor:
-    """min-p -> top-k -> top-p in one launch on CUDA; the references elsewhere. May modify logits in place."""
-    if kernel_enabled(logits):
+                      min_p: torch.Tensor | None, max_k: int | None = None, use_kernel: bool = False) -> torch.Tensor:
+    """min-p -> top-k -> top-p, in one launch on the kernel path; the references elsewhere. May modify logits in
+    place."""
+    if use_kernel and kernel_supports(logits):
         return top_k_top_p_min_p_triton(logits, k, p, min_p)
     if min_p is not None:
         logits = apply_min_p_torch(logits, min_p)
@@ -229,15 +290,17 @@ def top_k_top_p_min_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Ten
 
 
 def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None,
-                      max_k: int | None = None) -> torch.Tensor:
+                      max_k: int | None = None, use_kernel: bool = False) -> torch.Tensor:
+    """Mask logits outside each row's top-k / top-p set (the kernel with use_kernel on CUDA, else the reference)."""
     if k is None and p is None:
         return logits
-    if kernel_enabled(logits):
+    if use_kernel and kernel_supports(logits):
         return top_k_top_p_min_p_triton(logits, k, p, None)
     return apply_top_k_top_p_torch(logits, k, p, max_k=max_k)
 
 
-def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    if kernel_enabled(logits):
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor, use_kernel: bool = False) -> torch.Tensor:
+    """Mask tokens with prob < min_p * max_prob (the kernel with use_kernel on CUDA, else the reference)."""
+    if use_kernel and kernel_supports(logits):
         return top_k_top_p_min_p_triton(logits, None, None, min_p)
     return apply_min_p_torch(logits, min_p)

@@ -59,3 +59,36 @@ def test_mixed_batch_matches_contiguous_attention(block_size, heads):
     for i in range(len(reqs)):
         ref = _reference(q_all[i], full_k[i], full_v[i], spec)
         torch.testing.assert_close(out[qsl[i]:qsl[i + 1]], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_make_backend_takes_kernel_choices_from_kernel_config(monkeypatch):
+    """make_backend(kernels=KernelConfig): FlashInfer gets flashinfer_tensor_cores at construction (a stand-in
+    module here, so no GPU is needed); the torch backend is the reference and writes with the torch reference."""
+    import sys
+    import types
+
+    from vllm_lite.attention import selector
+    from vllm_lite.config import KernelConfig
+
+    made = []
+
+    class FakeFlashInfer:
+        name = "flashinfer"
+
+        def __init__(self, *args, use_tensor_cores=None):
+            made.append(use_tensor_cores)
+
+    monkeypatch.setitem(sys.modules, "vllm_lite.attention.flashinfer_backend",
+                        types.SimpleNamespace(FlashInferBackend=FakeFlashInfer))
+    monkeypatch.setattr(selector, "_flashinfer_problem", lambda device, dtype: None)
+    kw = dict(num_heads=4, num_kv_heads=2, head_dim=8, scale=1.0, dtype=torch.bfloat16, device="cpu",
+              max_num_seqs=4, max_blocks_per_seq=4)
+    for tc in (None, True, False):
+        assert selector.make_backend("auto", kernels=KernelConfig(flashinfer_tensor_cores=tc), **kw).name == \
+            "flashinfer"
+    assert made == [None, True, False]
+    monkeypatch.setenv("VLLM_LITE_FLASHINFER_TENSOR_CORES", "0")
+    selector.make_backend("flashinfer", **kw)  # no config given: the environment's default
+    assert made[-1] is False
+    backend = selector.make_backend("torch", kernels=KernelConfig(kv_write_kernel=True), **kw)
+    assert isinstance(backend, TorchAttentionBackend)

@@ -20,7 +20,7 @@ TOP_P_TOL = 5e-5  # top-p boundary: float32 cumsum (reference) vs blockwise sums
 
 
 def reference_mask(x: torch.Tensor, k, p, min_p) -> torch.Tensor:
-    from vllm_lite.sample.topk_topp import apply_min_p_torch, apply_top_k_top_p_torch
+    from vllm_lite.kernels.sampling import apply_min_p_torch, apply_top_k_top_p_torch
     ref = x.float().clone()
     if min_p is not None:
         ref = apply_min_p_torch(ref, min_p)
@@ -260,21 +260,34 @@ def test_qk_norm_rope_matches_reference(interpreter_results):
     assert all(v is True for v in got.values()), got
 
 
-def test_cpu_dispatch_uses_reference():
-    """On CPU tensors the public entry points are the torch references (no triton needed)."""
-    from vllm_lite.sample.topk_topp import apply_min_p, apply_top_k_top_p
+@pytest.mark.parametrize("use_kernel", [False, True])
+def test_cpu_dispatch_uses_reference(use_kernel):
+    """On CPU tensors the public entry points are the torch references (no triton needed), whatever the switch."""
+    from vllm_lite.kernels.sampling import apply_min_p, apply_top_k_top_p, top_k_top_p_min_p
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 100, generator=g)
     k, p, mp = torch.tensor([5, 0, 10]), torch.tensor([0.9, 0.5, 1.0]), torch.tensor([0.1, 0.0, 0.0])
-    out = apply_top_k_top_p(apply_min_p(x.clone(), mp), k, p)
+    out = apply_top_k_top_p(apply_min_p(x.clone(), mp, use_kernel=use_kernel), k, p, use_kernel=use_kernel)
     assert torch.equal(out, reference_mask(x, k, p, mp))
-    from vllm_lite.kernels.kv_cache import write_kv_cache
+    assert torch.equal(top_k_top_p_min_p(x.clone(), k, p, mp, use_kernel=use_kernel), out)
+    from vllm_lite.kernels.kv_cache import write_kv_cache, write_kv_cache_torch
     cache, ref = torch.zeros(4, 2, 4, 2, 8), torch.zeros(4, 2, 4, 2, 8)
     kk, vv, slots = torch.randn(3, 2, 8, generator=g), torch.randn(3, 2, 8, generator=g), torch.tensor([0, 5, 14])
-    write_kv_cache(kk, vv, cache, slots, 4)
-    from vllm_lite.attention.torch_backend import write_kv_cache as torch_write
-    torch_write(kk, vv, ref, slots, 4)
+    write_kv_cache(kk, vv, cache, slots, 4, use_kernel=use_kernel)
+    write_kv_cache_torch(kk, vv, ref, slots, 4)
     assert torch.equal(cache, ref)
+
+
+def test_references_have_one_implementation():
+    """The torch references live in kernels/ and the upper layers re-export the same objects (no copies)."""
+    from vllm_lite.attention import torch_backend
+    from vllm_lite.kernels import kv_cache, qk_norm_rope, sampling
+    from vllm_lite.layers import norm
+    from vllm_lite.sample import topk_topp
+    assert torch_backend.write_kv_cache is kv_cache.write_kv_cache_torch
+    assert norm.rms_norm_ref is qk_norm_rope.rms_norm_ref
+    for name in ("apply_min_p", "apply_top_k_top_p", "apply_min_p_torch", "apply_top_k_top_p_torch"):
+        assert getattr(topk_topp, name) is getattr(sampling, name)
 
 
 def test_skinny_gemm_matches_reference():
@@ -295,3 +308,64 @@ def test_skinny_decode_config_takes_the_kernel_only_where_it_measured_faster():
     assert decode_config(5, 4096, 1024) is None and decode_config(16, 4096, 1024) is None
     assert decode_config(1, 6144, 1024) is not None and decode_config(1, 4096, 2048) is None  # measured sizes only
     assert decode_config(1, 6144, 4096) is None and decode_config(1, 4096, 14336) is None
+
+
+# ---- kernel switches: one KernelConfig, read from the environment once ------------------------------------------
+KERNEL_VARS = ("VLLM_LITE_KV_WRITE_KERNEL", "VLLM_LITE_SAMPLING_KERNEL", "VLLM_LITE_SKINNY_GEMM",
+               "VLLM_LITE_FLASHINFER_TENSOR_CORES")
+
+
+@pytest.fixture
+def clean_kernel_env(monkeypatch):
+    for var in KERNEL_VARS:
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def test_kernel_config_defaults_are_todays_behaviour(clean_kernel_env):
+    from vllm_lite.config import EngineConfig, KernelConfig
+    want = KernelConfig(kv_write_kernel=True, sampling_kernel=False, skinny_gemm=True, flashinfer_tensor_cores=None)
+    assert KernelConfig() == want
+    assert KernelConfig.from_env() == want
+    assert EngineConfig().kernels == want and EngineConfig.from_kwargs().kernels == want
+
+
+def test_kernel_config_from_env_read_once(clean_kernel_env):
+    import dataclasses
+    from vllm_lite import envs
+    from vllm_lite.config import EngineConfig
+    mp = clean_kernel_env
+    mp.setenv("VLLM_LITE_KV_WRITE_KERNEL", "0")
+    mp.setenv("VLLM_LITE_SAMPLING_KERNEL", "1")
+    mp.setenv("VLLM_LITE_SKINNY_GEMM", "0")
+    mp.setenv("VLLM_LITE_FLASHINFER_TENSOR_CORES", "0")
+    calls = []
+    real = envs.kernel_defaults
+    mp.setattr(envs, "kernel_defaults", lambda: calls.append(1) or real())
+    config = EngineConfig.from_kwargs(model="m")
+    assert len(calls) == 1  # once per config, never per forward
+    k = config.kernels
+    assert (k.kv_write_kernel, k.sampling_kernel, k.skinny_gemm, k.flashinfer_tensor_cores) == (False, True, False,
+                                                                                                False)
+    mp.setenv("VLLM_LITE_SAMPLING_KERNEL", "0")  # later changes do not reach a built config (frozen)
+    assert config.kernels.sampling_kernel is True
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.kernels.sampling_kernel = False
+    mp.setenv("VLLM_LITE_SKINNY_GEMM", "maybe")
+    with pytest.raises(ValueError, match="VLLM_LITE_SKINNY_GEMM"):
+        EngineConfig.from_kwargs()
+
+
+def test_kernel_config_engine_arguments_override_env(clean_kernel_env):
+    from vllm_lite.config import EngineConfig, KernelConfig
+    clean_kernel_env.setenv("VLLM_LITE_SAMPLING_KERNEL", "1")
+    clean_kernel_env.setenv("VLLM_LITE_FLASHINFER_TENSOR_CORES", "1")
+    config = EngineConfig.from_kwargs(sampling_kernel=False, kv_write_kernel=False, skinny_gemm=False,
+                                      flashinfer_tensor_cores=None)  # None: not given -> the environment's
+    assert config.kernels == KernelConfig(kv_write_kernel=False, sampling_kernel=False, skinny_gemm=False,
+                                          flashinfer_tensor_cores=True)
+    assert EngineConfig.from_kwargs(flashinfer_tensor_cores=False).kernels.flashinfer_tensor_cores is False
+    with pytest.raises(ValueError, match="skinny_gemm"):
+        KernelConfig(skinny_gemm="no")
+    with pytest.raises(ValueError, match="unknown engine argument"):
+        EngineConfig.from_kwargs(skinny=True)

@@ -184,3 +184,39 @@ def test_bfloat16_matches_transformers(tiny_qwen3_path):
     got = got.float()
     torch.testing.assert_close(got, want, atol=0.1, rtol=0.05)
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+
+
+def test_skinny_gemm_switch_is_fixed_at_model_construction(tiny_llama_path, monkeypatch):
+    """load_model(kernels=KernelConfig) hands skinny_gemm to every projection at construction: with it on, they call
+    the vllm_lite::skinny_linear op on the devices in Linear.skinny_devices (CUDA; the CPU here, patched), with it off
+    they are plain nn.Linear; both give the same outputs. No config given: the environment's default."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vllm_lite.config import KernelConfig
+    from vllm_lite.models.decoder import Linear
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    info = resolve_model(ModelConfig(model=tiny_llama_path), LoadConfig(), device="cpu")
+    monkeypatch.setattr(Linear, "skinny_devices", ("cuda", "cpu"))
+    outs = {}
+    x = torch.randn(3, info.hf_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    for flag in (True, False):
+        ctx = AttentionContext(TorchAttentionBackend())
+        model = load_model(info, LoadConfig(), "cpu", ctx, kernels=KernelConfig(skinny_gemm=flag))
+        linears = [m for m in model.modules() if isinstance(m, Linear)]
+        assert len(linears) == 4 * model.config.num_hidden_layers and all(m.skinny is flag for m in linears)
+        with torch.no_grad(), Ops() as ops:
+            outs[flag] = model.model.layers[0].mlp(x)
+        assert ("vllm_lite.skinny_linear.default" in ops.names) is flag, ops.names
+    torch.testing.assert_close(outs[True], outs[False])
+    monkeypatch.setenv("VLLM_LITE_SKINNY_GEMM", "0")
+    model = load_model(info, LoadConfig(), "cpu", AttentionContext(TorchAttentionBackend()))
+    assert not any(m.skinny for m in model.modules() if isinstance(m, Linear))

@@ -357,3 +357,27 @@ def test_flags():
     assert m.no_top_p and m.no_min_p and m.max_num_logprobs is None and m.top_p is None
     m = build([SamplingParams(top_p=0.5, min_p=0.1)])
     assert m.all_random and m.no_top_k and not m.no_top_p and not m.no_min_p
+
+
+def test_sampling_kernel_switch_reaches_the_filters(monkeypatch):
+    """Sampler(KernelConfig) decides at construction whether min-p / top-k / top-p may use the Triton kernel; the
+    flag is handed to the filters on every call (on the CPU they run the references either way)."""
+    import vllm_lite.sample.sampler as sampler_mod
+    from vllm_lite.config import KernelConfig
+    seen = []
+    for name in ("apply_min_p", "apply_top_k_top_p"):
+        real = getattr(sampler_mod, name)
+        monkeypatch.setattr(sampler_mod, name,
+                            lambda *a, _real=real, **kw: seen.append(kw["use_kernel"]) or _real(*a, **kw))
+    monkeypatch.delenv("VLLM_LITE_SAMPLING_KERNEL", raising=False)
+    assert Sampler().use_sampling_kernel is False
+    params = [SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, seed=1)] * 2
+    outs = []
+    for flag in (True, False):
+        sampler = Sampler(KernelConfig(sampling_kernel=flag))
+        assert sampler.use_sampling_kernel is flag
+        outs.append(sampler(known_logits().repeat(2, 1), build(params, gens=[gen(1), gen(2)])).sampled_token_ids)
+    assert seen == [True, True, False, False]
+    assert torch.equal(outs[0], outs[1])
+    monkeypatch.setenv("VLLM_LITE_SAMPLING_KERNEL", "1")
+    assert Sampler().use_sampling_kernel is True  # no config given: the environment's default

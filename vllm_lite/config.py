@@ -102,6 +102,39 @@ class LoadConfig:
         _choice("load_format", self.load_format, LOAD_FORMATS)
 
 
+@dataclass(frozen=True)
+class KernelConfig:
+    """Which optional kernels run; chosen once when the config is built and passed down at construction (the model
+    runner hands it to make_backend, the Sampler and load_model); nothing reads a switch per forward.
+    `from_env` (EngineConfig's default and from_kwargs) starts from the environment (vllm_lite.envs.kernel_defaults:
+    VLLM_LITE_KV_WRITE_KERNEL, ...); engine arguments of the same names override it.
+
+    kv_write_kernel: the Triton paged KV-cache write on CUDA (False: the torch reference).
+    sampling_kernel: the Triton top-k/top-p/min-p threshold search on CUDA (default off: slower on the H100).
+    skinny_gemm: decode-sized CUDA projections through kernels/skinny_gemm.py where it measured faster than cuBLAS.
+    flashinfer_tensor_cores: FlashInfer's tensor-core (True) or CUDA-core (False) decode kernels; None: automatic.
+    """
+    kv_write_kernel: bool = True
+    sampling_kernel: bool = False
+    skinny_gemm: bool = True
+    flashinfer_tensor_cores: bool | None = None
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "KernelConfig":
+        """The environment's settings (read once, here), then `overrides` (None = not given)."""
+        from vllm_lite import envs
+        values = envs.kernel_defaults()
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not (isinstance(value, bool) or (value is None and f.name == "flashinfer_tensor_cores")):
+                raise ValueError(f"{f.name}={value!r} is invalid; it must be True or False"
+                                 + (" (or None: automatic)" if f.name == "flashinfer_tensor_cores" else ""))
+
+
 def offline_batch_defaults(device: str) -> dict[str, int]:
     """vLLM's scheduler defaults for the offline `LLM` class: prefill chunks of 16384 tokens and 1024 sequences on
     GPUs of >= 70 GiB other than the A100 (H100, H200, MI300X), SchedulerConfig's 8192 / 256 elsewhere. The API
@@ -122,12 +155,13 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     load: LoadConfig = field(default_factory=LoadConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig.from_env)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
         """Split flat vLLM-style keyword arguments into the section dataclasses; unknown names are an error."""
         sections = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
-                    "device": DeviceConfig, "load": LoadConfig}
+                    "device": DeviceConfig, "load": LoadConfig, "kernels": KernelConfig}
         parts: dict[str, dict[str, Any]] = {name: {} for name in sections}
         owner = {f.name: name for name, klass in sections.items() for f in dataclasses.fields(klass)}
         for key, value in kwargs.items():
@@ -137,4 +171,4 @@ class EngineConfig:
                 parts[owner[key]][key] = value
         if parts["model"].get("model") is None:
             parts["model"]["model"] = DEFAULT_MODEL
-        return cls(**{name: klass(**parts[name]) for name, klass in sections.items()})
+        return cls(**{name: getattr(klass, "from_env", klass)(**parts[name]) for name, klass in sections.items()})

@@ -7,13 +7,18 @@
   under <cache root>/pycache even where PYTHONDONTWRITEBYTECODE is set, as container images do to keep .pyc files
   out of their layers; nothing is written next to any source file).
 - VLLM_LITE_API_KEY: the server's API key when --api-key is not given.
+
+Kernel switches: these only set the defaults of vllm_lite.config.KernelConfig (read once, by `kernel_defaults()`,
+when an EngineConfig is built; the engine arguments kv_write_kernel, sampling_kernel, skinny_gemm and
+flashinfer_tensor_cores override them). Nothing reads them per forward: the config is passed down at construction.
 - VLLM_LITE_KV_WRITE_KERNEL=0: use the torch reference instead of the Triton KV-cache write (A/B, debugging).
 - VLLM_LITE_SAMPLING_KERNEL=1: use the Triton top-k/top-p/min-p kernel instead of the torch path (off by default:
   it measured slower on the H100, see docs/PERF.md).
 - VLLM_LITE_SKINNY_GEMM=0: every projection through cuBLAS (default 1: decode-sized ones of small models through
   kernels/skinny_gemm.py, where it measured faster; see its decode_config).
-- VLLM_LITE_FLASHINFER_TENSOR_CORES=0 / 1: FlashInfer's CUDA-core (0) or tensor-core (1, the default) decode kernels
-  (for A/B measurements; the tensor-core variant may JIT-compile on first use).
+- VLLM_LITE_FLASHINFER_TENSOR_CORES=0 / 1: FlashInfer's CUDA-core (0) or tensor-core (1) decode kernels (unset:
+  automatic, which is the tensor-core family; for A/B measurements; the tensor-core variant may JIT-compile on
+  first use).
 """
 from __future__ import annotations
 
@@ -40,12 +45,21 @@ def api_key() -> str | None:
     return os.environ.get("VLLM_LITE_API_KEY") or None
 
 
-USE_KV_WRITE_KERNEL = os.environ.get("VLLM_LITE_KV_WRITE_KERNEL", "1") != "0"
-USE_SAMPLING_KERNEL = os.environ.get("VLLM_LITE_SAMPLING_KERNEL", "0") == "1"
-USE_SKINNY_GEMM = os.environ.get("VLLM_LITE_SKINNY_GEMM", "1") != "0"
+_KERNEL_VARS = (("kv_write_kernel", "VLLM_LITE_KV_WRITE_KERNEL"),
+                ("sampling_kernel", "VLLM_LITE_SAMPLING_KERNEL"),
+                ("skinny_gemm", "VLLM_LITE_SKINNY_GEMM"),
+                ("flashinfer_tensor_cores", "VLLM_LITE_FLASHINFER_TENSOR_CORES"))
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
-def flashinfer_tensor_cores() -> bool | None:
-    """True / False when VLLM_LITE_FLASHINFER_TENSOR_CORES forces a decode kernel family, else None (automatic)."""
-    value = os.environ.get("VLLM_LITE_FLASHINFER_TENSOR_CORES")
-    return None if value in (None, "") else value == "1"
+def kernel_defaults() -> dict[str, bool]:
+    """The KernelConfig fields the environment sets (only variables that are set; KernelConfig holds the defaults).
+    Called by KernelConfig.from_env when the engine config is built, never per forward."""
+    values: dict[str, bool] = {}
+    for name, var in _KERNEL_VARS:
+        value = os.environ.get(var, "").strip().lower()
+        if value in _TRUE or value in _FALSE:
+            values[name] = value in _TRUE
+        elif value:
+            raise ValueError(f"{var}={os.environ[var]!r} is invalid; use 1 or 0")
+    return values

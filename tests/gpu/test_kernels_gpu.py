@@ -4,7 +4,6 @@ q/k norm + rotary kernel, inverse-CDF sampling and the decode-sized GEMM."""
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
@@ -40,6 +39,21 @@ def test_kv_write_exact(kdt, cdt, t, h, d):
     write_kv_cache_torch(k[valid], v[valid], ref, slots[valid], bs)
     write_kv_cache(k, v, cache, slots, bs)
     assert torch.equal(cache, ref)
+
+
+def test_kv_write_kernel_switch(monkeypatch):
+    """use_kernel=False (KernelConfig.kv_write_kernel off) writes with the torch reference, never the kernel."""
+    import vllm_lite.kernels.kv_cache as kv
+    k, v = torch.randn(3, 2, 64, device=DEV), torch.randn(3, 2, 64, device=DEV)
+    slots = torch.tensor([0, 5, 17], device=DEV)
+    cache, ref = torch.zeros(4, 2, 16, 2, 64, device=DEV), torch.zeros(4, 2, 16, 2, 64, device=DEV)
+    calls = []
+    real = kv.write_kv_cache_triton
+    monkeypatch.setattr(kv, "write_kv_cache_triton", lambda *a: calls.append(1) or real(*a))
+    kv.write_kv_cache(k, v, cache, slots, 16, use_kernel=False)
+    assert not calls
+    kv.write_kv_cache(k, v, ref, slots, 16)
+    assert calls and torch.equal(cache, ref)
 
 
 def test_kv_write_cuda_graph():
@@ -99,8 +113,9 @@ def test_min_p_and_all_three(batch):
     assert check_mask(xb, out, k, p, mp) is None
 
 
-def test_sampler_same_tokens_with_and_without_kernel(monkeypatch):
+def test_sampler_same_tokens_with_and_without_kernel():
     """Seeded sampling through the Sampler: identical tokens with the kernel and with the torch path."""
+    from vllm_lite.config import KernelConfig
     from vllm_lite.sample.metadata import SamplingMetadata
     from vllm_lite.sample.sampler import Sampler
     from vllm_lite.sampling_params import SamplingParams
@@ -108,26 +123,32 @@ def test_sampler_same_tokens_with_and_without_kernel(monkeypatch):
     params = [SamplingParams(temperature=0.8, top_k=(0, 1, 20, 50)[i % 4], min_p=(0.0, 0.05)[i % 2], seed=i)
               for i in range(b)]
     x = torch.randn(b, vocab, device=DEV) * 3
-    import vllm_lite.kernels.sampling as ks
     outs = []
     for flag in (True, False):
-        monkeypatch.setattr(ks, "USE_SAMPLING_KERNEL", flag)
         gens = [torch.Generator(device=DEV).manual_seed(i) for i in range(b)]
         meta = SamplingMetadata.build(params, [[]] * b, [[]] * b, gens, [set()] * b, DEV, vocab)
-        outs.append(Sampler()(x, meta).sampled_token_ids)
+        outs.append(Sampler(KernelConfig(sampling_kernel=flag))(x, meta).sampled_token_ids)
     assert torch.equal(outs[0], outs[1])
 
 
 def test_kernel_dispatch_is_opt_in(monkeypatch):
-    """The torch path by default (the kernel measured slower); VLLM_LITE_SAMPLING_KERNEL=1 selects the kernel."""
-    from vllm_lite.sample import topk_topp
+    """The torch path by default (the kernel measured slower); use_kernel=True (KernelConfig.sampling_kernel,
+    VLLM_LITE_SAMPLING_KERNEL=1) selects the kernel."""
     import vllm_lite.kernels.sampling as ks
+    from vllm_lite.config import KernelConfig
+    from vllm_lite.sample.sampler import Sampler
     x = torch.randn(2, 1000, device=DEV)
-    topk_topp.apply_top_k_top_p(x.clone(), torch.tensor([5, 0], device=DEV), None)
-    assert topk_topp._kernels is not None
-    assert ks.kernel_enabled(x) == (os.environ.get("VLLM_LITE_SAMPLING_KERNEL") == "1")
-    monkeypatch.setattr(ks, "USE_SAMPLING_KERNEL", True)
-    assert ks.kernel_enabled(x)
+    assert ks.kernel_supports(x)
+    calls = []
+    real = ks.top_k_top_p_min_p_triton
+    monkeypatch.setattr(ks, "top_k_top_p_min_p_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ks.apply_top_k_top_p(x.clone(), torch.tensor([5, 0], device=DEV), None)
+    assert not calls
+    ks.apply_top_k_top_p(x.clone(), torch.tensor([5, 0], device=DEV), None, use_kernel=True)
+    assert calls
+    assert not Sampler(KernelConfig()).use_sampling_kernel
+    monkeypatch.setenv("VLLM_LITE_SAMPLING_KERNEL", "1")
+    assert Sampler().use_sampling_kernel
 
 
 @pytest.mark.parametrize("hq,hk,d,rot,norm", [(16, 8, 128, 128, True), (32, 8, 128, 128, False),

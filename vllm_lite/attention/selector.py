@@ -6,9 +6,9 @@ import logging
 
 import torch
 
-from vllm_lite import envs
 from vllm_lite.attention.backend import AttentionBackend
 from vllm_lite.attention.torch_backend import TorchAttentionBackend
+from vllm_lite.config import KernelConfig
 
 logger = logging.getLogger("vllm_lite.attention")
 
@@ -17,10 +17,13 @@ _FLASHINFER_DTYPES = (torch.bfloat16, torch.float16)
 
 def make_backend(name: str, *, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  dtype: torch.dtype, device: torch.device, max_num_seqs: int,
-                 max_blocks_per_seq: int) -> AttentionBackend:
+                 max_blocks_per_seq: int, kernels: KernelConfig | None = None) -> AttentionBackend:
     """name: "auto" (FlashInfer on CUDA when importable and the dtype is bf16/fp16, else torch), "torch",
-    "flashinfer" (a clear error when it cannot run here)."""
+    "flashinfer" (a clear error when it cannot run here). `kernels` (the engine's KernelConfig; default
+    KernelConfig.from_env()) chooses FlashInfer's decode kernel family (flashinfer_tensor_cores). The torch backend is
+    the reference and always writes the KV cache with the torch reference."""
     device = torch.device(device)
+    kernels = kernels if kernels is not None else KernelConfig.from_env()
     if name == "torch":
         return TorchAttentionBackend()
     if name not in ("auto", "flashinfer"):
@@ -33,7 +36,7 @@ def make_backend(name: str, *, num_heads: int, num_kv_heads: int, head_dim: int,
             problem = f"flashinfer failed to import: {e}"
         else:
             return FlashInferBackend(num_heads, num_kv_heads, head_dim, scale, dtype, device, max_num_seqs,
-                                     max_blocks_per_seq, use_tensor_cores=envs.flashinfer_tensor_cores())
+                                     max_blocks_per_seq, use_tensor_cores=kernels.flashinfer_tensor_cores)
     if name == "flashinfer":
         raise ValueError(f"attention_backend='flashinfer' cannot run: {problem}; use 'torch'")
     if device.type == "cuda":

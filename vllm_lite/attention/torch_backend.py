@@ -1,7 +1,8 @@
 """Reference attention over the paged KV cache in plain PyTorch: correct for any batch, on CPU and CUDA.
 
 Decode rows (one query token) are attended in one batched call; prefill chunks one request at a time, each with a
-causal mask offset by its cached prefix. It is the ground truth the FlashInfer backend is tested against.
+causal mask offset by its cached prefix. It is the ground truth the FlashInfer backend is tested against, so it
+writes the KV cache with the plain-PyTorch reference (kernels/kv_cache.py) whatever KernelConfig.kv_write_kernel says.
 """
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from vllm_lite.attention.backend import AttentionSpec, StepMetadata, forward_rope_reference
+# The reference KV write lives with its kernel; re-exported under the name this module has always offered.
+from vllm_lite.kernels.kv_cache import write_kv_cache_torch as write_kv_cache
+
+__all__ = ["TorchAttentionBackend", "TorchAttentionMetadata", "write_kv_cache"]
 
 
 @dataclass
@@ -100,12 +105,3 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=spec.scale)
-
-
-def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                   block_size: int) -> None:
-    """Scatter this step's keys/values into their slots (reference for the Triton kernel)."""
-    blk = torch.div(slot_mapping, block_size, rounding_mode="floor")
-    off = slot_mapping % block_size
-    kv_cache[blk, 0, off] = k.to(kv_cache.dtype)
-    kv_cache[blk, 1, off] = v.to(kv_cache.dtype)

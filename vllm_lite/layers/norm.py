@@ -5,14 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# The reference lives with the kernels that reproduce it (kernels/qk_norm_rope.py); it is this layer's eager path.
+from vllm_lite.kernels.qk_norm_rope import rms_norm_ref
 
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Plain-PyTorch RMSNorm, operation for operation like transformers' LlamaRMSNorm (so logits match HF)."""
-    dtype = x.dtype
-    h = x.to(torch.float32)
-    variance = h.pow(2).mean(-1, keepdim=True)
-    h = h * torch.rsqrt(variance + eps)
-    return weight * h.to(dtype)
+__all__ = ["RMSNorm", "rms_norm_ref"]
 
 
 class RMSNorm(nn.Module):

@@ -119,18 +119,6 @@ def max_rope_positions(cfg: Any) -> int:
     return n
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, head_dim]; cos, sin: [T, 1, rot_dim/2] -> rotate-half rotary on the first rot_dim channels, the
-    same arithmetic as HF's x * cos + rotate_half(x) * sin."""
-    half = cos.shape[-1]
-    rot = 2 * half
-    x1, x2 = x[..., :half], x[..., half:rot]
-    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    if rot < x.shape[-1]:
-        rotated = torch.cat([rotated, x[..., rot:]], dim=-1)
-    return rotated
-
-
 class RotaryEmbedding(nn.Module):
     """cos/sin cache [max_positions, rot_dim] (cos half | sin half) for rotate-half rotary of q and k."""
 
@@ -145,7 +133,7 @@ class RotaryEmbedding(nn.Module):
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather once per forward: ([T, rot_dim/2], [T, rot_dim/2]) in the activation dtype (as HF casts). The
-        attention op applies them (`apply_rotary`, or the fused kernel in kernels/qk_norm_rope.py)."""
+        attention op applies them (kernels/qk_norm_rope.py: `apply_rotary`, or the fused kernel)."""
         cos, sin = self.cos_sin_cache.index_select(0, positions).to(dtype).chunk(2, dim=-1)
         return cos, sin
 

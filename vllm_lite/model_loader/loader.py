@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from vllm_lite.attention import AttentionContext
-from vllm_lite.config import LoadConfig
+from vllm_lite.config import KernelConfig, LoadConfig
 from vllm_lite.model_loader.resolve import ModelInfo
 from vllm_lite.model_loader.weights import checkpoint_weights, init_dummy_weights
 from vllm_lite.models.registry import get_model_class
@@ -29,13 +29,14 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def load_model(info: ModelInfo, load_config: LoadConfig, device: str | torch.device, attn_ctx: AttentionContext,
-               seed: int = 0) -> nn.Module:
+               seed: int = 0, *, kernels: KernelConfig | None = None) -> nn.Module:
     """Build the model directly on `device` in `info.dtype` (no host copy of the parameters) and fill its weights
-    from the checkpoint, or with seeded random values for load_format "dummy"."""
+    from the checkpoint, or with seeded random values for load_format "dummy". `kernels` (the engine's KernelConfig;
+    default KernelConfig.from_env()) goes to the model's constructor (skinny-GEMM projections)."""
     t0 = time.perf_counter()
     cls = get_model_class(info.architecture)
     with _default_dtype(info.dtype), torch.device(device):
-        model = cls(info.hf_config, attn_ctx)
+        model = cls(info.hf_config, attn_ctx, kernels=kernels)
     if load_config.load_format == "dummy" or info.load_format == "dummy":
         init_dummy_weights(model, seed)
         what = "dummy weights"

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-import vllm_lite.envs as envs
 from vllm_lite.attention import Attention, AttentionContext
+from vllm_lite.config import KernelConfig
 from vllm_lite.layers.activation import SiluAndMul
 from vllm_lite.layers.norm import RMSNorm
 from vllm_lite.layers.rotary import get_rope, head_dim_of
@@ -32,20 +32,26 @@ class WeightLoadError(ValueError):
 
 
 class Linear(nn.Linear):
-    """A projection; on the devices in `skinny_devices` (unless VLLM_LITE_SKINNY_GEMM=0) it goes through the opaque
-    `vllm_lite::skinny_linear` op, which sends decode-sized calls to kernels/skinny_gemm.py where that measured
-    faster than cuBLAS; otherwise it is nn.Linear (so CPU graphs keep inductor's own matmuls)."""
+    """A projection; built with skinny=True (the model passes KernelConfig.skinny_gemm), on the devices in
+    `skinny_devices` it goes through the opaque `vllm_lite::skinny_linear` op, which sends decode-sized calls to
+    kernels/skinny_gemm.py where that measured faster than cuBLAS; otherwise it is nn.Linear (so CPU graphs keep
+    inductor's own matmuls)."""
 
     skinny_devices: tuple[str, ...] = ("cuda",)
 
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, skinny: bool = False) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.skinny = skinny
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if envs.USE_SKINNY_GEMM and self.weight.device.type in self.skinny_devices:
+        if self.skinny and self.weight.device.type in self.skinny_devices:
             return torch.ops.vllm_lite.skinny_linear(x, self.weight, self.bias)
         return super().forward(x)
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, cfg: Any, layer_idx: int, ctx: AttentionContext, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, cfg: Any, layer_idx: int, ctx: AttentionContext, qkv_bias: bool, qk_norm: bool,
+                 skinny: bool = False) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
@@ -53,8 +59,8 @@ class DecoderAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         o_bias = bool(getattr(cfg, "attention_bias", False))
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=o_bias)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias, skinny=skinny)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=o_bias, skinny=skinny)
         self.qkv_proj.shard_offsets = {"q": (0, self.q_size), "k": (self.q_size, self.kv_size),
                                        "v": (self.q_size + self.kv_size, self.kv_size)}
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
@@ -72,13 +78,13 @@ class DecoderAttention(nn.Module):
 
 
 class DecoderMLP(nn.Module):
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Any, skinny: bool = False) -> None:
         super().__init__()
         bias = bool(getattr(cfg, "mlp_bias", False))
         inter = cfg.intermediate_size
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * inter, bias=bias)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * inter, bias=bias, skinny=skinny)
         self.gate_up_proj.shard_offsets = {"gate": (0, inter), "up": (inter, inter)}
-        self.down_proj = Linear(inter, cfg.hidden_size, bias=bias)
+        self.down_proj = Linear(inter, cfg.hidden_size, bias=bias, skinny=skinny)
         self.act = SiluAndMul()
         act = getattr(cfg, "hidden_act", "silu")
         if act not in ("silu", "swish"):
@@ -89,10 +95,11 @@ class DecoderMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: Any, layer_idx: int, ctx: AttentionContext, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, cfg: Any, layer_idx: int, ctx: AttentionContext, qkv_bias: bool, qk_norm: bool,
+                 skinny: bool = False) -> None:
         super().__init__()
-        self.self_attn = DecoderAttention(cfg, layer_idx, ctx, qkv_bias, qk_norm)
-        self.mlp = DecoderMLP(cfg)
+        self.self_attn = DecoderAttention(cfg, layer_idx, ctx, qkv_bias, qk_norm, skinny)
+        self.mlp = DecoderMLP(cfg, skinny)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -109,11 +116,11 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: Any, ctx: AttentionContext, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, cfg: Any, ctx: AttentionContext, qkv_bias: bool, qk_norm: bool, skinny: bool = False) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.rotary_emb = get_rope(cfg)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, ctx, qkv_bias, qk_norm)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, ctx, qkv_bias, qk_norm, skinny)
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -128,17 +135,21 @@ class DecoderModel(nn.Module):
 
 
 class DecoderForCausalLM(nn.Module):
-    """Base of the Llama-family causal LMs: `forward(input_ids[T], positions[T]) -> hidden [T, hidden]`."""
+    """Base of the Llama-family causal LMs: `forward(input_ids[T], positions[T]) -> hidden [T, hidden]`.
+
+    `kernels` (default KernelConfig.from_env()): its skinny_gemm decides, here at construction, whether the
+    projections use the skinny-GEMM op on CUDA."""
     qkv_bias_default = False
     qk_norm = False
 
-    def __init__(self, hf_config: Any, attn_ctx: AttentionContext) -> None:
+    def __init__(self, hf_config: Any, attn_ctx: AttentionContext, kernels: KernelConfig | None = None) -> None:
         super().__init__()
         self.config = hf_config
         qkv_bias = self.qkv_bias_default or bool(getattr(hf_config, "attention_bias", False))
         if getattr(hf_config, "use_sliding_window", False):
             logger.warning("sliding-window attention is not implemented; attending to the full context")
-        self.model = DecoderModel(hf_config, attn_ctx, qkv_bias, self.qk_norm)
+        kernels = kernels if kernels is not None else KernelConfig.from_env()
+        self.model = DecoderModel(hf_config, attn_ctx, qkv_bias, self.qk_norm, kernels.skinny_gemm)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
         if self.tie_word_embeddings:

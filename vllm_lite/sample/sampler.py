@@ -13,10 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_lite.config import KernelConfig
 from vllm_lite.kernels.cdf_sample import HAS_TRITON, cdf_sample_triton
+from vllm_lite.kernels.sampling import apply_min_p, apply_top_k_top_p
 from vllm_lite.sample.metadata import SamplingMetadata
 from vllm_lite.sample.penalties import apply_blocked_tokens, apply_penalties
-from vllm_lite.sample.topk_topp import apply_min_p, apply_top_k_top_p, random_sample
+from vllm_lite.sample.topk_topp import random_sample
 
 
 @dataclass
@@ -35,7 +37,12 @@ class SamplerOutput:
 
 
 class Sampler:
-    """Stateless; one instance per model runner. Does not modify the caller's logits unless they are handed over."""
+    """One instance per model runner; no per-step state. Does not modify the caller's logits unless they are handed
+    over. `kernels.sampling_kernel` (KernelConfig; default: KernelConfig.from_env()) sends min-p / top-k / top-p on
+    CUDA through the Triton threshold search (kernels/sampling.py) instead of the torch references."""
+
+    def __init__(self, kernels: KernelConfig | None = None) -> None:
+        self.use_sampling_kernel = (kernels if kernels is not None else KernelConfig.from_env()).sampling_kernel
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata, logits_owned: bool = False) -> SamplerOutput:
         """logits_owned: the caller no longer needs `logits`, so float32 logits may be modified in place."""
@@ -73,8 +80,7 @@ class Sampler:
                                      meta.repetition_penalty, meta.presence_penalty, meta.frequency_penalty)
         return logits
 
-    @staticmethod
-    def sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    def sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         """Greedy rows: argmax of constrained logits. Random rows: temperature, filters, exponential race."""
         greedy = None
         if not meta.all_random:
@@ -84,9 +90,10 @@ class Sampler:
 
         logits.div_(meta.temperature.unsqueeze(1))
         if not meta.no_min_p:
-            logits = apply_min_p(logits, meta.min_p)
+            logits = apply_min_p(logits, meta.min_p, use_kernel=self.use_sampling_kernel)
         if not (meta.no_top_k and meta.no_top_p):
-            logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p, max_k=meta.max_top_k)
+            logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p, max_k=meta.max_top_k,
+                                       use_kernel=self.use_sampling_kernel)
         probs = logits.softmax(dim=-1)
         sampled = random_sample(probs, meta.generators)
         if greedy is None:
