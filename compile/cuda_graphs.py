@@ -28,6 +28,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -120,8 +121,9 @@ class CUDAGraphRunner:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
                 out = self.model_forward(ids, pos)
-            if out.shape[0] != bs or (self.hidden_size and out.shape[-1] != self.hidden_size):
-                raise RuntimeError(f"model_forward returned {tuple(out.shape)} for a batch of {bs}")
+            hidden = out[0] if isinstance(out, tuple) else out
+            if hidden.shape[0] != bs or (self.hidden_size and hidden.shape[-1] != self.hidden_size):
+                raise RuntimeError(f"model_forward returned {tuple(hidden.shape)} for a batch of {bs}")
             self.graphs[q, bs] = graph
             self.outputs[q, bs] = out
         torch.cuda.synchronize(self.device)
@@ -135,7 +137,7 @@ class CUDAGraphRunner:
 
     # ---- replay ----------------------------------------------------------------------------------------------
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, num_tokens: int,
-            slot_mapping: torch.Tensor | None = None, query_len: int = 1) -> torch.Tensor:
+            slot_mapping: torch.Tensor | None = None, query_len: int = 1) -> Any:
         """Copy the step's inputs (and KV slots, padding rows set to -1) into the static buffers, replay the padded
         size's graph and return hidden[:num_tokens] — a view of a static output, valid until the next replay.
         The attention metadata must already be prepared for graph_batch_size = padded_size(num_tokens, q). Padded
@@ -150,7 +152,10 @@ class CUDAGraphRunner:
                 self.slot_mapping[num_tokens:bs].fill_(-1)
         self.graphs[query_len, bs].replay()
         self.num_replays[query_len] += 1
-        return self.outputs[query_len, bs][:num_tokens]
+        out = self.outputs[query_len, bs]
+        if isinstance(out, tuple):  # (hidden, aux hidden states): the model returns intermediate layers too
+            return out[0][:num_tokens], [a[:num_tokens] for a in out[1]]
+        return out[:num_tokens]
 
     def release(self) -> None:
         """Drop the graphs, their outputs and the pool."""

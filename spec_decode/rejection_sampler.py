@@ -52,18 +52,20 @@ def _ranks(n: torch.Tensor) -> torch.Tensor:
     return torch.arange(total, device=n.device) - torch.repeat_interleave(starts, n, output_size=total)
 
 
-def target_probs(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """The distribution each random row samples from (temperature, min-p, top-k/top-p), [R, V] float32."""
+def target_probs(logits: torch.Tensor, meta: SamplingMetadata, use_kernel: bool = False) -> torch.Tensor:
+    """The distribution each random row samples from (temperature, min-p, top-k/top-p), [R, V] float32.
+    use_kernel: the Triton filter kernel on CUDA (KernelConfig.sampling_kernel)."""
     logits = logits / meta.temperature.unsqueeze(1)
     if not meta.no_min_p:
-        logits = apply_min_p(logits, meta.min_p)
+        logits = apply_min_p(logits, meta.min_p, use_kernel=use_kernel)
     if not (meta.no_top_k and meta.no_top_p):
-        logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p, max_k=meta.max_top_k)
+        logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p, max_k=meta.max_top_k, use_kernel=use_kernel)
     return logits.softmax(dim=-1)
 
 
 def rejection_sample(logits: torch.Tensor, meta: SamplingMetadata, draft_ids: torch.Tensor,
-                     num_drafts: list[int], row_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     num_drafts: list[int], row_mask: torch.Tensor | None = None,
+                     use_sampling_kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [R, V] (R = sum(1 + k_i)), per-request `meta`, drafts [S, K] (-1 padded), k_i = num_drafts[i],
     row_mask [R, V] bool: the grammar's allowed tokens per row (None: all).
 
@@ -90,7 +92,7 @@ def rejection_sample(logits: torch.Tensor, meta: SamplingMetadata, draft_ids: to
     accept = drafts == greedy_tokens[row_idx[:, :kmax]]
     final = greedy_tokens
     if not meta.all_greedy:
-        probs = target_probs(logits, rows_meta)
+        probs = target_probs(logits, rows_meta, use_sampling_kernel)
         p_draft = probs[row_idx[:, :kmax], drafts]  # [S, K]
         u = torch.rand(p_draft.shape, device=device)
         for i in {r for r in range(s) if offsets[r] in rows_meta.generators}:

@@ -180,7 +180,6 @@ def test_engine_with_compiled_forward_matches_eager_and_never_recompiles(tiny_ll
 def test_skinny_linear_op_compiles_without_breaks(tiny_qwen3_path, monkeypatch):
     """Projections go through the opaque `vllm_lite::skinny_linear` op on CUDA (the Triton kernel where it measured
     faster, F.linear otherwise): valid schema / fake impl, no graph breaks, same outputs (routed here on CPU)."""
-    import vllm_lite.envs as envs
     from vllm_lite.models.decoder import Linear
     w, x = torch.randn(24, 16), torch.randn(3, 16)
     torch.library.opcheck(torch.ops.vllm_lite.skinny_linear.default, (x, w, None),
@@ -192,7 +191,6 @@ def test_skinny_linear_op_compiles_without_breaks(tiny_qwen3_path, monkeypatch):
     ids = torch.randint(0, 300, (7,))
     with torch.inference_mode():
         want = model(ids, pos)
-        monkeypatch.setattr(envs, "USE_SKINNY_GEMM", True)
         monkeypatch.setattr(Linear, "skinny_devices", ("cuda", "cpu"))
         explained = torch._dynamo.explain(model.forward)(ids, pos)
         assert explained.graph_break_count == 0, explained.break_reasons

@@ -220,3 +220,31 @@ def test_skinny_gemm_switch_is_fixed_at_model_construction(tiny_llama_path, monk
     monkeypatch.setenv("VLLM_LITE_SKINNY_GEMM", "0")
     model = load_model(info, LoadConfig(), "cpu", AttentionContext(TorchAttentionBackend()))
     assert not any(m.skinny for m in model.modules() if isinstance(m, Linear))
+
+
+def test_aux_hidden_states_match_transformers(tiny_qwen3_path):
+    """With aux layers set, the forward also returns the residual stream entering those layers: transformers'
+    hidden_states[i] (EAGLE-style heads read them); the final hidden state is unchanged."""
+    from transformers import AutoModelForCausalLM
+    from tiny_models import make_step_metadata
+
+    model, ctx = _ours(tiny_qwen3_path)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_qwen3_path, dtype=torch.float32).eval()
+    prompt = PROMPTS[3]
+    meta, num_blocks = make_step_metadata([len(prompt)], 4)
+    cfg = model.config
+    shape = ctx.backend.kv_cache_shape(num_blocks, 4, cfg.num_key_value_heads, cfg.head_dim)
+    ctx.kv_caches = [torch.zeros(shape) for _ in range(cfg.num_hidden_layers)]
+    ctx.set_step(meta)
+    ids, pos = torch.tensor(prompt), torch.arange(len(prompt))
+    with torch.no_grad():
+        plain = model(ids, pos)
+        model.set_aux_hidden_state_layers((0, 1))
+        hidden, aux = model(ids, pos)
+        want = hf(torch.tensor([prompt]), output_hidden_states=True).hidden_states
+    torch.testing.assert_close(hidden, plain)
+    assert len(aux) == 2
+    for i in (0, 1):
+        torch.testing.assert_close(aux[i], want[i][0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="out of range"):
+        model.set_aux_hidden_state_layers((5,))

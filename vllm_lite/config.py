@@ -135,6 +135,47 @@ class KernelConfig:
                                  + (" (or None: automatic)" if f.name == "flashinfer_tensor_cores" else ""))
 
 
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How many ranks run the model. The executor starts one worker per rank; tensor parallelism (sharded layers
+    over NCCL) is not built yet, so today only one rank is allowed."""
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        _positive("tensor_parallel_size", self.tensor_parallel_size)
+        if self.tensor_parallel_size != 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet; use 1")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size
+
+
+@dataclass(frozen=True)
+class RankConfig:
+    """Who one worker is: its rank among world_size ranks and the local device index it drives."""
+    rank: int = 0
+    world_size: int = 1
+    device_index: int = 0
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding: up to `num_speculative_tokens` draft tokens per request per step are verified in one
+    forward (1 + k query tokens). The runner captures CUDA graphs for 1 + k tokens per request; the scheduler keeps
+    a speculating request's steps in order (its next step waits for the accepted tokens)."""
+    num_speculative_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_speculative_tokens, int) or not 0 <= self.num_speculative_tokens <= 15:
+            raise ValueError(f"num_speculative_tokens={self.num_speculative_tokens!r} is invalid; it must be an "
+                             f"integer in [0, 15]")
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_speculative_tokens > 0
+
+
 def offline_batch_defaults(device: str) -> dict[str, int]:
     """vLLM's scheduler defaults for the offline `LLM` class: prefill chunks of 16384 tokens and 1024 sequences on
     GPUs of >= 70 GiB other than the A100 (H100, H200, MI300X), SchedulerConfig's 8192 / 256 elsewhere. The API
@@ -156,12 +197,15 @@ class EngineConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     load: LoadConfig = field(default_factory=LoadConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig.from_env)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
         """Split flat vLLM-style keyword arguments into the section dataclasses; unknown names are an error."""
         sections = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
-                    "device": DeviceConfig, "load": LoadConfig, "kernels": KernelConfig}
+                    "device": DeviceConfig, "load": LoadConfig, "kernels": KernelConfig,
+                    "parallel": ParallelConfig, "speculative": SpeculativeConfig}
         parts: dict[str, dict[str, Any]] = {name: {} for name in sections}
         owner = {f.name: name for name, klass in sections.items() for f in dataclasses.fields(klass)}
         for key, value in kwargs.items():

@@ -61,13 +61,14 @@ class FlashInferBackend:
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, dtype: torch.dtype,
                  device: torch.device | str, max_num_seqs: int, max_blocks_per_seq: int,
-                 use_tensor_cores: bool | None = None) -> None:
+                 use_tensor_cores: bool | None = None, kv_write_kernel: bool = True) -> None:
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} not a multiple of num_kv_heads {num_kv_heads}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale, self.dtype, self.device = scale, dtype, torch.device(device)
         self.max_num_seqs, self.max_blocks_per_seq = max_num_seqs, max_blocks_per_seq
         self.use_tensor_cores = True if use_tensor_cores is None else use_tensor_cores
+        self.kv_write_kernel = kv_write_kernel  # False: the torch reference writes the KV cache in `forward`
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self.prefill_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
         self.decode_wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
@@ -206,7 +207,8 @@ class FlashInferBackend:
                 spec: AttentionSpec, meta: FlashInferMetadata) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]; rows past the real tokens are padding (garbage out)."""
         n = self._num_written(q.shape[0], meta)
-        write_kv_cache(k[:n], v[:n], kv_cache, meta.step.slot_mapping[:n], meta.step.block_size)
+        write_kv_cache(k[:n], v[:n], kv_cache, meta.step.slot_mapping[:n], meta.step.block_size,
+                       use_kernel=self.kv_write_kernel)
         return self._attend(q, kv_cache, meta)
 
     def forward_rope(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

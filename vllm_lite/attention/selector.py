@@ -36,7 +36,8 @@ def make_backend(name: str, *, num_heads: int, num_kv_heads: int, head_dim: int,
             problem = f"flashinfer failed to import: {e}"
         else:
             return FlashInferBackend(num_heads, num_kv_heads, head_dim, scale, dtype, device, max_num_seqs,
-                                     max_blocks_per_seq, use_tensor_cores=kernels.flashinfer_tensor_cores)
+                                     max_blocks_per_seq, use_tensor_cores=kernels.flashinfer_tensor_cores,
+                                     kv_write_kernel=kernels.kv_write_kernel)
     if name == "flashinfer":
         raise ValueError(f"attention_backend='flashinfer' cannot run: {problem}; use 'torch'")
     if device.type == "cuda":

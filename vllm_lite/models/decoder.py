@@ -123,15 +123,22 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, ctx, qkv_bias, qk_norm, skinny)
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Layers whose input hidden state the forward also returns (EAGLE-style draft heads read them); static for
+        # torch.compile: set before the first compiled call.
+        self.aux_hidden_state_layers: tuple[int, ...] = ()
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor,
+                positions: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb.cos_sin(positions, hidden.dtype)
         residual = None
-        for layer in self.layers:
+        aux: list[torch.Tensor] = []
+        for i, layer in enumerate(self.layers):
+            if i in self.aux_hidden_state_layers:  # the residual stream entering layer i
+                aux.append(hidden if residual is None else hidden + residual)
             hidden, residual = layer(hidden, residual, cos, sin)
         hidden, _ = self.norm(hidden, residual)
-        return hidden
+        return (hidden, aux) if self.aux_hidden_state_layers else hidden
 
 
 class DecoderForCausalLM(nn.Module):
@@ -155,9 +162,18 @@ class DecoderForCausalLM(nn.Module):
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Flat batch of tokens (any mix of requests) -> final-normed hidden states [T, hidden]."""
+    def forward(self, input_ids: torch.Tensor,
+                positions: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Flat batch of tokens (any mix of requests) -> final-normed hidden states [T, hidden]; with
+        aux hidden-state layers set, (hidden, [the residual stream entering each of those layers, [T, hidden]])."""
         return self.model(input_ids, positions)
+
+    def set_aux_hidden_state_layers(self, layers: tuple[int, ...]) -> None:
+        """Also return the hidden states entering these layers (EAGLE-3 reads a low, middle and high one)."""
+        bad = [i for i in layers if not 0 <= i < len(self.model.layers)]
+        if bad:
+            raise ValueError(f"aux hidden-state layers {bad} out of range (the model has {len(self.model.layers)})")
+        self.model.aux_hidden_state_layers = tuple(layers)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] (usually only the rows that sample) -> logits [N, vocab] in the model's dtype: the

@@ -253,6 +253,9 @@ class ModelRunner:
             hidden = self.forward(inputs.input_ids, inputs.positions)
         rows = sample_rows.tolist()
         step = _PendingStep(Launch(self._launches, req_ids, rows, num_drafts=sample_drafts.tolist()))
+        if isinstance(hidden, tuple):  # the model also returns chosen intermediate hidden states
+            hidden, aux = hidden
+            step.aux_hidden_states = [a[: meta.num_tokens] for a in aux]
         if rows:
             # Every token samples (plain decode, or all rows of a uniform verification): no gather needed.
             all_rows = len(inputs.logits_indices) == meta.num_tokens
@@ -289,7 +292,8 @@ class ModelRunner:
             self._last_sampled = sampled
             logprob_out = out
         else:
-            sampled, row_tokens = rejection_sample(step.logits, meta, step.drafts, launch.num_drafts, row_mask)
+            sampled, row_tokens = rejection_sample(step.logits, meta, step.drafts, launch.num_drafts, row_mask,
+                                                   self.config.kernels.sampling_kernel)
             self._last_sampled = sampled[:, 0]
             logprob_out = None
         tensors = [sampled]
@@ -384,6 +388,8 @@ class _PendingStep:
     logits: torch.Tensor | None = None
     states: list[CachedRequestState] = field(default_factory=list)
     drafts: torch.Tensor | None = None  # [S, K] int64, -1 padded (verification steps only)
+    # The residual stream entering the model's aux hidden-state layers, [T, hidden] each (EAGLE-style heads).
+    aux_hidden_states: list[torch.Tensor] = field(default_factory=list)
 
 
 def _uses_token_values(p: SamplingParams) -> bool:
