@@ -62,8 +62,9 @@ def test_mixed_batch_matches_contiguous_attention(block_size, heads):
 
 
 def test_make_backend_takes_kernel_choices_from_kernel_config(monkeypatch):
-    """make_backend(kernels=KernelConfig): FlashInfer gets flashinfer_tensor_cores at construction (a stand-in
-    module here, so no GPU is needed); the torch backend is the reference and writes with the torch reference."""
+    """make_backend(kernels=KernelConfig): FlashInfer gets flashinfer_tensor_cores and kv_write_kernel at
+    construction (a stand-in module here, so no GPU is needed); the torch backend is the reference and writes with
+    the torch reference."""
     import sys
     import types
 
@@ -75,8 +76,8 @@ def test_make_backend_takes_kernel_choices_from_kernel_config(monkeypatch):
     class FakeFlashInfer:
         name = "flashinfer"
 
-        def __init__(self, *args, use_tensor_cores=None):
-            made.append(use_tensor_cores)
+        def __init__(self, *args, use_tensor_cores=None, kv_write_kernel=True):
+            made.append((use_tensor_cores, kv_write_kernel))
 
     monkeypatch.setitem(sys.modules, "vllm_lite.attention.flashinfer_backend",
                         types.SimpleNamespace(FlashInferBackend=FakeFlashInfer))
@@ -86,9 +87,10 @@ def test_make_backend_takes_kernel_choices_from_kernel_config(monkeypatch):
     for tc in (None, True, False):
         assert selector.make_backend("auto", kernels=KernelConfig(flashinfer_tensor_cores=tc), **kw).name == \
             "flashinfer"
-    assert made == [None, True, False]
+    selector.make_backend("auto", kernels=KernelConfig(kv_write_kernel=False), **kw)
+    assert made == [(None, True), (True, True), (False, True), (None, False)]
     monkeypatch.setenv("VLLM_LITE_FLASHINFER_TENSOR_CORES", "0")
     selector.make_backend("flashinfer", **kw)  # no config given: the environment's default
-    assert made[-1] is False
+    assert made[-1] == (False, True)
     backend = selector.make_backend("torch", kernels=KernelConfig(kv_write_kernel=True), **kw)
     assert isinstance(backend, TorchAttentionBackend)

@@ -1,7 +1,13 @@
 """Verifying 1 + k tokens per request on CUDA, with the test-only proposers of tests/spec_utils.py: the torch backend
 (float32) and FlashInfer (bf16), eager and compiled with CUDA graphs (uniform 1 + k steps replay their own graphs),
 async scheduling on and off. Drafts equal to the plain run's greedy tokens are all accepted, wrong drafts none, and
-the outputs equal the plain run's token for token."""
+the outputs equal the plain run's token for token.
+
+In float32 (torch backend) that holds exactly. In bf16 a verification step runs other kernels than a plain decode
+step (FlashInfer's paged prefill kernel for 1 + k query rows instead of its decode kernel, GEMMs of 4x the rows), so
+their rounding differs and a near tie can flip: there each request must be identical up to its first difference,
+where each run's token is among the other run's top-5 (vLLM's check_logprobs_close rule, as in
+test_engine_gpu.py), and the oracle's drafts must be accepted up to the differences."""
 from __future__ import annotations
 
 import random
@@ -42,23 +48,44 @@ def _prompts() -> list[list[int]]:
 def test_verification_is_exact(model_path, setup, async_scheduling):
     kw = dict(SETUPS[setup], device="cuda", max_model_len=512, max_num_seqs=8, gpu_memory_utilization=0.2,
               async_scheduling=async_scheduling)
-    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=5)
     prompts = _prompts()
     ref = run_core(make_core(model_path, **kw), prompts, params)
     tokens = {r: v["tokens"] for r, v in ref.items()}
+    exact = kw["dtype"] == "float32"
     for proposer in (OracleProposer(tokens), WrongProposer(tokens, 384)):
         core = make_core(model_path, proposer=proposer, num_speculative_tokens=K, **kw)
         got = run_core(core, prompts, params)
-        assert {r: v["tokens"] for r, v in got.items()} == tokens, type(proposer).__name__
+        identical = _assert_close(got, ref, exact)
         stats = core.scheduler.make_stats()
+        print(f"{setup} {type(proposer).__name__}: {identical}/{len(ref)} identical, "
+              f"{stats.num_accepted_tokens}/{stats.num_draft_tokens} drafts accepted")
         assert stats.num_draft_tokens > 0
         if isinstance(proposer, WrongProposer):
-            assert stats.num_accepted_tokens == 0
-        else:
+            assert stats.num_accepted_tokens <= (0 if identical == len(ref) else stats.num_draft_tokens // 20)
+        elif identical == len(ref):
             assert stats.num_accepted_tokens == stats.num_draft_tokens
+        else:
+            assert stats.num_accepted_tokens >= 0.8 * stats.num_draft_tokens
         graphs = core.executor.runner.graphs
         if setup.endswith("graphs"):
             assert graphs.num_replays[1 + K] > 0, graphs.num_replays  # uniform verification steps replayed
         core.shutdown()
         del core
         torch.cuda.empty_cache()
+
+
+def _assert_close(got: dict, ref: dict, exact: bool) -> int:
+    """Identical (exact) or identical up to a near tie; returns how many requests were identical."""
+    identical = 0
+    for r, want in ref.items():
+        a, b = got[r]["tokens"], want["tokens"]
+        if a == b:
+            identical += 1
+            continue
+        assert not exact, (r, a, b)
+        j = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        top_a = {t for t, _, _ in got[r]["logprobs"][j]}
+        top_b = {t for t, _, _ in want["logprobs"][j]}
+        assert b[j] in top_a and a[j] in top_b, (r, j, got[r]["logprobs"][j], want["logprobs"][j])
+    return identical
