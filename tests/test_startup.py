@@ -25,7 +25,7 @@ def test_api_server_imports_neither_torch_nor_transformers():
 
 
 def _executor(model: str, tmp_path):
-    from vllm_lite.worker.worker_proc import MultiprocExecutor
+    from vllm_lite.executor.multiproc import MultiprocExecutor
     config = EngineConfig.from_kwargs(model=model, device="cpu", max_model_len=256)
     return MultiprocExecutor(config, str(tmp_path))
 
@@ -39,7 +39,7 @@ def test_worker_describes_the_model_it_resolved(tiny_llama_path, tmp_path):
         assert executor.determine_num_blocks() > 0  # profiled before it was asked; the answer is the same kind
     finally:
         executor.shutdown()
-    assert not executor.proc.is_alive()
+    assert not any(p.is_alive() for p in executor.procs)
 
 
 def test_worker_reports_a_bad_model(tmp_path):
@@ -54,10 +54,10 @@ def test_worker_reports_a_bad_model(tmp_path):
 
 
 def test_worker_death_before_its_description_fails_fast(tiny_llama_path, tmp_path):
-    from vllm_lite.worker.worker_proc import WorkerDiedError
+    from vllm_lite.executor.multiproc import WorkerDiedError
     executor = _executor(tiny_llama_path, tmp_path)
     try:
-        executor.proc.kill()
+        executor.procs[0].kill()
         start = time.monotonic()
         with pytest.raises(WorkerDiedError, match="exited with code"):
             executor.wait_model_description()

@@ -56,12 +56,15 @@ class MultiprocExecutor:
         self._ready = False
 
     # ---- receiving ---------------------------------------------------------------------------------------------
+    def _check_alive(self) -> None:
+        for r, proc in enumerate(self.procs):
+            if not proc.is_alive():
+                raise WorkerDiedError(f"worker process {r} exited with code {proc.exitcode}")
+
     def _recv_frame(self, rank: int) -> bytes:
         sock = self.from_workers[rank]
         while not sock.poll(_POLL_MS):
-            for r, proc in enumerate(self.procs):
-                if not proc.is_alive():
-                    raise WorkerDiedError(f"worker process {r} exited with code {proc.exitcode}")
+            self._check_alive()
         return sock.recv()
 
     def _reply(self, rank: int) -> Any:
@@ -85,8 +88,16 @@ class MultiprocExecutor:
 
     # ---- calls -------------------------------------------------------------------------------------------------
     def _broadcast(self, frame: bytes) -> None:
+        """Send to every rank; a PUSH to a rank whose process is gone would block forever, so a send that cannot
+        go out at once waits while watching the workers."""
         for sock in self.to_workers:
-            sock.send(frame)
+            while True:
+                try:
+                    sock.send(frame, flags=zmq.NOBLOCK)
+                    break
+                except zmq.Again:
+                    self._check_alive()
+                    sock.poll(_POLL_MS, zmq.POLLOUT)
 
     def _call_all(self, call: Any) -> list[Any]:
         if not self._ready:  # every rank says "ready" once its model is loaded
