@@ -7,8 +7,8 @@ In float32 (torch backend) that holds exactly. In bf16 a verification step runs 
 step (FlashInfer's paged prefill kernel for 1 + k query rows instead of its decode kernel, GEMMs of 4x the rows), so
 their rounding differs and a near tie can flip: there each request must be identical up to its first difference,
 where each run's token is among the other run's top-5 (vLLM's check_logprobs_close rule, as in
-test_engine_gpu.py); the proposers draft only while a request still follows the plain run, so the oracle's drafts
-must all be accepted and the wrong ones all rejected there too."""
+test_engine_gpu.py); the proposers draft only while a request still follows the plain run, so the wrong drafts must all be rejected
+and the oracle's all accepted but in the step where a request's near tie flips."""
 from __future__ import annotations
 
 import random
@@ -61,10 +61,13 @@ def test_verification_is_exact(model_path, setup, async_scheduling):
         stats = core.scheduler.make_stats()
         print(f"{setup} {type(proposer).__name__}: {identical}/{len(ref)} identical, "
               f"{stats.num_accepted_tokens}/{stats.num_draft_tokens} drafts accepted")
-        # Drafts are proposed while a request follows the plain run: all accepted (oracle) or none (wrong).
+        # Drafts are proposed while a request follows the plain run: none accepted (wrong), all accepted (oracle)
+        # but in the step where a near tie flips (at most K drafts per request that differs).
         assert stats.num_draft_tokens > 0
-        want = 0 if isinstance(proposer, WrongProposer) else stats.num_draft_tokens
-        assert stats.num_accepted_tokens == want
+        if isinstance(proposer, WrongProposer):
+            assert stats.num_accepted_tokens == 0
+        else:
+            assert stats.num_draft_tokens - stats.num_accepted_tokens <= (len(ref) - identical) * K
         graphs = core.executor.runner.graphs
         if setup.endswith("graphs"):
             assert graphs.num_replays[1 + K] > 0, graphs.num_replays  # uniform verification steps replayed
