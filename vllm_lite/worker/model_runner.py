@@ -8,6 +8,7 @@ arrays with per-request (never per-token) Python work and copied to the device o
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 from collections import deque
@@ -206,23 +207,26 @@ class ModelRunner:
         states = [self.requests[r] for r in req_ids]
         if any(s.pending and _uses_token_values(s.sampling_params) for s in states):
             self._resolve_all()  # penalties need the values of the tokens still on the device
-        spec = so.scheduled_spec_decode_tokens
-        num_drafts = np.zeros(len(states), dtype=np.int64)
-        if spec:
-            for i, r in enumerate(req_ids):
-                drafts = spec.get(r)
-                if drafts:
-                    states[i].stage_drafts(drafts)
-                    num_drafts[i] = len(drafts)
         query_lens = np.fromiter(so.num_scheduled_tokens.values(), dtype=np.int64, count=len(req_ids))
         starts = np.fromiter((s.num_computed_tokens for s in states), dtype=np.int64, count=len(states))
         ends = starts + query_lens
         # Only requests whose scheduled tokens reach the end of what is known (+ drafts) sample; partial prefills
         # do not. A request verifying k drafts samples at its last 1 + k tokens.
-        known = np.fromiter((s.num_tokens for s in states), dtype=np.int64, count=len(states)) + num_drafts
+        known = np.fromiter((s.num_tokens for s in states), dtype=np.int64, count=len(states))
+        spec = so.scheduled_spec_decode_tokens
+        sample_drafts = counts = None
+        if spec:
+            num_drafts = np.zeros(len(states), dtype=np.int64)
+            for i, r in enumerate(req_ids):
+                drafts = spec.get(r)
+                if drafts:
+                    states[i].stage_drafts(drafts)
+                    num_drafts[i] = len(drafts)
+            known += num_drafts
         sample_rows = np.flatnonzero(ends >= known)
-        sample_drafts = num_drafts[sample_rows]
-        counts = sample_drafts + 1 if spec else None
+        if spec:
+            sample_drafts = num_drafts[sample_rows]
+            counts = sample_drafts + 1
         fill_dst, fill_src = self._device_token_fills(states, starts, ends, query_lens)
         # Steady decode: token i is row i of the previous launch's ids, one copy instead of a gather + scatter.
         # (dst is increasing, so dst[0] == 0 and dst[-1] == len - 1 make it 0..k-1.)
@@ -252,7 +256,8 @@ class ModelRunner:
         else:
             hidden = self.forward(inputs.input_ids, inputs.positions)
         rows = sample_rows.tolist()
-        step = _PendingStep(Launch(self._launches, req_ids, rows, num_drafts=sample_drafts.tolist()))
+        step = _PendingStep(Launch(self._launches, req_ids, rows,
+                                   num_drafts=None if sample_drafts is None else sample_drafts.tolist()))
         if isinstance(hidden, tuple):  # the model also returns chosen intermediate hidden states
             hidden, aux = hidden
             step.aux_hidden_states = [a[: meta.num_tokens] for a in aux]
@@ -262,7 +267,7 @@ class ModelRunner:
             step.logits = self.model.compute_logits(hidden[: meta.num_tokens] if all_rows
                                                     else hidden[inputs.logits_indices])
             step.states = [states[i] for i in rows]
-            if spec:
+            if sample_drafts is not None:
                 width = int(sample_drafts.max()) + 1
                 drafts = np.full((len(rows), width - 1), -1, dtype=np.int64)
                 for j, (state, k) in enumerate(zip(step.states, sample_drafts.tolist())):
@@ -308,17 +313,20 @@ class ModelRunner:
         if self.device.type == "cuda":
             launch.done = torch.cuda.Event()
             launch.done.record()
-        offsets = np.concatenate([[0], np.cumsum(np.asarray(launch.num_drafts) + 1)[:-1]]).tolist()
-        launch.row_offsets = offsets
-        launch.positions = [s.add_placeholder(launch.number, j) if k == 0 else -1
-                            for j, (s, k) in enumerate(zip(states, launch.num_drafts))]
+        number = launch.number
+        if launch.num_drafts is None:  # one row per request: every token fills a placeholder
+            launch.positions = [s.add_placeholder(number, j) for j, s in enumerate(states)]
+        else:
+            launch.row_offsets = _row_offsets(launch.num_drafts)[:-1]
+            launch.positions = [s.add_placeholder(number, j) if k == 0 else -1
+                                for j, (s, k) in enumerate(zip(states, launch.num_drafts))]
         self.pending.append(launch)
 
     def _grammar_mask(self, grammar: GrammarOutput, launch: Launch, num_rows: int) -> torch.Tensor:
         """The step's allowed-token mask [rows, vocab] from the packed bitmask; unconstrained rows allow all."""
         words = torch.frombuffer(bytearray(grammar.bitmask), dtype=torch.int32).view(-1, grammar.num_words)
         mask = torch.ones(num_rows, self.vocab_size, dtype=torch.bool, device=self.device)
-        offsets = np.concatenate([[0], np.cumsum(np.asarray(launch.num_drafts) + 1)])
+        offsets = _row_offsets(launch.num_drafts or [0] * len(launch.rows))
         where = {launch.req_ids[i]: j for j, i in enumerate(launch.rows)}
         dst, src, row = [], [], 0
         for req_id, n in zip(grammar.req_ids, grammar.rows_per_req):
@@ -390,6 +398,11 @@ class _PendingStep:
     drafts: torch.Tensor | None = None  # [S, K] int64, -1 padded (verification steps only)
     # The residual stream entering the model's aux hidden-state layers, [T, hidden] each (EAGLE-style heads).
     aux_hidden_states: list[torch.Tensor] = field(default_factory=list)
+
+
+def _row_offsets(num_drafts: list[int]) -> list[int]:
+    """First logits row of each sampling request (1 + k rows each), and the total as the last entry."""
+    return list(itertools.accumulate((k + 1 for k in num_drafts), initial=0))
 
 
 def _uses_token_values(p: SamplingParams) -> bool:

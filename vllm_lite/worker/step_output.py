@@ -17,12 +17,12 @@ class Launch:
     number: int
     req_ids: list[str]
     rows: list[int]  # indices into req_ids of the requests that sampled (row j of the sampled ids)
-    num_drafts: list[int] = field(default_factory=list)  # per sampling row: draft tokens verified (k)
+    num_drafts: list[int] | None = None  # per sampling row: draft tokens verified (None: no drafts this step)
     host: list[Any] = field(default_factory=list)  # non-blocking host copies: ids [, logprob ids, values, ranks]
     done: Any = None  # CUDA event after the copies
     num_logprobs: list[int | None] = field(default_factory=list)  # per sampling row, when logprobs were computed
     positions: list[int] = field(default_factory=list)  # per sampling row: the placeholder position (-1: none)
-    row_offsets: list[int] = field(default_factory=list)  # per sampling row: its first logits row
+    row_offsets: list[int] | None = None  # per sampling row: its first logits row (None: row j is j)
     output: ModelRunnerOutput | None = None
 
 
@@ -56,7 +56,7 @@ def resolve_launch(launch: Launch, requests: dict[str, CachedRequestState]) -> M
             lp = logprob_lists(*launch.host[1:])
             for j, (i, n) in enumerate(zip(launch.rows, launch.num_logprobs)):
                 if n is not None:
-                    first = launch.row_offsets[j]
+                    first = j if launch.row_offsets is None else launch.row_offsets[j]
                     logprobs[i] = [entries[: n + 1] for entries in lp[first: first + len(sampled[i])]]
     launch.output = ModelRunnerOutput(launch.req_ids, sampled, logprobs)
     launch.host = []

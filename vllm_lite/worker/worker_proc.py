@@ -52,20 +52,19 @@ def run_worker(config: EngineConfig, rank: RankConfig, in_addr: str, out_addr: s
 
 
 def _serve(worker, rank: RankConfig, inbox: zmq.Socket, outbox: zmq.Socket, parent: int, num_blocks: int) -> None:
-    runner = worker.runner
+    """Decode each call and run it through `worker.handle`; step calls get no reply (a failure there ends the
+    worker, which the executor sees), control calls get a WorkerReply (with the error, if any)."""
     while True:
         if not inbox.poll(1000):
             if os.getppid() != parent:
                 return
             continue
         call = WORKER_CALL_DECODER.decode(inbox.recv())
-        if isinstance(call, SchedulerOutput):  # the hot calls first: launch only, nothing to answer
-            runner.execute_model(call)
-        elif isinstance(call, SampleTokens):
-            runner.sample_tokens(call.grammar)
+        if isinstance(call, (SchedulerOutput, SampleTokens)):  # the hot calls first: launch only, no answer
+            worker.handle(call)
         elif isinstance(call, GetOutput):
             # With async scheduling this arrives after the next step was launched, which then runs meanwhile.
-            output = runner.get_output()
+            output = worker.handle(call)
             if rank.rank == 0:
                 outbox.send(encode(output))
         elif isinstance(call, Shutdown):
