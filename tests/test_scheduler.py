@@ -376,3 +376,24 @@ def test_random_workload_invariants(seed):
             break
     assert not s.has_unfinished_requests() and len(done) == 25
     assert s.kv_cache_manager.get_num_free_blocks() == 12
+
+
+def test_lookahead_slots_allocated_with_drafts_and_rejected_drafts_rolled_back():
+    s = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), CacheConfig(block_size=4), 64, 64,
+                  speculative=True, num_lookahead_tokens=3)
+    s.add_request(make_req("a", 6, max_tokens=20))
+    step(s, {"a": [20]})  # 7 tokens, 6 computed: 2 blocks
+    a = s.requests["a"]
+    assert len(s.kv_cache_manager.get_blocks("a")) == 2
+    a.spec_token_ids = [21, 22, 23]
+    so = s.schedule()  # last token + 3 drafts = positions 6..9, plus 3 lookahead slots: 13 tokens -> 4 blocks
+    assert so.num_scheduled_tokens == {"a": 4} and so.scheduled_spec_decode_tokens == {"a": [21, 22, 23]}
+    assert len(s.kv_cache_manager.get_blocks("a")) == 4 and a.num_computed_tokens == 10
+    assert s.schedule().num_scheduled_tokens == {}  # its accepted tokens are not back: no step for it yet
+    out = s.update_from_output(so, runner_out(so, {"a": [21, 99]}))  # one draft accepted, then 99
+    assert out.outputs[0].new_token_ids == [21, 99] and a.output_token_ids == [20, 21, 99]
+    assert a.num_computed_tokens == 8 and a.num_tokens == 9  # the two rejected drafts' slots are rewritten next
+    st = s.make_stats()
+    assert (st.num_draft_tokens, st.num_accepted_tokens) == (3, 1)
+    so = s.schedule()  # plain decode of 99 (no drafts proposed)
+    assert so.num_scheduled_tokens == {"a": 1} and so.scheduled_cached_reqs[0].num_computed_tokens == 8
