@@ -21,21 +21,29 @@ from vllm_lite.sample.sampler import Sampler
 from vllm_lite.sample.topk_topp import apply_min_p, apply_top_k_top_p, random_sample
 
 
-def expand_metadata(meta: SamplingMetadata, counts: torch.Tensor, offsets: list[int]) -> SamplingMetadata:
-    """Per-request metadata [S] -> per-row metadata [R] (request i owns rows offsets[i] .. + counts[i])."""
-    rep = counts.to(meta.temperature.device)
-    total = int(sum(counts.tolist()))
+def to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A small int64 host list on the device without a stream sync (a copy from pageable memory would wait for the
+    forward just launched; a pinned one is queued behind it)."""
+    t = torch.tensor(values, dtype=torch.int64, pin_memory=device.type == "cuda")
+    return t.to(device, non_blocking=True)
+
+
+def expand_metadata(meta: SamplingMetadata, counts_list: list[int], offsets: list[int]) -> SamplingMetadata:
+    """Per-request metadata [S] -> per-row metadata [R] (request i owns rows offsets[i] .. + counts_list[i])."""
+    device = meta.temperature.device
+    rep = to_device(counts_list, device)
+    total = sum(counts_list)
 
     def expand(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.repeat_interleave(rep, dim=0, output_size=total)
 
     blocked_rows = blocked_cols = None
     if meta.blocked_rows is not None:
-        starts = torch.tensor(offsets, device=rep.device)[meta.blocked_rows]
+        starts = to_device(offsets, device)[meta.blocked_rows]
         n = rep[meta.blocked_rows]
         blocked_rows = torch.repeat_interleave(starts, n) + _ranks(n)
         blocked_cols = torch.repeat_interleave(meta.blocked_cols, n)
-    generators = {offsets[i] + j: g for i, g in meta.generators.items() for j in range(int(counts[i]))}
+    generators = {offsets[i] + j: g for i, g in meta.generators.items() for j in range(counts_list[i])}
     return dataclasses.replace(
         meta, temperature=expand(meta.temperature), is_greedy=expand(meta.is_greedy), top_k=expand(meta.top_k),
         top_p=expand(meta.top_p), min_p=expand(meta.min_p), prompt_token_ids=expand(meta.prompt_token_ids),
@@ -77,14 +85,14 @@ def rejection_sample(logits: torch.Tensor, meta: SamplingMetadata, draft_ids: to
     offsets = [0]
     for c in counts_list[:-1]:
         offsets.append(offsets[-1] + c)
-    counts = torch.tensor(counts_list, device=device)
-    rows_meta = expand_metadata(meta, counts, offsets)
+    counts = to_device(counts_list, device)
+    rows_meta = expand_metadata(meta, counts_list, offsets)
     if row_mask is not None:
         rows_meta = dataclasses.replace(rows_meta, logits_mask=row_mask)
     logits = Sampler.apply_constraints(logits.to(torch.float32, copy=True), rows_meta)
     # Row index of (request, position), clamped inside the request's own rows.
     pos = torch.arange(kmax + 1, device=device)
-    row_idx = torch.tensor(offsets, device=device)[:, None] + torch.minimum(pos[None, :], (counts - 1)[:, None])
+    row_idx = to_device(offsets, device)[:, None] + torch.minimum(pos[None, :], (counts - 1)[:, None])
     has_draft = pos[None, :kmax] < (counts - 1)[:, None]  # [S, K]
     drafts = torch.where(has_draft, draft_ids, 0)
 

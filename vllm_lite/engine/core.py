@@ -100,11 +100,17 @@ class EngineCore:
         return outputs
 
     def _propose(self, scheduler_output: SchedulerOutput) -> None:
-        """Drafts for the requests of an applied step that are still running with all their tokens known."""
+        """Drafts for the requests of an applied step that are still running with all their tokens known. Requests
+        whose distribution depends on the tokens before each verified row in ways the rows do not see (penalties
+        over the outputs, min_tokens still blocking EOS) are not speculated, so verification stays exact."""
         k = self.num_spec_tokens
         for req_id in scheduler_output.num_scheduled_tokens:
             request = self.scheduler.requests.get(req_id)
             if request is None or request.status != RequestStatus.RUNNING or request.num_output_placeholders:
+                continue
+            p = request.sampling_params
+            if (p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+                    or len(request.output_token_ids) < p.min_tokens):
                 continue
             if request.num_computed_tokens + 1 == request.num_tokens:  # decoding (not mid-prefill)
                 request.spec_token_ids = list(self.proposer.propose(request, k))[:k]

@@ -272,7 +272,7 @@ class ModelRunner:
                 drafts = np.full((len(rows), width - 1), -1, dtype=np.int64)
                 for j, (state, k) in enumerate(zip(step.states, sample_drafts.tolist())):
                     drafts[j, :k] = state.token_buffer[state.num_tokens: state.num_tokens + k]
-                step.drafts = torch.from_numpy(drafts).to(self.device, non_blocking=True)
+                step.drafts = _pinned(torch.from_numpy(drafts)).to(self.device, non_blocking=True)
         self._step = step
 
     @torch.inference_mode()
@@ -336,8 +336,8 @@ class ModelRunner:
                 src.extend(range(row, row + min(n, int(offsets[j + 1] - offsets[j]))))
             row += n
         if dst:
-            allowed = unpack_bitmask(words[src].to(self.device, non_blocking=True), self.vocab_size)
-            mask[torch.tensor(dst, device=self.device)] = allowed
+            words = _pinned(words[src]).to(self.device, non_blocking=True)
+            mask[_pinned(torch.tensor(dst)).to(self.device, non_blocking=True)] = unpack_bitmask(words, self.vocab_size)
         return mask
 
     def get_output(self) -> ModelRunnerOutput:
@@ -398,6 +398,12 @@ class _PendingStep:
     drafts: torch.Tensor | None = None  # [S, K] int64, -1 padded (verification steps only)
     # The residual stream entering the model's aux hidden-state layers, [T, hidden] each (EAGLE-style heads).
     aux_hidden_states: list[torch.Tensor] = field(default_factory=list)
+
+
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    """Host tensors bound for CUDA go through pinned memory: a copy from pageable memory waits for the stream (the
+    forward just launched) before it returns."""
+    return t.pin_memory() if torch.cuda.is_available() else t
 
 
 def _row_offsets(num_drafts: list[int]) -> list[int]:
