@@ -140,3 +140,9 @@ def test_requests_with_penalties_or_below_min_tokens_are_not_speculated(tiny_qwe
     assert run_core(core, prompts[1:], params[1:])["0"] == ref["1"]
     stats = core.scheduler.make_stats()
     assert 0 < stats.num_draft_tokens <= 12 - 8 and stats.num_accepted_tokens == stats.num_draft_tokens
+
+
+def test_speculative_tokens_without_a_proposer_are_refused(tiny_qwen3_path):
+    from vllm_lite import LLM
+    with pytest.raises(ValueError, match="needs a draft proposer"):
+        LLM(tiny_qwen3_path, device="cpu", num_speculative_tokens=2)

@@ -41,6 +41,9 @@ class GrammarBitmaskBuilder(Protocol):
 class EngineCore:
     def __init__(self, config: EngineConfig, info: ModelInfo, executor: Executor | None = None,
                  proposer: Proposer | None = None, grammar: GrammarBitmaskBuilder | None = None) -> None:
+        if config.speculative.enabled and proposer is None:
+            raise ValueError(f"num_speculative_tokens={config.speculative.num_speculative_tokens} needs a draft "
+                             f"proposer, and none is configured (no speculative decoding method is available yet)")
         self.config = config
         self.info = info
         t0 = time.perf_counter()
