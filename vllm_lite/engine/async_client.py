@@ -57,6 +57,8 @@ class AsyncEngineClient:
         self._ctx = zmq.asyncio.Context()
         self.on_dead: Any = None  # callback run once when the engine dies (the server uses it to exit)
         self.output_listeners: list[Any] = []  # callables fed every EngineCoreOutputs (metrics)
+        self.stopping: str | None = None  # set by abort_all (server shutdown): new requests are refused
+        self._closed = False
 
     @property
     def _proc(self) -> mp.process.BaseProcess | None:
@@ -154,6 +156,8 @@ class AsyncEngineClient:
         """
         if self.dead_reason is not None:
             raise EngineDeadError(self.dead_reason)
+        if self.stopping is not None:
+            raise EngineDeadError(self.stopping)
         event = asyncio.Event()
         self._events[request_id] = event
         finished = False
@@ -177,11 +181,35 @@ class AsyncEngineClient:
 
     async def abort(self, request_id: str) -> None:
         ids = self.processor.abort_request(request_id)
-        if ids and self.dead_reason is None:
+        if ids and self.dead_reason is None and not self._closed:
+            await self._input.send(encode(AbortRequests(ids)))
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests whose stream is still open (generate has not returned)."""
+        return len(self._events)
+
+    async def abort_all(self, reason: str) -> None:
+        """Server shutdown: refuse new requests and end every open one now, as finished with finish_reason
+        "abort" and `reason` as its stop_reason (a stream sends its last chunk, then [DONE]); the engine core
+        drops them."""
+        self.stopping = reason
+        ids: list[str] = []
+        for request_id, event in list(self._events.items()):
+            state = self.processor.requests.get(request_id)
+            aborted = self.processor.abort_request(request_id)
+            if state is not None:
+                for seq in state.sequences:
+                    if seq.engine_id in aborted:
+                        seq.stop_reason = reason
+            ids += aborted
+            event.set()
+        if ids and self.dead_reason is None and not self._closed:
             await self._input.send(encode(AbortRequests(ids)))
 
     def shutdown(self) -> None:
         """Stop the engine core (it stops its workers) and wait for it; no process is left behind."""
+        self._closed = True  # a stream closed later must not touch the destroyed sockets
         for task in self._tasks:
             task.cancel()
         if self._core is not None:

@@ -10,6 +10,7 @@ from vllm_lite.config import (ATTENTION_BACKENDS, DEFAULT_MODEL, DEVICES, DTYPES
                               DeviceConfig, SchedulerConfig)
 
 API_KEY_ENV = "VLLM_LITE_API_KEY"
+DEFAULT_SHUTDOWN_TIMEOUT = 0.0  # vLLM's default: on SIGTERM in-flight requests are aborted at once
 
 # flag dest -> EngineConfig.from_kwargs name (identical today; kept explicit so server-only flags stay out)
 ENGINE_ARGS = ("model", "tokenizer", "dtype", "seed", "max_model_len", "served_model_name", "block_size",
@@ -82,6 +83,24 @@ def add_engine_args(parser: argparse.ArgumentParser, model_help: str | None = No
     g.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="attention kernels: torch (reference, any device) or flashinfer (GPU)")
     return parser
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r} (a finite number >= 0)")
+    return value
+
+
+def add_shutdown_args(group: Any) -> None:
+    """`vllm-lite serve`'s --shutdown-timeout (vLLM's name and default)."""
+    group.add_argument("--shutdown-timeout", type=_seconds, default=DEFAULT_SHUTDOWN_TIMEOUT, metavar="SECONDS",
+                       help="on SIGTERM / SIGINT: stop accepting requests, let in-flight ones finish for up to this "
+                            "many seconds, then end the rest with finish_reason 'abort' and exit (0: abort at once; "
+                            "a second signal aborts at once too)")
 
 
 def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -8,7 +8,8 @@ import os
 import sys
 from typing import Any
 
-from vllm_lite.entrypoints.args import API_KEY_ENV, add_engine_args, engine_kwargs_from_args, resolve_api_key
+from vllm_lite.entrypoints.args import (API_KEY_ENV, add_engine_args, add_shutdown_args, engine_kwargs_from_args,
+                                        resolve_api_key)
 
 DEFAULT_URL = "http://localhost:8000/v1"
 
@@ -30,6 +31,7 @@ def _serve_parser(sub: Any) -> None:
                    help="chat template (Jinja text or a path to a file) replacing the tokenizer's")
     g.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn log level")
+    add_shutdown_args(g)
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -116,7 +118,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         core.stop()
         raise
     coro = run_server(kwargs, host=args.host, port=args.port, api_key=resolve_api_key(args.api_key),
-                      chat_template=chat_template, log_level=args.uvicorn_log_level, core=core)
+                      chat_template=chat_template, log_level=args.uvicorn_log_level, core=core,
+                      shutdown_timeout=args.shutdown_timeout)
     try:
         try:
             import uvloop

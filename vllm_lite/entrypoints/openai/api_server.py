@@ -2,7 +2,9 @@
 
 Life cycle: config -> AsyncEngineClient.start() (the engine core, usually spawned early by the CLI, spawns the
 worker, which resolves the model; the tokenizer loads here while the worker loads the model) -> uvicorn on uvloop.
-Ctrl-C / SIGTERM: uvicorn stops, the FastAPI lifespan shuts the client down (no process left behind). If the
+Ctrl-C / SIGTERM (`_graceful_server`): the listening socket closes, in-flight requests may finish for
+`--shutdown-timeout` seconds, the rest end with finish_reason "abort", uvicorn stops, the FastAPI lifespan shuts
+the client down (no process left behind) and run_server returns 0. If the
 engine dies, in-flight requests fail first, /health turns 503, and a couple of seconds later uvicorn is told to
 exit; run_server then returns 1.
 """
@@ -195,6 +197,55 @@ def _log_stage(name: str, start: float) -> float:
     return now
 
 
+def _graceful_server(uconfig: Any, client: Any, shutdown_timeout: float) -> Any:
+    """A uvicorn.Server whose first SIGINT/SIGTERM drains: it stops accepting (listening socket and idle keep-alive
+    connections closed), waits up to `shutdown_timeout` s for in-flight requests, aborts the rest (finish_reason
+    "abort", a clear stop_reason) and then lets uvicorn stop. A second signal aborts at once. The signal is not
+    re-raised after serve() (uvicorn's default, which made the process die of SIGTERM, exit status 143)."""
+    import uvicorn
+    loop = asyncio.get_running_loop()
+
+    class GracefulServer(uvicorn.Server):
+        drain: asyncio.Future | None = None
+        hurry = asyncio.Event()
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            loop.call_soon_threadsafe(self.on_signal, signal.Signals(sig).name)
+
+        def on_signal(self, name: str) -> None:
+            if self.drain is None:
+                self.drain = asyncio.ensure_future(self.drain_then_exit(name))
+            else:
+                logger.info("%s again: aborting in-flight requests now", name)
+                self.hurry.set()
+
+        async def wait_idle(self, timeout: float) -> None:
+            deadline = time.monotonic() + timeout
+            while client.num_in_flight and time.monotonic() < deadline and not self.hurry.is_set():
+                await asyncio.sleep(0.05)
+
+        async def drain_then_exit(self, name: str) -> None:
+            for server in getattr(self, "servers", ()):
+                server.close()
+            for connection in list(self.server_state.connections):
+                connection.shutdown()  # idle keep-alive ones close; busy ones close after their response
+            if client.num_in_flight and shutdown_timeout > 0:
+                logger.info("%s: not accepting requests; waiting up to %.1f s (--shutdown-timeout) for %d in-flight "
+                            "request(s)", name, shutdown_timeout, client.num_in_flight)
+                await self.wait_idle(shutdown_timeout)
+            left = client.num_in_flight
+            if left:
+                logger.warning("%s: aborting %d in-flight request(s)", name, left)
+                await client.abort_all(f"aborted: the server is shutting down ({name}, --shutdown-timeout "
+                                       f"{shutdown_timeout:g} s)")
+                self.hurry.clear()
+                await self.wait_idle(5.0)  # their last chunks go out before uvicorn closes the connections
+            logger.info("%s: shutting down", name)
+            self.should_exit = True
+
+    return GracefulServer(uconfig)
+
+
 def _load_tokenizer(info: Any) -> Any:
     """Runs in a thread while the engine loads the model (transformers is imported here, not before)."""
     from vllm_lite.tokenizer import load_tokenizer
@@ -206,9 +257,11 @@ def _load_tokenizer(info: Any) -> Any:
 
 async def run_server(engine_kwargs: dict[str, Any], host: str = "127.0.0.1", port: int = 8000,
                      api_key: str | None = None, chat_template: str | None = None, log_level: str = "info",
-                     exit_delay_s: float = EXIT_DELAY_S, core: EngineCoreProcess | None = None) -> int:
+                     exit_delay_s: float = EXIT_DELAY_S, core: EngineCoreProcess | None = None,
+                     shutdown_timeout: float = 0.0) -> int:
     """Start the engine and serve until SIGINT/SIGTERM (returns 0) or engine death (returns 1).
-    core: an engine core spawned early by the CLI (stopped here on every exit path)."""
+    core: an engine core spawned early by the CLI (stopped here on every exit path); shutdown_timeout: how long
+    in-flight requests may run on after the signal (`_graceful_server`)."""
     import uvicorn
 
     from vllm_lite.config import EngineConfig
@@ -243,7 +296,7 @@ async def run_server(engine_kwargs: dict[str, Any], host: str = "127.0.0.1", por
         app = build_app(client, [served], api_key=api_key, chat_template=chat_template, on_shutdown=shutdown_client)
         uconfig = uvicorn.Config(app, host=host, port=port, log_level=log_level, loop="uvloop", lifespan="on",
                                  timeout_graceful_shutdown=5, timeout_keep_alive=5, access_log=False)
-        server = uvicorn.Server(uconfig)
+        server = _graceful_server(uconfig, client, shutdown_timeout)
 
         def on_dead() -> None:
             logger.error("engine died (%s); the server exits in %.1f s", client.dead_reason, exit_delay_s)
