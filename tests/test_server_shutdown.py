@@ -15,7 +15,7 @@ import pytest
 from server_utils import RemoteServer, wait_gone
 from tiny_models import make_tiny_model
 
-MAX_LEN = 8192
+MAX_LEN = 16384  # the long stream cannot finish within the grace period, even on a fast host
 SERVER_ARGS = ["--device", "cpu", "--dtype", "float32", "--max-model-len", str(MAX_LEN), "--seed", "0"]
 
 
@@ -107,11 +107,11 @@ def test_signal_aborts_streams_at_once_by_default(model_dir, sig):
 
 
 def test_sigterm_drains_then_aborts_after_shutdown_timeout(model_dir):
-    grace = 4.0
+    grace = 15.0  # the short stream finishes well within it, even on a loaded host
     srv = RemoteServer(model_dir, SERVER_ARGS + ["--shutdown-timeout", str(grace)])
     try:
         tree = srv.tree()
-        short = Stream(srv, model_dir, 300)
+        short = Stream(srv, model_dir, 64)
         long = Stream(srv, model_dir, MAX_LEN - 16)
         long.start()
         assert long.first.wait(60) and long.error is None, long.error
