@@ -1,9 +1,35 @@
 """Per-request sampling parameters, mirroring vLLM's SamplingParams (a msgspec Struct so it can cross sockets)."""
 from __future__ import annotations
 
+import math
+
 import msgspec
 
 _GREEDY_EPS = 1e-5
+MAX_TEMPERATURE = 100.0  # above this sampling is indistinguishable from uniform; 1e6 or inf is a client bug
+_INT64_MIN, _INT64_MAX = -2 ** 63, 2 ** 63 - 1  # what crosses the sockets (msgspec) and seeds torch generators
+_INT_FIELDS = ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs")
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+
+
+def _int64(value: object) -> bool:
+    return value is None or (isinstance(value, int) and _INT64_MIN <= value <= _INT64_MAX)
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def invalid_unicode(text: str) -> str | None:
+    """Why `text` cannot be encoded as UTF-8 (a lone surrogate such as "\\ud800"), or None when it can."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (f"it contains a lone surrogate {text[exc.start]!r} at position {exc.start}, which is not valid "
+                "Unicode")
+    return None
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -34,9 +60,25 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     def validate(self) -> None:
         """Raise ValueError naming the field for any out-of-range value (the server turns it into a 400)."""
+        for name in _INT_FIELDS:
+            if not _int64(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: it must be an integer in "
+                                 f"[-2**63, 2**63 - 1]")
+        for name in _FLOAT_FIELDS:
+            if not _finite(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: it must be a finite number")
+        for tid in self.stop_token_ids or ():
+            if not (isinstance(tid, int) and 0 <= tid <= _INT64_MAX):
+                raise ValueError(f"stop_token_ids is invalid: {tid!r} is not a token id (an integer >= 0)")
+        for text in self.stop or ():
+            if not isinstance(text, str) or not text:
+                raise ValueError(f"stop is invalid: {text!r}: stop strings must be non-empty strings")
+            why = invalid_unicode(text)
+            if why:
+                raise ValueError(f"stop is invalid: {why}")
         checks = [
             ("n", isinstance(self.n, int) and self.n >= 1, "must be an integer >= 1"),
-            ("temperature", self.temperature >= 0, "must be >= 0"),
+            ("temperature", 0 <= self.temperature <= MAX_TEMPERATURE, f"must be in [0, {MAX_TEMPERATURE:g}]"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "must be -1, 0 (disabled) or a positive integer"),
             ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),

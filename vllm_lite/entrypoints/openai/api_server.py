@@ -41,12 +41,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger("vllm_lite.api_server")
 
 EXIT_DELAY_S = 2.0  # after the engine dies: time for in-flight requests to get their errors and /health its 503
-OPEN_PATHS = frozenset({"/health", "/ping"})
+# vLLM leaves these open: load balancers and Prometheus scrapers carry no key
+OPEN_PATHS = frozenset({"/health", "/ping", "/metrics"})
 
 
 class APIKeyMiddleware:
     """Pure ASGI middleware (keeps disconnect detection and streaming intact): `Authorization: Bearer <key>` on
-    every route except /health."""
+    every route except OPEN_PATHS; the key is compared in constant time."""
 
     def __init__(self, app: Any, api_key: str) -> None:
         self.app = app
@@ -139,13 +140,20 @@ def build_app(client: Any, served_model_names: list[str] | str | None = None, ap
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    def model_card(name: str) -> dict:
+        info = client.info
+        return {"id": name, "object": "model", "created": created, "owned_by": "vllm-lite",
+                "root": getattr(info, "path", name), "parent": None, "max_model_len": int(info.max_model_len),
+                "permission": []}
+
     @app.get("/v1/models")
     async def models() -> dict:
-        info = client.info
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": created, "owned_by": "vllm-lite",
-             "root": getattr(info, "path", name), "parent": None, "max_model_len": int(info.max_model_len),
-             "permission": []} for name in served_model_names]}
+        return {"object": "list", "data": [model_card(name) for name in served_model_names]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> dict:
+        completions.check_model(model_id)  # 404 with the error JSON for an unknown id
+        return model_card(model_id)
 
     @app.post("/v1/completions")
     async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:

@@ -13,7 +13,7 @@ from vllm_lite.engine.async_client import EngineDeadError
 _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
           405: "MethodNotAllowed", 413: "RequestTooLarge", 422: "UnprocessableEntityError", 429: "RateLimitError",
           500: "InternalServerError", 501: "NotImplementedError", 503: "ServiceUnavailableError"}
-_PARAM_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_\[\]\.]*)(?:=| is invalid| must|:)")
+_PARAM_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_\[\]\.]*)(?:=| is invalid| must|:| is not | is only | of type )")
 
 
 class APIError(Exception):
@@ -27,9 +27,9 @@ class APIError(Exception):
 
 
 def param_of(message: str) -> str | None:
-    """The field a validation message names ("temperature=-1 is invalid: ..." -> "temperature")."""
+    """The top-level field a validation message names ("temperature=-1 is invalid: ..." -> "temperature")."""
     m = _PARAM_RE.match(message)
-    return m.group(1) if m else None
+    return re.split(r"[\[.]", m.group(1))[0] if m else None  # the top-level field: "messages[0].role" -> "messages"
 
 
 def bad_request(exc: Exception) -> APIError:
@@ -66,6 +66,9 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
         if err.get("type") == "json_invalid":
             return f"malformed JSON in the request body: {err.get('ctx', {}).get('error', err.get('msg'))}", None
         field = ".".join(loc)
+        if not loc and err.get("type") == "value_error" and "error" in err.get("ctx", {}):
+            message = str(err["ctx"]["error"])  # a model validator's ValueError, which names its field itself
+            return message, param_of(message)
         if param is None and loc:
             param = loc[0]
         parts.append(f"{field}: {err.get('msg')}" if field else str(err.get("msg")))

@@ -9,9 +9,9 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vllm_lite.sampling_params import SamplingParams
+from vllm_lite.sampling_params import SamplingParams, invalid_unicode
 
 MAX_LOGPROBS = 20
 
@@ -23,6 +23,34 @@ def random_uuid() -> str:
 class OpenAIBaseModel(BaseModel):
     # Unknown fields are accepted and ignored, as vLLM does (OpenAI clients send e.g. `logit_bias`).
     model_config = ConfigDict(extra="allow")
+
+
+def _find_invalid_text(obj: Any, path: str) -> str | None:
+    """The first string inside `obj` (models, lists, dicts) that is not valid Unicode, as "path is invalid: why"."""
+    if isinstance(obj, str):
+        why = invalid_unicode(obj)
+        return f"{path} is invalid: {why}" if why else None
+    if isinstance(obj, BaseModel):
+        items = [*obj.__dict__.items(), *(obj.__pydantic_extra__ or {}).items()]
+        return next((m for k, v in items if (m := _find_invalid_text(v, f"{path}.{k}" if path else k))), None)
+    if isinstance(obj, dict):
+        return next((m for k, v in obj.items() if (m := _find_invalid_text(k, path) or
+                                                    _find_invalid_text(v, f"{path}.{k}"))), None)
+    if isinstance(obj, list) and obj and not isinstance(obj[0], int):  # token-id lists hold no text
+        return next((m for i, v in enumerate(obj) if (m := _find_invalid_text(v, f"{path}[{i}]"))), None)
+    return None
+
+
+class TextCheckedRequest(OpenAIBaseModel):
+    """A request whose every string must be valid Unicode: a JSON escape such as "\\ud800" (a lone surrogate)
+    parses, but the tokenizer and the chat template cannot take it; refused as a 400 naming the field."""
+
+    @model_validator(mode="after")
+    def _valid_unicode(self) -> "TextCheckedRequest":
+        why = _find_invalid_text(self, "")
+        if why:
+            raise ValueError(why)
+        return self
 
 
 class ErrorInfo(OpenAIBaseModel):
@@ -47,7 +75,7 @@ class UsageInfo(OpenAIBaseModel):
     total_tokens: int = 0
 
 
-class _SamplingFields(OpenAIBaseModel):
+class _SamplingFields(TextCheckedRequest):
     """Fields shared by completions and chat completions (OpenAI's plus vLLM's extra sampling parameters)."""
     model: str | None = None
     n: int = 1
@@ -282,7 +310,7 @@ class ChatCompletionStreamResponse(OpenAIBaseModel):
     usage: UsageInfo | None = None
 
 
-class TokenizeRequest(OpenAIBaseModel):
+class TokenizeRequest(TextCheckedRequest):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None

@@ -55,7 +55,7 @@ class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
         async def build() -> Response:
             self.check_model(request.model)
-            request.check()
+            self.check_request(request)
             self.check_alive()
             ids = self.render(request)
             params = request.to_sampling_params(self.check_prompt(ids, request._requested_max_tokens(), "messages"))

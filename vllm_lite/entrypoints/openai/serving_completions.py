@@ -17,10 +17,11 @@ from vllm_lite.entrypoints.openai.errors import (APIError, EngineDeadError, api_
 from vllm_lite.entrypoints.openai.protocol import (CompletionLogProbs, CompletionRequest, CompletionResponse,
                                                    CompletionResponseChoice, CompletionStreamResponse, UsageInfo,
                                                    random_uuid)
-from vllm_lite.inputs import validate_prompt
+from vllm_lite.inputs import check_token_ids, validate_prompt
 
 logger = logging.getLogger("vllm_lite.api_server")
 
+DEFAULT_MAX_N = 256  # SchedulerConfig.max_num_seqs' default
 LOGPROB_FLOOR = -9999.0  # -inf is not valid JSON; vLLM clamps the same way
 
 
@@ -128,6 +129,10 @@ class OpenAIServing:
         self.metrics = metrics
         self.max_model_len = int(client.info.max_model_len)
         self.vocab_size = int(client.info.vocab_size)  # the LLM's bound too (vllm_lite.inputs)
+        # n above the scheduler's batch could never run its sequences together; the API server builds the same
+        # EngineConfig it hands the engine, so it knows max_num_seqs (a stand-in client without one: 256)
+        config = getattr(client, "config", None)
+        self.max_n = int(config.scheduler.max_num_seqs) if config is not None else DEFAULT_MAX_N
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.served_model_names:
@@ -151,6 +156,18 @@ class OpenAIServing:
                            f"{requested_max_tokens} in the completion). Please reduce the length of the {what} or "
                            f"completion.", 400, "max_tokens")
         return limit - n
+
+    def check_request(self, request: Any) -> None:
+        """Checks that need the server's numbers: n against max_num_seqs, stop_token_ids against the vocabulary."""
+        request.check()
+        if isinstance(request.n, int) and request.n > self.max_n:
+            raise APIError(f"n={request.n} is invalid: it must be at most {self.max_n} (the server's "
+                           f"--max-num-seqs)", 400, "n")
+        try:
+            check_token_ids([t for t in request.stop_token_ids or () if isinstance(t, int) and t >= 0],
+                            self.vocab_size)
+        except ValueError as exc:
+            raise APIError(f"stop_token_ids is invalid: {exc}", 400, "stop_token_ids") from None
 
     def check_alive(self) -> None:
         if getattr(self.client, "dead_reason", None) is not None:
@@ -258,7 +275,7 @@ class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Response:
         async def build() -> Response:
             self.check_model(request.model)
-            request.check()
+            self.check_request(request)
             self.check_alive()
             prompts = self._encode(request)
             params = [request.to_sampling_params(self.check_prompt(ids, request.max_tokens)) for _, ids in prompts]
