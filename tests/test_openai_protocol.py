@@ -233,7 +233,7 @@ def test_sse_framing_and_done(fake):
 
 
 def test_chat_shapes_and_streaming(fake, tokenizer):
-    app = build_app(fake, MODEL)
+    app = build_app(fake, MODEL, trust_request_chat_template=True)
 
     async def go():
         client = _openai(app)

@@ -19,7 +19,9 @@ MODEL = "org/tiny-hostile"  # a served name with a slash, as HF repo ids have
 API_KEY = "hostile-key"
 MAX_NUM_SEQS = 8
 SERVER_ARGS = ["--device", "cpu", "--dtype", "float32", "--max-model-len", "256", "--seed", "0",
-               "--served-model-name", MODEL, "--max-num-seqs", str(MAX_NUM_SEQS)]
+               "--served-model-name", MODEL, "--max-num-seqs", str(MAX_NUM_SEQS),
+               "--max-request-body-bytes", str(200_000)]
+BODY_LIMIT = 200_000
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 BIG = 1180591620717411303424  # 2**70, beyond 64 bits
 NAN, INF = float("nan"), float("inf")
@@ -134,6 +136,11 @@ CASES = [
     ("response_format-json", C, cmpl(response_format={"type": "json_object"}), 400, "response_format", None),
     ("suffix", C, cmpl(suffix="end"), 400, "suffix", None),
     ("stream_options-without-stream", C, cmpl(stream_options={"include_usage": True}), 400, "stream_options", None),
+    ("request-chat_template", CH, chat(chat_template="{{ 'x' }}"), 400, "chat_template",
+     "--trust-request-chat-template"),
+    ("tokenize-request-chat_template", "/tokenize", {"messages": [{"role": "user", "content": "hi"}],
+                                                     "chat_template": "{{ 'x' }}"}, 400, "chat_template", None),
+    ("body-over-limit", C, cmpl(prompt="x" * BODY_LIMIT), 413, "body", "200000"),
     ("unknown-model", C, cmpl(model="no-such-model"), 404, "model", "no-such-model"),
     ("malformed-json", C, b'{"model": ', 400, None, "JSON"),
     ("body-not-an-object", C, b"[1, 2]", 400, None, None),
@@ -154,7 +161,9 @@ def _check(case: tuple, r: httpx.Response) -> None:
     assert r.status_code == status, (name, r.status_code, r.text)
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}, (name, err)
-    assert err["code"] == status and err["type"] == ("BadRequestError" if status == 400 else "NotFoundError")
+    assert err["code"] == status
+    assert err["type"] == {400: "BadRequestError", 404: "NotFoundError", 413: "RequestTooLarge",
+                           431: "RequestHeaderFieldsTooLarge"}[status]
     if param is not None:
         assert err["param"] == param, (name, err)
     if text is not None:
@@ -241,3 +250,31 @@ def test_offline_sampling_params_accept_edges():
     SamplingParams(seed=2 ** 63 - 1, temperature=100.0, top_k=-1, stop_token_ids=[0], stop=["a"])
     SamplingParams(seed=-2 ** 63, temperature=0.0)
     assert math.isfinite(SamplingParams(temperature=2.0).temperature)
+
+
+def test_body_limit_without_content_length(server):
+    """A chunked body (no Content-Length) is cut off at the limit and answered 413; one under it is parsed."""
+    def chunks(total: int):
+        body = json.dumps(cmpl(prompt="hello " * (total // 6))).encode()
+        for i in range(0, len(body), 16384):
+            yield body[i:i + 16384]
+
+    with httpx.Client(base_url=server.url_for(), headers=AUTH, timeout=30) as http:
+        r = http.post(C, content=chunks(BODY_LIMIT * 3), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == 413
+        r = http.post(C, content=chunks(BODY_LIMIT // 2), headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "256" in r.json()["error"]["message"]  # parsed: too long for the context
+        assert http.get("/health").status_code == 200
+
+
+def test_header_limits(server):
+    """Headers over 64 KiB (or over 256 of them) are a 431 with the error JSON; ordinary ones pass."""
+    with httpx.Client(base_url=server.url_for(), headers=AUTH, timeout=30) as http:
+        for headers in ({"X-Big": "a" * 100_000}, {f"X-H{i}": "v" for i in range(300)}):
+            r = http.get("/v1/models", headers=headers)
+            assert r.status_code == 431 and r.json()["error"]["code"] == 431, r.text
+        # far beyond: the connection is dropped by the HTTP parser, which buffers no more than 1 MiB
+        with pytest.raises(httpx.HTTPError):
+            http.get("/v1/models", headers={"X-Huge": "a" * 4_000_000})
+        assert http.get("/v1/models", headers={"X-Fine": "a" * 8_000}).status_code == 200
+        assert http.get("/health").status_code == 200

@@ -11,6 +11,9 @@ from vllm_lite.config import (ATTENTION_BACKENDS, DEFAULT_MODEL, DEVICES, DTYPES
 
 API_KEY_ENV = "VLLM_LITE_API_KEY"
 DEFAULT_SHUTDOWN_TIMEOUT = 0.0  # vLLM's default: on SIGTERM in-flight requests are aborted at once
+# 32 MiB: far above any prompt that fits a context window (128k tokens of text are ~0.5 MiB, as token ids ~1 MiB),
+# far below what strains the server's memory; larger bodies get a 413 before they are parsed
+DEFAULT_MAX_REQUEST_BODY_BYTES = 32 * 2 ** 20
 
 # flag dest -> EngineConfig.from_kwargs name (identical today; kept explicit so server-only flags stay out)
 ENGINE_ARGS = ("model", "tokenizer", "dtype", "seed", "max_model_len", "served_model_name", "block_size",

@@ -8,8 +8,8 @@ import os
 import sys
 from typing import Any
 
-from vllm_lite.entrypoints.args import (API_KEY_ENV, add_engine_args, add_shutdown_args, engine_kwargs_from_args,
-                                        resolve_api_key)
+from vllm_lite.entrypoints.args import (API_KEY_ENV, DEFAULT_MAX_REQUEST_BODY_BYTES, add_engine_args,
+                                        add_shutdown_args, engine_kwargs_from_args, resolve_api_key)
 
 DEFAULT_URL = "http://localhost:8000/v1"
 
@@ -26,9 +26,14 @@ def _serve_parser(sub: Any) -> None:
                    help="interface to bind (0.0.0.0 for all; use --api-key on a public interface)")
     g.add_argument("--port", type=int, default=8000, help="TCP port")
     g.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on every route but /health (env {API_KEY_ENV})")
+                   help=f"require 'Authorization: Bearer KEY' on every route but /health and /metrics (env "
+                        f"{API_KEY_ENV})")
     g.add_argument("--chat-template", default=None,
                    help="chat template (Jinja text or a path to a file) replacing the tokenizer's")
+    g.add_argument("--trust-request-chat-template", action="store_true",
+                   help="allow requests to supply their own chat_template (refused with a 400 by default, as in vLLM)")
+    g.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES, metavar="BYTES",
+                   help="larger request bodies are refused with a 413 before they are parsed")
     g.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn log level")
     add_shutdown_args(g)
@@ -119,7 +124,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise
     coro = run_server(kwargs, host=args.host, port=args.port, api_key=resolve_api_key(args.api_key),
                       chat_template=chat_template, log_level=args.uvicorn_log_level, core=core,
-                      shutdown_timeout=args.shutdown_timeout)
+                      shutdown_timeout=args.shutdown_timeout,
+                      trust_request_chat_template=args.trust_request_chat_template,
+                      max_request_body_bytes=args.max_request_body_bytes)
     try:
         try:
             import uvloop

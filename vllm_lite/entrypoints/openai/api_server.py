@@ -27,6 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import vllm_lite
 from vllm_lite.entrypoints.openai.errors import (APIError, api_error_response, error_body, error_response,
                                                  validation_message)
+from vllm_lite.entrypoints.openai.limits import (DEFAULT_MAX_REQUEST_BODY_BYTES, H11_MAX_INCOMPLETE_EVENT_BYTES,
+                                                 BodyLimitMiddleware)
 from vllm_lite.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from vllm_lite.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                    TokenizeRequest)
@@ -72,7 +74,8 @@ class APIKeyMiddleware:
 
 
 def build_app(client: Any, served_model_names: list[str] | str | None = None, api_key: str | None = None,
-              chat_template: str | None = None, on_shutdown: Any = None) -> FastAPI:
+              chat_template: str | None = None, on_shutdown: Any = None, trust_request_chat_template: bool = False,
+              max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES) -> FastAPI:
     """The FastAPI app over an engine client (an AsyncEngineClient, or anything with its API, e.g. in tests).
 
     `api_key` is passed explicitly (cli/args read the environment); `on_shutdown` runs in the lifespan's
@@ -85,7 +88,7 @@ def build_app(client: Any, served_model_names: list[str] | str | None = None, ap
     model_name = served_model_names[0]
     metrics = ServerMetrics(client, model_name)
     completions = OpenAIServingCompletion(client, served_model_names, metrics)
-    chat = OpenAIServingChat(client, served_model_names, metrics, chat_template)
+    chat = OpenAIServingChat(client, served_model_names, metrics, chat_template, trust_request_chat_template)
     created = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -102,6 +105,7 @@ def build_app(client: Any, served_model_names: list[str] | str | None = None, ap
     app.state.metrics = metrics
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_body_bytes)  # outermost: before auth and parsing
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -266,7 +270,8 @@ def _load_tokenizer(info: Any) -> Any:
 async def run_server(engine_kwargs: dict[str, Any], host: str = "127.0.0.1", port: int = 8000,
                      api_key: str | None = None, chat_template: str | None = None, log_level: str = "info",
                      exit_delay_s: float = EXIT_DELAY_S, core: EngineCoreProcess | None = None,
-                     shutdown_timeout: float = 0.0) -> int:
+                     shutdown_timeout: float = 0.0, trust_request_chat_template: bool = False,
+                     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES) -> int:
     """Start the engine and serve until SIGINT/SIGTERM (returns 0) or engine death (returns 1).
     core: an engine core spawned early by the CLI (stopped here on every exit path); shutdown_timeout: how long
     in-flight requests may run on after the signal (`_graceful_server`)."""
@@ -301,9 +306,12 @@ async def run_server(engine_kwargs: dict[str, Any], host: str = "127.0.0.1", por
         await client.start()
         t = _log_stage(f"engine start (resolve, load, profile, {client.num_blocks} KV blocks, warm-up)", t)
         served = config.model.served_model_name or config.model.model
-        app = build_app(client, [served], api_key=api_key, chat_template=chat_template, on_shutdown=shutdown_client)
+        app = build_app(client, [served], api_key=api_key, chat_template=chat_template, on_shutdown=shutdown_client,
+                        trust_request_chat_template=trust_request_chat_template,
+                        max_request_body_bytes=max_request_body_bytes)
         uconfig = uvicorn.Config(app, host=host, port=port, log_level=log_level, loop="uvloop", lifespan="on",
-                                 timeout_graceful_shutdown=5, timeout_keep_alive=5, access_log=False)
+                                 timeout_graceful_shutdown=5, timeout_keep_alive=5, access_log=False,
+                                 h11_max_incomplete_event_size=H11_MAX_INCOMPLETE_EVENT_BYTES)
         server = _graceful_server(uconfig, client, shutdown_timeout)
 
         def on_dead() -> None:

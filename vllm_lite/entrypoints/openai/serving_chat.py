@@ -1,6 +1,7 @@
 """/v1/chat/completions: messages through the chat template, then the same engine plumbing as completions."""
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, AsyncIterator
 
@@ -33,13 +34,18 @@ def chat_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[dict], nu
 class OpenAIServingChat(OpenAIServing):
 
     def __init__(self, client: Any, served_model_names: list[str], metrics: Any | None = None,
-                 chat_template: str | None = None) -> None:
+                 chat_template: str | None = None, trust_request_chat_template: bool = False) -> None:
         super().__init__(client, served_model_names, metrics)
         self.chat_template = chat_template
+        self.trust_request_chat_template = trust_request_chat_template
 
     def render(self, request: ChatCompletionRequest) -> list[int]:
         if self.tokenizer is None:
             raise APIError("chat completions need a tokenizer", 400, "messages")
+        if request.chat_template is not None and not self.trust_request_chat_template:
+            raise APIError("chat_template is not allowed in requests: this server renders only its own chat template "
+                           "(start it with --trust-request-chat-template to allow request-supplied ones)", 400,
+                           "chat_template")
         conversation = request.conversation()
         add_gen = request.add_generation_prompt
         try:
@@ -57,7 +63,7 @@ class OpenAIServingChat(OpenAIServing):
             self.check_model(request.model)
             self.check_request(request)
             self.check_alive()
-            ids = self.render(request)
+            ids = await asyncio.to_thread(self.render, request)  # templates and tokenizing stay off the loop
             params = request.to_sampling_params(self.check_prompt(ids, request._requested_max_tokens(), "messages"))
             request_id = f"chatcmpl-{random_uuid()}"
             if request.stream:

@@ -277,7 +277,7 @@ class OpenAIServingCompletion(OpenAIServing):
             self.check_model(request.model)
             self.check_request(request)
             self.check_alive()
-            prompts = self._encode(request)
+            prompts = await asyncio.to_thread(self._encode, request)  # a large prompt tokenizes off the loop
             params = [request.to_sampling_params(self.check_prompt(ids, request.max_tokens)) for _, ids in prompts]
             request_id = f"cmpl-{random_uuid()}"
             if request.stream:
