@@ -278,3 +278,11 @@ def test_header_limits(server):
             http.get("/v1/models", headers={"X-Huge": "a" * 4_000_000})
         assert http.get("/v1/models", headers={"X-Fine": "a" * 8_000}).status_code == 200
         assert http.get("/health").status_code == 200
+
+
+def test_offline_llm_refuses_out_of_vocab_stop_token_ids(model_dir):
+    from vllm_lite import LLM, SamplingParams
+    llm = LLM(model=model_dir, device="cpu", dtype="float32", max_model_len=256)
+    with pytest.raises(ValueError, match="^stop_token_ids is invalid: token id 1000000 is out of the vocabulary"):
+        llm.generate(["hi"], SamplingParams(max_tokens=2, stop_token_ids=[3, 10 ** 6]), use_tqdm=False)
+    assert len(llm.generate(["hi"], SamplingParams(max_tokens=2, stop_token_ids=[3]), use_tqdm=False)) == 1
