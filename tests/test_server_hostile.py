@@ -35,7 +35,7 @@ def model_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    with RemoteServer(model_dir, SERVER_ARGS, api_key=API_KEY) as srv:
+    with RemoteServer(model_dir, SERVER_ARGS, api_key=API_KEY, env={"VLLM_LITE_BODY_READ_TIMEOUT_S": "2"}) as srv:
         yield srv
 
 
@@ -286,3 +286,22 @@ def test_offline_llm_refuses_out_of_vocab_stop_token_ids(model_dir):
     with pytest.raises(ValueError, match="^stop_token_ids is invalid: token id 1000000 is out of the vocabulary"):
         llm.generate(["hi"], SamplingParams(max_tokens=2, stop_token_ids=[3, 10 ** 6]), use_tqdm=False)
     assert len(llm.generate(["hi"], SamplingParams(max_tokens=2, stop_token_ids=[3]), use_tqdm=False)) == 1
+
+
+def test_body_shorter_than_content_length_times_out(server):
+    """A body that stops arriving is answered 408 after the read timeout (2 s here), the connection closed."""
+    import socket
+    import time
+    body = json.dumps(cmpl()).encode()
+    head = (f"POST {C} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body) + 100}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        t0 = time.monotonic()
+        sock.sendall(head + body)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        elapsed = time.monotonic() - t0
+    assert data.startswith(b"HTTP/1.1 408"), data[:300]
+    assert b'"code":408' in data and 1.5 < elapsed < 15, (elapsed, data[-300:])
+    assert httpx.get(server.url_for("health")).status_code == 200

@@ -2,6 +2,8 @@
 anything parses it (at once from its Content-Length; a chunked body as soon as the bytes received pass the limit)."""
 from __future__ import annotations
 
+import asyncio
+import os
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -16,6 +18,9 @@ from vllm_lite.entrypoints.openai.errors import error_body
 MAX_HEADER_BYTES = 64 * 2 ** 10
 MAX_HEADER_COUNT = 256
 H11_MAX_INCOMPLETE_EVENT_BYTES = 2 ** 20
+# A body that stops arriving (shorter than its Content-Length, or a stalled chunked upload) is answered 408 after
+# this many seconds without a byte, instead of holding its connection and handler forever.
+BODY_READ_TIMEOUT_S = float(os.environ.get("VLLM_LITE_BODY_READ_TIMEOUT_S", "30"))
 
 
 class BodyLimitMiddleware:
@@ -36,6 +41,11 @@ class BodyLimitMiddleware:
     def _reject(self) -> JSONResponse:
         return JSONResponse(error_body(f"the request body is larger than the server's limit of {self.max_bytes} "
                                        "bytes (--max-request-body-bytes)", 413, "body"), status_code=413,
+                            headers={"Connection": "close"})
+
+    def _timeout(self) -> JSONResponse:
+        return JSONResponse(error_body(f"the request body stopped arriving: no data for {BODY_READ_TIMEOUT_S:g} s "
+                                       "(shorter than its Content-Length?)", 408, "body"), status_code=408,
                             headers={"Connection": "close"})
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -60,13 +70,23 @@ class BodyLimitMiddleware:
         received = 0
         exceeded = False
         replaced = False
+        body_done = False
+        reject = self._reject
 
         async def counting_receive() -> dict:
-            nonlocal received, exceeded
+            nonlocal received, exceeded, body_done, reject
             if exceeded:
                 return {"type": "http.disconnect"}
-            message = await receive()
+            if body_done:
+                return await receive()  # e.g. a handler listening for the client's disconnect: no time limit
+            try:
+                message = await asyncio.wait_for(receive(), BODY_READ_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                exceeded = True
+                reject = self._timeout
+                return {"type": "http.disconnect"}
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:  # end the body here; the app's answer is replaced by the 413
                     exceeded = True
@@ -79,6 +99,8 @@ class BodyLimitMiddleware:
                 await send(message)
             elif not replaced:
                 replaced = True
-                await self._reject()(scope, receive, send)
+                await reject()(scope, receive, send)
 
         await self.app(scope, counting_receive, replacing_send)
+        if exceeded and not replaced:  # the app gave up on the body without answering
+            await replacing_send({"type": "http.response.start"})
