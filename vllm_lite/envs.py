@@ -7,6 +7,7 @@
   under <cache root>/pycache even where PYTHONDONTWRITEBYTECODE is set, as container images do to keep .pyc files
   out of their layers; nothing is written next to any source file).
 - VLLM_LITE_API_KEY: the server's API key when --api-key is not given.
+- VLLM_LITE_BODY_READ_TIMEOUT_S: seconds the server waits for more of a request body before a 408 (default 30).
 
 Kernel switches: these only set the defaults of vllm_lite.config.KernelConfig (read once, by `kernel_defaults()`,
 when an EngineConfig is built; the engine arguments kv_write_kernel, sampling_kernel, skinny_gemm and
@@ -43,6 +44,17 @@ def bytecode_cache_dir() -> str | None:
 
 def api_key() -> str | None:
     return os.environ.get("VLLM_LITE_API_KEY") or None
+
+
+def body_read_timeout_s() -> float:
+    text = os.environ.get("VLLM_LITE_BODY_READ_TIMEOUT_S", "30")
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ValueError(f"VLLM_LITE_BODY_READ_TIMEOUT_S={text!r} is invalid; use a number of seconds > 0")
+    return value
 
 
 _KERNEL_VARS = (("kv_write_kernel", "VLLM_LITE_KV_WRITE_KERNEL"),

@@ -1,16 +1,16 @@
-"""Request size limits: headers over MAX_HEADER_BYTES are a 431; a body larger than --max-request-body-bytes is answered 413 with OpenAI's error JSON before
-anything parses it (at once from its Content-Length; a chunked body as soon as the bytes received pass the limit)."""
+"""Request limits, answered with OpenAI's error JSON before anything parses the request: headers over
+MAX_HEADER_BYTES are a 431; a body larger than --max-request-body-bytes a 413 (at once from its Content-Length; a
+chunked body as soon as the bytes received pass the limit); a body that stops arriving a 408."""
 from __future__ import annotations
 
 import asyncio
-import os
 from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from vllm_lite import envs
 from vllm_lite.entrypoints.args import DEFAULT_MAX_REQUEST_BODY_BYTES  # noqa: F401 - re-exported
 from vllm_lite.entrypoints.openai.errors import error_body
-
 
 # Headers: more than MAX_HEADER_BYTES in all, or more than MAX_HEADER_COUNT of them, is a 431 (vLLM's
 # CVE-2025-48956 was memory exhaustion through huge headers); uvicorn's h11 parser buffers at most
@@ -20,7 +20,7 @@ MAX_HEADER_COUNT = 256
 H11_MAX_INCOMPLETE_EVENT_BYTES = 2 ** 20
 # A body that stops arriving (shorter than its Content-Length, or a stalled chunked upload) is answered 408 after
 # this many seconds without a byte, instead of holding its connection and handler forever.
-BODY_READ_TIMEOUT_S = float(os.environ.get("VLLM_LITE_BODY_READ_TIMEOUT_S", "30"))
+BODY_READ_TIMEOUT_S = envs.body_read_timeout_s()
 
 
 class BodyLimitMiddleware:
