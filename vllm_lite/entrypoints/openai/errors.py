@@ -11,7 +11,8 @@ from fastapi.responses import JSONResponse
 from vllm_lite.engine.async_client import EngineDeadError
 
 _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
-          405: "MethodNotAllowed", 408: "RequestTimeout", 413: "RequestTooLarge", 431: "RequestHeaderFieldsTooLarge", 422: "UnprocessableEntityError", 429: "RateLimitError",
+          405: "MethodNotAllowed", 408: "RequestTimeout", 413: "RequestTooLarge", 422: "UnprocessableEntityError",
+          429: "RateLimitError", 431: "RequestHeaderFieldsTooLarge",
           500: "InternalServerError", 501: "NotImplementedError", 503: "ServiceUnavailableError"}
 _PARAM_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_\[\]\.]*)(?:=| is invalid| must|:| is not | is only | of type )")
 
