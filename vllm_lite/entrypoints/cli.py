@@ -1,8 +1,10 @@
 """The `vllm-lite` console script: `serve` (OpenAI-compatible server), `chat` (interactive terminal chat with a
-running server) and `complete` (one completion, streamed to stdout)."""
+running server), `complete` (one completion, streamed to stdout), `bench NAME` and `eval NAME` (each a module with
+`main(argv)` under vllm_lite.benchmarks / vllm_lite.evals)."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -52,7 +54,7 @@ def _client_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-lite", description="vllm-lite: a compact LLM inference engine")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="{serve,chat,complete,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{serve,chat,complete,bench,eval}")
     _serve_parser(sub)
     p = sub.add_parser("chat", help="interactive chat with a running server",
                        description="Chat with a running vllm-lite (or any OpenAI-compatible) server; tokens stream "
@@ -68,19 +70,34 @@ def build_parser() -> argparse.ArgumentParser:
     _client_args(p)
     p.add_argument("prompt", nargs="?", default=None, metavar="PROMPT", help="the prompt (default: read stdin)")
     p.set_defaults(func=cmd_complete)
-    p = sub.add_parser("bench", help="run a benchmark: latency (L1/L8) or throughput (T1)",
-                       description="vllm-lite bench {latency,throughput} [options]; `--help` after the name "
-                                   "lists each benchmark's options.")
-    p.add_argument("benchmark", choices=["latency", "throughput"])
+    p = sub.add_parser("bench", help="run a benchmark (latency, throughput, serve, structured, spec)",
+                       description="vllm-lite bench NAME [options]; `--help` after the name lists that "
+                                   "benchmark's options.")
+    p.add_argument("benchmark", choices=BENCHMARKS)
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of that benchmark")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("eval", help="run an accuracy eval (gsm8k, mrcr) against a server",
+                       description="vllm-lite eval NAME [options]; `--help` after the name lists that eval's "
+                                   "options.")
+    p.add_argument("eval_name", choices=EVALS, metavar="{" + ",".join(EVALS) + "}")
+    p.add_argument("eval_args", nargs=argparse.REMAINDER, help="options of that eval")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
+# Each name is a module with main(argv) under vllm_lite.benchmarks / vllm_lite.evals.
+BENCHMARKS = ("latency", "throughput", "serve", "structured", "spec")
+EVALS = ("gsm8k", "mrcr")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    from vllm_lite.benchmarks import latency, throughput
-    (latency if args.benchmark == "latency" else throughput).main(args.bench_args)
-    return 0
+    module = importlib.import_module(f"vllm_lite.benchmarks.{args.benchmark}")
+    return int(module.main(args.bench_args) or 0)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    module = importlib.import_module(f"vllm_lite.evals.{args.eval_name}")
+    return int(module.main(args.eval_args) or 0)
 
 
 def _use_bytecode_cache() -> None:
