@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("entrypoints", ("vllm_lite.entrypoints", "vllm_lite.benchmarks", "vllm_lite.evals", "vllm_lite",
                      "vllm_lite.__main__")),
     ("engine", ("vllm_lite.engine",)),
-    ("core/executor", ("vllm_lite.core", "vllm_lite.executor")),
+    ("core/executor", ("vllm_lite.core", "vllm_lite.executor", "vllm_lite.structured_output")),
     ("worker", ("vllm_lite.worker",)),
     ("spec_decode/sample/models/model_loader", ("vllm_lite.spec_decode", "vllm_lite.model_loader", "vllm_lite.models",
                                                 "vllm_lite.sample")),

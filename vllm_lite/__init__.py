@@ -1,9 +1,10 @@
 """vllm_lite: a compact, fast LLM inference engine in the spirit of vLLM."""
 from vllm_lite.outputs import CompletionOutput, Logprob, RequestOutput
-from vllm_lite.sampling_params import SamplingParams
+from vllm_lite.sampling_params import SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob",
+           "__version__"]
 
 
 def __getattr__(name: str):

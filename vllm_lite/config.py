@@ -176,6 +176,72 @@ class SpeculativeConfig:
         return self.num_speculative_tokens > 0
 
 
+def section_values(cls: type, name: str, value: Any) -> dict[str, Any]:
+    """The fields of config section `cls` given as vLLM takes a `*_config` argument: an instance, a dict, a JSON
+    string or None; ValueError naming `name` for bad JSON, a non-object or unknown fields."""
+    if isinstance(value, cls):
+        value = dataclasses.asdict(value)
+    elif isinstance(value, str):
+        import json
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{name} is not valid JSON: {exc}") from None
+    if not isinstance(value or {}, dict):
+        raise ValueError(f"{name}={value!r} is invalid; it must be a dict (JSON object)")
+    values = dict(value or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {name} field(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
+    return values
+
+
+STRUCTURED_OUTPUT_BACKENDS = ("auto", "xgrammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsConfig:
+    """Structured outputs (vLLM's `structured_outputs_config` names, plus the compile timeout).
+
+    backend: "xgrammar" (the one backend; "auto" picks it).
+    disable_any_whitespace / disable_additional_properties: engine-wide defaults, OR-ed with the request's own.
+    compile_timeout_s: a grammar still compiling after this many seconds fails its request alone
+      (`--structured-outputs-compile-timeout`).
+    compile_threads: threads of the engine core's compile pool.
+    fill_threads: threads that fill a step's bitmask rows when enough constrained rows share a step.
+    """
+    backend: str = "auto"
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    compile_timeout_s: float = 10.0
+    compile_threads: int = 4
+    fill_threads: int = 4
+
+    def __post_init__(self) -> None:
+        _choice("structured_outputs_config.backend", self.backend, STRUCTURED_OUTPUT_BACKENDS)
+        for name in ("disable_any_whitespace", "disable_additional_properties"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"structured_outputs_config.{name}={getattr(self, name)!r} is invalid; it must be "
+                                 f"true or false")
+        t = self.compile_timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+            raise ValueError(f"structured outputs compile timeout {t!r} is invalid; it must be a number of seconds "
+                             f"> 0")
+        _positive("structured_outputs_config.compile_threads", self.compile_threads)
+        _positive("structured_outputs_config.fill_threads", self.fill_threads)
+
+    @classmethod
+    def from_any(cls, value: "StructuredOutputsConfig | dict[str, Any] | str | None",
+                 compile_timeout_s: float | None = None) -> "StructuredOutputsConfig":
+        """From a dict, a JSON string (the CLI's --structured-outputs-config) or this class; unknown keys are an
+        error; `compile_timeout_s` (--structured-outputs-compile-timeout) overrides the value's."""
+        values = section_values(cls, "structured_outputs_config", value)
+        if compile_timeout_s is not None:
+            values["compile_timeout_s"] = compile_timeout_s
+        return cls(**values)
+
+
 def offline_batch_defaults(device: str) -> dict[str, int]:
     """vLLM's scheduler defaults for the offline `LLM` class: prefill chunks of 16384 tokens and 1024 sequences on
     GPUs of >= 70 GiB other than the A100 (H100, H200, MI300X), SchedulerConfig's 8192 / 256 elsewhere. The API
@@ -199,10 +265,17 @@ class EngineConfig:
     kernels: KernelConfig = field(default_factory=KernelConfig.from_env)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
-        """Split flat vLLM-style keyword arguments into the section dataclasses; unknown names are an error."""
+        """Split flat vLLM-style keyword arguments into the section dataclasses; unknown names are an error.
+        `structured_outputs_config` (dict / JSON / StructuredOutputsConfig) and `structured_outputs_compile_timeout`
+        build the structured_outputs section."""
+        if "structured_outputs_config" in kwargs or "structured_outputs_compile_timeout" in kwargs:
+            so = StructuredOutputsConfig.from_any(kwargs.pop("structured_outputs_config", None),
+                                                  kwargs.pop("structured_outputs_compile_timeout", None))
+            return dataclasses.replace(cls.from_kwargs(**kwargs), structured_outputs=so)
         sections = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
                     "device": DeviceConfig, "load": LoadConfig, "kernels": KernelConfig,
                     "parallel": ParallelConfig, "speculative": SpeculativeConfig}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import msgspec
 
@@ -32,6 +33,40 @@ def invalid_unicode(text: str) -> str | None:
     return None
 
 
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+class StructuredOutputsParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A constraint on the output (vLLM's StructuredOutputsParams): exactly one of `json` (a JSON schema, as a dict
+    or a JSON string), `regex`, `choice` (the output is one of these strings), `grammar` (EBNF, xgrammar's dialect,
+    root rule `root`) or `json_object=True` (any JSON object). The engine compiles it with xgrammar and masks every
+    step's logits; syntax and unsupported features are checked by vllm_lite.structured_output.validate."""
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    # JSON without whitespace between tokens (xgrammar's any_whitespace=False): shorter outputs, and small models
+    # cannot wander off into endless whitespace.
+    disable_any_whitespace: bool = False
+    # Objects in `json` that do not say otherwise get additionalProperties: false.
+    disable_additional_properties: bool = False
+    # vLLM's field for the outlines/guidance backends; xgrammar cannot honour it, so setting it is refused.
+    whitespace_pattern: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in _CONSTRAINTS if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(
+                "structured_outputs needs exactly one kind of constraint (json, regex, choice, grammar or "
+                f"json_object), got {'none' if not given else ', '.join(given)}")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint is set: "json", "regex", "choice", "grammar" or "json_object"."""
+        return next(name for name in _CONSTRAINTS if getattr(self, name) not in (None, False))
+
+
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     n: int = 1
     temperature: float = 1.0
@@ -50,6 +85,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     frequency_penalty: float = 0.0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -1,0 +1,151 @@
+"""Syntax and feature checks of a StructuredOutputsParams, before admission (no tokenizer, no grammar compile).
+
+xgrammar parses a JSON schema, regex or EBNF grammar into a Grammar in well under a millisecond without the
+vocabulary; what it cannot parse, and the JSON-schema keywords it would silently ignore (so an output could break
+the schema), are refused here with a ValueError that names the problem (the server answers 400).
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from vllm_lite.sampling_params import StructuredOutputsParams
+
+# Keywords xgrammar accepts but does not enforce: an output could violate them, so they are refused.
+_UNSUPPORTED_KEYWORDS = {
+    "not": "'not'", "if": "'if'/'then'/'else'", "then": "'if'/'then'/'else'", "else": "'if'/'then'/'else'",
+    "uniqueItems": "'uniqueItems'", "contains": "'contains'", "minContains": "'minContains'",
+    "maxContains": "'maxContains'", "dependentRequired": "'dependentRequired'",
+    "dependentSchemas": "'dependentSchemas'", "dependencies": "'dependencies'",
+}
+_TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
+_COUNTS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_ONE = ("items", "additionalProperties", "propertyNames", "unevaluatedProperties", "unevaluatedItems",
+               "additionalItems")
+MAX_SCHEMA_DEPTH = 64  # nesting deeper than any real schema; deeper ones would only strain the compiler
+MAX_SPEC_CHARS = 1 << 20  # 1 MiB of schema / regex / grammar text
+
+
+def validate_structured_outputs(params: StructuredOutputsParams) -> None:
+    """Raise ValueError naming the problem when `params` cannot be compiled into a grammar that xgrammar fully
+    enforces: invalid JSON / JSON schema, unsupported schema keywords, a bad regex or EBNF grammar, an empty
+    choice list, or an option the xgrammar backend cannot honour."""
+    import xgrammar as xgr
+
+    if params.whitespace_pattern is not None:
+        raise ValueError("structured_outputs.whitespace_pattern is not supported by the xgrammar backend; use "
+                         "disable_any_whitespace to forbid whitespace instead")
+    kind = params.kind
+    try:
+        if kind == "json":
+            schema = load_schema(params.json)
+            xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=not params.disable_any_whitespace)
+        elif kind == "regex":
+            _check_text("regex", params.regex)
+            xgr.Grammar.from_regex(params.regex)
+        elif kind == "grammar":
+            _check_text("grammar", params.grammar)
+            xgr.Grammar.from_ebnf(params.grammar)
+        elif kind == "choice":
+            xgr.Grammar.from_ebnf(choice_ebnf(params.choice))
+        elif params.json_object is not True:
+            raise ValueError(f"structured_outputs.json_object must be true or false, got {params.json_object!r}")
+    except RuntimeError as exc:  # xgrammar's parse errors
+        raise ValueError(f"structured_outputs.{kind} is invalid: {xgrammar_message(exc)}") from None
+
+
+def load_schema(spec: str | dict[str, Any] | None) -> dict[str, Any] | bool:
+    """The JSON schema of a `json` constraint as a Python object, checked for what xgrammar would not enforce."""
+    if isinstance(spec, str):
+        _check_text("json", spec)
+        try:
+            schema = json.loads(spec)
+        except (ValueError, RecursionError) as exc:
+            raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from None
+    else:
+        schema = spec
+    if not isinstance(schema, (dict, bool)):
+        raise ValueError(f"structured_outputs.json is invalid: a JSON schema must be an object or a boolean, got "
+                         f"{type(schema).__name__}")
+    _check_schema(schema, "#", 0)
+    return schema
+
+
+def _check_text(name: str, text: object) -> None:
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"structured_outputs.{name} is invalid: it must be a non-empty string")
+    if len(text) > MAX_SPEC_CHARS:
+        raise ValueError(f"structured_outputs.{name} is invalid: {len(text)} characters, more than the limit of "
+                         f"{MAX_SPEC_CHARS}")
+
+
+def _check_schema(schema: Any, where: str, depth: int) -> None:
+    """Walk every subschema: keyword shapes xgrammar does not check itself, and unsupported keywords."""
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, dict):
+        raise ValueError(f"structured_outputs.json is invalid at {where}: a schema must be an object or a boolean")
+    if depth > MAX_SCHEMA_DEPTH:
+        raise ValueError(f"structured_outputs.json is invalid: schemas nested deeper than {MAX_SCHEMA_DEPTH} levels "
+                         f"are not supported")
+    for key in schema:
+        if key in _UNSUPPORTED_KEYWORDS and not (key == "uniqueItems" and schema[key] is False):
+            raise ValueError(f"structured_outputs.json uses {_UNSUPPORTED_KEYWORDS[key]} at {where}, which the "
+                             f"xgrammar backend cannot enforce")
+    if "allOf" in schema and isinstance(schema["allOf"], list) and len(schema["allOf"]) > 1:
+        raise ValueError(f"structured_outputs.json uses 'allOf' with {len(schema['allOf'])} subschemas at {where}; "
+                         f"the xgrammar backend supports at most one")
+    types = schema.get("type")
+    for t in types if isinstance(types, list) else [types] if types is not None else []:
+        if t not in _TYPES:
+            raise ValueError(f"structured_outputs.json is invalid at {where}: unknown type {t!r} (allowed: "
+                             f"{', '.join(sorted(_TYPES))})")
+    for key in _COUNTS:
+        value = schema.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"structured_outputs.json is invalid at {where}: {key} must be a non-negative integer, "
+                             f"got {value!r}")
+    required = schema.get("required")
+    if required is not None and not (isinstance(required, list) and all(isinstance(r, str) for r in required)):
+        raise ValueError(f"structured_outputs.json is invalid at {where}: required must be a list of property names")
+    for key in _SCHEMA_MAPS:
+        sub = schema.get(key)
+        if sub is None:
+            continue
+        if not isinstance(sub, dict):
+            raise ValueError(f"structured_outputs.json is invalid at {where}: {key} must be an object")
+        for name, child in sub.items():
+            _check_schema(child, f"{where}/{key}/{name}", depth + 1)
+    for key in _SCHEMA_LISTS:
+        sub = schema.get(key)
+        if sub is None:
+            continue
+        if not isinstance(sub, list) or (not sub and key != "prefixItems"):
+            raise ValueError(f"structured_outputs.json is invalid at {where}: {key} must be a non-empty list of "
+                             f"schemas")
+        for i, child in enumerate(sub):
+            _check_schema(child, f"{where}/{key}/{i}", depth + 1)
+    for key in _SCHEMA_ONE:
+        if key in schema:
+            _check_schema(schema[key], f"{where}/{key}", depth + 1)
+
+
+def choice_ebnf(choices: list[str] | None) -> str:
+    """An EBNF grammar whose language is exactly the given strings."""
+    if not isinstance(choices, list) or not choices:
+        raise ValueError("structured_outputs.choice is invalid: it must be a non-empty list of strings")
+    for c in choices:
+        if not isinstance(c, str) or not c:
+            raise ValueError(f"structured_outputs.choice is invalid: {c!r} is not a non-empty string")
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in dict.fromkeys(choices))
+
+
+_XGR_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:\d+: ")
+
+
+def xgrammar_message(exc: BaseException) -> str:
+    """xgrammar's error text without its timestamp and C++ source location."""
+    return _XGR_PREFIX.sub("", str(exc).strip()).strip() or type(exc).__name__
