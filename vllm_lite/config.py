@@ -159,21 +159,118 @@ class RankConfig:
     device_index: int = 0
 
 
+SPEC_METHODS = ("ngram", "suffix", "draft_model", "eagle", "eagle3")
+# Methods whose drafter is a model run in the worker (the others propose on the engine core, from token ids).
+SPEC_MODEL_METHODS = ("draft_model", "eagle", "eagle3")
+MAX_SPEC_TOKENS = 15
+
+
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """Speculative decoding: up to `num_speculative_tokens` draft tokens per request per step are verified in one
-    forward (1 + k query tokens). The runner captures CUDA graphs for 1 + k tokens per request; the scheduler keeps
-    a speculating request's steps in order (its next step waits for the accepted tokens)."""
-    num_speculative_tokens: int = 0
+    """Speculative decoding (vLLM's `speculative_config` names): up to `num_speculative_tokens` draft tokens per
+    request per step are verified in one forward (1 + k query tokens); the output distribution stays the target's.
+
+    method: "ngram" / "suffix" (engine-core proposers over token ids, no model), "draft_model" / "eagle" /
+      "eagle3" (a drafter model from `model`, run in the worker); None: no speculation (or, with k > 0, a proposer
+      handed to the EngineCore directly, as tests do). Given only `model`, the method is inferred as vLLM does.
+    prompt_lookup_max / prompt_lookup_min (ngram): the longest / shortest suffix n-gram looked up (vLLM: both 5
+      when neither is given, one copies the other when only one is).
+    suffix_decoding_* (suffix, vLLM's names): tree depth, cached earlier requests, draft length cap per matched
+      token (max_spec_factor * match length) and the smallest continuation frequency a draft token needs.
+    disable_by_batch_size: no drafts while more requests than this are running (a busy device gains little from
+      verifying extra tokens and pays for proposing them); None: never.
+    adaptive_draft_length: each request's draft length follows its measured acceptance and the batch size
+      (spec_decode/adaptive.py states the rule); False: always up to k drafts.
+    adaptive_saturation_tokens: tokens per step at which verifying one more token per request costs as much as a
+      plain step (the device turns compute-bound); the adaptive rule's cost scale.
+    """
+    method: str | None = None
+    model: str | None = None
+    num_speculative_tokens: int | None = None
+    prompt_lookup_max: int | None = None
+    prompt_lookup_min: int | None = None
+    suffix_decoding_max_tree_depth: int = 24
+    suffix_decoding_max_cached_requests: int = 10000
+    suffix_decoding_max_spec_factor: float = 1.0
+    suffix_decoding_min_token_prob: float = 0.1
+    disable_by_batch_size: int | None = 64
+    adaptive_draft_length: bool = True
+    adaptive_saturation_tokens: int = 2048
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_speculative_tokens, int) or not 0 <= self.num_speculative_tokens <= 15:
-            raise ValueError(f"num_speculative_tokens={self.num_speculative_tokens!r} is invalid; it must be an "
-                             f"integer in [0, 15]")
+        def set_(name: str, value: Any) -> None:  # frozen: defaults resolved once, here
+            object.__setattr__(self, name, value)
+
+        method = self.method
+        if method is None and self.model is not None:
+            low = self.model.lower()
+            method = "eagle3" if "eagle3" in low else "eagle" if "eagle" in low else "draft_model"
+            set_("method", method)
+        if method is not None:
+            _choice("speculative method", method, SPEC_METHODS)
+        if method in SPEC_MODEL_METHODS and not self.model:
+            raise ValueError(f"speculative method {method!r} needs `model`: the path of the drafter's weights")
+        if method is not None and method not in SPEC_MODEL_METHODS and self.model is not None:
+            raise ValueError(f"speculative method {method!r} uses no model; remove `model` ({self.model!r})")
+        k = self.num_speculative_tokens
+        if k is None:
+            k = min(self.suffix_decoding_max_tree_depth, MAX_SPEC_TOKENS) if method == "suffix" else 0
+            if method is not None and method != "suffix":
+                raise ValueError(f"speculative method {method!r} needs num_speculative_tokens (1..{MAX_SPEC_TOKENS})")
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_SPEC_TOKENS:
+            raise ValueError(f"num_speculative_tokens={k!r} is invalid; it must be an integer in "
+                             f"[0, {MAX_SPEC_TOKENS}]")
+        if method is not None and k == 0:
+            raise ValueError(f"speculative method {method!r} needs num_speculative_tokens >= 1")
+        set_("num_speculative_tokens", k)
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        if method == "ngram":
+            lo, hi = (5, 5) if lo is None and hi is None else (lo if lo is not None else hi, hi if hi is not None
+                                                               else lo)
+            set_("prompt_lookup_min", lo)
+            set_("prompt_lookup_max", hi)
+        for name in ("prompt_lookup_min", "prompt_lookup_max"):
+            _positive(name, getattr(self, name), allow_none=True)
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"prompt_lookup_min={lo} is larger than prompt_lookup_max={hi}")
+        _positive("suffix_decoding_max_tree_depth", self.suffix_decoding_max_tree_depth)
+        _positive("suffix_decoding_max_cached_requests", self.suffix_decoding_max_cached_requests)
+        if not (isinstance(self.suffix_decoding_max_spec_factor, (int, float))
+                and self.suffix_decoding_max_spec_factor > 0):
+            raise ValueError(f"suffix_decoding_max_spec_factor={self.suffix_decoding_max_spec_factor!r} is invalid; "
+                             f"it must be a number > 0")
+        if not (isinstance(self.suffix_decoding_min_token_prob, (int, float))
+                and 0 <= self.suffix_decoding_min_token_prob <= 1):
+            raise ValueError(f"suffix_decoding_min_token_prob={self.suffix_decoding_min_token_prob!r} is invalid; "
+                             f"it must be in [0, 1]")
+        _positive("disable_by_batch_size", self.disable_by_batch_size, allow_none=True)
+        _positive("adaptive_saturation_tokens", self.adaptive_saturation_tokens)
+        if not isinstance(self.adaptive_draft_length, bool):
+            raise ValueError(f"adaptive_draft_length={self.adaptive_draft_length!r} is invalid; it must be True or "
+                             f"False")
+
+    @classmethod
+    def from_any(cls, value: "SpeculativeConfig | dict[str, Any] | str | None", **flat: Any) -> "SpeculativeConfig":
+        """`speculative_config` as vLLM takes it (a dict, a JSON string, or this class), then flat fields
+        (num_speculative_tokens=..., None = not given); a field given both ways with different values is an error."""
+        values = section_values(cls, "speculative_config", value)
+        for key, v in flat.items():
+            if v is None:
+                continue
+            if key in values and values[key] != v:
+                raise ValueError(f"{key} is given twice with different values: {values[key]!r} in "
+                                 f"speculative_config and {v!r}")
+            values[key] = v
+        return cls(**values)
 
     @property
     def enabled(self) -> bool:
         return self.num_speculative_tokens > 0
+
+    @property
+    def uses_model(self) -> bool:
+        """The drafter is a model in the worker (not an engine-core proposer)."""
+        return self.method in SPEC_MODEL_METHODS
 
 
 def section_values(cls: type, name: str, value: Any) -> dict[str, Any]:
@@ -280,7 +377,10 @@ class EngineConfig:
                     "device": DeviceConfig, "load": LoadConfig, "kernels": KernelConfig,
                     "parallel": ParallelConfig, "speculative": SpeculativeConfig}
         parts: dict[str, dict[str, Any]] = {name: {} for name in sections}
-        owner = {f.name: name for name, klass in sections.items() for f in dataclasses.fields(klass)}
+        # Speculative `model` / `method` only inside speculative_config (the flat `model` is the target's).
+        owner = {f.name: name for name, klass in sections.items() for f in dataclasses.fields(klass)
+                 if not (name == "speculative" and f.name in ("model", "method"))}
+        spec = kwargs.pop("speculative_config", None)
         for key, value in kwargs.items():
             if key not in owner:
                 raise ValueError(f"unknown engine argument {key!r}; known: {', '.join(sorted(owner))}")
@@ -288,4 +388,6 @@ class EngineConfig:
                 parts[owner[key]][key] = value
         if parts["model"].get("model") is None:
             parts["model"]["model"] = DEFAULT_MODEL
-        return cls(**{name: getattr(klass, "from_env", klass)(**parts[name]) for name, klass in sections.items()})
+        speculative = SpeculativeConfig.from_any(spec, **parts.pop("speculative"))
+        return cls(**{name: getattr(klass, "from_env", klass)(**parts[name]) for name, klass in sections.items()
+                      if name != "speculative"}, speculative=speculative)

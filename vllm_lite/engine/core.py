@@ -21,6 +21,7 @@ from vllm_lite.executor import Executor, InProcExecutor
 from vllm_lite.model_loader import ModelInfo
 from vllm_lite.protocol import EngineCoreOutputs, EngineCoreRequest, GrammarOutput, SchedulerOutput
 from vllm_lite.request import Request, RequestStatus
+from vllm_lite.spec_decode.factory import make_proposer
 
 logger = logging.getLogger("vllm_lite.engine")
 
@@ -41,9 +42,11 @@ class GrammarBitmaskBuilder(Protocol):
 class EngineCore:
     def __init__(self, config: EngineConfig, info: ModelInfo, executor: Executor | None = None,
                  proposer: Proposer | None = None, grammar: GrammarBitmaskBuilder | None = None) -> None:
-        if config.speculative.enabled and proposer is None:
+        if proposer is None:
+            proposer = make_proposer(config.speculative, info)
+        if config.speculative.enabled and proposer is None and not config.speculative.uses_model:
             raise ValueError(f"num_speculative_tokens={config.speculative.num_speculative_tokens} needs a draft "
-                             f"proposer, and none is configured (no speculative decoding method is available yet)")
+                             f"proposer: set speculative_config's method (ngram, suffix, draft_model, eagle, eagle3)")
         self.config = config
         self.info = info
         t0 = time.perf_counter()
@@ -105,7 +108,8 @@ class EngineCore:
     def _propose(self, scheduler_output: SchedulerOutput) -> None:
         """Drafts for the requests of an applied step that are still running with all their tokens known. Requests
         whose distribution depends on the tokens before each verified row in ways the rows do not see (penalties
-        over the outputs, min_tokens still blocking EOS) are not speculated, so verification stays exact."""
+        over the outputs, min_tokens still blocking EOS, bad words of several tokens) are not speculated, so
+        verification stays exact."""
         k = self.num_spec_tokens
         for req_id in scheduler_output.num_scheduled_tokens:
             request = self.scheduler.requests.get(req_id)
@@ -113,7 +117,7 @@ class EngineCore:
                 continue
             p = request.sampling_params
             if (p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
-                    or len(request.output_token_ids) < p.min_tokens):
+                    or len(request.output_token_ids) < p.min_tokens or p.has_multi_token_bad_words):
                 continue
             if request.num_computed_tokens + 1 == request.num_tokens:  # decoding (not mid-prefill)
                 request.spec_token_ids = list(self.proposer.propose(request, k))[:k]

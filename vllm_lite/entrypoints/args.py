@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 from vllm_lite import envs
@@ -19,7 +20,8 @@ DEFAULT_MAX_REQUEST_BODY_BYTES = 32 * 2 ** 20
 ENGINE_ARGS = ("model", "tokenizer", "dtype", "seed", "max_model_len", "served_model_name", "block_size",
                "enable_prefix_caching", "gpu_memory_utilization", "num_gpu_blocks_override", "kv_cache_memory_bytes",
                "max_num_seqs", "max_num_batched_tokens", "async_scheduling", "device", "enforce_eager",
-               "attention_backend", "max_cudagraph_capture_size", "load_format", "download_dir", "skip_tokenizer_init")
+               "attention_backend", "max_cudagraph_capture_size", "load_format", "download_dir", "skip_tokenizer_init",
+               "speculative_config")
 
 
 def _size(text: str) -> int:
@@ -31,6 +33,17 @@ def _size(text: str) -> int:
         return int(float(num) * mult)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 1073741824, 512M, 4G)") from None
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """--speculative-config '{"method": "ngram", ...}' (vLLM's flag): a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"invalid JSON {text!r}: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object")
+    return value
 
 
 def add_engine_args(parser: argparse.ArgumentParser, model_help: str | None = None) -> argparse.ArgumentParser:
@@ -85,6 +98,12 @@ def add_engine_args(parser: argparse.ArgumentParser, model_help: str | None = No
                         "this and max_num_seqs); larger batches run compiled without a graph")
     g.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="attention kernels: torch (reference, any device) or flashinfer (GPU)")
+
+    g = parser.add_argument_group("speculative decoding")
+    g.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
+                   help='speculative decoding as a JSON object with vLLM\'s fields, e.g. \'{"method": "ngram", '
+                        '"num_speculative_tokens": 3, "prompt_lookup_max": 4}\' (methods: ngram, suffix, '
+                        'draft_model, eagle, eagle3; the model methods also need "model")')
     return parser
 
 
@@ -132,6 +151,8 @@ def engine_argv(kwargs: dict[str, Any]) -> list[str]:
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):  # every bool flag is a BooleanOptionalAction: --x / --no-x
             argv.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, dict):
+            argv += [flag, json.dumps(value)]
         else:
             argv += [flag, str(value)]
     return argv

@@ -1,0 +1,17 @@
+"""Which engine-core proposer a speculative config asks for."""
+from __future__ import annotations
+
+from typing import Any
+
+from vllm_lite.config import SpeculativeConfig
+
+
+def make_proposer(config: SpeculativeConfig, info: Any = None) -> Any | None:
+    """The engine-core proposer for `config.method` ("ngram", "suffix"); None without a method and for the model
+    methods, whose drafter runs in the worker. `info` (the target's ModelInfo) is for proposers that need it."""
+    if config.method == "ngram":
+        from vllm_lite.spec_decode.ngram import NgramProposer
+        return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+    if config.method == "suffix":
+        raise ValueError("speculative method 'suffix' is not built yet")
+    return None

@@ -1,0 +1,114 @@
+"""Speculative decoding with the engine-core proposers (n-gram, suffix): configuration, the proposers' lookups,
+and greedy outputs token-identical to the plain run while drafts are actually proposed and accepted."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from vllm_lite.config import EngineConfig, SpeculativeConfig
+from vllm_lite.sampling_params import SamplingParams
+from vllm_lite.spec_decode.ngram import ngram_lookup
+
+from spec_utils import make_core, run_core
+
+BASE = dict(device="cpu", dtype="float32", block_size=4, max_model_len=256)
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+
+
+def _repetitive_prompts(n: int = 4, vocab: int = 384) -> list[list[int]]:
+    """Random spans repeated: the outputs of a tiny random model repeat too, so lookups find matches."""
+    rng = random.Random(3)
+    prompts = []
+    for _ in range(n):
+        span = [rng.randrange(3, vocab) for _ in range(rng.randrange(4, 12))]
+        prompts.append(span * rng.randrange(2, 4) + span[:rng.randrange(1, 4)])
+    return prompts
+
+
+# ---------------------------------------------------------------- configuration
+def test_speculative_config_fields_defaults_and_errors():
+    cfg = EngineConfig.from_kwargs(speculative_config={"method": "ngram", "num_speculative_tokens": 4}).speculative
+    assert (cfg.method, cfg.num_speculative_tokens, cfg.prompt_lookup_min, cfg.prompt_lookup_max) == \
+        ("ngram", 4, 5, 5)
+    assert SpeculativeConfig(method="ngram", num_speculative_tokens=2, prompt_lookup_max=3).prompt_lookup_min == 3
+    assert SpeculativeConfig(model="org/EAGLE3-x", num_speculative_tokens=2).method == "eagle3"
+    assert SpeculativeConfig(model="small-draft", num_speculative_tokens=2).uses_model
+    assert not EngineConfig.from_kwargs().speculative.enabled
+    json_cfg = EngineConfig.from_kwargs(speculative_config='{"method": "suffix", "num_speculative_tokens": 5}')
+    assert json_cfg.speculative.method == "suffix" and json_cfg.speculative.num_speculative_tokens == 5
+    bad = [({"method": "draft_model", "num_speculative_tokens": 2}, "needs `model`"),
+           ({"method": "ngram"}, "needs num_speculative_tokens"),
+           ({"method": "ngram", "num_speculative_tokens": 0}, "needs num_speculative_tokens >= 1"),
+           ({"method": "medusa", "num_speculative_tokens": 2}, "invalid"),
+           ({"method": "ngram", "num_speculative_tokens": 2, "model": "x"}, "uses no model"),
+           ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2},
+            "larger than"),
+           ({"method": "ngram", "num_speculative_tokens": 99}, r"\[0, 15\]"),
+           ({"method": "ngram", "num_speculative_tokens": 2, "k": 1}, "unknown speculative_config field")]
+    for spec, match in bad:
+        with pytest.raises(ValueError, match=match):
+            EngineConfig.from_kwargs(speculative_config=spec)
+    with pytest.raises(ValueError, match="given twice"):
+        EngineConfig.from_kwargs(speculative_config={"method": "ngram", "num_speculative_tokens": 2},
+                                 num_speculative_tokens=3)
+
+
+def test_serve_flag_parses_and_round_trips():
+    import argparse
+
+    from vllm_lite.entrypoints.args import add_engine_args, engine_argv, engine_kwargs_from_args
+    parser = add_engine_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}'])
+    kwargs = engine_kwargs_from_args(args)
+    assert EngineConfig.from_kwargs(**kwargs).speculative.method == "ngram"
+    again = engine_kwargs_from_args(parser.parse_args(engine_argv(kwargs)[1:]))
+    assert again["speculative_config"] == kwargs["speculative_config"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--speculative-config", "[1, 2]"])
+
+
+# ---------------------------------------------------------------- n-gram lookup
+def _ngram_reference(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
+    """The definition, written plainly: longest n first, most recent earlier occurrence."""
+    for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
+        suffix = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start:start + n] == suffix:
+                return tokens[start + n:start + n + k]
+    return []
+
+
+def test_ngram_lookup_matches_its_definition():
+    assert ngram_lookup(np.array([1, 2, 3, 4, 9, 1, 2, 3, 5, 7, 1, 2, 3]), 1, 3, 3).tolist() == [5, 7, 1]
+    rng = random.Random(0)
+    for _ in range(3000):
+        tokens = [rng.randrange(4) for _ in range(rng.randrange(1, 30))]
+        lo = rng.randrange(1, 4)
+        hi = rng.randrange(lo, 6)
+        k = rng.randrange(1, 5)
+        assert ngram_lookup(np.array(tokens), lo, hi, k).tolist() == _ngram_reference(tokens, lo, hi, k), \
+            (tokens, lo, hi, k)
+
+
+# ---------------------------------------------------------------- greedy identity
+@pytest.fixture(scope="module")
+def plain_run(tiny_qwen3_path):
+    prompts = _repetitive_prompts()
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
+    return prompts, params, run_core(make_core(tiny_qwen3_path, **BASE), prompts, params)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_ngram_greedy_identical_to_plain_run(tiny_qwen3_path, plain_run, async_scheduling):
+    prompts, params, ref = plain_run
+    core = make_core(tiny_qwen3_path, speculative_config=NGRAM, async_scheduling=async_scheduling, **BASE)
+    got = run_core(core, prompts, params)
+    assert {r: v["tokens"] for r, v in got.items()} == {r: v["tokens"] for r, v in ref.items()}
+    for r in ref:
+        for mine, theirs in zip(got[r]["logprobs"], ref[r]["logprobs"]):
+            assert [t for t, _, _ in mine] == [t for t, _, _ in theirs]
+            assert [lp for _, lp, _ in mine] == pytest.approx([lp for _, lp, _ in theirs], abs=1e-4)
+    stats = core.scheduler.make_stats()
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens > 0
