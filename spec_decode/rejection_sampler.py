@@ -7,8 +7,8 @@ requests use the rejection rule for a draft proposed without probabilities (a po
 proposers do): accept draft d_j with probability p_j(d_j); at the first rejection sample from p_j with d_j removed
 (renormalised); after k accepted drafts sample the bonus token from p_k. Per step the output is 1..k+1 tokens.
 
-Rows carry the request's sampling parameters (temperature, filters, penalties, grammar mask); `expand_metadata`
-repeats a per-request SamplingMetadata over its rows.
+Rows carry the request's sampling parameters (temperature, filters, penalties, grammar mask, allowed ids, blocked
+tokens, logit_bias); `expand_metadata` repeats a per-request SamplingMetadata over its rows.
 """
 from __future__ import annotations
 
@@ -37,12 +37,18 @@ def expand_metadata(meta: SamplingMetadata, counts_list: list[int], offsets: lis
     def expand(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.repeat_interleave(rep, dim=0, output_size=total)
 
-    blocked_rows = blocked_cols = None
-    if meta.blocked_rows is not None:
-        starts = to_device(offsets, device)[meta.blocked_rows]
-        n = rep[meta.blocked_rows]
-        blocked_rows = torch.repeat_interleave(starts, n) + _ranks(n)
-        blocked_cols = torch.repeat_interleave(meta.blocked_cols, n)
+    starts_t = to_device(offsets, device)
+
+    def expand_sparse(rows: torch.Tensor | None, *values: torch.Tensor) -> tuple:
+        """(row, column, value...) entries of a request repeated on each of its rows."""
+        if rows is None:
+            return (None,) * (1 + len(values))
+        n = rep[rows]
+        return (torch.repeat_interleave(starts_t[rows], n) + _ranks(n),
+                *(torch.repeat_interleave(v, n) for v in values))
+
+    blocked_rows, blocked_cols = expand_sparse(meta.blocked_rows, meta.blocked_cols)
+    bias_rows, bias_cols, bias_values = expand_sparse(meta.bias_rows, meta.bias_cols, meta.bias_values)
     generators = {offsets[i] + j: g for i, g in meta.generators.items() for j in range(counts_list[i])}
     return dataclasses.replace(
         meta, temperature=expand(meta.temperature), is_greedy=expand(meta.is_greedy), top_k=expand(meta.top_k),
@@ -50,7 +56,8 @@ def expand_metadata(meta: SamplingMetadata, counts_list: list[int], offsets: lis
         output_token_ids=expand(meta.output_token_ids), repetition_penalty=expand(meta.repetition_penalty),
         presence_penalty=expand(meta.presence_penalty), frequency_penalty=expand(meta.frequency_penalty),
         blocked_rows=blocked_rows, blocked_cols=blocked_cols, generators=generators,
-        logits_mask=expand(meta.logits_mask))
+        logits_mask=expand(meta.logits_mask), allowed_mask=expand(meta.allowed_mask), bias_rows=bias_rows,
+        bias_cols=bias_cols, bias_values=bias_values)
 
 
 def _ranks(n: torch.Tensor) -> torch.Tensor:

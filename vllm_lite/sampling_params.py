@@ -7,6 +7,7 @@ from typing import Any
 import msgspec
 
 _GREEDY_EPS = 1e-5
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values
 MAX_TEMPERATURE = 100.0  # above this sampling is indistinguishable from uniform; 1e6 or inf is a client bug
 _INT64_MIN, _INT64_MAX = -2 ** 63, 2 ** 63 - 1  # what crosses the sockets (msgspec) and seeds torch generators
 _INT_FIELDS = ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs")
@@ -86,6 +87,14 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsParams | None = None
+    # token id -> bias added to its logit before sampling (OpenAI's logit_bias), in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS]
+    logit_bias: dict[int, float] | None = None
+    # only these token ids may be sampled (vLLM's allowed_token_ids)
+    allowed_token_ids: list[int] | None = None
+    # words never generated: each word's last token is banned when the tokens before it were just generated
+    bad_words: list[str] | None = None
+    # bad_words as token sequences, filled by the front end that holds the tokenizer (resolve_bad_words)
+    bad_words_token_ids: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -112,6 +121,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             why = invalid_unicode(text)
             if why:
                 raise ValueError(f"stop is invalid: {why}")
+        self._validate_token_constraints()
         checks = [
             ("n", isinstance(self.n, int) and self.n >= 1, "must be an integer >= 1"),
             ("temperature", 0 <= self.temperature <= MAX_TEMPERATURE, f"must be in [0, {MAX_TEMPERATURE:g}]"),
@@ -131,9 +141,67 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: it {why}")
 
+    def _validate_token_constraints(self) -> None:
+        """logit_bias / allowed_token_ids / bad_words shapes and ranges (the vocabulary is checked in check_vocab)."""
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError("logit_bias is invalid: it must map token ids to biases")
+            for tid, bias in self.logit_bias.items():
+                if not (isinstance(tid, int) and not isinstance(tid, bool) and 0 <= tid <= _INT64_MAX):
+                    raise ValueError(f"logit_bias is invalid: key {tid!r} is not a token id (an integer >= 0)")
+                if isinstance(bias, bool) or not _finite(bias) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                    raise ValueError(f"logit_bias is invalid: the bias {bias!r} of token {tid} must be a number in "
+                                     f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids is invalid: it must not be empty")
+            for tid in self.allowed_token_ids:
+                if not (isinstance(tid, int) and not isinstance(tid, bool) and 0 <= tid <= _INT64_MAX):
+                    raise ValueError(f"allowed_token_ids is invalid: {tid!r} is not a token id (an integer >= 0)")
+        for word in self.bad_words or ():
+            if not isinstance(word, str) or not word.strip():
+                raise ValueError(f"bad_words is invalid: {word!r}: bad words must be non-empty strings")
+            why = invalid_unicode(word)
+            if why:
+                raise ValueError(f"bad_words is invalid: {why}")
+        for seq in self.bad_words_token_ids or ():
+            if not seq or not all(isinstance(t, int) and 0 <= t <= _INT64_MAX for t in seq):
+                raise ValueError(f"bad_words_token_ids is invalid: {seq!r} is not a non-empty list of token ids")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """ValueError naming the field for a token id outside [0, vocab_size) (the front ends know the size)."""
+        for name, ids in (("stop_token_ids", self.stop_token_ids), ("allowed_token_ids", self.allowed_token_ids),
+                          ("logit_bias", list(self.logit_bias or ())),
+                          ("bad_words", [t for seq in self.bad_words_token_ids or () for t in seq])):
+            bad = [t for t in ids or () if not 0 <= t < vocab_size]
+            if bad:
+                raise ValueError(f"{name} is invalid: token id {bad[0]} is out of the vocabulary (size {vocab_size})")
+
+    def resolve_bad_words(self, tokenizer: object) -> None:
+        """Tokenize bad_words into bad_words_token_ids (as vLLM does: each word as written without leading spaces,
+        and with one leading space when that tokenizes differently, since a word inside a text usually follows
+        a space)."""
+        if not self.bad_words or self.bad_words_token_ids is not None:
+            return
+        if tokenizer is None:
+            raise ValueError("bad_words is invalid: it needs a tokenizer (this engine runs with skip_tokenizer_init)")
+        seqs: list[list[int]] = []
+        for word in self.bad_words:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = list(tokenizer.encode(text, add_special_tokens=False))  # type: ignore[attr-defined]
+                if ids and ids not in seqs:
+                    seqs.append(ids)
+        self.bad_words_token_ids = seqs
+
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
+
+    @property
+    def has_multi_token_bad_words(self) -> bool:
+        """Which tokens the bad words ban depends on the generated tokens (the worker needs their values, and
+        verified draft rows would not see the drafts before them)."""
+        return any(len(seq) > 1 for seq in self.bad_words_token_ids or ())
 
     @property
     def all_stop_token_ids(self) -> set[int]:

@@ -15,7 +15,7 @@ from vllm_lite.config import EngineConfig, offline_batch_defaults
 from vllm_lite.engine.core import EngineCore
 from vllm_lite.engine.output_processor import OutputProcessor
 from vllm_lite.gc_utils import freeze_startup_heap
-from vllm_lite.inputs import check_token_ids, validate_prompt
+from vllm_lite.inputs import validate_prompt
 from vllm_lite.model_loader import resolve_model
 from vllm_lite.outputs import RequestOutput
 from vllm_lite.sampling_params import SamplingParams
@@ -75,11 +75,9 @@ class LLM:
         encoded = [self._encode(p) for p in prompts]
         for _, ids in encoded:
             validate_prompt(ids, self.info.max_model_len, self.info.vocab_size)
-        for p in params:  # the server's check too (SamplingParams alone does not know the vocabulary)
-            try:
-                check_token_ids(p.stop_token_ids or (), self.info.vocab_size)
-            except ValueError as exc:
-                raise ValueError(f"stop_token_ids is invalid: {exc}") from None
+        for p in params:  # the server's checks too (SamplingParams alone does not know the tokenizer and vocabulary)
+            p.resolve_bad_words(self.tokenizer)
+            p.check_vocab(self.info.vocab_size)
         request_ids = []
         for (text, ids), p in zip(encoded, params):
             request_id = str(next(self._counter))

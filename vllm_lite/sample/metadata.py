@@ -65,6 +65,19 @@ class SamplingMetadata:
 
     vocab_size: int = 0
 
+    # allowed_token_ids as [B, V] bool, True = allowed (rows without a list are all True). None: no row has one.
+    allowed_mask: torch.Tensor | None = None
+    # logit_bias as a sparse (row, token, bias) list added to the logits. None: no row has a bias.
+    bias_rows: torch.Tensor | None = None
+    bias_cols: torch.Tensor | None = None
+    bias_values: torch.Tensor | None = None
+
+    @property
+    def no_token_constraints(self) -> bool:
+        """No grammar mask, allowed ids, blocked (min_tokens, bad words) or biased tokens in this batch."""
+        return (self.logits_mask is None and self.allowed_mask is None and self.blocked_rows is None
+                and self.bias_rows is None)
+
     @property
     def batch_size(self) -> int:
         return self.temperature.shape[0]
@@ -132,6 +145,12 @@ class SamplingMetadata:
                 if 0 <= t < vocab_size:
                     rows.append(i)
                     cols.append(t)
+        for i, p in enumerate(params):
+            if p.bad_words_token_ids:
+                for t in banned_by_bad_words(p.bad_words_token_ids, output_token_ids[i]):
+                    if 0 <= t < vocab_size:
+                        rows.append(i)
+                        cols.append(t)
         blocked_rows = to_dev(rows, torch.int64) if rows else None
         blocked_cols = to_dev(cols, torch.int64) if rows else None
 
@@ -145,6 +164,16 @@ class SamplingMetadata:
                 raise ValueError(f"logits_mask must be bool [{n}, {vocab_size}], got {tuple(logits_mask.shape)} "
                                  f"{logits_mask.dtype}")
             logits_mask = logits_mask.to(device, non_blocking=True)
+
+        allowed_mask = None
+        if any(p.allowed_token_ids for p in params):
+            allowed_mask = _allowed_mask(params, vocab_size, device)
+        bias_rows = bias_cols = bias_values = None
+        biased = [(i, t, float(b)) for i, p in enumerate(params) if p.logit_bias
+                  for t, b in p.logit_bias.items() if 0 <= t < vocab_size]
+        if biased:
+            r, c, v = zip(*biased)
+            bias_rows, bias_cols, bias_values = to_dev(r, torch.int64), to_dev(c, torch.int64), to_dev(v, torch.float32)
 
         return cls(
             temperature=to_dev(temps, torch.float32),
@@ -170,7 +199,41 @@ class SamplingMetadata:
             generators=gens,
             logits_mask=logits_mask,
             vocab_size=vocab_size,
+            allowed_mask=allowed_mask,
+            bias_rows=bias_rows,
+            bias_cols=bias_cols,
+            bias_values=bias_values,
         )
+
+
+def banned_by_bad_words(bad_words_token_ids: list[list[int]], output_token_ids: list[int]) -> list[int]:
+    """Tokens a request may not sample next: a bad word's last token when the tokens before it end the output
+    (vLLM's rule; a one-token word is always banned)."""
+    banned = []
+    n = len(output_token_ids)
+    for seq in bad_words_token_ids:
+        k = len(seq) - 1
+        if k == 0 or (k <= n and output_token_ids[n - k:] == seq[:-1]):
+            banned.append(seq[-1])
+    return banned
+
+
+def _allowed_mask(params: list[SamplingParams], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[B, V] bool: rows with allowed_token_ids allow only those ids, other rows allow everything."""
+    rows, cols = [], []
+    for i, p in enumerate(params):
+        for t in p.allowed_token_ids or ():
+            if 0 <= t < vocab_size:
+                rows.append(i)
+                cols.append(t)
+    pin = device.type == "cuda"
+    small = [torch.tensor(x, dtype=d, pin_memory=pin).to(device, non_blocking=pin)
+             for x, d in (([not p.allowed_token_ids for p in params], torch.bool), (rows, torch.int64),
+                          (cols, torch.int64))]
+    unrestricted, rows_t, cols_t = small
+    mask = unrestricted.unsqueeze(1).repeat(1, vocab_size)  # built on the device: only the ids travel
+    mask[rows_t, cols_t] = True
+    return mask
 
 
 def _pad(seqs: list[list[int]], pad: int) -> list[list[int]]:

@@ -1,8 +1,9 @@
 """The batched sampler: logits [B, V] + SamplingMetadata -> sampled ids (and logprobs when asked).
 
-Order (matches vLLM V1): logits mask -> min_tokens blocking -> penalties -> greedy argmax -> temperature ->
-min-p -> top-k/top-p -> random sample. Logprobs are vLLM's default "raw" logprobs: log_softmax of the model's
-logits before any of the above, so they describe the model, not the sampling transform.
+Order (matches vLLM V1): logits mask -> allowed_token_ids -> min_tokens / bad-words blocking -> logit_bias ->
+penalties -> greedy argmax -> temperature -> min-p -> top-k/top-p -> random sample. Logprobs are vLLM's default
+"raw" logprobs: log_softmax of the model's logits before any of the above, so they describe the model, not the
+sampling transform.
 Everything is tensor work on the logits' device; stages a batch does not need are skipped by host-side flags.
 With only a temperature (no filters, penalties, masks or seeds) CUDA batches sample by inverse CDF in one read of
 the logits (kernels/cdf_sample.py): the same distribution, one random number per row instead of one per token.
@@ -52,7 +53,7 @@ class Sampler:
         if meta.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
 
-        if meta.all_greedy and meta.logits_mask is None and meta.blocked_rows is None and meta.no_penalties:
+        if meta.all_greedy and meta.no_token_constraints and meta.no_penalties:
             # Plain greedy (the common decode case): argmax of the raw logits, no float32 copy of the vocabulary.
             sampled = logits.argmax(dim=-1).view(-1)
         elif _one_pass_random(logits, meta):
@@ -70,11 +71,16 @@ class Sampler:
 
     @staticmethod
     def apply_constraints(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        """Grammar mask, min_tokens blocking and penalties: what changes the distribution for greedy rows too."""
+        """Grammar mask, allowed_token_ids, blocked tokens (min_tokens, bad words), logit_bias and penalties: what
+        changes the distribution for greedy rows too (vLLM's order)."""
         if meta.logits_mask is not None:
             logits.masked_fill_(~meta.logits_mask, float("-inf"))
+        if meta.allowed_mask is not None:
+            logits.masked_fill_(~meta.allowed_mask, float("-inf"))
         if meta.blocked_rows is not None:
             apply_blocked_tokens(logits, meta.blocked_rows, meta.blocked_cols)
+        if meta.bias_rows is not None:
+            logits.index_put_((meta.bias_rows, meta.bias_cols), meta.bias_values, accumulate=True)
         if not meta.no_penalties:
             logits = apply_penalties(logits, meta.prompt_token_ids, meta.output_token_ids,
                                      meta.repetition_penalty, meta.presence_penalty, meta.frequency_penalty)
@@ -104,8 +110,8 @@ class Sampler:
 def _one_pass_random(logits: torch.Tensor, meta: SamplingMetadata) -> bool:
     """Random rows with nothing but a temperature, on CUDA, none seeded: the kernel's case (same distribution as the
     exponential race below; seeded rows keep the torch path, which draws from their own generator)."""
-    return (logits.is_cuda and HAS_TRITON and not meta.generators and meta.logits_mask is None
-            and meta.blocked_rows is None and meta.no_penalties and meta.no_min_p and meta.no_top_k and meta.no_top_p)
+    return (logits.is_cuda and HAS_TRITON and not meta.generators and meta.no_token_constraints and meta.no_penalties
+            and meta.no_min_p and meta.no_top_k and meta.no_top_p)
 
 
 def gather_logprobs(logprobs: torch.Tensor, num_logprobs: int,

@@ -413,4 +413,5 @@ def _row_offsets(num_drafts: list[int]) -> list[int]:
 
 def _uses_token_values(p: SamplingParams) -> bool:
     """Sampling that reads the generated tokens' values (not just their number) on the host."""
-    return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
+    return (p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
+            or p.has_multi_token_bad_words)
