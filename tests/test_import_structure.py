@@ -40,7 +40,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 # Layers whose units may import each other freely (nothing above the top one; base modules are peers).
 OPEN_LAYERS = frozenset({"entrypoints", "base"})
 # Allowed imports between different units of one layer (importer unit, imported unit).
-LAYER_EDGES = frozenset({("vllm_lite.model_loader", "vllm_lite.models"), ("vllm_lite.spec_decode", "vllm_lite.sample")})
+LAYER_EDGES = frozenset({("vllm_lite.model_loader", "vllm_lite.models"), ("vllm_lite.spec_decode", "vllm_lite.sample"),
+                         # in-worker drafters load and run models (a draft model, EAGLE heads)
+                         ("vllm_lite.spec_decode", "vllm_lite.model_loader"),
+                         ("vllm_lite.spec_decode", "vllm_lite.models")})
 # Rules that hold whatever the layer order says: (importer prefix, imported prefixes it may NOT import), and
 # (importer layer, the only layers it may import).
 FORBIDDEN = (("vllm_lite.core", ("vllm_lite.engine",)), ("vllm_lite.worker", ("vllm_lite.engine",)))

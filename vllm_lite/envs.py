@@ -8,6 +8,8 @@
   out of their layers; nothing is written next to any source file).
 - VLLM_LITE_API_KEY: the server's API key when --api-key is not given.
 - VLLM_LITE_BODY_READ_TIMEOUT_S: seconds the server waits for more of a request body before a 408 (default 30).
+- VLLM_LITE_CHAT_TEMPLATE_TIMEOUT_S: seconds a request-supplied chat template may render before it is stopped and
+  the request is a 400 (default 5; only with --trust-request-chat-template).
 
 Kernel switches: these only set the defaults of vllm_lite.config.KernelConfig (read once, by `kernel_defaults()`,
 when an EngineConfig is built; the engine arguments kv_write_kernel, sampling_kernel, skinny_gemm and
@@ -46,15 +48,23 @@ def api_key() -> str | None:
     return os.environ.get("VLLM_LITE_API_KEY") or None
 
 
-def body_read_timeout_s() -> float:
-    text = os.environ.get("VLLM_LITE_BODY_READ_TIMEOUT_S", "30")
+def _positive_seconds(var: str, default: str) -> float:
+    text = os.environ.get(var, default)
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
     if not value > 0:
-        raise ValueError(f"VLLM_LITE_BODY_READ_TIMEOUT_S={text!r} is invalid; use a number of seconds > 0")
+        raise ValueError(f"{var}={text!r} is invalid; use a number of seconds > 0")
     return value
+
+
+def body_read_timeout_s() -> float:
+    return _positive_seconds("VLLM_LITE_BODY_READ_TIMEOUT_S", "30")
+
+
+def chat_template_timeout_s() -> float:
+    return _positive_seconds("VLLM_LITE_CHAT_TEMPLATE_TIMEOUT_S", "5")
 
 
 _KERNEL_VARS = (("kv_write_kernel", "VLLM_LITE_KV_WRITE_KERNEL"),

@@ -148,6 +148,9 @@ class ModelRunnerOutput(msgspec.Struct, array_like=True):
     sampled_token_ids: list[list[int]]
     # Per request (None when not asked): per sampled token, [(token_id, logprob, rank)...], sampled token first.
     logprobs: list[list[list[tuple[int, float, int]]] | None]
+    # In-worker drafter (draft model, EAGLE): per request, the draft tokens for its next step ([] for none); None
+    # when no drafter runs. The scheduler stores them as the request's spec_token_ids.
+    draft_token_ids: list[list[int]] | None = None
 
 
 # ---- worker RPC (one Struct per call) ---------------------------------------------------------------------------

@@ -154,7 +154,7 @@ class Scheduler:
                 i += 1
                 continue
             scheduled = True
-            lookahead = self.num_lookahead_tokens if drafts else 0
+            lookahead = self.num_lookahead_tokens  # an in-worker drafter drafts after every sampled step
             while True:
                 new_blocks = kv.allocate_slots(request, num_new, num_lookahead_tokens=lookahead)
                 if new_blocks is not None:
@@ -184,7 +184,7 @@ class Scheduler:
                 break  # preempted while a token was in flight: resume once it is back
             hit_blocks, num_hit = kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit, budget)
-            if kv.allocate_slots(request, num_new, hit_blocks) is None:
+            if kv.allocate_slots(request, num_new, hit_blocks, self.num_lookahead_tokens) is None:
                 break  # stays waiting; nothing behind it may overtake it
             self.waiting.popleft()
             self.running.append(request)

@@ -22,6 +22,7 @@ from vllm_lite.model_loader import ModelInfo
 from vllm_lite.protocol import EngineCoreOutputs, EngineCoreRequest, GrammarOutput, SchedulerOutput
 from vllm_lite.request import Request, RequestStatus
 from vllm_lite.spec_decode.factory import make_proposer
+from vllm_lite.spec_decode.worker_drafts import WorkerDrafts
 
 logger = logging.getLogger("vllm_lite.engine")
 
@@ -44,6 +45,8 @@ class EngineCore:
                  proposer: Proposer | None = None, grammar: GrammarBitmaskBuilder | None = None) -> None:
         if proposer is None:
             proposer = make_proposer(config.speculative, info)
+        if proposer is None and config.speculative.uses_model:  # drafts come back from the worker
+            proposer = WorkerDrafts()
         if config.speculative.enabled and proposer is None and not config.speculative.uses_model:
             raise ValueError(f"num_speculative_tokens={config.speculative.num_speculative_tokens} needs a draft "
                              f"proposer: set speculative_config's method (ngram, suffix, draft_model, eagle, eagle3)")
@@ -56,8 +59,10 @@ class EngineCore:
         t1 = time.perf_counter()
         self.num_blocks = num_blocks
         self.num_spec_tokens = config.speculative.num_speculative_tokens if proposer is not None else 0
+        # An in-worker drafter writes its drafts' KV past each request's scheduled tokens: lookahead slots.
+        lookahead = self.num_spec_tokens if isinstance(proposer, WorkerDrafts) else 0
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, info.max_model_len,
-                                   speculative=self.num_spec_tokens > 0)
+                                   speculative=self.num_spec_tokens > 0, num_lookahead_tokens=lookahead)
         self.proposer = proposer
         self.grammar = grammar
         self.in_flight: deque[SchedulerOutput] = deque()
@@ -100,8 +105,11 @@ class EngineCore:
         if not self.in_flight or (launched and len(self.in_flight) < self.max_in_flight):
             return EngineCoreOutputs(scheduler_stats=self.scheduler.make_stats())
         scheduler_output = self.in_flight.popleft()
-        outputs = self.scheduler.update_from_output(scheduler_output, self.executor.get_output())
+        model_output = self.executor.get_output()
+        outputs = self.scheduler.update_from_output(scheduler_output, model_output)
         if self.proposer is not None:
+            if isinstance(self.proposer, WorkerDrafts):
+                self.proposer.take(model_output)
             self._propose(scheduler_output)
         return outputs
 

@@ -31,6 +31,7 @@ from vllm_lite.sample.sampler import Sampler, gather_logprobs
 from vllm_lite.sample.topk_topp import skip_random_draws
 from vllm_lite.sampling_params import SamplingParams
 from vllm_lite.spec_decode.rejection_sampler import rejection_sample
+from vllm_lite.worker.drafting import WorkerDrafting, make_drafter
 from vllm_lite.worker.input_batch import InputStager
 from vllm_lite.worker.request_state import CachedRequestState
 from vllm_lite.worker.step_output import Launch, resolve_launch
@@ -51,13 +52,16 @@ class ModelRunner:
         self.num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
         self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         sched = config.scheduler
-        self.max_blocks_per_seq = -(-info.max_model_len // self.block_size)
+        # An in-worker drafter writes up to num_speculative_tokens lookahead slots past the scheduled tokens.
+        lookahead = config.speculative.num_speculative_tokens if config.speculative.uses_model else 0
+        self.max_blocks_per_seq = -(-(info.max_model_len + lookahead) // self.block_size)
         self.attn_ctx = AttentionContext(make_backend(
             config.device.attention_backend, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim, scale=self.head_dim ** -0.5, dtype=info.dtype, device=device,
             max_num_seqs=sched.max_num_seqs, max_blocks_per_seq=self.max_blocks_per_seq, kernels=config.kernels))
         logger.info("attention backend: %s", self.attn_ctx.backend.name)
         self.model: torch.nn.Module | None = None
+        self.drafting: WorkerDrafting | None = None  # the in-worker drafter (draft model, EAGLE), set at load
         self.sampler = Sampler(config.kernels)
         # Speculative tokens per request in a verification step: CUDA graphs are also captured for 1 + k.
         self.num_spec_tokens = config.speculative.num_speculative_tokens
@@ -80,6 +84,12 @@ class ModelRunner:
         self.model = load_model(self.info, self.config.load, self.device, self.attn_ctx,
                                 kernels=self.config.kernels)
         logger.info("model loaded in %.2f s", time.perf_counter() - start)
+        drafter = make_drafter(self.config, self.info, self.device, self.max_blocks_per_seq)
+        self.drafting = WorkerDrafting(drafter) if drafter is not None else None
+        if drafter is not None:  # before compiling: the aux hidden-state layers are static for torch.compile
+            if drafter.aux_hidden_layers:
+                self.model.set_aux_hidden_state_layers(drafter.aux_hidden_layers)
+            drafter.load(self.model)
         # torch.compile and CUDA graphs are the CUDA fast path; CPU runs stay eager (compiling costs more there
         # than it saves for development and tests).
         self.use_compile = self.device.type == "cuda" and not self.config.device.enforce_eager
@@ -105,6 +115,8 @@ class ModelRunner:
         if cache.num_gpu_blocks_override is not None:
             return cache.num_gpu_blocks_override
         per_block = self.kv_bytes_per_block()
+        if self.drafting is not None:  # the drafter's KV cache has the same blocks
+            per_block += self.drafting.drafter.kv_bytes_per_block()
         if self.device.type == "cuda":
             budget = self._profile_free_cuda_bytes()
         else:
@@ -127,6 +139,7 @@ class ModelRunner:
         self.attn_ctx.set_step(inputs.meta)
         with torch.inference_mode():
             hidden = self.forward(inputs.input_ids, inputs.positions)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
             self.model.compute_logits(hidden[-self.config.scheduler.max_num_seqs:]).float()  # + the sampler's copy
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
@@ -160,6 +173,8 @@ class ModelRunner:
                                           self.info.hf_config.hidden_size, self.info.dtype,
                                           query_lens=self.graph_query_lens)
             self.graphs.capture(self._prepare_capture)
+        if self.drafting is not None:
+            self.drafting.drafter.initialize_kv_cache(num_blocks)
 
     def _prepare_graph_step(self, meta: StepMetadata, num_tokens: int) -> None:
         self.attn_ctx.metadata = self.attn_ctx.backend.prepare(meta, graph_batch_size=num_tokens)
@@ -261,6 +276,9 @@ class ModelRunner:
         if isinstance(hidden, tuple):  # the model also returns chosen intermediate hidden states
             hidden, aux = hidden
             step.aux_hidden_states = [a[: meta.num_tokens] for a in aux]
+        if self.drafting is not None:  # what the drafter reads once the step's tokens are known
+            step.all_states, step.starts, step.query_lens = states, starts, query_lens
+            step.hidden = hidden[: meta.num_tokens] if self.drafting.drafter.needs_hidden else None
         if rows:
             # Every token samples (plain decode, or all rows of a uniform verification): no gather needed.
             all_rows = len(inputs.logits_indices) == meta.num_tokens
@@ -285,6 +303,8 @@ class ModelRunner:
         launch = step.launch
         if step.logits is None:
             self.pending.append(launch)
+            if self.drafting is not None and launch.req_ids:  # prefill chunks: the drafter's KV follows
+                self._propose_drafts(step)
             return
         states = step.states
         meta = self._sampling_metadata(states)
@@ -297,8 +317,11 @@ class ModelRunner:
             self._last_sampled = sampled
             logprob_out = out
         else:
+            q = None if self.drafting is None else self.drafting.draft_probs(states, launch.num_drafts, step.drafts,
+                                                                              self.vocab_size)
             sampled, row_tokens = rejection_sample(step.logits, meta, step.drafts, launch.num_drafts, row_mask,
-                                                   self.config.kernels.sampling_kernel)
+                                                   self.config.kernels.sampling_kernel,
+                                                   **({} if q is None else {"draft_probs": q}))
             self._last_sampled = sampled[:, 0]
             logprob_out = None
         tensors = [sampled]
@@ -321,6 +344,15 @@ class ModelRunner:
             launch.positions = [s.add_placeholder(number, j) if k == 0 else -1
                                 for j, (s, k) in enumerate(zip(states, launch.num_drafts))]
         self.pending.append(launch)
+        if self.drafting is not None:
+            self._propose_drafts(step)
+
+    def _propose_drafts(self, step: _PendingStep) -> None:
+        """The in-worker drafter's next drafts, from this step's tokens (waits for them) and hidden states."""
+        self._resolve_all()
+        launch = step.launch
+        self.drafting.propose(launch.number, step.all_states, step.starts, step.query_lens, launch.rows,
+                              step.hidden, step.aux_hidden_states)
 
     def _grammar_mask(self, grammar: GrammarOutput, launch: Launch, num_rows: int) -> torch.Tensor:
         """The step's allowed-token mask [rows, vocab] from the packed bitmask; unconstrained rows allow all."""
@@ -342,7 +374,11 @@ class ModelRunner:
 
     def get_output(self) -> ModelRunnerOutput:
         """Results of the oldest sampled step not yet returned (waits for its sampled ids)."""
-        return resolve_launch(self.pending.popleft(), self.requests)
+        launch = self.pending.popleft()
+        output = resolve_launch(launch, self.requests)
+        if self.drafting is not None:
+            self.drafting.attach(launch.number, output)
+        return output
 
     def _resolve_all(self) -> None:
         for launch in self.pending:
@@ -398,6 +434,12 @@ class _PendingStep:
     drafts: torch.Tensor | None = None  # [S, K] int64, -1 padded (verification steps only)
     # The residual stream entering the model's aux hidden-state layers, [T, hidden] each (EAGLE-style heads).
     aux_hidden_states: list[torch.Tensor] = field(default_factory=list)
+    # For an in-worker drafter: every request of the step, their first positions and token counts, and the final
+    # hidden states [T, hidden] when the drafter reads them.
+    all_states: list[CachedRequestState] = field(default_factory=list)
+    starts: np.ndarray | None = None
+    query_lens: np.ndarray | None = None
+    hidden: torch.Tensor | None = None
 
 
 def _pinned(t: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,8 @@ class CachedRequestState:
         # position -> (launch number, row) of tokens sampled on the device whose values are not on the host yet.
         self.pending: dict[int, tuple[int, int]] = {}
         self.generator: torch.Generator | None = None
+        # In-worker drafter: the distributions [k, V] its last drafts were sampled from (None: greedy drafts).
+        self.draft_probs: torch.Tensor | None = None
         if data.sampling_params.seed is not None:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(data.sampling_params.seed)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import signal
 import threading
@@ -25,6 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import vllm_lite
+from vllm_lite import envs
 from vllm_lite.entrypoints.openai.errors import (APIError, api_error_response, error_body, error_response,
                                                  validation_message)
 from vllm_lite.entrypoints.openai.limits import (DEFAULT_MAX_REQUEST_BODY_BYTES, H11_MAX_INCOMPLETE_EVENT_BYTES,
@@ -88,7 +90,8 @@ def build_app(client: Any, served_model_names: list[str] | str | None = None, ap
     model_name = served_model_names[0]
     metrics = ServerMetrics(client, model_name)
     completions = OpenAIServingCompletion(client, served_model_names, metrics)
-    chat = OpenAIServingChat(client, served_model_names, metrics, chat_template, trust_request_chat_template)
+    chat = OpenAIServingChat(client, served_model_names, metrics, chat_template, trust_request_chat_template,
+                             envs.chat_template_timeout_s())
     created = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -96,6 +99,8 @@ def build_app(client: Any, served_model_names: list[str] | str | None = None, ap
         try:
             yield
         finally:
+            if chat.sandbox is not None:
+                chat.sandbox.close()
             if on_shutdown is not None:
                 logger.info("shutting down the engine")
                 on_shutdown()
@@ -178,16 +183,19 @@ def build_app(client: Any, served_model_names: list[str] | str | None = None, ap
             chat_req = _Chat(messages=request.messages, add_generation_prompt=request.add_generation_prompt,
                              chat_template=request.chat_template)
             try:
-                ids = chat.render(chat_req)
+                ids = await chat.render_async(chat_req)
             except ValueError as exc:
                 raise APIError(str(exc), 400, "messages") from exc
         elif request.prompt is not None:
             add = True if request.add_special_tokens is None else request.add_special_tokens
-            ids = tok(request.prompt, add_special_tokens=add).input_ids
+            ids = await asyncio.to_thread(lambda: tok(request.prompt, add_special_tokens=add).input_ids)
         else:
             raise APIError("either prompt or messages is required", 400, "prompt")
-        return JSONResponse({"count": len(ids), "max_model_len": completions.max_model_len, "tokens": ids,
-                             "token_strs": tok.convert_ids_to_tokens(ids)})
+
+        def body() -> bytes:  # a long prompt's token strings and JSON take a while: off the loop too
+            return json.dumps({"count": len(ids), "max_model_len": completions.max_model_len, "tokens": ids,
+                               "token_strs": tok.convert_ids_to_tokens(ids)}, ensure_ascii=False).encode()
+        return Response(await asyncio.to_thread(body), media_type="application/json")
 
     @app.post("/detokenize")
     async def detokenize(request: DetokenizeRequest) -> Response:

@@ -16,6 +16,7 @@ from vllm_lite.entrypoints.openai.protocol import (ChatChoiceLogprobs, ChatCompl
                                                    random_uuid)
 from vllm_lite.entrypoints.openai.serving_completions import (SSE_DONE, OpenAIServing, SSEResponse, _clamp,
                                                               sorted_top, sse, token_text)
+from vllm_lite.entrypoints.openai.template_sandbox import TemplateRenderError, TemplateSandbox
 from vllm_lite.tokenizer import apply_chat_template
 
 
@@ -34,18 +35,38 @@ def chat_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[dict], nu
 class OpenAIServingChat(OpenAIServing):
 
     def __init__(self, client: Any, served_model_names: list[str], metrics: Any | None = None,
-                 chat_template: str | None = None, trust_request_chat_template: bool = False) -> None:
+                 chat_template: str | None = None, trust_request_chat_template: bool = False,
+                 template_timeout_s: float = 5.0) -> None:
         super().__init__(client, served_model_names, metrics)
         self.chat_template = chat_template
         self.trust_request_chat_template = trust_request_chat_template
+        # request-supplied templates render in killable child processes with a time limit (template_sandbox)
+        self.sandbox = TemplateSandbox(template_timeout_s) if trust_request_chat_template else None
 
-    def render(self, request: ChatCompletionRequest) -> list[int]:
+    def check_template(self, request: ChatCompletionRequest) -> None:
         if self.tokenizer is None:
             raise APIError("chat completions need a tokenizer", 400, "messages")
         if request.chat_template is not None and not self.trust_request_chat_template:
             raise APIError("chat_template is not allowed in requests: this server renders only its own chat template "
                            "(start it with --trust-request-chat-template to allow request-supplied ones)", 400,
                            "chat_template")
+
+    async def render_async(self, request: ChatCompletionRequest) -> list[int]:
+        """The prompt ids off the event loop: a request's own template in the sandbox (time-limited), then the
+        tokenizer in a thread; the server's template renders and tokenizes in a thread (`render`)."""
+        self.check_template(request)
+        if request.chat_template is None:
+            return await asyncio.to_thread(self.render, request)
+        messages = [{k: v for k, v in m.items() if v is not None} for m in request.conversation()]
+        try:
+            text = await self.sandbox.render(request.chat_template, messages, request.add_generation_prompt,
+                                             dict(self.tokenizer.special_tokens_map))
+        except TemplateRenderError as exc:
+            raise APIError(f"chat_template: {exc}", 400, "chat_template") from None
+        return await asyncio.to_thread(lambda: self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def render(self, request: ChatCompletionRequest) -> list[int]:
+        self.check_template(request)
         conversation = request.conversation()
         add_gen = request.add_generation_prompt
         try:
@@ -63,7 +84,7 @@ class OpenAIServingChat(OpenAIServing):
             self.check_model(request.model)
             self.check_request(request)
             self.check_alive()
-            ids = await asyncio.to_thread(self.render, request)  # templates and tokenizing stay off the loop
+            ids = await self.render_async(request)  # templates and tokenizing stay off the loop
             params = request.to_sampling_params(self.check_prompt(ids, request._requested_max_tokens(), "messages"))
             request_id = f"chatcmpl-{random_uuid()}"
             if request.stream:

@@ -358,7 +358,7 @@ class OpenAIServingCompletion(OpenAIServing):
                         lps = completion_logprobs(self.tokenizer, new_ids, seq.logprobs[start:start + len(new_ids)],
                                                   request.logprobs, text_offset[idx])
                     sent_tokens[idx] += len(new_ids)
-                    if not delta and not finished and not (lps and lps.tokens):
+                    if not delta and not finished and not new_ids:  # a token without text still streams (vLLM)
                         continue
                     text_offset[idx] += len(delta)
                     chunk = CompletionStreamResponse(
