@@ -92,3 +92,75 @@ def test_draft_model_with_chunked_prefill_and_stops(tiny_llama_path, noisy_draft
     ref = run_core(make_core(tiny_llama_path, **BASE, **kw), prompts, params)
     got = run_core(_speculate(tiny_llama_path, noisy_draft, k=3, **kw), prompts, params)
     assert got == ref
+
+
+# ---- EAGLE heads with random weights in the public checkpoint layouts --------------------------------------------
+def _head_config(path: str, **extra) -> None:
+    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=128,
+               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, vocab_size=384,
+               max_position_embeddings=1024, rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu",
+               tie_word_embeddings=False, torch_dtype="float32")
+    cfg.update(extra)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+def _layer_weights(prefix: str, gen: torch.Generator, qkv_in: int = 64) -> dict[str, torch.Tensor]:
+    def rnd(*shape):
+        return 0.2 * torch.randn(shape, generator=gen)
+    w = {f"{prefix}.self_attn.q_proj.weight": rnd(64, qkv_in), f"{prefix}.self_attn.k_proj.weight": rnd(32, qkv_in),
+         f"{prefix}.self_attn.v_proj.weight": rnd(32, qkv_in), f"{prefix}.self_attn.o_proj.weight": rnd(64, 64),
+         f"{prefix}.mlp.gate_proj.weight": rnd(128, 64), f"{prefix}.mlp.up_proj.weight": rnd(128, 64),
+         f"{prefix}.mlp.down_proj.weight": rnd(64, 128),
+         f"{prefix}.post_attention_layernorm.weight": 1 + 0.1 * torch.randn(64, generator=gen)}
+    return w
+
+
+def make_eagle1_head(path: str, seed: int = 0) -> str:
+    """EAGLE (EAGLE-LLaMA3-Instruct layout): fc [H, 2H], layers.0.* without input_layernorm, no embed_tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    _head_config(path)
+    w = {"fc.weight": 0.2 * torch.randn(64, 128, generator=gen), **_layer_weights("layers.0", gen)}
+    save_file(w, os.path.join(path, "model.safetensors"))
+    return path
+
+
+def make_eagle3_head(path: str, aux_layers: list[int], draft_vocab: int = 200, seed: int = 0) -> str:
+    """EAGLE-3 (EAGLE3-LLaMA3.1-Instruct layout): fc [H, 3H], midlayer.* (q/k/v over 2H, hidden_norm), norm,
+    lm_head [draft_vocab, H], d2t / t2d; no embed_tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    _head_config(path, architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=draft_vocab,
+                 target_hidden_size=64, eagle_config={"eagle_aux_hidden_state_layer_ids": aux_layers})
+    targets = torch.sort(torch.randperm(384, generator=gen)[:draft_vocab]).values
+    t2d = torch.zeros(384, dtype=torch.bool)
+    t2d[targets] = True
+    w = {"fc.weight": 0.2 * torch.randn(64, 192, generator=gen), **_layer_weights("midlayer", gen, qkv_in=128),
+         "midlayer.input_layernorm.weight": 1 + 0.1 * torch.randn(64, generator=gen),
+         "midlayer.hidden_norm.weight": 1 + 0.1 * torch.randn(64, generator=gen),
+         "norm.weight": 1 + 0.1 * torch.randn(64, generator=gen),
+         "lm_head.weight": 0.2 * torch.randn(draft_vocab, 64, generator=gen),
+         "d2t": targets - torch.arange(draft_vocab), "t2d": t2d}
+    save_file(w, os.path.join(path, "model.safetensors"))
+    return path
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_eagle_head_greedy_identical(tiny_llama_path, plain, tmp_path, async_scheduling):
+    prompts, ref = plain
+    head = make_eagle1_head(str(tmp_path / "eagle"))
+    core = _speculate(tiny_llama_path, head, method="eagle", async_scheduling=async_scheduling)
+    assert _tokens(run_core(core, prompts, GREEDY)) == _tokens(ref)
+    assert core.scheduler.make_stats().num_draft_tokens > 0
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_eagle3_head_greedy_identical(tiny_llama_path, plain, tmp_path, k):
+    prompts, ref = plain
+    head = make_eagle3_head(str(tmp_path / "eagle3"), aux_layers=[0, 1, 1])
+    core = _speculate(tiny_llama_path, head, method="eagle3", k=k)
+    assert _tokens(run_core(core, prompts, GREEDY)) == _tokens(ref)
+    stats = core.scheduler.make_stats()
+    assert stats.num_draft_tokens > 0
+    drafter = core.executor.runner.drafting.drafter
+    assert drafter.aux_hidden_layers == (0, 1) and drafter.draft_to_target is not None

@@ -32,7 +32,8 @@ def make_drafter(config: EngineConfig, info: Any, device: torch.device,
     if method == "draft_model":
         from vllm_lite.spec_decode.draft_model import DraftModelDrafter
         return DraftModelDrafter(config, info, device, max_blocks_per_seq, make_stager)
-    raise ValueError(f"speculative method {method!r} is not available yet (draft_model is)")
+    from vllm_lite.spec_decode.eagle import EagleDrafter
+    return EagleDrafter(config, info, device, max_blocks_per_seq, make_stager)
 
 
 class WorkerDrafting:
