@@ -164,3 +164,74 @@ def test_eagle3_head_greedy_identical(tiny_llama_path, plain, tmp_path, k):
     assert stats.num_draft_tokens > 0
     drafter = core.executor.runner.drafting.drafter
     assert drafter.aux_hidden_layers == (0, 1) and drafter.draft_to_target is not None
+
+
+def _dense_forward(model: torch.nn.Module, ctx, ids: list[int], num_layers: int, kv_heads: int, head_dim: int):
+    """model(ids at positions 0..n-1) as one prefill into a scratch KV cache (the context's own is kept)."""
+    from tiny_models import make_step_metadata
+    meta, num_blocks = make_step_metadata([len(ids)], block_size=4)
+    saved = ctx.kv_caches, ctx.metadata
+    shape = ctx.backend.kv_cache_shape(num_blocks, 4, kv_heads, head_dim)
+    ctx.kv_caches = [torch.zeros(shape) for _ in range(num_layers)]
+    ctx.set_step(meta)
+    try:
+        return model(torch.tensor(ids), torch.arange(len(ids)))
+    finally:
+        ctx.kv_caches, ctx.metadata = saved
+
+
+def _reference_drafts(runner, tokens: list[int], k: int) -> list[int]:
+    """The drafter's k greedy drafts after `tokens`, computed from scratch: dense forwards of the whole sequence
+    (the target for its hidden states, then the drafter over every row), extended by one draft at a time."""
+    drafter = runner.drafting.drafter
+    target_cfg = runner.info.hf_config
+    drafts: list[int] = []
+    if drafter.token_shift == 0:  # draft model: its own greedy continuation
+        seq = list(tokens)
+        for _ in range(k):
+            hidden = _dense_forward(drafter.model, drafter.ctx, seq, drafter.num_layers, drafter.num_kv_heads,
+                                    drafter.head_dim)
+            seq.append(int(drafter._logits(hidden[-1:]).argmax()))
+        return seq[len(tokens):]
+    out = _dense_forward(runner.model, runner.attn_ctx, tokens[:-1], target_cfg.num_hidden_layers,
+                         runner.num_kv_heads, runner.head_dim)
+    if drafter.eagle3:
+        aux = out[1]
+        hidden = drafter.model.fc(torch.cat([aux[i] for i in drafter._aux_order], dim=-1))
+    else:
+        hidden = out
+    ids = list(tokens[1:])
+    for _ in range(k):
+        drafter.model.hidden_in[: len(ids)] = hidden
+        normed, (prenorm,) = _dense_forward(drafter.model, drafter.ctx, ids, drafter.num_layers,
+                                            drafter.num_kv_heads, drafter.head_dim)
+        draft = int(drafter._logits(normed[-1:]).argmax())
+        drafts.append(draft)
+        ids.append(draft)
+        hidden = torch.cat([hidden, prenorm[-1:]])
+    return drafts
+
+
+@pytest.mark.parametrize("method", ["draft_model", "eagle", "eagle3"])
+def test_drafts_equal_a_from_scratch_computation(tiny_llama_path, noisy_draft, tmp_path, method):
+    """The drafts of every step (catch-up of accepted tokens into the drafter's KV cache, k - 1 decode steps) equal
+    the drafter run from scratch over the whole sequence."""
+    model = {"draft_model": lambda: noisy_draft, "eagle": lambda: make_eagle1_head(str(tmp_path / "e1")),
+             "eagle3": lambda: make_eagle3_head(str(tmp_path / "e3"), aux_layers=[1, 0, 1])}[method]()
+    core = _speculate(tiny_llama_path, model, method=method, k=3, max_num_batched_tokens=16)
+    seen: list[tuple[list[int], list[int]]] = []
+    take = core.proposer.take
+
+    def recording_take(output):
+        take(output)
+        for req_id, drafts in zip(output.req_ids, output.draft_token_ids or []):
+            request = core.scheduler.requests.get(req_id)
+            if drafts and request is not None:
+                seen.append((list(request.all_token_ids), drafts))
+
+    core.proposer.take = recording_take
+    run_core(core, _prompts(3), SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
+    assert len(seen) >= 6
+    runner = core.executor.runner
+    for tokens, drafts in seen[::2]:
+        assert drafts == _reference_drafts(runner, tokens, 3)

@@ -36,6 +36,10 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    # Speculative decoding in this output's step: drafts verified and of those accepted (per request totals are
+    # their sums; RequestOutput.num_accepted_tokens).
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     @property
     def finished(self) -> bool:
@@ -49,9 +53,12 @@ class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True):
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
-    # Speculative decoding (cumulative): draft tokens verified and accepted.
+    # Speculative decoding (cumulative): verifications (steps of one request with >= 1 draft), draft tokens
+    # verified and accepted, and accepted drafts per position (index i: the (i+1)-th draft of a verification).
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    num_drafts: int = 0
+    num_accepted_tokens_per_pos: list[int] = []
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -18,6 +18,7 @@ scheduled again before its previous step is applied (its steps run in order; oth
 """
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Iterable
 
@@ -62,6 +63,8 @@ class Scheduler:
         self.num_lookahead_tokens = num_lookahead_tokens
         self.num_draft_tokens = 0  # cumulative: draft tokens verified
         self.num_accepted_tokens = 0  # cumulative: of those, accepted
+        self.num_drafts = 0  # cumulative: verifications (a request's step with >= 1 draft)
+        self._accepted_hist: list[int] = []  # cumulative: verifications by number of accepted drafts
 
     # ------------------------------------------------------------------ requests in / out
     def add_request(self, request: Request) -> None:
@@ -233,12 +236,13 @@ class Scheduler:
             if sampled and request.num_output_placeholders > 0:
                 request.num_output_placeholders -= 1
             spec = scheduler_output.scheduled_spec_decode_tokens.get(req_id)
+            num_drafts = num_accepted = 0
             if spec and sampled:
                 if len(sampled) > len(spec) + 1:
                     raise ValueError(f"request {req_id!r}: {len(sampled)} tokens back for {len(spec)} spec tokens")
                 request.num_computed_tokens -= len(spec) + 1 - len(sampled)  # the rejected drafts' slots
-                self.num_draft_tokens += len(spec)
-                self.num_accepted_tokens += len(sampled) - 1
+                num_drafts, num_accepted = len(spec), len(sampled) - 1
+                self._count_verification(num_drafts, num_accepted)
             if not sampled:  # partial prefill chunk
                 kv.cache_blocks(request, request.num_computed_tokens)
                 continue
@@ -254,8 +258,24 @@ class Scheduler:
                 self._free_request(request)
                 finish_reason = request.finish_reason
             outputs.append(EngineCoreOutput(req_id, new_tokens, logprobs, finish_reason, request.stop_reason,
-                                            request.num_cached_tokens if request.num_cached_tokens > 0 else 0))
+                                            request.num_cached_tokens if request.num_cached_tokens > 0 else 0,
+                                            num_drafts, num_accepted))
         return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.make_stats())
+
+    def _count_verification(self, num_drafts: int, num_accepted: int) -> None:
+        """Spec-decode counters of one request's verification (its first `num_accepted` drafts were accepted)."""
+        self.num_drafts += 1
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += num_accepted
+        hist = self._accepted_hist
+        if len(hist) <= num_drafts:
+            hist.extend([0] * (num_drafts + 1 - len(hist)))
+        hist[num_accepted] += 1
+
+    @property
+    def num_accepted_per_pos(self) -> list[int]:
+        """Accepted drafts by position: entry i counts verifications that accepted more than i drafts."""
+        return list(itertools.accumulate(reversed(self._accepted_hist[1:])))[::-1]
 
     def _append_and_check_stop(self, request: Request, sampled: list[int]) -> list[int]:
         """Append tokens up to the first stop; vLLM's order: length, then (past min_tokens) EOS and stop ids."""
@@ -296,7 +316,8 @@ class Scheduler:
                               kv_cache_usage=kv.usage, prefix_cache_queries=kv.prefix_cache_queries,
                               prefix_cache_hits=kv.prefix_cache_hits, num_preemptions=self.num_preemptions,
                               num_draft_tokens=self.num_draft_tokens,
-                              num_accepted_tokens=self.num_accepted_tokens)
+                              num_accepted_tokens=self.num_accepted_tokens, num_drafts=self.num_drafts,
+                              num_accepted_tokens_per_pos=self.num_accepted_per_pos)
 
     def reset_prefix_cache(self) -> bool:
         return self.kv_cache_manager.reset_prefix_cache()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections import deque
 from typing import Protocol
 
@@ -21,7 +22,9 @@ from vllm_lite.executor import Executor, InProcExecutor
 from vllm_lite.model_loader import ModelInfo
 from vllm_lite.protocol import EngineCoreOutputs, EngineCoreRequest, GrammarOutput, SchedulerOutput
 from vllm_lite.request import Request, RequestStatus
+from vllm_lite.spec_decode.adaptive import AdaptiveDraftLength
 from vllm_lite.spec_decode.factory import make_proposer
+from vllm_lite.spec_decode.metrics import SpecDecodeLogger
 from vllm_lite.spec_decode.worker_drafts import WorkerDrafts
 
 logger = logging.getLogger("vllm_lite.engine")
@@ -64,6 +67,9 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, info.max_model_len,
                                    speculative=self.num_spec_tokens > 0, num_lookahead_tokens=lookahead)
         self.proposer = proposer
+        self.draft_policy = AdaptiveDraftLength(config.speculative)
+        self.spec_logger = SpecDecodeLogger()
+        self._not_speculated: weakref.WeakSet[Request] = weakref.WeakSet()  # logged once each
         self.grammar = grammar
         self.in_flight: deque[SchedulerOutput] = deque()
         self.max_in_flight = 2 if config.scheduler.async_scheduling else 1
@@ -110,25 +116,55 @@ class EngineCore:
         if self.proposer is not None:
             if isinstance(self.proposer, WorkerDrafts):
                 self.proposer.take(model_output)
-            self._propose(scheduler_output)
+            self._propose(scheduler_output, outputs)
+            if outputs.scheduler_stats is not None:
+                self.spec_logger.maybe_log(outputs.scheduler_stats, self._spec_log_extra())
         return outputs
 
-    def _propose(self, scheduler_output: SchedulerOutput) -> None:
-        """Drafts for the requests of an applied step that are still running with all their tokens known. Requests
-        whose distribution depends on the tokens before each verified row in ways the rows do not see (penalties
-        over the outputs, min_tokens still blocking EOS, bad words of several tokens) are not speculated, so
-        verification stays exact."""
-        k = self.num_spec_tokens
+    def _propose(self, scheduler_output: SchedulerOutput, outputs: EngineCoreOutputs) -> None:
+        """Drafts for the requests of an applied step that are still running with all their tokens known; how many
+        each gets is the adaptive rule's choice (spec_decode/adaptive.py), capped so that verification stays exact:
+        a request below min_tokens verifies only rows that all still block EOS (the worker blocks every row of
+        such a request). Penalties are exact (each verified row counts the drafts before it); multi-token bad words
+        are not, so those requests are not speculated (logged once per request)."""
+        policy = self.draft_policy
+        verified = {o.request_id: o for o in outputs.outputs if o.num_draft_tokens}
+        for req_id, out in verified.items():
+            request = self.scheduler.requests.get(req_id)
+            if request is not None:
+                policy.observe(request, out.num_draft_tokens, out.num_accepted_tokens)
+        if not policy.allows(len(self.scheduler.running)):
+            return
+        candidates: list[Request] = []
         for req_id in scheduler_output.num_scheduled_tokens:
             request = self.scheduler.requests.get(req_id)
-            if request is None or request.status != RequestStatus.RUNNING or request.num_output_placeholders:
+            if (request is None or request.status != RequestStatus.RUNNING or request.num_output_placeholders
+                    or request.num_computed_tokens + 1 != request.num_tokens):  # not decoding (mid-prefill)
                 continue
-            p = request.sampling_params
-            if (p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
-                    or len(request.output_token_ids) < p.min_tokens or p.has_multi_token_bad_words):
+            if request.sampling_params.has_multi_token_bad_words:
+                if request not in self._not_speculated:
+                    self._not_speculated.add(request)
+                    logger.info("request %s is not speculated: bad words of several tokens depend on each draft "
+                                "before them", req_id)
                 continue
-            if request.num_computed_tokens + 1 == request.num_tokens:  # decoding (not mid-prefill)
-                request.spec_token_ids = list(self.proposer.propose(request, k))[:k]
+            candidates.append(request)
+        if not candidates:
+            return
+        lengths = policy.draft_lengths(candidates, len(self.scheduler.running))
+        idle = []
+        for request, n in zip(candidates, lengths.tolist()):
+            below = request.sampling_params.min_tokens - len(request.output_token_ids)
+            if below > 0:
+                n = min(n, below - 1)
+            drafts = self.proposer.propose(request, n)[:n] if n > 0 else []
+            request.spec_token_ids = list(drafts)
+            if not drafts:
+                idle.append(request)
+        policy.idle(idle)
+
+    def _spec_log_extra(self) -> str:
+        off = self.draft_policy.num_turned_off
+        return f", {off} request(s) drafting nothing for low acceptance" if off else ""
 
     def shutdown(self) -> None:
         self.executor.shutdown()
