@@ -1,14 +1,16 @@
-"""Verifying speculative tokens so that the output distribution is exactly the target model's (torch reference).
+"""Verifying speculative tokens so that the output distribution is exactly the target model's.
 
 Request i verifies k_i draft tokens with 1 + k_i rows of target logits (row j: the distribution of the token after
-draft j - 1). Greedy requests accept drafts while they equal the target's argmax, then take the argmax at the first
-mismatch (or the bonus row when all matched): exactly the tokens plain greedy decoding would produce. Random
-requests use the rejection rule for a draft proposed without probabilities (a point mass, as n-gram and suffix
-proposers do): accept draft d_j with probability p_j(d_j); at the first rejection sample from p_j with d_j removed
-(renormalised); after k accepted drafts sample the bonus token from p_k. Per step the output is 1..k+1 tokens.
+draft j - 1). This module does the logits processing in torch (grammar mask, allowed ids, bans, logit_bias,
+penalties, temperature, min-p, top-k/top-p) and the random draws (per-request generators for seeded requests);
+kernels/rejection_sampler.py then accepts or rejects: greedy requests keep drafts while they equal the target's
+argmax, random ones accept draft d_j with probability min(1, p_j(d_j) / q_j(d_j)) (q_j a point mass on the draft
+for n-gram / suffix drafts, the drafter's distribution when given) and resample the first rejected position from
+max(p_j - q_j, 0) normalised; after k_i acceptances a bonus token comes from the last row. Per step the output is
+1..k_i+1 tokens (a Triton kernel on CUDA, its torch reference elsewhere).
 
-Rows carry the request's sampling parameters (temperature, filters, penalties, grammar mask, allowed ids, blocked
-tokens, logit_bias); `expand_metadata` repeats a per-request SamplingMetadata over its rows.
+Rows carry the request's sampling parameters; `expand_metadata` repeats a per-request SamplingMetadata over its
+rows, and each row's penalty counts include the drafts before it.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ import torch
 
 from vllm_lite.sample.metadata import SamplingMetadata
 from vllm_lite.sample.sampler import Sampler
-from vllm_lite.sample.topk_topp import apply_min_p, apply_top_k_top_p, random_sample
+from vllm_lite.kernels.rejection_sampler import verify_drafts
+from vllm_lite.sample.topk_topp import apply_min_p, apply_top_k_top_p
 
 
 def to_device(values: list[int], device: torch.device) -> torch.Tensor:
@@ -80,10 +83,15 @@ def target_probs(logits: torch.Tensor, meta: SamplingMetadata, use_kernel: bool 
 
 def rejection_sample(logits: torch.Tensor, meta: SamplingMetadata, draft_ids: torch.Tensor,
                      num_drafts: list[int], row_mask: torch.Tensor | None = None,
-                     use_sampling_kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     use_sampling_kernel: bool = False, draft_probs: torch.Tensor | None = None,
+                     use_kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [R, V] (R = sum(1 + k_i)), per-request `meta`, drafts [S, K] (-1 padded), k_i = num_drafts[i],
-    row_mask [R, V] bool: the grammar's allowed tokens per row (None: all).
+    row_mask [R, V] bool: the grammar's allowed tokens per row (None: all); draft_probs [S, K, V] float32: the
+    drafter's distributions (None: point masses on the drafts, as n-gram / suffix / greedy drafters give).
+    use_kernel: kernels/rejection_sampler.py's Triton verification (None: on CUDA when triton is there).
 
+    Logits processing is torch: grammar mask, allowed ids, bans, logit_bias, penalties (each row also counts the
+    drafts before it as output tokens, so penalised requests verify exactly), then temperature and filters.
     Returns (tokens [S, K + 1] int64, -1 after each request's last output token; row_tokens [R]: the output
     token each logits row produced, for logprobs; rows past a request's outputs hold garbage)."""
     device = logits.device
@@ -93,44 +101,52 @@ def rejection_sample(logits: torch.Tensor, meta: SamplingMetadata, draft_ids: to
     for c in counts_list[:-1]:
         offsets.append(offsets[-1] + c)
     counts = to_device(counts_list, device)
+    offsets_t = to_device(offsets, device)
     rows_meta = expand_metadata(meta, counts_list, offsets)
     if row_mask is not None:
         rows_meta = dataclasses.replace(rows_meta, logits_mask=row_mask)
+    if rows_meta.output_token_ids is not None:
+        rows_meta = dataclasses.replace(rows_meta, output_token_ids=_with_draft_prefixes(
+            rows_meta.output_token_ids, draft_ids, counts, meta.vocab_size or logits.shape[1]))
     logits = Sampler.apply_constraints(logits.to(torch.float32, copy=True), rows_meta)
-    # Row index of (request, position), clamped inside the request's own rows.
-    pos = torch.arange(kmax + 1, device=device)
-    row_idx = to_device(offsets, device)[:, None] + torch.minimum(pos[None, :], (counts - 1)[:, None])
-    has_draft = pos[None, :kmax] < (counts - 1)[:, None]  # [S, K]
-    drafts = torch.where(has_draft, draft_ids, 0)
-
     greedy_tokens = logits.argmax(dim=-1)
-    accept = drafts == greedy_tokens[row_idx[:, :kmax]]
-    final = greedy_tokens
-    if not meta.all_greedy:
+    num_drafts_t = counts - 1
+    if meta.all_greedy:
+        tokens = verify_drafts(draft_ids, num_drafts_t, offsets_t, greedy_tokens, None, None, None, None, None,
+                               use_kernel)
+    else:
         probs = target_probs(logits, rows_meta, use_sampling_kernel)
-        p_draft = probs[row_idx[:, :kmax], drafts]  # [S, K]
-        u = torch.rand(p_draft.shape, device=device)
-        for i in {r for r in range(s) if offsets[r] in rows_meta.generators}:
-            u[i] = torch.rand(kmax, device=device, generator=rows_meta.generators[offsets[i]])
-        random_accept = u < p_draft
-        is_greedy = meta.is_greedy[:, None]
-        accept = torch.where(is_greedy, accept, random_accept)
-        # Residual distributions: each draft row without its draft token (rows after the drafts keep p).
-        residual = probs.clone()
-        flat_rows = row_idx[:, :kmax][has_draft]
-        residual[flat_rows, drafts[has_draft]] = 0.0
-        empty = residual.sum(dim=-1, keepdim=True) <= 0  # p was a point mass on the draft: it would be accepted
-        residual = torch.where(empty, probs, residual)
-        sampled = random_sample(residual, rows_meta.generators)
-        final = torch.where(meta.is_greedy.repeat_interleave(counts, output_size=logits.shape[0]),
-                            greedy_tokens, sampled)
-    accept = accept & has_draft
-    num_accepted = torch.cumprod(accept.to(torch.int64), dim=1).sum(dim=1)  # leading accepted drafts [S]
-    final_at = final[row_idx.gather(1, num_accepted[:, None])[:, 0]]  # [S]
-    tokens = torch.full((s, kmax + 1), -1, dtype=torch.int64, device=device)
-    tokens[:, :kmax] = torch.where(pos[None, :kmax] < num_accepted[:, None], drafts, -1)
-    tokens.scatter_(1, num_accepted[:, None], final_at[:, None])
+        uniforms, noise = _random_draws(s, kmax, probs.shape, counts_list, offsets, meta.generators, device)
+        tokens = verify_drafts(draft_ids, num_drafts_t, offsets_t, greedy_tokens, meta.is_greedy, probs,
+                               draft_probs, uniforms, noise, use_kernel)
+    pos = torch.arange(kmax + 1, device=device)
+    row_idx = offsets_t[:, None] + torch.minimum(pos[None, :], num_drafts_t[:, None])
     row_tokens = torch.zeros(logits.shape[0], dtype=torch.int64, device=device)
     valid = pos[None, :] < counts[:, None]
     row_tokens[row_idx[valid]] = tokens[valid].clamp(min=0)
     return tokens, row_tokens
+
+
+def _with_draft_prefixes(output_ids: torch.Tensor, draft_ids: torch.Tensor, counts: torch.Tensor,
+                         pad: int) -> torch.Tensor:
+    """Per-row output ids [R, Lo] -> [R, Lo + K]: row j of request i also holds drafts 0..j-1 of request i (the
+    tokens that precede that row), padded with `pad` (penalties drop it)."""
+    s, kmax = draft_ids.shape
+    total = output_ids.shape[0]
+    req = torch.repeat_interleave(torch.arange(s, device=output_ids.device), counts, output_size=total)
+    pos = _ranks(counts)
+    cols = torch.arange(kmax, device=output_ids.device)
+    prefix = torch.where(cols[None, :] < pos[:, None], draft_ids[req], pad)
+    return torch.cat([output_ids, prefix], dim=1)
+
+
+def _random_draws(s: int, kmax: int, shape: torch.Size, counts_list: list[int], offsets: list[int],
+                  generators: dict[int, torch.Generator], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Acceptance uniforms [S, K] and Exp(1) noise [R, V]; a seeded request draws its K uniforms and its rows'
+    noise from its own generator (the same stream whatever else is in the batch)."""
+    uniforms = torch.rand(s, kmax, device=device)
+    noise = torch.empty(shape, device=device).exponential_()
+    for i, g in generators.items():
+        uniforms[i] = torch.rand(kmax, device=device, generator=g)
+        noise[offsets[i]:offsets[i] + counts_list[i]].exponential_(generator=g)
+    return uniforms, noise

@@ -11,7 +11,7 @@ from vllm_lite.config import EngineConfig, SpeculativeConfig
 from vllm_lite.sampling_params import SamplingParams
 from vllm_lite.spec_decode.ngram import ngram_lookup
 
-from spec_utils import make_core, run_core
+from spec_utils import OracleProposer, make_core, run_core
 
 BASE = dict(device="cpu", dtype="float32", block_size=4, max_model_len=256)
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
@@ -112,3 +112,30 @@ def test_ngram_greedy_identical_to_plain_run(tiny_qwen3_path, plain_run, async_s
             assert [lp for _, lp, _ in mine] == pytest.approx([lp for _, lp, _ in theirs], abs=1e-4)
     stats = core.scheduler.make_stats()
     assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens > 0
+
+
+def test_penalties_and_min_tokens_verify_exactly(tiny_qwen3_path):
+    """Penalised rows count the drafts before them, and a request below min_tokens verifies only rows that all
+    still block its stop ids: every oracle draft is accepted and the outputs are the plain run's. The stop id is
+    the token the free run produces at position m (and not before), with min_tokens = m: the plain run stops right
+    at the boundary, so a verified row past it that still blocked the stop id would change the output."""
+    prompts = _repetitive_prompts(3)
+    free = run_core(make_core(tiny_qwen3_path, **BASE), prompts[2:],
+                    SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))["0"]["tokens"]
+    m = next(i for i in range(5, len(free)) if free[i] not in free[:i])
+    params = [SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, repetition_penalty=2.0),
+              SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, presence_penalty=2.0,
+                             frequency_penalty=1.5),
+              SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, min_tokens=m,
+                             stop_token_ids=[free[m]])]
+    ref = run_core(make_core(tiny_qwen3_path, **BASE), prompts, params)
+    assert ref["2"]["tokens"] == free[:m + 1] and ref["2"]["finish_reason"] == "stop"
+    assert ref["0"]["tokens"] != run_core(make_core(tiny_qwen3_path, **BASE), prompts[:1],
+                                          SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
+                                          )["0"]["tokens"]  # the penalty changes the output
+    for i in range(3):
+        core = make_core(tiny_qwen3_path, proposer=OracleProposer({"0": ref[str(i)]["tokens"]}),
+                         num_speculative_tokens=3, **BASE)
+        assert run_core(core, prompts[i:i + 1], params[i:i + 1])["0"] == ref[str(i)], i
+        stats = core.scheduler.make_stats()
+        assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens == stats.num_draft_tokens, (i, stats)

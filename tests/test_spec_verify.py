@@ -124,24 +124,6 @@ def test_rejection_sampler_random_path_keeps_the_target_distribution():
     assert (tokens[~accepted, 1] == -1).all()
 
 
-def test_requests_with_penalties_or_below_min_tokens_are_not_speculated(tiny_qwen3_path):
-    """Their distribution depends on the tokens before each row in ways a verified row does not see: no drafts
-    (until min_tokens is reached), and the outputs stay the plain run's."""
-    prompts = _prompts(2)
-    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, repetition_penalty=1.3),
-              SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, min_tokens=8)]
-    ref = run_core(make_core(tiny_qwen3_path, **BASE), prompts, params)
-    proposer = OracleProposer({r: v["tokens"] for r, v in ref.items()})
-    core = make_core(tiny_qwen3_path, proposer=proposer, num_speculative_tokens=3, **BASE)
-    assert run_core(core, prompts[:1], params[:1]) == {"0": ref["0"]}
-    assert core.scheduler.make_stats().num_draft_tokens == 0
-    core = make_core(tiny_qwen3_path, proposer=OracleProposer({"0": ref["1"]["tokens"]}),
-                     num_speculative_tokens=3, **BASE)
-    assert run_core(core, prompts[1:], params[1:])["0"] == ref["1"]
-    stats = core.scheduler.make_stats()
-    assert 0 < stats.num_draft_tokens <= 12 - 8 and stats.num_accepted_tokens == stats.num_draft_tokens
-
-
 def test_speculative_tokens_without_a_proposer_are_refused(tiny_qwen3_path):
     from vllm_lite import LLM
     with pytest.raises(ValueError, match="needs a draft proposer"):

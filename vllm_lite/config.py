@@ -195,7 +195,7 @@ class SpeculativeConfig:
     suffix_decoding_min_token_prob: float = 0.1
     disable_by_batch_size: int | None = 64
     adaptive_draft_length: bool = True
-    adaptive_saturation_tokens: int = 2048
+    adaptive_saturation_tokens: int = 256
 
     def __post_init__(self) -> None:
         def set_(name: str, value: Any) -> None:  # frozen: defaults resolved once, here

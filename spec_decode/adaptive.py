@@ -1,0 +1,101 @@
+"""How many drafts each request verifies per step: speculation turns itself down when it would not pay.
+
+The rule (an expected-gain model):
+- Batch limit: with more than `disable_by_batch_size` running requests no request drafts (the proposers are not
+  even called); crossing the limit either way is logged.
+- Per request, a step that verifies j drafts yields E(j) = 1 + a + a^2 + ... + a^j tokens in expectation, where a is
+  the request's measured acceptance rate (each draft accepted given the ones before it were; an exponentially
+  weighted estimate over its recent verifications, pulled back toward PRIOR_ACCEPTANCE while it does not draft, so a
+  request that was turned off is retried later).
+- Its cost relative to a plain step is c(j) = R(B, j) + VERIFY_OVERHEAD * [j > 0] + DRAFT_OVERHEAD * j, where
+  R(B, j) = max(1, B (1 + j) / S) / max(1, B / S) is the roofline factor of computing 1 + j tokens for each of the B
+  running requests instead of one (S = adaptive_saturation_tokens: below S tokens a step streams the weights and
+  extra tokens are nearly free; above, its time grows with the tokens).
+- Each request verifies the j in [0, k] that maximises E(j) / c(j); j = 0 (no drafts) when nothing beats a plain
+  step. adaptive_draft_length=False skips this part (always k, the batch limit still holds).
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+
+import numpy as np
+
+from vllm_lite.config import SpeculativeConfig
+from vllm_lite.request import Request
+
+logger = logging.getLogger("vllm_lite.spec_decode")
+
+PRIOR_ACCEPTANCE = 0.5  # acceptance assumed for a request with no history (one pseudo-trial)
+DECAY = 0.85  # weight of the history per verification (about the last 7 count), and per step without drafts
+VERIFY_OVERHEAD = 0.05  # a verifying step's fixed extra cost (rejection sampling, no async overlap), in steps
+DRAFT_OVERHEAD = 0.02  # each draft's extra cost (proposing, attention over one more row), in steps
+
+
+class AdaptiveDraftLength:
+    """Per-step draft lengths from the batch size and each request's measured acceptance."""
+
+    def __init__(self, config: SpeculativeConfig) -> None:
+        self.k = config.num_speculative_tokens
+        self.batch_limit = config.disable_by_batch_size
+        self.adaptive = config.adaptive_draft_length
+        self.saturation = config.adaptive_saturation_tokens
+        # request -> [accepted, trials], both exponentially decayed
+        self._history: weakref.WeakKeyDictionary[Request, list[float]] = weakref.WeakKeyDictionary()
+        self._disabled_by_batch = False
+        self.num_turned_off = 0  # requests given no drafts by the gain rule in the last call
+
+    def allows(self, num_running: int) -> bool:
+        """False while the batch is over `disable_by_batch_size` (the change is logged once each way)."""
+        over = self.batch_limit is not None and num_running > self.batch_limit
+        if over != self._disabled_by_batch:
+            self._disabled_by_batch = over
+            if over:
+                logger.info("speculative decoding paused: %d running requests > disable_by_batch_size=%d",
+                            num_running, self.batch_limit)
+            else:
+                logger.info("speculative decoding resumed: %d running requests <= disable_by_batch_size=%d",
+                            num_running, self.batch_limit)
+        return not over
+
+    def observe(self, request: Request, num_drafts: int, num_accepted: int) -> None:
+        """A verification of `num_drafts` drafts accepted the first `num_accepted` of them."""
+        h = self._history.get(request)
+        if h is None:
+            h = self._history[request] = [0.0, 0.0]
+        # Geometric model: every accepted draft is a success, the first rejected one (if any) a failure.
+        h[0] = DECAY * h[0] + num_accepted
+        h[1] = DECAY * h[1] + num_accepted + (num_accepted < num_drafts)
+
+    def acceptance(self, request: Request) -> float:
+        h = self._history.get(request)
+        acc, trials = (0.0, 0.0) if h is None else h
+        return (acc + PRIOR_ACCEPTANCE) / (trials + 1.0)
+
+    def draft_lengths(self, requests: list[Request], num_running: int) -> np.ndarray:
+        """Drafts to ask for, per request (0: none this step)."""
+        n = len(requests)
+        if not self.adaptive or n == 0:
+            self.num_turned_off = 0
+            return np.full(n, self.k, dtype=np.int64)
+        a = np.fromiter((self.acceptance(r) for r in requests), dtype=np.float64, count=n)
+        lengths = best_lengths(a, self.k, num_running, self.saturation)
+        self.num_turned_off = int((lengths == 0).sum())
+        return lengths
+
+    def idle(self, requests: list[Request]) -> None:
+        """These requests verified nothing this step: their history fades toward the prior."""
+        for request in requests:
+            h = self._history.get(request)
+            if h is not None:
+                h[0] *= DECAY
+                h[1] *= DECAY
+
+
+def best_lengths(acceptance: np.ndarray, k: int, num_running: int, saturation: int) -> np.ndarray:
+    """argmax over j in [0, k] of E(j) / c(j) for each acceptance rate (the module docstring's rule)."""
+    j = np.arange(k + 1)
+    roofline = np.maximum(1.0, num_running * (1 + j) / saturation) / max(1.0, num_running / saturation)
+    cost = roofline + VERIFY_OVERHEAD * (j > 0) + DRAFT_OVERHEAD * j
+    expected = np.cumsum(acceptance[:, None] ** j[None, :], axis=1)  # E(j) = sum_{i<=j} a^i
+    return np.argmax(expected / cost[None, :], axis=1).astype(np.int64)
