@@ -12,6 +12,9 @@ class Logprob:
 
 
 SampleLogprobs = list[dict[int, Logprob]]
+# vLLM's shape: None for the first prompt token (nothing predicts it), then {token_id: Logprob} per prompt token
+# holding that token and the top-N at its position
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
@@ -36,5 +39,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     num_cached_tokens: int = 0
-    prompt_logprobs: None = None
+    prompt_logprobs: PromptLogprobs | None = None
     metrics: dict = field(default_factory=dict)

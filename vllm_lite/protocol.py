@@ -40,6 +40,9 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     # their sums; RequestOutput.num_accepted_tokens).
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    # SamplingParams.prompt_logprobs: per prompt token after the first, [(token_id, logprob, rank), top-N...]
+    # (the prompt token first); sent once, with the request's first new token.
+    prompt_logprobs: list[list[tuple[int, float, int]]] | None = None
 
     @property
     def finished(self) -> bool:
@@ -158,6 +161,9 @@ class ModelRunnerOutput(msgspec.Struct, array_like=True):
     # In-worker drafter (draft model, EAGLE): per request, the draft tokens for its next step ([] for none); None
     # when no drafter runs. The scheduler stores them as the request's spec_token_ids.
     draft_token_ids: list[list[int]] | None = None
+    # req_id -> its prompt logprobs (EngineCoreOutput.prompt_logprobs), for requests that asked and whose prompt
+    # was completed in this step (worker/prompt_logprobs.py); None when there are none.
+    prompt_logprobs: dict[str, list[list[tuple[int, float, int]]]] | None = None
 
 
 # ---- worker RPC (one Struct per call) ---------------------------------------------------------------------------

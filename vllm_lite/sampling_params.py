@@ -10,7 +10,7 @@ _GREEDY_EPS = 1e-5
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values
 MAX_TEMPERATURE = 100.0  # above this sampling is indistinguishable from uniform; 1e6 or inf is a client bug
 _INT64_MIN, _INT64_MAX = -2 ** 63, 2 ** 63 - 1  # what crosses the sockets (msgspec) and seeds torch generators
-_INT_FIELDS = ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs")
+_INT_FIELDS = ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs")
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
@@ -95,6 +95,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     bad_words: list[str] | None = None
     # bad_words as token sequences, filled by the front end that holds the tokenizer (resolve_bad_words)
     bad_words_token_ids: list[list[int]] | None = None
+    # logprob of every prompt token after the first, plus the top-N at each prompt position (vLLM's field;
+    # RequestOutput.prompt_logprobs); such requests skip prefix-cache hits (the skipped rows have no logits)
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -133,6 +136,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             ("min_tokens", self.max_tokens is None or self.min_tokens <= self.max_tokens,
              "must be less than or equal to max_tokens"),
             ("logprobs", self.logprobs is None or self.logprobs >= 0, "must be >= 0"),
+            ("prompt_logprobs", self.prompt_logprobs is None or self.prompt_logprobs >= 0, "must be >= 0"),
             ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),

@@ -46,8 +46,8 @@ class KVCacheManager:
         At least the last token is always left to compute (the model must produce logits to sample from), so a
         full hit drops its last block.
         """
-        if not self.enable_caching:
-            return [], 0
+        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
+            return [], 0  # prompt logprobs need logits at every prompt position (as vLLM, no cache hits)
         self.update_block_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[KVCacheBlock] = []

@@ -259,7 +259,8 @@ class Scheduler:
                 finish_reason = request.finish_reason
             outputs.append(EngineCoreOutput(req_id, new_tokens, logprobs, finish_reason, request.stop_reason,
                                             request.num_cached_tokens if request.num_cached_tokens > 0 else 0,
-                                            num_drafts, num_accepted))
+                                            num_drafts, num_accepted,
+                                            prompt_logprobs=(model_runner_output.prompt_logprobs or {}).get(req_id)))
         return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.make_stats())
 
     def _count_verification(self, num_drafts: int, num_accepted: int) -> None:

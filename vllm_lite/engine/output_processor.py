@@ -12,7 +12,7 @@ import msgspec
 
 from vllm_lite.detokenizer import IncrementalDetokenizer
 from vllm_lite.protocol import EngineCoreOutput, EngineCoreRequest
-from vllm_lite.outputs import CompletionOutput, Logprob, RequestOutput
+from vllm_lite.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
 from vllm_lite.sampling_params import SamplingParams
 
 
@@ -44,6 +44,7 @@ class RequestState:
     arrival_time: float
     num_cached_tokens: int = 0
     first_token_time: float | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # SamplingParams.prompt_logprobs, once the prompt is computed
 
     @property
     def finished(self) -> bool:
@@ -53,7 +54,7 @@ class RequestState:
         outs = [CompletionOutput(s.index, s.text, list(s.token_ids), s.cumulative_logprob, s.logprobs,
                                  s.finish_reason, s.stop_reason) for s in self.sequences]
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.finished,
-                             self.num_cached_tokens)
+                             self.num_cached_tokens, self.prompt_logprobs)
 
 
 class OutputProcessor:
@@ -110,6 +111,8 @@ class OutputProcessor:
             seq.new_token_count = len(out.new_token_ids)
             if seq.logprobs is not None and out.new_logprobs:
                 self._add_logprobs(seq, out.new_logprobs)
+            if out.prompt_logprobs is not None and state.prompt_logprobs is None:  # n > 1: every sequence has it
+                state.prompt_logprobs = [None, *map(self._logprob_dict, out.prompt_logprobs)]
             stop_str = seq.detokenizer.update(out.new_token_ids) if seq.detokenizer else None
             if stop_str is not None and out.finish_reason is None:
                 seq.finish_reason, seq.stop_reason = "stop", stop_str
@@ -139,10 +142,14 @@ class OutputProcessor:
 
     def _add_logprobs(self, seq: SequenceState, new: list[list[tuple[int, float, int]]]) -> None:
         for entries in new[: len(new)]:
-            d: dict[int, Logprob] = {}
-            for token, lp, rank in entries:
-                if token not in d:
-                    text = self.tokenizer.decode([token]) if self.tokenizer is not None else None
-                    d[token] = Logprob(lp, rank, text)
-            seq.logprobs.append(d)
+            seq.logprobs.append(self._logprob_dict(entries))
             seq.cumulative_logprob += entries[0][1]
+
+    def _logprob_dict(self, entries: list[tuple[int, float, int]]) -> dict[int, Logprob]:
+        """One position's [(token, logprob, rank), ...] (the chosen token first) as {token: Logprob}."""
+        d: dict[int, Logprob] = {}
+        for token, lp, rank in entries:
+            if token not in d:
+                text = self.tokenizer.decode([token]) if self.tokenizer is not None else None
+                d[token] = Logprob(lp, rank, text)
+        return d

@@ -33,6 +33,7 @@ from vllm_lite.sampling_params import SamplingParams
 from vllm_lite.spec_decode.rejection_sampler import rejection_sample
 from vllm_lite.worker.drafting import WorkerDrafting, make_drafter
 from vllm_lite.worker.input_batch import InputStager
+from vllm_lite.worker.prompt_logprobs import PromptLogprobsCollector
 from vllm_lite.worker.request_state import CachedRequestState
 from vllm_lite.worker.step_output import Launch, resolve_launch
 
@@ -66,6 +67,7 @@ class ModelRunner:
         # Speculative tokens per request in a verification step: CUDA graphs are also captured for 1 + k.
         self.num_spec_tokens = config.speculative.num_speculative_tokens
         self.requests: dict[str, CachedRequestState] = {}
+        self.prompt_logprobs = PromptLogprobsCollector()  # idle unless a request asks for prompt logprobs
         self._sampling_key: tuple[str, ...] | None = None
         self._sampling_cached: SamplingMetadata | None = None
         self.pending: deque[Launch] = deque()  # sampled steps whose output was not returned yet
@@ -194,8 +196,10 @@ class ModelRunner:
     def _update_states(self, so: SchedulerOutput) -> None:
         for req_id in so.finished_req_ids:
             self.requests.pop(req_id, None)
+            self.prompt_logprobs.drop(req_id)
         for data in so.scheduled_new_reqs:
             state = CachedRequestState(data, self.device)
+            self.prompt_logprobs.add(data)
             if state.generator is not None and state.num_output_tokens and not data.sampling_params.greedy:
                 skip_random_draws(state.generator, state.num_output_tokens, self.vocab_size, self.device)
             self.requests[data.req_id] = state
@@ -276,6 +280,9 @@ class ModelRunner:
         if isinstance(hidden, tuple):  # the model also returns chosen intermediate hidden states
             hidden, aux = hidden
             step.aux_hidden_states = [a[: meta.num_tokens] for a in aux]
+        if self.prompt_logprobs.active:
+            self.prompt_logprobs.collect(self._launches, hidden, req_ids, starts, query_lens,
+                                         self.model.compute_logits)
         if self.drafting is not None:  # what the drafter reads once the step's tokens are known
             step.all_states, step.starts, step.query_lens = states, starts, query_lens
             step.hidden = hidden[: meta.num_tokens] if self.drafting.drafter.needs_hidden else None
@@ -376,6 +383,7 @@ class ModelRunner:
         """Results of the oldest sampled step not yet returned (waits for its sampled ids)."""
         launch = self.pending.popleft()
         output = resolve_launch(launch, self.requests)
+        self.prompt_logprobs.attach(launch.number, output)
         if self.drafting is not None:
             self.drafting.attach(launch.number, output)
         return output

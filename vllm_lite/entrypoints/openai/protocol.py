@@ -142,11 +142,23 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None
     add_special_tokens: bool = True
 
+    @property
+    def echo_only(self) -> bool:
+        """echo=true with max_tokens=0: only the prompt comes back (with its logprobs; lm-eval's loglikelihood).
+        One token is still generated internally, as in vLLM, and dropped."""
+        return self.echo and self.max_tokens == 0
+
     def _requested_max_tokens(self) -> int | None:
-        return self.max_tokens
+        return 1 if self.echo_only else self.max_tokens
 
     def _num_logprobs(self) -> int | None:
         return self.logprobs
+
+    def to_sampling_params(self, *args: Any, **kwargs: Any) -> SamplingParams:
+        params = super().to_sampling_params(*args, **kwargs)
+        if self.echo and self.logprobs is not None:
+            params.prompt_logprobs = self.logprobs  # the echoed prompt tokens carry logprobs too (vLLM)
+        return params
 
     def check(self) -> None:
         super().check()

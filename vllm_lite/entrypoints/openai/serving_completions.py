@@ -253,6 +253,14 @@ def completion_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[dic
     out = CompletionLogProbs()
     offset = start_offset
     for token, d in zip(token_ids, logprobs):
+        if d is None:  # an echoed prompt's first token: nothing predicts it (vLLM: null logprob and top)
+            text = token_text(tokenizer, token, None)
+            out.tokens.append(text)
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            out.text_offset.append(offset)
+            offset += len(text)
+            continue
         lp = d.get(token)
         text = token_text(tokenizer, token, lp)
         out.tokens.append(text)
@@ -313,12 +321,13 @@ class OpenAIServingCompletion(OpenAIServing):
             prompt_tokens += len(ids)
             prefix = self._prompt_text(text, ids) if request.echo else ""
             for seq in state.sequences:
-                completion_tokens += len(seq.token_ids)
+                gen_ids, gen_text = ([], "") if request.echo_only else (seq.token_ids, seq.text)
+                completion_tokens += len(gen_ids)
                 lps = None
                 if request.logprobs is not None and seq.logprobs is not None:
-                    lps = completion_logprobs(self.tokenizer, seq.token_ids, seq.logprobs, request.logprobs,
-                                              len(prefix))
-                choices.append(CompletionResponseChoice(index=pi * request.n + seq.index, text=prefix + seq.text,
+                    lps = completion_logprobs(self.tokenizer, *_echoed(request, ids, state.prompt_logprobs, gen_ids,
+                                                                       seq.logprobs), request.logprobs, 0)
+                choices.append(CompletionResponseChoice(index=pi * request.n + seq.index, text=prefix + gen_text,
                                                         logprobs=lps, finish_reason=seq.finish_reason,
                                                         stop_reason=seq.stop_reason))
         choices.sort(key=lambda c: c.index)
@@ -347,16 +356,21 @@ class OpenAIServingCompletion(OpenAIServing):
                         continue
                     finished = seq.finish_reason is not None
                     delta = seq.detokenizer.get_delta(finished) if seq.detokenizer is not None else ""
+                    start = sent_tokens[idx]
+                    new_ids = seq.token_ids[start:]
+                    new_lps = seq.logprobs[start:start + len(new_ids)] if seq.logprobs is not None else None
+                    if request.echo_only:  # the internally generated token is dropped
+                        delta, new_ids, new_lps = "", [], [] if new_lps is not None else None
+                    lp_ids = new_ids
                     if not echoed[idx]:
                         text, ids = prompts[pi]
                         delta = self._prompt_text(text, ids) + delta
                         echoed[idx] = True
-                    new_ids = seq.token_ids[sent_tokens[idx]:]
+                        if new_lps is not None:
+                            lp_ids, new_lps = _echoed(request, ids, state.prompt_logprobs, new_ids, new_lps)
                     lps = None
-                    if request.logprobs is not None and seq.logprobs is not None:
-                        start = sent_tokens[idx]
-                        lps = completion_logprobs(self.tokenizer, new_ids, seq.logprobs[start:start + len(new_ids)],
-                                                  request.logprobs, text_offset[idx])
+                    if request.logprobs is not None and new_lps is not None:
+                        lps = completion_logprobs(self.tokenizer, lp_ids, new_lps, request.logprobs, text_offset[idx])
                     sent_tokens[idx] += len(new_ids)
                     if not delta and not finished and not new_ids:  # a token without text still streams (vLLM)
                         continue
@@ -380,6 +394,17 @@ class OpenAIServingCompletion(OpenAIServing):
             yield SSE_DONE
         finally:
             await merged.aclose()
+
+
+def _echoed(request: CompletionRequest, prompt_ids: list[int], prompt_logprobs: list | None, gen_ids: list[int],
+            gen_logprobs: list) -> tuple[list[int], list]:
+    """Token ids and logprob dicts a choice reports: with echo, the prompt's first (vLLM's shape, from
+    SamplingParams.prompt_logprobs: None for its first token), then the generated ones."""
+    if not request.echo:
+        return gen_ids, gen_logprobs
+    if prompt_logprobs is None or len(prompt_logprobs) != len(prompt_ids):
+        raise RuntimeError("echo with logprobs: the engine returned no prompt logprobs")
+    return [*prompt_ids, *gen_ids], [*prompt_logprobs, *gen_logprobs[:len(gen_ids)]]
 
 
 def _now() -> int:
