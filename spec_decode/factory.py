@@ -13,5 +13,6 @@ def make_proposer(config: SpeculativeConfig, info: Any = None) -> Any | None:
         from vllm_lite.spec_decode.ngram import NgramProposer
         return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
     if config.method == "suffix":
-        raise ValueError("speculative method 'suffix' is not built yet")
+        from vllm_lite.spec_decode.suffix import SuffixProposer
+        return SuffixProposer(config)
     return None

@@ -50,6 +50,21 @@ class RequestBuffers:
         return buf.sync(request.all_token_ids)
 
 
+def match_lengths(corpus: np.ndarray, ends: np.ndarray, pattern: np.ndarray, max_len: int) -> np.ndarray:
+    """For each candidate end e (corpus[e] == pattern[-1]), how many tokens of `pattern`'s tail corpus[..e] repeats,
+    capped at max_len (vectorised over candidates; at most max_len compares each)."""
+    match = np.ones(ends.shape[0], dtype=bool)
+    length = np.ones(ends.shape[0], dtype=np.int64)
+    for j in range(1, min(max_len, pattern.shape[0])):
+        idx = ends - j
+        match &= idx >= 0
+        match[match] = corpus[idx[match]] == pattern[pattern.shape[0] - 1 - j]
+        if not match.any():
+            break
+        length += match
+    return length
+
+
 def ngram_lookup(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> np.ndarray:
     """Up to k tokens that followed the most recent earlier occurrence of the longest suffix n-gram of `tokens`
     with min_n <= n <= max_n; empty when no such n-gram occurred earlier."""
@@ -60,17 +75,7 @@ def ngram_lookup(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> np.ndarr
     ends = np.flatnonzero(tokens[:total - 1] == tokens[total - 1])
     if ends.size == 0:
         return tokens[:0]
-    match = np.ones(ends.shape[0], dtype=bool)
-    length = np.ones(ends.shape[0], dtype=np.int64)
-    for j in range(1, max_n):
-        if j >= total:
-            break
-        idx = ends - j
-        match &= idx >= 0
-        match[match] = tokens[idx[match]] == tokens[total - 1 - j]
-        if not match.any():
-            break
-        length += match
+    length = match_lengths(tokens, ends, tokens, max_n)
     best = int(length.max())
     if best < min_n:
         return tokens[:0]

@@ -4,10 +4,6 @@ a q distribution, with a check that the test rejects a slightly wrong distributi
 before each row, and seeded requests reproduce."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -18,7 +14,8 @@ from vllm_lite.sample.metadata import SamplingMetadata
 from vllm_lite.sampling_params import SamplingParams
 from vllm_lite.spec_decode.rejection_sampler import rejection_sample
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from test_kernels import _run_child
+
 # chi-square critical value, 7 degrees of freedom (vocab 8), p = 1e-4; the draws are seeded, so no flakiness
 CHI2_CRIT_DF7 = 29.88
 
@@ -74,17 +71,7 @@ _CHILD = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def kernel_results() -> dict:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        pytest.skip("triton is not importable here (pip install triton); the Triton interpreter checks need it")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", _CHILD, ROOT], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
-    if proc.returncode != 0 or not lines:
-        pytest.fail(f"interpreter run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return json.loads(lines[-1][len("RESULT"):])
+    return _run_child(_CHILD)
 
 
 def test_triton_kernel_equals_reference(kernel_results):

@@ -100,18 +100,71 @@ def plain_run(tiny_qwen3_path):
     return prompts, params, run_core(make_core(tiny_qwen3_path, **BASE), prompts, params)
 
 
+SUFFIX = {"method": "suffix", "num_speculative_tokens": 4}
+METHODS = {"ngram": NGRAM, "suffix": SUFFIX}
+
+
+def _tokens(results: dict) -> dict:
+    return {r: v["tokens"] for r, v in results.items()}
+
+
+@pytest.mark.parametrize("method", ["ngram", "suffix"])
 @pytest.mark.parametrize("async_scheduling", [False, True])
-def test_ngram_greedy_identical_to_plain_run(tiny_qwen3_path, plain_run, async_scheduling):
+def test_greedy_identical_to_plain_run_with_logprobs(tiny_qwen3_path, plain_run, method, async_scheduling):
     prompts, params, ref = plain_run
-    core = make_core(tiny_qwen3_path, speculative_config=NGRAM, async_scheduling=async_scheduling, **BASE)
+    core = make_core(tiny_qwen3_path, speculative_config=METHODS[method], async_scheduling=async_scheduling,
+                     **BASE)
     got = run_core(core, prompts, params)
-    assert {r: v["tokens"] for r, v in got.items()} == {r: v["tokens"] for r, v in ref.items()}
-    for r in ref:
-        for mine, theirs in zip(got[r]["logprobs"], ref[r]["logprobs"]):
+    assert _tokens(got) == _tokens(ref)
+    for r in ref:  # the target's logprobs at every verified row, equal to the plain run's
+        for mine, theirs in zip(got[r]["logprobs"], ref[r]["logprobs"], strict=True):
             assert [t for t, _, _ in mine] == [t for t, _, _ in theirs]
             assert [lp for _, lp, _ in mine] == pytest.approx([lp for _, lp, _ in theirs], abs=1e-4)
     stats = core.scheduler.make_stats()
     assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens > 0
+    assert stats.num_drafts > 0 and sum(stats.num_accepted_tokens_per_pos) == stats.num_accepted_tokens
+
+
+@pytest.mark.parametrize("method", ["ngram", "suffix"])
+def test_greedy_identical_with_preemption_chunked_prefill_and_prefix_caching(tiny_llama_path, method):
+    """A KV cache too small for the batch (preemption by recompute), prefills chunked by a small token budget,
+    and prompts sharing a prefix (prefix-cache hits): the outputs are the plain run's under the same settings."""
+    shared = _repetitive_prompts(1)[0] * 2
+    prompts = [shared + p for p in _repetitive_prompts(6)]
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    kw = dict(BASE, num_gpu_blocks_override=64, max_num_batched_tokens=32)
+    ref = run_core(make_core(tiny_llama_path, **kw), prompts, params)
+    core = make_core(tiny_llama_path, speculative_config=METHODS[method], **kw)
+    assert _tokens(run_core(core, prompts, params)) == _tokens(ref)
+    stats = core.scheduler.make_stats()
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0 and stats.num_accepted_tokens > 0, stats
+
+
+@pytest.fixture(scope="module")
+def llm_pair(tiny_qwen3_path):
+    from vllm_lite import LLM
+    kw = dict(device="cpu", dtype="float32", max_model_len=256)
+    return LLM(tiny_qwen3_path, **kw), LLM(tiny_qwen3_path, speculative_config=NGRAM, **kw)
+
+
+def test_offline_llm_n_stop_strings_min_tokens_and_accepted_counts(llm_pair):
+    plain, spec = llm_pair
+    prompts = [{"prompt_token_ids": p} for p in _repetitive_prompts(3)]
+    base = SamplingParams(temperature=0.0, max_tokens=30, n=2, min_tokens=4)
+    ref = plain.generate(prompts, base, use_tqdm=False)
+    text = ref[0].outputs[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 3]  # a stop string the first prompt's output contains
+    params = SamplingParams(temperature=0.0, max_tokens=30, n=2, min_tokens=4, stop=[stop])
+    want = plain.generate(prompts, params, use_tqdm=False)
+    got = spec.generate(prompts, params, use_tqdm=False)
+    assert want[0].outputs[0].finish_reason == "stop" and want[0].outputs[0].stop_reason == stop
+    for w, g in zip(want, got, strict=True):
+        assert [(o.token_ids, o.text, o.finish_reason, o.stop_reason) for o in g.outputs] == \
+            [(o.token_ids, o.text, o.finish_reason, o.stop_reason) for o in w.outputs]
+        assert w.num_accepted_tokens == 0 and w.num_draft_tokens == 0
+    assert sum(g.num_accepted_tokens for g in got) > 0
+    for g in got:
+        assert g.num_accepted_tokens == sum(o.num_accepted_tokens for o in g.outputs) <= g.num_draft_tokens
 
 
 def test_penalties_and_min_tokens_verify_exactly(tiny_qwen3_path):
@@ -139,3 +192,41 @@ def test_penalties_and_min_tokens_verify_exactly(tiny_qwen3_path):
         assert run_core(core, prompts[i:i + 1], params[i:i + 1])["0"] == ref[str(i)], i
         stats = core.scheduler.make_stats()
         assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens == stats.num_draft_tokens, (i, stats)
+
+
+# ---------------------------------------------------------------- suffix proposer
+def _req(rid: str, prompt: list[int], outputs: list[int] = ()) -> "Request":
+    from vllm_lite.request import Request
+    r = Request(rid, prompt, SamplingParams())
+    r.append_output_token_ids(list(outputs))
+    return r
+
+
+def test_suffix_draft_length_follows_match_length_and_confidence():
+    import gc
+
+    from vllm_lite.spec_decode.suffix import SuffixProposer
+    cfg = SpeculativeConfig(method="suffix", num_speculative_tokens=8, suffix_decoding_min_token_prob=0.4)
+    p = SuffixProposer(cfg)
+    # A 2-token match allows 2 drafts (max_spec_factor 1.0); a 5-token match 5.
+    r = _req("a", [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2])
+    assert p.propose(r, 8) == [3, 4]
+    r.append_output_token_ids([3, 4, 5])
+    assert p.propose(r, 8) == [6, 7, 8, 9, 1]
+    # [5, 6] was followed by 7, 8 and 9 once each: no continuation reaches probability 0.4. The longest match
+    # decides: [7, 5, 6] occurred once, followed by 1, 0, 5.
+    assert p.propose(_req("b", [1, 5, 6, 7, 2, 5, 6, 8, 3, 5, 6, 9, 4, 5, 6]), 8) == []
+    assert p.propose(_req("c", [7, 5, 6, 1, 0, 5, 6, 2, 0, 7, 5, 6]), 8) == [1, 0, 5]
+    # [4, 1] went on with 2, 3 / 2, 5 / 9, 0: 2 wins (2 of 3 >= 0.4), then 3 and 5 tie and the product (1/3)
+    # drops below 0.4: one draft.
+    assert p.propose(_req("d", [7, 4, 1, 2, 3, 8, 4, 1, 2, 5, 6, 4, 1, 9, 0, 5, 4, 1]), 8) == [2]
+    # Outputs of finished requests feed later ones; only the last max_cached_requests are kept.
+    cfg1 = SpeculativeConfig(method="suffix", num_speculative_tokens=8, suffix_decoding_max_cached_requests=1)
+    p = SuffixProposer(cfg1)
+    for rid, outs in (("x", [60, 61, 62, 63, 64]), ("y", [70, 71, 72, 73])):
+        done = _req(rid, [50], outs)
+        assert p.propose(done, 8) == []
+        del done
+        gc.collect()
+    assert p.propose(_req("z", [5, 70, 71]), 8) == [72, 73]
+    assert p.propose(_req("w", [5, 60, 61]), 8) == []  # evicted

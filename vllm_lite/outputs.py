@@ -26,6 +26,9 @@ class CompletionOutput:
     logprobs: SampleLogprobs | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
+    # Speculative decoding: draft tokens this sequence verified, and of those accepted by the target
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -41,3 +44,13 @@ class RequestOutput:
     num_cached_tokens: int = 0
     prompt_logprobs: PromptLogprobs | None = None
     metrics: dict = field(default_factory=dict)
+
+    @property
+    def num_accepted_tokens(self) -> int:
+        """Draft tokens the target accepted for this request (all its `n` sequences; 0 without speculation)."""
+        return sum(o.num_accepted_tokens for o in self.outputs)
+
+    @property
+    def num_draft_tokens(self) -> int:
+        """Draft tokens verified for this request (all its sequences)."""
+        return sum(o.num_draft_tokens for o in self.outputs)

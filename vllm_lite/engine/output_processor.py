@@ -28,6 +28,8 @@ class SequenceState:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     new_token_count: int = 0
+    num_draft_tokens: int = 0  # speculative decoding: drafts verified and accepted so far
+    num_accepted_tokens: int = 0
 
     @property
     def text(self) -> str:
@@ -52,7 +54,8 @@ class RequestState:
 
     def to_output(self) -> RequestOutput:
         outs = [CompletionOutput(s.index, s.text, list(s.token_ids), s.cumulative_logprob, s.logprobs,
-                                 s.finish_reason, s.stop_reason) for s in self.sequences]
+                                 s.finish_reason, s.stop_reason, s.num_draft_tokens, s.num_accepted_tokens)
+                for s in self.sequences]
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.finished,
                              self.num_cached_tokens, self.prompt_logprobs)
 
@@ -108,6 +111,8 @@ class OutputProcessor:
                 state.first_token_time = now
             state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
             seq.token_ids.extend(out.new_token_ids)
+            seq.num_draft_tokens += out.num_draft_tokens
+            seq.num_accepted_tokens += out.num_accepted_tokens
             seq.new_token_count = len(out.new_token_ids)
             if seq.logprobs is not None and out.new_logprobs:
                 self._add_logprobs(seq, out.new_logprobs)
