@@ -230,3 +230,57 @@ def test_suffix_draft_length_follows_match_length_and_confidence():
         gc.collect()
     assert p.propose(_req("z", [5, 70, 71]), 8) == [72, 73]
     assert p.propose(_req("w", [5, 60, 61]), 8) == []  # evicted
+
+
+# ---------------------------------------------------------------- server, metrics, log
+def test_server_with_ngram_matches_offline_and_exports_spec_metrics(tiny_llama_path, tmp_path):
+    """A real `vllm-lite serve --speculative-config ...` driven by the official openai client: greedy completions
+    equal the offline plain run's, and /metrics carries vLLM's spec-decode counters."""
+    import json
+    import re
+
+    import httpx
+    import openai
+
+    from server_utils import RemoteServer
+    from vllm_lite import LLM
+    prompts = _repetitive_prompts(4)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    plain = LLM(tiny_llama_path, device="cpu", dtype="float32", max_model_len=256)
+    want = [o.outputs[0].text for o in plain.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                       use_tqdm=False)]
+    args = ["--device", "cpu", "--dtype", "float32", "--max-model-len", "256", "--speculative-config",
+            json.dumps(NGRAM)]
+    with RemoteServer(tiny_llama_path, args) as server:
+        client = openai.OpenAI(base_url=server.url_for("v1"), api_key="EMPTY", max_retries=0)
+        got = [client.completions.create(model=tiny_llama_path, prompt=p, max_tokens=24, temperature=0,
+                                         extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
+        text = httpx.get(server.url_for("metrics")).text
+    assert got == want
+
+    def value(name: str) -> float:
+        m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+        assert m, f"{name} missing from /metrics"
+        return float(m.group(1))
+
+    drafts = value('vllm:spec_decode_num_drafts_total{model_name="%s"}' % tiny_llama_path)
+    draft_tokens = value('vllm:spec_decode_num_draft_tokens_total{model_name="%s"}' % tiny_llama_path)
+    accepted = value('vllm:spec_decode_num_accepted_tokens_total{model_name="%s"}' % tiny_llama_path)
+    first = value('vllm:spec_decode_num_accepted_tokens_per_pos_total{model_name="%s",position="0"}'
+                  % tiny_llama_path)
+    assert 0 < drafts <= draft_tokens and 0 < accepted <= draft_tokens and 0 < first <= drafts
+
+
+def test_spec_decode_log_line(caplog):
+    import logging
+
+    from vllm_lite.protocol import SchedulerStats
+    from vllm_lite.spec_decode.metrics import SpecDecodeLogger
+    log = SpecDecodeLogger(interval_s=0.0)
+    with caplog.at_level(logging.INFO, logger="vllm_lite.spec_decode"):
+        log.maybe_log(SchedulerStats(num_drafts=0))
+        assert not caplog.records  # nothing verified: no line
+        log.maybe_log(SchedulerStats(num_drafts=4, num_draft_tokens=12, num_accepted_tokens=6,
+                                     num_accepted_tokens_per_pos=[3, 2, 1]))
+    assert "mean acceptance length 2.50" in caplog.text and "acceptance rate 50.0%" in caplog.text
+    assert "per-position acceptance 0.75, 0.50, 0.25" in caplog.text

@@ -58,7 +58,22 @@ class _SchedulerCollector:
         yield gauge("vllm:prefix_cache_hit_rate", "Prefix cache hit rate since start (hits / queries).",
                     stats.prefix_cache_hits / q if q else 0.0)
         yield counter("vllm:num_preemptions", "Cumulative number of preemptions.", stats.num_preemptions)
+        yield from _spec_decode_counters(stats, self.model_name, counter)
         yield gauge("vllm:engine_healthy", "1 while the engine core is alive.", 1.0 if self.client.is_healthy else 0.0)
+
+
+def _spec_decode_counters(stats: Any, model_name: str, counter: Any):
+    """vLLM's speculative-decoding counters (cumulative; zero without speculation): verifications, draft tokens,
+    accepted tokens, and accepted tokens per draft position (label `position`, 0 = the first draft of a step)."""
+    yield counter("vllm:spec_decode_num_drafts", "Number of spec decoding drafts (verification steps).",
+                  stats.num_drafts)
+    yield counter("vllm:spec_decode_num_draft_tokens", "Number of draft tokens.", stats.num_draft_tokens)
+    yield counter("vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens.", stats.num_accepted_tokens)
+    per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                  "Accepted tokens per draft position.", labels=["model_name", "position"])
+    for pos, n in enumerate(stats.num_accepted_tokens_per_pos):
+        per_pos.add_metric([model_name, str(pos)], n)
+    yield per_pos
 
 
 class ServerMetrics:
