@@ -1,9 +1,13 @@
 """/health stays responsive (< 0.5 s) while a real `vllm-lite serve` (CPU, tiny random llama) works on heavy input:
 a request-supplied chat template with a nested loop (stopped at the time limit, a 400 naming chat_template), an
 8 MB prompt (a 400 with the numbers), and heavy tokenization (/tokenize and a chat with megabytes of text, at once:
-each tokenizes in a thread, and the loop waits at most for the tokenizer's longest call holding the GIL)."""
+each tokenizes in a thread, and the loop waits at most for the tokenizer's longest call holding the GIL). And a
+request still tokenizing when a shutdown ends is a 503, not a 500."""
 from __future__ import annotations
 
+import json
+import os
+import signal
 import threading
 import time
 
@@ -138,3 +142,44 @@ def test_health_beside_heavy_tokenization(server):
     assert results == [200]
     assert r.status_code == 400 and "256" in r.json()["error"]["message"], r.text
     probe.check()
+
+
+def test_request_still_tokenizing_when_shutdown_ends_is_503(model_dir):
+    """SIGTERM while a stream runs (aborted at once: --shutdown-timeout 0) and a batch of 60,000 short prompts is
+    being tokenized (about 2 s): the stream ends with finish_reason "abort", the batch gets a 503 saying the server
+    is shutting down (it was a 500 "engine is dead"), and the server exits 0."""
+    srv = RemoteServer(model_dir, ["--device", "cpu", "--dtype", "float32", "--max-model-len", "1024"])
+    try:
+        finish: list[str | None] = []
+        batch: list[httpx.Response] = []
+        first = threading.Event()
+
+        def stream() -> None:
+            body = {"prompt": "once", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+            with httpx.stream("POST", srv.url_for("v1", "completions"), json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        first.set()
+                        choice = json.loads(line[6:])["choices"][0]
+                        if choice["finish_reason"]:
+                            finish.append(choice["finish_reason"])
+
+        def tokenize_heavy() -> None:
+            body = {"prompt": ["hello there"] * 60000, "max_tokens": 2}
+            batch.append(httpx.post(srv.url_for("v1", "completions"), json=body, timeout=60))
+
+        streamer = threading.Thread(target=stream)
+        streamer.start()
+        assert first.wait(60)
+        sender = threading.Thread(target=tokenize_heavy)
+        sender.start()
+        time.sleep(0.5)  # the batch is tokenizing now
+        os.kill(srv.pid, signal.SIGTERM)
+        streamer.join(60)
+        sender.join(60)
+        assert finish == ["abort"]
+        assert len(batch) == 1 and batch[0].status_code == 503, batch[0].text if batch else "no answer"
+        assert "shutting down" in batch[0].json()["error"]["message"]
+        assert srv.proc.wait(60) == 0, srv.log_text()[-3000:]
+    finally:
+        srv.close()

@@ -33,6 +33,10 @@ class EngineDeadError(RuntimeError):
     """The engine core (or a worker) is gone; no request can complete."""
 
 
+class ServerStoppingError(EngineDeadError):
+    """The server is shutting down (abort_all ran): a request not yet in the engine is refused (a 503)."""
+
+
 class EngineStartupError(EngineDeadError):
     """The engine did not start (the model cannot be served, a process died); the message says it all."""
 
@@ -157,7 +161,7 @@ class AsyncEngineClient:
         if self.dead_reason is not None:
             raise EngineDeadError(self.dead_reason)
         if self.stopping is not None:
-            raise EngineDeadError(self.stopping)
+            raise ServerStoppingError(self.stopping)
         event = asyncio.Event()
         self._events[request_id] = event
         finished = False

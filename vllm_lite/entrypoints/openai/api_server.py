@@ -256,8 +256,10 @@ def _graceful_server(uconfig: Any, client: Any, shutdown_timeout: float) -> Any:
             left = client.num_in_flight
             if left:
                 logger.warning("%s: aborting %d in-flight request(s)", name, left)
-                await client.abort_all(f"aborted: the server is shutting down ({name}, --shutdown-timeout "
-                                       f"{shutdown_timeout:g} s)")
+            # also refuses requests still tokenizing (a 503 when they reach the engine)
+            await client.abort_all(f"aborted: the server is shutting down ({name}, --shutdown-timeout "
+                                   f"{shutdown_timeout:g} s)")
+            if left:
                 self.hurry.clear()
                 await self.wait_idle(5.0)  # their last chunks go out before uvicorn closes the connections
             logger.info("%s: shutting down", name)

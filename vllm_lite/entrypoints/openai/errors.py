@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from vllm_lite.engine.async_client import EngineDeadError
+from vllm_lite.engine.async_client import EngineDeadError, ServerStoppingError
 
 _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
           405: "MethodNotAllowed", 408: "RequestTimeout", 413: "RequestTooLarge", 422: "UnprocessableEntityError",
@@ -52,7 +52,14 @@ def api_error_response(exc: APIError) -> JSONResponse:
 
 
 def engine_dead_message(exc: BaseException) -> str:
+    if isinstance(exc, ServerStoppingError):
+        return f"the server is shutting down and starts no new requests ({exc})"
     return f"the engine is dead and cannot serve requests: {exc}"
+
+
+def engine_error_status(exc: BaseException) -> int:
+    """503 for a request refused because the server is shutting down (retry elsewhere); 500 for a dead engine."""
+    return 503 if isinstance(exc, ServerStoppingError) else 500
 
 
 def sse_error(message: str, status: int) -> str:

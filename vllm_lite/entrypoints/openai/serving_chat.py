@@ -85,6 +85,7 @@ class OpenAIServingChat(OpenAIServing):
             self.check_request(request)
             self.check_alive()
             ids = await self.render_async(request)  # templates and tokenizing stay off the loop
+            self.check_alive()
             params = request.to_sampling_params(self.check_prompt(ids, request._requested_max_tokens(), "messages"))
             request_id = f"chatcmpl-{random_uuid()}"
             if request.stream:

@@ -12,8 +12,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
-from vllm_lite.entrypoints.openai.errors import (APIError, EngineDeadError, api_error_response, bad_request,
-                                                 engine_dead_message, error_response, sse_error)
+from vllm_lite.entrypoints.openai.errors import (APIError, EngineDeadError, ServerStoppingError, api_error_response,
+                                                 bad_request, engine_dead_message, engine_error_status,
+                                                 error_response, sse_error)
 from vllm_lite.entrypoints.openai.protocol import (CompletionLogProbs, CompletionRequest, CompletionResponse,
                                                    CompletionResponseChoice, CompletionStreamResponse, UsageInfo,
                                                    random_uuid)
@@ -170,8 +171,11 @@ class OpenAIServing:
             raise APIError(f"stop_token_ids is invalid: {exc}", 400, "stop_token_ids") from None
 
     def check_alive(self) -> None:
+        """Before tokenizing and again after (a shutdown may have ended meanwhile: 503)."""
         if getattr(self.client, "dead_reason", None) is not None:
             raise EngineDeadError(self.client.dead_reason)
+        if getattr(self.client, "stopping", None) is not None:
+            raise ServerStoppingError(self.client.stopping)
 
     async def generate(self, request_id: str, prompt: str | None, ids: list[int], params: Any) -> AsyncIterator[Any]:
         """client.generate with metrics; closing it (or cancelling its consumer) aborts the engine request."""
@@ -201,7 +205,7 @@ class OpenAIServing:
             except APIError as exc:
                 return api_error_response(exc)
             except EngineDeadError as exc:
-                return error_response(engine_dead_message(exc), 500)
+                return error_response(engine_dead_message(exc), engine_error_status(exc))
             except ValueError as exc:
                 return api_error_response(bad_request(exc))
         return await run_until_disconnect(raw_request, guarded())
@@ -212,7 +216,7 @@ class OpenAIServing:
             async for event in body:
                 yield event
         except EngineDeadError as exc:
-            yield sse_error(engine_dead_message(exc), 500)
+            yield sse_error(engine_dead_message(exc), engine_error_status(exc))
             yield SSE_DONE
         except (APIError, ValueError) as exc:
             err = exc if isinstance(exc, APIError) else bad_request(exc)
@@ -286,6 +290,7 @@ class OpenAIServingCompletion(OpenAIServing):
             self.check_request(request)
             self.check_alive()
             prompts = await asyncio.to_thread(self._encode, request)  # a large prompt tokenizes off the loop
+            self.check_alive()
             params = [request.to_sampling_params(self.check_prompt(ids, request.max_tokens)) for _, ids in prompts]
             request_id = f"cmpl-{random_uuid()}"
             if request.stream:
