@@ -30,7 +30,7 @@ from vllm_lite.config import KernelConfig
 from vllm_lite.layers.norm import RMSNorm
 from vllm_lite.layers.rotary import get_rope
 from vllm_lite.model_loader.hf_config import load_hf_config
-from vllm_lite.model_loader.weights import checkpoint_weights
+from vllm_lite.model_loader.weights import checkpoint_weights, init_dummy_weights
 from vllm_lite.models.decoder import (DecoderAttention, DecoderForCausalLM, DecoderLayer, DecoderMLP, Linear,
                                       WeightLoadError)
 from vllm_lite.spec_decode.drafter import DraftBatch, ModelDrafter
@@ -146,7 +146,8 @@ class EagleDrafter(ModelDrafter):
     def load(self, target_model: torch.nn.Module) -> None:
         cfg = self.head_config
         target_hf = self.target_info.hf_config
-        weights = {name.removeprefix("model."): t for name, t in checkpoint_weights(self.path)}
+        dummy = self.config.load.load_format == "dummy"
+        weights = {} if dummy else {name.removeprefix("model."): t for name, t in checkpoint_weights(self.path)}
         has_embed = "embed_tokens.weight" in weights
         ctx = self._make_context(cfg)
         kernels = self.config.kernels
@@ -161,6 +162,11 @@ class EagleDrafter(ModelDrafter):
                 head = Eagle1Head(cfg, ctx, kernels, has_embed, "fc.bias" in weights, self.max_tokens)
         head.to(self.dtype)
         d2t = weights.pop("d2t", None)
+        if dummy:  # benchmarks: random weights, and a random draft vocabulary
+            init_dummy_weights(head, self.config.model.seed + 1)
+            gen = torch.Generator().manual_seed(self.config.model.seed)
+            ids = torch.sort(torch.randperm(self.vocab_size, generator=gen)[: head.draft_vocab_size]).values
+            d2t = ids - torch.arange(head.draft_vocab_size)
         if self.eagle3 and head.draft_vocab_size != self.vocab_size:
             if d2t is None:
                 raise WeightLoadError(f"EAGLE-3 head with draft_vocab_size {head.draft_vocab_size} < vocab "
@@ -168,7 +174,8 @@ class EagleDrafter(ModelDrafter):
             self.draft_to_target = (torch.arange(head.draft_vocab_size) + d2t.long()).to(self.device)
         else:
             self.draft_to_target = None
-        head.load_weights(weights.items())
+        if not dummy:
+            head.load_weights(weights.items())
         if not has_embed:  # shared with the target
             head.embed_tokens = target_model.model.embed_tokens
         head.eval()

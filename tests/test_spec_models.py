@@ -95,9 +95,10 @@ def test_draft_model_with_chunked_prefill_and_stops(tiny_llama_path, noisy_draft
 
 
 # ---- EAGLE heads with random weights in the public checkpoint layouts --------------------------------------------
-def _head_config(path: str, **extra) -> None:
-    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=128,
-               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, vocab_size=384,
+def _head_config(path: str, hidden: int, **extra) -> None:
+    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=hidden,
+               intermediate_size=2 * hidden, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+               vocab_size=384,
                max_position_embeddings=1024, rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu",
                tie_word_embeddings=False, torch_dtype="float32")
     cfg.update(extra)
@@ -106,40 +107,44 @@ def _head_config(path: str, **extra) -> None:
         json.dump(cfg, f)
 
 
-def _layer_weights(prefix: str, gen: torch.Generator, qkv_in: int = 64) -> dict[str, torch.Tensor]:
-    def rnd(*shape):
-        return 0.2 * torch.randn(shape, generator=gen)
-    w = {f"{prefix}.self_attn.q_proj.weight": rnd(64, qkv_in), f"{prefix}.self_attn.k_proj.weight": rnd(32, qkv_in),
-         f"{prefix}.self_attn.v_proj.weight": rnd(32, qkv_in), f"{prefix}.self_attn.o_proj.weight": rnd(64, 64),
-         f"{prefix}.mlp.gate_proj.weight": rnd(128, 64), f"{prefix}.mlp.up_proj.weight": rnd(128, 64),
-         f"{prefix}.mlp.down_proj.weight": rnd(64, 128),
-         f"{prefix}.post_attention_layernorm.weight": 1 + 0.1 * torch.randn(64, generator=gen)}
-    return w
+def _layer_weights(prefix: str, gen: torch.Generator, h: int, qkv_in: int) -> dict[str, torch.Tensor]:
+    """One Llama decoder layer (4 query / 2 KV heads), HF names; std 0.2 * sqrt(64 / fan-in)."""
+    def rnd(rows, cols):
+        return 0.2 * (64 / cols) ** 0.5 * torch.randn(rows, cols, generator=gen)
+    attn = f"{prefix}.self_attn"
+    return {f"{attn}.q_proj.weight": rnd(h, qkv_in), f"{attn}.k_proj.weight": rnd(h // 2, qkv_in),
+            f"{attn}.v_proj.weight": rnd(h // 2, qkv_in), f"{attn}.o_proj.weight": rnd(h, h),
+            f"{prefix}.mlp.gate_proj.weight": rnd(2 * h, h), f"{prefix}.mlp.up_proj.weight": rnd(2 * h, h),
+            f"{prefix}.mlp.down_proj.weight": rnd(h, 2 * h),
+            f"{prefix}.post_attention_layernorm.weight": 1 + 0.1 * torch.randn(h, generator=gen)}
 
 
-def make_eagle1_head(path: str, seed: int = 0) -> str:
+def make_eagle1_head(path: str, hidden: int = 64, seed: int = 0) -> str:
     """EAGLE (EAGLE-LLaMA3-Instruct layout): fc [H, 2H], layers.0.* without input_layernorm, no embed_tokens."""
     gen = torch.Generator().manual_seed(seed)
-    _head_config(path)
-    w = {"fc.weight": 0.2 * torch.randn(64, 128, generator=gen), **_layer_weights("layers.0", gen)}
+    _head_config(path, hidden)
+    w = {"fc.weight": 0.2 * torch.randn(hidden, 2 * hidden, generator=gen),
+         **_layer_weights("layers.0", gen, hidden, hidden)}
     save_file(w, os.path.join(path, "model.safetensors"))
     return path
 
 
-def make_eagle3_head(path: str, aux_layers: list[int], draft_vocab: int = 200, seed: int = 0) -> str:
+def make_eagle3_head(path: str, aux_layers: list[int], hidden: int = 64, draft_vocab: int = 200,
+                     seed: int = 0) -> str:
     """EAGLE-3 (EAGLE3-LLaMA3.1-Instruct layout): fc [H, 3H], midlayer.* (q/k/v over 2H, hidden_norm), norm,
     lm_head [draft_vocab, H], d2t / t2d; no embed_tokens."""
     gen = torch.Generator().manual_seed(seed)
-    _head_config(path, architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=draft_vocab,
-                 target_hidden_size=64, eagle_config={"eagle_aux_hidden_state_layer_ids": aux_layers})
+    _head_config(path, hidden, architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=draft_vocab,
+                 target_hidden_size=hidden, eagle_config={"eagle_aux_hidden_state_layer_ids": aux_layers})
     targets = torch.sort(torch.randperm(384, generator=gen)[:draft_vocab]).values
     t2d = torch.zeros(384, dtype=torch.bool)
     t2d[targets] = True
-    w = {"fc.weight": 0.2 * torch.randn(64, 192, generator=gen), **_layer_weights("midlayer", gen, qkv_in=128),
-         "midlayer.input_layernorm.weight": 1 + 0.1 * torch.randn(64, generator=gen),
-         "midlayer.hidden_norm.weight": 1 + 0.1 * torch.randn(64, generator=gen),
-         "norm.weight": 1 + 0.1 * torch.randn(64, generator=gen),
-         "lm_head.weight": 0.2 * torch.randn(draft_vocab, 64, generator=gen),
+    h = hidden
+    w = {"fc.weight": 0.2 * torch.randn(h, 3 * h, generator=gen), **_layer_weights("midlayer", gen, h, 2 * h),
+         "midlayer.input_layernorm.weight": 1 + 0.1 * torch.randn(h, generator=gen),
+         "midlayer.hidden_norm.weight": 1 + 0.1 * torch.randn(h, generator=gen),
+         "norm.weight": 1 + 0.1 * torch.randn(h, generator=gen),
+         "lm_head.weight": 0.2 * torch.randn(draft_vocab, h, generator=gen),
          "d2t": targets - torch.arange(draft_vocab), "t2d": t2d}
     save_file(w, os.path.join(path, "model.safetensors"))
     return path
@@ -235,3 +240,19 @@ def test_drafts_equal_a_from_scratch_computation(tiny_llama_path, noisy_draft, t
     runner = core.executor.runner
     for tokens, drafts in seen[::2]:
         assert drafts == _reference_drafts(runner, tokens, 3)
+
+
+def test_sampled_drafts_carry_their_probabilities(tiny_llama_path, noisy_draft):
+    """Random requests draft by sampling and hand the draft distribution q to the rejection sampler: the target
+    drafting for itself (q = p) has every draft accepted; seeded requests repeat exactly."""
+    prompts = _prompts(3)
+    params = [SamplingParams(temperature=0.8, max_tokens=16, ignore_eos=True, seed=s) for s in (1, 2, 3)]
+    core = _speculate(tiny_llama_path, tiny_llama_path, k=3)
+    run_core(core, prompts, params)
+    stats = core.scheduler.make_stats()
+    assert stats.num_draft_tokens > 10 and stats.num_accepted_tokens >= stats.num_draft_tokens - 1
+    first = run_core(_speculate(tiny_llama_path, noisy_draft, k=3), prompts, params)
+    core = _speculate(tiny_llama_path, noisy_draft, k=3)
+    assert run_core(core, prompts, params) == first
+    stats = core.scheduler.make_stats()
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens

@@ -1,0 +1,119 @@
+"""Drafting cost of an in-worker drafter (issue 14, benchmark 2): an EAGLE-3 head with random weights on
+llama-3.1-8b (dummy weights), k = 3, batch 1: the time the drafter holds the step (its catch-up forward and k - 1
+decode forwards, host work included) as a share of the whole step. Target: <= 10 % (vLLM's measured 15-18 %).
+
+    python bench/spec_drafting.py                                   # H200: llama-3.1-8b + random EAGLE-3 head
+    python bench/spec_drafting.py --model PATH --device cpu --dtype float32 --output-len 16   # a quick CPU check
+
+The head is a config-only folder written here (hidden size, heads and vocabulary of the target, draft vocabulary
+32000, layers 2, L/2, L-3) and gets random weights like the target (--load-format dummy); --head PATH uses a real
+one (then --load-format auto). Random heads are rarely accepted, so each step verifies k drafts and keeps one token:
+the step is the 1 + k verification plus the drafting. The drafter's time is measured from the moment the step's
+tokens are on the host (the device is idle then) to the drafts being ready on the device.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from vllm_lite.benchmarks.utils import (add_bench_engine_args, bench_model, make_llm, progress, report,
+                                       resolve_bench_model)
+from vllm_lite.sampling_params import SamplingParams
+
+
+def write_eagle3_config(target: str, folder: str, draft_vocab: int = 32000) -> str:
+    """A config-only EAGLE-3 head for `target` (its sizes, one midlayer, the usual low/mid/high layers)."""
+    with open(os.path.join(resolve_bench_model(target), "config.json")) as f:
+        t = json.load(f)
+    layers = t["num_hidden_layers"]
+    cfg = {k: t[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                             "vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_theta", "hidden_act")
+           if k in t}
+    cfg.update(architectures=["LlamaForCausalLMEagle3"], model_type="llama", num_hidden_layers=1,
+               draft_vocab_size=min(draft_vocab, t["vocab_size"]), target_hidden_size=t["hidden_size"],
+               rope_scaling=t.get("rope_scaling"), tie_word_embeddings=False,
+               eagle_config={"eagle_aux_hidden_state_layer_ids": [min(2, layers - 1), layers // 2,
+                                                                 max(layers - 3, 0)]})
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_bench_engine_args(ap, "llama-3.1-8b")
+    ap.add_argument("--method", choices=["eagle3", "eagle", "draft_model"], default="eagle3")
+    ap.add_argument("--head", help="drafter folder (default: a random EAGLE-3 head of the target's sizes)")
+    ap.add_argument("--num-speculative-tokens", "-k", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--num-iters", type=int, default=3)
+    args = ap.parse_args(argv)
+    if args.max_num_seqs is None:
+        args.max_num_seqs = max(8, args.batch_size)  # few CUDA graph sizes to capture
+    head = args.head or write_eagle3_config(bench_model(args), tempfile.mkdtemp(prefix="eagle3-head-"))
+    spec = {"method": args.method, "model": head, "num_speculative_tokens": args.num_speculative_tokens}
+    llm = make_llm(args, speculative_config=spec)
+    runner = llm.model_runner()
+    drafter = runner.drafting.drafter
+    draft_times: list[float] = []
+    propose = drafter.propose
+
+    def timed_propose(batch):
+        t0 = time.perf_counter()
+        out = propose(batch)
+        if drafter.device.type == "cuda":
+            torch.cuda.synchronize(drafter.device)
+        draft_times.append(time.perf_counter() - t0)
+        return out
+
+    drafter.propose = timed_propose
+    rng = random.Random(0)
+    vocab = llm.info.vocab_size
+    prompts = [{"prompt_token_ids": [rng.randrange(min(10000, vocab)) for _ in range(args.input_len)]}
+               for _ in range(args.batch_size)]
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    progress("warm-up")
+    llm.generate(prompts, params, use_tqdm=False)
+    runs = []
+    for i in range(args.num_iters):
+        draft_times.clear()
+        launches = runner._launches
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - t0
+        steps = runner._launches - launches
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        # Steady steps only: the first (prefill) step and its drafting are left out of both sides.
+        decode_draft = sorted(draft_times[1:])
+        step_ms = 1000 * wall / max(steps, 1)
+        draft_ms = 1000 * statistics.median(decode_draft) if decode_draft else 0.0
+        runs.append({"step_ms": step_ms, "draft_ms": draft_ms, "steps": steps, "tokens": tokens})
+        progress(f"run {i + 1}/{args.num_iters}: {steps} steps, {tokens} tokens, step {step_ms:.3f} ms, "
+                 f"drafting {draft_ms:.3f} ms ({100 * draft_ms / step_ms:.1f} %)")
+    step_ms = statistics.median(r["step_ms"] for r in runs)
+    draft_ms = statistics.median(r["draft_ms"] for r in runs)
+    stats = llm.engine.scheduler.make_stats()
+    result = {"benchmark": "spec_drafting", "method": args.method, "model": bench_model(args), "head": args.head or "random EAGLE-3 (dummy)", "device": str(llm.device),
+              "k": args.num_speculative_tokens, "batch_size": args.batch_size, "step_ms": step_ms,
+              "drafting_ms": draft_ms, "drafting_share": draft_ms / step_ms,
+              "tokens_per_step": statistics.median(r["tokens"] / r["steps"] for r in runs),
+              "acceptance_rate": stats.num_accepted_tokens / max(stats.num_draft_tokens, 1),
+              "target_share": 0.10}
+    print(f"drafting {draft_ms:.3f} ms of a {step_ms:.3f} ms step: {100 * draft_ms / step_ms:.1f} % "
+          f"(target <= 10 %)", file=sys.stderr)
+    return report(result, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""In-worker drafters on CUDA (draft model, EAGLE, EAGLE-3): the torch backend in float32 (eager) and FlashInfer in
+bf16, eager and compiled with CUDA graphs (the drafter's one-token decode steps replay its own graphs), async
+scheduling on and off. Greedy outputs equal the plain run's: exactly in float32; in bf16 up to a near tie (the same
+rule as test_spec_gpu.py: at the first difference each run's token is among the other's top-5). The target drafting
+for itself has (nearly) every draft accepted."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+from vllm_lite.sampling_params import SamplingParams
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+
+from spec_utils import make_core, run_core  # noqa: E402
+from test_spec_gpu import SETUPS, _assert_close, _prompts  # noqa: E402
+from test_spec_models import _perturbed_copy, make_eagle1_head, make_eagle3_head  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+K = 3
+HIDDEN = 256  # 4 heads of 64: a head size FlashInfer's kernels take
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from tiny_models import make_tiny_model
+    root = tmp_path_factory.mktemp("spec-models")
+    target = make_tiny_model(root, "llama", hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=4)
+    return {"target": target, "self": target,
+            "noisy": _perturbed_copy(target, str(root / "noisy"), scale=0.03),
+            "eagle": make_eagle1_head(str(root / "eagle"), hidden=HIDDEN),
+            "eagle3": make_eagle3_head(str(root / "eagle3"), aux_layers=[0, 2, 3], hidden=HIDDEN)}
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_model_drafters_match_the_plain_run(models, setup, async_scheduling):
+    kw = dict(SETUPS[setup], device="cuda", max_model_len=512, max_num_seqs=8, gpu_memory_utilization=0.3,
+              async_scheduling=async_scheduling)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=5)
+    prompts = _prompts()
+    ref = run_core(make_core(models["target"], **kw), prompts, params)
+    exact = kw["dtype"] == "float32"
+    for name, method in (("self", "draft_model"), ("noisy", "draft_model"), ("eagle", "eagle"),
+                         ("eagle3", "eagle3")):
+        core = make_core(models["target"], speculative_config={"method": method, "model": models[name],
+                                                               "num_speculative_tokens": K}, **kw)
+        got = run_core(core, prompts, params)
+        identical = _assert_close(got, ref, exact)
+        stats = core.scheduler.make_stats()
+        drafter = core.executor.runner.drafting.drafter
+        print(f"{setup} {name}: {identical}/{len(ref)} identical, {stats.num_accepted_tokens}/"
+              f"{stats.num_draft_tokens} drafts accepted, drafting {drafter.draft_seconds * 1e3:.1f} ms host time "
+              f"over {drafter.num_proposals} proposals")
+        assert stats.num_draft_tokens > 0
+        if name == "self":  # all accepted but where a bf16 near tie flips (at most K drafts per such request)
+            assert stats.num_draft_tokens - stats.num_accepted_tokens <= (len(ref) - identical + 1) * K
+        if setup.endswith("graphs"):
+            assert drafter.graphs is not None and drafter.graphs.num_replays[1] > 0
+        core.shutdown()
+        del core
+        torch.cuda.empty_cache()
