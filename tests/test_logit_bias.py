@@ -59,7 +59,8 @@ def test_bad_word_rule_and_batches_without_constraints_build_nothing():
 
 def test_validation_names_the_field():
     for kwargs, field in ((dict(logit_bias={1: 100.5}), "logit_bias"), (dict(logit_bias={-1: 1.0}), "logit_bias"),
-                          (dict(logit_bias={1: float("nan")}), "logit_bias"), (dict(logit_bias={"1": 1.0}), "logit_bias"),
+                          (dict(logit_bias={1: float("nan")}), "logit_bias"),
+                          (dict(logit_bias={"1": 1.0}), "logit_bias"),
                           (dict(allowed_token_ids=[]), "allowed_token_ids"),
                           (dict(allowed_token_ids=[3, -2]), "allowed_token_ids"), (dict(bad_words=[" "]), "bad_words"),
                           (dict(bad_words=["\ud800"]), "bad_words")):

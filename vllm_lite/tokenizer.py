@@ -20,10 +20,11 @@ def load_tokenizer(info: Any) -> Any:
 
 
 def apply_chat_template(tokenizer: Any, messages: list[dict[str, Any]], chat_template: str | None = None,
-                        add_generation_prompt: bool = True) -> list[int]:
-    """Render the conversation with the model's template and tokenize it (the template holds special tokens)."""
+                        add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """Render the conversation with the model's template and tokenize it (the template holds special tokens);
+    `tools`: OpenAI tool definitions, for templates that describe them to the model."""
     if chat_template is None and getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("the tokenizer has no chat template; pass chat_template=...")
     text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+                                         add_generation_prompt=add_generation_prompt, tools=tools)
     return tokenizer(text, add_special_tokens=False).input_ids

@@ -125,6 +125,26 @@ def add_shutdown_args(group: Any) -> None:
                             "a second signal aborts at once too)")
 
 
+TOOL_CALL_PARSERS = ("hermes",)  # entrypoints/openai/tool_parsers.py
+
+
+def add_tool_args(group: Any) -> None:
+    """`vllm-lite serve`'s tool-calling flags (vLLM's names): tool_choice "auto" needs both."""
+    group.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help='allow tool_choice "auto": the model decides whether to call tools, and the calls are '
+                            "parsed out of its text by --tool-call-parser")
+    group.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
+                       help="how tool calls are written in the model's text (hermes: <tool_call>{...}</tool_call>, "
+                            "Qwen2.5/Qwen3/Hermes chat templates)")
+
+
+def tool_parser_from_args(args: argparse.Namespace) -> str | None:
+    """The parser for tool_choice "auto", or None when it is off; ValueError for an incomplete pair of flags."""
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (e.g. --tool-call-parser hermes)")
+    return args.tool_call_parser if args.enable_auto_tool_choice else None
+
+
 def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """EngineConfig.from_kwargs(**result) for parsed flags; MODEL positional or --model (not both, unless equal)."""
     positional = getattr(args, "model", None)

@@ -11,7 +11,8 @@ import sys
 from typing import Any
 
 from vllm_lite.entrypoints.args import (API_KEY_ENV, DEFAULT_MAX_REQUEST_BODY_BYTES, add_engine_args,
-                                        add_shutdown_args, engine_kwargs_from_args, resolve_api_key)
+                                        add_shutdown_args, add_tool_args, engine_kwargs_from_args, resolve_api_key,
+                                        tool_parser_from_args)
 
 DEFAULT_URL = "http://localhost:8000/v1"
 
@@ -39,6 +40,7 @@ def _serve_parser(sub: Any) -> None:
     g.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn log level")
     add_shutdown_args(g)
+    add_tool_args(p.add_argument_group("tool calling"))
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -123,6 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         kwargs = engine_kwargs_from_args(args)
         config = EngineConfig.from_kwargs(**kwargs)  # flag errors before anything starts
+        tool_parser = tool_parser_from_args(args)
     except ValueError as exc:
         print(f"vllm-lite serve: error: {exc}", file=sys.stderr)
         return 2
@@ -144,7 +147,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       chat_template=chat_template, log_level=args.uvicorn_log_level, core=core,
                       shutdown_timeout=args.shutdown_timeout,
                       trust_request_chat_template=args.trust_request_chat_template,
-                      max_request_body_bytes=args.max_request_body_bytes)
+                      max_request_body_bytes=args.max_request_body_bytes, tool_parser=tool_parser)
     try:
         try:
             import uvloop

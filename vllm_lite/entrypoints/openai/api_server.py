@@ -77,7 +77,8 @@ class APIKeyMiddleware:
 
 def build_app(client: Any, served_model_names: list[str] | str | None = None, api_key: str | None = None,
               chat_template: str | None = None, on_shutdown: Any = None, trust_request_chat_template: bool = False,
-              max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES) -> FastAPI:
+              max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
+              tool_parser: str | None = None) -> FastAPI:
     """The FastAPI app over an engine client (an AsyncEngineClient, or anything with its API, e.g. in tests).
 
     `api_key` is passed explicitly (cli/args read the environment); `on_shutdown` runs in the lifespan's
@@ -91,7 +92,7 @@ def build_app(client: Any, served_model_names: list[str] | str | None = None, ap
     metrics = ServerMetrics(client, model_name)
     completions = OpenAIServingCompletion(client, served_model_names, metrics)
     chat = OpenAIServingChat(client, served_model_names, metrics, chat_template, trust_request_chat_template,
-                             envs.chat_template_timeout_s())
+                             envs.chat_template_timeout_s(), tool_parser=tool_parser)
     created = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -281,10 +282,12 @@ async def run_server(engine_kwargs: dict[str, Any], host: str = "127.0.0.1", por
                      api_key: str | None = None, chat_template: str | None = None, log_level: str = "info",
                      exit_delay_s: float = EXIT_DELAY_S, core: EngineCoreProcess | None = None,
                      shutdown_timeout: float = 0.0, trust_request_chat_template: bool = False,
-                     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES) -> int:
+                     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
+                     tool_parser: str | None = None) -> int:
     """Start the engine and serve until SIGINT/SIGTERM (returns 0) or engine death (returns 1).
     core: an engine core spawned early by the CLI (stopped here on every exit path); shutdown_timeout: how long
-    in-flight requests may run on after the signal (`_graceful_server`)."""
+    in-flight requests may run on after the signal (`_graceful_server`); tool_parser: the parser of tool_choice
+    "auto" (None: "auto" is refused)."""
     import uvicorn
 
     from vllm_lite.config import EngineConfig
@@ -318,7 +321,7 @@ async def run_server(engine_kwargs: dict[str, Any], host: str = "127.0.0.1", por
         served = config.model.served_model_name or config.model.model
         app = build_app(client, [served], api_key=api_key, chat_template=chat_template, on_shutdown=shutdown_client,
                         trust_request_chat_template=trust_request_chat_template,
-                        max_request_body_bytes=max_request_body_bytes)
+                        max_request_body_bytes=max_request_body_bytes, tool_parser=tool_parser)
         uconfig = uvicorn.Config(app, host=host, port=port, log_level=log_level, loop="uvloop", lifespan="on",
                                  timeout_graceful_shutdown=5, timeout_keep_alive=5, access_log=False,
                                  h11_max_incomplete_event_size=H11_MAX_INCOMPLETE_EVENT_BYTES)

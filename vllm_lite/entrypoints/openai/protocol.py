@@ -9,9 +9,11 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
-from vllm_lite.sampling_params import SamplingParams, invalid_unicode
+from vllm_lite.entrypoints.openai.structured_request import logit_bias_of, structured_outputs_of
+from vllm_lite.entrypoints.openai.tools import template_tool_calls
+from vllm_lite.sampling_params import SamplingParams, StructuredOutputsParams, invalid_unicode
 
 MAX_LOGPROBS = 20
 
@@ -21,7 +23,7 @@ def random_uuid() -> str:
 
 
 class OpenAIBaseModel(BaseModel):
-    # Unknown fields are accepted and ignored, as vLLM does (OpenAI clients send e.g. `logit_bias`).
+    # Unknown fields are accepted and ignored, as vLLM does.
     model_config = ConfigDict(extra="allow")
 
 
@@ -97,6 +99,15 @@ class _SamplingFields(TextCheckedRequest):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+    logit_bias: dict[str, Any] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
 
     def _requested_max_tokens(self) -> int | None:
         raise NotImplementedError
@@ -108,14 +119,20 @@ class _SamplingFields(TextCheckedRequest):
         """Request-level checks beyond SamplingParams' ranges (ValueError naming the field)."""
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream=true")
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            raise ValueError(f"response_format of type {self.response_format.get('type')!r} is not supported yet")
         max_tokens = self._requested_max_tokens()
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens={max_tokens!r} is invalid: it must be at least 1")
 
-    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        """`default_max_tokens`: what remains of the context window after the prompt (the cap for max_tokens)."""
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The output constraint from response_format, structured_outputs or guided_* (one of them at most)."""
+        guided = {name: getattr(self, name) for name in ("guided_json", "guided_regex", "guided_choice",
+                                                          "guided_grammar", "guided_whitespace_pattern")}
+        return structured_outputs_of(self.response_format, self.structured_outputs, guided)
+
+    def to_sampling_params(self, default_max_tokens: int,
+                           structured: StructuredOutputsParams | None = None) -> SamplingParams:
+        """`default_max_tokens`: what remains of the context window after the prompt (the cap for max_tokens);
+        `structured`: the output constraint (structured_outputs_params(), or a tool-call schema)."""
         requested = self._requested_max_tokens()
         max_tokens = default_max_tokens if requested is None else min(requested, default_max_tokens)
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -123,7 +140,9 @@ class _SamplingFields(TextCheckedRequest):
             n=self.n, seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=stop or None,
             stop_token_ids=list(self.stop_token_ids) if self.stop_token_ids else None, ignore_eos=self.ignore_eos,
             logprobs=self._num_logprobs(), skip_special_tokens=self.skip_special_tokens,
-            include_stop_str_in_output=self.include_stop_str_in_output)
+            include_stop_str_in_output=self.include_stop_str_in_output, structured_outputs=structured,
+            logit_bias=logit_bias_of(self.logit_bias), allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words)
         for name, default in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0), ("min_p", 0.0),
                               ("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
             value = getattr(self, name)
@@ -183,6 +202,8 @@ class ChatMessage(OpenAIBaseModel):
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[Any] | None = None  # assistant messages: the calls it made (checked in conversation())
+    tool_call_id: str | None = None  # tool messages: the call they answer
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -194,6 +215,9 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Any] | None = None  # checked by tools.plan_tools (a malformed definition is a 400)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     def _requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -230,6 +254,10 @@ class ChatCompletionRequest(_SamplingFields):
             msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
             if m.name:
                 msg["name"] = m.name
+            if m.tool_calls is not None:
+                msg["tool_calls"] = template_tool_calls(m.tool_calls, f"messages[{i}]")
+            if m.tool_call_id is not None:
+                msg["tool_call_id"] = m.tool_call_id
             out.append(msg)
         return out
 
@@ -278,9 +306,34 @@ class ChatChoiceLogprobs(OpenAIBaseModel):
     content: list[ChatLogprobToken] | None = None
 
 
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    arguments: str  # a JSON object as text, as OpenAI sends it
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(OpenAIBaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(OpenAIBaseModel):
+    """A streamed piece of tool call `index`: the first carries id, type and name; later ones more arguments."""
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
 class ChatResponseMessage(OpenAIBaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatCompletionResponseChoice(OpenAIBaseModel):
@@ -303,6 +356,15 @@ class ChatCompletionResponse(OpenAIBaseModel):
 class DeltaMessage(OpenAIBaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_tool_calls(self, handler: Any) -> dict[str, Any]:
+        """Plain text chunks stay as they were (no "tool_calls": null in every chunk)."""
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatCompletionStreamChoice(OpenAIBaseModel):

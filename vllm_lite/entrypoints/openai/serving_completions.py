@@ -19,6 +19,8 @@ from vllm_lite.entrypoints.openai.protocol import (CompletionLogProbs, Completio
                                                    CompletionResponseChoice, CompletionStreamResponse, UsageInfo,
                                                    random_uuid)
 from vllm_lite.inputs import check_token_ids, validate_prompt
+from vllm_lite.sampling_params import SamplingParams, StructuredOutputsParams
+from vllm_lite.structured_output.validate import validate_structured_outputs
 
 logger = logging.getLogger("vllm_lite.api_server")
 
@@ -170,6 +172,17 @@ class OpenAIServing:
         except ValueError as exc:
             raise APIError(f"stop_token_ids is invalid: {exc}", 400, "stop_token_ids") from None
 
+    def check_structured(self, structured: StructuredOutputsParams | None) -> None:
+        """A schema, regex or grammar that xgrammar cannot enforce is a ValueError naming it (a 400), before
+        admission: nothing a request sends reaches the engine core's compiler unchecked."""
+        if structured is not None:
+            validate_structured_outputs(structured)
+
+    def check_params(self, params: SamplingParams) -> None:
+        """Checks that need the tokenizer or the vocabulary: bad_words tokenized, every token id in range."""
+        params.resolve_bad_words(self.tokenizer)
+        params.check_vocab(self.vocab_size)
+
     def check_alive(self) -> None:
         """Before tokenizing and again after (a shutdown may have ended meanwhile: 503)."""
         if getattr(self.client, "dead_reason", None) is not None:
@@ -289,9 +302,14 @@ class OpenAIServingCompletion(OpenAIServing):
             self.check_model(request.model)
             self.check_request(request)
             self.check_alive()
+            structured = request.structured_outputs_params()
+            await asyncio.to_thread(self.check_structured, structured)  # a 1 MiB schema parses off the loop too
             prompts = await asyncio.to_thread(self._encode, request)  # a large prompt tokenizes off the loop
             self.check_alive()
-            params = [request.to_sampling_params(self.check_prompt(ids, request.max_tokens)) for _, ids in prompts]
+            params = [request.to_sampling_params(self.check_prompt(ids, request.max_tokens), structured)
+                      for _, ids in prompts]
+            for p in params:
+                self.check_params(p)
             request_id = f"cmpl-{random_uuid()}"
             if request.stream:
                 return SSEResponse(self.stream_guard(self._stream(request, request_id, prompts, params)))
