@@ -133,7 +133,7 @@ CASES = [
     ("messages-image-part", CH, chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), 400,
      "messages", "image_url"),
     ("messages-missing", CH, {"model": MODEL}, 400, "messages", None),
-    ("response_format-json", C, cmpl(response_format={"type": "json_object"}), 400, "response_format", None),
+    ("response_format-xml", C, cmpl(response_format={"type": "xml"}), 400, "response_format", "response_format.type"),
     ("suffix", C, cmpl(suffix="end"), 400, "suffix", None),
     ("stream_options-without-stream", C, cmpl(stream_options={"include_usage": True}), 400, "stream_options", None),
     ("request-chat_template", CH, chat(chat_template="{{ 'x' }}"), 400, "chat_template",
