@@ -15,6 +15,9 @@ context. A proposal is one "catch-up" forward followed by k - 1 one-token decode
 - decode: the previous draft at the next position (EAGLE: with the head's own hidden state), one token per request:
   a uniform step, replayed from the drafter's CUDA graphs on the GPU.
 
+On the GPU a uniform catch-up (every request the same number of rows, as in steady decoding at small batches) also
+replays a captured graph (batch sizes up to 8, 1 .. k + 2 rows per request).
+
 Subclasses say what a catch-up row reads (`token_shift`: 0 for a draft model; 1 for EAGLE, whose row at position p
 combines the target's hidden state at p with token p + 1) and run the forward.
 """
@@ -96,7 +99,8 @@ class ModelDrafter:
         self.model: torch.nn.Module | None = None
         self.ctx: AttentionContext | None = None
         self.num_layers = self.num_kv_heads = self.head_dim = 0
-        self.graphs: CUDAGraphRunner | None = None
+        self.graphs: CUDAGraphRunner | None = None  # one-token decode steps
+        self.catch_up_graphs: CUDAGraphRunner | None = None  # uniform catch-ups of small batches
         self._consumed: torch.cuda.Event | None = None
         self.draft_seconds = 0.0  # host time spent in propose (benchmarks read it)
         self.num_proposals = 0
@@ -123,7 +127,7 @@ class ModelDrafter:
         self.hidden_size = hidden_size
         use_compile = self.device.type == "cuda" and not self.config.device.enforce_eager
         self.forward = compile_model(self.model, self.config) if use_compile else self.model.forward
-        self.use_cuda_graphs = use_compile and self.ctx.backend.supports_cuda_graphs and self.k > 1
+        self.use_cuda_graphs = use_compile and self.ctx.backend.supports_cuda_graphs
 
     def kv_bytes_per_block(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()
@@ -134,19 +138,29 @@ class ModelDrafter:
         shape = self.ctx.backend.kv_cache_shape(num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         self.ctx.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                               for _ in range(self.num_layers)]
-        if self.use_cuda_graphs:
-            sizes = default_capture_sizes(self.max_num_seqs, self.config.device.max_cudagraph_capture_size)
+        if not self.use_cuda_graphs:
+            return
+        sizes = default_capture_sizes(self.max_num_seqs, self.config.device.max_cudagraph_capture_size)
+        if self.k > 1:
             self.graphs = CUDAGraphRunner(self.forward, sizes, max(sizes), self.device, self.hidden_size,
                                           self.dtype)
             self.graphs.capture(self._prepare_capture)
+        # Catch-up rows per request in steady decoding: accepted drafts + 1 (+ the sampled token for a draft
+        # model); graph padding keeps each dummy request in one block.
+        max_rows = min(self.k + 2 - self.token_shift, self.block_size)
+        small = [s for s in sizes if s <= 8]
+        self.catch_up_graphs = CUDAGraphRunner(self.forward, small, max(small), self.device, self.hidden_size,
+                                               self.dtype, query_lens=tuple(range(1, max_rows + 1)))
+        self.catch_up_graphs.capture(self._prepare_capture)
 
     def _prepare_capture(self, num_tokens: int, query_len: int, slot_mapping: torch.Tensor) -> None:
-        """A dummy decode batch of num_tokens requests in block 0, writing nowhere (slots -1)."""
-        qsl = torch.arange(0, num_tokens + 1, dtype=torch.int32)
-        lens = torch.ones(num_tokens, dtype=torch.int32)
-        meta = StepMetadata(num_tokens, num_tokens, qsl.to(self.device), lens.to(self.device),
-                            torch.zeros(num_tokens, 1, dtype=torch.int32, device=self.device), slot_mapping, qsl,
-                            lens, 1, 1, self.block_size)
+        """A dummy uniform batch of num_tokens // query_len requests in block 0, writing nowhere (slots -1)."""
+        n = num_tokens // query_len
+        qsl = torch.arange(0, num_tokens + 1, query_len, dtype=torch.int32)
+        lens = torch.full((n,), query_len, dtype=torch.int32)
+        meta = StepMetadata(n, num_tokens, qsl.to(self.device), lens.to(self.device),
+                            torch.zeros(n, 1, dtype=torch.int32, device=self.device), slot_mapping, qsl, lens,
+                            query_len, query_len, self.block_size)
         self.ctx.metadata = self.ctx.backend.prepare(meta, graph_batch_size=num_tokens)
 
     # ---- subclass hooks ----------------------------------------------------------------------------------------
@@ -183,10 +197,22 @@ class ModelDrafter:
         tokens = [buf[s + shift: e + shift] for buf, s, e in zip(batch.token_buffers, starts.tolist(), ends.tolist())]
         self._wait_inputs()
         inputs = self.stagers[0].stage(tokens, starts, lens, batch.block_ids, batch.sample_rows)
-        self.ctx.set_step(inputs.meta)
+        meta = inputs.meta
+        q, graphs = meta.max_query_len, self.catch_up_graphs
+        use_graph = (graphs is not None and meta.num_tokens == meta.num_reqs * q
+                     and graphs.can_run(meta.num_tokens, q))
+        if use_graph:
+            self.ctx.metadata = self.ctx.backend.prepare(meta, graph_batch_size=graphs.padded_size(meta.num_tokens,
+                                                                                                   q))
+        else:
+            self.ctx.set_step(meta)
         self._mark_inputs()
         self._set_catch_up_hidden(batch, lens)
-        hidden, next_hidden = self._split(self.forward(inputs.input_ids, inputs.positions))
+        if use_graph:
+            out = graphs.run(inputs.input_ids, inputs.positions, meta.num_tokens, meta.slot_mapping, q)
+        else:
+            out = self.forward(inputs.input_ids, inputs.positions)
+        hidden, next_hidden = self._split(out)
         rows = inputs.logits_indices
         if not len(batch.sample_rows):  # only partial prefills: their draft KV is written, nothing to draft
             return Drafts(torch.empty(0, self.k, dtype=torch.int64, device=self.device), None)
