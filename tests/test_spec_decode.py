@@ -284,3 +284,35 @@ def test_spec_decode_log_line(caplog):
                                      num_accepted_tokens_per_pos=[3, 2, 1]))
     assert "mean acceptance length 2.50" in caplog.text and "acceptance rate 50.0%" in caplog.text
     assert "per-position acceptance 0.75, 0.50, 0.25" in caplog.text
+
+
+# ---------------------------------------------------------------- benchmark
+@pytest.mark.slow
+def test_spec_benchmark_scenarios_run_on_cpu(tiny_qwen3_path, tmp_path):
+    """`vllm-lite bench spec verify|ngram|t1` end to end with tiny settings (the H200 runs the same code)."""
+    import json
+
+    from vllm_lite.benchmarks import spec
+    cpu = ["--model", tiny_qwen3_path, "--device", "cpu", "--dtype", "float32", "--max-model-len", "256"]
+    out = tmp_path / "verify.json"
+    r = spec.main(["verify", *cpu, "--batch-sizes", "1,2", "--input-len", "6", "--output-len", "10",
+                   "--num-iters", "1", "--json", str(out)])
+    assert json.loads(out.read_text())["rows"] == r["rows"]
+    for row in r["rows"]:  # the oracle replays the plain outputs: every draft accepted
+        assert row["identical_outputs"] == f"{row['batch_size']}/{row['batch_size']}"
+        assert row["mean_acceptance_length"] == 4.0 and row["per_position_acceptance"] == [1.0, 1.0, 1.0]
+        assert row["plain_tpot_ms"] > 0 and row["spec_tpot_ms"] > 0
+    data = tmp_path / "gsm8k"
+    data.mkdir()
+    (data / "test.jsonl").write_text("\n".join(json.dumps({"question": q, "answer": "#### 1"}) for q in (
+        "Tom has 3 apples and buys 4 more. How many apples does he have?",
+        "A train travels 60 miles in 2 hours. What is its speed?")))
+    r = spec.main(["ngram", *cpu, "--data", str(data), "--num-passages", "2", "--num-chat", "2",
+                   "--output-len", "12", "--speculative-config",
+                   '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}'])
+    assert r["edit_identical_outputs"] == "2/2" and r["chat_identical_outputs"] == "2/2"
+    assert r["edit_spec_tpot_ms"] > 0 and r["edit_acceptance"]["num_drafts"] > 0
+    from tiny_models import make_tiny_model
+    wide = make_tiny_model(str(tmp_path / "wide"), "qwen3", num_hidden_layers=1, vocab_size=10000)  # T1's ids
+    r = spec.main(["t1", *cpu[2:], "--model", wide, "--num-requests", "4", "--min-len", "4", "--max-len", "12"])
+    assert r["plain_output_tokens_per_s"] > 0 and r["ratio"] > 0 and "acceptance" in r

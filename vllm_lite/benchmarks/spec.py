@@ -1,0 +1,266 @@
+"""Speculative decoding benchmarks (issue 14), one scenario per run; each prints the mean acceptance length and the
+per-position acceptance next to its times.
+
+  verify  verification efficiency: greedy batches of random prompts (batch sizes --batch-sizes, default 1,8,32) on a
+          plain engine, then on one with k = --num-speculative-tokens (default 3) whose proposer replays the plain
+          run's own outputs (a benchmark-only oracle: every draft is accepted while the outputs agree), so the
+          ratio of TPOTs is the cost of a 1 + k step against k + 1 plain steps. Target: <= 0.30x at batch 1.
+          Default model llama-3.1-8b with random weights.
+  ngram   n-gram speculation on the real default model at batch 1: an edit workload (GSM8K questions from
+          shared/data/gsm8k as passages, "repeat this passage with one small change"), TPOT plain / ngram (target
+          >= 2x), and chat prompts that do not repeat (target: ngram no slower than 0.97x).
+  t1      the T1 throughput workload (256 random-id requests, bench/throughput.py) with n-gram on vs off
+          (target >= 0.97x).
+
+    vllm-lite bench spec verify [--batch-sizes 1,8,32] [engine flags]
+    vllm-lite bench spec ngram [--speculative-config '{"method": "ngram", ...}'] [--data FOLDER]
+    vllm-lite bench spec t1 [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import time
+from typing import Any
+
+from vllm_lite.benchmarks import throughput
+from vllm_lite.benchmarks.utils import add_bench_engine_args, bench_model, make_llm, progress, report
+from vllm_lite.config import DEFAULT_MODEL
+from vllm_lite.sampling_params import SamplingParams
+from vllm_lite.spec_decode.metrics import acceptance_summary
+
+SCENARIOS = ("verify", "ngram", "t1")
+DEFAULTS = {"verify": dict(model_flag="llama-3.1-8b"),
+            "ngram": dict(model_flag=DEFAULT_MODEL, load_format="auto"),
+            "t1": dict(model_flag="qwen3-0.6b")}
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+EDIT_PROMPT = ("Repeat the following passage word for word, changing only one number in it. Output only the "
+               "passage.\n\n{passage}")
+CHAT_PROMPTS = [
+    "Write a short poem about the sea at night.", "Explain how a bicycle stays upright.",
+    "Give three tips for learning a new language.", "What are the main causes of the seasons on Earth?",
+    "Describe a busy market in a small town.", "Why do cats purr?", "Suggest a name for a coffee shop and say why.",
+    "Tell me a fun fact about octopuses.", "How does a refrigerator keep food cold?",
+    "Write a haiku about autumn leaves.", "What should I pack for a weekend hiking trip?",
+    "Explain what a prime number is to a child.", "Invent a new board game in a few sentences.",
+    "Why is the sky blue?", "Describe the taste of a lemon to someone who never had one.",
+    "What makes a good friend?",
+]
+
+
+class ReplayProposer:
+    """Benchmark-only oracle: drafts the recorded continuation of a request's prompt while its outputs follow it
+    (nothing after a divergence, e.g. a bf16 near tie that verification rounds the other way)."""
+
+    def __init__(self) -> None:
+        self.reference: dict[tuple[int, ...], list[int]] = {}
+
+    def propose(self, request: Any, k: int) -> list[int]:
+        ref = self.reference.get(tuple(request.prompt_token_ids))
+        done = len(request.output_token_ids)
+        if ref is None or request.output_token_ids[-8:] != ref[max(0, done - 8):done]:
+            return []
+        return ref[done:done + k]
+
+
+def _release(llm: Any) -> None:
+    """Drop an engine and its device memory before the next one is built."""
+    del llm
+    gc.collect()
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _stats(llm: Any) -> Any:
+    return llm.engine.scheduler.make_stats()
+
+
+def _acceptance(before: Any, after: Any) -> dict:
+    per_pos = [n - (before.num_accepted_tokens_per_pos[i] if i < len(before.num_accepted_tokens_per_pos) else 0)
+               for i, n in enumerate(after.num_accepted_tokens_per_pos)]
+    s = acceptance_summary(after.num_drafts - before.num_drafts, after.num_draft_tokens - before.num_draft_tokens,
+                           after.num_accepted_tokens - before.num_accepted_tokens, per_pos)
+    return {"mean_acceptance_length": round(s["mean_acceptance_length"], 3),
+            "acceptance_rate": round(s["acceptance_rate"], 4),
+            "per_position_acceptance": [round(x, 4) for x in s["per_position"]],
+            "num_drafts": after.num_drafts - before.num_drafts}
+
+
+def _timed(llm: Any, prompts: list, params: SamplingParams, chat: bool = False) -> tuple[float, list]:
+    t0 = time.perf_counter()
+    outs = (llm.chat(prompts, params, use_tqdm=False) if chat else llm.generate(prompts, params, use_tqdm=False))
+    return time.perf_counter() - t0, outs
+
+
+# ---------------------------------------------------------------- verify
+def _latency(llm: Any, batch: list[dict], output_len: int, warmup: int, iters: int) -> tuple[float, list]:
+    """Median TPOT (ms) of a greedy batch (TTFT from a 1-token run subtracted) and the last run's outputs."""
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    for _ in range(warmup):
+        _timed(llm, batch, params)
+    tpots, outs = [], []
+    for _ in range(iters):
+        ttft, _ = _timed(llm, batch, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+        total, outs = _timed(llm, batch, params)
+        tpots.append(1000 * (total - ttft) / (output_len - 1))
+    return sorted(tpots)[len(tpots) // 2], outs
+
+
+def run_verify(args: argparse.Namespace) -> dict:
+    sizes = [int(x) for x in args.batch_sizes.split(",")]
+    k = args.num_speculative_tokens
+    plain = make_llm(args)
+    vocab = min(10000, plain.info.vocab_size)
+    rng = random.Random(0)
+    batches = {b: [{"prompt_token_ids": [rng.randrange(vocab) for _ in range(args.input_len)]} for _ in range(b)]
+               for b in sizes}
+    rows, refs = {}, {}
+    for b in sizes:
+        tpot, outs = _latency(plain, batches[b], args.output_len, args.num_iters_warmup, args.num_iters)
+        refs[b] = outs
+        rows[b] = {"batch_size": b, "plain_tpot_ms": round(tpot, 4)}
+        progress(f"plain batch {b}: TPOT {tpot:.3f} ms")
+    _release(plain)
+    # The engine captures 1 + k graphs for the ngram method; the oracle replaces its proposer.
+    spec = make_llm(args, speculative_config={**NGRAM, "num_speculative_tokens": k})
+    oracle = ReplayProposer()
+    spec.engine.proposer = oracle
+    for b in sizes:
+        oracle.reference = {tuple(p["prompt_token_ids"]): o.outputs[0].token_ids
+                            for p, o in zip(batches[b], refs[b])}
+        before = _stats(spec)
+        tpot, outs = _latency(spec, batches[b], args.output_len, args.num_iters_warmup, args.num_iters)
+        same = sum(o.outputs[0].token_ids == r.outputs[0].token_ids for o, r in zip(outs, refs[b]))
+        rows[b].update(spec_tpot_ms=round(tpot, 4), ratio=round(tpot / rows[b]["plain_tpot_ms"], 4),
+                       identical_outputs=f"{same}/{b}", **_acceptance(before, _stats(spec)))
+        progress(f"oracle k={k} batch {b}: TPOT {tpot:.3f} ms = {rows[b]['ratio']:.3f}x plain, mean acceptance "
+                 f"length {rows[b]['mean_acceptance_length']}, per position {rows[b]['per_position_acceptance']}")
+    return {"scenario": "verify", "model": bench_model(args), "k": k, "input_len": args.input_len,
+            "output_len": args.output_len, "device": str(spec.device), "target": "ratio <= 0.30 at batch 1",
+            "rows": list(rows.values())}
+
+
+# ---------------------------------------------------------------- ngram
+def _passages(data: str | None, n: int) -> list[str]:
+    from vllm_lite.evals.gsm8k import find_data_dir, load_jsonl
+    return [r["question"] for r in load_jsonl(os.path.join(find_data_dir(data), "test.jsonl"))[:n]]
+
+
+def _per_prompt_tpot(llm: Any, convs: list, max_tokens: int) -> tuple[float, list[list[int]]]:
+    """Batch-1 decode time per output token over all prompts (ms): each prompt's 1-token time (prefill + first
+    token) is subtracted from its full run's."""
+    decode_s, decode_tokens, outs = 0.0, 0, []
+    for conv in convs:
+        first, _ = _timed(llm, [conv], SamplingParams(temperature=0.0, max_tokens=1), chat=True)
+        total, out = _timed(llm, [conv], SamplingParams(temperature=0.0, max_tokens=max_tokens), chat=True)
+        ids = out[0].outputs[0].token_ids
+        outs.append(ids)
+        if len(ids) > 1:
+            decode_s += total - first
+            decode_tokens += len(ids) - 1
+    return 1000 * decode_s / max(decode_tokens, 1), outs
+
+
+def run_ngram(args: argparse.Namespace) -> dict:
+    spec_config = args.speculative_config or NGRAM
+    args.speculative_config = None
+    edits = [[{"role": "user", "content": EDIT_PROMPT.format(passage=p)}]
+             for p in _passages(args.data, args.num_passages)]
+    chats = [[{"role": "user", "content": c}] for c in CHAT_PROMPTS[:args.num_chat]]
+    result: dict[str, Any] = {"scenario": "ngram", "model": bench_model(args), "speculative_config": spec_config,
+                              "max_tokens": args.output_len}
+    outputs = {}
+    for name, config in (("plain", None), ("spec", spec_config)):
+        llm = make_llm(args, **({} if config is None else {"speculative_config": config}))
+        result["device"] = str(llm.device)
+        _per_prompt_tpot(llm, edits[:1] + chats[:1], 16)  # warm-up
+        for workload, convs in (("edit", edits), ("chat", chats)):
+            before = _stats(llm)
+            tpot, outs = _per_prompt_tpot(llm, convs, args.output_len)
+            outputs[name, workload] = outs
+            result[f"{workload}_{name}_tpot_ms"] = round(tpot, 4)
+            if config is not None:
+                result[f"{workload}_acceptance"] = _acceptance(before, _stats(llm))
+            progress(f"{name} {workload}: TPOT {tpot:.3f} ms")
+        _release(llm)
+    for workload in ("edit", "chat"):
+        result[f"{workload}_speedup"] = round(result[f"{workload}_plain_tpot_ms"] / result[f"{workload}_spec_tpot_ms"],
+                                              4)
+        same = sum(a == b for a, b in zip(outputs["plain", workload], outputs["spec", workload]))
+        result[f"{workload}_identical_outputs"] = f"{same}/{len(outputs['plain', workload])}"
+    result["targets"] = "edit_speedup >= 2, chat_speedup >= 0.97"
+    progress(f"edit: {result['edit_speedup']}x, chat: {result['chat_speedup']}x; edit acceptance "
+             f"{result['edit_acceptance']}")
+    return result
+
+
+# ---------------------------------------------------------------- t1
+def run_t1(args: argparse.Namespace) -> dict:
+    spec_config = args.speculative_config or NGRAM
+    args.speculative_config = None
+    prompts, params = throughput.workload(args.num_requests, args.min_len, args.max_len)
+    result: dict[str, Any] = {"scenario": "t1", "model": bench_model(args), "speculative_config": spec_config,
+                              "num_requests": args.num_requests}
+    for name, config in (("plain", None), ("spec", spec_config)):
+        llm = make_llm(args, **({} if config is None else {"speculative_config": config}))
+        warm = min(8, len(prompts))
+        llm.generate(prompts[:warm], [SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)] * warm,
+                     use_tqdm=False)
+        before = _stats(llm)
+        runs, tokens = [], 0
+        for i in range(max(args.repeats, 1)):
+            elapsed, outs = _timed(llm, prompts, params)
+            runs.append(elapsed)
+            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            progress(f"{name} run {i + 1}: {tokens / elapsed:.1f} output tokens/s")
+        result[f"{name}_output_tokens_per_s"] = round(tokens / sorted(runs)[len(runs) // 2], 2)
+        if config is not None:
+            result["acceptance"] = _acceptance(before, _stats(llm))
+        result["device"] = str(llm.device)
+        _release(llm)
+    result["ratio"] = round(result["spec_output_tokens_per_s"] / result["plain_output_tokens_per_s"], 4)
+    result["target"] = "ratio >= 0.97"
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(argv or [])
+    if not argv or argv[0] not in SCENARIOS:
+        raise SystemExit(f"usage: vllm-lite bench spec {{{','.join(SCENARIOS)}}} [options]; see --help after the "
+                         f"scenario\n\n{__doc__}")
+    scenario = argv.pop(0)
+    ap = argparse.ArgumentParser(prog=f"vllm-lite bench spec {scenario}", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_bench_engine_args(ap)
+    ap.set_defaults(**DEFAULTS[scenario])
+    if scenario == "verify":
+        ap.add_argument("--batch-sizes", default="1,8,32")
+        ap.add_argument("--num-speculative-tokens", type=int, default=3)
+        ap.add_argument("--input-len", type=int, default=128)
+        ap.add_argument("--output-len", type=int, default=256)
+        ap.add_argument("--num-iters-warmup", type=int, default=1)
+        ap.add_argument("--num-iters", type=int, default=3)
+    elif scenario == "ngram":
+        ap.add_argument("--data", default=None, help="GSM8K folder with test.jsonl (default: shared/data/gsm8k)")
+        ap.add_argument("--num-passages", type=int, default=20)
+        ap.add_argument("--num-chat", type=int, default=len(CHAT_PROMPTS))
+        ap.add_argument("--output-len", type=int, default=256, help="max_tokens per prompt (EOS may end it)")
+    else:
+        ap.add_argument("--num-requests", type=int, default=256)
+        ap.add_argument("--min-len", type=int, default=100)
+        ap.add_argument("--max-len", type=int, default=1024)
+        ap.add_argument("--repeats", type=int, default=1)
+    args = ap.parse_args(argv)
+    result = {"verify": run_verify, "ngram": run_ngram, "t1": run_t1}[scenario](args)
+    if args.json:
+        result["command"] = "vllm-lite bench spec " + scenario + " " + json.dumps(argv)
+    return report(result, args.json)
+
+
+if __name__ == "__main__":
+    import sys
+    main(sys.argv[1:])
