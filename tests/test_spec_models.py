@@ -73,6 +73,17 @@ def test_target_as_its_own_draft_accepts_everything(tiny_llama_path, plain, asyn
     assert core.executor.runner._launches < sum(len(v["tokens"]) for v in ref.values())
 
 
+def test_no_drafts_above_the_batch_limit(tiny_llama_path, plain):
+    """Over disable_by_batch_size running requests the drafter only keeps its KV cache up to date."""
+    prompts, ref = plain
+    core = make_core(tiny_llama_path, speculative_config={"method": "draft_model", "model": tiny_llama_path,
+                                                          "num_speculative_tokens": 3, "disable_by_batch_size": 2},
+                     **BASE)
+    assert _tokens(run_core(core, prompts, GREEDY)) == _tokens(ref)
+    assert core.scheduler.make_stats().num_draft_tokens == 0
+    assert core.executor.runner.drafting.drafter.num_proposals == 0
+
+
 @pytest.mark.parametrize("k", [1, 4])
 def test_draft_model_greedy_identical_with_partial_acceptance(tiny_llama_path, noisy_draft, plain, k):
     prompts, ref = plain

@@ -46,7 +46,12 @@ class WorkerDrafting:
     def propose(self, launch_number: int, states: list[CachedRequestState], starts: np.ndarray,
                 query_lens: np.ndarray, sample_rows: list[int], hidden: torch.Tensor | None,
                 aux_hidden: list[torch.Tensor]) -> None:
-        """states: every request of the step (tokens resolved); sample_rows: indices of those that sampled."""
+        """states: every request of the step (tokens resolved); sample_rows: indices of those that sampled. Above
+        speculative disable_by_batch_size requests only the drafter's KV cache follows (no drafts: the engine
+        core's policy would not verify them)."""
+        limit = self.drafter.config.speculative.disable_by_batch_size
+        if limit is not None and len(states) > limit:
+            sample_rows = []
         rows = np.asarray(sample_rows, dtype=np.int64)
         sampling = [states[i] for i in sample_rows]
         params = [s.sampling_params for s in sampling]
