@@ -267,3 +267,24 @@ def test_sampled_drafts_carry_their_probabilities(tiny_llama_path, noisy_draft):
     assert run_core(core, prompts, params) == first
     stats = core.scheduler.make_stats()
     assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+
+
+def test_drafts_travel_from_a_worker_process(tiny_llama_path, plain, tmp_path):
+    """The server's layout: the drafter runs in a worker process; its drafts reach the engine core on the socket."""
+    from vllm_lite.config import EngineConfig
+    from vllm_lite.engine.core import EngineCore
+    from vllm_lite.executor.multiproc import MultiprocExecutor
+    from vllm_lite.model_loader import ModelInfo
+    prompts, ref = plain
+    config = EngineConfig.from_kwargs(model=tiny_llama_path, speculative_config={
+        "method": "draft_model", "model": tiny_llama_path, "num_speculative_tokens": 3}, **BASE)
+    executor = MultiprocExecutor(config, str(tmp_path), world_size=1)
+    try:
+        desc, _ = executor.wait_model_description()
+        core = EngineCore(config, ModelInfo.from_description(desc), executor)
+        got = run_core(core, prompts, GREEDY)
+    finally:
+        executor.shutdown()
+    assert _tokens(got) == _tokens(ref)
+    stats = core.scheduler.make_stats()
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens == stats.num_draft_tokens
