@@ -26,9 +26,10 @@ from vllm_lite.request import Request
 
 logger = logging.getLogger("vllm_lite.spec_decode")
 
-PRIOR_ACCEPTANCE = 0.5  # acceptance assumed for a request with no history (one pseudo-trial)
+PRIOR_ACCEPTANCE = 0.5  # acceptance assumed for a request with no history ...
+PRIOR_WEIGHT = 0.5  # ... worth half a verified draft
 DECAY = 0.85  # weight of the history per verification (about the last 7 count), and per step without drafts
-VERIFY_OVERHEAD = 0.05  # a verifying step's fixed extra cost (rejection sampling, no async overlap), in steps
+VERIFY_OVERHEAD = 0.1  # a verifying step's fixed extra cost (rejection sampling, no async overlap), in steps
 DRAFT_OVERHEAD = 0.02  # each draft's extra cost (proposing, attention over one more row), in steps
 
 
@@ -70,7 +71,7 @@ class AdaptiveDraftLength:
     def acceptance(self, request: Request) -> float:
         h = self._history.get(request)
         acc, trials = (0.0, 0.0) if h is None else h
-        return (acc + PRIOR_ACCEPTANCE) / (trials + 1.0)
+        return (acc + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (trials + PRIOR_WEIGHT)
 
     def draft_lengths(self, requests: list[Request], num_running: int) -> np.ndarray:
         """Drafts to ask for, per request (0: none this step)."""

@@ -316,3 +316,57 @@ def test_spec_benchmark_scenarios_run_on_cpu(tiny_qwen3_path, tmp_path):
     wide = make_tiny_model(str(tmp_path / "wide"), "qwen3", num_hidden_layers=1, vocab_size=10000)  # T1's ids
     r = spec.main(["t1", *cpu[2:], "--model", wide, "--num-requests", "4", "--min-len", "4", "--max-len", "12"])
     assert r["plain_output_tokens_per_s"] > 0 and r["ratio"] > 0 and "acceptance" in r
+
+
+# ---------------------------------------------------------------- adaptive draft length, seeds
+def test_adaptive_rule_batch_limit_and_low_acceptance(caplog):
+    import logging
+
+    from vllm_lite.spec_decode.adaptive import AdaptiveDraftLength, best_lengths
+    a = np.array([0.0, 0.04, 0.3, 0.9])
+    assert best_lengths(a, 3, 1, 256).tolist() == [0, 0, 3, 3]  # batch 1: extra rows nearly free
+    assert best_lengths(a, 3, 256, 256).tolist() == [0, 0, 0, 0]  # compute-bound: nothing pays
+    assert best_lengths(np.array([0.6]), 4, 100, 256).tolist() == [2]  # in between: a shorter draft
+    policy = AdaptiveDraftLength(SpeculativeConfig(method="ngram", num_speculative_tokens=3,
+                                                   disable_by_batch_size=8))
+    with caplog.at_level(logging.INFO, logger="vllm_lite.spec_decode"):
+        assert policy.allows(8) and not policy.allows(9) and not policy.allows(20) and policy.allows(3)
+    assert caplog.text.count("paused") == 1 and caplog.text.count("resumed") == 1
+    good, bad = _req("g", [1]), _req("b", [1])
+    for _ in range(6):
+        policy.observe(good, 3, 3)
+        policy.observe(bad, 3, 0)
+    assert policy.draft_lengths([good, bad], 2).tolist() == [3, 0] and policy.num_turned_off == 1
+    for _ in range(30):  # drafting nothing, the bad request's history fades toward the prior: it is retried
+        policy.idle([bad])
+    assert policy.draft_lengths([bad], 2).tolist() == [3]
+    fixed = AdaptiveDraftLength(SpeculativeConfig(method="ngram", num_speculative_tokens=3,
+                                                  adaptive_draft_length=False))
+    fixed.observe(bad, 3, 0)
+    assert fixed.draft_lengths([bad], 2).tolist() == [3]
+
+
+def test_wrong_drafts_are_turned_down(tiny_qwen3_path, plain_run):
+    """Drafts that are never accepted stop being asked for after a few verifications (and are retried now and
+    then), while outputs stay the plain run's."""
+    from spec_utils import WrongProposer
+    prompts, params, ref = plain_run
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+    ref = run_core(make_core(tiny_qwen3_path, **BASE), prompts, params)
+    wrong = WrongProposer(_tokens(ref), vocab_size=384)
+    core = make_core(tiny_qwen3_path, proposer=wrong, num_speculative_tokens=3, **BASE)
+    assert _tokens(run_core(core, prompts, params)) == _tokens(ref)
+    stats = core.scheduler.make_stats()
+    assert stats.num_accepted_tokens == 0 and 0 < stats.num_drafts < len(prompts) * 60 / 3
+
+
+def test_seeded_random_sampling_with_speculation_reproduces(tiny_qwen3_path):
+    prompts = _repetitive_prompts(3)
+    params = [SamplingParams(temperature=0.8, top_p=0.95, seed=11 + i, max_tokens=24, ignore_eos=True)
+              for i in range(3)]
+    runs = [run_core(make_core(tiny_qwen3_path, speculative_config=NGRAM, **BASE), prompts, params)
+            for _ in range(2)]
+    assert _tokens(runs[0]) == _tokens(runs[1])
+    other = run_core(make_core(tiny_qwen3_path, speculative_config=NGRAM, **BASE), prompts,
+                     [SamplingParams(temperature=0.8, top_p=0.95, seed=99, max_tokens=24, ignore_eos=True)] * 3)
+    assert _tokens(other) != _tokens(runs[0])
