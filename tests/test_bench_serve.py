@@ -88,3 +88,19 @@ def test_bad_flags_are_refused():
         serve.main(["--request-rate", "0"])
     with pytest.raises(SystemExit, match="NAME:MILLISECONDS"):
         serve.main(["--goodput", "ttft:fast"])
+
+
+@pytest.mark.slow
+def test_soak_short_mode(model_dir):
+    """bench/soak.py for 30 s at concurrency 16: no 5xx, greedy outputs equal their solo runs, RSS flat, idle at
+    the end (the 10-minute run is recorded in docs/PERF.md)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "soak.py")
+    spec = importlib.util.spec_from_file_location("soak", path)
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    report = soak.main(["--model", model_dir, "--serve-args", "--device cpu --dtype float32 --max-model-len 1024",
+                        "--duration", "30", "--concurrency", "16", "--long-prompt-tokens", "300"])
+    assert report["passed"], report
+    assert report["counts"]["requests"] >= 50 and report["counts"].get("greedy", 0) > 0
