@@ -288,3 +288,37 @@ def test_drafts_travel_from_a_worker_process(tiny_llama_path, plain, tmp_path):
     assert _tokens(got) == _tokens(ref)
     stats = core.scheduler.make_stats()
     assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens == stats.num_draft_tokens
+
+
+@pytest.mark.parametrize("method", ["draft_model", "eagle3"])
+def test_matrix_preemption_prefix_cache_penalties_logprobs_grammar(tiny_llama_path, noisy_draft, tmp_path, method):
+    """A KV cache too small for the batch (preemption by recompute, the drafter's KV recomputed too), chunked
+    prefills, prompts sharing a prefix, penalties, logprobs, min_tokens + a stop id and a grammar mask on one
+    request: tokens equal the plain run's under the same settings, logprobs within 1e-4."""
+    from spec_utils import AllowOnly
+    shared = _prompts(1)[0] * 2
+    prompts = [shared + p for p in _prompts(6)]
+    params = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, repetition_penalty=1.3,
+                             presence_penalty=0.4),
+              SamplingParams(temperature=0.0, max_tokens=20, min_tokens=6, stop_token_ids=[9, 17]),
+              SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, frequency_penalty=0.5, logprobs=1),
+              SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)]
+    kw = dict(BASE, max_model_len=128, num_gpu_blocks_override=40, max_num_batched_tokens=32)
+    allowed = set(range(40, 120))
+    ref = run_core(make_core(tiny_llama_path, grammar=AllowOnly(allowed, 384, {"4"}), **kw), prompts, params)
+    model = noisy_draft if method == "draft_model" else make_eagle3_head(str(tmp_path / "e3"), aux_layers=[0, 1, 1])
+    core = make_core(tiny_llama_path, grammar=AllowOnly(allowed, 384, {"4"}), speculative_config={
+        "method": method, "model": model, "num_speculative_tokens": 3}, **kw)
+    got = run_core(core, prompts, params)
+    assert _tokens(got) == _tokens(ref) and set(got["4"]["tokens"]) <= allowed
+    for r in ref:
+        assert got[r]["finish_reason"] == ref[r]["finish_reason"]
+        for mine, theirs in zip(got[r]["logprobs"], ref[r]["logprobs"], strict=True):
+            assert [t for t, _, _ in mine] == [t for t, _, _ in theirs]
+            assert [lp for _, lp, _ in mine] == pytest.approx([lp for _, lp, _ in theirs], abs=1e-4)
+    stats = core.scheduler.make_stats()
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0 and stats.num_draft_tokens > 0, stats
+    if method == "draft_model":
+        assert stats.num_accepted_tokens > 0
