@@ -322,3 +322,24 @@ def test_matrix_preemption_prefix_cache_penalties_logprobs_grammar(tiny_llama_pa
     assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0 and stats.num_draft_tokens > 0, stats
     if method == "draft_model":
         assert stats.num_accepted_tokens > 0
+
+
+def test_offline_llm_n_and_stop_strings(tiny_llama_path):
+    """LLM(speculative_config=draft_model): n = 2 and a stop string give the plain LLM's texts, finish and stop
+    reasons; accepted counts per request."""
+    from vllm_lite import LLM
+    kw = dict(device="cpu", dtype="float32", max_model_len=256)
+    plain = LLM(tiny_llama_path, **kw)
+    spec = LLM(tiny_llama_path, speculative_config={"method": "draft_model", "model": tiny_llama_path,
+                                                    "num_speculative_tokens": 3}, **kw)
+    prompts = [{"prompt_token_ids": p} for p in _prompts(3)]
+    text = plain.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)[0].outputs[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    params = SamplingParams(temperature=0.0, max_tokens=24, n=2, stop=[stop])
+    want = plain.generate(prompts, params, use_tqdm=False)
+    got = spec.generate(prompts, params, use_tqdm=False)
+    assert want[0].outputs[0].finish_reason == "stop"
+    for w, g in zip(want, got, strict=True):
+        assert [(o.token_ids, o.text, o.finish_reason, o.stop_reason) for o in g.outputs] == \
+            [(o.token_ids, o.text, o.finish_reason, o.stop_reason) for o in w.outputs]
+    assert all(g.num_accepted_tokens > 0 and g.num_accepted_tokens == g.num_draft_tokens for g in got)

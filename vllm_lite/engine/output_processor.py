@@ -110,15 +110,20 @@ class OutputProcessor:
             if state.first_token_time is None and out.new_token_ids:
                 state.first_token_time = now
             state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
-            seq.token_ids.extend(out.new_token_ids)
+            new_ids, stop_str = out.new_token_ids, None
+            if seq.detokenizer:
+                seen = len(seq.detokenizer.tokens)
+                stop_str = seq.detokenizer.update(new_ids)
+                # A step may bring several tokens (speculative decoding): none past a stop string is kept.
+                new_ids = new_ids[: len(seq.detokenizer.tokens) - seen]
+            seq.token_ids.extend(new_ids)
             seq.num_draft_tokens += out.num_draft_tokens
             seq.num_accepted_tokens += out.num_accepted_tokens
-            seq.new_token_count = len(out.new_token_ids)
+            seq.new_token_count = len(new_ids)
             if seq.logprobs is not None and out.new_logprobs:
-                self._add_logprobs(seq, out.new_logprobs)
+                self._add_logprobs(seq, out.new_logprobs[: len(new_ids)])
             if out.prompt_logprobs is not None and state.prompt_logprobs is None:  # n > 1: every sequence has it
                 state.prompt_logprobs = [None, *map(self._logprob_dict, out.prompt_logprobs)]
-            stop_str = seq.detokenizer.update(out.new_token_ids) if seq.detokenizer else None
             if stop_str is not None and out.finish_reason is None:
                 seq.finish_reason, seq.stop_reason = "stop", stop_str
                 to_abort.append(seq.engine_id)
