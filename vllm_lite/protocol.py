@@ -33,7 +33,9 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     new_token_ids: list[int]
     # Per new token: [(token_id, logprob, rank), ...] with the sampled token first, then the top-N.
     new_logprobs: list[list[tuple[int, float, int]]] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    # "stop" | "length" | "abort" | "error" (the request itself failed, e.g. its grammar did not compile in time;
+    # stop_reason then says why)
+    finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     # Speculative decoding in this output's step: drafts verified and of those accepted (per request totals are

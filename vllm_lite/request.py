@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import Protocol
 
 from vllm_lite.sampling_params import SamplingParams
 
@@ -11,9 +12,11 @@ class RequestStatus(enum.IntEnum):
     WAITING = 0
     RUNNING = 1
     PREEMPTED = 2
-    FINISHED_STOPPED = 3
-    FINISHED_LENGTH = 4
-    FINISHED_ABORTED = 5
+    WAITING_FOR_FSM = 3  # queued, its grammar still compiling: the scheduler passes over it
+    FINISHED_STOPPED = 4
+    FINISHED_LENGTH = 5
+    FINISHED_ABORTED = 6
+    FINISHED_ERROR = 7  # the request itself failed (its grammar did not compile in time); stop_reason says why
 
     @property
     def finished(self) -> bool:
@@ -24,7 +27,20 @@ FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
 }
+
+
+class RequestGrammar(Protocol):
+    """A request's grammar matcher as the scheduler drives it (vllm_lite.structured_output.grammar holds it)."""
+
+    def accept_tokens(self, token_ids: list[int]) -> int:
+        """Advance over the tokens in order; how many were taken (fewer than given: the grammar terminated or
+        refused the next one, and the request must stop there)."""
+        ...
+
+    @property
+    def is_terminated(self) -> bool: ...
 
 
 class Request:
@@ -60,6 +76,8 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.block_hashes: list[int] = []
+        # Set by the engine core's structured-output manager for a request with sampling_params.structured_outputs.
+        self.grammar: RequestGrammar | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -181,8 +181,12 @@ class Scheduler:
             i += 1
 
         # No admissions in a step that had to preempt: the pool is under pressure (same as vLLM).
+        compiling: list[Request] = []  # WAITING_FOR_FSM: passed over (not blocking the queue), put back after
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
+            if request.status == RequestStatus.WAITING_FOR_FSM:
+                compiling.append(self.waiting.popleft())
+                continue
             if request.num_output_placeholders:
                 break  # preempted while a token was in flight: resume once it is back
             hit_blocks, num_hit = kv.get_computed_blocks(request)
@@ -202,6 +206,7 @@ class Scheduler:
                                            kv.get_block_ids(request.request_id), num_hit,
                                            request.min_tokens_blocked))
             self._advance(request, num_new)
+        self.waiting.extendleft(reversed(compiling))
 
         finished = list(self.finished_req_ids)
         self.finished_req_ids = {}
@@ -299,9 +304,28 @@ class Scheduler:
                 n = k + 1
                 break
         new_tokens = sampled if n == len(sampled) else sampled[:n]
+        if request.grammar is not None and new_tokens:
+            new_tokens = self._advance_grammar(request, new_tokens)
         request.append_output_token_ids(new_tokens)
         self.kv_cache_manager.update_block_hashes(request)
         return new_tokens
+
+    @staticmethod
+    def _advance_grammar(request: Request, new_tokens: list[int]) -> list[int]:
+        """Advance the request's grammar over its new tokens: a terminated grammar (its stop token taken) stops the
+        request there with "stop"; a token the grammar refuses (only if the mask was not applied) ends it with
+        "error" before that token."""
+        grammar = request.grammar
+        taken = grammar.accept_tokens(new_tokens)
+        if grammar.is_terminated:
+            if taken < len(new_tokens) or request.status < FINISHED:
+                request.status = RequestStatus.FINISHED_STOPPED
+                last = new_tokens[taken - 1]
+                request.stop_reason = last if last in request.stop_token_ids else None
+        elif taken < len(new_tokens):
+            request.status = RequestStatus.FINISHED_ERROR
+            request.stop_reason = f"token {new_tokens[taken]} was sampled although the request's grammar forbids it"
+        return new_tokens if taken == len(new_tokens) else new_tokens[:taken]
 
     # ------------------------------------------------------------------ introspection
     def has_unfinished_requests(self) -> bool:

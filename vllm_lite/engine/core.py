@@ -20,12 +20,13 @@ from vllm_lite.config import EngineConfig
 from vllm_lite.core.scheduler import Scheduler
 from vllm_lite.executor import Executor, InProcExecutor
 from vllm_lite.model_loader import ModelInfo
-from vllm_lite.protocol import EngineCoreOutputs, EngineCoreRequest, GrammarOutput, SchedulerOutput
+from vllm_lite.protocol import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, GrammarOutput, SchedulerOutput
 from vllm_lite.request import Request, RequestStatus
 from vllm_lite.spec_decode.adaptive import AdaptiveDraftLength
 from vllm_lite.spec_decode.factory import make_proposer
 from vllm_lite.spec_decode.metrics import SpecDecodeLogger
 from vllm_lite.spec_decode.worker_drafts import WorkerDrafts
+from vllm_lite.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger("vllm_lite.engine")
 
@@ -71,6 +72,8 @@ class EngineCore:
         self.spec_logger = SpecDecodeLogger()
         self._not_speculated: weakref.WeakSet[Request] = weakref.WeakSet()  # logged once each
         self.grammar = grammar
+        # The real grammar builder (xgrammar): compiles requests' constraints and owns their matchers.
+        self.structured = grammar if isinstance(grammar, StructuredOutputManager) else None
         self.in_flight: deque[SchedulerOutput] = deque()
         self.max_in_flight = 2 if config.scheduler.async_scheduling else 1
         eos = tuple(info.eos_token_ids)
@@ -84,6 +87,12 @@ class EngineCore:
         eos = req.eos_token_id if req.eos_token_id is not None else self._default_eos
         request = Request(req.request_id, req.prompt_token_ids, req.sampling_params, eos_token_id=eos,
                           arrival_time=req.arrival_time, extra_eos_token_ids=self._all_eos)
+        if req.sampling_params.structured_outputs is not None:
+            if self.structured is None:
+                raise ValueError("structured_outputs needs the engine's tokenizer (this engine has none: "
+                                 "skip_tokenizer_init)")
+            self.structured.add_request(request, self.scheduler.add_request)  # checks it; may wait for a compile
+            return
         self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids: list[str]) -> None:
@@ -98,18 +107,47 @@ class EngineCore:
         with nothing to run while a step is in flight (speculating requests wait for their accepted tokens) is
         not launched: the step in flight is applied instead."""
         launched = False
+        applied = errors = None
+        if self.structured is not None:
+            errors = self._poll_grammars()
         if self.scheduler.has_unfinished_requests():
             scheduler_output = self.scheduler.schedule()
             if scheduler_output.total_num_scheduled_tokens or not self.in_flight:
                 self.executor.execute_model(scheduler_output)
+                if self.in_flight and self.structured is not None \
+                        and self.structured.needs_applied_tokens(scheduler_output):
+                    # A constrained request's previous token is still in flight: its mask must follow that token,
+                    # so the previous step is applied first (its forward overlaps this one's launch).
+                    applied = self._apply_oldest()
                 grammar_output = self.grammar.bitmask(scheduler_output) if self.grammar is not None else None
                 self.executor.sample_tokens(grammar_output)
                 self.in_flight.append(scheduler_output)
                 launched = True
             else:
                 self.scheduler.requeue_finished(scheduler_output.finished_req_ids)
-        if not self.in_flight or (launched and len(self.in_flight) < self.max_in_flight):
-            return EngineCoreOutputs(scheduler_stats=self.scheduler.make_stats())
+        if applied is None and (not self.in_flight or (launched and len(self.in_flight) < self.max_in_flight)):
+            applied = EngineCoreOutputs(scheduler_stats=self.scheduler.make_stats())
+        if applied is None:
+            applied = self._apply_oldest()
+        if errors:
+            applied.outputs = errors + applied.outputs
+        return applied
+
+    def _poll_grammars(self) -> list[EngineCoreOutput]:
+        """Requests whose grammar compiled join the schedule (failed ones end, returned); drafts a grammar refuses
+        are cut before they are scheduled. With nothing else to run, waits briefly for a compile."""
+        scheduler = self.scheduler
+        idle = not self.in_flight and not scheduler.running and len(self.structured.compiling) >= len(
+            scheduler.waiting)
+        errors = self.structured.poll(scheduler, idle)
+        if self.num_spec_tokens:
+            for request in self.structured.requests.values():
+                if request.spec_token_ids:
+                    self.structured.clip_drafts(request)
+        return errors
+
+    def _apply_oldest(self) -> EngineCoreOutputs:
+        """Apply the oldest step in flight: its tokens, stop checks, then the proposer's drafts."""
         scheduler_output = self.in_flight.popleft()
         model_output = self.executor.get_output()
         outputs = self.scheduler.update_from_output(scheduler_output, model_output)
@@ -167,4 +205,6 @@ class EngineCore:
         return f", {off} request(s) drafting nothing for low acceptance" if off else ""
 
     def shutdown(self) -> None:
+        if self.structured is not None:
+            self.structured.shutdown()
         self.executor.shutdown()

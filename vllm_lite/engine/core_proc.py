@@ -7,6 +7,7 @@ model description on to the API server as soon as it comes.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -104,7 +105,10 @@ def _start(config: EngineConfig, executor: MultiprocExecutor, outbox: zmq.Socket
     info = ModelInfo.from_description(desc)
     logger.info("engine core: model description after %.2f s, imports done after %.2f s (while the worker "
                 "boots)", waited, time.perf_counter() - start)
-    return EngineCore(config, info, executor)
+    from vllm_lite.structured_output.manager import make_manager
+    from vllm_lite.tokenizer import load_tokenizer
+    loader = None if config.model.skip_tokenizer_init else functools.partial(load_tokenizer, info)
+    return EngineCore(config, info, executor, grammar=make_manager(config, info, loader))
 
 
 def _busy_loop(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket) -> None:

@@ -19,6 +19,8 @@ from vllm_lite.inputs import validate_prompt
 from vllm_lite.model_loader import resolve_model
 from vllm_lite.outputs import RequestOutput
 from vllm_lite.sampling_params import SamplingParams
+from vllm_lite.structured_output.manager import make_manager
+from vllm_lite.structured_output.validate import validate_structured_outputs
 from vllm_lite.tokenizer import apply_chat_template, load_tokenizer
 
 logger = logging.getLogger("vllm_lite.llm")
@@ -35,7 +37,9 @@ class LLM:
                                                                **given})
         self.info = resolve_model(self.config.model, self.config.load, self.config.device.resolved_device())
         self.tokenizer = None if self.config.model.skip_tokenizer_init else load_tokenizer(self.info)
-        self.engine = EngineCore(self.config, self.info)
+        tokenizer = self.tokenizer
+        self.engine = EngineCore(self.config, self.info, grammar=make_manager(
+            self.config, self.info, None if tokenizer is None else lambda: tokenizer))
         self.processor = OutputProcessor(self.tokenizer)
         self._counter = itertools.count()
         # The engine's heap is static from here on; once this LLM is dropped its cycles (CUDA graphs, the compiled
@@ -78,6 +82,8 @@ class LLM:
         for p in params:  # the server's checks too (SamplingParams alone does not know the tokenizer and vocabulary)
             p.resolve_bad_words(self.tokenizer)
             p.check_vocab(self.info.vocab_size)
+            if p.structured_outputs is not None:
+                validate_structured_outputs(p.structured_outputs)
         request_ids = []
         for (text, ids), p in zip(encoded, params):
             request_id = str(next(self._counter))

@@ -1,18 +1,71 @@
-"""Packed grammar bitmasks (xgrammar's layout: int32 words, bit t of a row allows token t) as boolean masks."""
+"""The step's grammar bitmask on the worker: packed rows from the engine core applied to the logits in place.
+
+GrammarOutput rows follow the engine core's order of constrained requests; the logits rows follow the step's
+sampling requests (1 + k rows for a request verifying k drafts). `GrammarBitmaskApplier` maps one onto the other
+(a numpy range per constrained request), stages the words through pinned host buffers (two, alternating, each
+reused only after the device has read it) and masks just those rows (kernels/bitmask.py: Triton on CUDA).
+"""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from vllm_lite.kernels.bitmask import apply_bitmask, unpack_bitmask  # noqa: F401 (unpack: re-exported for tools)
+from vllm_lite.protocol import GrammarOutput
 
-def unpack_bitmask(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """words [N, W] int32 -> allowed [N, vocab_size] bool; tokens past W * 32 (a model vocabulary padded beyond the
-    tokenizer's) are not allowed."""
-    n, w = words.shape
-    bits = torch.arange(32, dtype=torch.int32, device=words.device)
-    allowed = ((words.unsqueeze(-1) >> bits) & 1).bool().view(n, w * 32)
-    if w * 32 >= vocab_size:
-        return allowed[:, :vocab_size]
-    return torch.cat([allowed, allowed.new_zeros(n, vocab_size - w * 32)], dim=1)
+
+class GrammarBitmaskApplier:
+    """Applies GrammarOutputs to a device's logits; holds the reusable host staging buffers."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._buffers: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
+        self._turn = 0
+
+    def apply(self, logits: torch.Tensor, grammar: GrammarOutput, req_ids: list[str], row_offsets: list[int]) -> None:
+        """logits [R, V] of the step's sampling rows; req_ids: the sampling requests in logits order;
+        row_offsets: each one's first logits row, then R. Rows of requests without grammar rows stay untouched."""
+        where = {r: j for j, r in enumerate(req_ids)}
+        src: list[np.ndarray] = []
+        dst: list[np.ndarray] = []
+        row = 0
+        for req_id, n in zip(grammar.req_ids, grammar.rows_per_req):
+            j = where.get(req_id)
+            if j is not None:
+                k = min(n, row_offsets[j + 1] - row_offsets[j])
+                src.append(np.arange(row, row + k))
+                dst.append(np.arange(row_offsets[j], row_offsets[j] + k))
+            row += n
+        if not src:
+            return
+        words = np.frombuffer(grammar.bitmask, dtype=np.int32).reshape(-1, grammar.num_words)
+        src_rows, dst_rows = np.concatenate(src), np.concatenate(dst)
+        if len(src_rows) != len(words) or src_rows[-1] != len(words) - 1:  # not simply all rows in order
+            words = words[src_rows]
+        words_t, rows_t = self._stage(words, dst_rows)
+        apply_bitmask(logits, words_t, rows_t)
+
+    def _stage(self, words: np.ndarray, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Words and destination rows on the device (one copy each through a pinned buffer on CUDA)."""
+        m, w = words.shape
+        if self.device.type != "cuda":
+            return torch.from_numpy(np.array(words, dtype=np.int32)), torch.from_numpy(rows)  # own, writable copy
+        need = m * (w + 2)  # the rows as int64 (two int32 slots each), then the words
+        if len(self._buffers) < 2 or self._buffers[self._turn][0].numel() < need:
+            self._buffers = [(torch.empty(2 * need, dtype=torch.int32, pin_memory=True), None) for _ in range(2)]
+            self._turn = 0
+        buf, done = self._buffers[self._turn]
+        if done is not None:
+            done.synchronize()  # the copy that last read this buffer (two steps ago) has finished
+        host = buf.numpy()
+        host[: 2 * m].view(np.int64)[:] = rows
+        host[2 * m: need].reshape(m, w)[:] = words
+        dev = buf[:need].to(self.device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._buffers[self._turn] = (buf, event)
+        self._turn ^= 1
+        return dev[2 * m:].view(m, w), dev[: 2 * m].view(torch.int64)
 
 
 def pack_bitmask(allowed: torch.Tensor) -> torch.Tensor:

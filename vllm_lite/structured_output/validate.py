@@ -25,6 +25,20 @@ _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SCHEMA_ONE = ("items", "additionalProperties", "propertyNames", "unevaluatedProperties", "unevaluatedItems",
                "additionalItems")
+# Formats xgrammar leaves as plain strings although validators check them: refused.
+_UNSUPPORTED_FORMATS = frozenset({"regex", "idn-email", "idn-hostname"})
+# Formats xgrammar enforces more loosely than RFC 3339 / Python's ipaddress (Feb 31, second 60, "082" in an
+# address): compiled as these stricter patterns instead (see strict_formats).
+_LEAP_YEAR = "([0-9]{2}(0[48]|[2468][048]|[13579][26])|([02468][048]|[13579][26])00)"
+_DATE = ("(([0-9]{4}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)|"
+         "02-(0[1-9]|1[0-9]|2[0-8])))|" + _LEAP_YEAR + "-02-29)")
+# (No fractional seconds: xgrammar 0.2.9 drops the dot of an optional group like "(\\.[0-9]+)?".)
+_TIME = "([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
+_OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+STRICT_FORMAT_PATTERNS = {
+    "date": f"^{_DATE}$", "time": f"^{_TIME}$", "date-time": f"^{_DATE}T{_TIME}$",
+    "ipv4": f"^({_OCTET}\\.){{3}}{_OCTET}$",
+}
 MAX_SCHEMA_DEPTH = 64  # nesting deeper than any real schema; deeper ones would only strain the compiler
 MAX_SPEC_CHARS = 1 << 20  # 1 MiB of schema / regex / grammar text
 
@@ -42,7 +56,8 @@ def validate_structured_outputs(params: StructuredOutputsParams) -> None:
     try:
         if kind == "json":
             schema = load_schema(params.json)
-            xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=not params.disable_any_whitespace)
+            xgr.Grammar.from_json_schema(json.dumps(prepare_schema(schema)),
+                                         any_whitespace=not params.disable_any_whitespace)
         elif kind == "regex":
             _check_text("regex", params.regex)
             xgr.Grammar.from_regex(params.regex)
@@ -98,6 +113,17 @@ def _check_schema(schema: Any, where: str, depth: int) -> None:
     if "allOf" in schema and isinstance(schema["allOf"], list) and len(schema["allOf"]) > 1:
         raise ValueError(f"structured_outputs.json uses 'allOf' with {len(schema['allOf'])} subschemas at {where}; "
                          f"the xgrammar backend supports at most one")
+    fmt, pattern = schema.get("format"), schema.get("pattern")
+    if fmt in _UNSUPPORTED_FORMATS:
+        raise ValueError(f"structured_outputs.json uses format {fmt!r} at {where}, which the xgrammar backend "
+                         f"cannot enforce")
+    if fmt is not None and pattern is not None:
+        raise ValueError(f"structured_outputs.json combines 'format' and 'pattern' at {where}; the xgrammar backend "
+                         f"enforces only one of them")
+    if (fmt is not None or pattern is not None) and ("minLength" in schema or "maxLength" in schema):
+        raise ValueError(f"structured_outputs.json combines minLength/maxLength with "
+                         f"{'format' if fmt is not None else 'pattern'} at {where}; the xgrammar backend cannot "
+                         f"enforce both (put the length into the pattern, e.g. ^[a-z]{{1,8}}$)")
     types = schema.get("type")
     for t in types if isinstance(types, list) else [types] if types is not None else []:
         if t not in _TYPES:
@@ -131,6 +157,29 @@ def _check_schema(schema: Any, where: str, depth: int) -> None:
     for key in _SCHEMA_ONE:
         if key in schema:
             _check_schema(schema[key], f"{where}/{key}", depth + 1)
+
+
+def prepare_schema(schema: Any, close_objects: bool = False) -> Any:
+    """The schema xgrammar compiles: a copy where each date / time / date-time / ipv4 format is the equivalent
+    strict pattern, string lengths become a pattern of plain characters, and, with close_objects
+    (disable_additional_properties), every object schema without its own additionalProperties gets false."""
+    if isinstance(schema, list):
+        return [prepare_schema(s, close_objects) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: prepare_schema(v, close_objects) if k not in ("enum", "const", "default", "examples") else v
+           for k, v in schema.items()}
+    fmt = out.get("format")
+    if isinstance(fmt, str) and fmt in STRICT_FORMAT_PATTERNS and "pattern" not in out:
+        del out["format"]
+        out["pattern"] = STRICT_FORMAT_PATTERNS[fmt]
+    if ("minLength" in out or "maxLength" in out) and "pattern" not in out and "format" not in out:
+        # xgrammar's length-bounded strings admit raw control characters (invalid JSON): a pattern instead.
+        low, high = out.pop("minLength", 0), out.pop("maxLength", "")
+        out["pattern"] = f'^[^"\\\\\\x00-\\x1f]{{{low},{high}}}$'
+    if close_objects and (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 def choice_ebnf(choices: list[str] | None) -> str:

@@ -7,7 +7,6 @@ arrays with per-request (never per-token) Python work and copied to the device o
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import time
@@ -25,7 +24,7 @@ from vllm_lite.compile.cuda_graphs import (CUDAGraphRunner, default_capture_size
 from vllm_lite.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from vllm_lite.model_loader import ModelInfo, load_model
 from vllm_lite.protocol import GrammarOutput, ModelRunnerOutput, SchedulerOutput
-from vllm_lite.sample.bitmask import unpack_bitmask
+from vllm_lite.sample.bitmask import GrammarBitmaskApplier
 from vllm_lite.sample.metadata import SamplingMetadata
 from vllm_lite.sample.sampler import Sampler, gather_logprobs
 from vllm_lite.sample.topk_topp import skip_random_draws
@@ -64,6 +63,7 @@ class ModelRunner:
         self.model: torch.nn.Module | None = None
         self.drafting: WorkerDrafting | None = None  # the in-worker drafter (draft model, EAGLE), set at load
         self.sampler = Sampler(config.kernels)
+        self.grammar_bitmask = GrammarBitmaskApplier(device)
         # Speculative tokens per request in a verification step: CUDA graphs are also captured for 1 + k.
         self.num_spec_tokens = config.speculative.num_speculative_tokens
         self.requests: dict[str, CachedRequestState] = {}
@@ -315,10 +315,10 @@ class ModelRunner:
             return
         states = step.states
         meta = self._sampling_metadata(states)
-        row_mask = self._grammar_mask(grammar, launch, step.logits.shape[0]) if grammar is not None else None
+        if grammar is not None:  # disallowed tokens become -inf in the constrained rows, in place
+            self.grammar_bitmask.apply(step.logits, grammar, [launch.req_ids[i] for i in launch.rows],
+                                       _row_offsets(launch.num_drafts or [0] * len(launch.rows)))
         if step.drafts is None:
-            if row_mask is not None:
-                meta = dataclasses.replace(meta, logits_mask=row_mask)
             out = self.sampler(step.logits, meta, logits_owned=True)
             sampled, row_tokens = out.sampled_token_ids, None
             self._last_sampled = sampled
@@ -326,7 +326,7 @@ class ModelRunner:
         else:
             q = None if self.drafting is None else self.drafting.draft_probs(states, launch.num_drafts, step.drafts,
                                                                               self.vocab_size)
-            sampled, row_tokens = rejection_sample(step.logits, meta, step.drafts, launch.num_drafts, row_mask,
+            sampled, row_tokens = rejection_sample(step.logits, meta, step.drafts, launch.num_drafts, None,
                                                    self.config.kernels.sampling_kernel,
                                                    **({} if q is None else {"draft_probs": q}))
             self._last_sampled = sampled[:, 0]
@@ -360,24 +360,6 @@ class ModelRunner:
         launch = step.launch
         self.drafting.propose(launch.number, step.all_states, step.starts, step.query_lens, launch.rows,
                               step.hidden, step.aux_hidden_states)
-
-    def _grammar_mask(self, grammar: GrammarOutput, launch: Launch, num_rows: int) -> torch.Tensor:
-        """The step's allowed-token mask [rows, vocab] from the packed bitmask; unconstrained rows allow all."""
-        words = torch.frombuffer(bytearray(grammar.bitmask), dtype=torch.int32).view(-1, grammar.num_words)
-        mask = torch.ones(num_rows, self.vocab_size, dtype=torch.bool, device=self.device)
-        offsets = _row_offsets(launch.num_drafts or [0] * len(launch.rows))
-        where = {launch.req_ids[i]: j for j, i in enumerate(launch.rows)}
-        dst, src, row = [], [], 0
-        for req_id, n in zip(grammar.req_ids, grammar.rows_per_req):
-            j = where.get(req_id)
-            if j is not None:
-                dst.extend(range(int(offsets[j]), int(offsets[j]) + min(n, int(offsets[j + 1] - offsets[j]))))
-                src.extend(range(row, row + min(n, int(offsets[j + 1] - offsets[j]))))
-            row += n
-        if dst:
-            words = _pinned(words[src]).to(self.device, non_blocking=True)
-            mask[_pinned(torch.tensor(dst)).to(self.device, non_blocking=True)] = unpack_bitmask(words, self.vocab_size)
-        return mask
 
     def get_output(self) -> ModelRunnerOutput:
         """Results of the oldest sampled step not yet returned (waits for its sampled ids)."""

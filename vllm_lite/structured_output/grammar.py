@@ -1,0 +1,100 @@
+"""One request's grammar: an xgrammar matcher over the request's output tokens.
+
+The scheduler advances it with the tokens each step produced (`accept_tokens`); the engine core fills the request's
+bitmask rows from it (`fill_rows`: one row, or 1 + k rows when k drafts are verified, walking the matcher through
+the drafts and rolling back) and cuts drafts the grammar refuses before they are scheduled (`valid_prefix`).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from vllm_lite.sampling_params import StructuredOutputsParams
+from vllm_lite.structured_output.validate import choice_ebnf, load_schema, prepare_schema
+
+CompileKey = tuple[str, str, bool]
+
+
+def compile_key(params: StructuredOutputsParams, disable_any_whitespace: bool,
+                disable_additional_properties: bool) -> CompileKey:
+    """What identifies a compiled grammar: (kind, canonical spec text, any_whitespace). The engine-wide config
+    defaults are OR-ed with the request's own flags."""
+    kind = params.kind
+    any_whitespace = not (params.disable_any_whitespace or disable_any_whitespace)
+    if kind == "json":
+        schema = prepare_schema(load_schema(params.json),
+                                close_objects=params.disable_additional_properties or disable_additional_properties)
+        return kind, json.dumps(schema, ensure_ascii=False), any_whitespace
+    if kind == "json_object":
+        return "json", '{"type": "object"}', any_whitespace
+    if kind == "choice":
+        return "grammar", choice_ebnf(params.choice), any_whitespace
+    return kind, params.regex if kind == "regex" else params.grammar, any_whitespace
+
+
+def compile_grammar(compiler: Any, key: CompileKey) -> Any:
+    """Compile a key with an xgrammar GrammarCompiler (its own cache makes a repeated key cheap)."""
+    kind, text, any_whitespace = key
+    if kind == "json":  # without any_whitespace: compact, as vLLM documents disable_any_whitespace
+        return compiler.compile_json_schema(text, any_whitespace=any_whitespace,
+                                            separators=None if any_whitespace else (",", ":"))
+    if kind == "regex":
+        return compiler.compile_regex(text)
+    return compiler.compile_grammar(text)
+
+
+class Grammar:
+    """A request's matcher (xgrammar GrammarMatcher) and how many of the request's output tokens it has taken."""
+
+    def __init__(self, matcher: Any) -> None:
+        self.matcher = matcher
+        self.num_accepted = 0
+
+    def accept_tokens(self, token_ids: list[int]) -> int:
+        """Advance over `token_ids` in order; returns how many were taken (it stops after the token that terminates
+        the grammar, and before a token it refuses)."""
+        n = self._walk(token_ids)
+        self.num_accepted += n
+        return n
+
+    @property
+    def is_terminated(self) -> bool:
+        return self.matcher.is_terminated()
+
+    def valid_prefix(self, drafts: list[int]) -> int:
+        """How many leading draft tokens the grammar accepts (the matcher is left unchanged)."""
+        n = self._walk(drafts)
+        if n:
+            self.matcher.rollback(n)
+        return n
+
+    def _walk(self, token_ids: list[int]) -> int:
+        matcher = self.matcher
+        for i, tok in enumerate(token_ids):
+            if matcher.is_terminated() or not matcher.accept_token(tok):
+                return i
+        return len(token_ids)
+
+    def fill_rows(self, bitmask: Any, row: int, drafts: list[int] | None) -> None:
+        """Fill bitmask rows row .. row + len(drafts): the mask now, then after each draft token (the matcher walks
+        the drafts and rolls back). Rows past a draft the grammar refuses repeat the last mask (verification
+        rejects that draft, so they are never sampled)."""
+        matcher = self.matcher
+        if matcher.is_terminated():  # a request the async pipeline scheduled once more after its last token
+            bitmask[row: row + 1 + len(drafts or ())] = -1
+            return
+        matcher.fill_next_token_bitmask(bitmask, row)
+        if not drafts:
+            return
+        taken = 0
+        for i, tok in enumerate(drafts):
+            if taken == i and not matcher.is_terminated() and matcher.accept_token(tok):
+                taken += 1
+                if matcher.is_terminated():
+                    bitmask[row + i + 1] = -1  # past the end: the draft row's token is discarded
+                else:
+                    matcher.fill_next_token_bitmask(bitmask, row + i + 1)
+            else:
+                bitmask[row + i + 1] = bitmask[row + i]
+        if taken:
+            matcher.rollback(taken)

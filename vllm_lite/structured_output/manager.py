@@ -1,0 +1,208 @@
+"""The engine core's structured-output manager: compiles grammars off the busy loop and fills each step's bitmask.
+
+- `add_request`: checks the constraint (ValueError before anything is queued), then compiles it in a thread pool
+  (one xgrammar GrammarCompiler per engine, with its cache; the same constraint compiles once). Until it is
+  compiled the request waits as WAITING_FOR_FSM and the scheduler passes over it; other requests keep running.
+- `poll` (every step, before scheduling): compiled requests become schedulable; a failed compile, or one still
+  running after `compile_timeout_s`, finishes that request alone with finish_reason "error" and the reason as
+  its stop_reason.
+- `bitmask` (while the forward runs): one packed int32 row per sampling request, 1 + k rows when it verifies k
+  drafts, filled from the matchers (several threads when the step has many rows).
+- `clip_drafts`: drafts the grammar refuses are cut before they are scheduled.
+The scheduler advances each request's matcher (`Request.grammar`) with the tokens a step produced.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import time
+from collections import OrderedDict
+from typing import Any, Callable
+
+import numpy as np
+
+from vllm_lite.config import StructuredOutputsConfig
+from vllm_lite.protocol import EngineCoreOutput, GrammarOutput, SchedulerOutput
+from vllm_lite.request import Request, RequestStatus
+from vllm_lite.structured_output.grammar import CompileKey, Grammar, compile_grammar, compile_key
+from vllm_lite.structured_output.validate import validate_structured_outputs, xgrammar_message
+
+logger = logging.getLogger("vllm_lite.structured_output")
+
+_MAX_CACHED_KEYS = 4096  # compiled grammars kept by key (xgrammar's compiler keeps its own cache too)
+_BATCH_FILL_MIN_ROWS = 64  # below this one thread fills faster than xgrammar's thread pool
+_IDLE_WAIT_S = 0.05  # longest wait for a compile when nothing else can run (new requests are read in between)
+
+
+class StructuredOutputManager:
+    """Owns the grammar compiler, the compile futures and the constrained requests' matchers."""
+
+    def __init__(self, config: StructuredOutputsConfig, tokenizer: Callable[[], Any], vocab_size: int,
+                 stop_token_ids: tuple[int, ...] = ()) -> None:
+        """tokenizer: returns the HF tokenizer (called once, in the compile pool, so that neither loading it nor
+        importing xgrammar and reading its vocabulary delays start-up); vocab_size: the model's (logits width),
+        which may exceed the tokenizer's; stop_token_ids: the tokens that end a completed grammar (the model's
+        EOS ids; default: the tokenizer's EOS)."""
+        self.config = config
+        self.vocab_size = vocab_size
+        self.num_words = -(-vocab_size // 32)
+        self._pool = cf.ThreadPoolExecutor(config.compile_threads, thread_name_prefix="grammar-compile")
+        self._compiler = self._pool.submit(self._build_compiler, tokenizer, list(stop_token_ids))
+        self._batch: Any = None
+        self._futures: OrderedDict[CompileKey, cf.Future] = OrderedDict()
+        self.compiling: dict[str, tuple[Request, cf.Future, float]] = {}
+        self.requests: dict[str, Request] = {}  # compiled constrained requests not known finished yet
+        self._buffer = np.zeros((0, self.num_words), dtype=np.int32)
+        # Diagnostics (bench/structured.py): seconds per bitmask() call and per compile.
+        self.fill_times: list[float] = []
+        self.compile_times: list[float] = []
+
+    # ---- admission and compilation ---------------------------------------------------------------------------
+    def add_request(self, request: Request, enqueue: Callable[[Request], None]) -> None:
+        """Check the request's constraint (ValueError naming the problem), queue it with `enqueue` (the
+        scheduler's add_request, which may refuse it too) and start compiling; the request waits as
+        WAITING_FOR_FSM unless its grammar is already compiled."""
+        params = request.sampling_params.structured_outputs
+        validate_structured_outputs(params)
+        key = compile_key(params, self.config.disable_any_whitespace, self.config.disable_additional_properties)
+        enqueue(request)
+        future = self._futures.get(key)
+        if future is None or (future.done() and future.exception() is not None):
+            future = self._pool.submit(self._compile, key)
+            self._futures[key] = future
+            if len(self._futures) > _MAX_CACHED_KEYS:
+                self._futures.popitem(last=False)
+        else:
+            self._futures.move_to_end(key)
+        if future.done() and future.exception() is None:
+            self._attach(request, future.result())
+            return
+        request.status = RequestStatus.WAITING_FOR_FSM
+        self.compiling[request.request_id] = (request, future, time.monotonic() + self.config.compile_timeout_s)
+
+    def _build_compiler(self, tokenizer: Callable[[], Any], stop_token_ids: list[int]) -> Any:
+        import xgrammar as xgr
+
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer(), vocab_size=self.vocab_size,
+                                                  stop_token_ids=stop_token_ids or None)
+        if self.config.fill_threads > 1:
+            self._batch = xgr.BatchGrammarMatcher(self.config.fill_threads)
+        return xgr.GrammarCompiler(info, max_threads=self.config.compile_threads)
+
+    @property
+    def compiler(self) -> Any:
+        """The xgrammar GrammarCompiler (waits for it to be built)."""
+        return self._compiler.result()
+
+    def _compile(self, key: CompileKey) -> Any:
+        compiler = self.compiler  # outside the timing: built once, at start-up
+        start = time.perf_counter()
+        compiled = compile_grammar(compiler, key)
+        self.compile_times.append(time.perf_counter() - start)
+        return compiled
+
+    def _attach(self, request: Request, compiled: Any) -> None:
+        import xgrammar as xgr
+
+        request.grammar = Grammar(xgr.GrammarMatcher(compiled))
+        self.requests[request.request_id] = request
+
+    def poll(self, scheduler: Any, idle: bool = False) -> list[EngineCoreOutput]:
+        """Release compiled requests to the scheduler and fail the ones whose compile failed or timed out
+        (returned: their final outputs). idle: nothing else can run, so wait briefly for a compile to end."""
+        if not self.compiling:
+            return []
+        if idle:
+            nearest = min(deadline for _, _, deadline in self.compiling.values())
+            wait = min(_IDLE_WAIT_S, max(nearest - time.monotonic(), 0.0))
+            cf.wait([f for _, f, _ in self.compiling.values()], timeout=wait, return_when=cf.FIRST_COMPLETED)
+        now = time.monotonic()
+        failed: list[str] = []
+        for req_id, (request, future, deadline) in list(self.compiling.items()):
+            if request.status != RequestStatus.WAITING_FOR_FSM:  # aborted meanwhile
+                del self.compiling[req_id]
+                continue
+            if future.done():
+                del self.compiling[req_id]
+                exc = future.exception()
+                if exc is None:
+                    self._attach(request, future.result())
+                    request.status = RequestStatus.WAITING
+                    continue
+                request.stop_reason = (f"structured output grammar failed to compile: "
+                                       f"{xgrammar_message(exc)}")
+            elif now >= deadline:
+                del self.compiling[req_id]
+                request.stop_reason = (f"structured output grammar compilation timed out after "
+                                       f"{self.config.compile_timeout_s:g} s (structured_outputs_config."
+                                       f"compile_timeout_s / --structured-outputs-compile-timeout)")
+            else:
+                continue
+            logger.warning("request %s failed: %s", req_id, request.stop_reason)
+            failed.append(req_id)
+        return scheduler.finish_requests(failed, RequestStatus.FINISHED_ERROR) if failed else []
+
+    # ---- per step ----------------------------------------------------------------------------------------------
+    def needs_applied_tokens(self, so: SchedulerOutput) -> bool:
+        """Whether a constrained request of this step has a sampled token not yet applied to its matcher (async
+        scheduling): its bitmask must wait until the previous step's output is applied."""
+        requests = self.requests
+        return any(r in requests and requests[r].num_output_placeholders > 1 for r in so.num_scheduled_tokens)
+
+    def clip_drafts(self, request: Request) -> None:
+        """Cut request.spec_token_ids at the first draft token the grammar refuses."""
+        if request.grammar is not None and request.spec_token_ids:
+            n = request.grammar.valid_prefix(request.spec_token_ids)
+            del request.spec_token_ids[n:]
+
+    def bitmask(self, so: SchedulerOutput) -> GrammarOutput | None:
+        """The step's packed bitmask for its sampling constrained requests (None: there are none)."""
+        start = time.perf_counter()
+        requests = self.requests
+        for req_id in so.finished_req_ids:
+            request = requests.get(req_id)
+            if request is not None and request.status.finished:
+                del requests[req_id]
+        if not requests:
+            return None
+        spec = so.scheduled_spec_decode_tokens
+        req_ids: list[str] = []
+        rows: list[int] = []
+        grammars: list[Grammar] = []
+        for req_id in so.num_scheduled_tokens:
+            request = requests.get(req_id)
+            if request is None or request.num_computed_tokens < request.num_tokens:  # unknown, or mid-prefill
+                continue
+            req_ids.append(req_id)
+            rows.append(1 + len(spec.get(req_id, ())))
+            grammars.append(request.grammar)
+        if not req_ids:
+            return None
+        total = sum(rows)
+        if self._buffer.shape[0] < total:
+            self._buffer = np.zeros((max(total, 2 * self._buffer.shape[0]), self.num_words), dtype=np.int32)
+        bitmask = self._buffer[:total]
+        if self._batch is not None and total == len(grammars) and total >= _BATCH_FILL_MIN_ROWS:
+            live = [i for i, g in enumerate(grammars) if not g.matcher.is_terminated()]
+            if len(live) < total:
+                bitmask[:] = -1
+            self._batch.batch_fill_next_token_bitmask([grammars[i].matcher for i in live], bitmask, live)
+        else:
+            row = 0
+            for req_id, grammar, n in zip(req_ids, grammars, rows):
+                grammar.fill_rows(bitmask, row, spec.get(req_id))
+                row += n
+        out = GrammarOutput(req_ids, rows, self.num_words, bitmask.tobytes())
+        self.fill_times.append(time.perf_counter() - start)
+        return out
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def make_manager(config: Any, info: Any, tokenizer: Callable[[], Any] | None) -> StructuredOutputManager | None:
+    """The engine's manager (None without a tokenizer: structured outputs are then refused). config: the
+    EngineConfig; info: the ModelInfo (vocabulary size and EOS ids)."""
+    if tokenizer is None:
+        return None
+    return StructuredOutputManager(config.structured_outputs, tokenizer, info.vocab_size, tuple(info.eos_token_ids))
