@@ -279,3 +279,22 @@ def test_real_model_more_schemas(real_llm):
                         SamplingParams(temperature=0.0, max_tokens=256, structured_outputs=StructuredOutputsParams(
                             json_object=True, disable_any_whitespace=True)), use_tqdm=False)[0].outputs[0]
     assert out.finish_reason == "stop" and isinstance(json.loads(out.text), dict)
+
+
+def test_structured_outputs_flags_reach_the_config():
+    import argparse
+    from vllm_lite.config import EngineConfig
+    from vllm_lite.entrypoints.args import add_engine_args, engine_argv, engine_kwargs_from_args
+    parser = add_engine_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',
+                              "--structured-outputs-compile-timeout", "2.5"])
+    kwargs = engine_kwargs_from_args(args)
+    so = EngineConfig.from_kwargs(**kwargs).structured_outputs
+    assert (so.backend, so.disable_any_whitespace, so.compile_timeout_s) == ("xgrammar", True, 2.5)
+    again = engine_kwargs_from_args(add_engine_args(argparse.ArgumentParser()).parse_args(engine_argv(kwargs)[1:]))
+    assert EngineConfig.from_kwargs(**again).structured_outputs == so
+    assert EngineConfig.from_kwargs().structured_outputs.compile_timeout_s == 10.0
+    for bad, message in [({"backend": "outlines"}, "backend"), ({"nope": 1}, "unknown structured_outputs_config"),
+                         ({"compile_timeout_s": 0}, "compile timeout")]:
+        with pytest.raises(ValueError, match=message):
+            EngineConfig.from_kwargs(structured_outputs_config=bad)

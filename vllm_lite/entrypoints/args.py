@@ -21,7 +21,7 @@ ENGINE_ARGS = ("model", "tokenizer", "dtype", "seed", "max_model_len", "served_m
                "enable_prefix_caching", "gpu_memory_utilization", "num_gpu_blocks_override", "kv_cache_memory_bytes",
                "max_num_seqs", "max_num_batched_tokens", "async_scheduling", "device", "enforce_eager",
                "attention_backend", "max_cudagraph_capture_size", "load_format", "download_dir", "skip_tokenizer_init",
-               "speculative_config")
+               "speculative_config", "structured_outputs_config", "structured_outputs_compile_timeout")
 
 
 def _size(text: str) -> int:
@@ -104,6 +104,15 @@ def add_engine_args(parser: argparse.ArgumentParser, model_help: str | None = No
                    help='speculative decoding as a JSON object with vLLM\'s fields, e.g. \'{"method": "ngram", '
                         '"num_speculative_tokens": 3, "prompt_lookup_max": 4}\' (methods: ngram, suffix, '
                         'draft_model, eagle, eagle3; the model methods also need "model")')
+
+    g = parser.add_argument_group("structured outputs")
+    g.add_argument("--structured-outputs-config", type=_json_object, default=None, metavar="JSON",
+                   help='structured outputs as a JSON object with vLLM\'s fields, e.g. \'{"backend": "xgrammar", '
+                        '"disable_any_whitespace": true}\' (also disable_additional_properties, compile_timeout_s, '
+                        'compile_threads, fill_threads)')
+    g.add_argument("--structured-outputs-compile-timeout", type=_seconds, default=None, metavar="SECONDS",
+                   help="a request whose grammar is still compiling after this many seconds fails alone with "
+                        "finish_reason 'error' (default 10)")
     return parser
 
 

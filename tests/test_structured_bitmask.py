@@ -1,0 +1,108 @@
+"""Applying the grammar bitmask on the worker: the Triton kernel (kernels/bitmask.py) against its torch reference
+under the Triton CPU interpreter, the runner-side mapping of GrammarOutput rows onto logits rows
+(sample/bitmask.py), and on CUDA (marked gpu) the kernel and the pinned-buffer path against the CPU reference."""
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_lite.kernels.bitmask import apply_bitmask_torch, unpack_bitmask
+from vllm_lite.protocol import GrammarOutput
+from vllm_lite.sample.bitmask import GrammarBitmaskApplier, pack_bitmask
+
+from test_kernels import _run_child
+
+_CHILD = textwrap.dedent(r"""
+    import json, sys, torch
+    sys.path.insert(0, sys.argv[1])
+    from vllm_lite.kernels.bitmask import apply_bitmask_torch, apply_bitmask_triton
+    g = torch.Generator().manual_seed(0)
+    res = {}
+    # (rows of logits, vocab, words per row, constrained rows): a partial last block, a vocabulary padded past the
+    # tokenizer's (W * 32 > V), and one wider than the words (tokens past W * 32 are disallowed).
+    for r, v, w, rows in [(5, 2053, 65, [0, 3, 4]), (3, 4096, 128, [2]), (4, 100, 3, [1, 0, 3, 2])]:
+        for dt in (torch.float32, torch.bfloat16):
+            logits = torch.randn(r, v, generator=g).to(dt)
+            words = torch.randint(-2**31, 2**31 - 1, (len(rows), w), generator=g, dtype=torch.int64).to(torch.int32)
+            idx = torch.tensor(rows, dtype=torch.int64)
+            want, got = logits.clone(), logits.clone()
+            apply_bitmask_torch(want, words, idx)
+            apply_bitmask_triton(got, words, idx)
+            res[f"{r}x{v}x{w}_{dt}"] = bool(torch.equal(want, got))
+    print("RESULT" + json.dumps(res))
+""")
+
+
+def test_triton_kernel_matches_reference():
+    got = _run_child(_CHILD)
+    assert len(got) == 6 and all(v is True for v in got.values()), got
+
+
+def test_reference_masks_exactly_the_cleared_bits():
+    g = torch.Generator().manual_seed(1)
+    allowed = torch.rand(3, 70, generator=g) < 0.3
+    words = pack_bitmask(allowed)
+    assert torch.equal(unpack_bitmask(words, 70), allowed)
+    logits = torch.randn(5, 70, generator=g)
+    out = logits.clone()
+    apply_bitmask_torch(out, words, torch.tensor([4, 0, 2]))
+    for i, row in enumerate([4, 0, 2]):
+        assert torch.equal(out[row][allowed[i]], logits[row][allowed[i]])
+        assert bool(torch.isneginf(out[row][~allowed[i]]).all())
+    assert torch.equal(out[[1, 3]], logits[[1, 3]])  # rows without grammar rows: untouched
+    wide = torch.randn(1, 100)  # vocabulary wider than the words: the tail is not allowed
+    apply_bitmask_torch(wide, pack_bitmask(torch.ones(1, 64, dtype=torch.bool)), torch.tensor([0]))
+    assert bool(torch.isneginf(wide[0, 64:]).all()) and bool(torch.isfinite(wide[0, :64]).all())
+
+
+def _grammar(req_ids: list[str], rows_per_req: list[int], allowed: torch.Tensor) -> GrammarOutput:
+    words = pack_bitmask(allowed)
+    return GrammarOutput(req_ids, rows_per_req, words.shape[1], words.numpy().tobytes())
+
+
+def _expected(logits: torch.Tensor, allowed: torch.Tensor, dst: list[int], src: list[int]) -> torch.Tensor:
+    want = logits.clone()
+    for d, s in zip(dst, src):
+        want[d][~allowed[s]] = float("-inf")
+    return want
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_applier_maps_grammar_rows_onto_sampling_rows(device):
+    """Grammar rows in the engine core's order (a request verifying 2 drafts has 3 rows, one that is not sampling
+    this step has rows that are skipped); logits rows in the step's order; other rows untouched."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator().manual_seed(2)
+    v = 300
+    allowed = torch.rand(6, v, generator=g) < 0.5
+    # logits rows: "a" (1 row), "b" (3 rows: 2 drafts), "c" (1 row, unconstrained), "d" (1 row)
+    req_ids, offsets = ["a", "b", "c", "d"], [0, 1, 4, 5, 6]
+    grammar = _grammar(["d", "gone", "b", "a"], [1, 1, 3, 1], allowed)
+    logits = torch.randn(6, v, generator=g)
+    applier = GrammarBitmaskApplier(torch.device(device))
+    for _ in range(3):  # the CUDA path alternates two pinned buffers
+        got = logits.to(device)
+        applier.apply(got, grammar, req_ids, offsets)
+        want = _expected(logits, allowed, dst=[5, 1, 2, 3, 0], src=[0, 2, 3, 4, 5])
+        assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.gpu
+def test_cuda_kernel_large_batch_matches_reference():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from vllm_lite.kernels.bitmask import apply_bitmask
+    g = torch.Generator().manual_seed(3)
+    for dt in (torch.float32, torch.bfloat16):
+        logits = torch.randn(512, 151936, generator=g).to(dt)
+        rows = torch.from_numpy(np.random.default_rng(0).choice(512, 300, replace=False))
+        words = torch.randint(-2**31, 2**31 - 1, (300, 4748), generator=g, dtype=torch.int64).to(torch.int32)
+        want = logits.clone()
+        apply_bitmask_torch(want, words, rows)
+        got = logits.cuda()
+        apply_bitmask(got, words.cuda(), rows.cuda())
+        assert torch.equal(got.cpu(), want)
