@@ -174,6 +174,10 @@ class ModelDrafter:
         """[N, H] -> logits over the target's vocabulary [N, V]."""
         raise NotImplementedError
 
+    def _argmax(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, H] -> the greedy draft token ids [N]."""
+        return self._logits(hidden).argmax(dim=-1)
+
     @staticmethod
     def _split(out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The forward's output -> (hidden states for the logits, the hidden state the next draft step reads)."""
@@ -216,7 +220,7 @@ class ModelDrafter:
         rows = inputs.logits_indices
         if not len(batch.sample_rows):  # only partial prefills: their draft KV is written, nothing to draft
             return Drafts(torch.empty(0, self.k, dtype=torch.int64, device=self.device), None)
-        ids, probs = self._pick(self._logits(hidden[rows]), batch)
+        ids, probs = self._pick(hidden[rows], batch)
         all_ids, all_probs = [ids], [probs]
         if self.k > 1:
             block_ids = [batch.block_ids[i] for i in batch.sample_rows.tolist()]
@@ -259,7 +263,7 @@ class ModelDrafter:
         else:
             out = self.forward(inputs.input_ids, inputs.positions)
         hidden, next_hidden = self._split(out)
-        ids, probs = self._pick(self._logits(hidden[:n]), batch)
+        ids, probs = self._pick(hidden[:n], batch)
         return ids, probs, None if next_hidden is None else next_hidden[:n]
 
     def _wait_inputs(self) -> None:
@@ -273,14 +277,14 @@ class ModelDrafter:
             self._consumed = torch.cuda.Event()
             self._consumed.record()
 
-    @staticmethod
-    def _pick(logits: torch.Tensor, batch: DraftBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _pick(self, hidden: torch.Tensor, batch: DraftBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Greedy rows take the argmax; sampling rows draw from softmax(logits / temperature) (their generator when
         seeded) and return those probabilities for the rejection sampler."""
-        greedy = logits.argmax(dim=-1)
         temps = batch.temperatures
         if all(t == 0.0 for t in temps):
-            return greedy, None
+            return self._argmax(hidden), None
+        logits = self._logits(hidden)
+        greedy = logits.argmax(dim=-1)
         t = torch.tensor([t if t > 0 else 1.0 for t in temps], dtype=torch.float32, device=logits.device)
         probs = torch.softmax(logits.float() / t[:, None], dim=-1)
         gens = {j: g for j, g in enumerate(batch.generators) if g is not None}

@@ -195,7 +195,8 @@ class EagleDrafter(ModelDrafter):
         else:
             first = np.cumsum(batch.query_lens) - batch.query_lens
             index = np.repeat(first, lens) + np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens)
-            index = torch.from_numpy(index).to(self.device, non_blocking=True)
+            index = torch.from_numpy(index)
+            index = (index.pin_memory() if self.device.type == "cuda" else index).to(self.device, non_blocking=True)
         if self.eagle3:
             aux = [batch.aux_hidden[i] for i in self._aux_order]
             src = torch.cat(aux if index is None else [a[index] for a in aux], dim=-1)
@@ -205,6 +206,11 @@ class EagleDrafter(ModelDrafter):
 
     def _set_decode_hidden(self, hidden: torch.Tensor | None) -> None:
         self.model.hidden_in[: hidden.shape[0]].copy_(hidden)
+
+    def _argmax(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.eagle3 and self.draft_to_target is not None:  # argmax over the draft vocabulary, then its target id
+            return self.draft_to_target[self.model.lm_head(hidden).argmax(dim=-1)]
+        return super()._argmax(hidden)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self.eagle3:
