@@ -34,6 +34,17 @@ def make_client(base_url: str, api_key: str | None, timeout_s: float = 3600.0) -
                        http_client=httpx.AsyncClient(limits=limits, timeout=timeout_s))
 
 
+async def tokenize_messages(http: Any, base_url: str, api_key: str | None, model: str,
+                            messages: list[dict[str, str]]) -> tuple[int, int]:
+    """(prompt tokens, the server's max_model_len) of a chat prompt, through the server's /tokenize (vLLM's)."""
+    url = base_url.rstrip("/").removesuffix("/v1") + "/tokenize"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    resp = await http.post(url, json={"model": model, "messages": messages}, headers=headers)
+    resp.raise_for_status()
+    body = resp.json()
+    return int(body["count"]), int(body["max_model_len"])
+
+
 async def served_model(client: Any, model: str | None) -> str:
     """The model name to send: the one given, else the first the server lists."""
     if model:
@@ -42,16 +53,17 @@ async def served_model(client: Any, model: str | None) -> str:
     return models.data[0].id
 
 
-async def complete(client: Any, model: str, prompt: str, chat: bool, num_logprobs: int | None,
-                   **params: Any) -> Answer:
-    """One /v1/completions (or /v1/chat/completions with the prompt as the user message) request."""
+async def complete(client: Any, model: str, prompt: str | list[dict[str, str]], chat: bool,
+                   num_logprobs: int | None, **params: Any) -> Answer:
+    """One /v1/completions request, or with `chat` one /v1/chat/completions request (a string prompt is the one user
+    message, a list is the messages)."""
     start = time.perf_counter()
     out = Answer()
     try:
         if chat:
             extra = {"logprobs": True, "top_logprobs": num_logprobs} if num_logprobs is not None else {}
-            resp = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                                        **extra, **params)
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            resp = await client.chat.completions.create(model=model, messages=messages, **extra, **params)
             choice = resp.choices[0]
             out.text = choice.message.content or ""
             content = choice.logprobs.content if choice.logprobs is not None else None

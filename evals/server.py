@@ -116,7 +116,16 @@ def server_for(args: Any) -> Iterator[str]:
     model = args.model or DEFAULT_MODEL
     print(f"starting vllm-lite serve {model} {args.serve_args}".rstrip(), file=sys.stderr, flush=True)
     start = time.perf_counter()
-    with EvalServer(model, args.serve_args) as srv:
-        print(f"server ready in {time.perf_counter() - start:.1f} s at {srv.base_url} (log {srv.log_path})",
-              file=sys.stderr, flush=True)
-        yield srv.base_url
+    # A SIGTERM (timeout, kill) unwinds like Ctrl-C, so the server below is stopped instead of left running.
+    previous = signal.signal(signal.SIGTERM, _raise_exit)
+    try:
+        with EvalServer(model, args.serve_args) as srv:
+            print(f"server ready in {time.perf_counter() - start:.1f} s at {srv.base_url} (log {srv.log_path})",
+                  file=sys.stderr, flush=True)
+            yield srv.base_url
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)

@@ -108,8 +108,8 @@ def _run_against_reference(tmp_path, limit: int, num_shots: int, max_tokens: int
 
 
 def test_gsm8k_server_equals_transformers_fast(tmp_path) -> None:
-    """3 questions (2-shot, at most 64 tokens) through a real server: extracted answers equal transformers'."""
-    _run_against_reference(tmp_path, limit=3, num_shots=2, max_tokens=64)
+    """3 questions (1-shot, at most 32 tokens) through a real server: extracted answers equal transformers'."""
+    _run_against_reference(tmp_path, limit=3, num_shots=1, max_tokens=32)
 
 
 @pytest.mark.slow
@@ -124,3 +124,82 @@ def test_cli_dispatch_help(capsys) -> None:
         main(["eval", "gsm8k", "--help"])
     assert exc.value.code == 0 and "--max-concurrency" in capsys.readouterr().out
     assert isinstance(gsm8k.build_parser().parse_args([]), argparse.Namespace)
+
+
+# ---- MRCR ---------------------------------------------------------------------------------------------------------
+
+def test_mrcr_grader_hand_computed() -> None:
+    from vllm_lite.evals.mrcr_data import grade
+    assert grade("abcXYZ", "abcXYW", "abc") == pytest.approx(2 * 2 / 6)      # matches X, Y of 3 + 3 characters
+    assert grade("hhello world", "hhello there", "h") == pytest.approx(2 * 7 / 22)  # "hello " and "r"
+    assert grade("abcXYW", "abcXYW", "abc") == 1.0
+    assert grade("XYW", "abcXYW", "abc") == 0.0                                # no hash first: 0
+    assert grade(" abcXYW", "abcXYW", "abc") == 0.0
+    assert grade("abc", "abcXYW", "abc") == 0.0                                # the hash alone matches nothing
+
+
+def test_mrcr_generator_deterministic_and_in_format() -> None:
+    import re
+    from vllm_lite.evals.mrcr_data import FIELDS, generate_record
+    rec = generate_record(3, 4, 5000)
+    assert rec == generate_record(3, 4, 5000)
+    assert rec["prompt"] != generate_record(4, 4, 5000)["prompt"]
+    assert set(FIELDS) <= set(rec)
+    messages = json.loads(rec["prompt"])
+    assert rec["total_messages"] == len(messages) and rec["n_chars"] == sum(len(m["content"]) for m in messages)
+    assert rec["n_chars"] >= 5000 and rec["n_needles"] == 4
+    assert "EXAMPLE" in messages[0]["content"] and messages[0]["role"] == "user"
+    assert [m["role"] for m in messages[1:-1]] == ["user", "assistant"] * ((len(messages) - 2) // 2)
+    final = re.fullmatch(r"Prepend (\w{10}) to the (\d+)(?:st|nd|rd|th) \(1 indexed\) (.+) about (.+)\. Do not "
+                         r"include any other text in your response\.", messages[-1]["content"])
+    assert final and messages[-1]["role"] == "user"
+    hash_, k, fmt, topic = final.group(1), int(final.group(2)), final.group(3), final.group(4)
+    assert rec["random_string_to_prepend"] == hash_ and 1 <= k <= 4
+    needle = f"write {'an' if fmt[0] in 'aeiou' else 'a'} {fmt} about {topic}"
+    needle_at = [i for i, m in enumerate(messages) if m["role"] == "user" and m["content"] == needle]
+    assert len(needle_at) == 4  # the same wording each time
+    assert rec["desired_msg_index"] == needle_at[k - 1] + 1
+    assert messages[rec["desired_msg_index"]]["role"] == "assistant"
+    assert rec["answer"] == hash_ + messages[rec["desired_msg_index"]]["content"]
+    replies = [messages[i + 1]["content"] for i in needle_at]
+    assert len(set(replies)) == 4  # distinct replies to identical requests
+
+
+def test_mrcr_bins_and_dataset_loader(tmp_path) -> None:
+    from vllm_lite.evals import mrcr
+    from vllm_lite.evals.mrcr_data import FIELDS, generate_record, load_dataset
+    assert mrcr.parse_bins("4k-8k,8k-16k") == [(4096, 8192), (8192, 16384)]
+    # the default model's 8192-token context with 1024 answer tokens: only 4K-8K, capped at 7168 prompt tokens
+    assert mrcr.usable_bins(mrcr.parse_bins(mrcr.DEFAULT_BINS), 8192, 1024) == [(4096, 8192, 7168)]
+    assert mrcr.usable_bins(mrcr.parse_bins(mrcr.DEFAULT_BINS), 32768, 1024) == [(4096, 8192, 8192),
+                                                                                 (8192, 16384, 16384)]
+    records = [generate_record(s, n, 3000) for s, n in ((0, 2), (1, 8))]
+    with open(tmp_path / "mrcr.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    expected = [{k: r[k] for k in FIELDS} for r in records]
+    assert load_dataset(str(tmp_path / "mrcr.jsonl")) == expected
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    pd.DataFrame(records).to_parquet(tmp_path / "mrcr.parquet")
+    assert load_dataset(str(tmp_path / "mrcr.parquet")) == expected
+
+
+def test_mrcr_end_to_end_tiny_server(tmp_path, tiny_model_factory) -> None:
+    """The whole eval through a real server (tiny random model, 8192-token context): records sized into the bin by
+    the server's /tokenize, a bin beyond the context skipped, every score equal to the grader's."""
+    from vllm_lite.evals import mrcr
+    from vllm_lite.evals.mrcr_data import grade
+    path = tiny_model_factory("llama", max_position_embeddings=8192)
+    args = mrcr.build_parser().parse_args([
+        "--model", path, "--bins", "3k-6k,8k-16k", "--samples", "1", "--needles", "2,4", "--max-tokens", "8",
+        "--serve-args", "--dtype float32 --device cpu", "--output", str(tmp_path)])
+    summary = mrcr.run(args)
+    assert summary["records"] == 2 and summary["errors"] == 0 and summary["skipped_bins"] == ["8K-16K"]
+    assert summary["max_model_len"] == 8192
+    data = json.loads((tmp_path / "mrcr.json").read_text())
+    for rec in data["records"]:
+        assert rec["bin"] == "3K-6K" and 3072 <= rec["prompt_tokens"] <= 6144
+        assert rec["score"] == grade(rec["response"], rec["answer"], rec["answer"][:10])
+        assert 0 < rec["completion_tokens"] <= 8
+    assert sorted(r["n_needles"] for r in data["records"]) == [2, 4]
+    assert "| 3K-6K | 2 | 1 |" in (tmp_path / "mrcr.md").read_text()
