@@ -149,9 +149,16 @@ class ModelDrafter:
         # model); graph padding keeps each dummy request in one block.
         max_rows = min(self.k + 2 - self.token_shift, self.block_size)
         small = [s for s in sizes if s <= 8]
-        self.catch_up_graphs = CUDAGraphRunner(self.forward, small, max(small), self.device, self.hidden_size,
-                                               self.dtype, query_lens=tuple(range(1, max_rows + 1)))
-        self.catch_up_graphs.capture(self._prepare_capture)
+        graphs = CUDAGraphRunner(self.forward, small, max(small), self.device, self.hidden_size, self.dtype,
+                                 query_lens=tuple(range(1, max_rows + 1)))
+        try:
+            graphs.capture(self._prepare_capture)
+        except (RuntimeError, ValueError) as e:  # an optimisation: the catch-up then runs compiled, without a graph
+            logger.warning("drafter catch-up CUDA graphs not captured (%s: %s); catch-ups run without graphs",
+                           type(e).__name__, e)
+            graphs.release()
+            return
+        self.catch_up_graphs = graphs
 
     def _prepare_capture(self, num_tokens: int, query_len: int, slot_mapping: torch.Tensor) -> None:
         """A dummy uniform batch of num_tokens // query_len requests in block 0, writing nowhere (slots -1)."""
