@@ -59,8 +59,11 @@ def test_model_drafters_match_the_plain_run(models, setup, async_scheduling):
         assert stats.num_draft_tokens > 0
         if name == "self":  # all accepted but where a bf16 near tie flips (at most K drafts per such request)
             assert stats.num_draft_tokens - stats.num_accepted_tokens <= (len(ref) - identical + 1) * K
-        if setup.endswith("graphs"):
+        if setup.endswith("graphs"):  # decode steps and uniform catch-ups (all requests alike) replay graphs
             assert drafter.graphs is not None and drafter.graphs.num_replays[1] > 0
+            catch_up = drafter.catch_up_graphs
+            print(f"  catch-up graph replays by rows per request: {catch_up and catch_up.num_replays}")
+            assert catch_up is not None and sum(catch_up.num_replays.values()) > 0
         core.shutdown()
         del core
         torch.cuda.empty_cache()
