@@ -72,8 +72,9 @@ class Drafts:
 class ModelDrafter:
     """Shared machinery: attention context and KV cache, input staging, the (compiled) forward and decode graphs.
 
-    Subclasses build `self.model` in `load(target_model)` and implement `_forward` / `_logits` (and, for heads that
-    read the target's hidden states, `_set_catch_up_hidden`)."""
+    Subclasses build `self.model` in `load(target_model)` and implement `_logits` (and, for heads that read the
+    target's hidden states, `_set_catch_up_hidden` / `_set_decode_hidden`); the forward returns the hidden states for
+    the logits, or (those, [the hidden state the next draft step reads])."""
 
     token_shift = 0  # a catch-up row at position p reads token p + token_shift
     needs_hidden = False  # the runner keeps each step's target hidden states for `propose`
