@@ -106,13 +106,16 @@ def test_whole_text_parsers():
     assert _calls(parse_tool_calls("required", REQUIRED_TEXT, None)[1]) == [("get_weather", {"city": "Oslo"}),
                                                                             ("get_time", {"zone": "UTC"})]
     assert parse_tool_calls("required", REQUIRED_TEXT[:30], None) == (REQUIRED_TEXT[:30], [])  # cut off
+    cut = REQUIRED_TEXT[:REQUIRED_TEXT.index("get_time") + 5]  # max_tokens ended it in the second call
+    assert _calls(parse_tool_calls("required", cut, None)[1]) == [("get_weather", {"city": "Oslo"})]
     content, calls = parse_tool_calls("named", NAMED_TEXT, "get_weather")
     assert content is None and calls[0].function.arguments == NAMED_TEXT
     assert parse_tool_calls("none", HERMES_TEXT, None) == (HERMES_TEXT, [])
 
 
 @pytest.mark.parametrize("mode,text,name", [("auto", HERMES_TEXT, None), ("auto", "no calls here <tool", None),
-                                            ("required", REQUIRED_TEXT, None), ("named", NAMED_TEXT, "get_weather"),
+                                            ("required", REQUIRED_TEXT, None), ("required", REQUIRED_TEXT[:-20], None),
+                                            ("named", NAMED_TEXT, "get_weather"),
                                             ("none", HERMES_TEXT, None)])
 def test_streamed_pieces_assemble_to_the_whole_text_result(mode, text, name):
     want_content, want_calls = parse_tool_calls(mode, text, name)

@@ -7,9 +7,9 @@ chat request calls tools (tools.ToolPlan.mode):
   blocks (Qwen2.5/Qwen3/Hermes templates); text before the first block is the message content. A block that is not
   valid JSON leaves the whole text as content (vLLM's behaviour).
 
-Streaming parsers return the same calls as the whole-text functions once the text is complete; a "required" or
-hermes call is streamed as one delta when it is complete (id, name and all its arguments), a named call streams
-its arguments as they are generated.
+Streaming parsers return the same calls as the whole-text functions; a "required" or hermes call is streamed as
+one delta when it is complete (id, name and all its arguments), a named call streams its arguments as they are
+generated.
 """
 from __future__ import annotations
 
@@ -48,13 +48,12 @@ def parse_named(text: str, name: str) -> list[ToolCall]:
 
 
 def parse_required(text: str) -> list[ToolCall]:
-    """The calls of a `[{"name", "parameters"}, ...]` output (none when it is incomplete, e.g. cut by max_tokens)."""
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError:
-        return []
-    calls = [_decoded_call(item, "parameters") for item in items] if isinstance(items, list) else []
-    return [c for c in calls if c is not None]
+    """The complete calls of a `[{"name", "parameters"}, ...]` output (those before the cut when max_tokens ended
+    it mid-array: what the streaming parser emits too)."""
+    parser = RequiredStreamParser()
+    deltas = parser.feed(text)[1]
+    return [ToolCall(id=d.id, function=FunctionCall(name=d.function.name, arguments=d.function.arguments))
+            for d in deltas]
 
 
 def parse_hermes(text: str) -> tuple[str | None, list[ToolCall]]:
