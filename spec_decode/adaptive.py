@@ -13,6 +13,11 @@ The rule (an expected-gain model):
   extra tokens are nearly free; above, its time grows with the tokens).
 - Each request verifies the j in [0, k] that maximises E(j) / c(j); j = 0 (no drafts) when nothing beats a plain
   step. adaptive_draft_length=False skips this part (always k, the batch limit still holds).
+Drafting needs all of a request's tokens, so a speculating request's step waits for its previous one (no async
+overlap). A request that got no drafts (none proposed, or j = 0) runs ahead with async scheduling instead; while it
+runs ahead the engine core probes the proposer on its known tokens every step and makes it wait again as soon as a
+draft shows up (`spec_wait`), so a request with nothing to draft keeps the overlap. While the batch limit pauses
+speculation every request runs ahead.
 """
 from __future__ import annotations
 
@@ -85,12 +90,19 @@ class AdaptiveDraftLength:
         return lengths
 
     def idle(self, requests: list[Request]) -> None:
-        """These requests verified nothing this step: their history fades toward the prior."""
+        """These requests got no drafts for their next step: their history fades toward the prior, and they run
+        ahead (async) until a probe finds drafts again."""
         for request in requests:
             h = self._history.get(request)
             if h is not None:
                 h[0] *= DECAY
                 h[1] *= DECAY
+            request.spec_wait = False
+
+    @staticmethod
+    def drafted(request: Request) -> None:
+        """The request verifies drafts next: each of its steps waits for the previous one again."""
+        request.spec_wait = True
 
 
 def best_lengths(acceptance: np.ndarray, k: int, num_running: int, saturation: int) -> np.ndarray:

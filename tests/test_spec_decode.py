@@ -126,15 +126,15 @@ def test_greedy_identical_to_plain_run_with_logprobs(tiny_qwen3_path, plain_run,
 
 
 @pytest.mark.parametrize("method", ["ngram", "suffix"])
-def test_greedy_identical_with_preemption_chunked_prefill_and_prefix_caching(tiny_llama_path, method):
+def test_greedy_identical_with_preemption_chunked_prefill_and_prefix_caching(tiny_qwen3_path, method):
     """A KV cache too small for the batch (preemption by recompute), prefills chunked by a small token budget,
     and prompts sharing a prefix (prefix-cache hits): the outputs are the plain run's under the same settings."""
     shared = _repetitive_prompts(1)[0] * 2
     prompts = [shared + p for p in _repetitive_prompts(6)]
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     kw = dict(BASE, num_gpu_blocks_override=64, max_num_batched_tokens=32)
-    ref = run_core(make_core(tiny_llama_path, **kw), prompts, params)
-    core = make_core(tiny_llama_path, speculative_config=METHODS[method], **kw)
+    ref = run_core(make_core(tiny_qwen3_path, **kw), prompts, params)
+    core = make_core(tiny_qwen3_path, speculative_config=METHODS[method], **kw)
     assert _tokens(run_core(core, prompts, params)) == _tokens(ref)
     stats = core.scheduler.make_stats()
     assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0 and stats.num_accepted_tokens > 0, stats
@@ -233,7 +233,7 @@ def test_suffix_draft_length_follows_match_length_and_confidence():
 
 
 # ---------------------------------------------------------------- server, metrics, log
-def test_server_with_ngram_matches_offline_and_exports_spec_metrics(tiny_llama_path, tmp_path):
+def test_server_with_ngram_matches_offline_and_exports_spec_metrics(tiny_qwen3_path, tmp_path):
     """A real `vllm-lite serve --speculative-config ...` driven by the official openai client: greedy completions
     equal the offline plain run's, and /metrics carries vLLM's spec-decode counters."""
     import json
@@ -246,14 +246,14 @@ def test_server_with_ngram_matches_offline_and_exports_spec_metrics(tiny_llama_p
     from vllm_lite import LLM
     prompts = _repetitive_prompts(4)
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-    plain = LLM(tiny_llama_path, device="cpu", dtype="float32", max_model_len=256)
+    plain = LLM(tiny_qwen3_path, device="cpu", dtype="float32", max_model_len=256)
     want = [o.outputs[0].text for o in plain.generate([{"prompt_token_ids": p} for p in prompts], params,
                                                        use_tqdm=False)]
     args = ["--device", "cpu", "--dtype", "float32", "--max-model-len", "256", "--speculative-config",
             json.dumps(NGRAM)]
-    with RemoteServer(tiny_llama_path, args) as server:
+    with RemoteServer(tiny_qwen3_path, args) as server:
         client = openai.OpenAI(base_url=server.url_for("v1"), api_key="EMPTY", max_retries=0)
-        got = [client.completions.create(model=tiny_llama_path, prompt=p, max_tokens=24, temperature=0,
+        got = [client.completions.create(model=tiny_qwen3_path, prompt=p, max_tokens=24, temperature=0,
                                          extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
         text = httpx.get(server.url_for("metrics")).text
     assert got == want
@@ -263,11 +263,11 @@ def test_server_with_ngram_matches_offline_and_exports_spec_metrics(tiny_llama_p
         assert m, f"{name} missing from /metrics"
         return float(m.group(1))
 
-    drafts = value('vllm:spec_decode_num_drafts_total{model_name="%s"}' % tiny_llama_path)
-    draft_tokens = value('vllm:spec_decode_num_draft_tokens_total{model_name="%s"}' % tiny_llama_path)
-    accepted = value('vllm:spec_decode_num_accepted_tokens_total{model_name="%s"}' % tiny_llama_path)
+    drafts = value('vllm:spec_decode_num_drafts_total{model_name="%s"}' % tiny_qwen3_path)
+    draft_tokens = value('vllm:spec_decode_num_draft_tokens_total{model_name="%s"}' % tiny_qwen3_path)
+    accepted = value('vllm:spec_decode_num_accepted_tokens_total{model_name="%s"}' % tiny_qwen3_path)
     first = value('vllm:spec_decode_num_accepted_tokens_per_pos_total{model_name="%s",position="0"}'
-                  % tiny_llama_path)
+                  % tiny_qwen3_path)
     assert 0 < drafts <= draft_tokens and 0 < accepted <= draft_tokens and 0 < first <= drafts
 
 
@@ -370,3 +370,29 @@ def test_seeded_random_sampling_with_speculation_reproduces(tiny_qwen3_path):
     other = run_core(make_core(tiny_qwen3_path, speculative_config=NGRAM, **BASE), prompts,
                      [SamplingParams(temperature=0.8, top_p=0.95, seed=99, max_tokens=24, ignore_eos=True)] * 3)
     assert _tokens(other) != _tokens(runs[0])
+
+
+def test_requests_without_drafts_keep_async_overlap(tiny_qwen3_path):
+    """A request with nothing to draft runs ahead (its next step launches while the previous is in flight); a
+    request that drafts every step waits for each of its steps. Outputs are the plain run's either way."""
+    from spec_utils import OracleProposer
+
+    class Never:
+        def propose(self, request, k):
+            return []
+
+    prompts = _repetitive_prompts(1)
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    ref = run_core(make_core(tiny_qwen3_path, **BASE), prompts, params)
+    for proposer, overlapped in ((Never(), True), (OracleProposer(_tokens(ref)), False)):
+        core = make_core(tiny_qwen3_path, proposer=proposer, num_speculative_tokens=3, **BASE)
+        launched_while_busy = []
+        launch = core.executor.execute_model
+
+        def spy(so, core=core, launch=launch, seen=launched_while_busy):
+            seen.append(bool(core.in_flight))
+            return launch(so)
+
+        core.executor.execute_model = spy
+        assert _tokens(run_core(core, prompts, params)) == _tokens(ref)
+        assert (sum(launched_while_busy) > 10) == overlapped, launched_while_busy

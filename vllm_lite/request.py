@@ -71,6 +71,10 @@ class Request:
         self.num_cached_tokens = -1
         self.num_preemptions = 0
         self.spec_token_ids: list[int] = []
+        # In a speculating engine: whether this request's next step waits for its previous one to be applied (so
+        # the proposer can draft from all its tokens); False lets it run ahead with async scheduling while it has
+        # nothing to draft (the engine core's draft policy sets it).
+        self.spec_wait = True
         # Tokens scheduled to be sampled whose values have not come back yet (async scheduling).
         self.num_output_placeholders = 0
         self.status = RequestStatus.WAITING

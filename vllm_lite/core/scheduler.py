@@ -139,7 +139,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             pending = request.num_output_placeholders
-            if pending and self.speculative:
+            if pending and self.speculative and request.spec_wait:
                 i += 1  # its accepted tokens are not back yet: next step
                 continue
             num_tokens, computed = len(request.all_token_ids), request.num_computed_tokens

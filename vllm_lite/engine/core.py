@@ -171,19 +171,23 @@ class EngineCore:
             request = self.scheduler.requests.get(req_id)
             if request is not None:
                 policy.observe(request, out.num_draft_tokens, out.num_accepted_tokens)
-        if not policy.allows(len(self.scheduler.running)):
+        allowed = policy.allows(len(self.scheduler.running))
+        if not isinstance(self.proposer, WorkerDrafts):  # paused: every request runs ahead (async overlap)
+            self.scheduler.speculative = allowed
+        if not allowed:
             return
         candidates: list[Request] = []
         for req_id in scheduler_output.num_scheduled_tokens:
             request = self.scheduler.requests.get(req_id)
-            if (request is None or request.status != RequestStatus.RUNNING or request.num_output_placeholders
-                    or request.num_computed_tokens + 1 != request.num_tokens):  # not decoding (mid-prefill)
+            if (request is None or request.status != RequestStatus.RUNNING
+                    or request.num_computed_tokens + 1 < request.num_tokens):  # gone, preempted or mid-prefill
                 continue
             if request.sampling_params.has_multi_token_bad_words:
                 if request not in self._not_speculated:
                     self._not_speculated.add(request)
                     logger.info("request %s is not speculated: bad words of several tokens depend on each draft "
                                 "before them", req_id)
+                policy.idle([request])
                 continue
             candidates.append(request)
         if not candidates:
@@ -195,8 +199,16 @@ class EngineCore:
             if below > 0:
                 n = min(n, below - 1)
             drafts = self.proposer.propose(request, n)[:n] if n > 0 else []
+            if request.num_output_placeholders:  # running ahead: a probe on its known tokens
+                if drafts:
+                    request.spec_wait = True  # drafts are likely: its next step waits, then it drafts
+                else:
+                    idle.append(request)
+                continue
             request.spec_token_ids = list(drafts)
-            if not drafts:
+            if drafts:
+                policy.drafted(request)
+            else:
                 idle.append(request)
         policy.idle(idle)
 
