@@ -25,6 +25,9 @@
 #   jit        FlashInfer's JIT cache of this machine into $OUT/jit-new.tgz (to stage kernels built here)
 #   pytest:P   the gpu tests in P
 #   startup    `vllm-lite serve` time to ready: cold (torch.compile and bytecode caches removed), then warm
+#   serve      `vllm-lite bench serve`, qwen3-0.6b dummy: concurrency 1 with L1's shape (128 in, 512 out, 8 seqs:
+#              ITL p50 vs L1's TPOT, TTFT p50), then a request-rate sweep to saturation with its plot
+#   serve-default  the same concurrency-1 run and the offline L1 for the default model (needs model1..3)
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=/root/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -51,6 +54,12 @@ lat() {  # model batch json [extra args]
   local model=$1 bs=$2 json=$3; shift 3
   timeout 400 python3 bench/latency.py --model "$model" --batch-size "$bs" --json "$OUT/$json" "$@" \
     > "$OUT/$json.log" 2>&1; echo "$json rc=$?"; grep -E "recompil|Error|error" "$OUT/$json.log" | head -5
+}
+
+sv() {  # json [bench serve args]: a launched server, its JSON result and log
+  local json=$1; shift
+  timeout 480 python3 -m vllm_lite bench serve --launch --no-progress --json "$OUT/$json" "$@" > "$OUT/$json.log" 2>&1
+  echo "$json rc=$?"; grep -E "Median (TTFT|ITL)|Request throughput|Failed|Error" "$OUT/$json.log" | head -24
 }
 
 for stage in "$@"; do
@@ -162,6 +171,15 @@ PY
         kill -TERM $pid; wait $pid
       done
       grep -hE "compiled in|captured|ready" "$OUT"/serve-*.log | head -12 ;;
+    serve)
+      sv serve-c1-qwen3.json --model qwen3-0.6b --max-num-seqs 8 --max-concurrency 1 --num-prompts 32 \
+        --random-input-len 128 --random-output-len 512 --num-warmups 3
+      sv serve-sweep-qwen3.json --model qwen3-0.6b --num-prompts 512 --random-input-len 128 --random-output-len 128 \
+        --num-warmups 3 --sweep 8,32,128,512,inf --plot "$OUT/serve-sweep-qwen3.png" ;;
+    serve-default)
+      lat smollm2-135m-instruct 1 L1-default.json --max-num-seqs 8 --load-format auto
+      sv serve-c1-default.json --model smollm2-135m-instruct --load-format auto --max-num-seqs 8 \
+        --max-concurrency 1 --num-prompts 32 --random-input-len 128 --random-output-len 512 --num-warmups 3 ;;
     stage) ;;  # unpack only (a model third)
     pytest:*)
       timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu "${stage#pytest:}" > "$OUT/pytest.log" 2>&1
@@ -177,8 +195,11 @@ python3 - "$OUT" <<'EOF'
 import glob, json, os, sys
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
     r = json.load(open(path))
-    keys = [k for k in ("tpot_ms", "ttft_ms", "floor_ms", "hf_tpot_ms", "hf_ttft_ms", "output_tokens_per_s",
-                        "total_tokens_per_s", "elapsed_s") if r.get(k) is not None]
-    runs = f" runs_elapsed_s={r['runs_elapsed_s']}" if r.get("runs_elapsed_s") else ""
-    print(os.path.basename(path), " ".join(f"{k}={r[k]:.3f}" for k in keys) + runs)
+    for run in r.get("runs", [r]):  # a bench serve sweep holds one result per request rate
+        keys = [k for k in ("tpot_ms", "ttft_ms", "floor_ms", "hf_tpot_ms", "hf_ttft_ms", "output_tokens_per_s",
+                            "total_tokens_per_s", "elapsed_s", "median_ttft_ms", "median_itl_ms", "p99_itl_ms",
+                            "request_throughput", "output_throughput") if isinstance(run.get(k), (int, float))]
+        runs = f" runs_elapsed_s={run['runs_elapsed_s']}" if run.get("runs_elapsed_s") else ""
+        rate = f" rate={run['request_rate']}" if "request_rate" in run else ""
+        print(os.path.basename(path) + rate, " ".join(f"{k}={run[k]:.3f}" for k in keys) + runs)
 EOF

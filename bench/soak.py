@@ -251,6 +251,15 @@ class Soak:
                 await asyncio.sleep(0.25)
         return self.report(warm_end, end_metrics)
 
+    def _each_minute(self) -> list[tuple[float, int]]:
+        """The first RSS sample of each minute, and the last one (to see a trend, not just two points)."""
+        picked, minute = [], -1
+        for t, r in self.rss:
+            if int(t // 60) != minute:
+                minute = int(t // 60)
+                picked.append((t, r))
+        return picked + self.rss[-1:] if self.rss and picked[-1] != self.rss[-1] else picked
+
     def report(self, warm_end: float, end_metrics: dict[str, float]) -> dict[str, Any]:
         after = [r for t, r in self.rss if t >= warm_end]
         growth = (after[-1] - after[0]) / after[0] if len(after) >= 2 and after[0] else None
@@ -262,6 +271,7 @@ class Soak:
                 "rss_mib_after_warmup": after[0] / 2 ** 20 if after else None,
                 "rss_mib_end": after[-1] / 2 ** 20 if after else None,
                 "rss_mib_max": max(after) / 2 ** 20 if after else None, "rss_growth": growth,
+                "rss_mib_by_minute": {f"{t:.0f}s": round(r / 2 ** 20, 1) for t, r in self._each_minute()},
                 "end_metrics": end_metrics, "checks": checks, "passed": all(checks.values())}
 
 
