@@ -1,13 +1,13 @@
 """`vllm-lite bench serve` end to end on the CPU against a real tiny server: the JSON fields are sane (every request
 completes with exactly its requested output length, TTFT > 0, percentiles ordered), a sweep writes its plot, the
-GSM8K chat workload runs, and --launch starts and stops a server itself."""
+GSM8K chat workload runs, and --launch starts and stops a server itself; the soak's short mode (slow)."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from server_utils import RemoteServer, alive
+from server_utils import RemoteServer
 from tiny_models import make_tiny_model
 
 from vllm_lite.benchmarks import serve
@@ -72,13 +72,6 @@ def test_launch_and_sweep_writes_a_plot(model_dir, tmp_path):
         assert run["completed"] == 4 and run["failed"] == 0 and run["exact_output_lengths"]
         assert 4 * 2 <= run["total_output_tokens"] <= 4 * 6 and run["median_ttft_ms"] > 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and json.loads(out.read_text())["plot"] == str(plot)
-
-
-def test_launched_server_is_stopped(model_dir):
-    server = serve.launch_server(serve.build_parser().parse_args(["--model", model_dir, *ARGS]), model_dir)
-    pid = server.proc.pid
-    server.close()
-    assert not alive(pid) and server.proc.returncode == 0, server.log_tail()
 
 
 def test_bad_flags_are_refused():
