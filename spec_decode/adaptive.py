@@ -15,9 +15,10 @@ The rule (an expected-gain model):
   step. adaptive_draft_length=False skips this part (always k, the batch limit still holds).
 Drafting needs all of a request's tokens, so a speculating request's step waits for its previous one (no async
 overlap). A request that got no drafts (none proposed, or j = 0) runs ahead with async scheduling instead; while it
-runs ahead the engine core probes the proposer on its known tokens every step and makes it wait again as soon as a
-draft shows up (`spec_wait`), so a request with nothing to draft keeps the overlap. While the batch limit pauses
-speculation every request runs ahead.
+runs ahead the engine core probes the proposer on its known tokens and makes it wait again as soon as a draft shows
+up (`spec_wait`), so a request with nothing to draft keeps the overlap. Probes that find nothing come further apart
+(every 1, 2, 4, ... up to MAX_PROBE_INTERVAL of its steps; every step again after a hit), which keeps the proposers'
+host time small for requests that never repeat. While the batch limit pauses speculation every request runs ahead.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ PRIOR_WEIGHT = 0.5  # ... worth half a verified draft
 DECAY = 0.85  # weight of the history per verification (about the last 7 count), and per step without drafts
 VERIFY_OVERHEAD = 0.1  # a verifying step's fixed extra cost (rejection sampling, no async overlap), in steps
 DRAFT_OVERHEAD = 0.02  # each draft's extra cost (proposing, attention over one more row), in steps
+MAX_PROBE_INTERVAL = 4  # most steps between two probes of a request running ahead
 
 
 class AdaptiveDraftLength:
@@ -48,6 +50,8 @@ class AdaptiveDraftLength:
         self.saturation = config.adaptive_saturation_tokens
         # request -> [accepted, trials], both exponentially decayed
         self._history: weakref.WeakKeyDictionary[Request, list[float]] = weakref.WeakKeyDictionary()
+        # request running ahead -> [probe interval, steps until the next probe]
+        self._probes: weakref.WeakKeyDictionary[Request, list[int]] = weakref.WeakKeyDictionary()
         self._disabled_by_batch = False
         self.num_turned_off = 0  # requests given no drafts by the gain rule in the last call
 
@@ -99,10 +103,25 @@ class AdaptiveDraftLength:
                 h[1] *= DECAY
             request.spec_wait = False
 
-    @staticmethod
-    def drafted(request: Request) -> None:
-        """The request verifies drafts next: each of its steps waits for the previous one again."""
+    def drafted(self, request: Request) -> None:
+        """The request verifies drafts next (or a probe found some): each of its steps waits for the previous one
+        again, and its probes start over at every step."""
+        self._probes.pop(request, None)
         request.spec_wait = True
+
+    def probe_due(self, request: Request) -> bool:
+        """One more step of a request running ahead: is it probed now?"""
+        p = self._probes.get(request)
+        if p is None:
+            return True
+        p[1] -= 1
+        return p[1] <= 0
+
+    def probe_missed(self, request: Request) -> None:
+        """A probe found no drafts: the next one comes after twice the interval (at most MAX_PROBE_INTERVAL)."""
+        p = self._probes.get(request)
+        interval = 1 if p is None else min(2 * p[0], MAX_PROBE_INTERVAL)
+        self._probes[request] = [interval, interval]
 
 
 def best_lengths(acceptance: np.ndarray, k: int, num_running: int, saturation: int) -> np.ndarray:

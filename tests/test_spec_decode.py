@@ -128,11 +128,13 @@ def test_greedy_identical_to_plain_run_with_logprobs(tiny_qwen3_path, plain_run,
 @pytest.mark.parametrize("method", ["ngram", "suffix"])
 def test_greedy_identical_with_preemption_chunked_prefill_and_prefix_caching(tiny_qwen3_path, method):
     """A KV cache too small for the batch (preemption by recompute), prefills chunked by a small token budget,
-    and prompts sharing a prefix (prefix-cache hits): the outputs are the plain run's under the same settings."""
+    and prompts sharing a prefix (prefix-cache hits): the outputs are the plain run's under the same settings.
+    Synchronous scheduling, so that every step of every request is looked at for drafts (with async scheduling a
+    request without drafts runs ahead and is only probed, and the tiny model's repeats are short-lived)."""
     shared = _repetitive_prompts(1)[0] * 2
     prompts = [shared + p for p in _repetitive_prompts(6)]
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    kw = dict(BASE, num_gpu_blocks_override=64, max_num_batched_tokens=32)
+    kw = dict(BASE, num_gpu_blocks_override=64, max_num_batched_tokens=32, async_scheduling=False)
     ref = run_core(make_core(tiny_qwen3_path, **kw), prompts, params)
     core = make_core(tiny_qwen3_path, speculative_config=METHODS[method], **kw)
     assert _tokens(run_core(core, prompts, params)) == _tokens(ref)
@@ -340,6 +342,18 @@ def test_adaptive_rule_batch_limit_and_low_acceptance(caplog):
     for _ in range(30):  # drafting nothing, the bad request's history fades toward the prior: it is retried
         policy.idle([bad])
     assert policy.draft_lengths([bad], 2).tolist() == [3]
+    # A request running ahead is probed every step, then every 2, 4, 4, ... after misses; a hit starts over.
+    ahead = _req("a", [1])
+    due = []
+    for _ in range(12):
+        due.append(policy.probe_due(ahead))
+        if due[-1]:
+            policy.probe_missed(ahead)
+    assert due == [True, True, False, True, False, False, False, True, False, False, False, True]
+    policy.idle([ahead])
+    assert not ahead.spec_wait
+    policy.drafted(ahead)
+    assert ahead.spec_wait and policy.probe_due(ahead)
     fixed = AdaptiveDraftLength(SpeculativeConfig(method="ngram", num_speculative_tokens=3,
                                                   adaptive_draft_length=False))
     fixed.observe(bad, 3, 0)

@@ -189,6 +189,8 @@ class EngineCore:
                                 "before them", req_id)
                 policy.idle([request])
                 continue
+            if request.num_output_placeholders and not policy.probe_due(request):
+                continue  # running ahead, not probed this step
             candidates.append(request)
         if not candidates:
             return
@@ -201,8 +203,9 @@ class EngineCore:
             drafts = self.proposer.propose(request, n)[:n] if n > 0 else []
             if request.num_output_placeholders:  # running ahead: a probe on its known tokens
                 if drafts:
-                    request.spec_wait = True  # drafts are likely: its next step waits, then it drafts
+                    policy.drafted(request)  # drafts are likely: its next step waits, then it drafts
                 else:
+                    policy.probe_missed(request)
                     idle.append(request)
                 continue
             request.spec_token_ids = list(drafts)
