@@ -44,5 +44,7 @@ class SpecDecodeLogger:
             logger.info("spec decode: mean acceptance length %.2f, acceptance rate %.1f%%, per-position acceptance "
                         "%s, %d verifications in %.1f s%s", s["mean_acceptance_length"], 100 * s["acceptance_rate"],
                         ", ".join(f"{x:.2f}" for x in s["per_position"]), drafts, now - self.last_time, extra)
+        elif extra:  # speculating, but every request turned down: said, not silent
+            logger.info("spec decode: no drafts verified in %.1f s%s", now - self.last_time, extra)
         self.last_time = now
         self.last = stats

@@ -286,6 +286,9 @@ def test_spec_decode_log_line(caplog):
                                      num_accepted_tokens_per_pos=[3, 2, 1]))
     assert "mean acceptance length 2.50" in caplog.text and "acceptance rate 50.0%" in caplog.text
     assert "per-position acceptance 0.75, 0.50, 0.25" in caplog.text
+    with caplog.at_level(logging.INFO, logger="vllm_lite.spec_decode"):
+        log.maybe_log(SchedulerStats(num_drafts=4), ", 3 request(s) drafting nothing for low acceptance")
+    assert "no drafts verified" in caplog.text and "3 request(s) drafting nothing" in caplog.text
 
 
 # ---------------------------------------------------------------- benchmark
