@@ -182,9 +182,10 @@ def test_regex_choice_grammar_via_structured_outputs_and_guided_aliases(server):
 async def _tool_answers(client, max_tokens: int = 48, **kw):
     """(whole, streamed): [(content, [(name, arguments dict)], finish_reason)] of the same greedy request."""
     kw.update(model=MODEL, temperature=0, max_tokens=max_tokens)
-    full = await client.chat.completions.create(**kw)
+    full, stream = await asyncio.gather(client.chat.completions.create(**kw),
+                                        client.chat.completions.create(stream=True, **kw))
     content, calls, finish = "", {}, None
-    async for chunk in await client.chat.completions.create(stream=True, **kw):
+    async for chunk in stream:
         for c in chunk.choices:
             content += c.delta.content or ""
             for d in c.delta.tool_calls or []:
@@ -233,20 +234,23 @@ def test_tool_calls_required_named_and_auto(server):
 def test_logit_bias_allowed_token_ids_and_bad_words(server):
     tok = httpx.post(server.url_for("tokenize"), json={"prompt": " banana"}).json()["tokens"]
     base = dict(model=MODEL, prompt="My favourite fruit is", max_tokens=6, temperature=0, ignore_eos=True)
-
-    def ids(**kw) -> tuple[list[int], str]:
-        r = httpx.post(server.url_for("v1", "completions"), json={**base, **kw}, timeout=120).json()
-        text = r["choices"][0]["text"]
-        return httpx.post(server.url_for("tokenize"), json={"prompt": text, "add_special_tokens": False}
-                          ).json()["tokens"], text
-    biased, _ = ids(logit_bias={str(tok[-1]): 100})
-    assert biased == [tok[-1]] * 6
     allowed = [tok[-1], 28, 29]
-    got, _ = ids(allowed_token_ids=allowed)
+
+    async def ids(http, **kw) -> tuple[list[int], str]:
+        r = (await http.post(server.url_for("v1", "completions"), json={**base, **kw})).json()
+        text = r["choices"][0]["text"]
+        tokens = await http.post(server.url_for("tokenize"), json={"prompt": text, "add_special_tokens": False})
+        return tokens.json()["tokens"], text
+
+    async def go():
+        async with httpx.AsyncClient(timeout=300) as http:
+            runs = await asyncio.gather(ids(http, logit_bias={str(tok[-1]): 100}),
+                                        ids(http, allowed_token_ids=allowed), ids(http))
+            word = runs[2][1].split()[0]
+            return runs, word, await ids(http, bad_words=[word])
+    ((biased, _), (got, _), (_, plain)), word, (_, banned) = asyncio.run(go())
+    assert biased == [tok[-1]] * 6
     assert got and set(got) <= set(allowed)
-    _, plain = ids()
-    word = plain.split()[0]
-    _, banned = ids(bad_words=[word])
     assert word not in banned.split() and banned != plain
 
 
