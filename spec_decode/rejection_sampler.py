@@ -105,9 +105,14 @@ def rejection_sample(logits: torch.Tensor, meta: SamplingMetadata, draft_ids: to
     rows_meta = expand_metadata(meta, counts_list, offsets)
     if row_mask is not None:
         rows_meta = dataclasses.replace(rows_meta, logits_mask=row_mask)
+    # Row r belongs to request req_of_row[r], at position pos_of_row[r] among its rows (no device sync: the row
+    # count is known here).
+    total = logits.shape[0]
+    req_of_row = torch.repeat_interleave(torch.arange(s, device=device), counts, output_size=total)
+    pos_of_row = torch.arange(total, device=device) - offsets_t[req_of_row]
     if rows_meta.output_token_ids is not None:
         rows_meta = dataclasses.replace(rows_meta, output_token_ids=_with_draft_prefixes(
-            rows_meta.output_token_ids, draft_ids, counts, meta.vocab_size or logits.shape[1]))
+            rows_meta.output_token_ids, draft_ids, req_of_row, pos_of_row, meta.vocab_size or logits.shape[1]))
     logits = Sampler.apply_constraints(logits.to(torch.float32, copy=True), rows_meta)
     greedy_tokens = logits.argmax(dim=-1)
     num_drafts_t = counts - 1
@@ -119,24 +124,16 @@ def rejection_sample(logits: torch.Tensor, meta: SamplingMetadata, draft_ids: to
         uniforms, noise = _random_draws(s, kmax, probs.shape, counts_list, offsets, meta.generators, device)
         tokens = verify_drafts(draft_ids, num_drafts_t, offsets_t, greedy_tokens, meta.is_greedy, probs,
                                draft_probs, uniforms, noise, use_kernel)
-    pos = torch.arange(kmax + 1, device=device)
-    row_idx = offsets_t[:, None] + torch.minimum(pos[None, :], num_drafts_t[:, None])
-    row_tokens = torch.zeros(logits.shape[0], dtype=torch.int64, device=device)
-    valid = pos[None, :] < counts[:, None]
-    row_tokens[row_idx[valid]] = tokens[valid].clamp(min=0)
+    row_tokens = tokens[req_of_row, pos_of_row].clamp(min=0)
     return tokens, row_tokens
 
 
-def _with_draft_prefixes(output_ids: torch.Tensor, draft_ids: torch.Tensor, counts: torch.Tensor,
-                         pad: int) -> torch.Tensor:
+def _with_draft_prefixes(output_ids: torch.Tensor, draft_ids: torch.Tensor, req_of_row: torch.Tensor,
+                         pos_of_row: torch.Tensor, pad: int) -> torch.Tensor:
     """Per-row output ids [R, Lo] -> [R, Lo + K]: row j of request i also holds drafts 0..j-1 of request i (the
     tokens that precede that row), padded with `pad` (penalties drop it)."""
-    s, kmax = draft_ids.shape
-    total = output_ids.shape[0]
-    req = torch.repeat_interleave(torch.arange(s, device=output_ids.device), counts, output_size=total)
-    pos = _ranks(counts)
-    cols = torch.arange(kmax, device=output_ids.device)
-    prefix = torch.where(cols[None, :] < pos[:, None], draft_ids[req], pad)
+    cols = torch.arange(draft_ids.shape[1], device=output_ids.device)
+    prefix = torch.where(cols[None, :] < pos_of_row[:, None], draft_ids[req_of_row], pad)
     return torch.cat([output_ids, prefix], dim=1)
 
 
