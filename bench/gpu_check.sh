@@ -28,6 +28,10 @@
 #   serve      `vllm-lite bench serve`, qwen3-0.6b dummy: concurrency 1 with L1's shape (128 in, 512 out, 8 seqs:
 #              ITL p50 vs L1's TPOT, TTFT p50), then a request-rate sweep to saturation with its plot
 #   serve-default  the same concurrency-1 run and the offline L1 for the default model (needs model1..3)
+#   gsm8k / gsm8k-ref   `vllm-lite eval gsm8k`, all 1,319 questions at concurrency 256, the default model (needs
+#              model1..3); -ref adds the transformers reference (agreement per question); report folders in $OUT
+#   gsm8k-ngram / mrcr-ngram   the same with n-gram speculation (answers compared with the plain run's report)
+#   mrcr       `vllm-lite eval mrcr`, 2/4/8 needles x 20 generated records at the bins the context allows
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=/root/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -55,6 +59,14 @@ lat() {  # model batch json [extra args]
   timeout 400 python3 bench/latency.py --model "$model" --batch-size "$bs" --json "$OUT/$json" "$@" \
     > "$OUT/$json.log" 2>&1; echo "$json rc=$?"; grep -E "recompil|Error|error" "$OUT/$json.log" | head -5
 }
+
+ev() {  # dir name [eval args]: `vllm-lite eval NAME` starting its own server; report folder $OUT/dir, log $OUT/dir.log
+  local dir=$1 name=$2; shift 2
+  timeout 560 python3 -m vllm_lite eval "$name" --model smollm2-135m-instruct --output "$OUT/$dir" "$@" \
+    > "$OUT/$dir.log" 2>&1; echo "$dir rc=$?"
+  tr '\r' '\n' < "$OUT/$dir.log" | grep -vE "it/s\]|req/s\]|it\]$" | tail -40
+}
+NGRAM="--speculative-config '{\"method\":\"ngram\",\"num_speculative_tokens\":4}'"  # one shlex word
 
 sv() {  # json [bench serve args]: a launched server, its JSON result and log
   local json=$1; shift
@@ -180,6 +192,17 @@ PY
       lat smollm2-135m-instruct 1 L1-default.json --max-num-seqs 8 --load-format auto
       sv serve-c1-default.json --model smollm2-135m-instruct --load-format auto --max-num-seqs 8 \
         --max-concurrency 1 --num-prompts 32 --random-input-len 128 --random-output-len 512 --num-warmups 3 ;;
+    gsm8k) ev gsm8k gsm8k --max-concurrency 256 ;;
+    gsm8k-ref) ev gsm8k-ref gsm8k --max-concurrency 256 --reference hf ;;
+    gsm8k-ngram)
+      ev gsm8k-ngram gsm8k --max-concurrency 256 --serve-args "$NGRAM"
+      for base in gsm8k gsm8k-ref; do [ -f "$OUT/$base/gsm8k.json" ] && \
+        python3 -m vllm_lite.evals.compare "$OUT/$base/gsm8k.json" "$OUT/gsm8k-ngram/gsm8k.json"; done ;;
+    mrcr) ev mrcr mrcr --samples 20 ;;
+    mrcr-ngram)
+      ev mrcr-ngram mrcr --samples 20 --serve-args "$NGRAM"
+      [ -f "$OUT/mrcr/mrcr.json" ] && python3 -m vllm_lite.evals.compare "$OUT/mrcr/mrcr.json" \
+        "$OUT/mrcr-ngram/mrcr.json" ;;
     stage) ;;  # unpack only (a model third)
     pytest:*)
       timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu "${stage#pytest:}" > "$OUT/pytest.log" 2>&1

@@ -203,3 +203,21 @@ def test_mrcr_end_to_end_tiny_server(tmp_path, tiny_model_factory) -> None:
         assert 0 < rec["completion_tokens"] <= 8
     assert sorted(r["n_needles"] for r in data["records"]) == [2, 4]
     assert "| 3K-6K | 2 | 1 |" in (tmp_path / "mrcr.md").read_text()
+
+
+# ---- lm-evaluation-harness ------------------------------------------------------------------------------------------
+
+def test_lm_eval_local_completions_scores_like_hf(tmp_path, tiny_llama_path) -> None:
+    """lm-eval's local-completions (echo=true loglikelihoods through a real server) scores the 20-question
+    multiple-choice task exactly as lm-eval's own transformers backend on the same model (fp32)."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("tenacity")  # lm-eval's API models need its [api] extra
+    from vllm_lite.evals import lm_eval_compat
+    args = lm_eval_compat.build_parser().parse_args([
+        "--model", tiny_llama_path, "--hf", "--hf-device", "cpu", "--serve-args", "--dtype float32 --device cpu",
+        "--output", str(tmp_path)])
+    report = lm_eval_compat.run(args)
+    server, hf = report["server"]["vllm_lite_mc"], report["hf"]["vllm_lite_mc"]
+    assert server["sample_len"] == hf["sample_len"] == 20
+    assert server["acc,none"] == hf["acc,none"]
+    assert report["max_abs_loglikelihood_diff"]["vllm_lite_mc"] < 1e-4
