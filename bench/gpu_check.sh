@@ -31,6 +31,9 @@
 #   gsm8k / gsm8k-ref   `vllm-lite eval gsm8k`, all 1,319 questions at concurrency 256, the default model (needs
 #              model1..3); -ref adds the transformers reference (agreement per question); report folders in $OUT
 #   gsm8k-ngram / mrcr-ngram   the same with n-gram speculation (answers compared with the plain run's report)
+#   spec-verify / spec-ngram / spec-t1   bench/spec_decode.py's scenarios (issue 14): oracle verification TPOT vs
+#              plain for llama-3.1-8b at batch 1/8/32; n-gram on the default model (edit + chat prompts, needs the
+#              model thirds and shared/data/gsm8k in the checkout); T1 with n-gram on vs off
 #   mrcr       `vllm-lite eval mrcr`, 2/4/8 needles x 20 generated records at the bins the context allows
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -203,6 +206,9 @@ PY
       ev mrcr-ngram mrcr --samples 20 --serve-args "$NGRAM"
       [ -f "$OUT/mrcr/mrcr.json" ] && python3 -m vllm_lite.evals.compare "$OUT/mrcr/mrcr.json" \
         "$OUT/mrcr-ngram/mrcr.json" ;;
+    spec-verify|spec-ngram|spec-t1)
+      timeout 590 python3 bench/spec_decode.py "${stage#spec-}" --json "$OUT/$stage.json" > "$OUT/$stage.log" 2>&1
+      echo "$stage rc=$?"; grep -vE "Warning|^\s*$" "$OUT/$stage.log" | tail -40 ;;
     stage) ;;  # unpack only (a model third)
     pytest:*)
       timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu "${stage#pytest:}" > "$OUT/pytest.log" 2>&1
