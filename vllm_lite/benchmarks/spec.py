@@ -11,6 +11,8 @@ per-position acceptance next to its times.
           >= 2x), and chat prompts that do not repeat (target: ngram no slower than 0.97x).
   t1      the T1 throughput workload (256 random-id requests, bench/throughput.py) with n-gram on vs off
           (target >= 0.97x).
+Each engine of a comparison runs in its own spawned process (the device is whole for each; results come back
+through a pipe).
 
     vllm-lite bench spec verify [--batch-sizes 1,8,32] [engine flags]
     vllm-lite bench spec ngram [--speculative-config '{"method": "ngram", ...}'] [--data FOLDER]
@@ -19,11 +21,12 @@ per-position acceptance next to its times.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
+import multiprocessing
 import os
 import random
 import time
+import traceback
 from typing import Any
 
 from vllm_lite.benchmarks import throughput
@@ -66,13 +69,29 @@ class ReplayProposer:
         return ref[done:done + k]
 
 
-def _release(llm: Any) -> None:
-    """Drop an engine and its device memory before the next one is built."""
-    del llm
-    gc.collect()
-    import torch
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+def _in_child(fn: Any, *args: Any) -> Any:
+    """fn(*args) in a fresh spawned process: each engine of a comparison gets the whole device (and a clean
+    allocator), whatever the previous one left behind. Results come back through a local pipe."""
+    ctx = multiprocessing.get_context("spawn")
+    receiver, sender = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child_main, args=(sender, fn, args))
+    proc.start()
+    sender.close()
+    try:
+        ok, value = receiver.recv()
+    except EOFError:
+        ok, value = False, f"the benchmark process died (exit code {proc.join() or proc.exitcode})"
+    proc.join()
+    if not ok:
+        raise RuntimeError(f"{fn.__name__} failed:\n{value}")
+    return value
+
+
+def _child_main(sender: Any, fn: Any, args: tuple) -> None:
+    try:
+        sender.send((True, fn(*args)))
+    except BaseException:  # reported to the parent, which raises it
+        sender.send((False, traceback.format_exc()))
 
 
 def _stats(llm: Any) -> Any:
@@ -110,38 +129,60 @@ def _latency(llm: Any, batch: list[dict], output_len: int, warmup: int, iters: i
     return sorted(tpots)[len(tpots) // 2], outs
 
 
+def _verify_engine(args: argparse.Namespace, k: int, batches: dict, refs: dict | None) -> dict:
+    """One engine's TPOT per batch size: plain (refs None; returns the outputs too) or with the replay oracle."""
+    llm = make_llm(args, **({} if refs is None else {"speculative_config": {**NGRAM, "num_speculative_tokens": k}}))
+    oracle = ReplayProposer()
+    if refs is not None:  # the ngram method makes the engine capture 1 + k graphs; the oracle replaces its proposer
+        llm.engine.proposer = oracle
+    rows = {}
+    for b, batch in batches.items():
+        name = "plain" if refs is None else f"oracle k={k}"
+        if refs is not None:
+            oracle.reference = {tuple(p["prompt_token_ids"]): r for p, r in zip(batch, refs[b])}
+        before = _stats(llm)
+        tpot, outs = _latency(llm, batch, args.output_len, args.num_iters_warmup, args.num_iters)
+        tokens = [o.outputs[0].token_ids for o in outs]
+        rows[b] = {"tpot_ms": round(tpot, 4), "tokens": tokens, **_acceptance(before, _stats(llm))}
+        progress(f"{name} batch {b}: TPOT {tpot:.3f} ms, mean acceptance length "
+                 f"{rows[b]['mean_acceptance_length']}, per position {rows[b]['per_position_acceptance']}")
+    return {"rows": rows, "device": str(llm.device), "vocab_size": llm.info.vocab_size}
+
+
+def _vocab_size(args: argparse.Namespace) -> int:
+    from vllm_lite.benchmarks.utils import resolve_bench_model
+    from vllm_lite.config import EngineConfig
+    from vllm_lite.model_loader import resolve_model
+    from vllm_lite.entrypoints.args import engine_kwargs_from_args
+    kwargs = engine_kwargs_from_args(args)
+    config = EngineConfig.from_kwargs(**{**kwargs, "model": resolve_bench_model(kwargs["model"]),
+                                         "speculative_config": None})
+    return resolve_model(config.model, config.load, "cpu").vocab_size
+
+
 def run_verify(args: argparse.Namespace) -> dict:
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     k = args.num_speculative_tokens
-    plain = make_llm(args)
-    vocab = min(10000, plain.info.vocab_size)
+    vocab = min(10000, _vocab_size(args))
     rng = random.Random(0)
     batches = {b: [{"prompt_token_ids": [rng.randrange(vocab) for _ in range(args.input_len)]} for _ in range(b)]
                for b in sizes}
-    rows, refs = {}, {}
+    plain = _in_child(_verify_engine, args, k, batches, None)
+    refs = {b: row["tokens"] for b, row in plain["rows"].items()}
+    spec = _in_child(_verify_engine, args, k, batches, refs)
+    rows = []
     for b in sizes:
-        tpot, outs = _latency(plain, batches[b], args.output_len, args.num_iters_warmup, args.num_iters)
-        refs[b] = outs
-        rows[b] = {"batch_size": b, "plain_tpot_ms": round(tpot, 4)}
-        progress(f"plain batch {b}: TPOT {tpot:.3f} ms")
-    _release(plain)
-    # The engine captures 1 + k graphs for the ngram method; the oracle replaces its proposer.
-    spec = make_llm(args, speculative_config={**NGRAM, "num_speculative_tokens": k})
-    oracle = ReplayProposer()
-    spec.engine.proposer = oracle
-    for b in sizes:
-        oracle.reference = {tuple(p["prompt_token_ids"]): o.outputs[0].token_ids
-                            for p, o in zip(batches[b], refs[b])}
-        before = _stats(spec)
-        tpot, outs = _latency(spec, batches[b], args.output_len, args.num_iters_warmup, args.num_iters)
-        same = sum(o.outputs[0].token_ids == r.outputs[0].token_ids for o, r in zip(outs, refs[b]))
-        rows[b].update(spec_tpot_ms=round(tpot, 4), ratio=round(tpot / rows[b]["plain_tpot_ms"], 4),
-                       identical_outputs=f"{same}/{b}", **_acceptance(before, _stats(spec)))
-        progress(f"oracle k={k} batch {b}: TPOT {tpot:.3f} ms = {rows[b]['ratio']:.3f}x plain, mean acceptance "
-                 f"length {rows[b]['mean_acceptance_length']}, per position {rows[b]['per_position_acceptance']}")
+        p, q = plain["rows"][b], spec["rows"][b]
+        same = sum(x == y for x, y in zip(p["tokens"], q["tokens"]))
+        rows.append({"batch_size": b, "plain_tpot_ms": p["tpot_ms"], "spec_tpot_ms": q["tpot_ms"],
+                     "ratio": round(q["tpot_ms"] / p["tpot_ms"], 4), "identical_outputs": f"{same}/{b}",
+                     **{key: q[key] for key in ("mean_acceptance_length", "acceptance_rate",
+                                                "per_position_acceptance", "num_drafts")}})
+        progress(f"batch {b}: oracle TPOT {q['tpot_ms']:.3f} ms = {rows[-1]['ratio']:.3f}x plain "
+                 f"{p['tpot_ms']:.3f} ms")
     return {"scenario": "verify", "model": bench_model(args), "k": k, "input_len": args.input_len,
-            "output_len": args.output_len, "device": str(spec.device), "target": "ratio <= 0.30 at batch 1",
-            "rows": list(rows.values())}
+            "output_len": args.output_len, "device": spec["device"], "target": "ratio <= 0.30 at batch 1",
+            "rows": rows}
 
 
 # ---------------------------------------------------------------- ngram
@@ -165,33 +206,37 @@ def _per_prompt_tpot(llm: Any, convs: list, max_tokens: int) -> tuple[float, lis
     return 1000 * decode_s / max(decode_tokens, 1), outs
 
 
+def _ngram_engine(args: argparse.Namespace, config: dict | None, edits: list, chats: list) -> dict:
+    """One engine (plain: config None) over the edit and chat prompts: TPOT, outputs, acceptance."""
+    llm = make_llm(args, **({} if config is None else {"speculative_config": config}))
+    name = "plain" if config is None else "spec"
+    _per_prompt_tpot(llm, edits[:1] + chats[:1], 16)  # warm-up
+    result: dict[str, Any] = {"device": str(llm.device)}
+    for workload, convs in (("edit", edits), ("chat", chats)):
+        before = _stats(llm)
+        tpot, outs = _per_prompt_tpot(llm, convs, args.output_len)
+        result[workload] = {"tpot_ms": round(tpot, 4), "outputs": outs, "acceptance": _acceptance(before, _stats(llm))}
+        progress(f"{name} {workload}: TPOT {tpot:.3f} ms")
+    return result
+
+
 def run_ngram(args: argparse.Namespace) -> dict:
     spec_config = args.speculative_config or NGRAM
     args.speculative_config = None
     edits = [[{"role": "user", "content": EDIT_PROMPT.format(passage=p)}]
              for p in _passages(args.data, args.num_passages)]
     chats = [[{"role": "user", "content": c}] for c in CHAT_PROMPTS[:args.num_chat]]
+    plain = _in_child(_ngram_engine, args, None, edits, chats)
+    spec = _in_child(_ngram_engine, args, spec_config, edits, chats)
     result: dict[str, Any] = {"scenario": "ngram", "model": bench_model(args), "speculative_config": spec_config,
-                              "max_tokens": args.output_len}
-    outputs = {}
-    for name, config in (("plain", None), ("spec", spec_config)):
-        llm = make_llm(args, **({} if config is None else {"speculative_config": config}))
-        result["device"] = str(llm.device)
-        _per_prompt_tpot(llm, edits[:1] + chats[:1], 16)  # warm-up
-        for workload, convs in (("edit", edits), ("chat", chats)):
-            before = _stats(llm)
-            tpot, outs = _per_prompt_tpot(llm, convs, args.output_len)
-            outputs[name, workload] = outs
-            result[f"{workload}_{name}_tpot_ms"] = round(tpot, 4)
-            if config is not None:
-                result[f"{workload}_acceptance"] = _acceptance(before, _stats(llm))
-            progress(f"{name} {workload}: TPOT {tpot:.3f} ms")
-        _release(llm)
+                              "max_tokens": args.output_len, "device": spec["device"]}
     for workload in ("edit", "chat"):
-        result[f"{workload}_speedup"] = round(result[f"{workload}_plain_tpot_ms"] / result[f"{workload}_spec_tpot_ms"],
-                                              4)
-        same = sum(a == b for a, b in zip(outputs["plain", workload], outputs["spec", workload]))
-        result[f"{workload}_identical_outputs"] = f"{same}/{len(outputs['plain', workload])}"
+        p, q = plain[workload], spec[workload]
+        same = sum(a == b for a, b in zip(p["outputs"], q["outputs"]))
+        result.update({f"{workload}_plain_tpot_ms": p["tpot_ms"], f"{workload}_spec_tpot_ms": q["tpot_ms"],
+                       f"{workload}_speedup": round(p["tpot_ms"] / q["tpot_ms"], 4),
+                       f"{workload}_identical_outputs": f"{same}/{len(p['outputs'])}",
+                       f"{workload}_acceptance": q["acceptance"]})
     result["targets"] = "edit_speedup >= 2, chat_speedup >= 0.97"
     progress(f"edit: {result['edit_speedup']}x, chat: {result['chat_speedup']}x; edit acceptance "
              f"{result['edit_acceptance']}")
@@ -199,32 +244,36 @@ def run_ngram(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------- t1
+def _t1_engine(args: argparse.Namespace, config: dict | None) -> dict:
+    """T1 on one engine (plain: config None): median output tokens/s and acceptance."""
+    prompts, params = throughput.workload(args.num_requests, args.min_len, args.max_len)
+    llm = make_llm(args, **({} if config is None else {"speculative_config": config}))
+    name = "plain" if config is None else "spec"
+    warm = min(8, len(prompts))
+    llm.generate(prompts[:warm], [SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)] * warm,
+                 use_tqdm=False)
+    before = _stats(llm)
+    runs, tokens = [], 0
+    for i in range(max(args.repeats, 1)):
+        elapsed, outs = _timed(llm, prompts, params)
+        runs.append(elapsed)
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        progress(f"{name} run {i + 1}: {tokens / elapsed:.1f} output tokens/s")
+    return {"output_tokens_per_s": round(tokens / sorted(runs)[len(runs) // 2], 2), "device": str(llm.device),
+            "acceptance": _acceptance(before, _stats(llm))}
+
+
 def run_t1(args: argparse.Namespace) -> dict:
     spec_config = args.speculative_config or NGRAM
     args.speculative_config = None
-    prompts, params = throughput.workload(args.num_requests, args.min_len, args.max_len)
-    result: dict[str, Any] = {"scenario": "t1", "model": bench_model(args), "speculative_config": spec_config,
-                              "num_requests": args.num_requests}
-    for name, config in (("plain", None), ("spec", spec_config)):
-        llm = make_llm(args, **({} if config is None else {"speculative_config": config}))
-        warm = min(8, len(prompts))
-        llm.generate(prompts[:warm], [SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)] * warm,
-                     use_tqdm=False)
-        before = _stats(llm)
-        runs, tokens = [], 0
-        for i in range(max(args.repeats, 1)):
-            elapsed, outs = _timed(llm, prompts, params)
-            runs.append(elapsed)
-            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-            progress(f"{name} run {i + 1}: {tokens / elapsed:.1f} output tokens/s")
-        result[f"{name}_output_tokens_per_s"] = round(tokens / sorted(runs)[len(runs) // 2], 2)
-        if config is not None:
-            result["acceptance"] = _acceptance(before, _stats(llm))
-        result["device"] = str(llm.device)
-        _release(llm)
-    result["ratio"] = round(result["spec_output_tokens_per_s"] / result["plain_output_tokens_per_s"], 4)
-    result["target"] = "ratio >= 0.97"
-    return result
+    plain = _in_child(_t1_engine, args, None)
+    spec = _in_child(_t1_engine, args, spec_config)
+    return {"scenario": "t1", "model": bench_model(args), "speculative_config": spec_config,
+            "num_requests": args.num_requests, "device": spec["device"],
+            "plain_output_tokens_per_s": plain["output_tokens_per_s"],
+            "spec_output_tokens_per_s": spec["output_tokens_per_s"],
+            "ratio": round(spec["output_tokens_per_s"] / plain["output_tokens_per_s"], 4),
+            "acceptance": spec["acceptance"], "target": "ratio >= 0.97"}
 
 
 def main(argv: list[str] | None = None) -> dict:
