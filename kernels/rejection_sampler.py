@@ -93,7 +93,7 @@ if HAS_TRITON:
         n = tl.load(num_drafts_ptr + i)
         off = tl.load(offsets_ptr + i)
         if ALL_GREEDY:
-            greedy = True
+            greedy = n >= 0  # True, as a tensor like the other branch's
         else:
             greedy = tl.load(is_greedy_ptr + i) != 0
         n_acc = n * 0
@@ -156,14 +156,15 @@ def verify_drafts_triton(drafts: torch.Tensor, num_drafts: torch.Tensor, offsets
         return out
     all_greedy = is_greedy is None
     vocab = 1 if all_greedy else probs.shape[1]
-    dummy = greedy_tokens  # never read under the constexpr flags that skip it
+    # Stand-ins of the right dtypes for inputs the constexpr flags never read.
+    fdummy = torch.zeros(1, dtype=torch.float32, device=drafts.device)
     _verify_kernel[(s,)](
         out, drafts.contiguous(), num_drafts.contiguous(), offsets.contiguous(), greedy_tokens.contiguous(),
-        dummy if all_greedy else is_greedy.to(torch.int8).contiguous(),
-        dummy if all_greedy else probs.contiguous(),
-        draft_probs.contiguous() if draft_probs is not None else dummy,
-        dummy if all_greedy else uniforms.contiguous(),
-        dummy if all_greedy else noise.contiguous(),
+        torch.ones(1, dtype=torch.int8, device=drafts.device) if all_greedy else is_greedy.to(torch.int8).contiguous(),
+        fdummy if all_greedy else probs.contiguous(),
+        draft_probs.contiguous() if draft_probs is not None else fdummy,
+        fdummy if all_greedy else uniforms.contiguous(),
+        fdummy if all_greedy else noise.contiguous(),
         V=vocab, K=k, ALL_GREEDY=all_greedy, HAS_DRAFT_PROBS=draft_probs is not None,
         BLOCK_V=min(block_v, triton.next_power_of_2(vocab)))
     return out
