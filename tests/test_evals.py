@@ -91,13 +91,24 @@ def test_report_files(tmp_path, monkeypatch, capsys) -> None:
     assert set(paths) == {"json", "markdown"} and "plots skipped" in capsys.readouterr().out
 
 
-def _run_against_reference(tmp_path, limit: int, num_shots: int, max_tokens: int) -> None:
+@pytest.fixture(scope="module")
+def default_server():
+    """`vllm-lite serve` of the default model in fp32 on the CPU, shared by the GSM8K runs (its base URL)."""
+    from vllm_lite.evals.server import EvalServer
+    with EvalServer("smollm2-135m-instruct", "--dtype float32 --device cpu") as srv:
+        yield srv.base_url
+
+
+def _run_against_reference(tmp_path, base_url: str, limit: int, num_shots: int, max_tokens: int,
+                           chat: bool = False) -> None:
     args = gsm8k.build_parser().parse_args([
         "--limit", str(limit), "--num-shots", str(num_shots), "--reference", "hf", "--max-tokens", str(max_tokens),
-        "--serve-args", "--dtype float32 --device cpu", "--output", str(tmp_path)])
+        "--base-url", base_url, "--model", "smollm2-135m-instruct", "--output", str(tmp_path),
+        *(["--chat"] if chat else [])])
     summary = gsm8k.run(args)
     data = json.loads((tmp_path / "gsm8k.json").read_text())
     assert summary["questions"] == limit and summary["errors"] == 0
+    assert summary["mode"] == ("chat" if chat else "completions")
     for rec in data["records"]:
         assert rec["pred"] == rec["reference_pred"], rec
         assert rec["token_agreement"] in ("identical", "near_tie"), rec
@@ -107,15 +118,20 @@ def _run_against_reference(tmp_path, limit: int, num_shots: int, max_tokens: int
     assert (tmp_path / "gsm8k.md").exists()
 
 
-def test_gsm8k_server_equals_transformers_fast(tmp_path) -> None:
+def test_gsm8k_server_equals_transformers_fast(tmp_path, default_server) -> None:
     """3 questions (1-shot, at most 32 tokens) through a real server: extracted answers equal transformers'."""
-    _run_against_reference(tmp_path, limit=3, num_shots=1, max_tokens=32)
+    _run_against_reference(tmp_path, default_server, limit=3, num_shots=1, max_tokens=32)
+
+
+def test_gsm8k_chat_equals_transformers(tmp_path, default_server) -> None:
+    """--chat: the prompt as one user message through the chat template, on both sides."""
+    _run_against_reference(tmp_path, default_server, limit=2, num_shots=1, max_tokens=24, chat=True)
 
 
 @pytest.mark.slow
-def test_gsm8k_server_equals_transformers_10(tmp_path) -> None:
+def test_gsm8k_server_equals_transformers_10(tmp_path, default_server) -> None:
     """The acceptance run: 10 questions with the 5-shot recipe through a real server, equal to transformers."""
-    _run_against_reference(tmp_path, limit=10, num_shots=5, max_tokens=256)
+    _run_against_reference(tmp_path, default_server, limit=10, num_shots=5, max_tokens=256)
 
 
 def test_cli_dispatch_help(capsys) -> None:
