@@ -20,7 +20,6 @@ import pytest
 
 from vllm_lite import LLM, SamplingParams, StructuredOutputsParams
 from vllm_lite.config import StructuredOutputsConfig
-from vllm_lite.structured_output.grammar import compile_key
 from vllm_lite.structured_output.manager import StructuredOutputManager
 from vllm_lite.structured_output.validate import validate_structured_outputs
 
@@ -76,7 +75,7 @@ def _accepted_by_grammar(llm: LLM, params: StructuredOutputsParams, token_ids: l
     """Whether a fresh matcher of the request's grammar takes every output token (stop tokens included)."""
     import xgrammar as xgr
     manager = llm.engine.structured
-    matcher = xgr.GrammarMatcher(manager._compile(compile_key(params, False, False)))
+    matcher = xgr.GrammarMatcher(manager.compile_now(params))
     return all(matcher.accept_token(t) for t in token_ids)
 
 
@@ -256,6 +255,10 @@ def _real_model_check(real_llm, names: list[str], max_tokens: int) -> None:
                  f"{json.dumps(SCHEMAS[n])}"}] for n in names]
     params = [SamplingParams(temperature=0.0, max_tokens=max_tokens, structured_outputs=StructuredOutputsParams(
         json=SCHEMAS[n], disable_any_whitespace=True)) for n in names]
+    prompts.append([{"role": "user", "content": "Give the name and country of the capital of France as a JSON "
+                                                 "object."}])
+    params.append(SamplingParams(temperature=0.0, max_tokens=48, structured_outputs=StructuredOutputsParams(
+        json_object=True, disable_any_whitespace=True)))
     prompts.append([{"role": "user", "content": "Is the sky blue? Answer yes or no."}])
     params.append(SamplingParams(temperature=0.0, max_tokens=8,
                                  structured_outputs=StructuredOutputsParams(choice=["yes", "no"])))
@@ -264,6 +267,8 @@ def _real_model_check(real_llm, names: list[str], max_tokens: int) -> None:
         comp = out.outputs[0]
         assert comp.finish_reason == "stop", (name, comp.text)
         jsonschema.validate(json.loads(comp.text), SCHEMAS[name], format_checker=FORMATS)
+    obj = outs[-2].outputs[0]
+    assert obj.finish_reason == "stop" and isinstance(json.loads(obj.text), dict), obj.text
     assert outs[-1].outputs[0].text in ("yes", "no")
 
 
@@ -273,12 +278,7 @@ def test_real_model_greedy_answers_validate(real_llm):
 
 @pytest.mark.slow
 def test_real_model_more_schemas(real_llm):
-    """Longer answers, and JSON mode: an object."""
     _real_model_check(real_llm, REAL_MODEL_SCHEMAS[2:], 128)
-    out = real_llm.chat([{"role": "user", "content": "Describe Paris as a JSON object with 3 keys."}],
-                        SamplingParams(temperature=0.0, max_tokens=256, structured_outputs=StructuredOutputsParams(
-                            json_object=True, disable_any_whitespace=True)), use_tqdm=False)[0].outputs[0]
-    assert out.finish_reason == "stop" and isinstance(json.loads(out.text), dict)
 
 
 def test_structured_outputs_flags_reach_the_config():
@@ -298,3 +298,43 @@ def test_structured_outputs_flags_reach_the_config():
                          ({"compile_timeout_s": 0}, "compile timeout")]:
         with pytest.raises(ValueError, match=message):
             EngineConfig.from_kwargs(structured_outputs_config=bad)
+
+
+def test_engine_core_process_compiles_and_masks(tiny_smol_path):
+    """The server's path: StructuredOutputsParams cross the socket to the engine core process, which loads the
+    tokenizer itself for its manager; a regex and a schema come back valid, a slow grammar ends in "error"."""
+    import asyncio
+
+    from vllm_lite.config import EngineConfig
+    from vllm_lite.engine.async_client import AsyncEngineClient
+    from vllm_lite.tokenizer import load_tokenizer
+
+    config = EngineConfig.from_kwargs(model=tiny_smol_path, structured_outputs_config={"compile_timeout_s": 1},
+                                      **TINY)
+    client = AsyncEngineClient(config, tokenizer_loader=load_tokenizer)
+    huge_enum = {"enum": [f"item_{i}_{i * 7919 % 10007}" for i in range(20000)]}
+    params = {"re": SamplingParams(temperature=1.0, seed=3, max_tokens=30,
+                                   structured_outputs=StructuredOutputsParams(regex=REGEXES[0])),
+              "js": _json_params(4, SCHEMAS["event"]),
+              "slow": SamplingParams(max_tokens=8, structured_outputs=StructuredOutputsParams(json=huge_enum))}
+
+    async def one(rid: str) -> object:
+        state = None
+        async for state in client.generate(rid, None, [1, 2, 3, 4], params[rid]):
+            pass
+        return state.sequences[0]
+
+    async def run() -> list:
+        await asyncio.wait_for(client.start(), 120)
+        return await asyncio.wait_for(asyncio.gather(*(one(r) for r in params)), 120)
+
+    try:
+        regex, js, slow = asyncio.run(run())
+    finally:
+        client.shutdown()
+    def text(seq: object) -> str:
+        return client.tokenizer.decode(seq.token_ids, skip_special_tokens=True)
+    assert regex.finish_reason == "stop" and re.fullmatch(REGEXES[0], text(regex))
+    if js.finish_reason == "stop":
+        jsonschema.validate(json.loads(text(js)), SCHEMAS["event"], format_checker=FORMATS)
+    assert slow.finish_reason == "error" and "timed out" in slow.stop_reason

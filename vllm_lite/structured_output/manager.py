@@ -49,8 +49,10 @@ class StructuredOutputManager:
         self._pool = cf.ThreadPoolExecutor(config.compile_threads, thread_name_prefix="grammar-compile")
         self._compiler = self._pool.submit(self._build_compiler, tokenizer, list(stop_token_ids))
         self._batch: Any = None
+        self.tokenizer_info: Any = None
         self._futures: OrderedDict[CompileKey, cf.Future] = OrderedDict()
-        self.compiling: dict[str, tuple[Request, cf.Future, float]] = {}
+        self.compiling: dict[str, tuple[Request, cf.Future]] = {}
+        self._started: dict[cf.Future, float] = {}  # compile start (monotonic), once a pool thread takes it
         self.requests: dict[str, Request] = {}  # compiled constrained requests not known finished yet
         self._buffer = np.zeros((0, self.num_words), dtype=np.int32)
         # Diagnostics (bench/structured.py): seconds per bitmask() call and per compile.
@@ -68,7 +70,8 @@ class StructuredOutputManager:
         enqueue(request)
         future = self._futures.get(key)
         if future is None or (future.done() and future.exception() is not None):
-            future = self._pool.submit(self._compile, key)
+            future = cf.Future()
+            self._pool.submit(self._compile, key, future)
             self._futures[key] = future
             if len(self._futures) > _MAX_CACHED_KEYS:
                 self._futures.popitem(last=False)
@@ -78,13 +81,14 @@ class StructuredOutputManager:
             self._attach(request, future.result())
             return
         request.status = RequestStatus.WAITING_FOR_FSM
-        self.compiling[request.request_id] = (request, future, time.monotonic() + self.config.compile_timeout_s)
+        self.compiling[request.request_id] = (request, future)
 
     def _build_compiler(self, tokenizer: Callable[[], Any], stop_token_ids: list[int]) -> Any:
         import xgrammar as xgr
 
         info = xgr.TokenizerInfo.from_huggingface(tokenizer(), vocab_size=self.vocab_size,
                                                   stop_token_ids=stop_token_ids or None)
+        self.tokenizer_info = info  # also for bench/structured.py's cold compiles
         if self.config.fill_threads > 1:
             self._batch = xgr.BatchGrammarMatcher(self.config.fill_threads)
         return xgr.GrammarCompiler(info, max_threads=self.config.compile_threads)
@@ -94,12 +98,26 @@ class StructuredOutputManager:
         """The xgrammar GrammarCompiler (waits for it to be built)."""
         return self._compiler.result()
 
-    def _compile(self, key: CompileKey) -> Any:
-        compiler = self.compiler  # outside the timing: built once, at start-up
-        start = time.perf_counter()
-        compiled = compile_grammar(compiler, key)
-        self.compile_times.append(time.perf_counter() - start)
-        return compiled
+    def _compile(self, key: CompileKey, future: cf.Future) -> None:
+        """Compile in a pool thread; the timeout runs from here (not while queued, nor while the compiler itself
+        is still being built at start-up)."""
+        try:
+            compiler = self.compiler
+            self._started[future] = time.monotonic()
+            start = time.perf_counter()
+            compiled = compile_grammar(compiler, key)
+            self.compile_times.append(time.perf_counter() - start)
+        except Exception as exc:  # noqa: BLE001 (the request's error, reported by poll)
+            future.set_exception(exc)
+        else:
+            future.set_result(compiled)
+        finally:
+            self._started.pop(future, None)
+
+    def compile_now(self, params: Any) -> Any:
+        """The compiled grammar of a StructuredOutputsParams, compiled in the caller's thread (tests, tools)."""
+        key = compile_key(params, self.config.disable_any_whitespace, self.config.disable_additional_properties)
+        return compile_grammar(self.compiler, key)
 
     def _attach(self, request: Request, compiled: Any) -> None:
         import xgrammar as xgr
@@ -112,13 +130,12 @@ class StructuredOutputManager:
         (returned: their final outputs). idle: nothing else can run, so wait briefly for a compile to end."""
         if not self.compiling:
             return []
+        timeout = self.config.compile_timeout_s
         if idle:
-            nearest = min(deadline for _, _, deadline in self.compiling.values())
-            wait = min(_IDLE_WAIT_S, max(nearest - time.monotonic(), 0.0))
-            cf.wait([f for _, f, _ in self.compiling.values()], timeout=wait, return_when=cf.FIRST_COMPLETED)
+            cf.wait([f for _, f in self.compiling.values()], timeout=_IDLE_WAIT_S, return_when=cf.FIRST_COMPLETED)
         now = time.monotonic()
         failed: list[str] = []
-        for req_id, (request, future, deadline) in list(self.compiling.items()):
+        for req_id, (request, future) in list(self.compiling.items()):
             if request.status != RequestStatus.WAITING_FOR_FSM:  # aborted meanwhile
                 del self.compiling[req_id]
                 continue
@@ -131,7 +148,7 @@ class StructuredOutputManager:
                     continue
                 request.stop_reason = (f"structured output grammar failed to compile: "
                                        f"{xgrammar_message(exc)}")
-            elif now >= deadline:
+            elif now >= self._started.get(future, now) + timeout:
                 del self.compiling[req_id]
                 request.stop_reason = (f"structured output grammar compilation timed out after "
                                        f"{self.config.compile_timeout_s:g} s (structured_outputs_config."
