@@ -82,6 +82,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                      "required": ["code"], "additionalProperties": False},
     "pattern_phone": {"type": "string", "pattern": "^\\+[0-9]{2} [0-9]{3}-[0-9]{4}$"},
     "pattern_alternation": {"type": "string", "pattern": "^(yes|no|maybe)$"},
+    "pattern_optional_groups": {"type": "object", "properties": {
+        "price": {"type": "string", "pattern": "^[1-9][0-9]*(\\.[0-9]+)?$"},
+        "ref": {"type": "string", "pattern": "^A(-[0-9]+)?(/[a-z]+)?$"}}, "required": ["price", "ref"],
+                                "additionalProperties": False},
     "format_date": {"type": "object", "properties": {"day": {"type": "string", "format": "date"}},
                     "required": ["day"], "additionalProperties": False},
     "format_time": {"type": "string", "format": "time"},

@@ -32,7 +32,7 @@ _UNSUPPORTED_FORMATS = frozenset({"regex", "idn-email", "idn-hostname"})
 _LEAP_YEAR = "([0-9]{2}(0[48]|[2468][048]|[13579][26])|([02468][048]|[13579][26])00)"
 _DATE = ("(([0-9]{4}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)|"
          "02-(0[1-9]|1[0-9]|2[0-8])))|" + _LEAP_YEAR + "-02-29)")
-# (No fractional seconds: xgrammar 0.2.9 drops the dot of an optional group like "(\\.[0-9]+)?".)
+# (No fractional seconds: RFC 3339 makes them optional, and the grammar stays small.)
 _TIME = "([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
 _OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
 STRICT_FORMAT_PATTERNS = {
@@ -159,9 +159,38 @@ def _check_schema(schema: Any, where: str, depth: int) -> None:
             _check_schema(schema[key], f"{where}/{key}", depth + 1)
 
 
+def _optional_groups_as_counts(pattern: str) -> str:
+    """`(...)?` written as `(...){0,1}`: xgrammar 0.2.9 converts an optional group inside a JSON-string pattern
+    wrongly (`a(b[0-9]+)?` lets "a123" through), the counted form correctly."""
+    out: list[str] = []
+    i, in_class = 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            out.append(pattern[i: i + 2])
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+            if pattern[i + 1: i + 2] == "]":  # "[]...]": a leading "]" is a member
+                out.append("[]")
+                i += 2
+                continue
+        elif c == ")" and pattern[i + 1: i + 2] == "?":
+            out.append("){0,1}")
+            i += 2
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
 def prepare_schema(schema: Any, close_objects: bool = False) -> Any:
     """The schema xgrammar compiles: a copy where each date / time / date-time / ipv4 format is the equivalent
-    strict pattern, string lengths become a pattern of plain characters, and, with close_objects
+    strict pattern, string lengths become a pattern of plain characters, optional groups in patterns are counted,
+    and, with close_objects
     (disable_additional_properties), every object schema without its own additionalProperties gets false."""
     if isinstance(schema, list):
         return [prepare_schema(s, close_objects) for s in schema]
@@ -173,6 +202,8 @@ def prepare_schema(schema: Any, close_objects: bool = False) -> Any:
     if isinstance(fmt, str) and fmt in STRICT_FORMAT_PATTERNS and "pattern" not in out:
         del out["format"]
         out["pattern"] = STRICT_FORMAT_PATTERNS[fmt]
+    if isinstance(out.get("pattern"), str):
+        out["pattern"] = _optional_groups_as_counts(out["pattern"])
     if ("minLength" in out or "maxLength" in out) and "pattern" not in out and "format" not in out:
         # xgrammar's length-bounded strings admit raw control characters (invalid JSON): a pattern instead.
         low, high = out.pop("minLength", 0), out.pop("maxLength", "")
