@@ -213,15 +213,15 @@ def test_spec_drafts_give_the_same_constrained_outputs(tiny_smol_path, async_sch
 def test_slow_compile_times_out_alone(tiny_smol_path):
     """A grammar still compiling after compile_timeout_s fails that request ("error", the reason in stop_reason)
     while another constrained request completes; the compile goes on in the background."""
-    slow = LLM(tiny_smol_path, structured_outputs_config={"compile_timeout_s": 1.0}, **TINY)
-    huge_enum = {"enum": [f"value_{i}_{i * 7919 % 10007}" for i in range(20000)]}
-    params = [SamplingParams(max_tokens=30, structured_outputs=StructuredOutputsParams(json=huge_enum)),
-              SamplingParams(temperature=1.0, seed=0, max_tokens=60,
-                             structured_outputs=StructuredOutputsParams(json=SCHEMAS["flat_person"],
-                                                                        disable_any_whitespace=True))]
+    slow = LLM(tiny_smol_path, structured_outputs_config={"compile_timeout_s": 0.3}, **TINY)
+    huge_enum = {"enum": [f"value_{i}_{i * 7919 % 10007}" for i in range(20000)]}  # seconds to compile
+    good_params = SamplingParams(temperature=1.0, seed=0, max_tokens=60, structured_outputs=StructuredOutputsParams(
+        json=SCHEMAS["flat_person"], disable_any_whitespace=True))
+    slow.generate(["w"], good_params, use_tqdm=False)  # compiled (and cached) before the clock matters
+    params = [SamplingParams(max_tokens=30, structured_outputs=StructuredOutputsParams(json=huge_enum)), good_params]
     bad, good = slow.generate(["x", "y"], params, use_tqdm=False)
     assert bad.outputs[0].finish_reason == "error" and bad.outputs[0].token_ids == []
-    assert "timed out after 1 s" in bad.outputs[0].stop_reason
+    assert "timed out after 0.3 s" in bad.outputs[0].stop_reason
     assert good.outputs[0].finish_reason in ("stop", "length") and good.outputs[0].token_ids
     assert any(not f.done() for f in slow.engine.structured._futures.values())
 
@@ -312,7 +312,7 @@ def test_engine_core_process_compiles_and_masks(tiny_smol_path):
     config = EngineConfig.from_kwargs(model=tiny_smol_path, structured_outputs_config={"compile_timeout_s": 1},
                                       **TINY)
     client = AsyncEngineClient(config, tokenizer_loader=load_tokenizer)
-    huge_enum = {"enum": [f"item_{i}_{i * 7919 % 10007}" for i in range(20000)]}
+    huge_enum = {"enum": [f"item_{i}_{i * 7919 % 10007}" for i in range(60000)]}  # the process ends it
     params = {"re": SamplingParams(temperature=1.0, seed=3, max_tokens=30,
                                    structured_outputs=StructuredOutputsParams(regex=REGEXES[0])),
               "js": _json_params(4, SCHEMAS["event"]),
