@@ -5,8 +5,9 @@ from eight shapes: person, order, event, product, address, weather, book, task l
 --num-requests at once (full batch), then --batch1-requests one at a time (batch 1). Reported per mode and
 batch: output tokens/s, finish reasons, and the validity rate of the outputs that finished with "stop" (JSON of the
 requested shape: parsed, an object for json_object, validated with `jsonschema` for json_schema when it is
-installed); plus the engine core's per-step bitmask time (p50 / p99 ms, full batch, json_schema) and grammar compile
-times: cold (a compiler without cache, each schema) and cached (the engine's compiler again), p50 ms.
+installed); plus the engine core's per-step bitmask time (p50 / p99 ms, full batch, json_schema), grammar compile
+times: cold (a compiler without cache, each schema) and cached (the engine's compiler again), p50 ms, and on CUDA
+the bitmask kernels (Triton, torch reference, xgrammar's own) in microseconds.
 Targets on the H200: json_schema >= 0.90x unconstrained tokens/s at full batch and >= 0.95x at batch 1; validity
 100 %; cold compile p50 <= 50 ms.
 
@@ -162,6 +163,35 @@ def compile_times(llm: Any, repeats: int) -> dict[str, Any]:
                                                                             for t in manager.compile_times]}
 
 
+def kernel_times(vocab_size: int, rows: int = 256, constrained: int = 256, iters: int = 50) -> dict[str, float]:
+    """CUDA only: microseconds to mask `constrained` of `rows` bf16 logits rows from packed words: the Triton kernel
+    (kernels/bitmask.py), its torch reference and xgrammar's apply_token_bitmask_inplace (its own kernel)."""
+    import torch
+    import xgrammar as xgr
+
+    from vllm_lite.kernels.bitmask import apply_bitmask_torch, apply_bitmask_triton
+    words = torch.randint(-2**31, 2**31 - 1, (rows, -(-vocab_size // 32)), dtype=torch.int64,
+                          device="cuda").to(torch.int32)
+    logits = torch.randn(rows, vocab_size, dtype=torch.bfloat16, device="cuda")
+    idx = torch.randperm(rows, device="cuda")[:constrained]
+    sub, idx_list = words[idx].contiguous(), idx.tolist()
+
+    def timed(fn: Any) -> float:
+        fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return round(1000 * start.elapsed_time(end) / iters, 2)
+
+    return {"triton_us": timed(lambda: apply_bitmask_triton(logits, sub, idx)),
+            "torch_us": timed(lambda: apply_bitmask_torch(logits, sub, idx)),
+            "xgrammar_us": timed(lambda: xgr.apply_token_bitmask_inplace(logits, words, vocab_size=vocab_size,
+                                                                         indices=idx_list))}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="vllm-lite bench structured", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -207,6 +237,14 @@ def main(argv: list[str] | None = None) -> dict:
                     runs[mode]["vs_unconstrained"] = round(runs[mode]["output_tokens_per_s"] / base, 4)
     progress("grammar compile times")
     result.update(compile_times(llm, repeats=5))
+    if llm.device.type == "cuda":
+        progress("bitmask kernels")
+        vocab = llm.info.vocab_size
+        try:  # an auxiliary measurement: its failure is reported, not allowed to lose the results above
+            result["bitmask_kernel"] = {f"{c}_of_256_rows_vocab_{v}": kernel_times(v, 256, c)
+                                        for v in (vocab, 151936) for c in (256, 32)}
+        except Exception as exc:  # noqa: BLE001
+            result["bitmask_kernel"] = f"failed: {exc!r}"
     result["targets"] = {"json_schema_vs_unconstrained_full_batch": ">= 0.90",
                          "json_schema_vs_unconstrained_batch1": ">= 0.95", "validity_rate": "1.0",
                          "compile_cold_ms_p50": "<= 50"}
