@@ -338,3 +338,25 @@ def test_engine_core_process_compiles_and_masks(tiny_smol_path):
     if js.finish_reason == "stop":
         jsonschema.validate(json.loads(text(js)), SCHEMAS["event"], format_checker=FORMATS)
     assert slow.finish_reason == "error" and "timed out" in slow.stop_reason
+
+
+def test_abort_while_compiling_and_no_tokenizer(tiny_smol_path):
+    """A request aborted while its grammar compiles is dropped by the manager; an engine without a tokenizer
+    refuses constrained requests (ValueError) and nothing is queued."""
+    import time
+
+    from vllm_lite.protocol import EngineCoreRequest
+    from vllm_lite.request import RequestStatus
+
+    enum = {"enum": [f"v{i}_{i * 7919 % 10007}" for i in range(3000)]}
+    params = SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(json=enum))
+    core = make_core(tiny_smol_path, grammar=_manager(tiny_smol_path), **TINY)
+    core.add_request(EngineCoreRequest("a", [1, 2, 3], params, time.time()))
+    assert core.scheduler.requests["a"].status == RequestStatus.WAITING_FOR_FSM
+    core.abort_requests(["a"])
+    core.step()
+    assert not core.structured.compiling and not core.has_unfinished_requests()
+    bare = make_core(tiny_smol_path, **TINY)
+    with pytest.raises(ValueError, match="needs the engine's tokenizer"):
+        bare.add_request(EngineCoreRequest("b", [1, 2, 3], params, time.time()))
+    assert not bare.has_unfinished_requests()

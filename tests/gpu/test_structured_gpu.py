@@ -20,7 +20,7 @@ FORMATS = jsonschema.Draft202012Validator.FORMAT_CHECKER
 def llm():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    return LLM("smollm2-135m-instruct", max_model_len=2048, gpu_memory_utilization=0.5)
+    return LLM("smollm2-135m-instruct", max_model_len=2048, num_gpu_blocks_override=4096)
 
 
 def _check(llm, items, outs) -> int:
@@ -61,10 +61,11 @@ def test_ngram_drafts_keep_greedy_constrained_outputs():
     items = workload(16)
     params = [SamplingParams(temperature=0.0, max_tokens=192, structured_outputs=StructuredOutputsParams(json=s))
               for _, s in items]
-    plain = LLM("smollm2-135m-instruct", max_model_len=2048, gpu_memory_utilization=0.3, dtype="float32")
+    kw = dict(max_model_len=2048, num_gpu_blocks_override=2048, dtype="float32")
+    plain = LLM("smollm2-135m-instruct", **kw)
     want = [o.outputs[0].token_ids for o in plain.chat([m for m, _ in items], params, use_tqdm=False)]
     del plain
-    spec = LLM("smollm2-135m-instruct", max_model_len=2048, gpu_memory_utilization=0.3, dtype="float32",
+    spec = LLM("smollm2-135m-instruct", **kw,
                speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
                                    "prompt_lookup_min": 1})
     got = [o.outputs[0].token_ids for o in spec.chat([m for m, _ in items], params, use_tqdm=False)]
