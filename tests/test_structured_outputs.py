@@ -148,6 +148,15 @@ def test_async_and_sync_scheduling_give_identical_constrained_outputs(tiny_smol_
     assert [o.outputs[0].token_ids for o in got] == [outs[i].outputs[0].token_ids for i in some]
 
 
+def test_chunked_prefill_gives_identical_constrained_outputs(tiny_smol_path, schema_run):
+    """Prompts split over several steps (a 16-token budget): partial prefills get no bitmask rows."""
+    cases, outs, _ = schema_run
+    some = list(range(2, len(cases), 5))
+    chunked = LLM(tiny_smol_path, max_num_batched_tokens=16, **TINY)
+    got = chunked.chat([PROMPT] * len(some), [cases[i][2] for i in some], use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [outs[i].outputs[0].token_ids for i in some]
+
+
 def test_preemption_keeps_matchers(tiny_smol_path, schema_run):
     """A KV cache too small for the batch preempts requests (recompute); their matchers carry on, so the seeded
     outputs equal the roomy run's."""
