@@ -39,7 +39,8 @@ class Proposer(Protocol):
 
 class GrammarBitmaskBuilder(Protocol):
     """Builds a step's packed grammar bitmask on the engine core while the forward runs (None: no constrained
-    request in the step), and advances the grammars with the tokens a step produced."""
+    request in the step). The real one is structured_output's StructuredOutputManager (the scheduler advances each
+    request's grammar with the tokens a step produced); tests pass simpler ones."""
 
     def bitmask(self, scheduler_output: SchedulerOutput) -> GrammarOutput | None: ...
 
