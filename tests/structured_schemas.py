@@ -66,6 +66,13 @@ SCHEMAS: dict[str, dict[str, Any]] = {
          "required": ["kind", "side"], "additionalProperties": False}]},
     "oneof_types": {"oneOf": [{"type": "string", "maxLength": 4}, {"type": "integer", "minimum": 0,
                                                                      "maximum": 10}]},
+    "oneof_ref_discriminator": {"$defs": {
+        "cat": {"type": "object", "properties": {"pet": {"const": "cat"}, "lives": {"type": "integer", "minimum": 1,
+                                                                                    "maximum": 9}},
+                "required": ["pet", "lives"], "additionalProperties": False},
+        "dog": {"type": "object", "properties": {"pet": {"const": "dog"}, "good": {"type": "boolean"}},
+                "required": ["pet", "good"], "additionalProperties": False}},
+        "oneOf": [{"$ref": "#/$defs/cat"}, {"$ref": "#/$defs/dog"}], "discriminator": {"propertyName": "pet"}},
     "ref_defs": {"$defs": {"point": {"type": "object", "properties": {
         "x": {"type": "integer", "minimum": -9, "maximum": 9}, "y": {"type": "integer", "minimum": -9, "maximum": 9}},
         "required": ["x", "y"], "additionalProperties": False}},
@@ -169,6 +176,9 @@ INVALID: list[tuple[dict[str, Any], str]] = [
     ({"json": {"type": "string", "pattern": "^[a-z]+$", "maxLength": 5}}, "combines minLength/maxLength with pattern"),
     ({"json": {"type": "string", "format": "date", "pattern": "^2020"}}, "combines 'format' and 'pattern'"),
     ({"json": {"type": "string", "format": "regex"}}, "format 'regex'"),
+    ({"json": {"oneOf": [{"type": "integer"}, {"type": "number"}]}}, "'oneOf' at # with branches that may overlap"),
+    ({"json": {"type": "object", "properties": {"v": {"oneOf": [{"enum": ["a", "b"]}, {"enum": ["b"]}]}}}},
+     "'oneOf' at #/properties/v"),
     ({"regex": "[a-"}, "Unclosed"),
     ({"regex": "(ab"}, "parenthesis"),
     ({"regex": "a{3,1}"}, "3 > 1"),

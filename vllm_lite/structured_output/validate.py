@@ -85,7 +85,7 @@ def load_schema(spec: str | dict[str, Any] | None) -> dict[str, Any] | bool:
     if not isinstance(schema, (dict, bool)):
         raise ValueError(f"structured_outputs.json is invalid: a JSON schema must be an object or a boolean, got "
                          f"{type(schema).__name__}")
-    _check_schema(schema, "#", 0)
+    _check_schema(schema, "#", 0, schema)
     return schema
 
 
@@ -97,7 +97,7 @@ def _check_text(name: str, text: object) -> None:
                          f"{MAX_SPEC_CHARS}")
 
 
-def _check_schema(schema: Any, where: str, depth: int) -> None:
+def _check_schema(schema: Any, where: str, depth: int, root: Any) -> None:
     """Walk every subschema: keyword shapes xgrammar does not check itself, and unsupported keywords."""
     if isinstance(schema, bool):
         return
@@ -113,6 +113,12 @@ def _check_schema(schema: Any, where: str, depth: int) -> None:
     if "allOf" in schema and isinstance(schema["allOf"], list) and len(schema["allOf"]) > 1:
         raise ValueError(f"structured_outputs.json uses 'allOf' with {len(schema['allOf'])} subschemas at {where}; "
                          f"the xgrammar backend supports at most one")
+    one_of = schema.get("oneOf")
+    if isinstance(one_of, list) and len(one_of) > 1 and not _disjoint(one_of, root):
+        raise ValueError(f"structured_outputs.json uses 'oneOf' at {where} with branches that may overlap (an output "
+                         f"could match several, which oneOf forbids, and xgrammar enforces only 'any of'); use "
+                         f"anyOf, or make the branches disjoint: different types, or a required property with "
+                         f"different const values")
     fmt, pattern = schema.get("format"), schema.get("pattern")
     if fmt in _UNSUPPORTED_FORMATS:
         raise ValueError(f"structured_outputs.json uses format {fmt!r} at {where}, which the xgrammar backend "
@@ -144,7 +150,7 @@ def _check_schema(schema: Any, where: str, depth: int) -> None:
         if not isinstance(sub, dict):
             raise ValueError(f"structured_outputs.json is invalid at {where}: {key} must be an object")
         for name, child in sub.items():
-            _check_schema(child, f"{where}/{key}/{name}", depth + 1)
+            _check_schema(child, f"{where}/{key}/{name}", depth + 1, root)
     for key in _SCHEMA_LISTS:
         sub = schema.get(key)
         if sub is None:
@@ -153,10 +159,10 @@ def _check_schema(schema: Any, where: str, depth: int) -> None:
             raise ValueError(f"structured_outputs.json is invalid at {where}: {key} must be a non-empty list of "
                              f"schemas")
         for i, child in enumerate(sub):
-            _check_schema(child, f"{where}/{key}/{i}", depth + 1)
+            _check_schema(child, f"{where}/{key}/{i}", depth + 1, root)
     for key in _SCHEMA_ONE:
         if key in schema:
-            _check_schema(schema[key], f"{where}/{key}", depth + 1)
+            _check_schema(schema[key], f"{where}/{key}", depth + 1, root)
 
 
 def _optional_groups_as_counts(pattern: str) -> str:
@@ -185,6 +191,68 @@ def _optional_groups_as_counts(pattern: str) -> str:
         out.append(c)
         i += 1
     return "".join(out)
+
+
+def _resolve(node: Any, root: Any) -> Any:
+    """A local "$ref" ("#/$defs/x") followed to its target (None when it does not resolve)."""
+    for _ in range(16):
+        ref = node.get("$ref") if isinstance(node, dict) else None
+        if not (isinstance(ref, str) and ref.startswith("#")):
+            return node
+        node = root
+        for part in ref[1:].split("/")[1:]:
+            node = node.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(node, dict) else None
+    return None
+
+
+def _json_types(value: Any) -> set[str]:
+    if isinstance(value, bool):
+        return {"boolean"}
+    if isinstance(value, (int, float)):
+        return {"number", "integer"} if float(value).is_integer() else {"number"}
+    return {{str: "string", type(None): "null", list: "array", dict: "object"}.get(type(value), "?")}
+
+
+def _types(branch: Any) -> set[str] | None:
+    """The JSON types a schema admits (None: not known from its keywords, so assumed to overlap anything)."""
+    if not isinstance(branch, dict):
+        return None
+    if "const" in branch:
+        return _json_types(branch["const"])
+    if isinstance(branch.get("enum"), list):
+        return set().union(*(_json_types(v) for v in branch["enum"])) if branch["enum"] else None
+    t = branch.get("type")
+    types = {t} if isinstance(t, str) else set(t) if isinstance(t, list) else {"object"} if "properties" in branch \
+        else None
+    if types and types & {"integer", "number"}:
+        types |= {"integer", "number"}  # integers are numbers
+    return types
+
+
+def _values(branch: Any) -> set[str] | None:
+    """The values a const / enum schema admits (as JSON text), else None."""
+    if isinstance(branch, dict) and "const" in branch:
+        return {json.dumps(branch["const"], sort_keys=True)}
+    if isinstance(branch, dict) and isinstance(branch.get("enum"), list):
+        return {json.dumps(v, sort_keys=True) for v in branch["enum"]}
+    return None
+
+
+def _pairwise_disjoint(sets: list[set[str] | None]) -> bool:
+    return all(s is not None for s in sets) and all(not (a & b) for i, a in enumerate(sets) for b in sets[i + 1:])
+
+
+def _disjoint(branches: list[Any], root: Any) -> bool:
+    """Whether no value can match two oneOf branches: different types, different const / enum values, or objects
+    with a required property whose const / enum values differ (a discriminator)."""
+    resolved = [_resolve(b, root) for b in branches]
+    if _pairwise_disjoint([_types(b) for b in resolved]) or _pairwise_disjoint([_values(b) for b in resolved]):
+        return True
+    if not all(isinstance(b, dict) and isinstance(b.get("properties"), dict) for b in resolved):
+        return False
+    common = set.intersection(*(set(b.get("required") or ()) for b in resolved))
+    return any(_pairwise_disjoint([_values(_resolve(b["properties"].get(p), root)) for b in resolved])
+               for p in sorted(common))
 
 
 def prepare_schema(schema: Any, close_objects: bool = False) -> Any:
