@@ -209,6 +209,9 @@ PY
     spec-verify|spec-ngram|spec-t1)
       timeout 590 python3 bench/spec_decode.py "${stage#spec-}" --json "$OUT/$stage.json" > "$OUT/$stage.log" 2>&1
       echo "$stage rc=$?"; grep -vE "Warning|^\s*$" "$OUT/$stage.log" | tail -40 ;;
+    structured)  # bench/structured.py: unconstrained vs json_object vs json_schema on the default model (issue 13)
+      timeout ${STRUCTURED_TIMEOUT:-400} python3 bench/structured.py --json "$OUT/structured.json" > "$OUT/structured.log" 2>&1
+      echo "structured rc=$?"; grep -vE "Warning|^\s*$" "$OUT/structured.log" | tail -30 ;;
     stage) ;;  # unpack only (a model third)
     pytest:*)
       timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu "${stage#pytest:}" > "$OUT/pytest.log" 2>&1

@@ -382,9 +382,9 @@ def test_lookahead_slots_allocated_with_drafts_and_rejected_drafts_rolled_back()
     s = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), CacheConfig(block_size=4), 64, 64,
                   speculative=True, num_lookahead_tokens=3)
     s.add_request(make_req("a", 6, max_tokens=20))
-    step(s, {"a": [20]})  # 7 tokens, 6 computed: 2 blocks
+    step(s, {"a": [20]})  # 6 prompt tokens + 3 lookahead slots (the in-worker drafter drafts after prefill): 3 blocks
     a = s.requests["a"]
-    assert len(s.kv_cache_manager.get_blocks("a")) == 2
+    assert len(s.kv_cache_manager.get_blocks("a")) == 3
     a.spec_token_ids = [21, 22, 23]
     so = s.schedule()  # last token + 3 drafts = positions 6..9, plus 3 lookahead slots: 13 tokens -> 4 blocks
     assert so.num_scheduled_tokens == {"a": 4} and so.scheduled_spec_decode_tokens == {"a": [21, 22, 23]}
