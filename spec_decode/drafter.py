@@ -163,12 +163,7 @@ class ModelDrafter:
 
     def _prepare_capture(self, num_tokens: int, query_len: int, slot_mapping: torch.Tensor) -> None:
         """A dummy uniform batch of num_tokens // query_len requests in block 0, writing nowhere (slots -1)."""
-        n = num_tokens // query_len
-        qsl = torch.arange(0, num_tokens + 1, query_len, dtype=torch.int32)
-        lens = torch.full((n,), query_len, dtype=torch.int32)
-        meta = StepMetadata(n, num_tokens, qsl.to(self.device), lens.to(self.device),
-                            torch.zeros(n, 1, dtype=torch.int32, device=self.device), slot_mapping, qsl, lens,
-                            query_len, query_len, self.block_size)
+        meta = StepMetadata.for_capture(num_tokens, query_len, slot_mapping, self.block_size)
         self.ctx.metadata = self.ctx.backend.prepare(meta, graph_batch_size=num_tokens)
 
     # ---- subclass hooks ----------------------------------------------------------------------------------------

@@ -34,6 +34,18 @@ class StepMetadata:
     def is_pure_decode(self) -> bool:
         return self.max_query_len == 1
 
+    @classmethod
+    def for_capture(cls, num_tokens: int, query_len: int, slot_mapping: torch.Tensor,
+                    block_size: int) -> "StepMetadata":
+        """A dummy uniform batch for CUDA-graph capture: num_tokens // query_len requests of query_len tokens in
+        block 0 (seq_len query_len), writing nowhere (slot_mapping all -1). Shared by the target and the drafter."""
+        n = num_tokens // query_len
+        device = slot_mapping.device
+        qsl = torch.arange(0, num_tokens + 1, query_len, dtype=torch.int32)
+        lens = torch.full((n,), query_len, dtype=torch.int32)
+        return cls(n, num_tokens, qsl.to(device), lens.to(device), torch.zeros(n, 1, dtype=torch.int32, device=device),
+                   slot_mapping, qsl, lens, query_len, query_len, block_size)
+
 
 @dataclass(frozen=True)
 class AttentionSpec:

@@ -184,12 +184,7 @@ class ModelRunner:
     def _prepare_capture(self, num_tokens: int, query_len: int, slot_mapping: torch.Tensor) -> None:
         """Plan a dummy uniform batch for capture: num_tokens // query_len requests of query_len tokens in block 0
         (seq_len query_len), writing nowhere (slot_mapping is all -1)."""
-        n = num_tokens // query_len
-        qsl = torch.arange(0, num_tokens + 1, query_len, dtype=torch.int32)
-        lens = torch.full((n,), query_len, dtype=torch.int32)
-        meta = StepMetadata(n, num_tokens, qsl.to(self.device), lens.to(self.device),
-                            torch.zeros(n, 1, dtype=torch.int32, device=self.device), slot_mapping, qsl, lens,
-                            query_len, query_len, self.block_size)
+        meta = StepMetadata.for_capture(num_tokens, query_len, slot_mapping, self.block_size)
         self._prepare_graph_step(meta, num_tokens)
 
     # ---- one step --------------------------------------------------------------------------------------------
