@@ -104,6 +104,15 @@ def run(coro):
 
 # ---- request -> SamplingParams -------------------------------------------------------------------------------------
 
+def test_prompt_logprobs_body_field_is_refused_not_ignored():
+    """vLLM's per-choice prompt_logprobs response is not built: the field is a clear error (400), not a no-op."""
+    with pytest.raises(ValueError, match="prompt_logprobs is not supported.*echo=true"):
+        CompletionRequest(prompt="hi", prompt_logprobs=1).check()
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], prompt_logprobs=0).check()
+    CompletionRequest(prompt="hi", echo=True, logprobs=1).check()
+
+
 def test_completion_request_to_sampling_params():
     req = CompletionRequest(prompt="hi", max_tokens=5, temperature=0, top_k=-1, stop="x", seed=3, n=2,
                             logprobs=2, stop_token_ids=[7], ignore_eos=True, min_tokens=1, repetition_penalty=1.1)

@@ -119,6 +119,10 @@ class _SamplingFields(TextCheckedRequest):
         """Request-level checks beyond SamplingParams' ranges (ValueError naming the field)."""
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream=true")
+        if (self.__pydantic_extra__ or {}).get("prompt_logprobs") is not None:
+            # vLLM's separate per-choice prompt_logprobs response field is not built; refuse rather than ignore it.
+            raise ValueError("prompt_logprobs is not supported by this server; on /v1/completions use echo=true "
+                             "with logprobs=N to get the prompt tokens' logprobs")
         max_tokens = self._requested_max_tokens()
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens={max_tokens!r} is invalid: it must be at least 1")
