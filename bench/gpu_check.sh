@@ -4,7 +4,7 @@
 #   bash bench/gpu_check.sh STAGE [STAGE ...]
 # Stages (each under its own time limit, logs and JSON results in $OUT or ./gpu-out, a summary table last):
 #   tests      gpu-marked tests (FlashInfer, CUDA graphs, kernels) except the default model's
-#   model      the default model's gpu tests (compiled + graphs vs eager, async vs sync): needs model1..3
+#   model      the default model's gpu tests (compiled + graphs vs eager, async vs sync): needs model1 + model2
 #   latency    L1 and L8 for qwen3-0.6b (docs/PERF.md workloads)
 #   latency-cc the same with FlashInfer's CUDA-core decode (VLLM_LITE_FLASHINFER_TENSOR_CORES=0)
 #   latency-cublas  the same with cuBLAS for every projection (VLLM_LITE_SKINNY_GEMM=0; default: kernels/skinny_gemm.py
@@ -27,9 +27,9 @@
 #   startup    `vllm-lite serve` time to ready: cold (torch.compile and bytecode caches removed), then warm
 #   serve      `vllm-lite bench serve`, qwen3-0.6b dummy: concurrency 1 with L1's shape (128 in, 512 out, 8 seqs:
 #              ITL p50 vs L1's TPOT, TTFT p50), then a request-rate sweep to saturation with its plot
-#   serve-default  the same concurrency-1 run and the offline L1 for the default model (needs model1..3)
+#   serve-default  the same concurrency-1 run and the offline L1 for the default model (needs model1 + model2)
 #   gsm8k / gsm8k-ref   `vllm-lite eval gsm8k`, all 1,319 questions at concurrency 256, the default model (needs
-#              model1..3); -ref adds the transformers reference (agreement per question); report folders in $OUT
+#              model1 + model2); -ref adds the transformers reference (agreement per question); report folders in $OUT
 #   gsm8k-ngram / mrcr-ngram   the same with n-gram speculation (answers compared with the plain run's report)
 #   spec-verify / spec-ngram / spec-t1   bench/spec_decode.py's scenarios (issue 14): oracle verification TPOT vs
 #              plain for llama-3.1-8b at batch 1/8/32; n-gram on the default model (edit + chat prompts, needs the

@@ -7,8 +7,8 @@
 #                           a GPU run saved with the `jit` stage of bench/gpu_check.sh (adds the kernels built there,
 #                           e.g. the tensor-core decode's), recompressed into .gpu/jit-cache.tar.xz
 #                           (`bash bench/gpu_pack.sh --jit PATH/jit-new.tgz` makes it)
-#   .gpu/model1..3          thirds of the default model's GGUF (98 MB): each fits beside base in one run, so
-#                           three back-to-back runs, each also carrying base, assemble it while doing other work
+#   .gpu/model1, model2     the default model's GGUF (98 MB) in two carries: model1 (34 MB) fits beside base, model2
+#                           (64 MB) goes alone in the next run (plus shared/data/gsm8k's test.jsonl if needed)
 # bench/gpu_check.sh unpacks whatever of these it finds. Uses the shared pack (../shared/gpu/pack.sh) for downloads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +21,10 @@ shared=$(cd ../shared/gpu && pwd)
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 cat .gpu/p0*/chunk.* | tar -C "$work" -x
 pip download -q --no-deps -d "$work/wheels" opentelemetry-api importlib-metadata zipp
+# The openai client's HTTP stack (openai >= 3.5x imports httpx2) and jsonschema (GPU tests validate outputs with it),
+# for the GPU machine's Python.
+pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+  -d "$work/wheels" httpx2 httpcore2 truststore h11 jsonschema jsonschema-specifications referencing rpds-py attrs
 rm -rf .gpu/model*; mkdir -p "$work/site" .gpu/base .gpu/model1 .gpu/model2 .gpu/model3
 for w in "$work"/wheels/*.whl; do python3 -m zipfile -e "$w" "$work/site/"; done
 # Old, fixed mtimes: FlashInfer runs ninja before loading a JIT module; headers unpacked "now" must never look newer
@@ -31,6 +35,9 @@ rm -f .gpu/base/jit.tgz .gpu/base/jit.tar.xz
 if [ -f .gpu/jit-cache.tar.xz ]; then cp .gpu/jit-cache.tar.xz .gpu/base/jit.tar.xz
 else cp "$work"/flashinfer-*-jit-cache-*.tgz .gpu/base/jit.tgz; fi
 gguf=$(ls "$work"/model/*.gguf)
-split -n 3 -d -a 1 "$gguf" "$work/part."
-for i in 1 2 3; do mv "$work/part.$((i - 1))" .gpu/model$i/; basename "$gguf" > .gpu/model$i/NAME; done
+# Two carries: model1 (34 MB) beside base, then model2 (the rest, as part.1 + part.2) alone.
+head -c 34000000 "$gguf" > .gpu/model1/part.0
+tail -c +34000001 "$gguf" > "$work/rest"; split -n 2 -d -a 1 "$work/rest" "$work/rest."
+mv "$work/rest.0" .gpu/model2/part.1; mv "$work/rest.1" .gpu/model2/part.2; rmdir .gpu/model3
+for i in 1 2; do basename "$gguf" > .gpu/model$i/NAME; done
 du -sh .gpu/base .gpu/model*

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -78,13 +79,28 @@ def _graph_count() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def _own_code(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`forward` with a code object of its own. Dynamo caches compiled graphs on the code object and guards on
+    `self`, so every model instance of one class in a process (a draft model beside its target, engines built one
+    after another) would add an entry to one shared cache and hit its recompile limit (8); a copy per instance keeps
+    one entry each, dropped with the instance. Inductor's on-disk cache keys on the graph, so it still hits."""
+    func = getattr(forward, "__func__", None)
+    if func is None or not isinstance(func, types.FunctionType):
+        return forward
+    copy = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__,
+                              func.__closure__)
+    copy.__kwdefaults__ = func.__kwdefaults__
+    copy.__qualname__ = func.__qualname__
+    return types.MethodType(copy, forward.__self__)
+
+
 class CompiledForward:
     """`forward(input_ids, positions) -> hidden` running the torch.compile'd model forward."""
 
     def __init__(self, forward: Callable[..., torch.Tensor], backend: str | Callable = "inductor",
                  fullgraph: bool = True, options: dict[str, Any] | None = None) -> None:
         self.eager_forward = forward
-        self.compiled = torch.compile(forward, backend=backend, fullgraph=fullgraph, dynamic=None,
+        self.compiled = torch.compile(_own_code(forward), backend=backend, fullgraph=fullgraph, dynamic=None,
                                       options=options if backend == "inductor" else None)
         self.num_calls = 0
         self.compile_seconds = 0.0

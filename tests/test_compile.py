@@ -197,3 +197,26 @@ def test_skinny_linear_op_compiles_without_breaks(tiny_qwen3_path, monkeypatch):
         targets = {str(n.target) for g in explained.graphs for n in g.graph.nodes}
         assert any("skinny_linear" in t for t in targets), targets
         torch.testing.assert_close(compile_model(model, None, backend="eager")(ids, pos), want)
+
+
+def test_many_model_instances_do_not_share_one_dynamo_cache():
+    """Ten instances of one model class with different shapes (a target and its draft model, engines built one after
+    another), each compiled (fullgraph): Dynamo's per-code-object limit (8) fails the ninth if they share the
+    forward's code object."""
+    from vllm_lite.compile.compiler import CompiledForward
+
+    class Tiny(torch.nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.full((width,), float(width)))
+
+        def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return (input_ids + positions).float()[:, None] * self.weight
+
+    torch._dynamo.reset()
+    ids, pos = torch.arange(6), torch.arange(6)
+    models = [Tiny(i + 1) for i in range(10)]
+    forwards = [CompiledForward(m.forward, backend="eager") for m in models]
+    for m, fwd in zip(models, forwards):
+        torch.testing.assert_close(fwd(ids, pos), m(ids, pos))
+    torch._dynamo.reset()
