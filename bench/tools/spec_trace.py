@@ -1,0 +1,153 @@
+"""Where a speculative engine's steps go: every engine step classified by what it launched (plain decode, a
+verification of d drafts, prefill), with its wall time, whether a CUDA graph ran, and the time spent blocked on the
+device (executor.get_output) vs on the host (schedule + input preparation + launches, drafting).
+
+    python bench/tools/spec_trace.py --workload edit   [--spec ngram|none] [--async-scheduling/--no-...]
+    python bench/tools/spec_trace.py --workload oracle [--spec ngram|none] --batch-size 1   (qwen3-0.6b dummy)
+
+edit: the default model on bench/spec's edit prompts (GSM8K passages), batch 1; oracle: random prompts on a dummy
+model whose proposer replays a plain run's outputs (every draft accepted while outputs agree).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import random
+import statistics
+import time
+from typing import Any
+
+from vllm_lite.benchmarks.spec import EDIT_PROMPT, NGRAM, ReplayProposer, _passages
+from vllm_lite.sampling_params import SamplingParams
+
+
+class StepTrace:
+    """Wraps an LLM's engine core: per step, the kind launched, wall time, device wait, graph use."""
+
+    def __init__(self, llm: Any) -> None:
+        self.engine = llm.engine
+        self.runner = llm.engine.executor.runner
+        self.rows: list[dict] = []
+        self._cur: dict | None = None
+        engine, executor = self.engine, self.engine.executor
+        step, execute, get_output = engine.step, executor.execute_model, executor.get_output
+        proposer = engine.proposer
+        propose = getattr(proposer, "propose", None)
+
+        def traced_execute(so: Any) -> Any:
+            spec = getattr(so, "scheduled_spec_decode_tokens", {}) or {}
+            n = so.num_scheduled_tokens
+            drafts = sorted(len(v) for v in spec.values())
+            q = max(n.values()) if n else 0
+            kind = ("prefill" if q > 1 + max(drafts, default=0) else
+                    f"verify d={'/'.join(map(str, sorted(set(drafts))))} q={q}" if drafts else "decode")
+            self._cur["kind"] = f"{kind} reqs={len(n)}"
+            before = self._replays()
+            out = execute(so)
+            self._cur["graph"] = self._replays() > before
+            return out
+
+        def traced_get_output() -> Any:
+            t0 = time.perf_counter()
+            out = get_output()
+            self._cur["wait_ms"] += 1000 * (time.perf_counter() - t0)
+            return out
+
+        def traced_propose(request: Any, k: int) -> Any:
+            t0 = time.perf_counter()
+            out = propose(request, k)
+            self._cur["propose_ms"] += 1000 * (time.perf_counter() - t0)
+            return out
+
+        def traced_step() -> Any:
+            self._cur = {"kind": "none", "graph": False, "wait_ms": 0.0, "propose_ms": 0.0}
+            t0 = time.perf_counter()
+            out = step()
+            self._cur["ms"] = 1000 * (time.perf_counter() - t0)
+            self._cur["tokens"] = sum(len(o.new_token_ids) for o in out.outputs)
+            self.rows.append(self._cur)
+            return out
+
+        engine.step, executor.execute_model, executor.get_output = traced_step, traced_execute, traced_get_output
+        if propose is not None:
+            proposer.propose = traced_propose
+
+    def _replays(self) -> int:
+        graphs = getattr(self.runner, "graphs", None)
+        return sum(graphs.num_replays.values()) if graphs is not None else 0
+
+    def summary(self) -> dict:
+        by: dict[tuple[str, bool], list[dict]] = collections.defaultdict(list)
+        for r in self.rows:
+            by[r["kind"], r["graph"]].append(r)
+        total_ms = sum(r["ms"] for r in self.rows)
+        tokens = sum(r["tokens"] for r in self.rows)
+        table = []
+        for (kind, graph), rows in sorted(by.items(), key=lambda kv: -sum(r["ms"] for r in kv[1])):
+            table.append({"kind": kind, "graph": graph, "steps": len(rows),
+                          "ms_mean": round(statistics.fmean(r["ms"] for r in rows), 3),
+                          "ms_p50": round(statistics.median(r["ms"] for r in rows), 3),
+                          "wait_ms_mean": round(statistics.fmean(r["wait_ms"] for r in rows), 3),
+                          "propose_ms_mean": round(statistics.fmean(r["propose_ms"] for r in rows), 3),
+                          "share": round(sum(r["ms"] for r in rows) / max(total_ms, 1e-9), 3)})
+        return {"steps": len(self.rows), "tokens": tokens, "total_ms": round(total_ms, 1),
+                "ms_per_token": round(total_ms / max(tokens, 1), 4), "tokens_per_step": round(tokens / max(
+                    len(self.rows), 1), 3), "by_kind": table}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", choices=["edit", "oracle"], default="edit")
+    ap.add_argument("--spec", choices=["ngram", "none"], default="ngram")
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--num-prompts", type=int, default=6)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from vllm_lite import LLM
+    spec = {**NGRAM, "num_speculative_tokens": args.k} if args.spec == "ngram" else None
+    common = dict(async_scheduling=args.async_scheduling, max_num_seqs=max(8, args.batch_size),
+                  gpu_memory_utilization=0.5)
+    if args.workload == "edit":
+        llm = LLM("smollm2-135m-instruct", speculative_config=spec, **common)
+        convs = [[{"role": "user", "content": EDIT_PROMPT.format(passage=p)}] for p in _passages(None, args.num_prompts)]
+        params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+        llm.chat(convs[:1], SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)  # warm-up
+        trace = StepTrace(llm)
+        t0 = time.perf_counter()
+        for conv in convs:
+            llm.chat([conv], params, use_tqdm=False)
+    else:
+        from vllm_lite.benchmarks.utils import resolve_bench_model
+        llm = LLM(resolve_bench_model("qwen3-0.6b"), load_format="dummy", skip_tokenizer_init=True,
+                  speculative_config=spec, **common)
+        rng = random.Random(0)
+        batches = [[{"prompt_token_ids": [rng.randrange(10000) for _ in range(128)]} for _ in range(args.batch_size)]
+                   for _ in range(args.num_prompts)]
+        params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+        if spec is not None:  # the plain outputs first, for the oracle to replay
+            oracle = ReplayProposer()
+            for batch in batches:
+                outs = llm.generate(batch, params, use_tqdm=False)
+                oracle.reference.update({tuple(p["prompt_token_ids"]): list(o.outputs[0].token_ids)
+                                         for p, o in zip(batch, outs)})
+            llm.engine.proposer = oracle
+        llm.generate(batches[0], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+        trace = StepTrace(llm)
+        t0 = time.perf_counter()
+        for batch in batches:
+            llm.generate(batch, params, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    result = {"workload": args.workload, "spec": args.spec, "k": args.k, "batch_size": args.batch_size,
+              "async_scheduling": args.async_scheduling, "wall_s": round(wall, 3), **trace.summary()}
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
