@@ -305,6 +305,7 @@ def test_spec_benchmark_scenarios_run_on_cpu(tiny_qwen3_path, tmp_path):
     assert json.loads(out.read_text())["rows"] == r["rows"]
     for row in r["rows"]:  # the oracle replays the plain outputs: every draft accepted
         assert row["identical_outputs"] == f"{row['batch_size']}/{row['batch_size']}"
+        assert row["calibration_runs"] == 1  # fp32: the spec engine's own outputs are the plain ones
         assert row["mean_acceptance_length"] == 4.0 and row["per_position_acceptance"] == [1.0, 1.0, 1.0]
         assert row["plain_tpot_ms"] > 0 and row["spec_tpot_ms"] > 0
     data = tmp_path / "gsm8k"
