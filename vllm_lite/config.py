@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -297,6 +298,16 @@ def section_values(cls: type, name: str, value: Any) -> dict[str, Any]:
 STRUCTURED_OUTPUT_BACKENDS = ("auto", "xgrammar")
 
 
+def auto_fill_threads() -> int:
+    """Bitmask fill threads for fill_threads=0: half the CPUs this process may use, 1 to 8 (xgrammar's own auto is
+    half the hardware threads; the cap keeps the other engine processes' cores free on a large host)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus // 2))
+
+
 @dataclass(frozen=True)
 class StructuredOutputsConfig:
     """Structured outputs (vLLM's `structured_outputs_config` names, plus the compile timeout).
@@ -306,16 +317,20 @@ class StructuredOutputsConfig:
     compile_timeout_s: a grammar still compiling after this many seconds fails its request alone
       (`--structured-outputs-compile-timeout`).
     compile_threads: threads of the engine core's compile pool.
-    fill_threads: threads that fill a step's bitmask rows when enough constrained rows share a step.
+    fill_threads: threads that fill a step's bitmask rows when enough constrained rows share a step; 0 (the
+      default) means auto, resolved here to `auto_fill_threads()`: half the usable CPUs, at most 8 (the engine
+      core, worker and API server processes need the rest); 1 fills in the engine core's thread alone.
     """
     backend: str = "auto"
     disable_any_whitespace: bool = False
     disable_additional_properties: bool = False
     compile_timeout_s: float = 10.0
     compile_threads: int = 4
-    fill_threads: int = 4
+    fill_threads: int = 0
 
     def __post_init__(self) -> None:
+        if self.fill_threads == 0 and not isinstance(self.fill_threads, bool):
+            object.__setattr__(self, "fill_threads", auto_fill_threads())
         _choice("structured_outputs_config.backend", self.backend, STRUCTURED_OUTPUT_BACKENDS)
         for name in ("disable_any_whitespace", "disable_additional_properties"):
             if not isinstance(getattr(self, name), bool):

@@ -2,28 +2,46 @@
 
 Three modes on the same prompts, greedy: unconstrained, json_object and json_schema (each request's own schema,
 from eight shapes: person, order, event, product, address, weather, book, task list). Each mode runs all
---num-requests at once (full batch), then --batch1-requests one at a time (batch 1). Reported per mode and
-batch: output tokens/s, finish reasons, and the validity rate of the outputs that finished with "stop" (JSON of the
-requested shape: parsed, an object for json_object, validated with `jsonschema` for json_schema when it is
-installed); plus the engine core's per-step bitmask time (p50 / p99 ms, full batch, json_schema), grammar compile
-times: cold (a compiler without cache, each schema) and cached (the engine's compiler again), p50 ms, and on CUDA
-the bitmask kernels (Triton, torch reference, xgrammar's own) in microseconds.
-Targets on the H200: json_schema >= 0.90x unconstrained tokens/s at full batch and >= 0.95x at batch 1; validity
-100 %; cold compile p50 <= 50 ms.
+--num-requests at once (full batch), then --batch1-requests one at a time (batch 1). Reported per mode and batch:
+output tokens/s, engine steps and wall ms per step, finish reasons, the validity rate of the outputs that finished
+with "stop" (JSON of the requested shape: parsed, an object for json_object, validated with `jsonschema` for
+json_schema when it is installed) and, for the constrained modes, the engine core's bitmask() time per step
+(p50 / p99 ms; the engine's fill_threads is reported beside it).
+
+The fair comparison. A constrained run's outputs differ from the unconstrained run's in length (a JSON schema
+stops most answers at ~80 tokens), so raw tokens/s mixes the grammar's cost with fixed costs (prefill, TTFT) spread
+over fewer tokens and with a long tail of a few long requests. So each constrained mode also gets an "unconstrained,
+same lengths" run: the same prompts, request i with max_tokens = the constrained run's output length of request i
+and ignore_eos, which is the same work token for token (same prefills, same batch at every step) without a grammar.
+`vs_unconstrained_same_lengths` = constrained tokens/s / same-lengths tokens/s is the ratio the targets mean, at
+full batch and at batch 1 alike (at batch 1 both runs pay the same TTFT per request, so nothing is subtracted;
+subtracting a separately timed TTFT would add its noise to both). `vs_unconstrained` (the raw ratio) is kept.
+
+The fill replay (`fill_replay`): each constrained full-batch run's fills are replayed outside the engine (matchers
+advanced along the real outputs) with a Python loop and with xgrammar's BatchGrammarMatcher at 1/2/4/8 threads,
+plus the cost of bitmask.tobytes(): what the choice of fill_threads rests on. Compare it with step_ms_mean of the
+same-lengths run (the step the fill must hide under). Also grammar compile times: cold (a compiler without cache,
+each schema) and cached (the engine's compiler again), p50 ms, and on CUDA the bitmask kernels (Triton, torch
+reference, xgrammar's own) in microseconds.
+Targets on the H200: json_schema vs_unconstrained_same_lengths >= 0.90 at full batch and >= 0.95 at batch 1;
+validity 100 %; cold compile p50 <= 50 ms.
 
     vllm-lite bench structured [--num-requests 256] [--batch1-requests 32] [--max-tokens 256] [--json out.json]
     vllm-lite bench structured --device cpu --num-requests 8 --batch1-requests 2 --max-tokens 48   # a quick check
+    vllm-lite bench structured --fill-only --modes json_object,json_schema   # full batch + fill replay only
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from typing import Any
 
 from vllm_lite.benchmarks.utils import add_bench_engine_args, bench_model, make_llm, progress, report
 from vllm_lite.config import DEFAULT_MODEL
 from vllm_lite.sampling_params import SamplingParams, StructuredOutputsParams
+from vllm_lite.structured_output.manager import BATCH_FILL_MIN_ROWS
 
 _STR = {"type": "string"}
 SCHEMAS: list[tuple[str, dict[str, Any]]] = [
@@ -119,9 +137,30 @@ def validity(mode: str, outs: list[Any], schemas: list[dict[str, Any]]) -> dict[
             "validated_with": "jsonschema" if mode == "json_schema" and jsonschema is not None else "json.loads"}
 
 
-def run_mode(llm: Any, mode: str, items: list, max_tokens: int, one_at_a_time: bool) -> tuple[dict, list]:
+class StepCounter:
+    """Counts the engine core's steps (wraps the LLM's `engine.step`), for the wall time per step."""
+
+    def __init__(self, llm: Any) -> None:
+        self.steps = 0
+        inner = llm.engine.step
+
+        def step() -> Any:
+            self.steps += 1
+            return inner()
+
+        llm.engine.step = step
+
+
+def run_mode(llm: Any, mode: str, items: list, max_tokens: int, one_at_a_time: bool,
+             counter: StepCounter | None = None, lengths: list[int] | None = None) -> tuple[dict, list]:
+    """One run of `items` in `mode`. lengths: the unconstrained same-lengths run, request i producing exactly
+    lengths[i] tokens (max_tokens = lengths[i], ignore_eos), so it does the constrained run's work token for token."""
     messages = [m for m, _ in items]
-    params = [params_for(mode, s, max_tokens) for _, s in items]
+    if lengths is None:
+        params = [params_for(mode, s, max_tokens) for _, s in items]
+    else:
+        params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
+    steps0 = counter.steps if counter is not None else 0
     t0 = time.perf_counter()
     if one_at_a_time:
         outs = [llm.chat(m, p, use_tqdm=False)[0] for m, p in zip(messages, params)]
@@ -129,8 +168,15 @@ def run_mode(llm: Any, mode: str, items: list, max_tokens: int, one_at_a_time: b
         outs = llm.chat(messages, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    result = {"requests": len(items), "elapsed_s": round(elapsed, 4), "output_tokens": tokens,
-              "output_tokens_per_s": tokens / elapsed, **validity(mode, outs, [s for _, s in items])}
+    result: dict[str, Any] = {"requests": len(items), "elapsed_s": round(elapsed, 4), "output_tokens": tokens,
+                              "output_tokens_per_s": tokens / elapsed}
+    if counter is not None:
+        steps = counter.steps - steps0
+        result.update(engine_steps=steps, step_ms_mean=round(1000 * elapsed / max(steps, 1), 4))
+    if lengths is None:
+        result.update(validity(mode, outs, [s for _, s in items]))
+    elif [len(o.outputs[0].token_ids) for o in outs] != list(lengths):
+        result["lengths_mismatch"] = True  # should not happen: ignore_eos + max_tokens fix every length
     return result, outs
 
 
@@ -138,7 +184,7 @@ def _p(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4)
 
 
 def compile_times(llm: Any, repeats: int) -> dict[str, Any]:
@@ -161,6 +207,63 @@ def compile_times(llm: Any, repeats: int) -> dict[str, Any]:
     return {"compile_cold_ms_p50": _p(cold, 0.5), "compile_cold_ms_max": _p(cold, 1.0),
             "compile_cached_ms_p50": _p(cached, 0.5), "engine_compile_ms": [round(1000 * t, 2)
                                                                             for t in manager.compile_times]}
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def fill_replay(manager: Any, mode: str, items: list, outs: list, threads: tuple[int, ...] = (1, 2, 4, 8),
+                stride: int = 8, repeats: int = 3) -> dict[str, Any]:
+    """Replays a full-batch run's bitmask fills outside the engine: one matcher per request, advanced along that
+    request's real output to step t (every `stride` steps), then the rows still running at t filled by a Python
+    loop over the matchers (the manager's path below its batch threshold or with fill_threads 1) and by xgrammar's
+    BatchGrammarMatcher at each thread count (counts above this machine's CPUs are left out: xgrammar clamps them).
+    Also times bitmask.tobytes() (the manager's copy into the step's message). Milliseconds per fill, p50 / p99."""
+    import numpy as np
+    import xgrammar as xgr
+    matchers, tokens = [], []
+    for (_, schema), out in zip(items, outs):
+        so = params_for(mode, schema, 1).structured_outputs
+        matchers.append(xgr.GrammarMatcher(manager.compile_now(so)))
+        tokens.append(list(out.outputs[0].token_ids))
+    counts = [n for n in threads if n <= usable_cpus()]
+    batches = {n: xgr.BatchGrammarMatcher(n) for n in counts}
+    bitmask = np.zeros((len(matchers), manager.num_words), dtype=np.int32)
+    times: dict[str, list[float]] = {"loop": [], **{f"threads_{n}": [] for n in counts}, "tobytes": []}
+    rows, pos = [], 0
+    for t in range(0, max((len(x) for x in tokens), default=0), stride):
+        for matcher, toks in zip(matchers, tokens):
+            for tok in toks[pos:t]:
+                if matcher.is_terminated() or not matcher.accept_token(tok):
+                    break
+        pos = t
+        live = [m for m, toks in zip(matchers, tokens) if t < len(toks) and not m.is_terminated()]
+        if not live:
+            break
+        rows.append(len(live))
+        view = bitmask[:len(live)]
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for i, matcher in enumerate(live):
+                matcher.fill_next_token_bitmask(view, i)
+            times["loop"].append(time.perf_counter() - start)
+            for n, batch in batches.items():
+                start = time.perf_counter()
+                batch.batch_fill_next_token_bitmask(live, view)
+                times[f"threads_{n}"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            view.tobytes()
+            times["tobytes"].append(time.perf_counter() - start)
+    result: dict[str, Any] = {"fills": len(rows), "rows_max": max(rows, default=0),
+                              "rows_mean": round(sum(rows) / max(len(rows), 1), 1)}
+    for name, values in times.items():
+        result[f"{name}_ms_p50"] = _p(values, 0.5)
+        result[f"{name}_ms_p99"] = _p(values, 0.99)
+    return result
 
 
 def kernel_times(vocab_size: int, rows: int = 256, constrained: int = 256, iters: int = 50) -> dict[str, float]:
@@ -192,6 +295,56 @@ def kernel_times(vocab_size: int, rows: int = 256, constrained: int = 256, iters
                                                                          indices=idx_list))}
 
 
+def _fill_stats(manager: Any) -> dict[str, Any]:
+    """The engine core's bitmask() times of the run just done (ms), then cleared."""
+    times = manager.fill_times
+    stats = {"bitmask_ms_p50": _p(times, 0.5), "bitmask_ms_p99": _p(times, 0.99), "bitmask_steps": len(times)}
+    times.clear()
+    return stats
+
+
+def run_batch(llm: Any, counter: StepCounter, modes: list[str], items: list, max_tokens: int, one_at_a_time: bool,
+              same_lengths: bool) -> tuple[dict[str, Any], dict[str, list]]:
+    """Every mode on `items` (full batch or one at a time); each constrained mode also gets its unconstrained
+    same-lengths run and both ratios. Returns the results and each mode's outputs."""
+    manager = llm.engine.structured
+    runs: dict[str, Any] = {}
+    outputs: dict[str, list] = {}
+    for mode in modes:
+        progress(f"{'batch 1' if one_at_a_time else 'full batch'}: {mode}, {len(items)} requests")
+        manager.fill_times.clear()
+        runs[mode], outputs[mode] = run_mode(llm, mode, items, max_tokens, one_at_a_time, counter)
+        if mode != "unconstrained":
+            runs[mode].update(_fill_stats(manager))
+        if mode == "unconstrained" or not same_lengths:
+            continue
+        lengths = [len(o.outputs[0].token_ids) for o in outputs[mode]]
+        progress(f"  unconstrained with {mode}'s output lengths (ignore_eos)")
+        same, _ = run_mode(llm, "unconstrained", items, max_tokens, one_at_a_time, counter, lengths)
+        runs[mode]["unconstrained_same_lengths"] = same
+        runs[mode]["vs_unconstrained_same_lengths"] = round(
+            runs[mode]["output_tokens_per_s"] / same["output_tokens_per_s"], 4)
+    if "unconstrained" in runs:
+        base = runs["unconstrained"]["output_tokens_per_s"]
+        for mode in modes:
+            if mode != "unconstrained":
+                runs[mode]["vs_unconstrained"] = round(runs[mode]["output_tokens_per_s"] / base, 4)
+    return runs, outputs
+
+
+def _summary(result: dict[str, Any]) -> None:
+    """One line per constrained run: the target ratio, the step time against its same-lengths run, the fill."""
+    for batch in ("full_batch", "batch1"):
+        for mode, run in result.get(batch, {}).items():
+            same = run.get("unconstrained_same_lengths")
+            if same is None:
+                continue
+            progress(f"{batch} {mode}: {run['vs_unconstrained_same_lengths']}x same-lengths unconstrained; step "
+                     f"{run.get('step_ms_mean')} ms vs {same.get('step_ms_mean')} ms; bitmask p50 "
+                     f"{run['bitmask_ms_p50']} / p99 {run['bitmask_ms_p99']} ms "
+                     f"(fill_threads {result['fill_threads']})")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="vllm-lite bench structured", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -201,43 +354,36 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch1-requests", type=int, default=32, help="requests run one at a time per mode")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
+    ap.add_argument("--fill-only", action="store_true",
+                    help="only the full-batch runs and the bitmask fill replay (no same-lengths runs, batch 1, "
+                         "compile times or kernels)")
     args = ap.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     if any(m not in MODES for m in modes):
         ap.error(f"--modes: choose from {', '.join(MODES)}")
     llm = make_llm(args, skip_tokenizer_init=False)
+    counter = StepCounter(llm)
     items = workload(args.num_requests)
     progress("warm-up (every mode, a few requests; compiles the eight schemas)")
     for mode in modes:
         run_mode(llm, mode, items[:len(SCHEMAS)], 16, one_at_a_time=False)
     manager = llm.engine.structured
     result: dict[str, Any] = {"workload": "structured", "model": bench_model(args), "device": str(llm.device),
-                              "max_tokens": args.max_tokens, "full_batch": {}, "batch1": {}}
-    for mode in modes:
-        progress(f"full batch: {mode}, {len(items)} requests")
-        manager.fill_times.clear()
-        result["full_batch"][mode], _ = run_mode(llm, mode, items, args.max_tokens, one_at_a_time=False)
-        if mode == "json_schema":
-            result["bitmask_ms_p50"] = _p(manager.fill_times, 0.5)
-            result["bitmask_ms_p99"] = _p(manager.fill_times, 0.99)
-            result["bitmask_steps"] = len(manager.fill_times)
-    for mode in modes:
-        progress(f"batch 1: {mode}, {args.batch1_requests} requests one at a time")
-        manager.fill_times.clear()
-        result["batch1"][mode], _ = run_mode(llm, mode, items[:args.batch1_requests], args.max_tokens,
-                                             one_at_a_time=True)
-        if mode == "json_schema":
-            result["batch1_bitmask_ms_p50"] = _p(manager.fill_times, 0.5)
-    for batch in ("full_batch", "batch1"):
-        runs = result[batch]
-        if "unconstrained" in runs:
-            base = runs["unconstrained"]["output_tokens_per_s"]
-            for mode in ("json_object", "json_schema"):
-                if mode in runs:
-                    runs[mode]["vs_unconstrained"] = round(runs[mode]["output_tokens_per_s"] / base, 4)
-    progress("grammar compile times")
-    result.update(compile_times(llm, repeats=5))
-    if llm.device.type == "cuda":
+                              "max_tokens": args.max_tokens, "cpus": usable_cpus(),
+                              "fill_threads": manager.config.fill_threads,
+                              "batch_fill_min_rows": BATCH_FILL_MIN_ROWS}
+    result["full_batch"], outputs = run_batch(llm, counter, modes, items, args.max_tokens, False,
+                                              not args.fill_only)
+    if not args.fill_only:
+        result["batch1"], _ = run_batch(llm, counter, modes, items[:args.batch1_requests], args.max_tokens, True,
+                                        True)
+    progress("bitmask fill replay of the full-batch runs (threads)")
+    result["fill_replay"] = {mode: fill_replay(manager, mode, items, outputs[mode])
+                             for mode in modes if mode != "unconstrained"}
+    if not args.fill_only:
+        progress("grammar compile times")
+        result.update(compile_times(llm, repeats=5))
+    if llm.device.type == "cuda" and not args.fill_only:
         progress("bitmask kernels")
         vocab = llm.info.vocab_size
         try:  # an auxiliary measurement: its failure is reported, not allowed to lose the results above
@@ -245,9 +391,12 @@ def main(argv: list[str] | None = None) -> dict:
                                         for v in (vocab, 151936) for c in (256, 32)}
         except Exception as exc:  # noqa: BLE001
             result["bitmask_kernel"] = f"failed: {exc!r}"
-    result["targets"] = {"json_schema_vs_unconstrained_full_batch": ">= 0.90",
-                         "json_schema_vs_unconstrained_batch1": ">= 0.95", "validity_rate": "1.0",
-                         "compile_cold_ms_p50": "<= 50"}
+    result["targets"] = {"json_schema_vs_unconstrained_same_lengths_full_batch": ">= 0.90",
+                         "json_schema_vs_unconstrained_same_lengths_batch1": ">= 0.95",
+                         "ratio": "json_schema output tokens/s over the unconstrained same-lengths run's (same "
+                                  "prompts, same output length per request, ignore_eos): vs_unconstrained_same_lengths",
+                         "validity_rate": "1.0", "compile_cold_ms_p50": "<= 50"}
+    _summary(result)
     return report(result, args.json)
 
 

@@ -7,7 +7,8 @@
   running after `compile_timeout_s`, finishes that request alone with finish_reason "error" and the reason as
   its stop_reason.
 - `bitmask` (while the forward runs): one packed int32 row per sampling request, 1 + k rows when it verifies k
-  drafts, filled from the matchers (several threads when the step has many rows).
+  drafts, filled from the matchers (xgrammar's batch matcher without drafts: fill_threads threads from
+  BATCH_FILL_MIN_ROWS rows, one below; bench/structured.py's fill replay measures the choice).
 - `clip_drafts`: drafts the grammar refuses are cut before they are scheduled.
 The scheduler advances each request's matcher (`Request.grammar`) with the tokens a step produced.
 """
@@ -30,7 +31,7 @@ from vllm_lite.structured_output.validate import validate_structured_outputs, xg
 logger = logging.getLogger("vllm_lite.structured_output")
 
 _MAX_CACHED_KEYS = 4096  # compiled grammars kept by key (xgrammar's compiler keeps its own cache too)
-_BATCH_FILL_MIN_ROWS = 64  # below this one thread fills faster than xgrammar's thread pool
+BATCH_FILL_MIN_ROWS = 64  # below this one thread fills faster than xgrammar's thread pool
 _IDLE_WAIT_S = 0.05  # longest wait for a compile when nothing else can run (new requests are read in between)
 
 
@@ -48,7 +49,8 @@ class StructuredOutputManager:
         self.num_words = -(-vocab_size // 32)
         self._pool = cf.ThreadPoolExecutor(config.compile_threads, thread_name_prefix="grammar-compile")
         self._compiler = self._pool.submit(self._build_compiler, tokenizer, list(stop_token_ids))
-        self._batch: Any = None
+        self._batch: Any = None  # xgrammar BatchGrammarMatcher, fill_threads threads (None: fill_threads 1)
+        self._batch1: Any = None  # the same, one thread: no Python loop over the matchers, no thread hand-off
         self.tokenizer_info: Any = None
         self._futures: OrderedDict[CompileKey, cf.Future] = OrderedDict()
         self.compiling: dict[str, tuple[Request, cf.Future]] = {}
@@ -89,6 +91,7 @@ class StructuredOutputManager:
         info = xgr.TokenizerInfo.from_huggingface(tokenizer(), vocab_size=self.vocab_size,
                                                   stop_token_ids=stop_token_ids or None)
         self.tokenizer_info = info  # also for bench/structured.py's cold compiles
+        self._batch1 = xgr.BatchGrammarMatcher(1)
         if self.config.fill_threads > 1:
             self._batch = xgr.BatchGrammarMatcher(self.config.fill_threads)
         return xgr.GrammarCompiler(info, max_threads=self.config.compile_threads)
@@ -199,11 +202,13 @@ class StructuredOutputManager:
         if self._buffer.shape[0] < total:
             self._buffer = np.zeros((max(total, 2 * self._buffer.shape[0]), self.num_words), dtype=np.int32)
         bitmask = self._buffer[:total]
-        if self._batch is not None and total == len(grammars) and total >= _BATCH_FILL_MIN_ROWS:
+        if total == len(grammars):  # no drafts: one row per request, filled by xgrammar's batch matcher
+            batch = self._batch if self._batch is not None and total >= BATCH_FILL_MIN_ROWS else self._batch1
             live = [i for i, g in enumerate(grammars) if not g.matcher.is_terminated()]
             if len(live) < total:
                 bitmask[:] = -1
-            self._batch.batch_fill_next_token_bitmask([grammars[i].matcher for i in live], bitmask, live)
+            if live:
+                batch.batch_fill_next_token_bitmask([grammars[i].matcher for i in live], bitmask, live)
         else:
             row = 0
             for req_id, grammar, n in zip(req_ids, grammars, rows):

@@ -1,0 +1,79 @@
+"""The structured-output benchmark (issue 13) on a tiny random model with the default model's tokenizer: the
+unconstrained same-lengths runs do the constrained runs' work token for token, the per-mode bitmask statistics and
+the fill replay are reported; and fill_threads' automatic default."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from vllm_lite.benchmarks import structured as bench
+from vllm_lite.config import EngineConfig, StructuredOutputsConfig, auto_fill_threads
+
+from tiny_models import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_smol_path(tmp_path_factory):
+    from vllm_lite.model_loader import resolve_model
+    from vllm_lite.model_loader.default_model import default_gguf_path
+    try:
+        default_gguf_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    config = EngineConfig.from_kwargs(device="cpu")
+    tokenizer_dir = resolve_model(config.model, config.load, "cpu").tokenizer
+    path = make_tiny_model(tmp_path_factory.mktemp("smol"), "llama", vocab_size=49152, with_tokenizer=False,
+                           eos_token_id=2)
+    for name in os.listdir(tokenizer_dir):
+        if name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(os.path.join(tokenizer_dir, name), path)
+    return path
+
+
+def test_bench_reports_same_length_ratios_and_fill_stats(tiny_smol_path, tmp_path):
+    out = tmp_path / "structured.json"
+    result = bench.main(["--model", tiny_smol_path, "--device", "cpu", "--dtype", "float32", "--max-model-len", "1024",
+                         "--num-requests", "8", "--batch1-requests", "2", "--max-tokens", "24",
+                         "--json", str(out)])
+    assert json.loads(out.read_text())["fill_threads"] == result["fill_threads"] == auto_fill_threads()
+    for batch, n in (("full_batch", 8), ("batch1", 2)):
+        runs = result[batch]
+        for mode in ("json_object", "json_schema"):
+            run, same = runs[mode], runs[mode]["unconstrained_same_lengths"]
+            assert same["requests"] == n and "lengths_mismatch" not in same
+            assert same["output_tokens"] == run["output_tokens"] > 0
+            assert run["vs_unconstrained_same_lengths"] == pytest.approx(
+                run["output_tokens_per_s"] / same["output_tokens_per_s"], rel=1e-3)
+            assert run["bitmask_steps"] >= run["output_tokens"] // n
+            assert 0 < run["bitmask_ms_p50"] <= run["bitmask_ms_p99"]
+            assert run["engine_steps"] > 0 and same["engine_steps"] > 0
+        assert "bitmask_ms_p50" not in runs["unconstrained"]
+    for mode in ("json_object", "json_schema"):
+        replay = result["fill_replay"][mode]
+        assert replay["fills"] >= 1 and replay["rows_max"] == 8
+        assert 0 < replay["threads_1_ms_p50"] <= replay["threads_1_ms_p99"]
+        assert replay["loop_ms_p50"] > 0 and replay["tobytes_ms_p50"] > 0
+    assert "vs_unconstrained_same_lengths" in result["targets"]["ratio"]
+
+
+def test_same_lengths_run_forces_each_requests_length(tiny_smol_path):
+    from vllm_lite import LLM
+    llm = LLM(tiny_smol_path, device="cpu", dtype="float32", max_model_len=1024, kv_cache_memory_bytes=64 << 20)
+    items = bench.workload(3)
+    lengths = [1, 7, 13]
+    run, outs = bench.run_mode(llm, "unconstrained", items, 64, False, bench.StepCounter(llm), lengths)
+    assert [len(o.outputs[0].token_ids) for o in outs] == lengths and run["output_tokens"] == sum(lengths)
+    assert [o.outputs[0].finish_reason for o in outs] == ["length"] * 3 and "lengths_mismatch" not in run
+
+
+@pytest.mark.parametrize("cpus, threads", [(1, 1), (2, 1), (3, 1), (4, 2), (16, 8), (128, 8)])
+def test_fill_threads_auto_default(monkeypatch, cpus, threads):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    assert StructuredOutputsConfig().fill_threads == threads == auto_fill_threads()
+    assert StructuredOutputsConfig(fill_threads=3).fill_threads == 3
+    assert StructuredOutputsConfig.from_any({"fill_threads": 0}).fill_threads == threads
+    with pytest.raises(ValueError, match="fill_threads"):
+        StructuredOutputsConfig(fill_threads=-1)
