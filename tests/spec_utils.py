@@ -64,6 +64,22 @@ class AllowOnly:
         return GrammarOutput(ids, rows, self.num_words, mask.tobytes())
 
 
+def record_drafts(core: EngineCore) -> list[tuple[list[int], list[int]]]:
+    """From now on, (the request's tokens, its drafts) for every draft an in-worker drafter returns to `core`."""
+    seen: list[tuple[list[int], list[int]]] = []
+    take = core.proposer.take
+
+    def recording_take(output) -> None:
+        take(output)
+        for req_id, drafts in zip(output.req_ids, output.draft_token_ids or []):
+            request = core.scheduler.requests.get(req_id)
+            if drafts and request is not None:
+                seen.append((list(request.all_token_ids), drafts))
+
+    core.proposer.take = recording_take
+    return seen
+
+
 def make_core(model: str, proposer=None, grammar=None, **kwargs) -> EngineCore:
     config = EngineConfig.from_kwargs(model=model, **kwargs)
     info = resolve_model(config.model, config.load, config.device.resolved_device())

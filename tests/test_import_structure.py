@@ -24,7 +24,8 @@ PACKAGE = "vllm_lite"
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("entrypoints", ("vllm_lite.entrypoints", "vllm_lite.benchmarks", "vllm_lite.evals", "vllm_lite",
-                     "vllm_lite.__main__")),
+                     "vllm_lite.__main__",
+                     "vllm_lite.spec_decode.train")),  # the draft trainer drives the engine (it generates its data)
     ("engine", ("vllm_lite.engine",)),
     ("core/executor", ("vllm_lite.core", "vllm_lite.executor", "vllm_lite.structured_output")),
     ("worker", ("vllm_lite.worker",)),

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from vllm_lite.sampling_params import SamplingParams
 
-from spec_utils import make_core, run_core
+from spec_utils import make_core, record_drafts, run_core
 
 BASE = dict(device="cpu", dtype="float32", block_size=4, max_model_len=256)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -235,17 +235,7 @@ def test_drafts_equal_a_from_scratch_computation(tiny_llama_path, noisy_draft, t
     model = {"draft_model": lambda: noisy_draft, "eagle": lambda: make_eagle1_head(str(tmp_path / "e1")),
              "eagle3": lambda: make_eagle3_head(str(tmp_path / "e3"), aux_layers=[1, 0, 1])}[method]()
     core = _speculate(tiny_llama_path, model, method=method, k=3, max_num_batched_tokens=16)
-    seen: list[tuple[list[int], list[int]]] = []
-    take = core.proposer.take
-
-    def recording_take(output):
-        take(output)
-        for req_id, drafts in zip(output.req_ids, output.draft_token_ids or []):
-            request = core.scheduler.requests.get(req_id)
-            if drafts and request is not None:
-                seen.append((list(request.all_token_ids), drafts))
-
-    core.proposer.take = recording_take
+    seen = record_drafts(core)
     run_core(core, _prompts(3), SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
     assert len(seen) >= 6
     runner = core.executor.runner

@@ -56,7 +56,7 @@ def _client_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-lite", description="vllm-lite: a compact LLM inference engine")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="{serve,chat,complete,bench,eval}")
+    sub = parser.add_subparsers(dest="command", metavar="{serve,chat,complete,bench,eval,train-draft}")
     _serve_parser(sub)
     p = sub.add_parser("chat", help="interactive chat with a running server",
                        description="Chat with a running vllm-lite (or any OpenAI-compatible) server; tokens stream "
@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("eval_name", choices=EVALS, metavar="{" + ",".join(EVALS) + "}")
     p.add_argument("eval_args", nargs=argparse.REMAINDER, help="options of that eval")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("train-draft", add_help=False,
+                       help="train an EAGLE-3 draft head for a model (`vllm-lite train-draft --help`)")
+    p.set_defaults(func=lambda args: cmd_train_draft(["--help"]))
     return parser
 
 
@@ -101,6 +104,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     module = importlib.import_module(f"vllm_lite.evals.{args.eval_name}")
     return int(module.main(args.eval_args) or 0)
+
+
+def cmd_train_draft(argv: list[str]) -> int:
+    """Its options go to its own parser (spec_decode/train/cli.py), so main() hands them over unparsed."""
+    from vllm_lite.spec_decode.train.cli import main as train_main
+    return train_main(argv)
 
 
 def _use_bytecode_cache() -> None:
@@ -256,6 +265,9 @@ def cmd_complete(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train-draft"]:
+        return cmd_train_draft(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.command == "serve" else logging.WARNING,
