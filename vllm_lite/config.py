@@ -138,14 +138,19 @@ class KernelConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How many ranks run the model. The executor starts one worker per rank; tensor parallelism (sharded layers
-    over NCCL) is not built yet, so today only one rank is allowed."""
+    """How many ranks run the model and how many replicas serve it.
+    tensor_parallel_size: worker processes of one engine, one per GPU, each holding a shard of every layer (NCCL on
+      CUDA, gloo on CPU).
+    data_parallel_size: independent engine-core + worker replicas behind one API server.
+    distributed_init_method: torch.distributed init method of the ranks (e.g. tcp://host:port); None = a free local
+      port (or MASTER_ADDR / MASTER_PORT when set, read in vllm_lite/envs.py)."""
     tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    distributed_init_method: str | None = None
 
     def __post_init__(self) -> None:
         _positive("tensor_parallel_size", self.tensor_parallel_size)
-        if self.tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet; use 1")
+        _positive("data_parallel_size", self.data_parallel_size)
 
     @property
     def world_size(self) -> int:

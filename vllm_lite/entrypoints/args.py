@@ -21,7 +21,8 @@ ENGINE_ARGS = ("model", "tokenizer", "dtype", "seed", "max_model_len", "served_m
                "enable_prefix_caching", "gpu_memory_utilization", "num_gpu_blocks_override", "kv_cache_memory_bytes",
                "max_num_seqs", "max_num_batched_tokens", "async_scheduling", "device", "enforce_eager",
                "attention_backend", "max_cudagraph_capture_size", "load_format", "download_dir", "skip_tokenizer_init",
-               "speculative_config", "structured_outputs_config", "structured_outputs_compile_timeout")
+               "speculative_config", "structured_outputs_config", "structured_outputs_compile_timeout",
+               "tensor_parallel_size", "data_parallel_size", "distributed_init_method")
 
 
 def _size(text: str) -> int:
@@ -98,6 +99,15 @@ def add_engine_args(parser: argparse.ArgumentParser, model_help: str | None = No
                         "this and max_num_seqs); larger batches run compiled without a graph")
     g.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="attention kernels: torch (reference, any device) or flashinfer (GPU)")
+
+    g = parser.add_argument_group("parallelism")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="worker processes (one per GPU) each holding a shard of every layer")
+    g.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="independent engine replicas behind one API server (requests go to the least loaded)")
+    g.add_argument("--distributed-init-method", default=None, metavar="URL",
+                   help="torch.distributed init method of the tensor-parallel ranks, e.g. tcp://10.0.0.1:29500 "
+                        "(default: MASTER_ADDR / MASTER_PORT if set, else a free local port)")
 
     g = parser.add_argument_group("speculative decoding")
     g.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
