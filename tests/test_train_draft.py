@@ -107,7 +107,8 @@ def test_training_lowers_the_loss(trained, tiny_llama_path, tmp_path):
 
     def loss() -> float:
         with torch.no_grad():
-            return sum(float(ttt_loss(head(b.aux, b.tokens, 3), t2d[b.labels], b.loss_mask)[0]) for b in batches)
+            return sum(float(ttt_loss(head.lm_head, head(b.aux, b.tokens, 3), t2d[b.labels], b.loss_mask)[0])
+                       for b in batches)
 
     before = loss()
     summary = train(head, data, t2d, cfg, str(tmp_path / "ckpt"), torch.device("cpu"))
@@ -146,9 +147,9 @@ def test_training_forward_drafts_what_the_engine_drafts(trained, tiny_llama_path
         seq = tokens + drafts[:2]
         aux, _ = next(target_features(target, [seq], tuple(meta["aux_layers"]), 10 ** 6))
         with torch.no_grad():
-            logits = head(aux[None], torch.tensor([seq]), 3)
+            hidden = head(aux[None], torch.tensor([seq]), 3)
         row = len(tokens) - 2
-        assert [int(draft_to_target[lg[0, row].argmax()]) for lg in logits] == drafts
+        assert [int(draft_to_target[head.lm_head(h[0, row]).argmax()]) for h in hidden] == drafts
 
 
 def test_resume_continues_at_the_same_step(trained, tiny_llama_path, tmp_path, monkeypatch):
@@ -193,6 +194,41 @@ def test_resume_continues_at_the_same_step(trained, tiny_llama_path, tmp_path, m
     assert summary["steps"] == 8
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_time_budget_cuts_the_run(trained, tiny_llama_path, tmp_path, monkeypatch):
+    """With a budget the probe steps' time allows no more of, the run ends right after the probe and its checkpoint
+    plans that many steps (a resumed run keeps them)."""
+    from vllm_lite.spec_decode.train import trainer
+    from vllm_lite.spec_decode.train.cli import _target_tensors
+    from vllm_lite.spec_decode.train.data import label_counts
+    from vllm_lite.spec_decode.train.dataset import ShardDataset
+    from vllm_lite.spec_decode.train.head import Eagle3TrainHead
+    from vllm_lite.spec_decode.train.vocab import DraftVocab
+    from vllm_lite.model_loader.hf_config import load_hf_config
+    out, meta = trained
+    data_dir = os.path.join(out, "data")
+    vocab = DraftVocab.from_counts(label_counts(data_dir, meta), 160)
+    monkeypatch.setattr(trainer, "PROBE", (1, 3))
+    cfg = trainer.TrainConfig(epochs=5, batch_tokens=400, time_budget_s=1e-3)
+    data = ShardDataset(data_dir, meta, cfg.batch_tokens, cfg.seed)
+    head = Eagle3TrainHead(load_hf_config(tiny_llama_path), vocab.size, _target_tensors(tiny_llama_path)["embed"])
+    summary = trainer.train(head, data, vocab.target_to_draft(), cfg, str(tmp_path), torch.device("cpu"))
+    assert summary["steps"] == summary["total_steps"] == 3 < 5 * data.batches_per_epoch
+    assert torch.load(tmp_path / trainer.CHECKPOINT, weights_only=True)["total_steps"] == 3
+    assert trainer.train(head, data, vocab.target_to_draft(), cfg, str(tmp_path), torch.device("cpu"))["steps"] == 3
+
+
+@pytest.mark.slow
+def test_bench_spec_eagle3_fills_the_card(trained, tiny_llama_path):
+    """`vllm-lite bench spec eagle3` on the tiny model and its head: outputs identical, acceptance in the card."""
+    from vllm_lite.benchmarks import spec
+    out, _ = trained
+    result = spec.main(["eagle3", "--model", tiny_llama_path, "--head", out, "--num-prompts", "2", "--output-len",
+                        "8", "--device", "cpu", "--dtype", "float32", "--max-model-len", "512"])
+    assert result["identical_outputs"] == "2/2" and result["num_drafts"] > 0
+    card = open(os.path.join(out, "README.md")).read()
+    assert f"mean acceptance length {result['mean_acceptance_length']}" in card
 
 
 class Interrupted(Exception):

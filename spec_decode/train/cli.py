@@ -24,6 +24,9 @@ from vllm_lite.spec_decode.train.trainer import TrainConfig, train
 from vllm_lite.spec_decode.train.vocab import DraftVocab
 
 
+EXPORT_MARGIN_S = 20.0  # writing the head and the card, kept out of the training's share of --time-budget-s
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vllm-lite train-draft", description=__doc__,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -43,9 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--draft-vocab-size", type=int, default=8192)
     g.add_argument("--num-draft-steps", type=int, default=3, help="draft positions trained (TTT depth)")
     for name, value in asdict(TrainConfig()).items():
-        if name not in ("draft_steps",):
+        if name not in ("draft_steps", "time_budget_s"):
             g.add_argument("--" + name.replace("_", "-"), type=float if isinstance(value, float) else int,
                            default=value)
+    g.add_argument("--time-budget-s", type=float, default=None,
+                   help="seconds for the whole command: training is cut to what the data generation left, minus a "
+                        "margin for the export (its cosine schedule follows)")
     g = ap.add_argument_group("engine")
     g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     g.add_argument("--dtype", default="auto", help="target dtype for generation and hidden states")
@@ -92,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     train_cfg = TrainConfig(draft_steps=args.num_draft_steps, epochs=args.epochs, max_steps=args.max_steps or None,
                             lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
                             grad_clip=args.grad_clip, batch_tokens=args.batch_tokens,
-                            checkpoint_every=args.checkpoint_every, seed=args.seed)
+                            checkpoint_every=args.checkpoint_every, seed=args.seed,
+                            time_budget_s=None if args.time_budget_s is None else
+                            max(args.time_budget_s - (time.perf_counter() - t0) - EXPORT_MARGIN_S, 1.0))
     dataset = ShardDataset(data_dir, meta, train_cfg.batch_tokens, train_cfg.seed)
     _say(f"training: {dataset.batches_per_epoch} batches per epoch, draft vocabulary {vocab.size} "
          f"({100 * vocab.coverage(counts):.2f} % of response tokens), {train_cfg.draft_steps} draft steps, {device}")

@@ -121,16 +121,17 @@ class Eagle3TrainHead(nn.Module):
             self.norm.weight.copy_(norm.to(self.norm.weight))
 
     def forward(self, aux: torch.Tensor, tokens: torch.Tensor, steps: int) -> list[torch.Tensor]:
-        """aux [B, T, 3H] (low | mid | high), tokens [B, T] -> draft-vocabulary logits [B, T, V_draft] per step."""
+        """aux [B, T, 3H] (low | mid | high), tokens [B, T] -> the final-normed hidden states [B, T, H] of each
+        step; `lm_head` turns the rows that matter into draft-vocabulary logits (the trainer scores only those)."""
         b, t = tokens.shape
         hidden = self.fc(aux)
         cache: list[tuple[torch.Tensor, torch.Tensor]] = []
-        logits = []
+        normed = []
         for j in range(steps):
             ids = F.pad(tokens[:, 1 + j:], (0, min(1 + j, t)))
             positions = torch.arange(j, t + j, device=tokens.device)
             cos, sin = self.rotary.cos_sin(positions, hidden.dtype)
             embeds = F.embedding(ids, self.embed_weight).to(hidden.dtype)
             hidden = self.midlayer(embeds, hidden, cos[:, None], sin[:, None], cache)
-            logits.append(self.lm_head(self.norm(hidden)))
-        return logits
+            normed.append(self.norm(hidden))
+        return normed

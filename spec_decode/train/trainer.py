@@ -37,6 +37,12 @@ class TrainConfig:
     batch_tokens: int = 16384  # padded tokens per batch
     checkpoint_every: int = 500
     seed: int = 0
+    # Seconds the training may take: steps PROBE[0] .. PROBE[1] are timed and the run (and its cosine schedule) is
+    # cut to the steps that fit. A resumed run keeps the step count its checkpoint planned.
+    time_budget_s: float | None = None
+
+
+PROBE = (5, 25)
 
 
 def _shift(x: torch.Tensor, n: int, fill: int | bool) -> torch.Tensor:
@@ -44,19 +50,20 @@ def _shift(x: torch.Tensor, n: int, fill: int | bool) -> torch.Tensor:
     return F.pad(x[:, n:], (0, min(n, x.shape[1])), value=fill)
 
 
-def ttt_loss(logits: list[torch.Tensor], labels: torch.Tensor, mask: torch.Tensor
+def ttt_loss(lm_head: torch.nn.Module, hidden: list[torch.Tensor], labels: torch.Tensor, mask: torch.Tensor
              ) -> tuple[torch.Tensor, list[float]]:
-    """labels [B, T]: draft ids of the target's greedy token after each position (-1: not in the draft vocabulary);
-    mask: positions that train. Step j's row p is scored against position p + 1 + j. -> (loss, accuracy per step)."""
-    loss = logits[0].new_zeros((), dtype=torch.float32)
+    """hidden: the head's normed output per step [B, T, H]; labels [B, T]: draft ids of the target's greedy token
+    after each position (-1: not in the draft vocabulary); mask: positions that train. Step j's row p is scored
+    against position p + 1 + j; only those rows go through lm_head. -> (loss, accuracy per step)."""
+    loss = hidden[0].new_zeros((), dtype=torch.float32)
     accs = []
-    for j, lg in enumerate(logits):
+    for j, h in enumerate(hidden):
         target = _shift(labels, 1 + j, -1)
         rows = _shift(mask, 1 + j, False)
         if not bool(rows.any()):
             accs.append(float("nan"))
             continue
-        picked, tgt = lg[rows].float(), target[rows]
+        picked, tgt = lm_head(h[rows]).float(), target[rows]
         known = tgt >= 0
         if bool(known.any()):
             loss = loss + STEP_WEIGHT ** j * F.cross_entropy(picked[known], tgt[known])
@@ -64,11 +71,12 @@ def ttt_loss(logits: list[torch.Tensor], labels: torch.Tensor, mask: torch.Tenso
     return loss, accs
 
 
-def _schedule(total: int, warmup: int):
+def _schedule(plan: dict[str, int], warmup: int):
+    """Linear warm-up, then cosine decay to zero at plan["total"] (read live: a time budget may shorten it)."""
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(total - warmup, 1)
+        progress = (step - warmup) / max(plan["total"] - warmup, 1)
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     return factor
 
@@ -87,12 +95,15 @@ def train(head: Eagle3TrainHead, data: ShardDataset, target_to_draft: torch.Tens
     total = min(total, cfg.max_steps) if cfg.max_steps else total
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, max(1, int(cfg.warmup_ratio * total))))
+    plan = {"total": total}
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(plan, max(1, int(cfg.warmup_ratio * total))))
     os.makedirs(ckpt_dir, exist_ok=True)
     ckpt_path = os.path.join(ckpt_dir, CHECKPOINT)
     step, history = 0, []
     if os.path.exists(ckpt_path):
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if cfg.time_budget_s and state["total_steps"] <= total:
+            total = plan["total"] = state["total_steps"]
         if state["total_steps"] != total:
             raise ValueError(f"the checkpoint in {ckpt_dir} belongs to a run of {state['total_steps']} steps, this "
                              f"one has {total}; use the same --epochs/--max-steps/--batch-tokens or another --out")
@@ -106,7 +117,7 @@ def train(head: Eagle3TrainHead, data: ShardDataset, target_to_draft: torch.Tens
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, desc="train-draft", file=sys.stderr, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 10.0)
-    t0, tokens = time.perf_counter(), 0
+    t0, tokens, first, probe_t = time.perf_counter(), 0, step, 0.0
     head.train()
     while step < total:
         epoch, skip = divmod(step, data.batches_per_epoch)
@@ -119,6 +130,13 @@ def train(head: Eagle3TrainHead, data: ShardDataset, target_to_draft: torch.Tens
             bar.update(1)
             bar.set_postfix_str(f"loss {loss:.3f} acc " + "/".join(f"{a:.2f}" for a in accs) +
                                 f" lr {sched.get_last_lr()[0]:.1e}", refresh=False)
+            if cfg.time_budget_s and first == 0 and step in PROBE:
+                now = time.perf_counter()
+                if step == PROBE[1]:
+                    fit = step + int((cfg.time_budget_s - (now - t0)) / ((now - probe_t) / (PROBE[1] - PROBE[0])))
+                    total = plan["total"] = max(step, min(total, fit))
+                    bar.total = total
+                probe_t = now
             if step % cfg.checkpoint_every == 0 or step == total:
                 _save(ckpt_path, {"step": step, "total_steps": total, "head": head.state_dict(),
                                   "optim": opt.state_dict(), "sched": sched.state_dict(), "history": history,
@@ -138,8 +156,8 @@ def _train_step(head: Eagle3TrainHead, batch: Batch, target_to_draft: torch.Tens
                 opt: torch.optim.Optimizer, autocast: torch.autocast) -> tuple[float, list[float]]:
     aux = batch.aux if batch.aux.device.type == "cuda" else batch.aux.float()  # CPU: float32 throughout
     with autocast:
-        logits = head(aux, batch.tokens, cfg.draft_steps)
-        loss, accs = ttt_loss(logits, target_to_draft[batch.labels], batch.loss_mask)
+        hidden = head(aux, batch.tokens, cfg.draft_steps)
+        loss, accs = ttt_loss(head.lm_head, hidden, target_to_draft[batch.labels], batch.loss_mask)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)

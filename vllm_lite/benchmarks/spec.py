@@ -14,12 +14,17 @@ per-position acceptance next to its times.
           >= 2x), and chat prompts that do not repeat (target: ngram no slower than 0.97x).
   t1      the T1 throughput workload (256 random-id requests, bench/throughput.py) with n-gram on vs off
           (target >= 0.97x).
+  eagle3  a trained EAGLE-3 head (--head, e.g. from `vllm-lite train-draft`) on the real default model at batch 1:
+          GSM8K test questions through the chat template, greedy; TPOT plain / eagle3 (target >= 1.5x), mean
+          acceptance length and per-position acceptance at k = 3 without the adaptive draft length (target >= 2.0),
+          identical outputs and identical final answers; the result goes into the head's model card.
 Each engine of a comparison runs in its own spawned process (the device is whole for each; results come back
 through a pipe).
 
     vllm-lite bench spec verify [--batch-sizes 1,8,32] [engine flags]
     vllm-lite bench spec ngram [--speculative-config '{"method": "ngram", ...}'] [--data FOLDER]
     vllm-lite bench spec t1 [--repeats 3]
+    vllm-lite bench spec eagle3 --head HEAD_DIR [--num-prompts 200] [--data FOLDER]
 """
 from __future__ import annotations
 
@@ -38,9 +43,10 @@ from vllm_lite.config import DEFAULT_MODEL
 from vllm_lite.sampling_params import SamplingParams
 from vllm_lite.spec_decode.metrics import acceptance_summary
 
-SCENARIOS = ("verify", "ngram", "t1")
+SCENARIOS = ("verify", "ngram", "t1", "eagle3")
 DEFAULTS = {"verify": dict(model_flag="llama-3.1-8b"),
             "ngram": dict(model_flag=DEFAULT_MODEL, load_format="auto"),
+            "eagle3": dict(model_flag=DEFAULT_MODEL, load_format="auto"),
             "t1": dict(model_flag="qwen3-0.6b")}
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
 EDIT_PROMPT = ("Repeat the following passage word for word, changing only one number in it. Output only the "
@@ -271,6 +277,48 @@ def run_ngram(args: argparse.Namespace) -> dict:
     return result
 
 
+# ---------------------------------------------------------------- eagle3
+def _eagle3_engine(args: argparse.Namespace, config: dict | None, convs: list) -> dict:
+    """One engine (plain: config None) over the GSM8K chat prompts at batch 1: TPOT, outputs, answers, acceptance."""
+    from vllm_lite.evals.gsm8k import extract_answer
+    llm = make_llm(args, **({} if config is None else {"speculative_config": config}))
+    _per_prompt_tpot(llm, convs[:2], 16)  # warm-up
+    before = _stats(llm)
+    tpot, outs = _per_prompt_tpot(llm, convs, args.output_len)
+    tok = llm.get_tokenizer()
+    progress(f"{'plain' if config is None else 'eagle3'}: TPOT {tpot:.3f} ms")
+    return {"tpot_ms": round(tpot, 4), "outputs": outs, "device": str(llm.device),
+            "answers": [extract_answer(tok.decode(o, skip_special_tokens=True)) for o in outs],
+            "acceptance": _acceptance(before, _stats(llm))}
+
+
+def run_eagle3(args: argparse.Namespace) -> dict:
+    from vllm_lite.spec_decode.train.export import record_acceptance
+    config = {"method": "eagle3", "model": args.head, "num_speculative_tokens": args.num_speculative_tokens,
+              "adaptive_draft_length": False}
+    args.speculative_config = None
+    convs = [[{"role": "user", "content": q}] for q in _passages(args.data, args.num_prompts)]
+    plain = _in_child(_eagle3_engine, args, None, convs)
+    spec = _in_child(_eagle3_engine, args, config, convs)
+    n = len(convs)
+    result = {"scenario": "eagle3", "model": bench_model(args), "speculative_config": config, "num_prompts": n,
+              "max_tokens": args.output_len, "device": spec["device"], "plain_tpot_ms": plain["tpot_ms"],
+              "spec_tpot_ms": spec["tpot_ms"], "speedup": round(plain["tpot_ms"] / spec["tpot_ms"], 4),
+              "identical_outputs": f"{sum(a == b for a, b in zip(plain['outputs'], spec['outputs']))}/{n}",
+              "identical_answers": f"{sum(a == b for a, b in zip(plain['answers'], spec['answers']))}/{n}",
+              **spec["acceptance"], "targets": "mean_acceptance_length >= 2.0, speedup >= 1.5"}
+    progress(f"eagle3: {result['speedup']}x, mean acceptance length {result['mean_acceptance_length']}, per "
+             f"position {result['per_position_acceptance']}")
+    record_acceptance(args.head, f"Acceptance (`vllm-lite bench spec eagle3`, {n} GSM8K test questions, chat "
+                                 f"template, greedy, batch 1, k = {args.num_speculative_tokens}, {result['device']}):"
+                                 f" mean acceptance length {result['mean_acceptance_length']}, per position "
+                                 f"{result['per_position_acceptance']}; TPOT {result['spec_tpot_ms']} ms vs "
+                                 f"{result['plain_tpot_ms']} ms without speculation ({result['speedup']}x); "
+                                 f"identical outputs {result['identical_outputs']}, answers "
+                                 f"{result['identical_answers']}.")
+    return result
+
+
 # ---------------------------------------------------------------- t1
 def _t1_engine(args: argparse.Namespace, config: dict | None) -> dict:
     """T1 on one engine (plain: config None): median output tokens/s and acceptance."""
@@ -326,13 +374,19 @@ def main(argv: list[str] | None = None) -> dict:
         ap.add_argument("--num-passages", type=int, default=20)
         ap.add_argument("--num-chat", type=int, default=len(CHAT_PROMPTS))
         ap.add_argument("--output-len", type=int, default=256, help="max_tokens per prompt (EOS may end it)")
+    elif scenario == "eagle3":
+        ap.add_argument("--head", required=True, help="the EAGLE-3 head folder (vllm-lite train-draft --out)")
+        ap.add_argument("--data", default=None, help="GSM8K folder with test.jsonl (default: shared/data/gsm8k)")
+        ap.add_argument("--num-prompts", type=int, default=200)
+        ap.add_argument("--num-speculative-tokens", type=int, default=3)
+        ap.add_argument("--output-len", type=int, default=256, help="max_tokens per prompt (EOS may end it)")
     else:
         ap.add_argument("--num-requests", type=int, default=256)
         ap.add_argument("--min-len", type=int, default=100)
         ap.add_argument("--max-len", type=int, default=1024)
         ap.add_argument("--repeats", type=int, default=1)
     args = ap.parse_args(argv)
-    result = {"verify": run_verify, "ngram": run_ngram, "t1": run_t1}[scenario](args)
+    result = {"verify": run_verify, "ngram": run_ngram, "t1": run_t1, "eagle3": run_eagle3}[scenario](args)
     if args.json:
         result["command"] = "vllm-lite bench spec " + scenario + " " + json.dumps(argv)
     return report(result, args.json)
