@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("spec_decode/sample/models/model_loader", ("vllm_lite.spec_decode", "vllm_lite.model_loader", "vllm_lite.models",
                                                 "vllm_lite.sample")),
     ("layers/attention", ("vllm_lite.layers", "vllm_lite.attention")),
+    ("distributed", ("vllm_lite.distributed",)),  # tensor-parallel group + collective ops, used by the layers
     ("compile", ("vllm_lite.compile",)),
     ("kernels", ("vllm_lite.kernels",)),
     ("base", ("vllm_lite.protocol", "vllm_lite.config", "vllm_lite.envs", "vllm_lite.sampling_params",

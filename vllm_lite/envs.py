@@ -10,6 +10,10 @@
 - VLLM_LITE_BODY_READ_TIMEOUT_S: seconds the server waits for more of a request body before a 408 (default 30).
 - VLLM_LITE_CHAT_TEMPLATE_TIMEOUT_S: seconds a request-supplied chat template may render before it is stopped and
   the request is a 400 (default 5; only with --trust-request-chat-template).
+- MASTER_ADDR / MASTER_PORT: where tensor-parallel ranks meet (torch.distributed's usual variables) when
+  --distributed-init-method is not given; unset: a free local port.
+- NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1: written (never read) before worker
+  processes start, so no rank uses NVLink multicast (it can take a host's GPUs down).
 
 Kernel switches: these only set the defaults of vllm_lite.config.KernelConfig (read once, by `kernel_defaults()`,
 when an EngineConfig is built; the engine arguments kv_write_kernel, sampling_kernel, skinny_gemm and
@@ -42,6 +46,20 @@ def bytecode_cache_dir() -> str | None:
     if os.environ.get("PYTHONPYCACHEPREFIX") or os.environ.get("VLLM_LITE_BYTECODE_CACHE", "1") == "0":
         return None
     return os.path.join(cache_root(), "pycache")
+
+
+def distributed_master() -> tuple[str, str] | None:
+    """(MASTER_ADDR, MASTER_PORT) when both are set."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    return (addr, port) if addr and port else None
+
+
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def disable_nvlink_multicast() -> None:
+    """Set NO_MULTICAST in this process's environment (inherited by every process it starts afterwards)."""
+    os.environ.update(NO_MULTICAST)
 
 
 def api_key() -> str | None:

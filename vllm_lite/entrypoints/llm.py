@@ -4,7 +4,9 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
+import shutil
 import sys
+import tempfile
 import time
 import weakref
 from typing import Any, Sequence
@@ -14,10 +16,14 @@ import torch
 from vllm_lite.config import EngineConfig, offline_batch_defaults
 from vllm_lite.engine.core import EngineCore
 from vllm_lite.engine.output_processor import OutputProcessor
+from vllm_lite.executor import Executor
+from vllm_lite.executor.multiproc import MultiprocExecutor
 from vllm_lite.gc_utils import freeze_startup_heap
 from vllm_lite.inputs import validate_prompt
 from vllm_lite.model_loader import resolve_model
+from vllm_lite.models import check_tensor_parallel
 from vllm_lite.outputs import RequestOutput
+from vllm_lite.protocol import ModelError
 from vllm_lite.sampling_params import SamplingParams
 from vllm_lite.structured_output.manager import make_manager
 from vllm_lite.structured_output.validate import validate_structured_outputs
@@ -29,7 +35,9 @@ PromptType = str | dict[str, Any]
 
 
 class LLM:
-    """An engine in this process: same engine core and scheduler as the server, no sockets."""
+    """An engine in this process: same engine core and scheduler as the server, no sockets. With
+    tensor_parallel_size > 1 the ranks are worker processes (the server's multiprocess executor), ended with
+    the LLM."""
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         given = {k: v for k, v in kwargs.items() if v is not None}
@@ -38,7 +46,7 @@ class LLM:
         self.info = resolve_model(self.config.model, self.config.load, self.config.device.resolved_device())
         self.tokenizer = None if self.config.model.skip_tokenizer_init else load_tokenizer(self.info)
         tokenizer = self.tokenizer
-        self.engine = EngineCore(self.config, self.info, grammar=make_manager(
+        self.engine = EngineCore(self.config, self.info, self._make_executor(), grammar=make_manager(
             self.config, self.info, None if tokenizer is None else lambda: tokenizer))
         self.processor = OutputProcessor(self.tokenizer)
         self._counter = itertools.count()
@@ -46,6 +54,28 @@ class LLM:
         # model) must be collectable again, so the freeze ends with it.
         freeze_startup_heap()
         weakref.finalize(self, gc.unfreeze)
+
+    def _make_executor(self) -> Executor | None:
+        """None (the engine's in-process executor) for one rank; worker processes for tensor parallelism, after
+        the checks that need only the model's config (so a model that does not split fails here, at once)."""
+        parallel = self.config.parallel
+        if parallel.world_size == 1:
+            return None
+        check_tensor_parallel(self.info.hf_config, parallel.tensor_parallel_size)
+        if self.config.speculative.uses_model:
+            raise ValueError(f"speculative method {self.config.speculative.method!r} (a drafter model in the "
+                             f"worker) is not supported with tensor_parallel_size > 1; use ngram or suffix")
+        sock_dir = tempfile.mkdtemp(prefix="vllm-lite-llm-")
+        executor = MultiprocExecutor(self.config, sock_dir)
+        weakref.finalize(self, _shutdown_workers, executor, sock_dir)
+        try:
+            desc, _ = executor.wait_model_description()
+            if isinstance(desc, ModelError):
+                raise ValueError(desc.reason)
+        except BaseException:
+            _shutdown_workers(executor, sock_dir)
+            raise
+        return executor
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
@@ -61,7 +91,8 @@ class LLM:
 
     def model_runner(self) -> Any:
         """The in-process model runner (rank 0): for diagnostics (bench/tools, bench/profile_decode.py) that time or
-        patch its internals (`model`, `forward`, `graphs`, `attn_ctx`, ...); not a stable API."""
+        patch its internals (`model`, `forward`, `graphs`, `attn_ctx`, ...); not a stable API. Tensor-parallel
+        engines have none here (their ranks are processes): AttributeError."""
         return self.engine.executor.runner
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
@@ -141,3 +172,8 @@ class LLM:
         while self.engine.has_unfinished_requests():
             self.engine.step()
         return [results[r] for r in request_ids if r in results]
+
+
+def _shutdown_workers(executor: MultiprocExecutor, sock_dir: str) -> None:
+    executor.shutdown()
+    shutil.rmtree(sock_dir, ignore_errors=True)

@@ -6,13 +6,16 @@ engine core within a fraction of a second instead of a hang.
 """
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import time
 from typing import Any
 
 import zmq
 
+from vllm_lite import envs
 from vllm_lite.config import EngineConfig, RankConfig
+from vllm_lite.distributed import pick_init_method
 from vllm_lite.proc_utils import ipc_address
 from vllm_lite.protocol import (WORKER_EVENT_DECODER, DetermineNumBlocks, GetOutput, GrammarOutput,
                                 InitializeKVCache, ModelDescription, ModelError, ModelRunnerOutput, SampleTokens,
@@ -32,8 +35,15 @@ class MultiprocExecutor:
     def __init__(self, config: EngineConfig, sock_dir: str, world_size: int | None = None) -> None:
         """Spawns the workers and returns at once (they boot meanwhile); `wait_model_description` must come first,
         then the first call waits for every rank to be ready (model loaded, KV cache size known).
-        world_size defaults to the config's (tests may run several ranks of one replicated model)."""
+        world_size defaults to the config's (tests may run several ranks of one replicated model). Tensor-parallel
+        ranks get one init method, chosen here once (a free port unless configured), in the config they boot
+        from; every worker starts with NVLink multicast disabled in its environment."""
         self.world_size = world_size or config.parallel.world_size
+        envs.disable_nvlink_multicast()  # inherited by the spawned workers
+        if config.parallel.tensor_parallel_size > 1:
+            parallel = dataclasses.replace(config.parallel, distributed_init_method=pick_init_method(
+                config.parallel.distributed_init_method))
+            config = dataclasses.replace(config, parallel=parallel)
         self.ctx = zmq.Context()
         self.to_workers: list[zmq.Socket] = []
         self.from_workers: list[zmq.Socket] = []

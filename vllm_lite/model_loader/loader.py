@@ -11,6 +11,7 @@ from torch import nn
 
 from vllm_lite.attention import AttentionContext
 from vllm_lite.config import KernelConfig, LoadConfig
+from vllm_lite.distributed import TPGroup
 from vllm_lite.model_loader.resolve import ModelInfo
 from vllm_lite.model_loader.weights import checkpoint_weights, init_dummy_weights
 from vllm_lite.models.registry import get_model_class
@@ -29,14 +30,15 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def load_model(info: ModelInfo, load_config: LoadConfig, device: str | torch.device, attn_ctx: AttentionContext,
-               seed: int = 0, *, kernels: KernelConfig | None = None) -> nn.Module:
+               seed: int = 0, *, kernels: KernelConfig | None = None, tp: TPGroup | None = None) -> nn.Module:
     """Build the model directly on `device` in `info.dtype` (no host copy of the parameters) and fill its weights
     from the checkpoint, or with seeded random values for load_format "dummy". `kernels` (the engine's KernelConfig;
-    default KernelConfig.from_env()) goes to the model's constructor (skinny-GEMM projections)."""
+    default KernelConfig.from_env()) goes to the model's constructor (skinny-GEMM projections); `tp` (None: one rank)
+    makes it this rank's shard of a tensor-parallel model."""
     t0 = time.perf_counter()
     cls = get_model_class(info.architecture)
     with _default_dtype(info.dtype), torch.device(device):
-        model = cls(info.hf_config, attn_ctx, kernels=kernels)
+        model = cls(info.hf_config, attn_ctx, kernels=kernels, tp=tp)
     if load_config.load_format == "dummy" or info.load_format == "dummy":
         init_dummy_weights(model, seed)
         what = "dummy weights"

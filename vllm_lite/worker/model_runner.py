@@ -22,6 +22,8 @@ from vllm_lite.compile.compiler import compile_model
 from vllm_lite.compile.cuda_graphs import (CUDAGraphRunner, default_capture_sizes, measure_graph_memory,
                                           outputs_bytes)
 from vllm_lite.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from vllm_lite.distributed import TPGroup
+from vllm_lite.layers.linear import kv_heads_of_rank
 from vllm_lite.model_loader import ModelInfo, load_model
 from vllm_lite.protocol import GrammarOutput, ModelRunnerOutput, SchedulerOutput
 from vllm_lite.sample.bitmask import GrammarBitmaskApplier
@@ -40,16 +42,25 @@ logger = logging.getLogger("vllm_lite.model_runner")
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, info: ModelInfo, device: torch.device) -> None:
+    def __init__(self, config: EngineConfig, info: ModelInfo, device: torch.device,
+                 tp: TPGroup | None = None) -> None:
+        """`tp`: this rank's tensor-parallel group (None: one rank). Every rank runs the same steps on the same
+        inputs; its model holds a shard (its heads, its KV heads), and the logits are whole on every rank, so the
+        ranks sample identical tokens (same seeds, same draws)."""
         self.config = config
         self.info = info
         self.device = device
+        self.tp = tp or TPGroup()
         self.block_size = config.cache.block_size
         hf = info.hf_config
         self.vocab_size = hf.vocab_size
         self.num_layers = hf.num_hidden_layers
-        self.num_heads = hf.num_attention_heads
-        self.num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+        self.num_heads = self.tp.divide(hf.num_attention_heads, "num_attention_heads")
+        self.num_kv_heads = kv_heads_of_rank(getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+                                             self.tp)[0]
+        if self.tp.is_parallel and config.speculative.uses_model:
+            raise ValueError(f"speculative method {config.speculative.method!r} (a drafter model in the worker) is "
+                             f"not supported with tensor_parallel_size > 1; use ngram or suffix")
         self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         sched = config.scheduler
         # An in-worker drafter writes up to num_speculative_tokens lookahead slots past the scheduled tokens.
@@ -84,7 +95,7 @@ class ModelRunner:
         start = time.perf_counter()
         torch.manual_seed(self.config.model.seed)
         self.model = load_model(self.info, self.config.load, self.device, self.attn_ctx,
-                                kernels=self.config.kernels)
+                                kernels=self.config.kernels, tp=self.tp)
         logger.info("model loaded in %.2f s", time.perf_counter() - start)
         drafter = make_drafter(self.config, self.info, self.device, self.max_blocks_per_seq)
         self.drafting = WorkerDrafting(drafter) if drafter is not None else None
@@ -106,6 +117,7 @@ class ModelRunner:
 
     # ---- KV cache sizing -------------------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
+        """Of this rank's KV heads (the executor takes the minimum block count over the ranks)."""
         elem = torch.empty((), dtype=self.info.dtype).element_size()
         return 2 * self.block_size * self.num_kv_heads * self.head_dim * elem * self.num_layers
 

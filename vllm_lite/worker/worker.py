@@ -2,7 +2,8 @@
 
 Both executors drive ranks through `handle`: the in-process one calls it directly, the multiprocess one decodes a
 message from the socket and calls it in the worker process. Nothing here assumes it is the only rank: rank, world
-size and device index come from its RankConfig.
+size and device index come from its RankConfig. With tensor_parallel_size > 1 the ranks join one torch.distributed
+group here (at the init method the executor chose for the engine) and each loads its shard of the model.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 from vllm_lite.config import EngineConfig, RankConfig
+from vllm_lite.distributed import destroy_tensor_parallel, init_tensor_parallel
 from vllm_lite.model_loader import ModelInfo
 from vllm_lite.protocol import DetermineNumBlocks, GetOutput, InitializeKVCache, SampleTokens, SchedulerOutput
 from vllm_lite.worker.model_runner import ModelRunner
@@ -30,8 +32,16 @@ class Worker:
             torch.cuda.set_device(self.device)
             torch.empty(1, device=self.device)  # create the CUDA context now, so its cost shows up here
             logger.info("rank %d: CUDA context on %s in %.2f s", rank.rank, self.device, time.perf_counter() - start)
-        self.runner = ModelRunner(config, info, self.device)
+        tp_size = config.parallel.tensor_parallel_size
+        if tp_size > 1 and rank.world_size != tp_size:
+            raise ValueError(f"rank {rank.rank}: world size {rank.world_size} != tensor_parallel_size {tp_size}")
+        # tensor_parallel_size 1 with several ranks (tests) replicates the model: no group, no collective.
+        self.tp = init_tensor_parallel(rank.rank, tp_size, config.parallel.distributed_init_method, self.device)
+        self.runner = ModelRunner(config, info, self.device, self.tp)
         self.runner.load_model()
+
+    def shutdown(self) -> None:
+        destroy_tensor_parallel(self.tp)
 
     def handle(self, call: Any) -> Any:
         """Run one call; returns its result (None for the step calls, which reply through GetOutput)."""

@@ -68,6 +68,7 @@ def _serve(worker, rank: RankConfig, inbox: zmq.Socket, outbox: zmq.Socket, pare
             if rank.rank == 0:
                 outbox.send(encode(output))
         elif isinstance(call, Shutdown):
+            worker.shutdown()
             outbox.send(encode(WorkerReply(result="bye")))
             return
         elif isinstance(call, DetermineNumBlocks):
@@ -91,6 +92,8 @@ def _boot(config: EngineConfig, rank: RankConfig, outbox: zmq.Socket):
         from vllm_lite.model_loader import resolve_model
         imported = time.perf_counter()
         info = resolve_model(config.model, config.load, config.device.resolved_device())
+        from vllm_lite.models import check_tensor_parallel
+        check_tensor_parallel(info.hf_config, config.parallel.tensor_parallel_size)
     except Exception as e:  # noqa: BLE001 - any resolution failure is about the model (bad path, config, ...)
         logger.debug("worker %d: model resolution failed", rank.rank, exc_info=True)
         outbox.send(encode(ModelError(f"{type(e).__name__}: {e}")))
