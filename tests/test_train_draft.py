@@ -20,7 +20,7 @@ QUESTIONS = ["What is the capital of France?", "Tell me a story about a fox.", "
              "def add(a, b):", "Hello world! How can I help you today?", "A JSON list of numbers, please.",
              "Why do tests use caches and tokens?", "Once upon a time there was a tiny model."]
 ARGS = ["--device", "cpu", "--max-tokens", "24", "--prompts-per-shard", "8", "--draft-vocab-size", "160",
-        "--batch-tokens", "400", "--lr", "3e-3", "--epochs", "4", "--checkpoint-every", "5"]
+        "--batch-tokens", "400", "--lr", "1e-2", "--epochs", "6", "--checkpoint-every", "5"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def prompts_file(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def trained(tiny_llama_path, prompts_file, tmp_path_factory) -> tuple[str, dict]:
-    """The command through the console script's dispatch: 16 prompts, 2 shards, 4 epochs."""
+    """The command through the console script's dispatch: 16 prompts, 2 shards, 6 epochs."""
     from vllm_lite.entrypoints.cli import main
     out = str(tmp_path_factory.mktemp("head") / "head")
     assert main(["train-draft", "--model", tiny_llama_path, "--data", prompts_file, "--out", out, *ARGS]) == 0
@@ -45,12 +45,12 @@ def trained(tiny_llama_path, prompts_file, tmp_path_factory) -> tuple[str, dict]
 def _load_head(out: str, model_path: str):
     """The exported head as the training module (weights from model.safetensors)."""
     from vllm_lite.model_loader.hf_config import load_hf_config
-    from vllm_lite.spec_decode.train.cli import _target_tensors
+    from vllm_lite.spec_decode.train.cli import target_embedding
     from vllm_lite.spec_decode.train.head import Eagle3TrainHead
     weights = load_file(os.path.join(out, "model.safetensors"))
     d2t = weights.pop("d2t")
     t2d = weights.pop("t2d")
-    head = Eagle3TrainHead(load_hf_config(model_path), d2t.numel(), _target_tensors(model_path)["embed"])
+    head = Eagle3TrainHead(load_hf_config(model_path), d2t.numel(), target_embedding(model_path))
     head.load_state_dict(weights)
     return head.eval(), torch.arange(d2t.numel()) + d2t, t2d
 
@@ -86,7 +86,7 @@ def test_shards_hold_the_targets_greedy_tokens(trained):
 
 
 def test_training_lowers_the_loss(trained, tiny_llama_path, tmp_path):
-    from vllm_lite.spec_decode.train.cli import _target_tensors
+    from vllm_lite.spec_decode.train.cli import target_embedding
     from vllm_lite.spec_decode.train.data import label_counts
     from vllm_lite.spec_decode.train.dataset import ShardDataset
     from vllm_lite.spec_decode.train.head import Eagle3TrainHead
@@ -97,12 +97,10 @@ def test_training_lowers_the_loss(trained, tiny_llama_path, tmp_path):
     data_dir = os.path.join(out, "data")
     vocab = DraftVocab.from_counts(label_counts(data_dir, meta), 160)
     t2d = vocab.target_to_draft()
-    cfg = TrainConfig(epochs=2, lr=3e-3, batch_tokens=400, checkpoint_every=100)
+    cfg = TrainConfig(epochs=10, lr=1e-2, batch_tokens=400, checkpoint_every=100)
     data = ShardDataset(data_dir, meta, cfg.batch_tokens, cfg.seed)
-    tensors = _target_tensors(tiny_llama_path)
     torch.manual_seed(0)
-    head = Eagle3TrainHead(load_hf_config(tiny_llama_path), vocab.size, tensors["embed"])
-    head.init_from_target(tensors["lm_head"], tensors["norm"], vocab.draft_ids)
+    head = Eagle3TrainHead(load_hf_config(tiny_llama_path), vocab.size, target_embedding(tiny_llama_path))
     batches = list(data.batches(0, 0, torch.device("cpu")))
 
     def loss() -> float:
@@ -112,8 +110,8 @@ def test_training_lowers_the_loss(trained, tiny_llama_path, tmp_path):
 
     before = loss()
     summary = train(head, data, t2d, cfg, str(tmp_path / "ckpt"), torch.device("cpu"))
-    assert summary["steps"] == 2 * data.batches_per_epoch
-    assert loss() < 0.8 * before
+    assert summary["steps"] == 10 * data.batches_per_epoch
+    assert loss() < 0.6 * before
 
 
 def test_exported_head_is_lossless_in_the_engine(trained, tiny_llama_path):
@@ -156,7 +154,7 @@ def test_resume_continues_at_the_same_step(trained, tiny_llama_path, tmp_path, m
     """A run stopped after its step-5 checkpoint, started again, ends on the same weights as one that never
     stopped."""
     from vllm_lite.spec_decode.train import trainer
-    from vllm_lite.spec_decode.train.cli import _target_tensors
+    from vllm_lite.spec_decode.train.cli import target_embedding
     from vllm_lite.spec_decode.train.data import label_counts
     from vllm_lite.spec_decode.train.dataset import ShardDataset
     from vllm_lite.spec_decode.train.head import Eagle3TrainHead
@@ -167,12 +165,12 @@ def test_resume_continues_at_the_same_step(trained, tiny_llama_path, tmp_path, m
     vocab = DraftVocab.from_counts(label_counts(data_dir, meta), 160)
     cfg = trainer.TrainConfig(epochs=2, lr=3e-3, batch_tokens=400, checkpoint_every=5, max_steps=8)
     data = ShardDataset(data_dir, meta, cfg.batch_tokens, cfg.seed)
-    tensors = _target_tensors(tiny_llama_path)
+    embed = target_embedding(tiny_llama_path)
     hf_cfg = load_hf_config(tiny_llama_path)
 
     def fresh() -> Eagle3TrainHead:
         torch.manual_seed(0)
-        return Eagle3TrainHead(hf_cfg, vocab.size, tensors["embed"])
+        return Eagle3TrainHead(hf_cfg, vocab.size, embed)
 
     whole = fresh()
     trainer.train(whole, data, vocab.target_to_draft(), cfg, str(tmp_path / "a"), torch.device("cpu"))
@@ -200,7 +198,7 @@ def test_time_budget_cuts_the_run(trained, tiny_llama_path, tmp_path, monkeypatc
     """With a budget the probe steps' time allows no more of, the run ends right after the probe and its checkpoint
     plans that many steps (a resumed run keeps them)."""
     from vllm_lite.spec_decode.train import trainer
-    from vllm_lite.spec_decode.train.cli import _target_tensors
+    from vllm_lite.spec_decode.train.cli import target_embedding
     from vllm_lite.spec_decode.train.data import label_counts
     from vllm_lite.spec_decode.train.dataset import ShardDataset
     from vllm_lite.spec_decode.train.head import Eagle3TrainHead
@@ -212,7 +210,7 @@ def test_time_budget_cuts_the_run(trained, tiny_llama_path, tmp_path, monkeypatc
     monkeypatch.setattr(trainer, "PROBE", (1, 3))
     cfg = trainer.TrainConfig(epochs=5, batch_tokens=400, time_budget_s=1e-3)
     data = ShardDataset(data_dir, meta, cfg.batch_tokens, cfg.seed)
-    head = Eagle3TrainHead(load_hf_config(tiny_llama_path), vocab.size, _target_tensors(tiny_llama_path)["embed"])
+    head = Eagle3TrainHead(load_hf_config(tiny_llama_path), vocab.size, target_embedding(tiny_llama_path))
     summary = trainer.train(head, data, vocab.target_to_draft(), cfg, str(tmp_path), torch.device("cpu"))
     assert summary["steps"] == summary["total_steps"] == 3 < 5 * data.batches_per_epoch
     assert torch.load(tmp_path / trainer.CHECKPOINT, weights_only=True)["total_steps"] == 3
@@ -229,6 +227,29 @@ def test_bench_spec_eagle3_fills_the_card(trained, tiny_llama_path):
     assert result["identical_outputs"] == "2/2" and result["num_drafts"] > 0
     card = open(os.path.join(out, "README.md")).read()
     assert f"mean acceptance length {result['mean_acceptance_length']}" in card
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_train_draft_on_cuda(prompts_file, tmp_path):
+    """The CUDA path: data from the engine in bf16 (FlashInfer, CUDA graphs) and transformers on the device, bf16
+    autocast training; the head then drafts in a float32 engine whose greedy output is the plain run's exactly."""
+    from tiny_models import make_tiny_model
+    from vllm_lite.entrypoints.cli import main
+    target = make_tiny_model(tmp_path, "llama", hidden_size=256, intermediate_size=512, num_hidden_layers=4)
+    out = str(tmp_path / "head")
+    assert main(["train-draft", "--model", target, "--data", prompts_file, "--out", out, *ARGS[2:],
+                 "--device", "cuda", "--dtype", "bfloat16"]) == 0
+    assert json.load(open(os.path.join(out, "config.json")))["torch_dtype"] == "bfloat16"
+    cuda = dict(BASE, device="cuda", attention_backend="torch", enforce_eager=True)
+    prompts = _chat_prompts(target, 5)
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    ref = run_core(make_core(target, **cuda), prompts, greedy)
+    core = make_core(target, **cuda, speculative_config={"method": "eagle3", "model": out,
+                                                         "num_speculative_tokens": 3})
+    assert {r: v["tokens"] for r, v in run_core(core, prompts, greedy).items()} == \
+        {r: v["tokens"] for r, v in ref.items()}
+    assert core.scheduler.make_stats().num_draft_tokens > 0
 
 
 class Interrupted(Exception):

@@ -61,12 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _target_tensors(path: str) -> dict[str, torch.Tensor]:
-    """The target's token embedding, final norm and lm_head (the embedding when tied)."""
-    want = {"model.embed_tokens.weight": "embed", "model.norm.weight": "norm", "lm_head.weight": "lm_head"}
-    found = {want[n]: t for n, t in checkpoint_weights(path) if n in want}
-    found.setdefault("lm_head", found["embed"])
-    return found
+def target_embedding(path: str) -> torch.Tensor:
+    """The target's token embedding (the head reads it, frozen, and shares it at inference)."""
+    for name, tensor in checkpoint_weights(path):
+        if name == "model.embed_tokens.weight":
+            return tensor
+    raise ValueError(f"{path} has no model.embed_tokens.weight")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,10 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     counts = label_counts(data_dir, meta)
     vocab = DraftVocab.from_counts(counts, args.draft_vocab_size)
     cfg = load_hf_config(meta["model_path"])
-    tensors = _target_tensors(meta["model_path"])
+    embed = target_embedding(meta["model_path"])
     torch.manual_seed(args.seed)
-    head = Eagle3TrainHead(cfg, vocab.size, tensors["embed"]).to(device)
-    head.init_from_target(tensors["lm_head"], tensors["norm"], vocab.draft_ids)
+    head = Eagle3TrainHead(cfg, vocab.size, embed).to(device)
     train_cfg = TrainConfig(draft_steps=args.num_draft_steps, epochs=args.epochs, max_steps=args.max_steps or None,
                             lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
                             grad_clip=args.grad_clip, batch_tokens=args.batch_tokens,

@@ -114,12 +114,6 @@ class Eagle3TrainHead(nn.Module):
         self.rotary = get_rope(cfg)
         self.register_buffer("embed_weight", embed_weight.detach().clone(), persistent=False)
 
-    def init_from_target(self, lm_head: torch.Tensor, norm: torch.Tensor, draft_ids: torch.Tensor) -> None:
-        """Start the output side at the target's: its lm_head rows of the draft vocabulary and its final norm."""
-        with torch.no_grad():
-            self.lm_head.weight.copy_(lm_head[draft_ids.to(lm_head.device)].to(self.lm_head.weight))
-            self.norm.weight.copy_(norm.to(self.norm.weight))
-
     def forward(self, aux: torch.Tensor, tokens: torch.Tensor, steps: int) -> list[torch.Tensor]:
         """aux [B, T, 3H] (low | mid | high), tokens [B, T] -> the final-normed hidden states [B, T, H] of each
         step; `lm_head` turns the rows that matter into draft-vocabulary logits (the trainer scores only those)."""

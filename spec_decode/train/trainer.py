@@ -30,7 +30,7 @@ class TrainConfig:
     draft_steps: int = 3  # TTT depth (draft positions trained)
     epochs: int = 2
     max_steps: int | None = None  # stop earlier (the schedule is sized to it)
-    lr: float = 5e-4
+    lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     grad_clip: float = 0.5
