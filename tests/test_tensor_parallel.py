@@ -116,6 +116,30 @@ def test_shards_hold_their_slices(tmp_path):
         assert (layer.self_attn.num_heads, layer.self_attn.num_kv_heads) == (2, 1)
 
 
+def test_collectives_are_opaque_ops_under_compile():
+    """Dynamo compiles a row-parallel projection and the logits gather in one graph (no break, no tracing into
+    torch.distributed), and the compiled results equal eager ones. One gloo rank: the all-reduce sums one part."""
+    import torch.distributed as dist
+    from vllm_lite.distributed import pick_init_method, tensor_model_parallel_all_gather
+    from vllm_lite.layers.linear import RowParallelLinear
+
+    dist.init_process_group("gloo", init_method=pick_init_method(None), rank=0, world_size=1)
+    try:
+        torch.set_grad_enabled(False)
+        name = dist.group.WORLD.group_name
+        row = RowParallelLinear(64, 32, bias=True, tp=TPGroup(0, 2, name))  # rank 0's half of 64 inputs
+        x = torch.randn(5, 32)
+        eager = row(x)
+        assert torch.allclose(eager, torch.nn.functional.linear(x, row.weight, row.bias))
+        torch._dynamo.reset()
+        assert torch.allclose(torch.compile(row, fullgraph=True, dynamic=True)(x), eager, atol=1e-6)
+        gather = torch.compile(lambda t: tensor_model_parallel_all_gather(t, 1, name) * 2, fullgraph=True)
+        assert torch.equal(gather(x), x * 2)
+    finally:
+        torch.set_grad_enabled(True)
+        dist.destroy_process_group()
+
+
 def test_what_does_not_split_is_refused(tmp_path):
     check_tensor_parallel(tiny_config("llama"), 2)
     check_tensor_parallel(tiny_config("llama", num_key_value_heads=1), 4)  # one KV head replicated on 4 ranks

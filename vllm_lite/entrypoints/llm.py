@@ -21,6 +21,7 @@ from vllm_lite.executor.multiproc import MultiprocExecutor
 from vllm_lite.gc_utils import freeze_startup_heap
 from vllm_lite.inputs import validate_prompt
 from vllm_lite.model_loader import resolve_model
+from vllm_lite.model_loader.loader import rank_weight_bytes
 from vllm_lite.models import check_tensor_parallel
 from vllm_lite.outputs import RequestOutput
 from vllm_lite.protocol import ModelError
@@ -82,12 +83,18 @@ class LLM:
 
     @property
     def device(self) -> torch.device:
-        """Where the model runs (the resolved device: cuda:0 or cpu)."""
-        return self.model_runner().device
+        """Where the model runs (rank 0's device with tensor parallelism: cuda:0 or cpu)."""
+        runner = getattr(self.engine.executor, "runner", None)
+        if runner is not None:
+            return runner.device
+        return torch.device("cuda:0" if self.config.device.resolved_device() == "cuda" else "cpu")
 
     def weight_bytes(self) -> int:
-        """Bytes of the model's parameters on the device (the weights a decode step reads once)."""
-        return sum(p.numel() * p.element_size() for p in self.model_runner().model.parameters())
+        """Bytes of one rank's parameters on its device (the weights a decode step reads once per rank)."""
+        runner = getattr(self.engine.executor, "runner", None)
+        if runner is not None:
+            return sum(p.numel() * p.element_size() for p in runner.model.parameters())
+        return rank_weight_bytes(self.info, self.config.parallel.tensor_parallel_size)
 
     def model_runner(self) -> Any:
         """The in-process model runner (rank 0): for diagnostics (bench/tools, bench/profile_decode.py) that time or

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import time
 from typing import Any
 
@@ -71,6 +72,18 @@ class MultiprocExecutor:
             if not proc.is_alive():
                 raise WorkerDiedError(f"worker process {r} exited with code {proc.exitcode}")
 
+    def _worker_error(self, rank: int, error: str) -> Exception:
+        """What a rank's error report surfaces as: with several ranks, a failed collective usually means a peer
+        died, so a peer that is dead (or dies within a second) is the error reported."""
+        peers = [(r, p) for r, p in enumerate(self.procs) if r != rank]
+        if peers:
+            mp_connection.wait([p.sentinel for _, p in peers], timeout=1.0)
+        for r, proc in peers:
+            if not proc.is_alive():
+                return WorkerDiedError(f"worker process {r} exited with code {proc.exitcode} (worker {rank}: "
+                                       f"{error})")
+        return RuntimeError(f"worker {rank} error: {error}")
+
     def _recv_frame(self, rank: int) -> bytes:
         sock = self.from_workers[rank]
         while not sock.poll(_POLL_MS):
@@ -82,7 +95,7 @@ class MultiprocExecutor:
         if not isinstance(reply, WorkerReply):
             raise RuntimeError(f"unexpected message from worker {rank}: {type(reply).__name__}")
         if reply.error is not None:
-            raise RuntimeError(f"worker {rank} error: {reply.error}")
+            raise self._worker_error(rank, reply.error)
         return reply.result
 
     def wait_model_description(self) -> tuple[ModelDescription | ModelError, bytes]:
@@ -133,7 +146,7 @@ class MultiprocExecutor:
         self._broadcast(_GET_OUTPUT)
         out = WORKER_EVENT_DECODER.decode(self._recv_frame(0))
         if isinstance(out, WorkerReply):
-            raise RuntimeError(f"worker error: {out.error}")
+            raise self._worker_error(0, out.error)
         return out
 
     def shutdown(self) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from vllm_lite.attention import AttentionContext
+from vllm_lite.attention import AttentionContext, TorchAttentionBackend
 from vllm_lite.config import KernelConfig, LoadConfig
 from vllm_lite.distributed import TPGroup
 from vllm_lite.model_loader.resolve import ModelInfo
@@ -50,3 +50,12 @@ def load_model(info: ModelInfo, load_config: LoadConfig, device: str | torch.dev
     logger.info("loaded %s (%s, %s, %.1f MB) with %s in %.1fs", info.architecture, device,
                 str(info.dtype).removeprefix("torch."), nbytes / 2**20, what, time.perf_counter() - t0)
     return model
+
+
+def rank_weight_bytes(info: ModelInfo, tp_size: int) -> int:
+    """Bytes of rank 0's parameters in a tp_size-way tensor-parallel model, from a copy built on the meta device
+    (no memory, no weights): what each rank's decode step reads, for benchmarks' bandwidth floors."""
+    with _default_dtype(info.dtype), torch.device("meta"):
+        model = get_model_class(info.architecture)(info.hf_config, AttentionContext(TorchAttentionBackend()),
+                                                   tp=TPGroup(0, tp_size))
+    return sum(p.numel() * p.element_size() for p in model.parameters())
