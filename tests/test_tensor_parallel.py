@@ -15,13 +15,15 @@ import torch
 
 from vllm_lite import LLM, SamplingParams
 from vllm_lite.attention import AttentionContext, TorchAttentionBackend
-from vllm_lite.config import LoadConfig, ModelConfig
+from vllm_lite.config import EngineConfig, LoadConfig, ModelConfig
+from vllm_lite.engine.core import EngineCore
 from vllm_lite.distributed import TPGroup
-from vllm_lite.executor.multiproc import WorkerDiedError
-from vllm_lite.model_loader import resolve_model
+from vllm_lite.executor.multiproc import MultiprocExecutor, WorkerDiedError
+from vllm_lite.model_loader import ModelInfo, resolve_model
 from vllm_lite.model_loader.weights import checkpoint_weights
 from vllm_lite.models import check_tensor_parallel, get_model_class
 
+from spec_utils import OracleProposer, WrongProposer, make_core, run_core
 from server_utils import RemoteServer, alive, children, cmdline, wait_gone
 from tiny_models import make_tiny_model, tiny_config
 
@@ -75,6 +77,37 @@ def test_tp2_matches_tp1(case):
             if w is not None:
                 _close(g, w)
     assert got[0][1] and got[0][2], "greedy rows carry logprobs and prompt logprobs"
+
+
+def test_speculation_with_tp2(tmp_path):
+    """Engine-core drafts verified on two ranks (rejection sampling on identical gathered logits): drafts of the
+    reference are all accepted, wrong ones all rejected, and the greedy tokens stay the TP = 1 ones. Drafter models
+    in the worker are refused."""
+    path = make_tiny_model(tmp_path, "llama", with_tokenizer=False)
+    kw = dict(KW, skip_tokenizer_init=True)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=2)
+    want = run_core(make_core(path, **kw), PROMPTS, params)
+    ref = {r: v["tokens"] for r, v in want.items()}
+    for proposer, accepted in ((OracleProposer(ref), True), (WrongProposer(ref, 384), False)):
+        config = EngineConfig.from_kwargs(model=path, tensor_parallel_size=2, num_speculative_tokens=3, **kw)
+        executor = MultiprocExecutor(config, str(tmp_path))
+        try:
+            desc, _ = executor.wait_model_description()
+            core = EngineCore(config, ModelInfo.from_description(desc), executor, proposer=proposer)
+            got = run_core(core, PROMPTS, params)
+        finally:
+            executor.shutdown()
+        assert {r: v["tokens"] for r, v in got.items()} == ref
+        for r in ref:  # per token: (token id, logprob, rank) of the sampled one, then the top 2
+            for g, w in zip(got[r]["logprobs"], want[r]["logprobs"]):
+                assert [(t, k) for t, _, k in g] == [(t, k) for t, _, k in w]
+                assert all(abs(a[1] - b[1]) < 1e-4 for a, b in zip(g, w))
+        stats = core.scheduler.make_stats()
+        assert stats.num_draft_tokens > 0
+        assert stats.num_accepted_tokens == (stats.num_draft_tokens if accepted else 0)
+    with pytest.raises(ValueError, match="draft_model.*tensor_parallel_size > 1"):
+        LLM(path, tensor_parallel_size=2, speculative_config={"method": "draft_model", "model": path,
+                                                              "num_speculative_tokens": 2}, **kw)
 
 
 def _shard_model(path: str, rank: int, world_size: int):
