@@ -3,8 +3,8 @@
 One class covers the family; the subclasses only switch features (qkv bias, per-head q/k RMSNorm). Projections are
 fused (qkv_proj, gate_up_proj) so that a step runs two big GEMMs instead of five. Tensor parallelism lives in the
 layers (vllm_lite/layers/linear.py, vocab_parallel.py): given a TPGroup, each holds its rank's shard and carries the
-loader that cuts it from the HF tensor; `load_weights` only maps HF names to parameters and calls those loaders. Attention metadata and KV caches come from the AttentionContext given at construction,
-so forward has no data-dependent Python control flow and torch.compile can trace it with a dynamic token dimension.
+loader that cuts it from the HF tensor; `load_weights` only maps HF names to parameters and calls those loaders.
+Attention metadata and KV caches come from the AttentionContext given at construction, so forward has no data-dependent Python control flow and torch.compile can trace it with a dynamic token dimension.
 """
 from __future__ import annotations
 
