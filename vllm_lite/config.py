@@ -142,15 +142,21 @@ class ParallelConfig:
     tensor_parallel_size: worker processes of one engine, one per GPU, each holding a shard of every layer (NCCL on
       CUDA, gloo on CPU).
     data_parallel_size: independent engine-core + worker replicas behind one API server.
+    data_parallel_rank: which replica an engine core is (set by the API server when it spawns replica i); its
+      workers drive the devices data_parallel_rank * tensor_parallel_size + rank.
     distributed_init_method: torch.distributed init method of the ranks (e.g. tcp://host:port); None = a free local
       port (or MASTER_ADDR / MASTER_PORT when set, read in vllm_lite/envs.py)."""
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
     distributed_init_method: str | None = None
+    data_parallel_rank: int = 0
 
     def __post_init__(self) -> None:
         _positive("tensor_parallel_size", self.tensor_parallel_size)
         _positive("data_parallel_size", self.data_parallel_size)
+        if not 0 <= self.data_parallel_rank < self.data_parallel_size:
+            raise ValueError(f"data_parallel_rank must be in [0, {self.data_parallel_size}), got "
+                             f"{self.data_parallel_rank}")
 
     @property
     def world_size(self) -> int:

@@ -102,8 +102,13 @@ class AsyncEngineClient:
         self.num_blocks = msg.num_blocks
         if tokenizer is not None:
             self.tokenizer = await tokenizer
-        self.processor = OutputProcessor(self.tokenizer)
+        self.use_tokenizer(self.tokenizer)
         self._tasks = [asyncio.create_task(self._output_loop()), asyncio.create_task(self._watch_core())]
+
+    def use_tokenizer(self, tokenizer: Any) -> None:
+        """Detokenize with `tokenizer` (data-parallel replicas share the one loaded by the first)."""
+        self.tokenizer = tokenizer
+        self.processor = OutputProcessor(tokenizer)
 
     async def _startup_event(self) -> Any:
         """The next message from the engine core during start-up; its death or EngineDead is an error."""
@@ -120,7 +125,7 @@ class AsyncEngineClient:
         while True:
             msg = CORE_EVENT_DECODER.decode(await self._output.recv())
             if isinstance(msg, EngineDead):
-                self._mark_dead(msg.reason)
+                self.mark_dead(msg.reason)
                 return
             if not isinstance(msg, EngineCoreOutputs):
                 continue
@@ -139,9 +144,11 @@ class AsyncEngineClient:
     async def _watch_core(self) -> None:
         while self._proc.is_alive():
             await asyncio.sleep(0.25)
-        self._mark_dead(f"engine core process exited with code {self._proc.exitcode}")
+        self.mark_dead(f"engine core process exited with code {self._proc.exitcode}")
 
-    def _mark_dead(self, reason: str) -> None:
+    def mark_dead(self, reason: str) -> None:
+        """Fail every open request with `reason` and run on_dead once (also how a data-parallel sibling's death
+        ends this replica's requests)."""
         if self.dead_reason is not None:
             return
         self.dead_reason = reason

@@ -47,7 +47,9 @@ def spawn_engine_core(config: EngineConfig) -> EngineCoreProcess:
     sock_dir = tempfile.mkdtemp(prefix="vllm-lite-")
     os.chmod(sock_dir, 0o700)
     in_addr, out_addr = ipc_address(sock_dir, "input"), ipc_address(sock_dir, "output")
-    proc = mp.get_context("spawn").Process(target=run_engine_core, name="vllm-lite-engine-core", daemon=False,
+    parallel = config.parallel
+    name = "vllm-lite-engine-core" + (f"-{parallel.data_parallel_rank}" if parallel.data_parallel_size > 1 else "")
+    proc = mp.get_context("spawn").Process(target=run_engine_core, name=name, daemon=False,
                                            args=(config, in_addr, out_addr, sock_dir, time.time()))
     proc.start()
     return EngineCoreProcess(proc, sock_dir, in_addr, out_addr)

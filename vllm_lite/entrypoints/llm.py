@@ -44,6 +44,10 @@ class LLM:
         given = {k: v for k, v in kwargs.items() if v is not None}
         self.config = EngineConfig.from_kwargs(model=model, **{**offline_batch_defaults(given.get("device", "auto")),
                                                                **given})
+        if self.config.parallel.data_parallel_size > 1:
+            raise ValueError("LLM(data_parallel_size > 1) is not supported offline: data-parallel replicas run "
+                             "behind the server (`vllm-lite serve MODEL --data-parallel-size N`), or run one LLM "
+                             "per device")
         self.info = resolve_model(self.config.model, self.config.load, self.config.device.resolved_device())
         self.tokenizer = None if self.config.model.skip_tokenizer_init else load_tokenizer(self.info)
         tokenizer = self.tokenizer

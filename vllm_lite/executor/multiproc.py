@@ -15,7 +15,7 @@ from typing import Any
 import zmq
 
 from vllm_lite import envs
-from vllm_lite.config import EngineConfig, RankConfig
+from vllm_lite.config import EngineConfig, ParallelConfig, RankConfig
 from vllm_lite.distributed import pick_init_method
 from vllm_lite.proc_utils import ipc_address
 from vllm_lite.protocol import (WORKER_EVENT_DECODER, DetermineNumBlocks, GetOutput, GrammarOutput,
@@ -32,6 +32,18 @@ class WorkerDiedError(RuntimeError):
     pass
 
 
+def _replica_init_method(parallel: ParallelConfig) -> str:
+    """The engine's init method. Data-parallel replicas are separate process groups: replica i > 0 of a configured
+    tcp://host:port (or MASTER_ADDR / MASTER_PORT) uses port + i so the groups do not meet (a free port picked
+    per engine is already its own)."""
+    method = pick_init_method(parallel.distributed_init_method)
+    configured = parallel.distributed_init_method is not None or envs.distributed_master() is not None
+    if not configured or parallel.data_parallel_rank == 0 or not method.startswith("tcp://"):
+        return method
+    host, _, port = method[len("tcp://"):].rpartition(":")
+    return f"tcp://{host}:{int(port) + parallel.data_parallel_rank}"
+
+
 class MultiprocExecutor:
     def __init__(self, config: EngineConfig, sock_dir: str, world_size: int | None = None) -> None:
         """Spawns the workers and returns at once (they boot meanwhile); `wait_model_description` must come first,
@@ -42,9 +54,11 @@ class MultiprocExecutor:
         self.world_size = world_size or config.parallel.world_size
         envs.disable_nvlink_multicast()  # inherited by the spawned workers
         if config.parallel.tensor_parallel_size > 1:
-            parallel = dataclasses.replace(config.parallel, distributed_init_method=pick_init_method(
-                config.parallel.distributed_init_method))
+            parallel = dataclasses.replace(config.parallel, distributed_init_method=_replica_init_method(
+                config.parallel))
             config = dataclasses.replace(config, parallel=parallel)
+        # data-parallel replica i drives devices i * tp .. (i + 1) * tp - 1
+        first_device = config.parallel.data_parallel_rank * config.parallel.tensor_parallel_size
         self.ctx = zmq.Context()
         self.to_workers: list[zmq.Socket] = []
         self.from_workers: list[zmq.Socket] = []
@@ -59,7 +73,7 @@ class MultiprocExecutor:
             pull.bind(out_addr)
             self.to_workers.append(push)
             self.from_workers.append(pull)
-            rank_config = RankConfig(rank=rank, world_size=self.world_size, device_index=rank)
+            rank_config = RankConfig(rank=rank, world_size=self.world_size, device_index=first_device + rank)
             proc = spawn.Process(target=run_worker, name=f"vllm-lite-worker-{rank}",
                                  args=(config, rank_config, in_addr, out_addr, time.time()))
             proc.start()

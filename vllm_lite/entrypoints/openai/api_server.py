@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server: FastAPI app factory (`build_app`) and the life cycle (`run_server`).
 
-Life cycle: config -> AsyncEngineClient.start() (the engine core, usually spawned early by the CLI, spawns the
-worker, which resolves the model; the tokenizer loads here while the worker loads the model) -> uvicorn on uvloop.
+Life cycle: config -> AsyncEngineClient.start() (a DataParallelClient over M of them with -dp M; the engine core,
+usually spawned early by the CLI, spawns the worker, which resolves the model; the tokenizer loads here while the
+worker loads the model) -> uvicorn on uvloop.
 Ctrl-C / SIGTERM (`_graceful_server`): the listening socket closes, in-flight requests may finish for
 `--shutdown-timeout` seconds, the rest end with finish_reason "abort", uvicorn stops, the FastAPI lifespan shuts
 the client down (no process left behind) and run_server returns 0. If the
@@ -292,6 +293,7 @@ async def run_server(engine_kwargs: dict[str, Any], host: str = "127.0.0.1", por
 
     from vllm_lite.config import EngineConfig
     from vllm_lite.engine.async_client import AsyncEngineClient
+    from vllm_lite.engine.dp_client import DataParallelClient
 
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
@@ -314,8 +316,10 @@ async def run_server(engine_kwargs: dict[str, Any], host: str = "127.0.0.1", por
         if not config.model.skip_tokenizer_init:  # import ahead, while waiting for the model description
             from vllm_lite.tokenizer import import_tokenizer_classes
             threading.Thread(target=import_tokenizer_classes, name="tokenizer-import", daemon=True).start()
-        client = AsyncEngineClient(config, core=core,
-                                   tokenizer_loader=None if config.model.skip_tokenizer_init else _load_tokenizer)
+        # -dp M: M engine-core replicas behind this server; one replica is driven directly (no extra hop)
+        client_class = AsyncEngineClient if config.parallel.data_parallel_size == 1 else DataParallelClient
+        client = client_class(config, core=core,
+                              tokenizer_loader=None if config.model.skip_tokenizer_init else _load_tokenizer)
         await client.start()
         t = _log_stage(f"engine start (resolve, load, profile, {client.num_blocks} KV blocks, warm-up)", t)
         served = config.model.served_model_name or config.model.model

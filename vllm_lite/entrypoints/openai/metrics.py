@@ -1,7 +1,8 @@
 """Prometheus metrics (vLLM names, `vllm:` prefix) on a private CollectorRegistry.
 
 Scheduler gauges and the prefix-cache counters are read from `client.stats` (a SchedulerStats; its
-prefix_cache_queries/hits are cumulative) at scrape time; token counters and latency histograms are fed by the
+prefix_cache_queries/hits are cumulative; summed over the replicas with -dp > 1, which also adds per-replica series
+labelled `engine`) at scrape time; token counters and latency histograms are fed by the
 serving code and by `client.output_listeners`.
 """
 from __future__ import annotations
@@ -60,6 +61,27 @@ class _SchedulerCollector:
         yield counter("vllm:num_preemptions", "Cumulative number of preemptions.", stats.num_preemptions)
         yield from _spec_decode_counters(stats, self.model_name, counter)
         yield gauge("vllm:engine_healthy", "1 while the engine core is alive.", 1.0 if self.client.is_healthy else 0.0)
+        if getattr(self.client, "replicas", None):
+            yield from _replica_metrics(self.client, self.model_name)
+
+
+def _replica_metrics(client: Any, model_name: str):
+    """With -dp > 1 (a DataParallelClient): per-replica series, label `engine` = the replica index, beside the
+    totals above: requests routed to it, its outstanding tokens (the routing load) and its running requests."""
+    labels = ["model_name", "engine"]
+    routed = CounterMetricFamily("vllm:engine_requests_routed", "Requests routed to this data-parallel replica.",
+                                 labels=labels)
+    load = GaugeMetricFamily("vllm:engine_outstanding_tokens", "Prompt + max_tokens still to come of the "
+                             "replica's in-flight requests (what routing balances).", labels=labels)
+    running = GaugeMetricFamily("vllm:engine_num_requests_running", "Requests in the replica's batches.",
+                                labels=labels)
+    for i, replica in enumerate(client.replicas):
+        routed.add_metric([model_name, str(i)], client.num_routed[i])
+        load.add_metric([model_name, str(i)], client.outstanding_tokens[i])
+        running.add_metric([model_name, str(i)], replica.stats.num_running_reqs)
+    yield routed
+    yield load
+    yield running
 
 
 def _spec_decode_counters(stats: Any, model_name: str, counter: Any):
