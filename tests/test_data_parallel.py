@@ -103,6 +103,25 @@ def test_replica_death_fails_requests_and_exits(served):
     assert not alive(cores[0])
 
 
+def test_sigterm_stops_every_replica(tmp_path):
+    """SIGTERM with a stream in flight on each replica: both end with finish_reason "abort", the server exits 0
+    and neither replica's engine core nor its worker is left."""
+    path = make_tiny_model(tmp_path, "llama")
+    with RemoteServer(path, SERVER_ARGS) as srv:
+        tree = srv.tree()
+        assert len(_engine_cores(srv)) == 2
+        client = openai.OpenAI(base_url=srv.url_for("v1"), api_key="EMPTY", max_retries=0, timeout=30)
+        streams = [iter(client.completions.create(model=path, prompt="Hello", max_tokens=100, stream=True,
+                                                  extra_body={"ignore_eos": True})) for _ in range(2)]
+        for it in streams:
+            next(it)
+        srv.proc.send_signal(signal.SIGTERM)
+        finishes = [[c.choices[0].finish_reason for c in it if c.choices][-1] for it in streams]
+        assert finishes == ["abort", "abort"]
+        assert srv.proc.wait(30) == 0
+        assert wait_gone(tree, 15) == [], "processes left behind after SIGTERM"
+
+
 def test_sum_stats():
     a = SchedulerStats(num_running_reqs=2, kv_cache_usage=0.5, prefix_cache_hits=3, num_accepted_tokens_per_pos=[4])
     b = SchedulerStats(num_running_reqs=1, kv_cache_usage=0.1, prefix_cache_hits=1,

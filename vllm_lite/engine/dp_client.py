@@ -96,11 +96,15 @@ class DataParallelClient:
 
     # ---- life cycle --------------------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Start every replica at once; the first failure cancels the others' start-up and is raised."""
+        """Start every replica at once; the first failure (or a cancel: Ctrl-C during start-up) cancels the
+        others' start-up, so no start-up task outlives it (shutdown then stops every engine core)."""
         tasks = [asyncio.ensure_future(r.start()) for r in self.replicas]
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in pending:
-            task.cancel()
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         for task in tasks:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 raise task.exception()
