@@ -171,3 +171,20 @@ class RemoteServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def kill_midstream(srv: "RemoteServer", pid: int, streams: list, within: float = 10.0) -> httpx.Response:
+    """SIGKILL `pid` (an engine core, worker or replica of srv) while `streams` (started openai stream iterators)
+    are open: every stream must end with an openai.APIError within `within` seconds. Returns /health's response
+    right after (the caller checks its 503)."""
+    import openai
+    import pytest
+    os.kill(pid, signal.SIGKILL)
+    start = time.monotonic()
+    for it in streams:
+        with pytest.raises(openai.APIError):
+            for _ in it:
+                pass
+    elapsed = time.monotonic() - start
+    assert elapsed < within, f"requests failed only {elapsed:.1f} s after the kill"
+    return httpx.get(srv.url_for("health"), timeout=5)

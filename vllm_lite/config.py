@@ -390,6 +390,11 @@ class EngineConfig:
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
 
+    def __post_init__(self) -> None:
+        if self.parallel.tensor_parallel_size > 1 and self.speculative.uses_model:
+            raise ValueError(f"speculative method {self.speculative.method!r} (a drafter model in the worker) is not "
+                             f"supported with tensor_parallel_size > 1; use ngram or suffix")
+
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
         """Split flat vLLM-style keyword arguments into the section dataclasses; unknown names are an error.

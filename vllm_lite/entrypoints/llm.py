@@ -22,7 +22,6 @@ from vllm_lite.gc_utils import freeze_startup_heap
 from vllm_lite.inputs import validate_prompt
 from vllm_lite.model_loader import resolve_model
 from vllm_lite.model_loader.loader import rank_weight_bytes
-from vllm_lite.models import check_tensor_parallel
 from vllm_lite.outputs import RequestOutput
 from vllm_lite.protocol import ModelError
 from vllm_lite.sampling_params import SamplingParams
@@ -61,15 +60,10 @@ class LLM:
         weakref.finalize(self, gc.unfreeze)
 
     def _make_executor(self) -> Executor | None:
-        """None (the engine's in-process executor) for one rank; worker processes for tensor parallelism, after
-        the checks that need only the model's config (so a model that does not split fails here, at once)."""
-        parallel = self.config.parallel
-        if parallel.world_size == 1:
+        """None (the engine's in-process executor) for one rank; worker processes for tensor parallelism (a model
+        that does not split is refused by the workers' boot check, raised here as a ValueError)."""
+        if self.config.parallel.world_size == 1:
             return None
-        check_tensor_parallel(self.info.hf_config, parallel.tensor_parallel_size)
-        if self.config.speculative.uses_model:
-            raise ValueError(f"speculative method {self.config.speculative.method!r} (a drafter model in the "
-                             f"worker) is not supported with tensor_parallel_size > 1; use ngram or suffix")
         sock_dir = tempfile.mkdtemp(prefix="vllm-lite-llm-")
         executor = MultiprocExecutor(self.config, sock_dir)
         weakref.finalize(self, _shutdown_workers, executor, sock_dir)

@@ -58,9 +58,6 @@ class ModelRunner:
         self.num_heads = self.tp.divide(hf.num_attention_heads, "num_attention_heads")
         self.num_kv_heads = kv_heads_of_rank(getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
                                              self.tp)[0]
-        if self.tp.is_parallel and config.speculative.uses_model:
-            raise ValueError(f"speculative method {config.speculative.method!r} (a drafter model in the worker) is "
-                             f"not supported with tensor_parallel_size > 1; use ngram or suffix")
         self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         sched = config.scheduler
         # An in-worker drafter writes up to num_speculative_tokens lookahead slots past the scheduled tokens.
