@@ -17,8 +17,9 @@ from tiny_models import make_tiny_model
 from vllm_lite.engine.dp_client import sum_stats
 from vllm_lite.protocol import SchedulerStats
 
-SERVER_ARGS = ["--device", "cpu", "--dtype", "float32", "--max-model-len", "128", "--seed", "0",
+SERVER_ARGS = ["--device", "cpu", "--dtype", "float32", "--max-model-len", "1024", "--seed", "0",
                "--data-parallel-size", "2"]
+LONG = 1000  # streams that cannot finish before the test acts on them (a kill, a SIGTERM), even on a fast CPU
 PROMPTS = [f"Question {i}: what is {i} plus {i * 3}?" for i in range(12)]
 
 
@@ -81,7 +82,7 @@ def test_replica_death_fails_requests_and_exits(served):
     cores = _engine_cores(srv)
     client = openai.OpenAI(base_url=srv.url_for("v1"), api_key="EMPTY", max_retries=0, timeout=30)
     before = _per_engine(httpx.get(srv.url_for("metrics")).text, "vllm:engine_requests_routed_total")
-    streams = [iter(client.completions.create(model=path, prompt="Hello", max_tokens=100, stream=True,
+    streams = [iter(client.completions.create(model=path, prompt="Hello", max_tokens=LONG, stream=True,
                                               extra_body={"ignore_eos": True})) for _ in range(2)]
     for it in streams:
         next(it)
@@ -102,7 +103,7 @@ def test_sigterm_stops_every_replica(tmp_path):
         tree = srv.tree()
         assert len(_engine_cores(srv)) == 2
         client = openai.OpenAI(base_url=srv.url_for("v1"), api_key="EMPTY", max_retries=0, timeout=30)
-        streams = [iter(client.completions.create(model=path, prompt="Hello", max_tokens=100, stream=True,
+        streams = [iter(client.completions.create(model=path, prompt="Hello", max_tokens=LONG, stream=True,
                                                   extra_body={"ignore_eos": True})) for _ in range(2)]
         for it in streams:
             next(it)

@@ -201,7 +201,7 @@ def test_death_of_rank_1_is_an_error(tmp_path):
 
 
 # ---- the server ------------------------------------------------------------------------------------------------
-SERVER_ARGS = ["--device", "cpu", "--dtype", "float32", "--max-model-len", "128", "--seed", "0",
+SERVER_ARGS = ["--device", "cpu", "--dtype", "float32", "--max-model-len", "1024", "--seed", "0",
                "--tensor-parallel-size", "2"]
 
 
@@ -246,8 +246,8 @@ def test_server_rank_1_death_fails_requests_and_exits(served):
     tree = srv.tree()
     rank1 = _workers(srv)[1]
     client = openai.OpenAI(base_url=srv.url_for("v1"), api_key="EMPTY", max_retries=0, timeout=30)
-    it = iter(client.completions.create(model=path, prompt="Hello", max_tokens=100, stream=True,
-                                        extra_body={"ignore_eos": True}))
+    it = iter(client.completions.create(model=path, prompt="Hello", max_tokens=1000, stream=True,
+                                        extra_body={"ignore_eos": True}))  # cannot finish before the kill
     next(it)
     assert kill_midstream(srv, rank1, [it]).status_code == 503
     assert srv.proc.wait(30) != 0
