@@ -227,6 +227,14 @@ PY
 print({k: v for k, v in r.items() if k != 'by_kind'})
 for x in r['by_kind']: print('  ', x)" "$OUT/trace-$w-$s.json"
         done
+        # The same n-gram run under torch.profiler (2 prompts): device vs host time per step kind, top ops.
+        timeout ${TRACE_TIMEOUT:-240} python3 bench/tools/spec_trace.py --workload $w --spec ngram --model smollm2-135m \
+          --num-prompts 2 --profile --json "$OUT/trace-$w-ngram-prof.json" > "$OUT/trace-$w-ngram-prof.log" 2>&1
+        echo "trace $w ngram --profile rc=$?"
+        [ -f "$OUT/trace-$w-ngram-prof.json" ] && python3 -c "import json, sys; p = json.load(open(sys.argv[1]))['profile']
+for k, v in p['by_kind'].items(): print('  ', k, v)
+for x in p['top_device'][:12]: print('   dev', x)
+for x in p['top_host'][:12]: print('   host', x)" "$OUT/trace-$w-ngram-prof.json"
       done ;;
     structured)  # bench/structured.py: unconstrained vs json_object vs json_schema on the default model (issue 13)
       timeout ${STRUCTURED_TIMEOUT:-400} python3 bench/structured.py --json "$OUT/structured.json" > "$OUT/structured.log" 2>&1

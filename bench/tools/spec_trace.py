@@ -5,6 +5,8 @@ device (executor.get_output) vs on the host (schedule + input preparation + laun
     python bench/tools/spec_trace.py --workload edit   [--spec ngram|none] [--async-scheduling/--no-...]
     python bench/tools/spec_trace.py --workload oracle [--spec ngram|none] --batch-size 1 [--model smollm2-135m]
         (a bench/data config with random weights; default qwen3-0.6b)
+    --profile: also run torch.profiler over the traced run; each engine step is a record_function range named by
+        its kind, and the JSON gains per-kind device/host totals plus the top ops by self device and self host time
 
 edit: the default model on bench/spec's edit prompts (GSM8K passages), batch 1; oracle: random prompts on a dummy
 model whose proposer replays a plain run's outputs (every draft accepted while outputs agree).
@@ -13,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import random
 import statistics
 import time
 from typing import Any
+
+import torch
 
 from vllm_lite.benchmarks.spec import EDIT_PROMPT, NGRAM, ReplayProposer, _passages
 from vllm_lite.sampling_params import SamplingParams
@@ -64,7 +69,8 @@ class StepTrace:
         def traced_step() -> Any:
             self._cur = {"kind": "none", "graph": False, "wait_ms": 0.0, "propose_ms": 0.0}
             t0 = time.perf_counter()
-            out = step()
+            with torch.profiler.record_function(f"step#{len(self.rows)}"):
+                out = step()
             self._cur["ms"] = 1000 * (time.perf_counter() - t0)
             self._cur["tokens"] = sum(len(o.new_token_ids) for o in out.outputs)
             self.rows.append(self._cur)
@@ -97,6 +103,33 @@ class StepTrace:
                     len(self.rows), 1), 3), "by_kind": table}
 
 
+def profile_tables(prof: Any, rows: list[dict], top: int = 20) -> dict:
+    """Per step kind: host and device time summed over the steps' ranges (events inside a step range are that
+    step's), and the top ops by self device time and by self host time over the whole run."""
+    kinds: dict[str, dict[str, float]] = collections.defaultdict(lambda: {"steps": 0, "host_ms": 0.0,
+                                                                           "device_ms": 0.0})
+    for evt in prof.events():
+        if not evt.name.startswith("step#"):
+            continue
+        i = int(evt.name[5:])
+        if i >= len(rows):
+            continue
+        k = kinds[rows[i]["kind"]]
+        k["steps"] += 1
+        k["host_ms"] += evt.cpu_time_total / 1000
+        k["device_ms"] += getattr(evt, "device_time_total", getattr(evt, "cuda_time_total", 0)) / 1000
+    avgs = prof.key_averages()
+    dev = "self_device_time_total" if hasattr(avgs[0], "self_device_time_total") else "self_cuda_time_total"
+
+    def table(attr: str) -> list[dict]:
+        ranked = sorted((a for a in avgs if not a.key.startswith("step#")), key=lambda a: -getattr(a, attr))[:top]
+        return [{"op": a.key[:80], "calls": a.count, "self_host_ms": round(a.self_cpu_time_total / 1000, 3),
+                 "self_device_ms": round(getattr(a, dev) / 1000, 3)} for a in ranked]
+
+    return {"by_kind": {k: {m: round(v, 3) for m, v in d.items()} for k, d in kinds.items()},
+            "top_device": table(dev), "top_host": table("self_cpu_time_total")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", choices=["edit", "oracle"], default="edit")
@@ -108,6 +141,7 @@ def main() -> None:
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--model", default="qwen3-0.6b", help="oracle workload: a bench/data config (random weights)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true", help="torch.profiler tables of the traced run (see above)")
     args = ap.parse_args()
     from vllm_lite import LLM
     spec = {**NGRAM, "num_speculative_tokens": args.k} if args.spec == "ngram" else None
@@ -119,9 +153,11 @@ def main() -> None:
         params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
         llm.chat(convs[:1], SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)  # warm-up
         trace = StepTrace(llm)
+        prof = _profiler(args.profile)
         t0 = time.perf_counter()
-        for conv in convs:
-            llm.chat([conv], params, use_tqdm=False)
+        with prof:
+            for conv in convs:
+                llm.chat([conv], params, use_tqdm=False)
     else:
         from vllm_lite.benchmarks.utils import resolve_bench_model
         llm = LLM(resolve_bench_model(args.model), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
@@ -139,16 +175,30 @@ def main() -> None:
             llm.engine.proposer = oracle
         llm.generate(batches[0], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False)
         trace = StepTrace(llm)
+        prof = _profiler(args.profile)
         t0 = time.perf_counter()
-        for batch in batches:
-            llm.generate(batch, params, use_tqdm=False)
+        with prof:
+            for batch in batches:
+                llm.generate(batch, params, use_tqdm=False)
     wall = time.perf_counter() - t0
     result = {"workload": args.workload, "spec": args.spec, "k": args.k, "batch_size": args.batch_size,
               "async_scheduling": args.async_scheduling, "wall_s": round(wall, 3), **trace.summary()}
+    if args.profile:
+        result["profile"] = profile_tables(prof, trace.rows)
     print(json.dumps(result, indent=1))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+
+
+def _profiler(on: bool) -> Any:
+    """torch.profiler over CPU (+ CUDA when there), or a no-op context."""
+    if not on:
+        return contextlib.nullcontext()
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=acts)
 
 
 if __name__ == "__main__":
