@@ -10,6 +10,7 @@ import shutil
 import pytest
 
 from vllm_lite.benchmarks import structured as bench
+from vllm_lite.benchmarks.step_breakdown import StepBreakdown
 from vllm_lite.config import EngineConfig, StructuredOutputsConfig, auto_fill_threads
 
 from tiny_models import make_tiny_model
@@ -50,6 +51,14 @@ def test_bench_reports_same_length_ratios_and_fill_stats(tiny_smol_path, tmp_pat
             assert run["bitmask_steps"] >= run["output_tokens"] // n
             assert 0 < run["bitmask_ms_p50"] <= run["bitmask_ms_p99"]
             assert run["engine_steps"] > 0 and same["engine_steps"] > 0
+            parts = run["step_parts_ms"]
+            assert parts["bitmask"] > same["step_parts_ms"]["bitmask"] >= 0  # the fill shows where it runs
+            assert parts["execute_model"] > 0 and parts["get_output"] >= 0
+            inside = sum(parts[k] for k in ("schedule", "execute_model", "bitmask", "sample_tokens", "get_output",
+                                            "update_from_output", "other_in_step"))
+            assert inside == pytest.approx(parts["in_step"], abs=1e-3)
+            assert parts["in_step"] + parts["outside_step"] == pytest.approx(run["step_ms_mean"], rel=0.05)
+            assert set(run["step_parts_overhead_ms"]) == set(parts)
         assert "bitmask_ms_p50" not in runs["unconstrained"]
     for mode in ("json_object", "json_schema"):
         replay = result["fill_replay"][mode]
@@ -64,9 +73,10 @@ def test_same_lengths_run_forces_each_requests_length(tiny_smol_path):
     llm = LLM(tiny_smol_path, device="cpu", dtype="float32", max_model_len=1024, kv_cache_memory_bytes=64 << 20)
     items = bench.workload(3)
     lengths = [1, 7, 13]
-    run, outs = bench.run_mode(llm, "unconstrained", items, 64, False, bench.StepCounter(llm), lengths)
+    run, outs = bench.run_mode(llm, "unconstrained", items, 64, False, StepBreakdown(llm), lengths)
     assert [len(o.outputs[0].token_ids) for o in outs] == lengths and run["output_tokens"] == sum(lengths)
     assert [o.outputs[0].finish_reason for o in outs] == ["length"] * 3 and "lengths_mismatch" not in run
+    assert run["engine_steps"] >= max(lengths) and run["step_parts_ms"]["execute_model"] > 0
 
 
 @pytest.mark.parametrize("cpus, threads", [(1, 1), (2, 1), (3, 1), (4, 2), (16, 8), (128, 8)])

@@ -22,7 +22,9 @@ advanced along the real outputs) with a Python loop and with xgrammar's BatchGra
 plus the cost of bitmask.tobytes(): what the choice of fill_threads rests on. Compare it with step_ms_mean of the
 same-lengths run (the step the fill must hide under); `step_overhead_ms` (constrained minus same-lengths ms per
 step) well above the bitmask time points at the rest of the constrained step (the wait for the previous step's
-token before the mask, the matchers' advance), not at the fill. Also grammar compile times: cold (a compiler without cache,
+token before the mask, the matchers' advance), not at the fill; `step_parts_overhead_ms` says which part of the
+engine core's step grew (benchmarks/step_breakdown.py: schedule, execute_model, bitmask, sample_tokens, get_output,
+update_from_output, the rest, and the LLM's work between steps). Also grammar compile times: cold (a compiler without cache,
 each schema) and cached (the engine's compiler again), p50 ms, and on CUDA the bitmask kernels (Triton, torch
 reference, xgrammar's own) in microseconds.
 Targets on the H200: json_schema vs_unconstrained_same_lengths >= 0.90 at full batch and >= 0.95 at batch 1;
@@ -40,6 +42,7 @@ import os
 import time
 from typing import Any
 
+from vllm_lite.benchmarks.step_breakdown import StepBreakdown
 from vllm_lite.benchmarks.utils import add_bench_engine_args, bench_model, make_llm, progress, report
 from vllm_lite.config import DEFAULT_MODEL
 from vllm_lite.sampling_params import SamplingParams, StructuredOutputsParams
@@ -139,22 +142,8 @@ def validity(mode: str, outs: list[Any], schemas: list[dict[str, Any]]) -> dict[
             "validated_with": "jsonschema" if mode == "json_schema" and jsonschema is not None else "json.loads"}
 
 
-class StepCounter:
-    """Counts the engine core's steps (wraps the LLM's `engine.step`), for the wall time per step."""
-
-    def __init__(self, llm: Any) -> None:
-        self.steps = 0
-        inner = llm.engine.step
-
-        def step() -> Any:
-            self.steps += 1
-            return inner()
-
-        llm.engine.step = step
-
-
 def run_mode(llm: Any, mode: str, items: list, max_tokens: int, one_at_a_time: bool,
-             counter: StepCounter | None = None, lengths: list[int] | None = None) -> tuple[dict, list]:
+             counter: StepBreakdown | None = None, lengths: list[int] | None = None) -> tuple[dict, list]:
     """One run of `items` in `mode`. lengths: the unconstrained same-lengths run, request i producing exactly
     lengths[i] tokens (max_tokens = lengths[i], ignore_eos), so it does the constrained run's work token for token."""
     messages = [m for m, _ in items]
@@ -162,7 +151,8 @@ def run_mode(llm: Any, mode: str, items: list, max_tokens: int, one_at_a_time: b
         params = [params_for(mode, s, max_tokens) for _, s in items]
     else:
         params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
-    steps0 = counter.steps if counter is not None else 0
+    if counter is not None:
+        counter.take()  # start counting here
     t0 = time.perf_counter()
     if one_at_a_time:
         outs = [llm.chat(m, p, use_tqdm=False)[0] for m, p in zip(messages, params)]
@@ -173,8 +163,9 @@ def run_mode(llm: Any, mode: str, items: list, max_tokens: int, one_at_a_time: b
     result: dict[str, Any] = {"requests": len(items), "elapsed_s": round(elapsed, 4), "output_tokens": tokens,
                               "output_tokens_per_s": tokens / elapsed}
     if counter is not None:
-        steps = counter.steps - steps0
-        result.update(engine_steps=steps, step_ms_mean=round(1000 * elapsed / max(steps, 1), 4))
+        parts = counter.take()
+        steps = int(parts.pop("steps"))
+        result.update(engine_steps=steps, step_ms_mean=round(1000 * elapsed / max(steps, 1), 4), step_parts_ms=parts)
     if lengths is None:
         result.update(validity(mode, outs, [s for _, s in items]))
     elif [len(o.outputs[0].token_ids) for o in outs] != list(lengths):
@@ -305,7 +296,7 @@ def _fill_stats(manager: Any) -> dict[str, Any]:
     return stats
 
 
-def run_batch(llm: Any, counter: StepCounter, modes: list[str], items: list, max_tokens: int, one_at_a_time: bool,
+def run_batch(llm: Any, counter: StepBreakdown, modes: list[str], items: list, max_tokens: int, one_at_a_time: bool,
               same_lengths: bool) -> tuple[dict[str, Any], dict[str, list]]:
     """Every mode on `items` (full batch or one at a time); each constrained mode also gets its unconstrained
     same-lengths run and both ratios. Returns the results and each mode's outputs."""
@@ -327,6 +318,8 @@ def run_batch(llm: Any, counter: StepCounter, modes: list[str], items: list, max
         runs[mode]["vs_unconstrained_same_lengths"] = round(
             runs[mode]["output_tokens_per_s"] / same["output_tokens_per_s"], 4)
         runs[mode]["step_overhead_ms"] = round(runs[mode]["step_ms_mean"] - same["step_ms_mean"], 4)
+        runs[mode]["step_parts_overhead_ms"] = {k: round(v - same["step_parts_ms"][k], 4)
+                                                for k, v in runs[mode]["step_parts_ms"].items()}
     if "unconstrained" in runs:
         base = runs["unconstrained"]["output_tokens_per_s"]
         for mode in modes:
@@ -346,6 +339,8 @@ def _summary(result: dict[str, Any]) -> None:
                      f"(raw {run.get('vs_unconstrained')}x); step {run['step_ms_mean']} ms vs "
                      f"{same['step_ms_mean']} ms; bitmask p50 {run['bitmask_ms_p50']} / p99 "
                      f"{run['bitmask_ms_p99']} ms (fill_threads {result['fill_threads']})")
+            grown = sorted(run["step_parts_overhead_ms"].items(), key=lambda kv: -kv[1])
+            progress("  extra ms per step by part: " + ", ".join(f"{k} {v:+.3f}" for k, v in grown))
     for mode, replay in result.get("fill_replay", {}).items():
         fills = ", ".join(f"{k[:-7]} {v}" for k, v in replay.items() if k.endswith("_ms_p50"))
         progress(f"fill replay {mode} ({replay['rows_mean']} rows): p50 ms {fills}")
@@ -368,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
     if any(m not in MODES for m in modes):
         ap.error(f"--modes: choose from {', '.join(MODES)}")
     llm = make_llm(args, skip_tokenizer_init=False)
-    counter = StepCounter(llm)
+    counter = StepBreakdown(llm)
     items = workload(args.num_requests)
     progress("warm-up (every mode, a few requests; compiles the eight schemas)")
     for mode in modes:
