@@ -33,7 +33,7 @@
 #   gsm8k-ngram / mrcr-ngram   the same with n-gram speculation (answers compared with the plain run's report)
 #   spec-verify / spec-ngram / spec-t1   bench/spec_decode.py's scenarios (issue 14): oracle verification TPOT vs
 #              plain for llama-3.1-8b at batch 1/8/32; n-gram on the default model (edit + chat prompts, needs the
-#              model thirds and shared/data/gsm8k in the checkout); T1 with n-gram on vs off
+#              model thirds and shared/data/gsm8k in the checkout); T1 with n-gram on vs off; spec-ngram:K with K drafts
 #   spec-trace[:oracle|:edit]  bench/tools/spec_trace.py: each engine step of a batch-1 run classified (decode, verify
 #              of d drafts, waits) with its time and CUDA-graph use, plain vs n-gram (oracle: smollm2-135m random
 #              weights; edit: the default model)
@@ -212,6 +212,12 @@ PY
     spec-verify|spec-ngram|spec-t1)
       timeout 590 python3 bench/spec_decode.py "${stage#spec-}" --json "$OUT/$stage.json" > "$OUT/$stage.log" 2>&1
       echo "$stage rc=$?"; grep -vE "Warning|^\s*$" "$OUT/$stage.log" | tail -40 ;;
+    spec-ngram:*)  # spec-ngram:K: the n-gram scenario with K speculative tokens (lookup n-grams of 2..4 tokens)
+      k=${stage#spec-ngram:}
+      timeout 590 python3 bench/spec_decode.py ngram --json "$OUT/spec-ngram-k$k.json" --speculative-config \
+        "{\"method\": \"ngram\", \"num_speculative_tokens\": $k, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}" \
+        > "$OUT/spec-ngram-k$k.log" 2>&1
+      echo "$stage rc=$?"; grep -vE "Warning|^\s*$" "$OUT/spec-ngram-k$k.log" | tail -20 ;;
     spec-trace|spec-trace:*)  # bench/tools/spec_trace.py: where speculative steps go, plain vs n-gram, batch 1: an oracle on
       # smollm2-135m random weights, then the edit workload on the real default model when its parts are staged
       # (spec-trace:oracle / spec-trace:edit for one of them). The first run builds FlashInfer's head-dim-64 modules.
