@@ -172,3 +172,28 @@ def test_greedy_reference_keeps_the_argmax_prefix():
     out = verify_drafts_torch(drafts, torch.tensor([3, 2]), torch.tensor([0, 4]), greedy, None, None, None, None,
                               None)
     assert out.tolist() == [[4, 5, 6, -1], [1, 2, 3, -1]]
+
+
+def test_plain_greedy_fast_path_equals_the_general_path():
+    """All-greedy rows without constraints take the raw logits' argmax (bf16 too); a zero logit_bias, which changes
+    no value, sends the same batch through the general path (float32 copy, per-row metadata): same tokens, same
+    row tokens."""
+    gen = torch.Generator().manual_seed(5)
+    vocab, num_drafts = 50, [3, 0, 2, 1]
+    logits = (torch.randn(sum(k + 1 for k in num_drafts), vocab, generator=gen) * 3).to(torch.bfloat16)
+    argmax = logits.float().argmax(-1)
+    offsets = [0, 4, 5, 8]
+    drafts = torch.full((4, 3), -1, dtype=torch.int64)
+    for i, (o, k) in enumerate(zip(offsets, num_drafts)):
+        drafts[i, :k] = argmax[o: o + k]
+    drafts[0, 1] = (argmax[1] + 1) % vocab  # request 0 rejects its second draft
+    fast_meta = _meta([SamplingParams(temperature=0.0)] * 4, vocab)
+    assert fast_meta.all_greedy and fast_meta.no_token_constraints and fast_meta.no_penalties
+    slow_meta = _meta([SamplingParams(temperature=0.0, logit_bias={7: 0.0})] * 4, vocab)
+    assert not slow_meta.no_token_constraints
+    fast = rejection_sample(logits, fast_meta, drafts, num_drafts, use_kernel=False)
+    slow = rejection_sample(logits, slow_meta, drafts, num_drafts, use_kernel=False)
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+    assert fast[0].tolist() == [[argmax[0].item(), argmax[1].item(), -1, -1], [argmax[4].item(), -1, -1, -1],
+                                [argmax[5].item(), argmax[6].item(), argmax[7].item(), -1],
+                                [argmax[8].item(), argmax[9].item(), -1, -1]]
