@@ -392,7 +392,8 @@ def test_seeded_random_sampling_with_speculation_reproduces(tiny_qwen3_path):
 
 def test_requests_without_drafts_keep_async_overlap(tiny_qwen3_path):
     """A request with nothing to draft runs ahead (its next step launches while the previous is in flight); a
-    request that drafts every step waits for each of its steps. Outputs are the plain run's either way."""
+    request that drafts every step waits for each of its steps, applied in the step() that launched it. Outputs are
+    the plain run's either way."""
     from spec_utils import OracleProposer
 
     class Never:
@@ -412,5 +413,10 @@ def test_requests_without_drafts_keep_async_overlap(tiny_qwen3_path):
             return launch(so)
 
         core.executor.execute_model = spy
+        steps = []
+        step = core.step
+        core.step = lambda step=step, steps=steps: steps.append(1) or step()
         assert _tokens(run_core(core, prompts, params)) == _tokens(ref)
         assert (sum(launched_while_busy) > 10) == overlapped, launched_while_busy
+        if not overlapped:  # each verifying step is applied in the step() that launched it: no empty steps between
+            assert len(steps) == len(launched_while_busy), (len(steps), len(launched_while_busy))

@@ -331,6 +331,12 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def only_waiting_on_outputs(self) -> bool:
+        """Every running request speculates and waits for a step in flight, and none waits for admission: the next
+        schedule() would be empty."""
+        return (self.speculative and not self.waiting
+                and all(r.num_output_placeholders and r.spec_wait for r in self.running))
+
     def get_num_unfinished_requests(self) -> int:
         return len(self.waiting) + len(self.running)
 

@@ -126,7 +126,10 @@ class EngineCore:
                 launched = True
             else:
                 self.scheduler.requeue_finished(scheduler_output.finished_req_ids)
-        if applied is None and (not self.in_flight or (launched and len(self.in_flight) < self.max_in_flight)):
+        # A step just launched stays in flight while another can be launched beside it; when every request waits for
+        # its outputs (speculating at small batch) it is applied now rather than after an empty schedule.
+        if applied is None and (not self.in_flight or (launched and len(self.in_flight) < self.max_in_flight
+                                                       and not self.scheduler.only_waiting_on_outputs())):
             applied = EngineCoreOutputs(scheduler_stats=self.scheduler.make_stats())
         if applied is None:
             applied = self._apply_oldest()
