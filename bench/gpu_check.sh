@@ -37,6 +37,8 @@
 #   spec-trace[:oracle|:edit]  bench/tools/spec_trace.py: each engine step of a batch-1 run classified (decode, verify
 #              of d drafts, waits) with its time and CUDA-graph use, plain vs n-gram (oracle: smollm2-135m random
 #              weights; edit: the default model)
+#   train-draft / spec-eagle3  issue 17: train the default model's EAGLE-3 head (GSM8K train prompts), then its
+#              acceptance and batch-1 TPOT against the plain run (200 GSM8K test prompts)
 #   ngram-replay  tokens per step of n-gram configs replayed over the default model's greedy edit/chat outputs
 #   mrcr       `vllm-lite eval mrcr`, 2/4/8 needles x 20 generated records at the bins the context allows
 set -uo pipefail
@@ -213,6 +215,17 @@ PY
     spec-verify|spec-ngram|spec-t1)
       timeout 590 python3 bench/spec_decode.py "${stage#spec-}" --json "$OUT/$stage.json" > "$OUT/$stage.log" 2>&1
       echo "$stage rc=$?"; grep -vE "Warning|^\s*$" "$OUT/$stage.log" | tail -40 ;;
+    train-draft)  # issue 17: EAGLE-3 head for the default model (needs model1 + model2 and shared/data/gsm8k/train.jsonl);
+      # a cut run resumes from its checkpoint when run again on the same (warm) machine
+      timeout ${TRAIN_TIMEOUT:-590} python3 -m vllm_lite train-draft --out /root/heads/smollm2-eagle3 --dtype bfloat16 \
+        --epochs ${TRAIN_EPOCHS:-10} --time-budget-s ${TRAIN_BUDGET:-540} > "$OUT/train-draft.log" 2>&1
+      echo "train-draft rc=$?"; tr '\r' '\n' < "$OUT/train-draft.log" | grep -vE "Warning|^\s*$" | tail -25
+      cp /root/heads/smollm2-eagle3/README.md "$OUT/eagle3-head-README.md" 2>/dev/null ;;
+    spec-eagle3)  # issue 17: the trained head at k = 3 on 200 GSM8K test prompts, batch 1 (needs train-draft first)
+      timeout 590 python3 -m vllm_lite bench spec eagle3 --head /root/heads/smollm2-eagle3 \
+        --num-prompts ${EAGLE3_PROMPTS:-200} --json "$OUT/spec-eagle3.json" > "$OUT/spec-eagle3.log" 2>&1
+      echo "spec-eagle3 rc=$?"; grep -vE "Warning|^\s*$" "$OUT/spec-eagle3.log" | tail -20
+      cp /root/heads/smollm2-eagle3/README.md "$OUT/eagle3-head-README.md" 2>/dev/null ;;
     ngram-replay)  # bench/tools/ngram_replay.py: tokens per step n-gram configs could give on the bf16 outputs
       timeout 300 python3 bench/tools/ngram_replay.py --json "$OUT/ngram-replay.json" > "$OUT/ngram-replay.log" 2>&1
       echo "ngram-replay rc=$?"; grep -E "^(edit|chat)" "$OUT/ngram-replay.log" ;;
