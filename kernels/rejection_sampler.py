@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover
     triton = None
     tl = None
 
-__all__ = ["verify_drafts", "verify_drafts_torch", "verify_drafts_triton", "HAS_TRITON"]
+__all__ = ["verify_drafts", "verify_drafts_torch", "verify_drafts_triton", "warm_up_verify_kernel", "HAS_TRITON"]
 
 HAS_TRITON = triton is not None
 
@@ -168,3 +168,22 @@ def verify_drafts_triton(drafts: torch.Tensor, num_drafts: torch.Tensor, offsets
         V=vocab, K=k, ALL_GREEDY=all_greedy, HAS_DRAFT_PROBS=draft_probs is not None,
         BLOCK_V=min(block_v, triton.next_power_of_2(vocab)))
     return out
+
+
+def warm_up_verify_kernel(k: int, vocab: int, device: torch.device, draft_probs: bool = False) -> None:
+    """Compile the kernel's variants for drafts of width k (greedy; random with point-mass and, if `draft_probs`,
+    with the drafter's q) before the first verification: a Triton compile on the serving path stalls that step for
+    up to seconds."""
+    if not (HAS_TRITON and device.type == "cuda" and k > 0):
+        return
+    drafts = torch.zeros(1, k, dtype=torch.int64, device=device)
+    num = torch.full((1,), k, dtype=torch.int64, device=device)
+    off = torch.zeros(1, dtype=torch.int64, device=device)
+    greedy = torch.zeros(k + 1, dtype=torch.int64, device=device)
+    verify_drafts_triton(drafts, num, off, greedy, None, None, None, None, None)
+    probs = torch.full((k + 1, vocab), 1.0 / vocab, device=device)
+    uniforms = torch.rand(1, k, device=device)
+    noise = torch.ones(k + 1, vocab, device=device)
+    is_greedy = torch.zeros(1, dtype=torch.bool, device=device)
+    for q in ([None, torch.full((1, k, vocab), 1.0 / vocab, device=device)] if draft_probs else [None]):
+        verify_drafts_triton(drafts, num, off, greedy, is_greedy, probs, q, uniforms, noise)

@@ -390,6 +390,26 @@ def test_seeded_random_sampling_with_speculation_reproduces(tiny_qwen3_path):
     assert _tokens(other) != _tokens(runs[0])
 
 
+def test_seeded_request_does_not_depend_on_its_neighbours_drafts(tiny_qwen3_path):
+    """A seeded random request that verifies one draft per step produces the same tokens whether the request beside
+    it verifies one draft or three per step (its random draws do not follow the batch's widest draft)."""
+
+    class Fixed:
+        def __init__(self, neighbour_drafts: int) -> None:
+            self.n = neighbour_drafts
+
+        def propose(self, request, k):
+            return [5] if request.request_id == "0" else [7] * self.n
+
+    prompts = _repetitive_prompts(2)
+    params = [SamplingParams(temperature=0.8, seed=5, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)]
+    runs = [run_core(make_core(tiny_qwen3_path, proposer=Fixed(n), num_speculative_tokens=3, **BASE), prompts,
+                     params) for n in (1, 3)]
+    assert runs[0]["0"]["tokens"] == runs[1]["0"]["tokens"]
+    assert runs[0]["1"]["tokens"] == runs[1]["1"]["tokens"]  # greedy: the drafts never change it
+
+
 def test_requests_without_drafts_keep_async_overlap(tiny_qwen3_path):
     """A request with nothing to draft runs ahead (its next step launches while the previous is in flight); a
     request that drafts every step waits for each of its steps, applied in the step() that launched it. Outputs are

@@ -79,3 +79,33 @@ def test_ngram_on_the_gpu_engine_matches_plain_run(tiny_qwen3_path):
         core = make_core(tiny_qwen3_path, speculative_config=spec, **kw)
         assert _tokens(run_core(core, prompts, params)) == _tokens(ref), spec["method"]
         assert core.scheduler.make_stats().num_accepted_tokens > 0
+
+
+def _compiled_variants() -> int:
+    from vllm_lite.kernels.rejection_sampler import _verify_kernel
+    return sum(len(entry[0]) for entry in _verify_kernel.device_caches.values())
+
+
+def test_warm_up_compiles_every_variant_a_verification_uses():
+    """After warm_up_verify_kernel(k, V), verifications padded to k columns (as the model runner pads them: any
+    number of drafts 0..k per request, greedy and random, with and without q) compile nothing more."""
+    from vllm_lite.kernels.rejection_sampler import warm_up_verify_kernel
+    k, vocab = 4, 1003
+    warm_up_verify_kernel(k, vocab, torch.device(DEV), draft_probs=True)
+    before = _compiled_variants()
+    assert before >= 3
+    g = torch.Generator(device=DEV).manual_seed(0)
+    for num_drafts in ([4, 0, 2], [1], [3, 3]):
+        s = len(num_drafts)
+        drafts = torch.full((s, k), -1, dtype=torch.int64, device=DEV)
+        for i, n in enumerate(num_drafts):
+            drafts[i, :n] = torch.randint(0, vocab, (n,), device=DEV, generator=g)
+        logits = torch.randn(sum(n + 1 for n in num_drafts), vocab, device=DEV, generator=g)
+        for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.8)):
+            meta = SamplingMetadata.build([params] * s, [[]] * s, [[]] * s, [None] * s, [set()] * s, DEV, vocab)
+            q = torch.rand(s, k, vocab, device=DEV, generator=g).softmax(-1)
+            for draft_probs in (None, q):
+                tokens, _ = rejection_sample(logits, meta, drafts, num_drafts, draft_probs=draft_probs)
+                assert tokens.shape == (s, k + 1)
+    torch.cuda.synchronize()
+    assert _compiled_variants() == before

@@ -31,6 +31,7 @@ from vllm_lite.sample.metadata import SamplingMetadata
 from vllm_lite.sample.sampler import Sampler, gather_logprobs
 from vllm_lite.sample.topk_topp import skip_random_draws
 from vllm_lite.sampling_params import SamplingParams
+from vllm_lite.kernels.rejection_sampler import warm_up_verify_kernel
 from vllm_lite.spec_decode.rejection_sampler import rejection_sample
 from vllm_lite.worker.drafting import WorkerDrafting, make_drafter
 from vllm_lite.worker.input_batch import InputStager
@@ -186,6 +187,9 @@ class ModelRunner:
             self.graphs.capture(self._prepare_capture)
         if self.drafting is not None:
             self.drafting.drafter.initialize_kv_cache(num_blocks)
+        if self.num_spec_tokens:
+            warm_up_verify_kernel(self.num_spec_tokens, self.vocab_size, self.device,
+                                  draft_probs=self.drafting is not None)
 
     def _prepare_graph_step(self, meta: StepMetadata, num_tokens: int) -> None:
         self.attn_ctx.metadata = self.attn_ctx.backend.prepare(meta, graph_batch_size=num_tokens)
@@ -297,7 +301,9 @@ class ModelRunner:
                                                     else hidden[inputs.logits_indices])
             step.states = [states[i] for i in rows]
             if sample_drafts is not None:
-                width = int(sample_drafts.max()) + 1
+                # Always k columns (-1 padded): one compiled verification kernel, and a seeded request draws the
+                # same number of uniforms per step whatever the others in the batch draft.
+                width = max(self.num_spec_tokens, int(sample_drafts.max())) + 1
                 drafts = np.full((len(rows), width - 1), -1, dtype=np.int64)
                 for j, (state, k) in enumerate(zip(step.states, sample_drafts.tolist())):
                     drafts[j, :k] = state.token_buffer[state.num_tokens: state.num_tokens + k]
