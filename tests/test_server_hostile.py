@@ -277,9 +277,14 @@ def test_header_limits(server):
         for headers in ({"X-Big": "a" * 100_000}, {f"X-H{i}": "v" for i in range(300)}):
             r = http.get("/v1/models", headers=headers)
             assert r.status_code == 431 and r.json()["error"]["code"] == 431, r.text
-        # far beyond: the connection is dropped by the HTTP parser, which buffers no more than 1 MiB
-        with pytest.raises(httpx.HTTPError):
-            http.get("/v1/models", headers={"X-Huge": "a" * 4_000_000})
+        # far beyond: the HTTP parser, which buffers no more than 1 MiB, drops the connection or (when the answer
+        # wins the race with the upload) refuses the request
+        try:
+            r = http.get("/v1/models", headers={"X-Huge": "a" * 4_000_000})
+        except httpx.HTTPError:
+            pass
+        else:
+            assert r.status_code in (400, 431), (r.status_code, r.text[:200])
         assert http.get("/v1/models", headers={"X-Fine": "a" * 8_000}).status_code == 200
         assert http.get("/health").status_code == 200
 
