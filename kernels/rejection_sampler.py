@@ -185,5 +185,7 @@ def warm_up_verify_kernel(k: int, vocab: int, device: torch.device, draft_probs:
     uniforms = torch.rand(1, k, device=device)
     noise = torch.ones(k + 1, vocab, device=device)
     is_greedy = torch.zeros(1, dtype=torch.bool, device=device)
-    for q in ([None, torch.full((1, k, vocab), 1.0 / vocab, device=device)] if draft_probs else [None]):
+    verify_drafts_triton(drafts, num, off, greedy, is_greedy, probs, None, uniforms, noise)
+    if draft_probs:
+        q = torch.full((1, k, vocab), 1.0 / vocab, device=device)
         verify_drafts_triton(drafts, num, off, greedy, is_greedy, probs, q, uniforms, noise)

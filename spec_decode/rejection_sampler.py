@@ -108,19 +108,17 @@ def rejection_sample(logits: torch.Tensor, meta: SamplingMetadata, draft_ids: to
     req_of_row = torch.repeat_interleave(torch.arange(s, device=device), counts, output_size=total)
     pos_of_row = torch.arange(total, device=device) - offsets_t[req_of_row]
     if meta.all_greedy and row_mask is None and meta.no_token_constraints and meta.no_penalties:
-        # Plain greedy verification (the common case): the raw logits' argmax is each row's token; no per-row
-        # metadata, no float32 copy.
-        tokens = verify_drafts(draft_ids, counts - 1, offsets_t, logits.argmax(dim=-1), None, None, None, None, None,
-                               use_kernel)
-        return tokens, tokens[req_of_row, pos_of_row].clamp(min=0)
-    rows_meta = expand_metadata(meta, counts_list, offsets)
-    if row_mask is not None:
-        rows_meta = dataclasses.replace(rows_meta, logits_mask=row_mask)
-    if rows_meta.output_token_ids is not None:
-        rows_meta = dataclasses.replace(rows_meta, output_token_ids=_with_draft_prefixes(
-            rows_meta.output_token_ids, draft_ids, req_of_row, pos_of_row, meta.vocab_size or logits.shape[1]))
-    logits = Sampler.apply_constraints(logits.to(torch.float32, copy=True), rows_meta)
-    greedy_tokens = logits.argmax(dim=-1)
+        # Nothing changes a greedy row's argmax (the common case): no per-row metadata, no float32 copy.
+        greedy_tokens = logits.argmax(dim=-1)
+    else:
+        rows_meta = expand_metadata(meta, counts_list, offsets)
+        if row_mask is not None:
+            rows_meta = dataclasses.replace(rows_meta, logits_mask=row_mask)
+        if rows_meta.output_token_ids is not None:
+            rows_meta = dataclasses.replace(rows_meta, output_token_ids=_with_draft_prefixes(
+                rows_meta.output_token_ids, draft_ids, req_of_row, pos_of_row, meta.vocab_size or logits.shape[1]))
+        logits = Sampler.apply_constraints(logits.to(torch.float32, copy=True), rows_meta)
+        greedy_tokens = logits.argmax(dim=-1)
     num_drafts_t = counts - 1
     if meta.all_greedy:
         tokens = verify_drafts(draft_ids, num_drafts_t, offsets_t, greedy_tokens, None, None, None, None, None,

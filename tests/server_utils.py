@@ -173,6 +173,14 @@ class RemoteServer:
         self.close()
 
 
+def serve_tiny_llama(tmp_path_factory, name: str, args: list[str]):
+    """For a module-scoped fixture: a tiny random Llama served with `args`; yields (model path, server)."""
+    from tiny_models import make_tiny_model
+    path = make_tiny_model(tmp_path_factory.mktemp(name), "llama")
+    with RemoteServer(path, args) as srv:
+        yield path, srv
+
+
 def kill_midstream(srv: "RemoteServer", pid: int, streams: list, within: float = 10.0) -> httpx.Response:
     """SIGKILL `pid` (an engine core, worker or replica of srv) while `streams` (started openai stream iterators)
     are open: every stream must end with an openai.APIError within `within` seconds. Returns /health's response

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from server_utils import RemoteServer, alive, children, cmdline, kill_midstream, wait_gone
+from server_utils import RemoteServer, alive, children, cmdline, kill_midstream, serve_tiny_llama, wait_gone
 from tiny_models import make_tiny_model
 from vllm_lite.engine.dp_client import sum_stats
 from vllm_lite.protocol import SchedulerStats
@@ -25,9 +25,7 @@ PROMPTS = [f"Question {i}: what is {i} plus {i * 3}?" for i in range(12)]
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    path = make_tiny_model(tmp_path_factory.mktemp("dp-server"), "llama")
-    with RemoteServer(path, SERVER_ARGS) as srv:
-        yield path, srv
+    yield from serve_tiny_llama(tmp_path_factory, "dp-server", SERVER_ARGS)
 
 
 def _engine_cores(srv: RemoteServer) -> list[int]:

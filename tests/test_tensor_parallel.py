@@ -21,7 +21,7 @@ from vllm_lite.model_loader.weights import checkpoint_weights
 from vllm_lite.models import check_tensor_parallel, get_model_class
 
 from spec_utils import OracleProposer, WrongProposer, make_core, run_core
-from server_utils import RemoteServer, alive, children, cmdline, kill_midstream, wait_gone
+from server_utils import RemoteServer, alive, children, cmdline, kill_midstream, serve_tiny_llama, wait_gone
 from tiny_models import make_tiny_model, tiny_config
 
 KW = dict(device="cpu", dtype="float32", max_model_len=128, seed=0, block_size=4)
@@ -207,9 +207,7 @@ SERVER_ARGS = ["--device", "cpu", "--dtype", "float32", "--max-model-len", "1024
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    path = make_tiny_model(tmp_path_factory.mktemp("tp-server"), "llama")
-    with RemoteServer(path, SERVER_ARGS) as srv:
-        yield path, srv
+    yield from serve_tiny_llama(tmp_path_factory, "tp-server", SERVER_ARGS)
 
 
 def _workers(srv: RemoteServer) -> list[int]:

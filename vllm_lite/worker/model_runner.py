@@ -23,6 +23,7 @@ from vllm_lite.compile.cuda_graphs import (CUDAGraphRunner, default_capture_size
                                           outputs_bytes)
 from vllm_lite.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from vllm_lite.distributed import TPGroup
+from vllm_lite.kernels.rejection_sampler import warm_up_verify_kernel
 from vllm_lite.layers.linear import kv_heads_of_rank
 from vllm_lite.model_loader import ModelInfo, load_model
 from vllm_lite.protocol import GrammarOutput, ModelRunnerOutput, SchedulerOutput
@@ -31,7 +32,6 @@ from vllm_lite.sample.metadata import SamplingMetadata
 from vllm_lite.sample.sampler import Sampler, gather_logprobs
 from vllm_lite.sample.topk_topp import skip_random_draws
 from vllm_lite.sampling_params import SamplingParams
-from vllm_lite.kernels.rejection_sampler import warm_up_verify_kernel
 from vllm_lite.spec_decode.rejection_sampler import rejection_sample
 from vllm_lite.worker.drafting import WorkerDrafting, make_drafter
 from vllm_lite.worker.input_batch import InputStager
@@ -303,8 +303,7 @@ class ModelRunner:
             if sample_drafts is not None:
                 # Always k columns (-1 padded): one compiled verification kernel, and a seeded request draws the
                 # same number of uniforms per step whatever the others in the batch draft.
-                width = max(self.num_spec_tokens, int(sample_drafts.max())) + 1
-                drafts = np.full((len(rows), width - 1), -1, dtype=np.int64)
+                drafts = np.full((len(rows), self.num_spec_tokens), -1, dtype=np.int64)
                 for j, (state, k) in enumerate(zip(step.states, sample_drafts.tolist())):
                     drafts[j, :k] = state.token_buffer[state.num_tokens: state.num_tokens + k]
                 step.drafts = _pinned(torch.from_numpy(drafts)).to(self.device, non_blocking=True)
