@@ -41,6 +41,8 @@
 #              acceptance and batch-1 TPOT against the plain run (200 GSM8K test prompts)
 #   ngram-replay  tokens per step of n-gram configs replayed over the default model's greedy edit/chat outputs
 #   mrcr       `vllm-lite eval mrcr`, 2/4/8 needles x 20 generated records at the bins the context allows
+#   gsm8k-fp32 GSM8K plain and with n-gram speculation in float32, answers compared (issue 15's identity check)
+# Everything under $OUT is also packed into $OUT/all.tgz at the end (the device returns at most 8 files).
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=/root/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -207,6 +209,12 @@ PY
       ev gsm8k-ngram gsm8k --max-concurrency 256 --serve-args "$NGRAM"
       for base in gsm8k gsm8k-ref; do [ -f "$OUT/$base/gsm8k.json" ] && \
         python3 -m vllm_lite.evals.compare "$OUT/$base/gsm8k.json" "$OUT/gsm8k-ngram/gsm8k.json"; done ;;
+    gsm8k-fp32)  # plain vs n-gram in float32 (bf16 runs differ at near ties with the batch a request lands in):
+      # greedy answers with exact speculation must then be identical
+      ev gsm8k-fp32 gsm8k --max-concurrency 256 --serve-args "--dtype float32"
+      ev gsm8k-fp32-ngram gsm8k --max-concurrency 256 --serve-args "--dtype float32 $NGRAM"
+      [ -f "$OUT/gsm8k-fp32/gsm8k.json" ] && python3 -m vllm_lite.evals.compare "$OUT/gsm8k-fp32/gsm8k.json" \
+        "$OUT/gsm8k-fp32-ngram/gsm8k.json" | cut -c1-400 ;;
     mrcr) ev mrcr mrcr --samples 20 ;;
     mrcr-ngram)
       ev mrcr-ngram mrcr --samples 20 --serve-args "$NGRAM"
@@ -285,3 +293,4 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
         rate = f" rate={run['request_rate']}" if "request_rate" in run else ""
         print(os.path.basename(path) + rate, " ".join(f"{k}={run[k]:.3f}" for k in keys) + runs)
 EOF
+(cd "$OUT" && tar czf all.tgz --exclude=all.tgz -- * 2>/dev/null; ls -la all.tgz | awk '{print "all.tgz", $5, "bytes"}')

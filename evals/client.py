@@ -29,7 +29,9 @@ def make_client(base_url: str, api_key: str | None, timeout_s: float = 3600.0) -
     """An AsyncOpenAI client without retries (a retried request would hide an engine error and skew the timing)."""
     import httpx
     from openai import AsyncOpenAI
-    limits = httpx.Limits(max_connections=4096, max_keepalive_connections=4096)
+
+    from vllm_lite.entrypoints.args import CLIENT_KEEP_ALIVE_S
+    limits = httpx.Limits(max_connections=4096, max_keepalive_connections=4096, keepalive_expiry=CLIENT_KEEP_ALIVE_S)
     return AsyncOpenAI(base_url=base_url, api_key=api_key or "EMPTY", max_retries=0, timeout=timeout_s,
                        http_client=httpx.AsyncClient(limits=limits, timeout=timeout_s))
 

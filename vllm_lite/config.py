@@ -87,6 +87,10 @@ class DeviceConfig:
         _positive("max_cudagraph_capture_size", self.max_cudagraph_capture_size)
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
 
+    def replays_cuda_graphs(self) -> bool:
+        """Whether the worker's decode and verification steps replay CUDA graphs (compiled on CUDA, FlashInfer)."""
+        return self.resolved_device() == "cuda" and not self.enforce_eager and self.attention_backend != "torch"
+
     def resolved_device(self) -> str:
         if self.device != "auto":
             return self.device

@@ -150,7 +150,7 @@ class GrammarOutput(msgspec.Struct, array_like=True):
     req_ids: list[str]
     rows_per_req: list[int]
     num_words: int
-    bitmask: bytes  # int32 [sum(rows_per_req), num_words], C order
+    bitmask: bytes  # int32 [sum(rows_per_req), num_words], C order (in process: a view valid during the step)
 
 
 class ModelRunnerOutput(msgspec.Struct, array_like=True):

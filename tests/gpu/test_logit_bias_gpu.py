@@ -47,7 +47,9 @@ def test_sampler_on_cuda_matches_cpu():
 def llms():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    kw = dict(max_model_len=1024, dtype="float32", gpu_memory_utilization=0.3)
+    # A fixed KV cache: with gpu_memory_utilization each engine's share counts what the process already holds, and
+    # the second engine (after other test files' engines in the same run) found none left.
+    kw = dict(max_model_len=1024, dtype="float32", num_gpu_blocks_override=1024)
     plain = LLM("smollm2-135m-instruct", **kw)
     spec = LLM("smollm2-135m-instruct", speculative_config={"method": "ngram", "num_speculative_tokens": 3,
                                                              "prompt_lookup_max": 3}, **kw)

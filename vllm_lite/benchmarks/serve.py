@@ -30,7 +30,7 @@ from vllm_lite import envs
 from vllm_lite.benchmarks.serve_report import (RequestResult, format_table, parse_goodput, plot_sweep,
                                                summarize)
 from vllm_lite.benchmarks.utils import BENCH_DEFAULTS, resolve_bench_model
-from vllm_lite.entrypoints.args import add_engine_args, engine_argv, engine_kwargs_from_args
+from vllm_lite.entrypoints.args import CLIENT_KEEP_ALIVE_S, add_engine_args, engine_argv, engine_kwargs_from_args
 
 LAUNCH_MODEL = "qwen3-0.6b"  # --launch without --model: bench/data's config with random weights
 TOKEN_ID_LOW = 100  # random prompts avoid the low ids, where special tokens usually sit
@@ -128,7 +128,7 @@ async def run_benchmark(args: argparse.Namespace, base_url: str, model: str, req
     """All `requests` at Poisson arrivals of `rate`/s (inf: at once), at most --max-concurrency in flight."""
     import httpx
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=CLIENT_KEEP_ALIVE_S)
     rng = np.random.default_rng(args.seed + 1)
     gaps = [0.0] * len(requests) if math.isinf(rate) else rng.exponential(1.0 / rate, len(requests)).tolist()
     gate = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None

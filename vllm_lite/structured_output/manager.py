@@ -214,7 +214,9 @@ class StructuredOutputManager:
             for req_id, grammar, n in zip(req_ids, grammars, rows):
                 grammar.fill_rows(bitmask, row, spec.get(req_id))
                 row += n
-        out = GrammarOutput(req_ids, rows, self.num_words, bitmask.tobytes())
+        # A view, not a copy (1.5 MB at 256 rows: 0.29 ms p50 on the H200 machine's CPU): the executor consumes it
+        # within this step (copied to the device, or encoded for the workers) before the buffer is refilled.
+        out = GrammarOutput(req_ids, rows, self.num_words, memoryview(bitmask).cast("B"))
         self.fill_times.append(time.perf_counter() - start)
         return out
 

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import vllm_lite
 from vllm_lite import envs
+from vllm_lite.entrypoints.args import SERVER_KEEP_ALIVE_S
 from vllm_lite.entrypoints.openai.errors import (APIError, api_error_response, error_body, error_response,
                                                  validation_message)
 from vllm_lite.entrypoints.openai.limits import (DEFAULT_MAX_REQUEST_BODY_BYTES, H11_MAX_INCOMPLETE_EVENT_BYTES,
@@ -327,7 +328,7 @@ async def run_server(engine_kwargs: dict[str, Any], host: str = "127.0.0.1", por
                         trust_request_chat_template=trust_request_chat_template,
                         max_request_body_bytes=max_request_body_bytes, tool_parser=tool_parser)
         uconfig = uvicorn.Config(app, host=host, port=port, log_level=log_level, loop="uvloop", lifespan="on",
-                                 timeout_graceful_shutdown=5, timeout_keep_alive=5, access_log=False,
+                                 timeout_graceful_shutdown=5, timeout_keep_alive=SERVER_KEEP_ALIVE_S, access_log=False,
                                  h11_max_incomplete_event_size=H11_MAX_INCOMPLETE_EVENT_BYTES)
         server = _graceful_server(uconfig, client, shutdown_timeout)
 
