@@ -79,7 +79,7 @@ def test_same_lengths_run_forces_each_requests_length(tiny_smol_path):
     assert run["engine_steps"] >= max(lengths) and run["step_parts_ms"]["execute_model"] > 0
 
 
-@pytest.mark.parametrize("cpus, threads", [(1, 1), (2, 1), (3, 1), (4, 2), (16, 8), (128, 8)])
+@pytest.mark.parametrize("cpus, threads", [(1, 1), (2, 1), (3, 1), (4, 2), (8, 4), (16, 4), (128, 4)])
 def test_fill_threads_auto_default(monkeypatch, cpus, threads):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
     assert StructuredOutputsConfig().fill_threads == threads == auto_fill_threads()

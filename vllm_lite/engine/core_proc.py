@@ -76,7 +76,10 @@ def run_engine_core(config: EngineConfig, in_addr: str, out_addr: str, sock_dir:
         outbox.send(encode(EngineDead(f"{type(e).__name__}: {e}")))
         code = 1
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        except _Shutdown:  # the API server's SIGTERM came while the handler was being switched: already stopping
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if core is not None:
             core.shutdown()
         elif "executor" in locals():
