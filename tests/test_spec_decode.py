@@ -491,3 +491,41 @@ def test_graph_shaped_drafts_are_k_or_none(tiny_qwen3_path):
     assert widths["0"] and set(widths["0"][:-2]) == {3}  # padded to k (the last steps cut at max_tokens)
     assert 1 in widths["1"][:3]  # below min_tokens: not padded
     assert core.scheduler.make_stats().num_accepted_tokens > 0
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_mixed_verification_steps_padded_to_one_graph_shape(tiny_qwen3_path, async_scheduling):
+    """On CUDA the worker pads a verification step whose requests verify different draft counts (or none) to 1 + k
+    tokens each, the shape of its CUDA graph (padding on here, on the CPU): the padded rows are computed but never
+    sampled, their KV goes to the requests' own lookahead slots and is overwritten later. Greedy tokens and logprobs
+    equal the plain run's, and a seeded random request reproduces its unpadded run."""
+    from spec_utils import OracleProposer
+
+    class Mixed(OracleProposer):  # request 0: k drafts, 1: one draft, 2: none (it runs ahead)
+        def propose(self, request, k):
+            right = super().propose(request, k)
+            return {"0": right, "1": right[:1]}.get(request.request_id, [])
+
+    prompts = _repetitive_prompts(3)
+    params = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)] * 2 + \
+        [SamplingParams(temperature=0.9, seed=3, max_tokens=24, ignore_eos=True, logprobs=2)]
+    ref = run_core(make_core(tiny_qwen3_path, **BASE), prompts, params)
+    runs = []
+    for pad in (False, True):
+        core = make_core(tiny_qwen3_path, proposer=Mixed(_tokens(ref)), num_speculative_tokens=3,
+                         async_scheduling=async_scheduling, **BASE)
+        runner = core.executor.worker.runner
+        assert not runner.pad_verification  # CPU: no graphs
+        runner.pad_verification = pad
+        padded = []
+        choose = runner._verification_padding
+        runner._verification_padding = lambda *a, choose=choose: padded.append(choose(*a)) or padded[-1]
+        runs.append(run_core(core, prompts, params))
+        assert (sum(1 for q in padded if q) > 3) == pad and set(padded) <= {0, 4}
+        assert core.scheduler.make_stats().num_accepted_tokens > 0
+    for r in ("0", "1"):
+        assert runs[1][r]["tokens"] == ref[r]["tokens"]
+        for mine, theirs in zip(runs[1][r]["logprobs"], ref[r]["logprobs"], strict=True):
+            assert [t for t, _, _ in mine] == [t for t, _, _ in theirs]
+            assert [lp for _, lp, _ in mine] == pytest.approx([lp for _, lp, _ in theirs], abs=1e-4)
+    assert runs[1]["2"]["tokens"] == runs[0]["2"]["tokens"]

@@ -64,8 +64,9 @@ class EngineCore:
         t1 = time.perf_counter()
         self.num_blocks = num_blocks
         self.num_spec_tokens = config.speculative.num_speculative_tokens if proposer is not None else 0
-        # An in-worker drafter writes its drafts' KV past each request's scheduled tokens: lookahead slots.
-        lookahead = self.num_spec_tokens if isinstance(proposer, WorkerDrafts) else 0
+        # k lookahead KV slots past each request's scheduled tokens: an in-worker drafter writes its drafts' KV
+        # there, and the worker pads a verification step's requests to 1 + k tokens (one CUDA graph shape).
+        lookahead = self.num_spec_tokens
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, info.max_model_len,
                                    speculative=self.num_spec_tokens > 0, num_lookahead_tokens=lookahead)
         self.proposer = proposer

@@ -48,11 +48,13 @@ class InputStager:
 
     def stage(self, token_ids: list[np.ndarray], starts: np.ndarray, query_lens: np.ndarray,
               block_ids: list[np.ndarray], sample_rows: np.ndarray, fill_dst: np.ndarray | None = None,
-              fill_src: np.ndarray | None = None, sample_counts: np.ndarray | None = None) -> StepInputs:
+              fill_src: np.ndarray | None = None, sample_counts: np.ndarray | None = None,
+              sample_ends: np.ndarray | None = None) -> StepInputs:
         """token_ids[i]: the tokens request i computes this step; starts[i]: its position of the first one;
         block_ids[i]: its KV blocks (int32 array or list). fill_dst / fill_src: flat token indices whose ids come
         from the previous step's sampled ids (rows). sample_counts[j]: logits rows of sampling request j, its
-        last 1 + k tokens when it verifies k speculative tokens (None: 1 each)."""
+        last 1 + k tokens when it verifies k speculative tokens (None: 1 each). sample_ends[j]: the flat index after
+        sampling request j's last logits row (None: the end of its tokens; padded requests end earlier)."""
         num_reqs = len(query_lens)
         num_tokens = int(query_lens.sum())
         pure_decode = num_tokens == num_reqs
@@ -75,10 +77,11 @@ class InputStager:
         table[self._arange[:max_blocks] < nblk[:, None]] = np.concatenate(block_ids) if num_reqs > 1 else block_ids[0]
         np.multiply(table[req_index, positions // self.block_size], self.block_size, out=h.slot)
         h.slot += positions % self.block_size
+        ends = cu[sample_rows] if sample_ends is None else sample_ends
         if sample_counts is None:
-            h.lidx[:] = cu[sample_rows] - 1
+            h.lidx[:] = ends - 1
         else:  # the last counts[j] tokens of each sampling request
-            first = np.repeat(cu[sample_rows] - sample_counts, sample_counts)
+            first = np.repeat(ends - sample_counts, sample_counts)
             h.lidx[:] = first + self._arange[:num_logits] - np.repeat(np.cumsum(sample_counts) - sample_counts,
                                                                      sample_counts)
         h.qsl[0] = 0
