@@ -3,6 +3,8 @@ under the Triton CPU interpreter, the runner-side mapping of GrammarOutput rows 
 (sample/bitmask.py), and on CUDA (marked gpu) the kernel and the pinned-buffer path against the CPU reference."""
 from __future__ import annotations
 
+import itertools
+import random
 import textwrap
 
 import numpy as np
@@ -89,6 +91,38 @@ def test_applier_maps_grammar_rows_onto_sampling_rows(device):
         applier.apply(got, grammar, req_ids, offsets)
         want = _expected(logits, allowed, dst=[5, 1, 2, 3, 0], src=[0, 2, 3, 4, 5])
         assert torch.equal(got.cpu(), want)
+
+
+def test_applier_random_layouts_match_a_per_request_walk():
+    """Random steps: requests with 0..3 drafts, constrained ones in any order, some not in the step, some with more
+    grammar rows than logits rows (their drafts were cut): row i of a request's grammar rows masks its logits row i,
+    for as many rows as both have."""
+    rng = random.Random(5)
+    g = torch.Generator().manual_seed(5)
+    v = 70
+    for _ in range(200):
+        req_ids = [f"r{i}" for i in range(rng.randrange(1, 9))]
+        counts = [1 + rng.randrange(4) for _ in req_ids]
+        offsets = [0] + list(itertools.accumulate(counts))
+        constrained = [r for r in req_ids if rng.random() < 0.6] + (["gone"] if rng.random() < 0.3 else [])
+        rng.shuffle(constrained)
+        rows = [1 + rng.randrange(4) for _ in constrained]
+        if not rows:
+            continue
+        allowed = torch.rand(sum(rows), v, generator=g) < 0.5
+        dst, src, row = [], [], 0
+        for r, n in zip(constrained, rows):
+            if r in req_ids:
+                j = req_ids.index(r)
+                k = min(n, counts[j])
+                dst += range(offsets[j], offsets[j] + k)
+                src += range(row, row + k)
+            row += n
+        logits = torch.randn(offsets[-1], v, generator=g)
+        got = logits.clone()
+        GrammarBitmaskApplier(torch.device("cpu")).apply(got, _grammar(constrained, rows, allowed), req_ids,
+                                                          offsets)
+        assert torch.equal(got, _expected(logits, allowed, dst, src))
 
 
 @pytest.mark.gpu

@@ -26,20 +26,20 @@ class GrammarBitmaskApplier:
         """logits [R, V] of the step's sampling rows; req_ids: the sampling requests in logits order;
         row_offsets: each one's first logits row, then R. Rows of requests without grammar rows stay untouched."""
         where = {r: j for j, r in enumerate(req_ids)}
-        src: list[np.ndarray] = []
-        dst: list[np.ndarray] = []
-        row = 0
-        for req_id, n in zip(grammar.req_ids, grammar.rows_per_req):
-            j = where.get(req_id)
-            if j is not None:
-                k = min(n, row_offsets[j + 1] - row_offsets[j])
-                src.append(np.arange(row, row + k))
-                dst.append(np.arange(row_offsets[j], row_offsets[j] + k))
-            row += n
-        if not src:
+        m = len(grammar.req_ids)
+        j = np.fromiter((where.get(r, -1) for r in grammar.req_ids), dtype=np.int64, count=m)
+        keep = j >= 0
+        if not keep.any():
             return
+        n = np.fromiter(grammar.rows_per_req, dtype=np.int64, count=m)
+        first = np.cumsum(n) - n  # each constrained request's first grammar row
+        offsets = np.asarray(row_offsets, dtype=np.int64)
+        j = j[keep]
+        k = np.minimum(n[keep], offsets[j + 1] - offsets[j])  # rows masked per request (its logits rows at most)
+        within = np.arange(int(k.sum()), dtype=np.int64) - np.repeat(np.cumsum(k) - k, k)
+        src_rows = np.repeat(first[keep], k) + within
+        dst_rows = np.repeat(offsets[j], k) + within
         words = np.frombuffer(grammar.bitmask, dtype=np.int32).reshape(-1, grammar.num_words)
-        src_rows, dst_rows = np.concatenate(src), np.concatenate(dst)
         if len(src_rows) != len(words) or src_rows[-1] != len(words) - 1:  # not simply all rows in order
             words = words[src_rows]
         words_t, rows_t = self._stage(words, dst_rows)
