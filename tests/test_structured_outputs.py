@@ -369,3 +369,26 @@ def test_abort_while_compiling_and_no_tokenizer(tiny_smol_path):
     with pytest.raises(ValueError, match="needs the engine's tokenizer"):
         bare.add_request(EngineCoreRequest("b", [1, 2, 3], params, time.time()))
     assert not bare.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("known_stops", [True, False])
+def test_grammar_termination_with_and_without_known_stop_tokens(tiny_smol_path, known_stops):
+    """Grammar tracks termination itself when it knows the stop tokens (one call into xgrammar per token instead of
+    three): the stop token terminates it, nothing is taken afterwards, a refused token does not terminate it, and a
+    draft walk through the stop token leaves it as it was."""
+    import xgrammar as xgr
+
+    from vllm_lite.structured_output.grammar import Grammar
+    manager = _manager(tiny_smol_path)
+    compiled = manager.compile_now(StructuredOutputsParams(choice=["yes", "no"]))
+    stops = frozenset(manager.tokenizer_info.stop_token_ids) if known_stops else None
+    assert 2 in manager.tokenizer_info.stop_token_ids
+    tokenizer = manager.tokenizer_info
+    yes = [i for i, t in enumerate(tokenizer.decoded_vocab) if t == b"yes"]
+    assert yes
+    g = Grammar(xgr.GrammarMatcher(compiled), stops)
+    assert g.accept_tokens([5]) == 0 and not g.is_terminated  # refused, still running
+    assert g.valid_prefix([yes[0], 2, 7]) == 2 and not g.is_terminated  # the walk is rolled back
+    assert g.accept_tokens([yes[0], 2, 7]) == 2 and g.is_terminated  # stops after the stop token
+    assert g.accept_tokens([7]) == 0 and g.is_terminated and g.valid_prefix([7]) == 0
+    manager.shutdown()

@@ -46,9 +46,14 @@ def compile_grammar(compiler: Any, key: CompileKey) -> Any:
 class Grammar:
     """A request's matcher (xgrammar GrammarMatcher) and how many of the request's output tokens it has taken."""
 
-    def __init__(self, matcher: Any) -> None:
+    def __init__(self, matcher: Any, stop_token_ids: frozenset[int] | None = None) -> None:
+        """stop_token_ids: the tokens whose acceptance terminates the matcher (xgrammar's tokenizer info); known,
+        they spare a call into the matcher after every accepted token (~0.2 ms per step at 256 requests).
+        None: the matcher is asked after every token."""
         self.matcher = matcher
         self.num_accepted = 0
+        self._stop = stop_token_ids
+        self._terminated = False
 
     def accept_tokens(self, token_ids: list[int]) -> int:
         """Advance over `token_ids` in order; returns how many were taken (it stops after the token that terminates
@@ -59,20 +64,30 @@ class Grammar:
 
     @property
     def is_terminated(self) -> bool:
-        return self.matcher.is_terminated()
+        return self._terminated
 
     def valid_prefix(self, drafts: list[int]) -> int:
         """How many leading draft tokens the grammar accepts (the matcher is left unchanged)."""
         n = self._walk(drafts)
         if n:
             self.matcher.rollback(n)
+            self._terminated = False  # it was not before the walk (a terminated matcher takes nothing)
         return n
 
     def _walk(self, token_ids: list[int]) -> int:
+        """Accept tokens in order until one is refused or the matcher terminates (after its stop token)."""
+        if self._terminated:
+            return 0
         matcher = self.matcher
+        stop = self._stop
         for i, tok in enumerate(token_ids):
-            if matcher.is_terminated() or not matcher.accept_token(tok):
+            if not matcher.accept_token(tok):
+                self._terminated = matcher.is_terminated()  # only a stop token terminates; asked to be sure
                 return i
+            if stop is None or tok in stop:
+                self._terminated = matcher.is_terminated()
+                if self._terminated:
+                    return i + 1
         return len(token_ids)
 
     def fill_rows(self, bitmask: Any, row: int, drafts: list[int] | None) -> None:
@@ -80,7 +95,7 @@ class Grammar:
         the drafts and rolls back). Rows past a draft the grammar refuses repeat the last mask (verification
         rejects that draft, so they are never sampled)."""
         matcher = self.matcher
-        if matcher.is_terminated():  # a request the async pipeline scheduled once more after its last token
+        if self._terminated:  # a request the async pipeline scheduled once more after its last token
             bitmask[row: row + 1 + len(drafts or ())] = -1
             return
         matcher.fill_next_token_bitmask(bitmask, row)

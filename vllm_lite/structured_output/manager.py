@@ -52,6 +52,7 @@ class StructuredOutputManager:
         self._batch: Any = None  # xgrammar BatchGrammarMatcher, fill_threads threads (None: fill_threads 1)
         self._batch1: Any = None  # the same, one thread: no Python loop over the matchers, no thread hand-off
         self.tokenizer_info: Any = None
+        self._stop_token_ids: frozenset[int] | None = None  # set with the compiler (before any grammar exists)
         self._futures: OrderedDict[CompileKey, cf.Future] = OrderedDict()
         self.compiling: dict[str, tuple[Request, cf.Future]] = {}
         self._started: dict[cf.Future, float] = {}  # compile start (monotonic), once a pool thread takes it
@@ -91,6 +92,7 @@ class StructuredOutputManager:
         info = xgr.TokenizerInfo.from_huggingface(tokenizer(), vocab_size=self.vocab_size,
                                                   stop_token_ids=stop_token_ids or None)
         self.tokenizer_info = info  # also for bench/structured.py's cold compiles
+        self._stop_token_ids = frozenset(int(t) for t in info.stop_token_ids)
         self._batch1 = xgr.BatchGrammarMatcher(1)
         if self.config.fill_threads > 1:
             self._batch = xgr.BatchGrammarMatcher(self.config.fill_threads)
@@ -125,7 +127,7 @@ class StructuredOutputManager:
     def _attach(self, request: Request, compiled: Any) -> None:
         import xgrammar as xgr
 
-        request.grammar = Grammar(xgr.GrammarMatcher(compiled))
+        request.grammar = Grammar(xgr.GrammarMatcher(compiled), self._stop_token_ids)
         self.requests[request.request_id] = request
 
     def poll(self, scheduler: Any, idle: bool = False) -> list[EngineCoreOutput]:
@@ -204,7 +206,7 @@ class StructuredOutputManager:
         bitmask = self._buffer[:total]
         if total == len(grammars):  # no drafts: one row per request, filled by xgrammar's batch matcher
             batch = self._batch if self._batch is not None and total >= BATCH_FILL_MIN_ROWS else self._batch1
-            live = [i for i, g in enumerate(grammars) if not g.matcher.is_terminated()]
+            live = [i for i, g in enumerate(grammars) if not g.is_terminated]
             if len(live) < total:
                 bitmask[:] = -1
             if live:
