@@ -212,9 +212,9 @@ class EngineCore:
             drafts = self.proposer.propose(request, n)[:n] if n > 0 else []
             if self.pad_short_drafts and 0 < len(drafts) < n and below <= 0 \
                     and request.sampling_params.structured_outputs is None:
-                # A proposer's short draft is padded to k (exact: a draft is only accepted where the target agrees)
-                # so the step keeps the shape of its CUDA graph; not below min_tokens or under a grammar, whose
-                # drafts are cut for exactness.
+                # A proposer's short draft is padded to k (still exact: verification accepts a draft token only
+                # as the target's own distribution allows) so the step keeps its CUDA graph's shape; not below
+                # min_tokens or under a grammar, whose drafts are cut for exactness.
                 drafts = list(drafts) + [drafts[-1]] * (n - len(drafts))
             if request.num_output_placeholders:  # running ahead: a probe on its known tokens
                 if drafts:
