@@ -42,6 +42,7 @@
 #   ngram-replay  tokens per step of n-gram configs replayed over the default model's greedy edit/chat outputs
 #   mrcr       `vllm-lite eval mrcr`, 2/4/8 needles x 20 generated records at the bins the context allows
 #   gsm8k-fp32 GSM8K plain and with n-gram speculation in float32, answers compared (issue 15's identity check)
+#   structured-1t  bench structured's full-batch runs with one bitmask fill thread (no deferred fill), to compare
 # Everything under $OUT is also packed into $OUT/all.tgz at the end (the device returns at most 8 files).
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -267,6 +268,10 @@ for k, v in p['by_kind'].items(): print('  ', k, v)
 for x in p['top_device'][:12]: print('   dev', x)
 for x in p['top_host'][:12]: print('   host', x)" "$OUT/trace-$w-ngram-prof.json"
       done ;;
+    structured-1t)  # the full-batch runs with one fill thread (no deferred fill): the deferral's A/B against `structured`
+      timeout ${STRUCTURED_TIMEOUT:-400} python3 bench/structured.py --fill-only --structured-outputs-config \
+        '{"fill_threads": 1}' --json "$OUT/structured-1t.json" > "$OUT/structured-1t.log" 2>&1
+      echo "structured-1t rc=$?"; grep -E "^full_batch" "$OUT/structured-1t.log" ;;
     structured)  # bench/structured.py: unconstrained vs json_object vs json_schema on the default model (issue 13)
       timeout ${STRUCTURED_TIMEOUT:-400} python3 bench/structured.py --json "$OUT/structured.json" > "$OUT/structured.log" 2>&1
       echo "structured rc=$?"; grep -vE "Warning|^\s*$" "$OUT/structured.log" | tail -30 ;;

@@ -392,3 +392,25 @@ def test_grammar_termination_with_and_without_known_stop_tokens(tiny_smol_path, 
     assert g.accept_tokens([yes[0], 2, 7]) == 2 and g.is_terminated  # stops after the stop token
     assert g.accept_tokens([7]) == 0 and g.is_terminated and g.valid_prefix([7]) == 0
     manager.shutdown()
+
+
+def test_deferred_bitmask_fill_gives_identical_outputs(tiny_smol_path, schema_run, monkeypatch):
+    """With fill threads (a host of several cores), a large batch's bitmask fill runs on a thread while step()
+    returns its outputs to the caller, and that step is sampled at the start of the next step(): the outputs equal
+    those of the fill done in place (one thread), seeded sampling included."""
+    import vllm_lite.structured_output.manager as manager_module
+    monkeypatch.setattr(manager_module, "BATCH_FILL_MIN_ROWS", 8)  # from 64 rows: defer most of this run's steps
+    cases, _, _ = schema_run
+    params = [c[2] for c in cases]
+    runs = []
+    for threads in (1, 2):
+        llm = LLM(tiny_smol_path, structured_outputs_config={"fill_threads": threads}, **TINY)
+        manager = llm.engine.structured
+        fills = []
+        batch_fill = manager._batch_fill
+        manager._batch_fill = lambda *a, f=batch_fill, seen=fills: seen.append(1) or f(*a)
+        runs.append([o.outputs[0].token_ids for o in llm.chat([PROMPT] * len(params), params, use_tqdm=False)])
+        assert (len(fills) > 20) == (threads == 2), len(fills)
+        assert llm.engine._deferred_sample is None and not llm.engine.in_flight
+        llm.engine.shutdown()
+    assert runs[0] == runs[1]

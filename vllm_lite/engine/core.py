@@ -10,6 +10,8 @@ launched before step N's tokens are applied.
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
+
 import logging
 import time
 import weakref
@@ -80,6 +82,7 @@ class EngineCore:
         self.grammar = grammar
         # The real grammar builder (xgrammar): compiles requests' constraints and owns their matchers.
         self.structured = grammar if isinstance(grammar, StructuredOutputManager) else None
+        self._deferred_sample: cf.Future | None = None  # a launched step's bitmask fill, sampled next step()
         self.in_flight: deque[SchedulerOutput] = deque()
         self.max_in_flight = 2 if config.scheduler.async_scheduling else 1
         eos = tuple(info.eos_token_ids)
@@ -114,6 +117,9 @@ class EngineCore:
         not launched: the step in flight is applied instead."""
         launched = False
         applied = errors = None
+        if self._deferred_sample is not None:  # the last step's bitmask fill, overlapped with the caller's work
+            future, self._deferred_sample = self._deferred_sample, None
+            self.executor.sample_tokens(future.result())
         if self.structured is not None:
             errors = self._poll_grammars()
         if self.scheduler.has_unfinished_requests():
@@ -125,8 +131,16 @@ class EngineCore:
                     # A constrained request's previous token is still in flight: its mask must follow that token,
                     # so the previous step is applied first (its forward overlaps this one's launch).
                     applied = self._apply_oldest()
-                grammar_output = self.grammar.bitmask(scheduler_output) if self.grammar is not None else None
-                self.executor.sample_tokens(grammar_output)
+                if applied is not None and self.structured is not None:
+                    # This step() returns outputs now: a large fill runs while the caller handles them, and the
+                    # step is sampled at the start of the next step() (nothing else uses the matchers until then).
+                    grammar_output = self.structured.bitmask(scheduler_output, defer=True)
+                else:
+                    grammar_output = self.grammar.bitmask(scheduler_output) if self.grammar is not None else None
+                if isinstance(grammar_output, cf.Future):
+                    self._deferred_sample = grammar_output
+                else:
+                    self.executor.sample_tokens(grammar_output)
                 self.in_flight.append(scheduler_output)
                 launched = True
             else:
@@ -235,6 +249,9 @@ class EngineCore:
         return f", {off} request(s) drafting nothing for low acceptance" if off else ""
 
     def shutdown(self) -> None:
+        if self._deferred_sample is not None:
+            self._deferred_sample.result()
+            self._deferred_sample = None
         if self.structured is not None:
             self.structured.shutdown()
         self.executor.shutdown()
