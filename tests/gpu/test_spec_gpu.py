@@ -90,3 +90,31 @@ def _assert_close(got: dict, ref: dict, exact: bool) -> int:
         top_b = {t for t, _, _ in want["logprobs"][j]}
         assert b[j] in top_a and a[j] in top_b, (r, j, got[r]["logprobs"][j], want["logprobs"][j])
     return identical
+
+
+def test_mixed_verification_steps_replay_the_padded_graph(model_path):
+    """Requests that verify k drafts, one draft or none in the same step: the runner pads the step to 1 + k tokens
+    per request and replays that graph (no step without a graph); outputs equal the plain run's up to a near tie."""
+
+    class Mixed(OracleProposer):
+        def propose(self, request, k):
+            right = super().propose(request, k)
+            return {0: right, 1: right[:1]}.get(int(request.request_id) % 3, [])
+
+    kw = dict(SETUPS["flashinfer-bf16-graphs"], device="cuda", max_model_len=512, max_num_seqs=8,
+              gpu_memory_utilization=0.2)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=5)
+    prompts = _prompts()
+    ref = run_core(make_core(model_path, **kw), prompts, params)
+    core = make_core(model_path, proposer=Mixed({r: v["tokens"] for r, v in ref.items()}), num_speculative_tokens=K,
+                     **kw)
+    runner = core.executor.runner
+    assert runner.pad_verification
+    padded = []
+    choose = runner._verification_padding
+    runner._verification_padding = lambda *a: padded.append(choose(*a)) or padded[-1]
+    got = run_core(core, prompts, params)
+    _assert_close(got, ref, exact=False)
+    assert sum(1 for q in padded if q) > 5 and core.scheduler.make_stats().num_accepted_tokens > 0
+    assert runner.graphs.num_replays[1 + K] >= sum(1 for q in padded if q)
+    core.shutdown()
