@@ -213,7 +213,7 @@ class StructuredOutputManager:
                 bitmask[:] = -1
             if live and self._batch is not None and total >= BATCH_FILL_MIN_ROWS and defer:
                 # xgrammar fills with the GIL released: on a thread, the caller's other work overlaps it
-                return self._fill_pool.submit(self._batch_fill, [grammars[i].matcher for i in live], live,
+                return self._fill_pool.submit(self._batch_fill, [grammars[i].matcher for i in live], live, bitmask,
                                               GrammarOutput(req_ids, rows, self.num_words, _view(bitmask)), start)
             if live:
                 batch = self._batch if self._batch is not None and total >= BATCH_FILL_MIN_ROWS else self._batch1
@@ -227,8 +227,9 @@ class StructuredOutputManager:
         self.fill_times.append(time.perf_counter() - start)
         return out
 
-    def _batch_fill(self, matchers: list[Any], live: list[int], out: GrammarOutput, start: float) -> GrammarOutput:
-        bitmask = np.frombuffer(out.bitmask, dtype=np.int32).reshape(-1, self.num_words)
+    def _batch_fill(self, matchers: list[Any], live: list[int], bitmask: np.ndarray, out: GrammarOutput,
+                    start: float) -> GrammarOutput:
+        """A deferred fill, on the fill thread: `out` views `bitmask`."""
         self._batch.batch_fill_next_token_bitmask(matchers, bitmask, live)
         self.fill_times.append(time.perf_counter() - start)
         return out
