@@ -13,8 +13,8 @@ The rule (an expected-gain model):
   extra tokens are nearly free; above, its time grows with the tokens).
 - Each request verifies the j in [0, k] that maximises E(j) / c(j); j = 0 (no drafts) when nothing beats a plain
   step. adaptive_draft_length=False skips this part (always k, the batch limit still holds).
-- Where steps replay CUDA graphs (captured for 1 and 1 + k tokens per request only), j is 0 or k: a step of any
-  other shape runs without a graph, which costs several graph steps (H200: 25 ms against 2.3 ms at batch 1).
+- Where steps replay CUDA graphs (captured for 1 and 1 + k tokens per request only), the worker pads a step to
+  1 + k tokens per request, so j drafts cost what k do and j is 0 or k.
 Drafting needs all of a request's tokens, so a speculating request's step waits for its previous one (no async
 overlap). A request that got no drafts (none proposed, or j = 0) runs ahead with async scheduling instead; while it
 runs ahead the engine core probes the proposer on its known tokens and makes it wait again as soon as a draft shows
@@ -46,7 +46,7 @@ class AdaptiveDraftLength:
     """Per-step draft lengths from the batch size and each request's measured acceptance."""
 
     def __init__(self, config: SpeculativeConfig, all_or_none: bool = False) -> None:
-        """all_or_none: draft lengths are 0 or k (the runner replays CUDA graphs of 1 and 1 + k tokens)."""
+        """all_or_none: draft lengths are 0 or k (the runner pads verification steps to 1 + k tokens per request)."""
         self.k = config.num_speculative_tokens
         self.all_or_none = all_or_none
         self.batch_limit = config.disable_by_batch_size

@@ -5,11 +5,6 @@ occurred earlier is looked up, and the k tokens that followed its most recent ea
 Edit, summarise-and-quote and code-rewrite prompts repeat long spans of their input, so these drafts are often right
 and cost no model. Each request's tokens live in a growing numpy buffer (appended per step, never rebuilt) and one
 lookup is a few vectorised compares over the buffer.
-
-Beyond vLLM's lookup, a continuation that runs into the end of the tokens is extended periodically (the text after
-the match repeats with the period it just showed: "A B C A B" drafts "C A B C"), so a match always yields k drafts.
-Looping text is what such matches mostly are, and a step of k drafts replays the CUDA graph captured for 1 + k
-tokens, while a shorter one runs without a graph.
 """
 from __future__ import annotations
 
@@ -70,10 +65,9 @@ def match_lengths(corpus: np.ndarray, ends: np.ndarray, pattern: np.ndarray, max
     return length
 
 
-def ngram_lookup(tokens: np.ndarray, min_n: int, max_n: int, k: int, periodic: bool = False) -> np.ndarray:
+def ngram_lookup(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> np.ndarray:
     """Up to k tokens that followed the most recent earlier occurrence of the longest suffix n-gram of `tokens`
-    with min_n <= n <= max_n; empty when no such n-gram occurred earlier. periodic: a continuation cut short by
-    the end of `tokens` repeats itself up to k tokens."""
+    with min_n <= n <= max_n; empty when no such n-gram occurred earlier."""
     total = tokens.shape[0]
     if total < min_n + 1 or k <= 0:
         return tokens[:0]
@@ -86,20 +80,16 @@ def ngram_lookup(tokens: np.ndarray, min_n: int, max_n: int, k: int, periodic: b
     if best < min_n:
         return tokens[:0]
     start = int(ends[np.flatnonzero(length == best)[-1]]) + 1
-    period = total - start
-    if not periodic or period >= k:
-        return tokens[start:start + k]
-    return tokens[start + np.arange(k) % period]
+    return tokens[start:start + k]
 
 
 class NgramProposer:
     """Engine-core proposer for method "ngram"."""
 
-    def __init__(self, min_n: int, max_n: int, periodic: bool = True) -> None:
+    def __init__(self, min_n: int, max_n: int) -> None:
         self.min_n = min_n
         self.max_n = max_n
-        self.periodic = periodic
         self.buffers = RequestBuffers()
 
     def propose(self, request: Request, max_tokens: int) -> list[int]:
-        return ngram_lookup(self.buffers.tokens(request), self.min_n, self.max_n, max_tokens, self.periodic).tolist()
+        return ngram_lookup(self.buffers.tokens(request), self.min_n, self.max_n, max_tokens).tolist()

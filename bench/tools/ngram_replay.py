@@ -19,15 +19,14 @@ from vllm_lite.sampling_params import SamplingParams
 from vllm_lite.spec_decode.ngram import ngram_lookup
 
 
-def replay(records: list[tuple[list[int], list[int]]], k: int, min_n: int, max_n: int,
-           periodic: bool = False) -> dict:
+def replay(records: list[tuple[list[int], list[int]]], k: int, min_n: int, max_n: int) -> dict:
     """records: (prompt ids, greedy output ids). The first output token comes from the prefill step. full_share:
-    the verifications of k drafts (a CUDA graph's shape; shorter ones run without a graph)."""
+    the verifications of k drafts (the others are padded to k by the worker on CUDA)."""
     steps = verifies = accepted = drafted = tokens = full = 0
     for prompt, out in records:
         pos = 1
         while pos < len(out):
-            drafts = ngram_lookup(np.array(prompt + out[:pos], dtype=np.int64), min_n, max_n, k, periodic).tolist()
+            drafts = ngram_lookup(np.array(prompt + out[:pos], dtype=np.int64), min_n, max_n, k).tolist()
             a = 0
             while a < len(drafts) and pos + a < len(out) and drafts[a] == out[pos + a]:
                 a += 1
@@ -38,7 +37,7 @@ def replay(records: list[tuple[list[int], list[int]]], k: int, min_n: int, max_n
             accepted += a
             tokens += a + 1
             pos += a + 1
-    return {"k": k, "prompt_lookup_min": min_n, "prompt_lookup_max": max_n, "periodic": periodic,
+    return {"k": k, "prompt_lookup_min": min_n, "prompt_lookup_max": max_n,
             "full_share": round(full / max(verifies, 1), 3),
             "tokens_per_step": round(tokens / max(steps, 1), 3), "verify_share": round(verifies / max(steps, 1), 3),
             "mean_acceptance_length": round((accepted + verifies) / max(verifies, 1), 3),
@@ -52,9 +51,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--num-passages", type=int, default=20)
     ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--configs", default="2:2:4,4:2:4,4:2:4:p,4:1:4,4:3:4,8:2:4,8:2:4:p,8:1:4,8:2:8,12:2:6,16:2:8",
-                    help="k:prompt_lookup_min:prompt_lookup_max[:p], comma-separated (p: periodic continuation, "
-                         "the engine's proposer)")
+    ap.add_argument("--configs", default="2:2:4,4:2:4,4:1:4,4:3:4,8:2:4,8:1:4,8:2:8,12:2:6,16:2:8",
+                    help="k:prompt_lookup_min:prompt_lookup_max, comma-separated")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from vllm_lite import LLM
@@ -62,7 +60,7 @@ def main() -> None:
     workloads = {"edit": [[{"role": "user", "content": EDIT_PROMPT.format(passage=p)}]
                           for p in _passages(None, args.num_passages)],
                  "chat": [[{"role": "user", "content": c}] for c in CHAT_PROMPTS]}
-    configs = [(*(int(x) for x in c.split(":")[:3]), c.endswith(":p")) for c in args.configs.split(",")]
+    configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
     result: dict = {"model": args.model, "device": str(llm.device), "max_tokens": args.max_tokens}
     for name, convs in workloads.items():
         outs = llm.chat(convs, SamplingParams(temperature=0.0, max_tokens=args.max_tokens), use_tqdm=False)

@@ -72,10 +72,9 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, info.max_model_len,
                                    speculative=self.num_spec_tokens > 0, num_lookahead_tokens=lookahead)
         self.proposer = proposer
-        # Where the worker replays CUDA graphs (1 and 1 + k tokens per request), a verification step of any other
-        # shape runs without one (H200, batch 1: 25 ms against 2.3 ms): drafts are then k or none per request.
+        # Where the worker replays CUDA graphs it pads a verification step to 1 + k tokens per request, so fewer
+        # drafts cost as much as k: the adaptive rule then asks for k or none.
         graph_shaped = self.num_spec_tokens > 0 and config.device.replays_cuda_graphs()
-        self.pad_short_drafts = graph_shaped and not isinstance(proposer, WorkerDrafts)
         self.draft_policy = AdaptiveDraftLength(config.speculative, all_or_none=graph_shaped)
         self.spec_logger = SpecDecodeLogger()
         self._not_speculated: weakref.WeakSet[Request] = weakref.WeakSet()  # logged once each
@@ -224,12 +223,6 @@ class EngineCore:
             if below > 0:
                 n = min(n, below - 1)
             drafts = self.proposer.propose(request, n)[:n] if n > 0 else []
-            if self.pad_short_drafts and 0 < len(drafts) < n and below <= 0 \
-                    and request.sampling_params.structured_outputs is None:
-                # A proposer's short draft is padded to k (still exact: verification accepts a draft token only
-                # as the target's own distribution allows) so the step keeps its CUDA graph's shape; not below
-                # min_tokens or under a grammar, whose drafts are cut for exactness.
-                drafts = list(drafts) + [drafts[-1]] * (n - len(drafts))
             if request.num_output_placeholders:  # running ahead: a probe on its known tokens
                 if drafts:
                     policy.drafted(request)  # drafts are likely: its next step waits, then it drafts
