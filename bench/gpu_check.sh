@@ -34,6 +34,7 @@
 #   spec-verify / spec-ngram / spec-t1   bench/spec_decode.py's scenarios (issue 14): oracle verification TPOT vs
 #              plain for llama-3.1-8b at batch 1/8/32; n-gram on the default model (edit + chat prompts, needs the
 #              model thirds and shared/data/gsm8k in the checkout); T1 with n-gram on vs off; spec-ngram:K with K drafts
+#   spec-drafting  bench/spec_drafting.py: drafting share of a step, random EAGLE-3 head on llama-3.1-8b, k = 3, batch 1
 #   spec-trace[:oracle|:edit]  bench/tools/spec_trace.py: each engine step of a batch-1 run classified (decode, verify
 #              of d drafts, waits) with its time and CUDA-graph use, plain vs n-gram (oracle: smollm2-135m random
 #              weights, TRACE_MODEL=llama-3.1-8b for the verify target's model; edit: the default model)
@@ -240,6 +241,9 @@ PY
     spec-verify|spec-ngram|spec-t1)
       tmo 590 python3 bench/spec_decode.py "${stage#spec-}" --json "$OUT/$stage.json" > "$OUT/$stage.log" 2>&1
       echo "$stage rc=$?"; grep -vE "Warning|^\s*$" "$OUT/$stage.log" | tail -40 ;;
+    spec-drafting)  # issue 14 benchmark 2: a random EAGLE-3 head's drafting share of a batch-1 step, llama-3.1-8b, k = 3
+      tmo 400 python3 bench/spec_drafting.py --json "$OUT/spec-drafting.json" > "$OUT/spec-drafting.log" 2>&1
+      echo "spec-drafting rc=$?"; grep -vE "Warning|^\s*$" "$OUT/spec-drafting.log" | tail -15 ;;
     train-draft)  # issue 17: EAGLE-3 head for the default model (needs model1 + model2 and shared/data/gsm8k/train.jsonl);
       # a cut run resumes from its checkpoint when run again on the same (warm) machine
       tmo ${TRAIN_TIMEOUT:-590} python3 -m vllm_lite train-draft --out /root/heads/smollm2-eagle3 --dtype bfloat16 \
