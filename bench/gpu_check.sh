@@ -34,7 +34,9 @@
 #   spec-verify / spec-ngram / spec-t1   bench/spec_decode.py's scenarios (issue 14): oracle verification TPOT vs
 #              plain for llama-3.1-8b at batch 1/8/32; n-gram on the default model (edit + chat prompts, needs the
 #              model thirds and shared/data/gsm8k in the checkout); T1 with n-gram on vs off; spec-ngram:K with K drafts
-#   spec-drafting  bench/spec_drafting.py: drafting share of a step, random EAGLE-3 head on llama-3.1-8b, k = 3, batch 1
+#   spec-drafting[:MODEL]  bench/spec_drafting.py: drafting share of a step, random EAGLE-3 head, k = 3, batch 1, on
+#              llama-3.1-8b (or MODEL, e.g. smollm2-135m for the default model's shapes)
+#   serve-default-notok  serve-default's served run with --skip-tokenizer-init (the tokenizer's share of the ITL gap)
 #   spec-trace[:oracle|:edit]  bench/tools/spec_trace.py: each engine step of a batch-1 run classified (decode, verify
 #              of d drafts, waits) with its time and CUDA-graph use, plain vs n-gram (oracle: smollm2-135m random
 #              weights, TRACE_MODEL=llama-3.1-8b for the verify target's model; edit: the default model)
@@ -221,6 +223,11 @@ PY
       lat smollm2-135m-instruct 1 L1-default.json --max-num-seqs 8 --load-format auto
       sv serve-c1-default.json --model smollm2-135m-instruct --load-format auto --max-num-seqs 8 \
         --max-concurrency 1 --num-prompts 32 --random-input-len 128 --random-output-len 512 --num-warmups 3 ;;
+    serve-default-notok)  # serve-default's served run without a tokenizer (token ids in and out, as qwen3's dummy runs):
+      # what detokenizing and a tokenizer in the server cost per token, next to serve-default
+      sv serve-c1-default-notok.json --model smollm2-135m-instruct --load-format auto --max-num-seqs 8 \
+        --skip-tokenizer-init --max-concurrency 1 --num-prompts 32 --random-input-len 128 --random-output-len 512 \
+        --num-warmups 3 ;;
     gsm8k) ev gsm8k gsm8k --max-concurrency 256 ;;
     gsm8k-ref) ev gsm8k-ref gsm8k --max-concurrency 256 --reference hf ;;
     gsm8k-ngram)
@@ -241,9 +248,11 @@ PY
     spec-verify|spec-ngram|spec-t1)
       tmo 590 python3 bench/spec_decode.py "${stage#spec-}" --json "$OUT/$stage.json" > "$OUT/$stage.log" 2>&1
       echo "$stage rc=$?"; grep -vE "Warning|^\s*$" "$OUT/$stage.log" | tail -40 ;;
-    spec-drafting)  # issue 14 benchmark 2: a random EAGLE-3 head's drafting share of a batch-1 step, llama-3.1-8b, k = 3
-      tmo 400 python3 bench/spec_drafting.py --json "$OUT/spec-drafting.json" > "$OUT/spec-drafting.log" 2>&1
-      echo "spec-drafting rc=$?"; grep -vE "Warning|^\s*$" "$OUT/spec-drafting.log" | tail -15 ;;
+    spec-drafting|spec-drafting:*)  # issue 14 benchmark 2: a random EAGLE-3 head's drafting share of a batch-1 step,
+      # k = 3, llama-3.1-8b (spec-drafting:MODEL for another bench/data config, e.g. smollm2-135m: issue 17's step)
+      m=${stage#spec-drafting}; m=${m#:}; m=${m:-llama-3.1-8b}
+      tmo 400 python3 bench/spec_drafting.py --model "$m" --json "$OUT/spec-drafting-$m.json" > "$OUT/spec-drafting-$m.log" 2>&1
+      echo "spec-drafting $m rc=$?"; grep -vE "Warning|^\s*$" "$OUT/spec-drafting-$m.log" | tail -15 ;;
     train-draft)  # issue 17: EAGLE-3 head for the default model (needs model1 + model2 and shared/data/gsm8k/train.jsonl);
       # a cut run resumes from its checkpoint when run again on the same (warm) machine
       tmo ${TRAIN_TIMEOUT:-590} python3 -m vllm_lite train-draft --out /root/heads/smollm2-eagle3 --dtype bfloat16 \
