@@ -24,6 +24,7 @@ host time small for requests that never repeat. While the batch limit pauses spe
 """
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 
@@ -128,12 +129,43 @@ class AdaptiveDraftLength:
         self._probes[request] = [interval, interval]
 
 
-def best_lengths(acceptance: np.ndarray, k: int, num_running: int, saturation: int,
-                 all_or_none: bool = False) -> np.ndarray:
-    """argmax over j in [0, k] (or j in {0, k}) of E(j) / c(j) for each acceptance rate (the module docstring's
-    rule)."""
+_SCALAR_MAX = 16  # up to this many requests the rule runs on Python floats (no numpy call overhead per step)
+
+
+@functools.lru_cache(maxsize=256)
+def _choices(k: int, num_running: int, saturation: int, all_or_none: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The draft lengths j considered and their costs c(j) (the module docstring's rule), per batch size."""
     j = np.array([0, k]) if all_or_none else np.arange(k + 1)
     roofline = np.maximum(1.0, num_running * (1 + j) / saturation) / max(1.0, num_running / saturation)
     cost = roofline + VERIFY_OVERHEAD * (j > 0) + DRAFT_OVERHEAD * j
+    j.flags.writeable = cost.flags.writeable = False
+    return j, cost
+
+
+def best_lengths(acceptance: np.ndarray, k: int, num_running: int, saturation: int,
+                 all_or_none: bool = False) -> np.ndarray:
+    """argmax over j in [0, k] (or j in {0, k}) of E(j) / c(j) for each acceptance rate (the module docstring's
+    rule). The costs are cached per batch size; a few requests (batch-1 speculation: every step) are scored with
+    Python floats, the same operations in the same order as the vectorised path (`_best_lengths_np`)."""
+    j, cost = _choices(k, num_running, saturation, all_or_none)
+    if len(acceptance) > _SCALAR_MAX:
+        return _best_lengths_np(acceptance, k, j, cost)
+    js, costs = j.tolist(), cost.tolist()
+    out = []
+    for a in acceptance.tolist():
+        expected, total = [], 0.0
+        for i in range(k + 1):
+            total += a ** i
+            expected.append(total)
+        best, best_j = None, 0
+        for jj, c in zip(js, costs):
+            ratio = expected[jj] / c
+            if best is None or ratio > best:
+                best, best_j = ratio, jj
+        out.append(best_j)
+    return np.array(out, dtype=np.int64)
+
+
+def _best_lengths_np(acceptance: np.ndarray, k: int, j: np.ndarray, cost: np.ndarray) -> np.ndarray:
     expected = np.cumsum(acceptance[:, None] ** np.arange(k + 1)[None, :], axis=1)[:, j]  # E(j) = sum_{i<=j} a^i
     return j[np.argmax(expected / cost[None, :], axis=1)].astype(np.int64)

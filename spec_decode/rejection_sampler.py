@@ -84,7 +84,7 @@ def target_probs(logits: torch.Tensor, meta: SamplingMetadata, use_kernel: bool 
 def rejection_sample(logits: torch.Tensor, meta: SamplingMetadata, draft_ids: torch.Tensor,
                      num_drafts: list[int], row_mask: torch.Tensor | None = None,
                      use_sampling_kernel: bool = False, draft_probs: torch.Tensor | None = None,
-                     use_kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     use_kernel: bool | None = None, row_tokens: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [R, V] (R = sum(1 + k_i)), per-request `meta`, drafts [S, K] (-1 padded), k_i = num_drafts[i],
     row_mask [R, V] bool: the grammar's allowed tokens per row (None: all); draft_probs [S, K, V] float32: the
     drafter's distributions (None: point masses on the drafts, as n-gram / suffix / greedy drafters give).
@@ -93,21 +93,26 @@ def rejection_sample(logits: torch.Tensor, meta: SamplingMetadata, draft_ids: to
     Logits processing is torch: grammar mask, allowed ids, bans, logit_bias, penalties (each row also counts the
     drafts before it as output tokens, so penalised requests verify exactly), then temperature and filters.
     Returns (tokens [S, K + 1] int64, -1 after each request's last output token; row_tokens [R]: the output
-    token each logits row produced, for logprobs; rows past a request's outputs hold garbage)."""
+    token each logits row produced, for logprobs; rows past a request's outputs hold garbage; None when
+    `row_tokens` is False: batch-1 speculation runs this every step, and each device op is host time there)."""
     device = logits.device
     s, kmax = draft_ids.shape
     counts_list = [k + 1 for k in num_drafts]
     offsets = [0]
     for c in counts_list[:-1]:
         offsets.append(offsets[-1] + c)
-    counts = to_device(counts_list, device)
-    offsets_t = to_device(offsets, device)
-    # Row r belongs to request req_of_row[r], at position pos_of_row[r] among its rows (no device sync: the row
-    # count is known here).
+    # One copy for the three per-request vectors (each copy is a launch of its own).
+    packed = to_device(counts_list + offsets + list(num_drafts), device)
+    counts, offsets_t, num_drafts_t = packed[:s], packed[s: 2 * s], packed[2 * s:]
     total = logits.shape[0]
-    req_of_row = torch.repeat_interleave(torch.arange(s, device=device), counts, output_size=total)
-    pos_of_row = torch.arange(total, device=device) - offsets_t[req_of_row]
-    if meta.all_greedy and row_mask is None and meta.no_token_constraints and meta.no_penalties:
+    fast = meta.all_greedy and row_mask is None and meta.no_token_constraints and meta.no_penalties
+    req_of_row = pos_of_row = None
+    if not fast or row_tokens:
+        # Row r belongs to request req_of_row[r], at position pos_of_row[r] among its rows (no device sync: the row
+        # count is known here).
+        req_of_row = torch.repeat_interleave(torch.arange(s, device=device), counts, output_size=total)
+        pos_of_row = torch.arange(total, device=device) - offsets_t[req_of_row]
+    if fast:
         # Nothing changes a greedy row's argmax (the common case): no per-row metadata, no float32 copy.
         greedy_tokens = logits.argmax(dim=-1)
     else:
@@ -119,7 +124,6 @@ def rejection_sample(logits: torch.Tensor, meta: SamplingMetadata, draft_ids: to
                 rows_meta.output_token_ids, draft_ids, req_of_row, pos_of_row, meta.vocab_size or logits.shape[1]))
         logits = Sampler.apply_constraints(logits.to(torch.float32, copy=True), rows_meta)
         greedy_tokens = logits.argmax(dim=-1)
-    num_drafts_t = counts - 1
     if meta.all_greedy:
         tokens = verify_drafts(draft_ids, num_drafts_t, offsets_t, greedy_tokens, None, None, None, None, None,
                                use_kernel)
@@ -128,8 +132,9 @@ def rejection_sample(logits: torch.Tensor, meta: SamplingMetadata, draft_ids: to
         uniforms, noise = _random_draws(s, kmax, probs.shape, counts_list, offsets, meta.generators, device)
         tokens = verify_drafts(draft_ids, num_drafts_t, offsets_t, greedy_tokens, meta.is_greedy, probs,
                                draft_probs, uniforms, noise, use_kernel)
-    row_tokens = tokens[req_of_row, pos_of_row].clamp(min=0)
-    return tokens, row_tokens
+    if not row_tokens:
+        return tokens, None
+    return tokens, tokens[req_of_row, pos_of_row].clamp(min=0)
 
 
 def _with_draft_prefixes(output_ids: torch.Tensor, draft_ids: torch.Tensor, req_of_row: torch.Tensor,

@@ -325,6 +325,22 @@ def test_spec_benchmark_scenarios_run_on_cpu(tiny_qwen3_path, tmp_path):
 
 
 # ---------------------------------------------------------------- adaptive draft length, seeds
+def test_adaptive_rule_scalar_path_equals_vectorised():
+    """A few requests are scored with Python floats (batch-1 speculation runs the rule every step); the result must
+    be the vectorised rule's, rounding and ties included."""
+    from vllm_lite.spec_decode.adaptive import _best_lengths_np, _choices, best_lengths
+    rng = np.random.default_rng(0)
+    for trial in range(3000):
+        n, k = int(rng.integers(1, 17)), int(rng.integers(1, 9))
+        running, saturation = int(rng.integers(1, 600)), int(rng.choice([64, 256, 1024]))
+        all_or_none = bool(trial % 2)
+        a = rng.random(n) if trial % 3 else np.round(rng.random(n), 2)  # rounded rates land on ties more often
+        a[0] = [0.0, 1.0, 0.5][trial % 3]
+        j, cost = _choices(k, running, saturation, all_or_none)
+        assert best_lengths(a, k, running, saturation, all_or_none).tolist() == \
+            _best_lengths_np(a, k, j, cost).tolist(), (a, k, running, saturation, all_or_none)
+
+
 def test_adaptive_rule_batch_limit_and_low_acceptance(caplog):
     import logging
 

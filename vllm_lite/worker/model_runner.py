@@ -352,7 +352,8 @@ class ModelRunner:
                                                                               self.vocab_size)
             sampled, row_tokens = rejection_sample(step.logits, meta, step.drafts, launch.num_drafts, None,
                                                    self.config.kernels.sampling_kernel,
-                                                   **({} if q is None else {"draft_probs": q}))
+                                                   **({} if q is None else {"draft_probs": q}),
+                                                   row_tokens=meta.max_num_logprobs is not None)
             self._last_sampled = sampled[:, 0]
             logprob_out = None
         tensors = [sampled]
