@@ -41,7 +41,8 @@
 #              of d drafts, waits) with its time and CUDA-graph use, plain vs n-gram (oracle: smollm2-135m random
 #              weights, TRACE_MODEL=llama-3.1-8b for the verify target's model; edit: the default model)
 #   train-draft / spec-eagle3  issue 17: train the default model's EAGLE-3 head (GSM8K train prompts), then its
-#              acceptance and batch-1 TPOT against the plain run (200 GSM8K test prompts)
+#              acceptance and batch-1 TPOT against the plain run (200 GSM8K test prompts); spec-eagle3-fp32: the
+#              same head in float32, 200 prompts in one batch, for identical outputs
 #   ngram-replay  tokens per step of n-gram configs replayed over the default model's greedy edit/chat outputs
 #   mrcr       `vllm-lite eval mrcr`, 2/4/8 needles x 20 generated records at the bins the context allows
 #   gsm8k-fp32 GSM8K plain and with n-gram speculation in float32, answers compared (issue 15's identity check)
@@ -264,6 +265,11 @@ PY
         --num-prompts ${EAGLE3_PROMPTS:-200} --json "$OUT/spec-eagle3.json" > "$OUT/spec-eagle3.log" 2>&1
       echo "spec-eagle3 rc=$?"; grep -vE "Warning|^\s*$" "$OUT/spec-eagle3.log" | tail -20
       cp /root/heads/smollm2-eagle3/README.md "$OUT/eagle3-head-README.md" 2>/dev/null ;;
+    spec-eagle3-fp32)  # issue 17's identity check: the trained head in float32, all prompts in one batch (the torch
+      # attention backend is slow at batch 1); greedy outputs with and without the head must be identical
+      tmo 450 python3 -m vllm_lite bench spec eagle3 --head /root/heads/smollm2-eagle3 --dtype float32 --batched \
+        --num-prompts ${EAGLE3_FP32_PROMPTS:-200} --json "$OUT/spec-eagle3-fp32.json" > "$OUT/spec-eagle3-fp32.log" 2>&1
+      echo "spec-eagle3-fp32 rc=$?"; grep -E "identical|acceptance_length|speedup" "$OUT/spec-eagle3-fp32.log" | head ;;
     ngram-replay)  # bench/tools/ngram_replay.py: tokens per step n-gram configs could give on the bf16 outputs
       tmo 300 python3 bench/tools/ngram_replay.py --json "$OUT/ngram-replay.json" > "$OUT/ngram-replay.log" 2>&1
       echo "ngram-replay rc=$?"; grep -E "^(edit|chat)" "$OUT/ngram-replay.log" ;;

@@ -229,6 +229,19 @@ def test_bench_spec_eagle3_fills_the_card(trained, tiny_llama_path):
     assert f"mean acceptance length {result['mean_acceptance_length']}" in card
 
 
+@pytest.mark.slow
+def test_bench_spec_eagle3_batched_identity(trained, tiny_llama_path):
+    """--batched: every prompt in one batch, outputs compared, no TPOT and the card left as it was."""
+    from vllm_lite.benchmarks import spec
+    out, _ = trained
+    card = open(os.path.join(out, "README.md")).read()
+    result = spec.main(["eagle3", "--model", tiny_llama_path, "--head", out, "--num-prompts", "3", "--output-len",
+                        "8", "--device", "cpu", "--dtype", "float32", "--max-model-len", "512", "--batched"])
+    assert result["identical_outputs"] == "3/3" and result["num_drafts"] > 0
+    assert result["speedup"] is None and result["plain_tpot_ms"] is None
+    assert open(os.path.join(out, "README.md")).read() == card
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_train_draft_on_cuda(prompts_file, tmp_path):

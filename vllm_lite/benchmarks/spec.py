@@ -17,7 +17,8 @@ per-position acceptance next to its times.
   eagle3  a trained EAGLE-3 head (--head, e.g. from `vllm-lite train-draft`) on the real default model at batch 1:
           GSM8K test questions through the chat template, greedy; TPOT plain / eagle3 (target >= 1.5x), mean
           acceptance length and per-position acceptance at k = 3 without the adaptive draft length (target >= 2.0),
-          identical outputs and identical final answers; the result goes into the head's model card.
+          identical outputs and identical final answers; the result goes into the head's model card. --batched: all
+          prompts in one batch (outputs and acceptance only: the identity check in float32).
 Each engine of a comparison runs in its own spawned process (the device is whole for each; results come back
 through a pipe).
 
@@ -282,12 +283,17 @@ def _eagle3_engine(args: argparse.Namespace, config: dict | None, convs: list) -
     """One engine (plain: config None) over the GSM8K chat prompts at batch 1: TPOT, outputs, answers, acceptance."""
     from vllm_lite.evals.gsm8k import extract_answer
     llm = make_llm(args, **({} if config is None else {"speculative_config": config}))
-    _per_prompt_tpot(llm, convs[:2], 16)  # warm-up
     before = _stats(llm)
-    tpot, outs = _per_prompt_tpot(llm, convs, args.output_len)
+    if args.batched:  # every prompt in one generate call: outputs and acceptance, no TPOT
+        _, out = _timed(llm, convs, SamplingParams(temperature=0.0, max_tokens=args.output_len), chat=True)
+        tpot, outs = None, [o.outputs[0].token_ids for o in out]
+    else:
+        _per_prompt_tpot(llm, convs[:2], 16)  # warm-up
+        before = _stats(llm)
+        tpot, outs = _per_prompt_tpot(llm, convs, args.output_len)
+        progress(f"{'plain' if config is None else 'eagle3'}: TPOT {tpot:.3f} ms")
     tok = llm.get_tokenizer()
-    progress(f"{'plain' if config is None else 'eagle3'}: TPOT {tpot:.3f} ms")
-    return {"tpot_ms": round(tpot, 4), "outputs": outs, "device": str(llm.device),
+    return {"tpot_ms": None if tpot is None else round(tpot, 4), "outputs": outs, "device": str(llm.device),
             "answers": [extract_answer(tok.decode(o, skip_special_tokens=True)) for o in outs],
             "acceptance": _acceptance(before, _stats(llm))}
 
@@ -302,13 +308,16 @@ def run_eagle3(args: argparse.Namespace) -> dict:
     spec = _in_child(_eagle3_engine, args, config, convs)
     n = len(convs)
     result = {"scenario": "eagle3", "model": bench_model(args), "speculative_config": config, "num_prompts": n,
-              "max_tokens": args.output_len, "device": spec["device"], "plain_tpot_ms": plain["tpot_ms"],
-              "spec_tpot_ms": spec["tpot_ms"], "speedup": round(plain["tpot_ms"] / spec["tpot_ms"], 4),
+              "max_tokens": args.output_len, "device": spec["device"], "batched": args.batched,
+              "plain_tpot_ms": plain["tpot_ms"], "spec_tpot_ms": spec["tpot_ms"],
+              "speedup": None if args.batched else round(plain["tpot_ms"] / spec["tpot_ms"], 4),
               "identical_outputs": f"{sum(a == b for a, b in zip(plain['outputs'], spec['outputs']))}/{n}",
               "identical_answers": f"{sum(a == b for a, b in zip(plain['answers'], spec['answers']))}/{n}",
               **spec["acceptance"], "targets": "mean_acceptance_length >= 2.0, speedup >= 1.5"}
     progress(f"eagle3: {result['speedup']}x, mean acceptance length {result['mean_acceptance_length']}, per "
-             f"position {result['per_position_acceptance']}")
+             f"position {result['per_position_acceptance']}, identical outputs {result['identical_outputs']}")
+    if args.batched:  # the card records the batch-1 measurement
+        return result
     record_acceptance(args.head, f"Acceptance (`vllm-lite bench spec eagle3`, {n} GSM8K test questions, chat "
                                  f"template, greedy, batch 1, k = {args.num_speculative_tokens}, {result['device']}):"
                                  f" mean acceptance length {result['mean_acceptance_length']}, per position "
@@ -380,6 +389,9 @@ def main(argv: list[str] | None = None) -> dict:
         ap.add_argument("--num-prompts", type=int, default=200)
         ap.add_argument("--num-speculative-tokens", type=int, default=3)
         ap.add_argument("--output-len", type=int, default=256, help="max_tokens per prompt (EOS may end it)")
+        ap.add_argument("--batched", action="store_true",
+                        help="all prompts in one batch: identical outputs and acceptance only, no TPOT (a quick "
+                             "identity check, e.g. in float32)")
     else:
         ap.add_argument("--num-requests", type=int, default=256)
         ap.add_argument("--min-len", type=int, default=100)
