@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hf-dtype", default="float32", help="dtype of the transformers backend")
     g.add_argument("--hf-device", default=None, help="device of the transformers backend (default: cuda if any)")
     g.add_argument("--batch-size", default="8", help="batch size of the transformers backend")
+    g.add_argument("--timeout", type=int, default=3600,
+                   help="lm-eval's per-request time limit in seconds (its default, 300, also counts the wait for one "
+                        "of --max-concurrency connections, so a long run on a slow server times out)")
     add_server_args(p)
     p.set_defaults(max_concurrency=32, output="eval_results")
     return p
@@ -145,7 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         server = evaluate("local-completions", {
             "base_url": base_url.rstrip("/") + "/completions", "model": served, "tokenizer": path,
             "tokenizer_backend": "huggingface", "num_concurrent": args.max_concurrency, "max_retries": 1,
-            "tokenized_requests": True, "max_length": 8192}, tasks, include, args.limit)
+            "tokenized_requests": True, "max_length": 8192, "timeout": args.timeout}, tasks, include, args.limit)
     report: dict[str, Any] = {"server": server["results"]}
     if args.hf:
         device = args.hf_device or ("cuda" if torch.cuda.is_available() else "cpu")
