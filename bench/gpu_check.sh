@@ -37,6 +37,7 @@
 #   spec-drafting[:MODEL]  bench/spec_drafting.py: drafting share of a step, random EAGLE-3 head, k = 3, batch 1, on
 #              llama-3.1-8b (or MODEL, e.g. smollm2-135m for the default model's shapes)
 #   serve-default-notok  serve-default's served run with --skip-tokenizer-init (the tokenizer's share of the ITL gap)
+#   server-cpu CPU ms per streamed token of each server process, default model with / without its tokenizer
 #   spec-trace[:oracle|:edit]  bench/tools/spec_trace.py: each engine step of a batch-1 run classified (decode, verify
 #              of d drafts, waits) with its time and CUDA-graph use, plain vs n-gram (oracle: smollm2-135m random
 #              weights, TRACE_MODEL=llama-3.1-8b for the verify target's model; edit: the default model)
@@ -229,6 +230,15 @@ PY
       sv serve-c1-default-notok.json --model smollm2-135m-instruct --load-format auto --max-num-seqs 8 \
         --skip-tokenizer-init --max-concurrency 1 --num-prompts 32 --random-input-len 128 --random-output-len 512 \
         --num-warmups 3 ;;
+    server-cpu)  # bench/tools/server_cpu.py: CPU ms per streamed token of the API server, engine core and worker,
+      # default model with and without its tokenizer (is a process other than the engine setting the ITL?)
+      for t in tok notok; do
+        extra=""; [ $t = notok ] && extra="--skip-tokenizer-init"
+        tmo 240 python3 bench/tools/server_cpu.py --model smollm2-135m-instruct \
+          --serve-args "--load-format auto --max-num-seqs 8 $extra" --json "$OUT/server-cpu-$t.json" \
+          > "$OUT/server-cpu-$t.log" 2>&1
+        echo "server-cpu $t rc=$?"; tail -12 "$OUT/server-cpu-$t.log"
+      done ;;
     gsm8k) ev gsm8k gsm8k --max-concurrency 256 ;;
     gsm8k-ref) ev gsm8k-ref gsm8k --max-concurrency 256 --reference hf ;;
     gsm8k-ngram)
