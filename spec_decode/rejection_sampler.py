@@ -84,7 +84,8 @@ def target_probs(logits: torch.Tensor, meta: SamplingMetadata, use_kernel: bool 
 def rejection_sample(logits: torch.Tensor, meta: SamplingMetadata, draft_ids: torch.Tensor,
                      num_drafts: list[int], row_mask: torch.Tensor | None = None,
                      use_sampling_kernel: bool = False, draft_probs: torch.Tensor | None = None,
-                     use_kernel: bool | None = None, row_tokens: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     use_kernel: bool | None = None,
+                     want_row_tokens: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [R, V] (R = sum(1 + k_i)), per-request `meta`, drafts [S, K] (-1 padded), k_i = num_drafts[i],
     row_mask [R, V] bool: the grammar's allowed tokens per row (None: all); draft_probs [S, K, V] float32: the
     drafter's distributions (None: point masses on the drafts, as n-gram / suffix / greedy drafters give).
@@ -94,7 +95,7 @@ def rejection_sample(logits: torch.Tensor, meta: SamplingMetadata, draft_ids: to
     drafts before it as output tokens, so penalised requests verify exactly), then temperature and filters.
     Returns (tokens [S, K + 1] int64, -1 after each request's last output token; row_tokens [R]: the output
     token each logits row produced, for logprobs; rows past a request's outputs hold garbage; None when
-    `row_tokens` is False: batch-1 speculation runs this every step, and each device op is host time there)."""
+    `want_row_tokens` is False: batch-1 speculation runs this every step, and each device op is host time there)."""
     device = logits.device
     s, kmax = draft_ids.shape
     counts_list = [k + 1 for k in num_drafts]
@@ -107,7 +108,7 @@ def rejection_sample(logits: torch.Tensor, meta: SamplingMetadata, draft_ids: to
     total = logits.shape[0]
     fast = meta.all_greedy and row_mask is None and meta.no_token_constraints and meta.no_penalties
     req_of_row = pos_of_row = None
-    if not fast or row_tokens:
+    if not fast or want_row_tokens:
         # Row r belongs to request req_of_row[r], at position pos_of_row[r] among its rows (no device sync: the row
         # count is known here).
         req_of_row = torch.repeat_interleave(torch.arange(s, device=device), counts, output_size=total)
@@ -132,7 +133,7 @@ def rejection_sample(logits: torch.Tensor, meta: SamplingMetadata, draft_ids: to
         uniforms, noise = _random_draws(s, kmax, probs.shape, counts_list, offsets, meta.generators, device)
         tokens = verify_drafts(draft_ids, num_drafts_t, offsets_t, greedy_tokens, meta.is_greedy, probs,
                                draft_probs, uniforms, noise, use_kernel)
-    if not row_tokens:
+    if not want_row_tokens:
         return tokens, None
     return tokens, tokens[req_of_row, pos_of_row].clamp(min=0)
 

@@ -13,8 +13,8 @@ _INITIAL_WINDOW = 5
 
 def backend_decode(tokenizer: Any) -> Callable[[list[int], bool], str] | None:
     """The Rust tokenizer's decode when transformers' `decode` would return exactly its text (a transformers 5 fast
-    tokenizer that overrides neither decode step and applies no clean-up), else None. Two decodes per streamed
-    token go through transformers' argument conversion otherwise (~a sixth of the API server's CPU per token)."""
+    tokenizer that overrides neither decode step and applies no clean-up), else None. The detokenizer decodes twice
+    per streamed token, and transformers' argument handling triples each call (SmolLM2, 6 ids: 4.5 vs 1.5 us)."""
     module = sys.modules.get("transformers.tokenization_utils_tokenizers")
     base = sys.modules.get("transformers.tokenization_utils_base")
     backend_cls = getattr(module, "TokenizersBackend", None)
@@ -29,7 +29,7 @@ def backend_decode(tokenizer: Any) -> Callable[[list[int], bool], str] | None:
             and not getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output",
                             False)):
         return None
-    rust = tokenizer._tokenizer
+    rust = tokenizer.backend_tokenizer
     return lambda ids, skip: rust.decode(ids, skip_special_tokens=skip)
 
 

@@ -11,7 +11,6 @@ launched before step N's tokens are applied.
 from __future__ import annotations
 
 import concurrent.futures as cf
-
 import logging
 import time
 import weakref

@@ -353,7 +353,7 @@ class ModelRunner:
             sampled, row_tokens = rejection_sample(step.logits, meta, step.drafts, launch.num_drafts, None,
                                                    self.config.kernels.sampling_kernel,
                                                    **({} if q is None else {"draft_probs": q}),
-                                                   row_tokens=meta.max_num_logprobs is not None)
+                                                   want_row_tokens=meta.max_num_logprobs is not None)
             self._last_sampled = sampled[:, 0]
             logprob_out = None
         tensors = [sampled]
