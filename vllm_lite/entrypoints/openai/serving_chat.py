@@ -20,7 +20,7 @@ from vllm_lite.entrypoints.openai.template_sandbox import TemplateRenderError, T
 from vllm_lite.entrypoints.openai.tool_parsers import parse_tool_calls, stream_parser
 from vllm_lite.entrypoints.openai.tools import ToolPlan, plan_tools
 from vllm_lite.sampling_params import StructuredOutputsParams
-from vllm_lite.tokenizer import apply_chat_template
+from vllm_lite.tokenizer import render_chat_template
 
 
 def chat_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[dict], num: int) -> ChatChoiceLogprobs:
@@ -77,21 +77,27 @@ class OpenAIServingChat(OpenAIServing):
                                              variables)
         except TemplateRenderError as exc:
             raise APIError(f"chat_template: {exc}", 400, "chat_template") from None
-        return await asyncio.to_thread(lambda: self.tokenizer(text, add_special_tokens=False).input_ids)
+        return await asyncio.to_thread(self.encode_rendered, text)
 
     def render(self, request: ChatCompletionRequest) -> list[int]:
         self.check_template(request)
         conversation = request.conversation()
         add_gen = request.add_generation_prompt
         try:
-            ids = apply_chat_template(self.tokenizer, conversation, request.chat_template or self.chat_template,
-                                      add_gen, tools=request.tools)
+            text = render_chat_template(self.tokenizer, conversation, request.chat_template or self.chat_template,
+                                        add_gen, tools=request.tools)
         except ValueError as exc:
             raise APIError(f"chat_template: {exc}", 400, "chat_template") from exc
         except Exception as exc:  # noqa: BLE001 - jinja errors in a user template
             raise APIError(f"chat_template: could not render the conversation: {exc}", 400, "chat_template") \
                 from exc
-        return ids
+        return self.encode_rendered(text)
+
+    def encode_rendered(self, text: str) -> list[int]:
+        """A rendered conversation's ids (its template wrote the special tokens); one far over the context window is
+        refused by its size first (check_text_size)."""
+        self.check_text_size(text, "messages")
+        return self.tokenizer(text, add_special_tokens=False).input_ids
 
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
         async def build() -> Response:

@@ -3,6 +3,7 @@ metrics, disconnect handling, SSE framing) used by serving_chat."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from typing import Any, AsyncIterator, Awaitable, Sequence
@@ -21,6 +22,7 @@ from vllm_lite.entrypoints.openai.protocol import (CompletionLogProbs, Completio
 from vllm_lite.inputs import check_token_ids, validate_prompt
 from vllm_lite.sampling_params import SamplingParams, StructuredOutputsParams
 from vllm_lite.structured_output.validate import validate_structured_outputs
+from vllm_lite.tokenizer import max_token_bytes, min_token_count
 
 logger = logging.getLogger("vllm_lite.api_server")
 
@@ -140,6 +142,23 @@ class OpenAIServing:
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.served_model_names:
             raise APIError(f"The model `{name}` does not exist.", 404, "model")
+
+    @functools.cached_property
+    def token_bytes(self) -> int | None:
+        """The most prompt bytes one token stands for, where provable (vllm_lite.tokenizer.max_token_bytes)."""
+        return max_token_bytes(self.tokenizer) if self.tokenizer is not None else None
+
+    def check_text_size(self, text: str, what: str = "prompt") -> None:
+        """Refuse, before tokenizing it, a text that has at least max_model_len tokens by its byte count alone (an
+        8 MB prompt would otherwise hold the GIL, and so the event loop, for tenths of a second in the tokenizer)."""
+        limit = self.max_model_len
+        if len(text) < limit:
+            return
+        n = min_token_count(text, self.token_bytes)
+        if n >= limit:
+            raise APIError(f"This model's maximum context length is {limit} tokens (max_model_len). However, your "
+                           f"request has at least {n} input tokens in the {what} ({len(text)} characters), which "
+                           f"leaves no room for generated tokens. Please reduce the length of the {what}.", 400, what)
 
     def check_prompt(self, ids: list[int], requested_max_tokens: int | None, what: str = "prompt") -> int:
         """Validate the prompt (vllm_lite.inputs.validate_prompt, the offline LLM's checks) and its room for output
@@ -322,6 +341,7 @@ class OpenAIServingCompletion(OpenAIServing):
             if isinstance(p, str):
                 if self.tokenizer is None:
                     raise APIError("text prompts need a tokenizer", 400, "prompt")
+                self.check_text_size(p)
                 out.append((p, self.tokenizer(p, add_special_tokens=request.add_special_tokens).input_ids))
             elif isinstance(p, list) and all(isinstance(t, int) for t in p):
                 out.append((None, list(p)))
