@@ -38,6 +38,8 @@
 #              llama-3.1-8b (or MODEL, e.g. smollm2-135m for the default model's shapes)
 #   serve-default-notok  serve-default's served run with --skip-tokenizer-init (the tokenizer's share of the ITL gap)
 #   server-cpu CPU ms per streamed token of each server process, default model with / without its tokenizer
+#   executor-hops  bench/tools/executor_hops.py on cuda: batch-1 step time with the worker in the engine's process
+#              (offline) and in a worker process over ZeroMQ (the server's layout), tiny model
 #   spec-trace[:oracle|:edit]  bench/tools/spec_trace.py: each engine step of a batch-1 run classified (decode, verify
 #              of d drafts, waits) with its time and CUDA-graph use, plain vs n-gram (oracle: smollm2-135m random
 #              weights, TRACE_MODEL=llama-3.1-8b for the verify target's model; edit: the default model)
@@ -239,6 +241,9 @@ PY
           > "$OUT/server-cpu-$t.log" 2>&1
         echo "server-cpu $t rc=$?"; tail -12 "$OUT/server-cpu-$t.log"
       done ;;
+    executor-hops)  # the served layout's extra host latency per step (issue 16's ITL gap), without the API server
+      tmo 300 python3 bench/tools/executor_hops.py --device cuda > "$OUT/executor-hops.log" 2>&1
+      echo "executor-hops rc=$?"; grep -E "ms per step" "$OUT/executor-hops.log" ;;
     gsm8k) ev gsm8k gsm8k --max-concurrency 256 ;;
     gsm8k-ref) ev gsm8k-ref gsm8k --max-concurrency 256 --reference hf ;;
     gsm8k-ngram)

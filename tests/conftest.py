@@ -7,13 +7,24 @@ tokenizer (byte-level BPE, ChatML chat template, eos <|im_end|>), so `LLM(model=
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import server_utils  # noqa: E402
 from tiny_models import make_tiny_model  # noqa: E402
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--server-args", default="", help="flags added to every `vllm-lite serve` the tests start "
+                     "(e.g. \"--tensor-parallel-size 2\": the server tests against tensor parallelism)")
+
+
+def pytest_configure(config) -> None:
+    server_utils.EXTRA_ARGS[:] = shlex.split(config.getoption("--server-args"))
 
 
 @pytest.fixture(scope="session")

@@ -72,6 +72,11 @@ def wait_gone(pids: list[int], timeout: float) -> list[int]:
     return left
 
 
+# Flags added to every server the tests start (`pytest --server-args "--tensor-parallel-size 2"`, conftest.py): the
+# same server tests run against another configuration.
+EXTRA_ARGS: list[str] = []
+
+
 class RemoteServer:
     """`with RemoteServer(model, ["--device", "cpu"]) as srv: srv.url_for("v1")`."""
 
@@ -82,7 +87,7 @@ class RemoteServer:
         self.api_key = api_key
         self.log = tempfile.NamedTemporaryFile(prefix="vllm-lite-server-", suffix=".log", delete=False)
         cmd = [sys.executable, "-m", "vllm_lite", "serve", *([model] if model else []), "--host", "127.0.0.1",
-               "--port", str(self.port), *(args or [])]
+               "--port", str(self.port), *(args or []), *(EXTRA_ARGS if model else [])]
         if api_key:
             cmd += ["--api-key", api_key]
         full_env = dict(os.environ)

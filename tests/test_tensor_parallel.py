@@ -1,9 +1,12 @@
 """Tensor parallelism on the CPU (gloo, 2 ranks): sharded layers load the right slices, TP = 2 engines give the
 TP = 1 engine's greedy tokens and logprobs (fp32; Llama with biases, Qwen2 with one KV head replicated on both
 ranks, Qwen3 with tied embeddings and a vocabulary padded to split), a real `serve -tp 2` answers the openai client
-with the offline outputs, and the death of rank 1 is an error within seconds with no process left behind."""
+with the offline outputs (and, marked slow, the server test files pass with -tp 2), and the death of rank 1 is an
+error within seconds with no process left behind."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import openai
@@ -21,7 +24,7 @@ from vllm_lite.model_loader.weights import checkpoint_weights
 from vllm_lite.models import check_tensor_parallel, get_model_class
 
 from spec_utils import OracleProposer, WrongProposer, make_core, run_core
-from server_utils import RemoteServer, alive, children, cmdline, kill_midstream, serve_tiny_llama, wait_gone
+from server_utils import REPO_ROOT, RemoteServer, alive, children, cmdline, kill_midstream, serve_tiny_llama, wait_gone
 from tiny_models import make_tiny_model, tiny_config
 
 KW = dict(device="cpu", dtype="float32", max_model_len=128, seed=0, block_size=4)
@@ -251,3 +254,15 @@ def test_server_rank_1_death_fails_requests_and_exits(served):
     assert srv.proc.wait(30) != 0
     assert not alive(rank1)
     assert wait_gone(tree, 15) == [], "processes left behind after rank 1 died"
+
+
+@pytest.mark.slow
+def test_server_suites_pass_with_tp2():
+    """The existing server tests, every server they start given --tensor-parallel-size 2 (conftest's --server-args):
+    about 100 s for test_server.py alone on 2 cores, so not in the default run."""
+    suites = ["tests/test_server.py", "tests/test_server_hostile.py", "tests/test_tools.py"]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *suites,
+                        "--server-args=--tensor-parallel-size 2"], cwd=REPO_ROOT, capture_output=True, text=True,
+                       timeout=3600)
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert " passed" in r.stdout.splitlines()[-1] and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-500:]

@@ -8,7 +8,7 @@ one is multiprocessing's resource tracker); grandchildren are GPU workers.
 
     python bench/tools/server_cpu.py --model smollm2-135m-instruct --serve-args "--load-format auto"
     python bench/tools/server_cpu.py --model smollm2-135m-instruct --serve-args "--load-format auto --skip-tokenizer-init"
-    python bench/tools/server_cpu.py --model PATH --serve-args "--device cpu --dtype float32"   # a CPU check
+    python bench/tools/server_cpu.py --model PATH --serve-args "--device cpu --dtype float32" --max-token-id 380
 """
 from __future__ import annotations
 
@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=10)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--max-token-id", type=int, default=20000, help="prompt ids are drawn below this (tiny models)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     server = subprocess.Popen([sys.executable, "-m", "vllm_lite", "serve", args.model, "--port", str(args.port),
@@ -72,7 +73,7 @@ def main() -> None:
                     raise SystemExit(f"the server exited with code {server.returncode}")
                 time.sleep(1)
         rng = random.Random(0)
-        prompt = lambda: [rng.randrange(100, 20000) for _ in range(args.input_len)]  # noqa: E731
+        prompt = lambda: [rng.randrange(100, args.max_token_id) for _ in range(args.input_len)]  # noqa: E731
         for _ in range(3):  # warm-up
             _stream(base, args.model, prompt(), 32)
         # The API server; its children (the engine core, multiprocessing's resource tracker); theirs (the workers).
