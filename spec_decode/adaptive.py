@@ -7,10 +7,12 @@ The rule (an expected-gain model):
   the request's measured acceptance rate (each draft accepted given the ones before it were; an exponentially
   weighted estimate over its recent verifications, pulled back toward PRIOR_ACCEPTANCE while it does not draft, so a
   request that was turned off is retried later).
-- Its cost relative to a plain step is c(j) = R(B, j) + VERIFY_OVERHEAD * [j > 0] + DRAFT_OVERHEAD * j, where
+- Its cost relative to a plain step is c(j) = R(B, j) + O(B) * [j > 0] + DRAFT_OVERHEAD * j, where
   R(B, j) = max(1, B (1 + j) / S) / max(1, B / S) is the roofline factor of computing 1 + j tokens for each of the B
   running requests instead of one (S = adaptive_saturation_tokens: below S tokens a step streams the weights and
-  extra tokens are nearly free; above, its time grows with the tokens).
+  extra tokens are nearly free; above, its time grows with the tokens). O(B), a verifying step's overhead, is
+  measured from the engine's step times where plain and verifying steps both ran at that batch size
+  (spec_decode/step_costs.py; adaptive_measured_costs), else the estimate VERIFY_OVERHEAD.
 - Each request verifies the j in [0, k] that maximises E(j) / c(j); j = 0 (no drafts) when nothing beats a plain
   step. adaptive_draft_length=False skips this part (always k, the batch limit still holds).
 - Where steps replay CUDA graphs (captured for 1 and 1 + k tokens per request only), the worker pads a step to
@@ -32,6 +34,7 @@ import numpy as np
 
 from vllm_lite.config import SpeculativeConfig
 from vllm_lite.request import Request
+from vllm_lite.spec_decode.step_costs import StepCosts
 
 logger = logging.getLogger("vllm_lite.spec_decode")
 
@@ -59,6 +62,7 @@ class AdaptiveDraftLength:
         self._probes: weakref.WeakKeyDictionary[Request, list[int]] = weakref.WeakKeyDictionary()
         self._disabled_by_batch = False
         self.num_turned_off = 0  # requests given no drafts by the gain rule in the last call
+        self.costs = StepCosts() if self.adaptive and config.adaptive_measured_costs else None
 
     def allows(self, num_running: int) -> bool:
         """False while the batch is over `disable_by_batch_size` (the change is logged once each way)."""
@@ -72,6 +76,21 @@ class AdaptiveDraftLength:
                 logger.info("speculative decoding resumed: %d running requests <= disable_by_batch_size=%d",
                             num_running, self.batch_limit)
         return not over
+
+    def observe_step(self, num_requests: int, num_drafts: int, seconds: float) -> None:
+        """The engine's time for an applied step of `num_requests` requests that each computed 1 + num_drafts
+        tokens (num_drafts: the step's longest draft; k where the worker pads verification steps)."""
+        if self.costs is None:
+            return
+        if self.all_or_none and num_drafts:
+            num_drafts = self.k
+        share = roofline(num_requests, num_drafts, self.saturation) + DRAFT_OVERHEAD * num_drafts
+        self.costs.observe(num_requests, share, num_drafts, seconds)
+
+    def verify_overhead(self, num_running: int) -> float:
+        """O(B) of the rule: measured at this batch size where it has been, else the estimate."""
+        measured = None if self.costs is None else self.costs.overhead(num_running)
+        return VERIFY_OVERHEAD if measured is None else round(measured, 2)
 
     def observe(self, request: Request, num_drafts: int, num_accepted: int) -> None:
         """A verification of `num_drafts` drafts accepted the first `num_accepted` of them."""
@@ -94,7 +113,8 @@ class AdaptiveDraftLength:
             self.num_turned_off = 0
             return np.full(n, self.k, dtype=np.int64)
         a = np.fromiter((self.acceptance(r) for r in requests), dtype=np.float64, count=n)
-        lengths = best_lengths(a, self.k, num_running, self.saturation, self.all_or_none)
+        lengths = best_lengths(a, self.k, num_running, self.saturation, self.all_or_none,
+                               self.verify_overhead(num_running))
         self.num_turned_off = int((lengths == 0).sum())
         return lengths
 
@@ -132,22 +152,29 @@ class AdaptiveDraftLength:
 _SCALAR_MAX = 16  # up to this many requests the rule runs on Python floats (no numpy call overhead per step)
 
 
-@functools.lru_cache(maxsize=256)
-def _choices(k: int, num_running: int, saturation: int, all_or_none: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The draft lengths j considered and their costs c(j) (the module docstring's rule), per batch size."""
+def roofline(num_running: int, num_drafts: int, saturation: int) -> float:
+    """R(B, j): a step of 1 + j tokens per request against a plain step, from the token count alone."""
+    return max(1.0, num_running * (1 + num_drafts) / saturation) / max(1.0, num_running / saturation)
+
+
+@functools.lru_cache(maxsize=1024)
+def _choices(k: int, num_running: int, saturation: int, all_or_none: bool,
+             overhead: float) -> tuple[np.ndarray, np.ndarray]:
+    """The draft lengths j considered and their costs c(j) (the module docstring's rule), per batch size and
+    verifying overhead."""
     j = np.array([0, k]) if all_or_none else np.arange(k + 1)
-    roofline = np.maximum(1.0, num_running * (1 + j) / saturation) / max(1.0, num_running / saturation)
-    cost = roofline + VERIFY_OVERHEAD * (j > 0) + DRAFT_OVERHEAD * j
+    cost = np.array([roofline(num_running, int(x), saturation) for x in j]) + overhead * (j > 0) + DRAFT_OVERHEAD * j
     j.flags.writeable = cost.flags.writeable = False
     return j, cost
 
 
 def best_lengths(acceptance: np.ndarray, k: int, num_running: int, saturation: int,
-                 all_or_none: bool = False) -> np.ndarray:
+                 all_or_none: bool = False, overhead: float = VERIFY_OVERHEAD) -> np.ndarray:
     """argmax over j in [0, k] (or j in {0, k}) of E(j) / c(j) for each acceptance rate (the module docstring's
-    rule). The costs are cached per batch size; a few requests (batch-1 speculation: every step) are scored with
-    Python floats, the same operations in the same order as the vectorised path (`_best_lengths_np`)."""
-    j, cost = _choices(k, num_running, saturation, all_or_none)
+    rule; `overhead`: O(B)). The costs are cached per batch size; a few requests (batch-1 speculation: every step)
+    are scored with Python floats, the same operations in the same order as the vectorised path
+    (`_best_lengths_np`)."""
+    j, cost = _choices(k, num_running, saturation, all_or_none, overhead)
     if len(acceptance) > _SCALAR_MAX:
         return _best_lengths_np(acceptance, k, j, cost)
     js, costs = j.tolist(), cost.tolist()

@@ -336,8 +336,9 @@ def test_adaptive_rule_scalar_path_equals_vectorised():
         all_or_none = bool(trial % 2)
         a = rng.random(n) if trial % 3 else np.round(rng.random(n), 2)  # rounded rates land on ties more often
         a[0] = [0.0, 1.0, 0.5][trial % 3]
-        j, cost = _choices(k, running, saturation, all_or_none)
-        assert best_lengths(a, k, running, saturation, all_or_none).tolist() == \
+        overhead = [0.1, 0.0, 1.3][trial % 3]
+        j, cost = _choices(k, running, saturation, all_or_none, overhead)
+        assert best_lengths(a, k, running, saturation, all_or_none, overhead).tolist() == \
             _best_lengths_np(a, k, j, cost).tolist(), (a, k, running, saturation, all_or_none)
 
 

@@ -199,6 +199,9 @@ class SpeculativeConfig:
       (spec_decode/adaptive.py states the rule); False: always up to k drafts.
     adaptive_saturation_tokens: tokens per step at which verifying one more token per request costs as much as a
       plain step (the device turns compute-bound); the adaptive rule's cost scale.
+    adaptive_measured_costs: the rule's verifying-step overhead is measured (the engine's step times, plain against
+      verifying, per batch size) where both kinds of step ran, instead of a fixed estimate; False: always the
+      estimate (reproducible draft lengths, for tests and ablations).
     """
     method: str | None = None
     model: str | None = None
@@ -212,6 +215,7 @@ class SpeculativeConfig:
     disable_by_batch_size: int | None = 64
     adaptive_draft_length: bool = True
     adaptive_saturation_tokens: int = 256
+    adaptive_measured_costs: bool = True
 
     def __post_init__(self) -> None:
         def set_(name: str, value: Any) -> None:  # frozen: defaults resolved once, here
@@ -261,6 +265,9 @@ class SpeculativeConfig:
                              f"it must be in [0, 1]")
         _positive("disable_by_batch_size", self.disable_by_batch_size, allow_none=True)
         _positive("adaptive_saturation_tokens", self.adaptive_saturation_tokens)
+        if not isinstance(self.adaptive_measured_costs, bool):
+            raise ValueError(f"adaptive_measured_costs={self.adaptive_measured_costs!r} is invalid; it must be True "
+                             f"or False")
         if not isinstance(self.adaptive_draft_length, bool):
             raise ValueError(f"adaptive_draft_length={self.adaptive_draft_length!r} is invalid; it must be True or "
                              f"False")

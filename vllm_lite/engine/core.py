@@ -82,6 +82,9 @@ class EngineCore:
         self.structured = grammar if isinstance(grammar, StructuredOutputManager) else None
         self._deferred_sample: cf.Future | None = None  # a launched step's bitmask fill, sampled next step()
         self.in_flight: deque[SchedulerOutput] = deque()
+        self._step_calls = 0
+        self._clock = time.perf_counter  # step timing for the draft policy (tests substitute a clock)
+        self._last_apply: tuple[float, int] | None = None  # (time, step() call) of the last applied step
         self.max_in_flight = 2 if config.scheduler.async_scheduling else 1
         eos = tuple(info.eos_token_ids)
         self._default_eos = eos[0] if eos else None
@@ -115,6 +118,7 @@ class EngineCore:
         not launched: the step in flight is applied instead."""
         launched = False
         applied = errors = None
+        self._step_calls += 1
         if self._deferred_sample is not None:  # the last step's bitmask fill, overlapped with the caller's work
             future, self._deferred_sample = self._deferred_sample, None
             self.executor.sample_tokens(future.result())
@@ -171,6 +175,8 @@ class EngineCore:
         """Apply the oldest step in flight: its tokens, stop checks, then the proposer's drafts."""
         scheduler_output = self.in_flight.popleft()
         model_output = self.executor.get_output()
+        if self.proposer is not None:
+            self._time_step(scheduler_output)
         outputs = self.scheduler.update_from_output(scheduler_output, model_output)
         if self.proposer is not None:
             if isinstance(self.proposer, WorkerDrafts):
@@ -179,6 +185,19 @@ class EngineCore:
             if outputs.scheduler_stats is not None:
                 self.spec_logger.maybe_log(outputs.scheduler_stats, self._spec_log_extra())
         return outputs
+
+    def _time_step(self, scheduler_output: SchedulerOutput) -> None:
+        """The time since the previous applied step (host work, waits and device time: the engine's cadence), for
+        the draft policy's measured costs; only consecutive decode or verification steps count, no prefill."""
+        now = self._clock()
+        last, self._last_apply = self._last_apply, (now, self._step_calls)
+        if last is None or self._step_calls - last[1] > 1 or now - last[0] > 1.0 or scheduler_output.scheduled_new_reqs:
+            return
+        spec = scheduler_output.scheduled_spec_decode_tokens
+        n = len(scheduler_output.num_scheduled_tokens)
+        lengths = [len(d) for d in spec.values()]
+        if n and scheduler_output.total_num_scheduled_tokens == n + sum(lengths):  # 1 + drafts each: no prefill
+            self.draft_policy.observe_step(n, max(lengths, default=0), now - last[0])
 
     def _propose(self, scheduler_output: SchedulerOutput, outputs: EngineCoreOutputs) -> None:
         """Drafts for the requests of an applied step that are still running with all their tokens known; how many
