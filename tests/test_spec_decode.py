@@ -109,13 +109,22 @@ def _tokens(results: dict) -> dict:
 
 
 @pytest.mark.parametrize("method", ["ngram", "suffix"])
-@pytest.mark.parametrize("async_scheduling", [False, True])
-def test_greedy_identical_to_plain_run_with_logprobs(tiny_qwen3_path, plain_run, method, async_scheduling):
+@pytest.mark.parametrize("scheduling", ["sync", "async", "launch-ahead"])
+def test_greedy_identical_to_plain_run_with_logprobs(tiny_qwen3_path, plain_run, method, scheduling):
+    """launch-ahead: async scheduling with the next step launched right after a step is applied with nothing left
+    in flight (on by default on CUDA only, where it overlaps the caller's output handling)."""
     prompts, params, ref = plain_run
-    core = make_core(tiny_qwen3_path, speculative_config=METHODS[method], async_scheduling=async_scheduling,
+    core = make_core(tiny_qwen3_path, speculative_config=METHODS[method], async_scheduling=scheduling != "sync",
                      **BASE)
+    assert not core.launch_ahead  # the CPU default
+    ahead = []
+    if scheduling == "launch-ahead":
+        core.launch_ahead = True
+        launch = core._launch_ahead
+        core._launch_ahead = lambda: (ahead.append(1), launch())
     got = run_core(core, prompts, params)
     assert _tokens(got) == _tokens(ref)
+    assert bool(ahead) == (scheduling == "launch-ahead")
     for r in ref:  # the target's logprobs at every verified row, equal to the plain run's
         for mine, theirs in zip(got[r]["logprobs"], ref[r]["logprobs"], strict=True):
             assert [t for t, _, _ in mine] == [t for t, _, _ in theirs]

@@ -280,11 +280,14 @@ def test_drafts_travel_from_a_worker_process(tiny_llama_path, plain, tmp_path):
     assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens == stats.num_draft_tokens
 
 
+@pytest.mark.parametrize("ahead", [False, True])
 @pytest.mark.parametrize("method", ["draft_model", "eagle3"])
-def test_matrix_preemption_prefix_cache_penalties_logprobs_grammar(tiny_llama_path, noisy_draft, tmp_path, method):
+def test_matrix_preemption_prefix_cache_penalties_logprobs_grammar(tiny_llama_path, noisy_draft, tmp_path, method,
+                                                                  ahead):
     """A KV cache too small for the batch (preemption by recompute, the drafter's KV recomputed too), chunked
     prefills, prompts sharing a prefix, penalties, logprobs, min_tokens + a stop id and a grammar mask on one
-    request: tokens equal the plain run's under the same settings, logprobs within 1e-4."""
+    request: tokens equal the plain run's under the same settings, logprobs within 1e-4. ahead: the engine launches
+    the next step as soon as a step is applied with nothing in flight (EngineCore.launch_ahead, CUDA's default)."""
     from spec_utils import AllowOnly
     shared = _prompts(1)[0] * 2
     prompts = [shared + p for p in _prompts(6)]
@@ -301,6 +304,7 @@ def test_matrix_preemption_prefix_cache_penalties_logprobs_grammar(tiny_llama_pa
     model = noisy_draft if method == "draft_model" else make_eagle3_head(str(tmp_path / "e3"), aux_layers=[0, 1, 1])
     core = make_core(tiny_llama_path, grammar=AllowOnly(allowed, 384, {"4"}), speculative_config={
         "method": method, "model": model, "num_speculative_tokens": 3}, **kw)
+    core.launch_ahead = ahead
     got = run_core(core, prompts, params)
     assert _tokens(got) == _tokens(ref) and set(got["4"]["tokens"]) <= allowed
     for r in ref:

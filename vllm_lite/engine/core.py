@@ -86,6 +86,9 @@ class EngineCore:
         self._clock = time.perf_counter  # step timing for the draft policy (tests substitute a clock)
         self._last_apply: tuple[float, int] | None = None  # (time, step() call) of the last applied step
         self.max_in_flight = 2 if config.scheduler.async_scheduling else 1
+        # Where the device runs asynchronously (and so does scheduling), a step applied with nothing left in flight
+        # (speculating requests wait for their tokens) is followed at once by the next launch (`_launch_ahead`).
+        self.launch_ahead = config.device.resolved_device() == "cuda" and self.max_in_flight > 1
         eos = tuple(info.eos_token_ids)
         self._default_eos = eos[0] if eos else None
         self._all_eos = eos
@@ -154,9 +157,25 @@ class EngineCore:
             applied = EngineCoreOutputs(scheduler_stats=self.scheduler.make_stats())
         if applied is None:
             applied = self._apply_oldest()
+            if self.launch_ahead and not self.in_flight and self.structured is None \
+                    and self.scheduler.has_unfinished_requests():
+                self._launch_ahead()
         if errors:
             applied.outputs = errors + applied.outputs
         return applied
+
+    def _launch_ahead(self) -> None:
+        """Launch the next step before the applied one's outputs go back, so that the caller's output handling
+        (detokenizing, sending to the API server) overlaps the device instead of delaying the next launch. The next
+        step() then finds the speculating requests waiting on it and applies it. Not with xgrammar constraints:
+        their drafts are clipped to the grammar at the start of step(), before scheduling."""
+        scheduler_output = self.scheduler.schedule()
+        if not scheduler_output.total_num_scheduled_tokens:
+            self.scheduler.requeue_finished(scheduler_output.finished_req_ids)
+            return
+        self.executor.execute_model(scheduler_output)
+        self.executor.sample_tokens(self.grammar.bitmask(scheduler_output) if self.grammar is not None else None)
+        self.in_flight.append(scheduler_output)
 
     def _poll_grammars(self) -> list[EngineCoreOutput]:
         """Requests whose grammar compiled join the schedule (failed ones end, returned); drafts a grammar refuses
