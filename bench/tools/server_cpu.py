@@ -13,6 +13,7 @@ one is multiprocessing's resource tracker); grandchildren are GPU workers.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import random
@@ -57,6 +58,7 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=10)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--concurrency", type=int, default=1, help="streams at once (threads of this client)")
     ap.add_argument("--max-token-id", type=int, default=20000, help="prompt ids are drawn below this (tiny models)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -84,15 +86,24 @@ def main() -> None:
         pids = list(names)
         before = {p: _cpu_s(p) for p in pids}
         itl: list[float] = []
-        for _ in range(args.num_requests):
-            itl += _stream(base, args.model, prompt(), args.output_len)
+        prompts = [prompt() for _ in range(args.num_requests)]
+        t0 = time.perf_counter()
+        if args.concurrency == 1:
+            for p in prompts:
+                itl += _stream(base, args.model, p, args.output_len)
+        else:  # threads, each streaming its share of the requests one after another
+            with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
+                for gaps in pool.map(lambda p: _stream(base, args.model, p, args.output_len), prompts):
+                    itl += gaps
+        wall = time.perf_counter() - t0
         tokens = args.num_requests * args.output_len
         per_token = {names[p]: round(1000 * (_cpu_s(p) - before[p]) / tokens, 4) for p in pids}
     finally:
         server.terminate()
         server.wait(60)
-    result = {"model": args.model, "serve_args": args.serve_args, "tokens": tokens,
-              "itl_p50_ms": round(1000 * statistics.median(itl), 4), "cpu_ms_per_token": per_token}
+    result = {"model": args.model, "serve_args": args.serve_args, "concurrency": args.concurrency, "tokens": tokens,
+              "output_tokens_per_s": round(tokens / wall, 1), "itl_p50_ms": round(1000 * statistics.median(itl), 4),
+              "cpu_ms_per_token": per_token}
     print(json.dumps(result, indent=1))
     if args.json:
         with open(args.json, "w") as f:
