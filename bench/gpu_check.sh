@@ -39,6 +39,7 @@
 #   serve-default-notok  serve-default's served run with --skip-tokenizer-init (the tokenizer's share of the ITL gap)
 #   server-cpu CPU ms per streamed token of each server process, default model with / without its tokenizer
 #   spec-ngram-fixed  spec-ngram (k=4) with adaptive_measured_costs false: the A/B of the measured verify costs
+#   wakeup     bench/tools/wakeup_latency.py: does an idle process wake slowly here (served TTFT, issue 16)?
 #   executor-hops  bench/tools/executor_hops.py on cuda: batch-1 step time with the worker in the engine's process
 #              (offline) and in a worker process over ZeroMQ (the server's layout), tiny model
 #   spec-trace[:oracle|:edit]  bench/tools/spec_trace.py: each engine step of a batch-1 run classified (decode, verify
@@ -242,6 +243,9 @@ PY
           > "$OUT/server-cpu-$t.log" 2>&1
         echo "server-cpu $t rc=$?"; tail -12 "$OUT/server-cpu-$t.log"
       done ;;
+    wakeup)  # bench/tools/wakeup_latency.py: a trivial FastAPI app's latency back to back and after idle pauses
+      tmo 120 python3 bench/tools/wakeup_latency.py --json "$OUT/wakeup.json" > "$OUT/wakeup.log" 2>&1
+      echo "wakeup rc=$?"; cat "$OUT/wakeup.log" ;;
     executor-hops)  # the served layout's extra host latency per step (issue 16's ITL gap), without the API server
       tmo 300 python3 bench/tools/executor_hops.py --device cuda > "$OUT/executor-hops.log" 2>&1
       echo "executor-hops rc=$?"; grep -E "ms per step" "$OUT/executor-hops.log" ;;
