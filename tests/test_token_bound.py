@@ -49,3 +49,14 @@ def test_no_bound_where_text_can_be_dropped_or_merged(tmp_path):
     fused.pre_tokenizer = pre_tokenizers.ByteLevel()
     assert max_token_bytes(PreTrainedTokenizerFast(tokenizer_object=fused, unk_token="[UNK]")) is None
     assert max_token_bytes(object()) is None and min_token_count("abc", None) == 0
+
+
+def test_no_bound_with_an_added_token_that_swallows_whitespace(tmp_path):
+    """An added token with lstrip matches any run of spaces before it: "  " * 10**6 + "<mask>" may be one token."""
+    from tokenizers import AddedToken
+    tok = make_tiny_tokenizer(str(tmp_path / "tok"))
+    assert max_token_bytes(tok) is not None
+    tok.backend_tokenizer.add_special_tokens([AddedToken("<mask>", lstrip=True)])
+    text = " " * 5000 + "<mask>"
+    assert len(tok(text, add_special_tokens=False).input_ids) < 5000 // 13  # what a bound would have claimed
+    assert max_token_bytes(tok) is None

@@ -43,7 +43,8 @@ _NON_REMOVING_PRE_TOKENIZERS = {"ByteLevel", "Digits", "Punctuation", "Split"}
 def max_token_bytes(tokenizer: Any) -> int | None:
     """The most input bytes one token can stand for, where the tokenizer makes that provable, else None: a
     byte-level BPE (each character of a token is one input byte; added tokens match their own text) with no
-    normalizer, no pre-tokenizer that drops text and no fused unknown tokens. A text of B bytes then has at least
+    normalizer, no pre-tokenizer that drops text, no fused unknown tokens and no added token that swallows the
+    whitespace beside it (lstrip / rstrip: any run of it). A text of B bytes then has at least
     ceil(B / this) tokens, so the server refuses a prompt far over the context window without tokenizing it:
     tokenizing megabytes holds the GIL for a few tenths of a second (the Rust encoding is built into Python lists
     and freed), which stalls the event loop and /health."""
@@ -52,6 +53,8 @@ def max_token_bytes(tokenizer: Any) -> int | None:
         return None
     model = backend.model
     if type(model).__name__ != "BPE" or (model.unk_token is not None and model.fuse_unk):
+        return None
+    if any(t.lstrip or t.rstrip for t in backend.get_added_tokens_decoder().values()):
         return None
     state = json.loads(backend.pre_tokenizer.__getstate__())
     parts = state.get("pretokenizers", []) if state.get("type") == "Sequence" else [state]

@@ -75,6 +75,8 @@ class EngineCore:
         # drafts cost as much as k: the adaptive rule then asks for k or none.
         graph_shaped = self.num_spec_tokens > 0 and config.device.replays_cuda_graphs()
         self.draft_policy = AdaptiveDraftLength(config.speculative, all_or_none=graph_shaped)
+        # the policy's measured costs need the step times (speculating engines only: plain steps skip this)
+        self._time_steps = proposer is not None and self.draft_policy.costs is not None
         self.spec_logger = SpecDecodeLogger()
         self._not_speculated: weakref.WeakSet[Request] = weakref.WeakSet()  # logged once each
         self.grammar = grammar
@@ -194,7 +196,7 @@ class EngineCore:
         """Apply the oldest step in flight: its tokens, stop checks, then the proposer's drafts."""
         scheduler_output = self.in_flight.popleft()
         model_output = self.executor.get_output()
-        if self.proposer is not None:
+        if self._time_steps:
             self._time_step(scheduler_output)
         outputs = self.scheduler.update_from_output(scheduler_output, model_output)
         if self.proposer is not None:
