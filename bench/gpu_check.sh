@@ -38,7 +38,7 @@
 #              llama-3.1-8b (or MODEL, e.g. smollm2-135m for the default model's shapes)
 #   serve-default-notok  serve-default's served run with --skip-tokenizer-init (the tokenizer's share of the ITL gap)
 #   server-cpu CPU ms per streamed token of each server process, default model with / without its tokenizer
-#   spec-ngram-fixed  spec-ngram (k=4) with adaptive_measured_costs false: the A/B of the measured verify costs
+#   spec-ngram-measured  spec-ngram (k=4) with adaptive_measured_costs true: the A/B of the measured verify costs
 #   wakeup     bench/tools/wakeup_latency.py: does an idle process wake slowly here (served TTFT, issue 16)?
 #   executor-hops  bench/tools/executor_hops.py on cuda: batch-1 step time with the worker in the engine's process
 #              (offline) and in a worker process over ZeroMQ (the server's layout), tiny model
@@ -299,11 +299,11 @@ PY
         "{\"method\": \"ngram\", \"num_speculative_tokens\": $k, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}" \
         > "$OUT/spec-ngram-k$k.log" 2>&1
       echo "$stage rc=$?"; grep -vE "Warning|^\s*$" "$OUT/spec-ngram-k$k.log" | tail -20 ;;
-    spec-ngram-fixed)  # spec-ngram with the adaptive rule's fixed verify-cost estimate (A/B of measured costs)
-      tmo 590 python3 bench/spec_decode.py ngram --json "$OUT/spec-ngram-fixed.json" --speculative-config \
+    spec-ngram-measured)  # spec-ngram with the adaptive rule's measured verify costs (A/B against the estimate)
+      tmo 590 python3 bench/spec_decode.py ngram --json "$OUT/spec-ngram-measured.json" --speculative-config \
         '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2,
-          "adaptive_measured_costs": false}' > "$OUT/spec-ngram-fixed.log" 2>&1
-      echo "$stage rc=$?"; grep -vE "Warning|^\s*$" "$OUT/spec-ngram-fixed.log" | tail -20 ;;
+          "adaptive_measured_costs": true}' > "$OUT/spec-ngram-measured.log" 2>&1
+      echo "$stage rc=$?"; grep -vE "Warning|^\s*$" "$OUT/spec-ngram-measured.log" | tail -20 ;;
     spec-trace|spec-trace:*)  # bench/tools/spec_trace.py: where speculative steps go, plain vs n-gram, batch 1: an oracle on
       # smollm2-135m random weights, then the edit workload on the real default model when its parts are staged
       # (spec-trace:oracle / spec-trace:edit for one of them). The first run builds FlashInfer's head-dim-64 modules.

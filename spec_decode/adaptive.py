@@ -10,9 +10,9 @@ The rule (an expected-gain model):
 - Its cost relative to a plain step is c(j) = R(B, j) + O(B) * [j > 0] + DRAFT_OVERHEAD * j, where
   R(B, j) = max(1, B (1 + j) / S) / max(1, B / S) is the roofline factor of computing 1 + j tokens for each of the B
   running requests instead of one (S = adaptive_saturation_tokens: below S tokens a step streams the weights and
-  extra tokens are nearly free; above, its time grows with the tokens). O(B), a verifying step's overhead, is
-  measured from the engine's step times where plain and verifying steps both ran at that batch size
-  (spec_decode/step_costs.py; adaptive_measured_costs), else the estimate VERIFY_OVERHEAD.
+  extra tokens are nearly free; above, its time grows with the tokens). O(B), a verifying step's overhead, is the
+  estimate VERIFY_OVERHEAD, or with adaptive_measured_costs it is measured from the engine's step times where plain
+  and verifying steps both ran at that batch size (spec_decode/step_costs.py).
 - Each request verifies the j in [0, k] that maximises E(j) / c(j); j = 0 (no drafts) when nothing beats a plain
   step. adaptive_draft_length=False skips this part (always k, the batch limit still holds).
 - Where steps replay CUDA graphs (captured for 1 and 1 + k tokens per request only), the worker pads a step to

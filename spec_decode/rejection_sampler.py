@@ -102,9 +102,13 @@ def rejection_sample(logits: torch.Tensor, meta: SamplingMetadata, draft_ids: to
     offsets = [0]
     for c in counts_list[:-1]:
         offsets.append(offsets[-1] + c)
-    # One copy for the three per-request vectors (each copy is a launch of its own).
-    packed = to_device(counts_list + offsets + list(num_drafts), device)
-    counts, offsets_t, num_drafts_t = packed[:s], packed[s: 2 * s], packed[2 * s:]
+    # One copy for the three per-request vectors (each copy is a launch of its own). Each starts on an even
+    # element, 16 bytes aligned as the verify kernel's warm-up compiled it (Triton specialises on pointer
+    # alignment: a misaligned slice compiles a new variant on the serving path).
+    w = s + (s & 1)
+    pad = [0] * (w - s)
+    packed = to_device(counts_list + pad + offsets + pad + list(num_drafts), device)
+    counts, offsets_t, num_drafts_t = packed[:s], packed[w: w + s], packed[2 * w: 2 * w + s]
     total = logits.shape[0]
     fast = meta.all_greedy and row_mask is None and meta.no_token_constraints and meta.no_penalties
     req_of_row = pos_of_row = None

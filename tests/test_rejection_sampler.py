@@ -197,3 +197,30 @@ def test_plain_greedy_fast_path_equals_the_general_path():
     assert fast[0].tolist() == [[argmax[0].item(), argmax[1].item(), -1, -1], [argmax[4].item(), -1, -1, -1],
                                 [argmax[5].item(), argmax[6].item(), argmax[7].item(), -1],
                                 [argmax[8].item(), argmax[9].item(), -1, -1]]
+
+
+@pytest.mark.parametrize("num_drafts", [[4], [2, 0, 3], [1, 1], [0, 4, 4, 2, 1]])
+def test_verify_kernel_gets_16_byte_aligned_vectors(monkeypatch, num_drafts):
+    """Triton specialises a kernel on each pointer's 16-byte alignment; the warm-up compiles aligned variants, so a
+    misaligned per-request vector (a slice of one packed copy) would compile new variants mid-serving (seen on the
+    H200: 3 compiles after warm-up)."""
+    import vllm_lite.spec_decode.rejection_sampler as rs
+    seen: list[torch.Tensor] = []
+    real = rs.verify_drafts
+
+    def spy(*args, **kwargs):
+        seen.extend(a for a in args if isinstance(a, torch.Tensor))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rs, "verify_drafts", spy)
+    vocab, k = 11, 4
+    s = len(num_drafts)
+    drafts = torch.full((s, k), -1, dtype=torch.int64)
+    for i, n in enumerate(num_drafts):
+        drafts[i, :n] = torch.arange(n)
+    logits = torch.randn(sum(n + 1 for n in num_drafts), vocab)
+    for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.8)):
+        seen.clear()
+        rejection_sample(logits, _meta([params] * s, vocab), drafts, num_drafts)
+        assert len(seen) >= 4
+        assert all(t.data_ptr() % 16 == 0 for t in seen), [t.data_ptr() % 16 for t in seen]

@@ -56,7 +56,7 @@ def test_samples_expire_so_the_estimate_comes_back():
 
 
 def test_policy_uses_the_measured_overhead():
-    cfg = SpeculativeConfig(method="ngram", num_speculative_tokens=4)
+    cfg = SpeculativeConfig(method="ngram", num_speculative_tokens=4, adaptive_measured_costs=True)
     policy = AdaptiveDraftLength(cfg, all_or_none=True)
     assert policy.verify_overhead(1) == VERIFY_OVERHEAD
     for _ in range(MIN_PLAIN):

@@ -55,8 +55,8 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--spec", choices=["none", "ngram"], default="none", help="ngram: k = 4 drafts, greedy")
     args = ap.parse_args()
-    # measured costs off: with one of four drafts accepted the rule would measure the verification and stop it
-    spec = {"speculative_config": {"method": "ngram", "num_speculative_tokens": 4, "adaptive_measured_costs": False}
+    # the fixed verify-cost estimate (the default): measured costs would see the low acceptance and stop verifying
+    spec = {"speculative_config": {"method": "ngram", "num_speculative_tokens": 4}
             } if args.spec == "ngram" else {}
     path = make_tiny_model(tempfile.mkdtemp(), "qwen3", num_hidden_layers=1, hidden_size=32, intermediate_size=64,
                            num_attention_heads=2, num_key_value_heads=1, head_dim=16,
