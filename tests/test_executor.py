@@ -12,7 +12,7 @@ from vllm_lite.config import EngineConfig
 from vllm_lite.engine.core import EngineCore
 from vllm_lite.executor.multiproc import MultiprocExecutor, WorkerDiedError
 from vllm_lite.model_loader import ModelInfo, resolve_model
-from vllm_lite.protocol import (WORKER_CALL_DECODER, DetermineNumBlocks, GetOutput, InitializeKVCache,
+from vllm_lite.protocol import (WORKER_CALL_DECODER, DetermineNumBlocks, InitializeKVCache,
                                 SampleTokens, SchedulerOutput, encode)
 from vllm_lite.sampling_params import SamplingParams
 
@@ -27,7 +27,7 @@ def _config(path: str, **kw) -> EngineConfig:
 
 def test_worker_calls_are_typed_structs():
     so = SchedulerOutput([], [], {}, 0, {}, [])
-    for call in (DetermineNumBlocks(), InitializeKVCache(7), so, SampleTokens(), GetOutput()):
+    for call in (DetermineNumBlocks(), InitializeKVCache(7), so, SampleTokens()):
         decoded = WORKER_CALL_DECODER.decode(encode(call))
         assert isinstance(decoded, type(call)) or isinstance(decoded, SchedulerOutput)
     assert WORKER_CALL_DECODER.decode(encode(InitializeKVCache(7))).num_blocks == 7
@@ -66,3 +66,26 @@ def test_death_of_a_non_zero_rank_is_an_error(tiny_qwen2_path, tmp_path):
         assert time.monotonic() - start < 10
     finally:
         executor.shutdown()
+
+
+def test_worker_pushes_each_output_unasked(tiny_qwen2_path, tmp_path):
+    """The worker sends a sampled step's output as soon as it is ready, before the engine core's next call: with
+    async scheduling the first step() only launches, and its output must already be on its way back (the engine
+    core applies one step while the worker prepares the next, instead of the two taking turns)."""
+    from vllm_lite.protocol import EngineCoreRequest
+    config = _config(tiny_qwen2_path, async_scheduling=True)
+    executor = MultiprocExecutor(config, str(tmp_path))
+    try:
+        desc, _ = executor.wait_model_description()
+        core = EngineCore(config, ModelInfo.from_description(desc), executor)
+        core.add_request(EngineCoreRequest("0", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=4), 0.0))
+        assert core.step().outputs == [] and len(core.in_flight) == 1  # launched, not applied
+        assert executor.from_workers[0].poll(10_000), "no output pushed for the launched step"
+        tokens = []
+        while core.has_unfinished_requests():
+            tokens += [t for out in core.step().outputs for t in out.new_token_ids]
+    finally:
+        executor.shutdown()
+    want = run_core(EngineCore(config, resolve_model(config.model, config.load, "cpu")), [PROMPTS[0]],
+                    SamplingParams(temperature=0.0, max_tokens=4))
+    assert tokens == want["0"]["tokens"] and len(tokens) == 4

@@ -186,10 +186,6 @@ class SampleTokens(msgspec.Struct, array_like=True, tag=True):
     grammar: GrammarOutput | None = None
 
 
-class GetOutput(msgspec.Struct, array_like=True, tag=True):
-    """Reply with the oldest sampled step's ModelRunnerOutput (rank 0 only)."""
-
-
 class Shutdown(msgspec.Struct, array_like=True, tag=True):
     pass
 
@@ -214,7 +210,7 @@ class _TaggedOutputs(EngineCoreOutputs, tag="EngineCoreOutputs"):
 
 CoreInput = Union[_TaggedRequest, AbortRequests]
 CoreEvent = Union[_TaggedOutputs, ModelDescription, ModelError, EngineReady, EngineDead]
-WorkerCall = Union[DetermineNumBlocks, InitializeKVCache, ExecuteModel, SampleTokens, GetOutput, Shutdown]
+WorkerCall = Union[DetermineNumBlocks, InitializeKVCache, ExecuteModel, SampleTokens, Shutdown]
 WorkerEvent = Union[StepOutput, ModelDescription, ModelError, WorkerReply]
 
 CORE_INPUT_DECODER = msgspec.msgpack.Decoder(CoreInput)

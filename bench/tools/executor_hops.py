@@ -63,8 +63,10 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--layout", choices=["both", "inproc", "multiproc"], default="both")
     args = ap.parse_args()
-    path = make_tiny_model(tempfile.mkdtemp(), "qwen3", num_hidden_layers=1, hidden_size=128, intermediate_size=256,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=64,  # FlashInfer: head_dim >= 64
+    head_dim = 64 if args.device == "cuda" else 16  # FlashInfer's smallest; on the CPU the forward stays short
+    path = make_tiny_model(tempfile.mkdtemp(), "qwen3", num_hidden_layers=1, hidden_size=2 * head_dim,
+                           intermediate_size=4 * head_dim, num_attention_heads=2, num_key_value_heads=1,
+                           head_dim=head_dim,
                            max_position_embeddings=args.input_len + args.output_len + 64)
     kw = dict(device=args.device, max_num_seqs=8, max_model_len=args.input_len + args.output_len + 64,
               skip_tokenizer_init=True, enable_prefix_caching=False)

@@ -18,13 +18,12 @@ from vllm_lite import envs
 from vllm_lite.config import EngineConfig, ParallelConfig, RankConfig
 from vllm_lite.distributed import pick_init_method
 from vllm_lite.proc_utils import ipc_address
-from vllm_lite.protocol import (WORKER_EVENT_DECODER, DetermineNumBlocks, GetOutput, GrammarOutput,
+from vllm_lite.protocol import (WORKER_EVENT_DECODER, DetermineNumBlocks, GrammarOutput,
                                 InitializeKVCache, ModelDescription, ModelError, ModelRunnerOutput, SampleTokens,
                                 SchedulerOutput, Shutdown, WorkerReply, encode)
 from vllm_lite.worker.worker_proc import run_worker
 
 _POLL_MS = 200
-_GET_OUTPUT = encode(GetOutput())
 _SAMPLE = encode(SampleTokens())
 
 
@@ -157,7 +156,7 @@ class MultiprocExecutor:
         self._broadcast(_SAMPLE if grammar_output is None else encode(SampleTokens(grammar_output)))
 
     def get_output(self) -> ModelRunnerOutput:
-        self._broadcast(_GET_OUTPUT)
+        """Rank 0 pushes each sampled step's output unasked, in launch order (worker_proc says when)."""
         out = WORKER_EVENT_DECODER.decode(self._recv_frame(0))
         if isinstance(out, WorkerReply):
             raise self._worker_error(0, out.error)

@@ -395,6 +395,11 @@ class ModelRunner:
             self.drafting.attach(launch.number, output)
         return output
 
+    def output_ready(self) -> bool:
+        """The oldest sampled step's ids are on the host (get_output would not wait for the device)."""
+        launch = self.pending[0]
+        return launch.output is not None or launch.done is None or launch.done.query()
+
     def _resolve_all(self) -> None:
         for launch in self.pending:
             resolve_launch(launch, self.requests)

@@ -16,7 +16,7 @@ import torch
 from vllm_lite.config import EngineConfig, RankConfig
 from vllm_lite.distributed import destroy_tensor_parallel, init_tensor_parallel
 from vllm_lite.model_loader import ModelInfo
-from vllm_lite.protocol import DetermineNumBlocks, GetOutput, InitializeKVCache, SampleTokens, SchedulerOutput
+from vllm_lite.protocol import DetermineNumBlocks, InitializeKVCache, SampleTokens, SchedulerOutput
 from vllm_lite.worker.model_runner import ModelRunner
 
 logger = logging.getLogger("vllm_lite.worker")
@@ -44,14 +44,12 @@ class Worker:
         destroy_tensor_parallel(self.tp)
 
     def handle(self, call: Any) -> Any:
-        """Run one call; returns its result (None for the step calls, which reply through GetOutput)."""
+        """Run one call; returns its result (None for the step calls: their outputs come from runner.get_output)."""
         runner = self.runner
         if isinstance(call, SchedulerOutput):  # ExecuteModel is a SchedulerOutput
             return runner.execute_model(call)
         if isinstance(call, SampleTokens):
             return runner.sample_tokens(call.grammar)
-        if isinstance(call, GetOutput):
-            return runner.get_output()
         if isinstance(call, DetermineNumBlocks):
             return runner.determine_num_blocks()
         if isinstance(call, InitializeKVCache):

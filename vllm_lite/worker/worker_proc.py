@@ -2,7 +2,10 @@
 model load and compile start at spawn and never wait for another process), then serves typed calls.
 
 Calls arrive on a PULL socket as protocol Structs (one per call); replies leave on a PUSH socket. Step calls
-(ExecuteModel, SampleTokens) get no reply; GetOutput is answered by rank 0 only (other ranks drop their copy).
+(ExecuteModel, SampleTokens) get no reply: rank 0 pushes each sampled step's output, in launch order, as soon as
+its tokens are on the host (other ranks drop theirs). A ready output goes out before the next call is handled, so
+the engine core applies step N while this process prepares step N + 1: the two processes overlap instead of
+taking turns (on the H200 the turn-taking cost 0.68 ms per batch-1 step against the in-process worker).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from vllm_lite.config import EngineConfig, RankConfig
 from vllm_lite.gc_utils import freeze_startup_heap
 from vllm_lite.logging_utils import setup_logging
 from vllm_lite.proc_utils import die_with_parent
-from vllm_lite.protocol import (WORKER_CALL_DECODER, DetermineNumBlocks, GetOutput, InitializeKVCache, ModelError,
+from vllm_lite.protocol import (WORKER_CALL_DECODER, DetermineNumBlocks, InitializeKVCache, ModelError,
                                 SampleTokens, SchedulerOutput, Shutdown, WorkerReply, describe_model, encode)
 
 logger = logging.getLogger("vllm_lite.worker")
@@ -53,20 +56,27 @@ def run_worker(config: EngineConfig, rank: RankConfig, in_addr: str, out_addr: s
 
 def _serve(worker, rank: RankConfig, inbox: zmq.Socket, outbox: zmq.Socket, parent: int, num_blocks: int) -> None:
     """Decode each call and run it through `worker.handle`; step calls get no reply (a failure there ends the
-    worker, which the executor sees), control calls get a WorkerReply (with the error, if any)."""
+    worker, which the executor sees), control calls get a WorkerReply (with the error, if any). Sampled steps'
+    outputs go out as they become ready; while one is still on the device, the loop spins between it and the
+    inbox, so a call that arrives meanwhile (the next step, with async scheduling) is launched at once."""
+    runner = worker.runner
+    pending = runner.pending
     while True:
-        if not inbox.poll(1000):
+        if pending:
+            if runner.output_ready():
+                output = runner.get_output()
+                if rank.rank == 0:
+                    outbox.send(encode(output))
+                continue
+            if not inbox.poll(0):
+                continue
+        elif not inbox.poll(1000):
             if os.getppid() != parent:
                 return
             continue
         call = WORKER_CALL_DECODER.decode(inbox.recv())
         if isinstance(call, (SchedulerOutput, SampleTokens)):  # the hot calls first: launch only, no answer
             worker.handle(call)
-        elif isinstance(call, GetOutput):
-            # With async scheduling this arrives after the next step was launched, which then runs meanwhile.
-            output = worker.handle(call)
-            if rank.rank == 0:
-                outbox.send(encode(output))
         elif isinstance(call, Shutdown):
             worker.shutdown()
             outbox.send(encode(WorkerReply(result="bye")))
