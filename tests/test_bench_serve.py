@@ -11,7 +11,7 @@ from server_utils import RemoteServer
 from tiny_models import make_tiny_model
 
 from vllm_lite.benchmarks import serve
-from vllm_lite.benchmarks.serve_report import parse_goodput
+from vllm_lite.benchmarks.serve_report import parse_goodput, phase_sums, server_phases
 
 VOCAB = 384  # tests/tiny_models.py's vocabulary
 ARGS = ["--device", "cpu", "--dtype", "float32", "--max-model-len", "256", "--seed", "0"]
@@ -49,6 +49,25 @@ def test_random_prompts_exact_lengths_and_goodput(server, tmp_path):
     assert result["model"] == server.model and result["max_concurrency"] == 2 and result["request_rate"] == "inf"
     assert result["request_goodput"] == 0.0  # nobody makes a 1 us TPOT
     assert json.loads(out.read_text())["completed"] == 6
+    # the server's own phases (its /metrics): the engine's queue + prefill is part of the client's TTFT
+    assert 0 < result["server_mean_prefill_ms"] and 0 < result["server_mean_decode_ms"] < result["mean_e2el_ms"]
+    assert 0 <= result["server_mean_queue_ms"]
+    assert 0 < result["ttft_outside_engine_ms"] < result["mean_ttft_ms"]
+
+
+def test_phase_sums_of_a_metrics_text():
+    text = ('vllm:request_prefill_time_seconds_sum{model_name="m"} 0.5\n'
+            'vllm:request_prefill_time_seconds_count{model_name="m"} 2.0\n'
+            'vllm:request_queue_time_seconds_sum{model_name="m"} 0.1\n'
+            'vllm:request_queue_time_seconds_count{model_name="m"} 2.0\n'
+            'vllm:request_prefill_time_seconds_bucket{le="0.3",model_name="m"} 1.0\n')
+    before = {"prefill": (1.0, 0.2), "queue": (1.0, 0.05)}
+    assert phase_sums(text) == {"prefill": (2.0, 0.5), "queue": (2.0, 0.1)}
+    phases = server_phases(before, phase_sums(text), mean_ttft_ms=400.0)
+    assert phases["server_mean_prefill_ms"] == pytest.approx(300.0)
+    assert phases["server_mean_queue_ms"] == pytest.approx(50.0)
+    assert phases["ttft_outside_engine_ms"] == pytest.approx(50.0)
+    assert phase_sums("") == {} and server_phases({}, {}, 1.0) == {}
 
 
 def test_gsm8k_chats_at_a_poisson_rate(server):

@@ -59,6 +59,31 @@ def test_routes(server, model_dir):
         assert name in text
 
 
+def test_request_phase_histograms(server, client, model_dir):
+    """vLLM's request-level phases from the engine core's clock: one finished request adds one observation to each,
+    prefill + decode = inference (scheduled -> finished), and the whole is within the client's own latency."""
+    metrics = server.url_for("metrics")
+    names = [f"vllm:request_{p}_time_seconds" for p in ("queue", "prefill", "decode", "inference")]
+
+    def read() -> dict[str, tuple[float, float]]:
+        text = httpx.get(metrics).text
+        return {n: (_metric(text, n + "_count"), _metric(text, n + "_sum")) for n in names}
+
+    before = read()
+    start = time.monotonic()
+    r = client.completions.create(model=model_dir, prompt="Hello world", max_tokens=12, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    elapsed = time.monotonic() - start
+    assert r.usage.completion_tokens == 12
+    after = read()
+    delta = {n: (after[n][0] - before[n][0], after[n][1] - before[n][1]) for n in names}
+    assert all(count == 1 for count, _ in delta.values()), delta
+    queue, prefill, decode, inference = (delta[n][1] for n in names)
+    assert min(queue, prefill, decode) >= 0 and prefill > 0 and decode > 0
+    assert prefill + decode == pytest.approx(inference, abs=1e-3)
+    assert queue + inference <= elapsed
+
+
 def test_completions(client, model_dir):
     r = client.completions.create(model=model_dir, prompt="Hello world", max_tokens=8, temperature=0, logprobs=3,
                                   extra_body={"ignore_eos": True})

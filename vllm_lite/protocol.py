@@ -45,6 +45,9 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     # SamplingParams.prompt_logprobs: per prompt token after the first, [(token_id, logprob, rank), top-N...]
     # (the prompt token first); sent once, with the request's first new token.
     prompt_logprobs: list[list[tuple[int, float, int]]] | None = None
+    # With the last output only: the engine core's monotonic [queued, first scheduled, first token, finished]
+    # (None where the request never got that far), for the request-level histograms in /metrics.
+    timings: list[float | None] | None = None
 
     @property
     def finished(self) -> bool:

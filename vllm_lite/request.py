@@ -82,6 +82,14 @@ class Request:
         self.block_hashes: list[int] = []
         # Set by the engine core's structured-output manager for a request with sampling_params.structured_outputs.
         self.grammar: RequestGrammar | None = None
+        # Engine-core monotonic times (vLLM's request-level histograms): queued, first scheduled, first token.
+        self.queued_time: float | None = None
+        self.scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+
+    def timings(self) -> list[float | None]:
+        """[queued, first scheduled, first token, now]: sent with the request's last output."""
+        return [self.queued_time, self.scheduled_time, self.first_token_time, time.monotonic()]
 
     @property
     def num_tokens(self) -> int:

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from vllm_lite import envs
-from vllm_lite.benchmarks.serve_report import (RequestResult, format_table, parse_goodput, plot_sweep,
-                                               summarize)
+from vllm_lite.benchmarks.serve_report import (RequestResult, format_table, parse_goodput, phase_sums, plot_sweep,
+                                               server_phases, summarize)
 from vllm_lite.benchmarks.utils import BENCH_DEFAULTS, resolve_bench_model
 from vllm_lite.entrypoints.args import CLIENT_KEEP_ALIVE_S, add_engine_args, engine_argv, engine_kwargs_from_args
 
@@ -147,6 +147,7 @@ async def run_benchmark(args: argparse.Namespace, base_url: str, model: str, req
             async with gate:
                 results.append(await send_request(http, *item))
 
+        phases_before = await _phase_sums(http)
         progress = asyncio.ensure_future(_progress(results, len(requests), rate)) if args.progress else None
         start = time.perf_counter()
         tasks = []
@@ -158,9 +159,21 @@ async def run_benchmark(args: argparse.Namespace, base_url: str, model: str, req
         duration = time.perf_counter() - start
         if progress is not None:
             progress.cancel()
+        phases_after = await _phase_sums(http)
     summary = summarize(results, duration, parse_goodput(args.goodput))
+    if summary["completed"]:
+        summary.update(server_phases(phases_before, phases_after, summary["mean_ttft_ms"]))
     summary.update(request_rate="inf" if math.isinf(rate) else rate, max_concurrency=args.max_concurrency, model=model, base_url=base_url)
     return summary
+
+
+async def _phase_sums(http: Any) -> dict[str, tuple[float, float]]:
+    """The server's request-phase histogram sums ({} where it has no /metrics or no such histograms)."""
+    try:
+        resp = await http.get("/metrics")
+    except Exception:  # noqa: BLE001 - a server without /metrics: the report just lacks the phases
+        return {}
+    return phase_sums(resp.text) if resp.status_code == 200 else {}
 
 
 async def _progress(results: list, total: int, rate: float) -> None:

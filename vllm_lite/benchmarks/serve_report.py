@@ -4,6 +4,7 @@ the printed table and the latency-vs-request-rate plot of a sweep (matplotlib op
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import numpy as np
@@ -87,6 +88,35 @@ def summarize(results: list[RequestResult], duration_s: float, slos: dict[str, f
     return summary
 
 
+PHASES = ("queue", "prefill", "decode")
+
+
+def phase_sums(metrics_text: str) -> dict[str, tuple[float, float]]:
+    """(count, sum) of the server's vllm:request_{queue,prefill,decode}_time_seconds histograms (vLLM's names; any
+    server that exports them), summed over label sets; {} when it has none."""
+    found: dict[str, list[float]] = {}
+    for m in re.finditer(r"^vllm:request_(queue|prefill|decode)_time_seconds_(count|sum)(?:\{[^}]*\})? (\S+)$",
+                         metrics_text, re.M):
+        entry = found.setdefault(m.group(1), [0.0, 0.0])
+        entry[0 if m.group(2) == "count" else 1] += float(m.group(3))
+    return {k: (v[0], v[1]) for k, v in found.items()}
+
+
+def server_phases(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]],
+                  mean_ttft_ms: float) -> dict[str, float]:
+    """The run's mean queue / prefill / decode time by the server's own clock, and the part of the client's mean
+    TTFT spent outside the engine (HTTP, the API server, the hops to and from the engine core)."""
+    out: dict[str, float] = {}
+    for name in PHASES:
+        if name in after:
+            count = after[name][0] - before.get(name, (0.0, 0.0))[0]
+            if count > 0:
+                out[f"server_mean_{name}_ms"] = 1000 * (after[name][1] - before.get(name, (0.0, 0.0))[1]) / count
+    if "server_mean_queue_ms" in out and "server_mean_prefill_ms" in out:
+        out["ttft_outside_engine_ms"] = mean_ttft_ms - out["server_mean_queue_ms"] - out["server_mean_prefill_ms"]
+    return out
+
+
 def format_table(summary: dict[str, Any], label: str = "") -> str:
     """A human-readable block in the shape of vLLM's."""
     lines = [f"{' Serving Benchmark Result ' + label + ' ':=^60}"]
@@ -110,6 +140,13 @@ def format_table(summary: dict[str, Any], label: str = "") -> str:
         row(f"Median {name.upper()} (ms):", summary[f"median_{name}_ms"])
         for p in PERCENTILES[1:]:
             row(f"P{p} {name.upper()} (ms):", summary[f"p{p}_{name}_ms"])
+    if "server_mean_prefill_ms" in summary:
+        lines.append(f"{' Server phases (its /metrics, means) ':-^60}")
+        for name in PHASES:
+            if f"server_mean_{name}_ms" in summary:
+                row(f"Server {name} time (ms):", summary[f"server_mean_{name}_ms"])
+        if "ttft_outside_engine_ms" in summary:
+            row("TTFT outside the engine (ms):", summary["ttft_outside_engine_ms"])
     for message, count in summary["errors"].items():
         lines.append(f"error x{count}: {message}")
     lines.append("=" * 60)

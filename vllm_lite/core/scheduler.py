@@ -19,6 +19,7 @@ scheduled again before its previous step is applied (its steps run in order; oth
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from collections.abc import Iterable
 
@@ -79,6 +80,7 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         request.status = RequestStatus.WAITING
+        request.queued_time = time.monotonic()
         self.kv_cache_manager.update_block_hashes(request)
         self.requests[request.request_id] = request
         self.waiting.append(request)
@@ -105,7 +107,8 @@ class Scheduler:
             self._free_request(request)
             outputs.append(EngineCoreOutput(req_id, [], finish_reason=request.finish_reason,
                                             stop_reason=request.stop_reason,
-                                            num_cached_tokens=max(request.num_cached_tokens, 0)))
+                                            num_cached_tokens=max(request.num_cached_tokens, 0),
+                                            timings=request.timings()))
         return outputs
 
     def _free_request(self, request: Request) -> None:
@@ -197,6 +200,8 @@ class Scheduler:
             self.running.append(request)
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_hit
+            if request.scheduled_time is None:
+                request.scheduled_time = time.monotonic()
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit
             num_scheduled[request.request_id] = num_new
@@ -253,19 +258,23 @@ class Scheduler:
                 continue
             was_running = request.status == RequestStatus.RUNNING  # else preempted while its token was in flight
             new_tokens = self._append_and_check_stop(request, sampled)
+            if request.first_token_time is None and new_tokens:
+                request.first_token_time = time.monotonic()
             kv.cache_blocks(request, request.num_computed_tokens)
             logprobs = None
             if j is not None and model_runner_output.logprobs and model_runner_output.logprobs[j] is not None:
                 logprobs = model_runner_output.logprobs[j][:len(new_tokens)]
-            finish_reason = None
+            finish_reason = timings = None
             if request.status >= FINISHED:
                 (self.running if was_running else self.waiting).remove(request)
                 self._free_request(request)
                 finish_reason = request.finish_reason
+                timings = request.timings()
             outputs.append(EngineCoreOutput(req_id, new_tokens, logprobs, finish_reason, request.stop_reason,
                                             request.num_cached_tokens if request.num_cached_tokens > 0 else 0,
                                             num_drafts, num_accepted,
-                                            prompt_logprobs=(model_runner_output.prompt_logprobs or {}).get(req_id)))
+                                            prompt_logprobs=(model_runner_output.prompt_logprobs or {}).get(req_id),
+                                            timings=timings))
         return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.make_stats())
 
     def _count_verification(self, num_drafts: int, num_accepted: int) -> None:

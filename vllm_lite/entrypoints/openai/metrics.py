@@ -122,15 +122,40 @@ class ServerMetrics:
         self.gen_len = Histogram("vllm:request_generation_tokens", "Number of generation tokens per request.",
                                  lab, buckets=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000],
                                  registry=self.registry).labels(model_name)
+        # vLLM's request-level phases, from the engine core's own clock (sent with each request's last output)
+        self.phases = [Histogram(f"vllm:request_{name}_time_seconds", doc, lab, buckets=_E2E_BUCKETS,
+                                 registry=self.registry).labels(model_name) for name, doc in (
+            ("queue", "Histogram of time spent in WAITING phase for request."),
+            ("prefill", "Histogram of time spent in PREFILL phase for request."),
+            ("decode", "Histogram of time spent in DECODE phase for request."),
+            ("inference", "Histogram of time spent in RUNNING phase for request."))]
         self.registry.register(_SchedulerCollector(client, model_name))
         listeners = getattr(client, "output_listeners", None)
         if listeners is not None:
             listeners.append(self.on_engine_outputs)
 
     def on_engine_outputs(self, outputs: Any) -> None:
-        n = sum(len(o.new_token_ids) for o in outputs.outputs)
+        n = 0
+        for o in outputs.outputs:
+            n += len(o.new_token_ids)
+            if o.timings is not None:
+                self._observe_phases(*o.timings)
         if n:
             self.generation_tokens.inc(n)
+
+    def _observe_phases(self, queued: float | None, scheduled: float | None, first: float | None,
+                        finished: float) -> None:
+        """Queue = queued -> first scheduled, prefill = scheduled -> first token, decode = first -> last token,
+        inference = scheduled -> finished (vLLM's definitions); phases a request never reached are not observed."""
+        queue, prefill, decode, inference = self.phases
+        if queued is not None and scheduled is not None:
+            queue.observe(max(scheduled - queued, 0.0))
+        if scheduled is not None:
+            inference.observe(max(finished - scheduled, 0.0))
+            if first is not None:
+                prefill.observe(max(first - scheduled, 0.0))
+        if first is not None:
+            decode.observe(max(finished - first, 0.0))
 
     def on_request_start(self, num_prompt_tokens: int) -> None:
         self.prompt_tokens.inc(num_prompt_tokens)
