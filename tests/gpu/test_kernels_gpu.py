@@ -258,3 +258,29 @@ def test_skinny_gemm_matches_cublas(m, n, k, use_dot):
     torch.testing.assert_close(via_op, direct, rtol=0, atol=0)
     big = torch.randn(17, k, device=DEV, generator=g).to(torch.bfloat16)
     torch.testing.assert_close(torch.ops.vllm_lite.skinny_linear(big, w, None), torch.nn.functional.linear(big, w))
+
+
+def test_bitmask_warm_up_compiles_the_only_variant_steps_use():
+    """After warm_up_bitmask_kernel, staged masks of any row count (odd and even) compile nothing more."""
+    from vllm_lite.kernels.bitmask import _apply_bitmask_kernel, apply_bitmask_torch, warm_up_bitmask_kernel
+    from vllm_lite.protocol import GrammarOutput
+    from vllm_lite.sample.bitmask import GrammarBitmaskApplier
+    vocab, dev = 49152, torch.device("cuda")
+    warm_up_bitmask_kernel(vocab, dev, torch.bfloat16)
+
+    def variants() -> int:
+        return sum(len(entry[0]) for entry in _apply_bitmask_kernel.device_caches.values())
+    before = variants()
+    applier = GrammarBitmaskApplier(dev)
+    g = torch.Generator().manual_seed(0)
+    for m in (1, 2, 3, 5, 4):
+        words = torch.randint(-2**31, 2**31 - 1, (m, vocab // 32), dtype=torch.int32, generator=g)
+        logits = torch.randn(m + 1, vocab, generator=g).to(dev, torch.bfloat16)
+        want = logits.clone()
+        apply_bitmask_torch(want, words.to(dev), torch.arange(m, device=dev))
+        ids = [str(i) for i in range(m + 1)]
+        applier.apply(logits, GrammarOutput(ids[:m], [1] * m, vocab // 32, words.numpy().tobytes()), ids,
+                      list(range(m + 2)))
+        assert torch.equal(logits, want)
+    torch.cuda.synchronize()
+    assert variants() == before

@@ -50,7 +50,7 @@ class GrammarBitmaskApplier:
         m, w = words.shape
         if self.device.type != "cuda":
             return torch.from_numpy(np.array(words, dtype=np.int32)), torch.from_numpy(rows)  # own, writable copy
-        need = m * (w + 2)  # the rows as int64 (two int32 slots each), then the words
+        start, need = staging_layout(m, w)
         if len(self._buffers) < 2 or self._buffers[self._turn][0].numel() < need:
             self._buffers = [(torch.empty(2 * need, dtype=torch.int32, pin_memory=True), None) for _ in range(2)]
             self._turn = 0
@@ -59,13 +59,21 @@ class GrammarBitmaskApplier:
             done.synchronize()  # the copy that last read this buffer (two steps ago) has finished
         host = buf.numpy()
         host[: 2 * m].view(np.int64)[:] = rows
-        host[2 * m: need].reshape(m, w)[:] = words
+        host[start: need].reshape(m, w)[:] = words
         dev = buf[:need].to(self.device, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
         self._buffers[self._turn] = (buf, event)
         self._turn ^= 1
-        return dev[2 * m:].view(m, w), dev[: 2 * m].view(torch.int64)
+        return dev[start:].view(m, w), dev[: 2 * m].view(torch.int64)
+
+
+def staging_layout(m: int, w: int) -> tuple[int, int]:
+    """(first word, total) in int32 slots of one staging copy: m rows as int64, then m x w words from a 16-byte
+    boundary (the kernel's warm-up compiled it for aligned words; a misaligned start would compile another variant
+    on the serving path whenever m is odd)."""
+    start = -(-2 * m // 4) * 4
+    return start, start + m * w
 
 
 def pack_bitmask(allowed: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from vllm_lite.compile.cuda_graphs import (CUDAGraphRunner, default_capture_size
                                           outputs_bytes)
 from vllm_lite.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from vllm_lite.distributed import TPGroup
+from vllm_lite.kernels.bitmask import warm_up_bitmask_kernel
 from vllm_lite.kernels.rejection_sampler import warm_up_verify_kernel
 from vllm_lite.layers.linear import kv_heads_of_rank
 from vllm_lite.model_loader import ModelInfo, load_model
@@ -189,6 +190,7 @@ class ModelRunner:
             self.graphs.capture(self._prepare_capture)
         if self.drafting is not None:
             self.drafting.drafter.initialize_kv_cache(num_blocks)
+        warm_up_bitmask_kernel(self.vocab_size, self.device, self.info.dtype)
         if self.num_spec_tokens:
             warm_up_verify_kernel(self.num_spec_tokens, self.vocab_size, self.device,
                                   draft_probs=self.drafting is not None)
