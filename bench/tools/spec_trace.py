@@ -3,13 +3,17 @@ verification of d drafts, prefill), with its wall time, whether a CUDA graph ran
 device (executor.get_output) vs on the host (schedule + input preparation + launches, drafting).
 
     python bench/tools/spec_trace.py --workload edit   [--spec ngram|none] [--async-scheduling/--no-...]
+    python bench/tools/spec_trace.py --workload gsm8k --spec eagle3 --head HEAD_DIR --k 3   [--spec none: plain]
+        (issue 17's workload: GSM8K test questions through the chat template, the default model, batch 1)
     python bench/tools/spec_trace.py --workload oracle [--spec ngram|none] --batch-size 1 [--model smollm2-135m]
         (a bench/data config with random weights; default qwen3-0.6b)
     --profile: also run torch.profiler over the traced run; each engine step is a record_function range named by
         its kind, and the JSON gains per-kind device/host totals plus the top ops by self device and self host time
 
 edit: the default model on bench/spec's edit prompts (GSM8K passages), batch 1; oracle: random prompts on a dummy
-model whose proposer replays a plain run's outputs (every draft accepted while outputs agree).
+model whose proposer replays a plain run's outputs (every draft accepted while outputs agree). With an in-worker
+drafter (EAGLE-3) each step also gets draft_ms, the worker's drafting after sampling, and of it draft_wait_ms, the
+wait for the verified tokens the drafter starts from (the rest is the head's host work and launches).
 """
 from __future__ import annotations
 
@@ -79,6 +83,26 @@ class StepTrace:
         engine.step, executor.execute_model, executor.get_output = traced_step, traced_execute, traced_get_output
         if propose is not None:
             proposer.propose = traced_propose
+        if getattr(self.runner, "drafting", None) is not None:
+            self._trace_worker_drafting()
+
+    def _trace_worker_drafting(self) -> None:
+        runner = self.runner
+        draft, resolve_all = runner._propose_drafts, runner._resolve_all
+
+        def traced_draft(step: Any) -> Any:
+            t0 = time.perf_counter()
+            out = draft(step)
+            self._cur["draft_ms"] = self._cur.get("draft_ms", 0.0) + 1000 * (time.perf_counter() - t0)
+            return out
+
+        def traced_resolve_all() -> Any:
+            t0 = time.perf_counter()
+            out = resolve_all()
+            self._cur["draft_wait_ms"] = self._cur.get("draft_wait_ms", 0.0) + 1000 * (time.perf_counter() - t0)
+            return out
+
+        runner._propose_drafts, runner._resolve_all = traced_draft, traced_resolve_all
 
     def _replays(self) -> int:
         graphs = getattr(self.runner, "graphs", None)
@@ -97,6 +121,8 @@ class StepTrace:
                           "ms_p50": round(statistics.median(r["ms"] for r in rows), 3),
                           "wait_ms_mean": round(statistics.fmean(r["wait_ms"] for r in rows), 3),
                           "propose_ms_mean": round(statistics.fmean(r["propose_ms"] for r in rows), 3),
+                          "draft_ms_mean": round(statistics.fmean(r.get("draft_ms", 0.0) for r in rows), 3),
+                          "draft_wait_ms_mean": round(statistics.fmean(r.get("draft_wait_ms", 0.0) for r in rows), 3),
                           "share": round(sum(r["ms"] for r in rows) / max(total_ms, 1e-9), 3)})
         return {"steps": len(self.rows), "tokens": tokens, "total_ms": round(total_ms, 1),
                 "ms_per_token": round(total_ms / max(tokens, 1), 4), "tokens_per_step": round(tokens / max(
@@ -130,26 +156,37 @@ def profile_tables(prof: Any, rows: list[dict], top: int = 20) -> dict:
             "top_device": table(dev), "top_host": table("self_cpu_time_total")}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", choices=["edit", "oracle"], default="edit")
-    ap.add_argument("--spec", choices=["ngram", "none"], default="ngram")
+    ap.add_argument("--workload", choices=["edit", "oracle", "gsm8k"], default="edit")
+    ap.add_argument("--spec", choices=["ngram", "eagle3", "none"], default="ngram")
+    ap.add_argument("--head", default=None, help="--spec eagle3: the head folder (vllm-lite train-draft --out)")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--num-prompts", type=int, default=6)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--model", default="qwen3-0.6b", help="oracle workload: a bench/data config (random weights)")
+    ap.add_argument("--data", default=None, help="the GSM8K folder (default: ../shared/data/gsm8k)")
+    ap.add_argument("--model-path", default=None, help="edit / gsm8k: another model than the default one (tests)")
+    ap.add_argument("--dtype", default=None, help="edit / gsm8k: the model dtype (default: the engine's)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true", help="torch.profiler tables of the traced run (see above)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     from vllm_lite import LLM
     spec = {**NGRAM, "num_speculative_tokens": args.k} if args.spec == "ngram" else None
+    if args.spec == "eagle3":
+        if not args.head:
+            raise SystemExit("--spec eagle3 needs --head HEAD_DIR")
+        spec = {"method": "eagle3", "model": args.head, "num_speculative_tokens": args.k,
+                "adaptive_draft_length": False}
     common = dict(async_scheduling=args.async_scheduling, max_num_seqs=max(8, args.batch_size),
-                  gpu_memory_utilization=0.5)
-    if args.workload == "edit":
-        llm = LLM("smollm2-135m-instruct", speculative_config=spec, **common)
-        convs = [[{"role": "user", "content": EDIT_PROMPT.format(passage=p)}] for p in _passages(None, args.num_prompts)]
+                  gpu_memory_utilization=0.5, **({"dtype": args.dtype} if args.dtype else {}))
+    if args.workload in ("edit", "gsm8k"):
+        llm = LLM(args.model_path or "smollm2-135m-instruct", speculative_config=spec, **common)
+        template = EDIT_PROMPT if args.workload == "edit" else "{passage}"
+        convs = [[{"role": "user", "content": template.format(passage=p)}]
+                 for p in _passages(args.data, args.num_prompts)]
         params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
         llm.chat(convs[:1], SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)  # warm-up
         trace = StepTrace(llm)
@@ -160,8 +197,8 @@ def main() -> None:
                 llm.chat([conv], params, use_tqdm=False)
     else:
         from vllm_lite.benchmarks.utils import resolve_bench_model
-        llm = LLM(resolve_bench_model(args.model), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
-                  speculative_config=spec, **common)
+        llm = LLM(resolve_bench_model(args.model), load_format="dummy", skip_tokenizer_init=True,
+                  speculative_config=spec, **{"dtype": "bfloat16", **common})
         rng = random.Random(0)
         batches = [[{"prompt_token_ids": [rng.randrange(10000) for _ in range(128)]} for _ in range(args.batch_size)]
                    for _ in range(args.num_prompts)]
@@ -189,6 +226,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+    return result
 
 
 def _profiler(on: bool) -> Any:
