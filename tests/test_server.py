@@ -82,6 +82,15 @@ def test_request_phase_histograms(server, client, model_dir):
     assert min(queue, prefill, decode) >= 0 and prefill > 0 and decode > 0
     assert prefill + decode == pytest.approx(inference, abs=1e-3)
     assert queue + inference <= elapsed
+    # A request that a stop string ends in the API server (the engine core then aborts it) is observed too.
+    stop = next(c for c in r.choices[0].text[4:] if not c.isspace())
+    r2 = client.completions.create(model=model_dir, prompt="Hello world", max_tokens=12, temperature=0, stop=[stop],
+                                   extra_body={"ignore_eos": True})
+    assert r2.choices[0].finish_reason == "stop" and r2.usage.completion_tokens < 12
+    deadline = time.monotonic() + 10
+    while read()[names[-1]][0] < after[names[-1]][0] + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(read()[n][0] == after[n][0] + 1 for n in names)
 
 
 def test_completions(client, model_dir):

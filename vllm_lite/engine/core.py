@@ -110,8 +110,9 @@ class EngineCore:
             return
         self.scheduler.add_request(request)
 
-    def abort_requests(self, request_ids: list[str]) -> None:
-        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+    def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
+        """Abort now; returns an output (finish_reason "abort", the request's timings) per request stopped."""
+        return self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or bool(self.in_flight)

@@ -133,7 +133,9 @@ def _busy_loop(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket) -> None:
 
 def _handle(core: EngineCore, msg: object, outbox: zmq.Socket) -> None:
     if isinstance(msg, AbortRequests):
-        core.abort_requests(msg.request_ids)
+        stopped = core.abort_requests(msg.request_ids)
+        if stopped:  # the API server has finished these already (stop strings, disconnects): its metrics see them
+            outbox.send(encode(EngineCoreOutputs(stopped)))
         return
     try:
         core.add_request(msg)
