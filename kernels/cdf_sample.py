@@ -64,7 +64,9 @@ if HAS_TRITON:
         tl.store(sum_ptr + out, s)
         tl.store(arg_ptr + out, arg)
 
-    @triton.jit
+    # A fresh random seed each step: specialised (== 1, divisible by 16) it would compile new variants at random
+    # moments on the serving path.
+    @triton.jit(do_not_specialize=["seed"])
     def _pick_kernel(logits_ptr, stride_row, temp_ptr, greedy_ptr, u_ptr, seed, V, max_ptr, sum_ptr, arg_ptr,
                      out_ptr, num_chunks, HAS_U: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS_P2: tl.constexpr):
         row = tl.program_id(0)
@@ -120,3 +122,12 @@ def cdf_sample_triton(logits: torch.Tensor, temperature: torch.Tensor, is_greedy
                        maxes, sums, args, out, num_chunks, HAS_U=u is not None, CHUNK=chunk,
                        NUM_CHUNKS_P2=triton.next_power_of_2(num_chunks), num_warps=num_warps)
     return out
+
+
+def warm_up_cdf_sample(vocab: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Compile both kernels for this model's logits before the first random-sampling request (a compile on the
+    serving path stalls every running request's step)."""
+    if not (HAS_TRITON and device.type == "cuda"):
+        return
+    logits = torch.zeros(1, vocab, dtype=dtype, device=device)
+    cdf_sample_triton(logits, torch.ones(1, device=device), torch.zeros(1, dtype=torch.bool, device=device))

@@ -110,7 +110,8 @@ if HAS_TRITON:
         else:
             return x.to(ty, fp_downcast_rounding="rtne")
 
-    @triton.jit
+    # Token counts vary per step (prefill lengths): not specialised, so an unseen count never compiles a variant.
+    @triton.jit(do_not_specialize=["num_tokens", "num_write"])
     def _qk_norm_rope_cache_kernel(
             q_ptr, k_ptr, v_ptr, qo_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, cache_ptr, slot_ptr,
             q_stride_t, k_stride_t, v_stride_t, cs_stride_t, eps, num_tokens, num_write, block_size,

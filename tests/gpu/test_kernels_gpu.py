@@ -284,3 +284,22 @@ def test_bitmask_warm_up_compiles_the_only_variant_steps_use():
         assert torch.equal(logits, want)
     torch.cuda.synchronize()
     assert variants() == before
+
+
+def test_cdf_sample_warm_up_covers_every_seed_and_batch():
+    """The per-step random seed is not specialised: after warm_up_cdf_sample, seeds 1, 16, 7 and any batch size
+    compile nothing more (a seed divisible by 16 once compiled a new variant mid-serving)."""
+    from vllm_lite.kernels.cdf_sample import _chunk_stats_kernel, _pick_kernel, cdf_sample_triton, warm_up_cdf_sample
+    vocab, dev = 49152, torch.device("cuda")
+    warm_up_cdf_sample(vocab, dev, torch.bfloat16)
+
+    def variants() -> int:
+        return sum(len(entry[0]) for k in (_chunk_stats_kernel, _pick_kernel) for entry in k.device_caches.values())
+    before = variants()
+    for b, seed in ((1, 1), (2, 16), (3, 7), (5, 32)):
+        logits = torch.randn(b, vocab, device=dev).to(torch.bfloat16)
+        out = cdf_sample_triton(logits, torch.full((b,), 0.8, device=dev), torch.zeros(b, dtype=torch.bool, device=dev),
+                                seed=seed)
+        assert out.shape == (b,) and bool(((out >= 0) & (out < vocab)).all())
+    torch.cuda.synchronize()
+    assert variants() == before

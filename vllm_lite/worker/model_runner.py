@@ -24,6 +24,7 @@ from vllm_lite.compile.cuda_graphs import (CUDAGraphRunner, default_capture_size
 from vllm_lite.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from vllm_lite.distributed import TPGroup
 from vllm_lite.kernels.bitmask import warm_up_bitmask_kernel
+from vllm_lite.kernels.cdf_sample import warm_up_cdf_sample
 from vllm_lite.kernels.rejection_sampler import warm_up_verify_kernel
 from vllm_lite.layers.linear import kv_heads_of_rank
 from vllm_lite.model_loader import ModelInfo, load_model
@@ -190,7 +191,8 @@ class ModelRunner:
             self.graphs.capture(self._prepare_capture)
         if self.drafting is not None:
             self.drafting.drafter.initialize_kv_cache(num_blocks)
-        warm_up_bitmask_kernel(self.vocab_size, self.device, self.info.dtype)
+        warm_up_bitmask_kernel(self.vocab_size, self.device, self.info.dtype)  # Triton compiles before serving
+        warm_up_cdf_sample(self.vocab_size, self.device, self.info.dtype)
         if self.num_spec_tokens:
             warm_up_verify_kernel(self.num_spec_tokens, self.vocab_size, self.device,
                                   draft_probs=self.drafting is not None)
