@@ -369,3 +369,13 @@ def test_kernel_config_engine_arguments_override_env(clean_kernel_env):
         KernelConfig(skinny_gemm="no")
     with pytest.raises(ValueError, match="unknown engine argument"):
         EngineConfig.from_kwargs(skinny=True)
+
+
+def test_per_step_integers_are_not_specialised():
+    """Triton specialises integer arguments (== 1, divisible by 16): one that changes every step (the sampler's
+    random seed, a prefill's token counts) would compile new variants on the serving path at unpredictable steps."""
+    pytest.importorskip("triton")
+    from vllm_lite.kernels.cdf_sample import _pick_kernel
+    from vllm_lite.kernels.qk_norm_rope import _qk_norm_rope_cache_kernel
+    for kernel, names in ((_pick_kernel, {"seed"}), (_qk_norm_rope_cache_kernel, {"num_tokens", "num_write"})):
+        assert {p.name for p in kernel.params if p.do_not_specialize} == names
