@@ -157,4 +157,7 @@ def compile_model(model: torch.nn.Module, config: Any = None, *, cache_dir: str 
     logger.info("torch.compile (%s, dynamic token dimension, fullgraph); compile cache in %s",
                 backend if isinstance(backend, str) else getattr(backend, "__name__", "custom"), path)
     # Round intermediates where eager rounds them, so compiled and eager greedy outputs agree in bf16/fp16.
-    return CompiledForward(model.forward, backend=backend, options={"emulate_precision_casts": True})
+    options: dict[str, Any] = {"emulate_precision_casts": True}
+    if config is not None and config.device.inductor_cpp_wrapper:
+        options["cpp_wrapper"] = True  # kernel launches from a C++ wrapper (the steps outside CUDA graphs)
+    return CompiledForward(model.forward, backend=backend, options=options)

@@ -81,8 +81,15 @@ class DeviceConfig:
     # Largest decode batch replayed from a CUDA graph (sizes 1, 2, 4, 8, 16, 24, ... up to min(this, max_num_seqs));
     # larger decode batches run compiled without a graph.
     max_cudagraph_capture_size: int = 512
+    # Inductor's C++ wrapper for the compiled forward: kernel launches from C++ instead of generated Python, for the
+    # steps that run without a CUDA graph (prefills: TTFT). Off by default until measured on the GPU
+    # (`bash bench/gpu_check.sh latency-cppw`); the first compile takes longer (a C++ build, cached on disk).
+    inductor_cpp_wrapper: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.inductor_cpp_wrapper, bool):
+            raise ValueError(f"inductor_cpp_wrapper={self.inductor_cpp_wrapper!r} is invalid; it must be True or "
+                             f"False")
         _choice("device", self.device, DEVICES)
         _positive("max_cudagraph_capture_size", self.max_cudagraph_capture_size)
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
