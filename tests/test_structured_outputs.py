@@ -414,3 +414,26 @@ def test_deferred_bitmask_fill_gives_identical_outputs(tiny_smol_path, schema_ru
         assert llm.engine._deferred_sample is None and not llm.engine.in_flight
         llm.engine.shutdown()
     assert runs[0] == runs[1]
+
+
+def test_launch_ahead_with_the_manager_but_no_grammar(tiny_smol_path):
+    """An engine with a tokenizer always has the grammar manager; launch-ahead (CUDA's default, forced here) must
+    still run for unconstrained speculating requests, and not while a request has a grammar. Outputs equal the
+    engine without drafts either way."""
+    plain = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)] * 2
+    constrained = [SamplingParams(temperature=0.0, max_tokens=24, structured_outputs=StructuredOutputsParams(
+        json=SCHEMAS["flat_person"], disable_any_whitespace=True))]
+    prompts = [[1, 5, 9, 200], [1, 5, 10, 207]]
+    kw = dict(TINY, async_scheduling=True)
+    for params, want_ahead in ((plain, True), (constrained, False)):
+        ps = prompts[: len(params)]
+        ref = run_core(make_core(tiny_smol_path, grammar=_manager(tiny_smol_path), **kw), ps, params)
+        tokens = {r: v["tokens"] for r, v in ref.items()}
+        core = make_core(tiny_smol_path, proposer=OracleProposer(tokens), grammar=_manager(tiny_smol_path),
+                         num_speculative_tokens=3, **kw)
+        core.launch_ahead = True
+        ahead: list[int] = []
+        launch = core._launch_ahead
+        core._launch_ahead = lambda: (ahead.append(1), launch())
+        assert run_core(core, ps, params) == ref
+        assert bool(ahead) == want_ahead

@@ -160,18 +160,24 @@ class EngineCore:
             applied = EngineCoreOutputs(scheduler_stats=self.scheduler.make_stats())
         if applied is None:
             applied = self._apply_oldest()
-            if self.launch_ahead and not self.in_flight and self.structured is None \
+            if self.launch_ahead and not self.in_flight and self._no_constrained_requests() \
                     and self.scheduler.has_unfinished_requests():
                 self._launch_ahead()
         if errors:
             applied.outputs = errors + applied.outputs
         return applied
 
+    def _no_constrained_requests(self) -> bool:
+        """No request has (or waits for) a grammar. Engines with a tokenizer always have the manager, so its mere
+        presence must not turn launch-ahead off (it did: the default model never launched ahead)."""
+        s = self.structured
+        return s is None or not (s.requests or s.compiling)
+
     def _launch_ahead(self) -> None:
         """Launch the next step before the applied one's outputs go back, so that the caller's output handling
         (detokenizing, sending to the API server) overlaps the device instead of delaying the next launch. The next
-        step() then finds the speculating requests waiting on it and applies it. Not with xgrammar constraints:
-        their drafts are clipped to the grammar at the start of step(), before scheduling."""
+        step() then finds the speculating requests waiting on it and applies it. Not while a request has a grammar:
+        drafts are clipped to the grammar at the start of step(), before scheduling."""
         scheduler_output = self.scheduler.schedule()
         if not scheduler_output.total_num_scheduled_tokens:
             self.scheduler.requeue_finished(scheduler_output.finished_req_ids)
