@@ -150,3 +150,27 @@ def test_staged_words_start_16_byte_aligned():
     for m in range(1, 12):
         start, total = staging_layout(m, 1536)
         assert start * 4 % 16 == 0 and 2 * m <= start < 2 * m + 4 and total == start + m * 1536
+
+
+def test_applier_in_order_fast_path_and_its_near_misses():
+    """Every sampling row constrained, one row each, in order (batch 1, grammars without drafts) skips the index
+    work; the same masks in another order, with a verification row, or with an unconstrained request go the general
+    way. All equal the per-row walk."""
+    g = torch.Generator().manual_seed(7)
+    v = 70
+    for m in (1, 2, 5):
+        ids = [f"r{i}" for i in range(m)]
+        allowed = torch.rand(m, v, generator=g) < 0.5
+        logits = torch.randn(m, v, generator=g)
+        got = logits.clone()
+        GrammarBitmaskApplier(torch.device("cpu")).apply(got, _grammar(ids, [1] * m, allowed), ids, list(range(m + 1)))
+        assert torch.equal(got, _expected(logits, allowed, list(range(m)), list(range(m))))
+        rev = ids[::-1]  # same requests, grammar rows in reverse order
+        got = logits.clone()
+        GrammarBitmaskApplier(torch.device("cpu")).apply(got, _grammar(rev, [1] * m, allowed), ids, list(range(m + 1)))
+        assert torch.equal(got, _expected(logits, allowed, list(range(m)), list(range(m))[::-1]))
+        wide = torch.randn(m + 1, v, generator=g)  # the last request verifies one draft: two logits rows
+        got = wide.clone()
+        GrammarBitmaskApplier(torch.device("cpu")).apply(got, _grammar(ids, [1] * m, allowed), ids,
+                                                          list(range(m)) + [m + 1])
+        assert torch.equal(got, _expected(wide, allowed, list(range(m)), list(range(m))))

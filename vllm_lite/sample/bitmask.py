@@ -21,12 +21,20 @@ class GrammarBitmaskApplier:
         self.device = device
         self._buffers: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
         self._turn = 0
+        self._rows = np.arange(256, dtype=np.int64)
 
     def apply(self, logits: torch.Tensor, grammar: GrammarOutput, req_ids: list[str], row_offsets: list[int]) -> None:
         """logits [R, V] of the step's sampling rows; req_ids: the sampling requests in logits order;
         row_offsets: each one's first logits row, then R. Rows of requests without grammar rows stay untouched."""
-        where = {r: j for j, r in enumerate(req_ids)}
+        words = np.frombuffer(grammar.bitmask, dtype=np.int32).reshape(-1, grammar.num_words)
         m = len(grammar.req_ids)
+        if m == len(words) == row_offsets[-1] and grammar.req_ids == req_ids:
+            # Every sampling row is constrained, one row each, in order (batch 1, or a batch of grammars without
+            # drafts): grammar row i masks logits row i, no index work.
+            words_t, rows_t = self._stage(words, self._arange(m))
+            apply_bitmask(logits, words_t, rows_t)
+            return
+        where = {r: j for j, r in enumerate(req_ids)}
         j = np.fromiter((where.get(r, -1) for r in grammar.req_ids), dtype=np.int64, count=m)
         keep = j >= 0
         if not keep.any():
@@ -39,11 +47,15 @@ class GrammarBitmaskApplier:
         within = np.arange(int(k.sum()), dtype=np.int64) - np.repeat(np.cumsum(k) - k, k)
         src_rows = np.repeat(first[keep], k) + within
         dst_rows = np.repeat(offsets[j], k) + within
-        words = np.frombuffer(grammar.bitmask, dtype=np.int32).reshape(-1, grammar.num_words)
         if len(src_rows) != len(words) or src_rows[-1] != len(words) - 1:  # not simply all rows in order
             words = words[src_rows]
         words_t, rows_t = self._stage(words, dst_rows)
         apply_bitmask(logits, words_t, rows_t)
+
+    def _arange(self, m: int) -> np.ndarray:
+        if len(self._rows) < m:
+            self._rows = np.arange(max(m, 2 * len(self._rows)), dtype=np.int64)
+        return self._rows[:m]
 
     def _stage(self, words: np.ndarray, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Words and destination rows on the device (one copy each through a pinned buffer on CUDA)."""
