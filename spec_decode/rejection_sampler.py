@@ -20,6 +20,7 @@ import torch
 
 from vllm_lite.sample.metadata import SamplingMetadata
 from vllm_lite.sample.sampler import Sampler
+from vllm_lite.kernels.alignment import packed_starts
 from vllm_lite.kernels.rejection_sampler import verify_drafts
 from vllm_lite.sample.topk_topp import apply_min_p, apply_top_k_top_p
 
@@ -102,13 +103,13 @@ def rejection_sample(logits: torch.Tensor, meta: SamplingMetadata, draft_ids: to
     offsets = [0]
     for c in counts_list[:-1]:
         offsets.append(offsets[-1] + c)
-    # One copy for the three per-request vectors (each copy is a launch of its own). Each starts on an even
-    # element, 16 bytes aligned as the verify kernel's warm-up compiled it (Triton specialises on pointer
-    # alignment: a misaligned slice compiles a new variant on the serving path).
-    w = s + (s & 1)
-    pad = [0] * (w - s)
-    packed = to_device(counts_list + pad + offsets + pad + list(num_drafts), device)
-    counts, offsets_t, num_drafts_t = packed[:s], packed[w: w + s], packed[2 * w: 2 * w + s]
+    # One copy for the three per-request vectors (each copy is a launch of its own), each 16-byte aligned as the
+    # verify kernel's warm-up compiled it (kernels/alignment.py).
+    a, b, c, total = packed_starts((s, s, s), 8)
+    values = [0] * total
+    values[a: a + s], values[b: b + s], values[c: c + s] = counts_list, offsets, num_drafts
+    packed = to_device(values, device)
+    counts, offsets_t, num_drafts_t = packed[a: a + s], packed[b: b + s], packed[c: c + s]
     total = logits.shape[0]
     fast = meta.all_greedy and row_mask is None and meta.no_token_constraints and meta.no_penalties
     req_of_row = pos_of_row = None

@@ -142,14 +142,18 @@ def test_cuda_kernel_large_batch_matches_reference():
         assert torch.equal(got.cpu(), want)
 
 
-def test_staged_words_start_16_byte_aligned():
-    """The pinned staging copy puts the rows (int64) first, then the words from a 16-byte boundary for every row
-    count: the bitmask kernel compiled by its warm-up is the one every step uses (an odd count once compiled a
-    second variant on the serving path)."""
-    from vllm_lite.sample.bitmask import staging_layout
-    for m in range(1, 12):
-        start, total = staging_layout(m, 1536)
-        assert start * 4 % 16 == 0 and 2 * m <= start < 2 * m + 4 and total == start + m * 1536
+def test_packed_segments_start_aligned():
+    """kernels/alignment.py, used by every packer of kernel inputs (the bitmask staging copy, the rejection
+    sampler's vectors, the input stager): each segment starts on the boundary for any counts before it, and none
+    overlaps the next (an odd count once started the bitmask words 8 bytes off, compiling a second kernel variant
+    on the serving path)."""
+    from vllm_lite.kernels.alignment import packed_starts
+    for itemsize, align in ((4, 16), (8, 16), (4, 64)):
+        for sizes in ([1], [2, 1536], [3, 3, 3], [7, 0, 5, 1], [16, 1, 33]):
+            starts = packed_starts(sizes, itemsize, align)
+            assert starts[0] == 0 and len(starts) == len(sizes) + 1
+            assert all(st * itemsize % align == 0 for st in starts)
+            assert all(starts[i] + n <= starts[i + 1] < starts[i] + n + align for i, n in enumerate(sizes))
 
 
 def test_applier_in_order_fast_path_and_its_near_misses():

@@ -105,8 +105,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_help: str | None = No
                    help="largest decode batch replayed from a CUDA graph (graphs for 1, 2, 4, 8, 16, 24, ... up to "
                         "this and max_num_seqs); larger batches run compiled without a graph")
     g.add_argument("--inductor-cpp-wrapper", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile with inductor's C++ wrapper: steps without a CUDA graph (prefills) launch "
-                        "their kernels from C++ (a slower first compile, cached on disk)")
+                   help="experimental, CUDA: torch.compile with inductor's C++ wrapper, so steps without a CUDA "
+                        "graph (prefills) launch their kernels from C++ (a slower first compile, cached on disk); "
+                        "no effect where the model runs eager (CPU, --enforce-eager), which is logged")
     g.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="attention kernels: torch (reference, any device) or flashinfer (GPU)")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from vllm_lite.kernels.alignment import packed_starts
 from vllm_lite.kernels.bitmask import apply_bitmask, unpack_bitmask  # noqa: F401 (unpack: re-exported for tools)
 from vllm_lite.protocol import GrammarOutput
 
@@ -62,7 +63,7 @@ class GrammarBitmaskApplier:
         m, w = words.shape
         if self.device.type != "cuda":
             return torch.from_numpy(np.array(words, dtype=np.int32)), torch.from_numpy(rows)  # own, writable copy
-        start, need = staging_layout(m, w)
+        _, start, need = packed_starts((2 * m, m * w), 4)  # the rows as int64 (two int32 slots each), the words
         if len(self._buffers) < 2 or self._buffers[self._turn][0].numel() < need:
             self._buffers = [(torch.empty(2 * need, dtype=torch.int32, pin_memory=True), None) for _ in range(2)]
             self._turn = 0
@@ -78,14 +79,6 @@ class GrammarBitmaskApplier:
         self._buffers[self._turn] = (buf, event)
         self._turn ^= 1
         return dev[start:].view(m, w), dev[: 2 * m].view(torch.int64)
-
-
-def staging_layout(m: int, w: int) -> tuple[int, int]:
-    """(first word, total) in int32 slots of one staging copy: m rows as int64, then m x w words from a 16-byte
-    boundary (the kernel's warm-up compiled it for aligned words; a misaligned start would compile another variant
-    on the serving path whenever m is odd)."""
-    start = -(-2 * m // 4) * 4
-    return start, start + m * w
 
 
 def pack_bitmask(allowed: torch.Tensor) -> torch.Tensor:

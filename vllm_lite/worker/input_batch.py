@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from vllm_lite.attention import StepMetadata
+from vllm_lite.kernels.alignment import packed_starts
 
 _ALIGN = 16  # int32 elements = 64 bytes
 _MAX_LAYOUTS = 4096  # cached field layouts (one per distinct step shape); cleared when full
@@ -112,7 +113,7 @@ class InputStager:
         sizes = [num_tokens, num_tokens, num_tokens, num_sample, num_reqs + 1, num_reqs, num_fill, num_fill,
                  num_reqs * max_blocks]
         # Each field starts 64-byte aligned: compiled kernels are specialised on input alignment.
-        begin = np.concatenate([[0], np.cumsum(-(-np.array(sizes) // _ALIGN) * _ALIGN)[:-1]]).tolist()
+        begin = packed_starts(sizes, 4, 4 * _ALIGN)[:-1]
         spans = [slice(b, b + n) for b, n in zip(begin, sizes)]
         lay = _Layout(_Fields(*(self.host_np[sp] for sp in spans)), _Fields(*(self.dev[sp] for sp in spans)),
                       _Fields(*(self.host[sp] for sp in spans)), int(begin[-1] + sizes[-1]))

@@ -109,6 +109,8 @@ class ModelRunner:
         # than it saves for development and tests).
         self.use_compile = self.device.type == "cuda" and not self.config.device.enforce_eager
         self.forward = compile_model(self.model, self.config) if self.use_compile else self.model.forward
+        if self.config.device.inductor_cpp_wrapper and not self.use_compile:
+            logger.warning("inductor_cpp_wrapper has no effect: the model runs eager here (CPU or enforce_eager)")
         self.use_cuda_graphs = self.use_compile and self.attn_ctx.backend.supports_cuda_graphs
         self.graphs: CUDAGraphRunner | None = None
         self.capture_sizes = default_capture_sizes(self.config.scheduler.max_num_seqs,
