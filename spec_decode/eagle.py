@@ -34,6 +34,7 @@ from vllm_lite.model_loader.weights import checkpoint_weights, init_dummy_weight
 from vllm_lite.models.decoder import (DecoderAttention, DecoderForCausalLM, DecoderLayer, DecoderMLP, Linear,
                                       WeightLoadError)
 from vllm_lite.spec_decode.drafter import DraftBatch, ModelDrafter
+from vllm_lite.spec_decode.padded_proposal import MAX_BATCH, PaddedProposer, RowsBackend
 
 logger = logging.getLogger("vllm_lite.spec_decode")
 
@@ -142,6 +143,7 @@ class EagleDrafter(ModelDrafter):
             self.aux_hidden_layers = tuple(sorted(set(ids)))  # the target returns them in layer order
             self._aux_order = [self.aux_hidden_layers.index(i) for i in ids]
         self.max_tokens = self.stagers[0].max_tokens
+        self.padded: PaddedProposer | None = None  # proposals of uniform greedy verification steps, on the device
 
     def load(self, target_model: torch.nn.Module) -> None:
         cfg = self.head_config
@@ -185,6 +187,38 @@ class EagleDrafter(ModelDrafter):
         logger.info("%s head %s (%d layer, hidden %d%s), k = %d", "EAGLE-3" if self.eagle3 else "EAGLE",
                     self.path, self.num_layers, cfg.hidden_size,
                     f", draft vocab {head.draft_vocab_size}" if self.eagle3 else "", self.k)
+
+    def _make_context(self, hf_config: Any) -> Any:
+        ctx = super()._make_context(hf_config)
+        ctx.backend = RowsBackend(ctx.backend)  # device-built forwards of the padded proposals
+        return ctx
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        super().initialize_kv_cache(num_blocks)
+        if self.config.speculative.disable_padded_drafter_batch:
+            return
+        padded = PaddedProposer(self, min(MAX_BATCH, self.max_num_seqs))
+        if self.use_cuda_graphs:
+            try:
+                padded.capture()
+            except (RuntimeError, ValueError) as e:  # an optimisation: the host path still proposes every step
+                logger.warning("EAGLE proposal graphs not captured (%s: %s); proposals take the host path",
+                               type(e).__name__, e)
+                return
+        self.padded = padded
+
+    def hidden_source_widths(self) -> list[int]:
+        """Widths of the target hidden states a catch-up row reads (EAGLE-3: the three aux layers, in layer order)."""
+        width = int(self.target_info.hf_config.hidden_size)
+        return [width] * (len(self.aux_hidden_layers) if self.eagle3 else 1)
+
+    def set_rows_hidden(self, sources: list[torch.Tensor]) -> None:
+        """The padded catch-up's hidden inputs: every row of the step (sources as `hidden_source_widths` says)."""
+        total = sources[0].shape[0]
+        if self.eagle3:
+            self.model.hidden_in[:total] = self.model.fc(torch.cat([sources[i] for i in self._aux_order], dim=-1))
+        else:
+            self.model.hidden_in[:total] = sources[0]
 
     def _set_catch_up_hidden(self, batch: DraftBatch, lens: np.ndarray) -> None:
         """Row i of the catch-up reads the target hidden state of its position: each request's first lens[r] rows

@@ -12,6 +12,11 @@ import sys
 
 import pytest
 
+# `python -m pytest` puts the working directory (the repository root) on sys.path, where the top-level folder kernels/
+# (installed as vllm_lite.kernels) shadows the PyPI package `kernels` that transformers >= 5 imports for its hub
+# kernels when it loads a model. The packages are imported through their install, never from the root.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 sys.path.insert(0, os.path.dirname(__file__))
 
 import server_utils  # noqa: E402

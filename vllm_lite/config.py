@@ -209,6 +209,9 @@ class SpeculativeConfig:
     adaptive_measured_costs: the rule's verifying-step overhead is measured (the engine's step times, plain against
       verifying, per batch size) where both kinds of step ran, instead of a fixed estimate. Off by default: on the
       H200 it turned n-gram speculation down on the edit workload (0.89x against 1.27x with the estimate).
+    disable_padded_drafter_batch (vLLM's name; EAGLE heads): True makes every proposal take the host path, which
+      waits for the verified tokens and stages each draft forward; by default a uniform greedy verification step's
+      proposal runs on the device in one graph (spec_decode/padded_proposal.py).
     """
     method: str | None = None
     model: str | None = None
@@ -223,6 +226,7 @@ class SpeculativeConfig:
     adaptive_draft_length: bool = True
     adaptive_saturation_tokens: int = 256
     adaptive_measured_costs: bool = False
+    disable_padded_drafter_batch: bool = False
 
     def __post_init__(self) -> None:
         def set_(name: str, value: Any) -> None:  # frozen: defaults resolved once, here
@@ -275,6 +279,9 @@ class SpeculativeConfig:
         if not isinstance(self.adaptive_measured_costs, bool):
             raise ValueError(f"adaptive_measured_costs={self.adaptive_measured_costs!r} is invalid; it must be True "
                              f"or False")
+        if not isinstance(self.disable_padded_drafter_batch, bool):
+            raise ValueError(f"disable_padded_drafter_batch={self.disable_padded_drafter_batch!r} is invalid; it "
+                             f"must be True or False")
         if not isinstance(self.adaptive_draft_length, bool):
             raise ValueError(f"adaptive_draft_length={self.adaptive_draft_length!r} is invalid; it must be True or "
                              f"False")

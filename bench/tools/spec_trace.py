@@ -90,9 +90,9 @@ class StepTrace:
         runner = self.runner
         draft, resolve_all = runner._propose_drafts, runner._resolve_all
 
-        def traced_draft(step: Any) -> Any:
+        def traced_draft(*args: Any) -> Any:
             t0 = time.perf_counter()
-            out = draft(step)
+            out = draft(*args)
             self._cur["draft_ms"] = self._cur.get("draft_ms", 0.0) + 1000 * (time.perf_counter() - t0)
             return out
 

@@ -1,6 +1,7 @@
 """In-worker drafters on CUDA (draft model, EAGLE, EAGLE-3): the torch backend in float32 (eager) and FlashInfer in
 bf16, eager and compiled with CUDA graphs (the drafter's one-token decode steps replay its own graphs), async
-scheduling on and off. Greedy outputs equal the plain run's: exactly in float32; in bf16 up to a near tie (the same
+scheduling on and off; EAGLE heads' uniform verification steps propose in one captured graph
+(spec_decode/padded_proposal.py). Greedy outputs equal the plain run's: exactly in float32; in bf16 up to a near tie (the same
 rule as test_spec_gpu.py: at the first difference each run's token is among the other's top-5). The target drafting
 for itself has (nearly) every draft accepted."""
 from __future__ import annotations
@@ -59,7 +60,11 @@ def test_model_drafters_match_the_plain_run(models, setup, async_scheduling):
         assert stats.num_draft_tokens > 0
         if name == "self":  # all accepted but where a bf16 near tie flips (at most K drafts per such request)
             assert stats.num_draft_tokens - stats.num_accepted_tokens <= (len(ref) - identical + 1) * K
-        if setup.endswith("graphs"):  # decode steps and uniform catch-ups (all requests alike) replay graphs
+        padded = getattr(drafter, "padded", None)
+        if setup.endswith("graphs") and padded is not None:  # EAGLE: uniform verification steps replay a proposal
+            print(f"  proposal graph replays: {padded.num_replays} of {padded.num_proposals} padded proposals")
+            assert len(padded.graphs) == padded.max_batch and padded.num_replays > 0
+        elif setup.endswith("graphs"):  # decode steps and uniform catch-ups (all requests alike) replay graphs
             assert drafter.graphs is not None and drafter.graphs.num_replays[1] > 0
             catch_up = drafter.catch_up_graphs
             print(f"  catch-up graph replays by rows per request: {catch_up and catch_up.num_replays}")

@@ -302,6 +302,8 @@ def run_eagle3(args: argparse.Namespace) -> dict:
     from vllm_lite.spec_decode.train.export import record_acceptance
     config = {"method": "eagle3", "model": args.head, "num_speculative_tokens": args.num_speculative_tokens,
               "adaptive_draft_length": False}
+    if args.batched:  # every prompt in one batch: above the default batch limit (64) nothing would draft
+        config["disable_by_batch_size"] = None
     args.speculative_config = None
     convs = [[{"role": "user", "content": q}] for q in _passages(args.data, args.num_prompts)]
     plain = _in_child(_eagle3_engine, args, None, convs)
@@ -314,6 +316,8 @@ def run_eagle3(args: argparse.Namespace) -> dict:
               "identical_outputs": f"{sum(a == b for a, b in zip(plain['outputs'], spec['outputs']))}/{n}",
               "identical_answers": f"{sum(a == b for a, b in zip(plain['answers'], spec['answers']))}/{n}",
               **spec["acceptance"], "targets": "mean_acceptance_length >= 2.0, speedup >= 1.5"}
+    # Identical outputs show nothing when no draft was verified.
+    result["identity_shown"] = spec["acceptance"]["num_drafts"] > 0
     progress(f"eagle3: {result['speedup']}x, mean acceptance length {result['mean_acceptance_length']}, per "
              f"position {result['per_position_acceptance']}, identical outputs {result['identical_outputs']}")
     if args.batched:  # the card records the batch-1 measurement

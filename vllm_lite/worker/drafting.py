@@ -6,6 +6,7 @@ here, on the request states, for the next step's rejection sampler (`draft_probs
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -64,15 +65,40 @@ class WorkerDrafting:
         drafts = self.drafter.propose(batch)
         for j, state in enumerate(sampling):
             state.draft_probs = None if drafts.probs is None else drafts.probs[j]
-        if not sampling:
-            return
-        pin = drafts.token_ids.device.type == "cuda"
-        host = drafts.token_ids.to("cpu", non_blocking=pin)
+        if sampling:
+            self._keep(launch_number, [s.req_id for s in sampling], drafts.token_ids)
+
+    def propose_padded(self, launch_number: int, states: list[CachedRequestState], starts: np.ndarray,
+                       num_drafts: list[int] | None, sampled: torch.Tensor, hidden: torch.Tensor | None,
+                       aux_hidden: list[torch.Tensor]) -> bool:
+        """A uniform greedy verification step's proposal on the device, launched without waiting for its tokens
+        (spec_decode/padded_proposal.py); False where the step does not qualify (the caller takes `propose`).
+        states: the step's requests, all of which sampled; sampled: the rejection sampler's tokens [R, k + 1]."""
+        drafter = self.drafter
+        padded = getattr(drafter, "padded", None)
+        limit = drafter.config.speculative.disable_by_batch_size
+        n = len(states)
+        if (padded is None or num_drafts is None or n > padded.max_batch or (limit is not None and n > limit)
+                or any(k != drafter.k for k in num_drafts) or not all(s.sampling_params.greedy for s in states)):
+            return False
+        t0 = time.perf_counter()
+        sources = list(aux_hidden) if drafter.eagle3 else [hidden]
+        ids = padded.propose(sampled, sources, starts, [s.block_ids for s in states], drafter.max_model_len)
+        for state in states:
+            state.draft_probs = None
+        self._keep(launch_number, [s.req_id for s in states], ids)
+        drafter.draft_seconds += time.perf_counter() - t0
+        drafter.num_proposals += 1
+        return True
+
+    def _keep(self, launch_number: int, req_ids: list[str], ids: torch.Tensor) -> None:
+        pin = ids.device.type == "cuda"
+        host = ids.to("cpu", non_blocking=pin)
         event = None
         if pin:
             event = torch.cuda.Event()
             event.record()
-        self._drafts[launch_number] = ([s.req_id for s in sampling], host, event)
+        self._drafts[launch_number] = (req_ids, host, event)
 
     def attach(self, launch_number: int, output: ModelRunnerOutput) -> None:
         """Put the drafts proposed after this launch into its output (per output request; [] for none)."""

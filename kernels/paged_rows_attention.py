@@ -1,0 +1,146 @@
+"""Attention over a paged KV cache where every query row carries its own request and position.
+
+An EAGLE draft head's proposal loop runs inside captured CUDA graphs, where the rows' positions exist only on the
+device: no attention plan can be built from host-side lengths. Here each row t reads request row_req[t] of the
+block table and attends causally to that request's positions 0 .. positions[t] (its own K/V already written), with
+no host synchronisation in either path.
+
+`rows_attention_triton`: one program per (row, kv head) loads that kv head's GROUP = Hq // Hkv query heads and
+walks the row's keys in BLOCK_N-token tiles (the loop bound is read from positions inside the kernel), block ids
+looked up per token in the block table, online softmax in float32. Scores and the weighted sum use broadcast
+products and tl.sum rather than tl.dot, so GROUP sizes of 1-4 work and the Triton interpreter runs it.
+`rows_attention_torch` is the plain-PyTorch reference (gather the request's blocks, mask, softmax).
+
+kv_cache is [num_blocks, 2, block_size, Hkv, D] (0 = keys, 1 = values), head dimension contiguous: the torch and
+FlashInfer backends' layout. A row with positions[t] < 0 attends to nothing and returns zeros; positions past the
+block table's capacity are clamped to it.
+"""
+from __future__ import annotations
+
+import torch
+
+try:  # triton is optional (CPU installs); the CUDA path needs it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    triton = None
+    tl = None
+
+__all__ = ["rows_attention", "rows_attention_torch", "rows_attention_triton", "HAS_TRITON"]
+
+HAS_TRITON = triton is not None
+_TILE_ELEMS = 8192  # GROUP_P * BLOCK_N * D_P: the broadcast product's size per tile (register budget)
+
+
+def rows_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, row_req: torch.Tensor,
+                         positions: torch.Tensor, scale: float) -> torch.Tensor:
+    """Reference: q [T, Hq, D] -> [T, Hq, D] in q's dtype, softmax in float32; no host sync."""
+    t, hq, d = q.shape
+    bs, hkv = kv_cache.shape[2], kv_cache.shape[3]
+    blocks = kv_cache[block_table[row_req.long()].long()]  # [T, max_blocks, 2, bs, Hkv, D]
+    n = blocks.shape[1] * bs
+    k = blocks[:, :, 0].reshape(t, n, hkv, d).float()
+    v = blocks[:, :, 1].reshape(t, n, hkv, d).float()
+    qg = q.float().reshape(t, hkv, hq // hkv, d)
+    s = torch.einsum("tkgd,tnkd->tkgn", qg, k) * scale
+    valid = (torch.arange(n, device=q.device)[None, :] <= positions.to(q.device)[:, None])[:, None, None, :]
+    p = torch.softmax(s.masked_fill(~valid, float("-inf")), dim=-1).masked_fill(~valid, 0.0)  # no keys: zeros
+    return torch.einsum("tkgn,tnkd->tkgd", p, v).reshape(t, hq, d).to(q.dtype)
+
+
+if HAS_TRITON:
+
+    # Nothing per step is an argument (T is the grid, positions are loaded), so no do_not_specialize is needed.
+    @triton.jit
+    def _rows_attention_kernel(
+        q_ptr, cache_ptr, bt_ptr, req_ptr, pos_ptr, out_ptr,
+        q_stride_t, q_stride_h, o_stride_t, o_stride_h, bt_stride, max_blocks,
+        c_stride_blk, c_stride_kv, c_stride_slot, c_stride_h, qk_scale,
+        GROUP: tl.constexpr, D: tl.constexpr, GROUP_P: tl.constexpr, D_P: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        kh = tl.program_id(1).to(tl.int64)
+        req = tl.load(req_ptr + t).to(tl.int64)
+        kv_len = tl.minimum(tl.load(pos_ptr + t).to(tl.int64) + 1, max_blocks * BLOCK_SIZE)
+        g = tl.arange(0, GROUP_P)
+        d = tl.arange(0, D_P)
+        qm = (g < GROUP)[:, None] & (d < D)[None, :]
+        qh = kh * GROUP + g
+        q = tl.load(q_ptr + t * q_stride_t + qh[:, None] * q_stride_h + d[None, :], mask=qm, other=0.0)
+        q = q.to(tl.float32) * qk_scale  # scale * log2(e): exp2 below
+        m_i = tl.full([GROUP_P], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([GROUP_P], dtype=tl.float32)
+        acc = tl.zeros([GROUP_P, D_P], dtype=tl.float32)
+        row_blocks = bt_ptr + req * bt_stride
+        # A while loop: the interpreter cannot take a loaded scalar as range()'s bound (with numpy >= 2.4).
+        start = 0
+        while start < kv_len:  # every tile holds at least one valid key, so m_i turns finite in the first
+            n = start + tl.arange(0, BLOCK_N)
+            nm = n < kv_len
+            blk = tl.load(row_blocks + n // BLOCK_SIZE, mask=nm, other=0).to(tl.int64)
+            base = cache_ptr + blk * c_stride_blk + (n % BLOCK_SIZE) * c_stride_slot + kh * c_stride_h
+            kvm = nm[:, None] & (d < D)[None, :]  # a full-shape mask (the interpreter rejects broadcast masks)
+            k = tl.load(base[:, None] + d[None, :], mask=kvm, other=0.0).to(tl.float32)
+            v = tl.load(base[:, None] + c_stride_kv + d[None, :], mask=kvm, other=0.0).to(tl.float32)
+            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [GROUP_P, BLOCK_N]
+            s = tl.where(nm[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            m_i = m_new
+            start += BLOCK_N
+        out = tl.where((l_i > 0.0)[:, None], acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)  # no keys: zeros
+        tl.store(out_ptr + t * o_stride_t + qh[:, None] * o_stride_h + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=qm)
+
+
+def rows_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, row_req: torch.Tensor,
+                          positions: torch.Tensor, scale: float, block_n: int | None = None,
+                          num_warps: int | None = None) -> torch.Tensor:
+    """Triton kernel (same contract as rows_attention_torch); block_n / num_warps override the tile choice."""
+    if not HAS_TRITON:
+        raise RuntimeError("rows_attention_triton needs triton (pip install triton)")
+    t, hq, d = q.shape
+    bs, hkv = kv_cache.shape[2], kv_cache.shape[3]
+    if kv_cache.shape[1] != 2 or kv_cache.shape[4] != d or hq % hkv or kv_cache.stride(4) != 1 \
+            or block_table.dim() != 2 or row_req.shape[0] != t or positions.shape[0] != t:
+        raise ValueError(f"rows_attention: q {tuple(q.shape)} cache {tuple(kv_cache.shape)} (strides "
+                         f"{kv_cache.stride()}) block_table {tuple(block_table.shape)} row_req "
+                         f"{tuple(row_req.shape)} positions {tuple(positions.shape)}")
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    if block_table.stride(1) != 1:
+        block_table = block_table.contiguous()
+    out = torch.empty(t, hq, d, dtype=q.dtype, device=q.device)
+    if t == 0:
+        return out
+    group = hq // hkv
+    group_p, d_p = triton.next_power_of_2(group), triton.next_power_of_2(d)
+    if block_n is None:
+        block_n = max(16, min(128, triton.next_power_of_2(max(1, _TILE_ELEMS // (group_p * d_p)))))
+    if num_warps is None:
+        num_warps = 4 if group_p * block_n * d_p >= 4096 else 2
+    cs = kv_cache.stride()
+    _rows_attention_kernel[(t, hkv)](
+        q, kv_cache, block_table, row_req, positions, out,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), block_table.shape[1],
+        cs[0], cs[1], cs[2], cs[3], scale * 1.4426950408889634,
+        GROUP=group, D=d, GROUP_P=group_p, D_P=d_p, BLOCK_N=block_n, BLOCK_SIZE=bs, num_warps=num_warps,
+    )
+    return out
+
+
+def rows_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, row_req: torch.Tensor,
+                   positions: torch.Tensor, scale: float, use_kernel: bool | None = None) -> torch.Tensor:
+    """Per-row paged attention: q [T, Hq, D], kv_cache [num_blocks, 2, block_size, Hkv, D], block_table
+    [R, max_blocks] int32, row_req [T] (request of each row), positions [T] int64 (row t attends to its request's
+    positions 0 .. positions[t]) -> [T, Hq, D] in q's dtype. use_kernel None: Triton on CUDA when triton imports,
+    else the torch reference; True / False force one. No host sync in either path (CUDA-graph safe)."""
+    if use_kernel is None:
+        use_kernel = HAS_TRITON and q.is_cuda
+    if use_kernel:
+        return rows_attention_triton(q, kv_cache, block_table, row_req, positions, scale)
+    return rows_attention_torch(q, kv_cache, block_table, row_req, positions, scale)
