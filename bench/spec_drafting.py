@@ -8,8 +8,9 @@ decode forwards, host work included) as a share of the whole step. Target: <= 10
 The head is a config-only folder written here (hidden size, heads and vocabulary of the target, draft vocabulary
 32000, layers 2, L/2, L-3) and gets random weights like the target (--load-format dummy); --head PATH uses a real
 one (then --load-format auto). Random heads are rarely accepted, so each step verifies k drafts and keeps one token:
-the step is the 1 + k verification plus the drafting. The drafter's time is measured from the moment the step's
-tokens are on the host (the device is idle then) to the drafts being ready on the device.
+the step is the 1 + k verification plus the drafting. The host path's drafting is measured from the moment the step's
+tokens are on the host (the device is idle then) to the drafts being ready on the device; a proposal on the device
+(uniform verification steps, spec_decode/padded_proposal.py) by the device time between CUDA events around it.
 """
 from __future__ import annotations
 
@@ -81,6 +82,26 @@ def main(argv: list[str] | None = None) -> dict:
         return out
 
     drafter.propose = timed_propose
+    # A uniform verification step's proposal runs on the device, queued right behind the verification without a
+    # wait (spec_decode/padded_proposal.py): its cost is the device time between events around it.
+    padded = getattr(drafter, "padded", None)
+    padded_events: list[tuple] = []  # (start, end): CUDA events, or perf_counter times elsewhere
+    if padded is not None:
+        padded_propose = padded.propose
+        cuda = drafter.device.type == "cuda"
+
+        def timed_padded(*a, **kw):
+            start = torch.cuda.Event(enable_timing=True) if cuda else time.perf_counter()
+            if cuda:
+                start.record()
+            out = padded_propose(*a, **kw)
+            end = torch.cuda.Event(enable_timing=True) if cuda else time.perf_counter()
+            if cuda:
+                end.record()
+            padded_events.append((start, end))
+            return out
+
+        padded.propose = timed_padded
     rng = random.Random(0)
     vocab = llm.info.vocab_size
     prompts = [{"prompt_token_ids": [rng.randrange(min(10000, vocab)) for _ in range(args.input_len)]}
@@ -91,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs = []
     for i in range(args.num_iters):
         draft_times.clear()
+        padded_events.clear()
         launches = runner._launches
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
@@ -98,10 +120,17 @@ def main(argv: list[str] | None = None) -> dict:
         steps = runner._launches - launches
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         step_ms = 1000 * wall / max(steps, 1)  # means over the run (the prefill step is 1 of output_len)
-        draft_ms = 1000 * sum(draft_times) / max(len(draft_times), 1)
-        runs.append({"step_ms": step_ms, "draft_ms": draft_ms, "steps": steps, "tokens": tokens})
+        if padded_events and drafter.device.type == "cuda":
+            torch.cuda.synchronize(drafter.device)
+            times = draft_times + [s.elapsed_time(e) / 1000 for s, e in padded_events]
+        else:
+            times = draft_times + [e - s for s, e in padded_events]
+        draft_ms = 1000 * sum(times) / max(len(times), 1)
+        runs.append({"step_ms": step_ms, "draft_ms": draft_ms, "steps": steps, "tokens": tokens,
+                     "device_proposals": len(padded_events), "host_proposals": len(draft_times)})
         progress(f"run {i + 1}/{args.num_iters}: {steps} steps, {tokens} tokens, step {step_ms:.3f} ms, "
-                 f"drafting {draft_ms:.3f} ms ({100 * draft_ms / step_ms:.1f} %)")
+                 f"drafting {draft_ms:.3f} ms ({100 * draft_ms / step_ms:.1f} %; {len(padded_events)} proposals on "
+                 f"the device, {len(draft_times)} on the host path)")
     step_ms = statistics.median(r["step_ms"] for r in runs)
     draft_ms = statistics.median(r["draft_ms"] for r in runs)
     stats = llm.engine.scheduler.make_stats()
@@ -110,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
               "drafting_ms": draft_ms, "drafting_share": draft_ms / step_ms,
               "tokens_per_step": statistics.median(r["tokens"] / r["steps"] for r in runs),
               "acceptance_rate": stats.num_accepted_tokens / max(stats.num_draft_tokens, 1),
+              "device_proposals": runs[-1]["device_proposals"], "host_proposals": runs[-1]["host_proposals"],
               "target_share": 0.10}
     print(f"drafting {draft_ms:.3f} ms of a {step_ms:.3f} ms step: {100 * draft_ms / step_ms:.1f} % "
           f"(target <= 10 %)", file=sys.stderr)
