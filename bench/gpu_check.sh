@@ -34,7 +34,8 @@
 #   gsm8k-ngram / mrcr-ngram   the same with n-gram speculation (answers compared with the plain run's report)
 #   spec-verify / spec-ngram / spec-t1   bench/spec_decode.py's scenarios (issue 14): oracle verification TPOT vs
 #              plain for llama-3.1-8b at batch 1/8/32; n-gram on the default model (edit + chat prompts, needs the
-#              model thirds and shared/data/gsm8k in the checkout); T1 with n-gram on vs off; spec-ngram:K with K drafts
+#              model thirds and shared/data/gsm8k in the checkout); T1 with n-gram on vs off; spec-ngram:K[:MIN:MAX] with K
+#              drafts from MIN..MAX-token lookups (default 2..4)
 #   spec-drafting[:MODEL]  bench/spec_drafting.py: drafting share of a step, random EAGLE-3 head, k = 3, batch 1, on
 #              llama-3.1-8b (or MODEL, e.g. smollm2-135m for the default model's shapes)
 #   serve-default-notok  serve-default's served run with --skip-tokenizer-init (the tokenizer's share of the ITL gap)
@@ -325,12 +326,13 @@ PY
     ngram-replay)  # bench/tools/ngram_replay.py: tokens per step n-gram configs could give on the bf16 outputs
       tmo 300 python3 bench/tools/ngram_replay.py --json "$OUT/ngram-replay.json" > "$OUT/ngram-replay.log" 2>&1
       echo "ngram-replay rc=$?"; grep -E "^(edit|chat)" "$OUT/ngram-replay.log" ;;
-    spec-ngram:*)  # spec-ngram:K: the n-gram scenario with K speculative tokens (lookup n-grams of 2..4 tokens)
-      k=${stage#spec-ngram:}
-      tmo 590 python3 bench/spec_decode.py ngram --json "$OUT/spec-ngram-k$k.json" --speculative-config \
-        "{\"method\": \"ngram\", \"num_speculative_tokens\": $k, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}" \
-        > "$OUT/spec-ngram-k$k.log" 2>&1
-      echo "$stage rc=$?"; grep -vE "Warning|^\s*$" "$OUT/spec-ngram-k$k.log" | tail -20 ;;
+    spec-ngram:*)  # spec-ngram:K[:MIN:MAX]: the n-gram scenario with K speculative tokens (lookup n-grams of MIN..MAX
+      # tokens, default 2..4)
+      IFS=: read -r k lo hi <<< "${stage#spec-ngram:}"; lo=${lo:-2}; hi=${hi:-4}
+      tmo 590 python3 bench/spec_decode.py ngram --json "$OUT/spec-ngram-k$k-$lo-$hi.json" --speculative-config \
+        "{\"method\": \"ngram\", \"num_speculative_tokens\": $k, \"prompt_lookup_max\": $hi, \"prompt_lookup_min\": $lo}" \
+        > "$OUT/spec-ngram-k$k-$lo-$hi.log" 2>&1
+      echo "$stage rc=$?"; grep -vE "Warning|^\s*$" "$OUT/spec-ngram-k$k-$lo-$hi.log" | tail -20 ;;
     spec-ngram-measured)  # spec-ngram with the adaptive rule's measured verify costs (A/B against the estimate)
       tmo 590 python3 bench/spec_decode.py ngram --json "$OUT/spec-ngram-measured.json" --speculative-config \
         '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2,
