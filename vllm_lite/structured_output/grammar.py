@@ -6,6 +6,7 @@ the drafts and rolling back) and cuts drafts the grammar refuses before they are
 """
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -22,14 +23,24 @@ def compile_key(params: StructuredOutputsParams, disable_any_whitespace: bool,
     kind = params.kind
     any_whitespace = not (params.disable_any_whitespace or disable_any_whitespace)
     if kind == "json":
-        schema = prepare_schema(load_schema(params.json),
-                                close_objects=params.disable_additional_properties or disable_additional_properties)
-        return kind, json.dumps(schema, ensure_ascii=False), any_whitespace
+        close = params.disable_additional_properties or disable_additional_properties
+        spec = params.json
+        is_text = isinstance(spec, str)
+        text = spec if is_text else json.dumps(spec, ensure_ascii=False)  # key order kept: it is the output's order
+        return kind, _prepared_schema_text(text, is_text, close), any_whitespace
     if kind == "json_object":
         return "json", '{"type": "object"}', any_whitespace
     if kind == "choice":
         return "grammar", choice_ebnf(params.choice), any_whitespace
     return kind, params.regex if kind == "regex" else params.grammar, any_whitespace
+
+
+@functools.lru_cache(maxsize=4096)
+def _prepared_schema_text(text: str, is_text: bool, close_objects: bool) -> str:
+    """The canonical text of a (validated) schema as xgrammar compiles it; a batch repeats a few schemas often.
+    is_text: the user sent text (load_schema's size limit applies), else an object dumped here."""
+    schema = load_schema(text if is_text else json.loads(text))
+    return json.dumps(prepare_schema(schema, close_objects=close_objects), ensure_ascii=False)
 
 
 def compile_grammar(compiler: Any, key: CompileKey) -> Any:
