@@ -138,9 +138,13 @@ def rows_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
     """Per-row paged attention: q [T, Hq, D], kv_cache [num_blocks, 2, block_size, Hkv, D], block_table
     [R, max_blocks] int32, row_req [T] (request of each row), positions [T] int64 (row t attends to its request's
     positions 0 .. positions[t]) -> [T, Hq, D] in q's dtype. use_kernel None: Triton on CUDA when triton imports,
-    else the torch reference; True / False force one. No host sync in either path (CUDA-graph safe)."""
+    else the torch reference; True / False force one. No host sync on CUDA in either path (CUDA-graph safe); on
+    the CPU the reference reads only the blocks up to the largest position."""
     if use_kernel is None:
         use_kernel = HAS_TRITON and q.is_cuda
     if use_kernel:
         return rows_attention_triton(q, kv_cache, block_table, row_req, positions, scale)
+    if not q.is_cuda and positions.numel():  # no graphs to break on the CPU: gather only the blocks in use
+        used = int(positions.max()) // kv_cache.shape[2] + 1
+        block_table = block_table[:, : max(1, min(used, block_table.shape[1]))]
     return rows_attention_torch(q, kv_cache, block_table, row_req, positions, scale)
