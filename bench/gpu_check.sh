@@ -41,6 +41,8 @@
 #   serve-default-notok  serve-default's served run with --skip-tokenizer-init (the tokenizer's share of the ITL gap)
 #   server-cpu CPU ms per streamed token of each server process, default model with / without its tokenizer
 #   spec-ngram-measured  spec-ngram (k=4) with adaptive_measured_costs true: the A/B of the measured verify costs
+#   spec-ngram-vad / spec-eagle3-vad  spec-ngram / spec-eagle3 with VLLM_LITE_VERIFY_AS_DECODE=1 (verification steps
+#              attend with the decode kernel, one row per token, and replay decode graphs): that switch's A/B
 #   wakeup     bench/tools/wakeup_latency.py: does an idle process wake slowly here (served TTFT, issue 16)?
 #   executor-hops  bench/tools/executor_hops.py on cuda: batch-1 step time with the worker in the engine's process
 #              (offline) and in a worker process over ZeroMQ (the server's layout), tiny model
@@ -129,9 +131,10 @@ train_budget() {  # train-draft's --time-budget-s: TRAIN_BUDGET, cut to what is 
 # shared/data/gsm8k (`bash bench/gpu_shared.sh` here puts it into .gpu/model2): skipped at once, with the reason, when
 # it is missing (instead of failing after minutes of start-up).
 MODEL_STAGES=" model serve-default serve-default-notok server-cpu gsm8k gsm8k-ref gsm8k-ngram gsm8k-fp32 mrcr mrcr-ngram \
-spec-ngram spec-ngram-measured train-draft spec-eagle3 spec-eagle3-fp32 spec-trace-eagle3 ngram-replay structured \
-structured-1t "
-DATA_STAGES=" gsm8k gsm8k-ref gsm8k-ngram gsm8k-fp32 spec-ngram spec-ngram-measured train-draft spec-eagle3 \
+spec-ngram spec-ngram-measured spec-ngram-vad spec-eagle3-vad train-draft spec-eagle3 spec-eagle3-fp32 spec-trace-eagle3 \
+ngram-replay structured structured-1t "
+DATA_STAGES=" gsm8k gsm8k-ref gsm8k-ngram gsm8k-fp32 spec-ngram spec-ngram-measured spec-ngram-vad spec-eagle3-vad \
+train-draft spec-eagle3 \
 spec-eagle3-fp32 spec-trace-eagle3 "
 missing_input() {  # stage: why it cannot run here, or nothing
   local base=" ${1%%:*} "
@@ -347,6 +350,12 @@ PY
         "{\"method\": \"ngram\", \"num_speculative_tokens\": $k, \"prompt_lookup_max\": $hi, \"prompt_lookup_min\": $lo}" \
         > "$OUT/spec-ngram-k$k-$lo-$hi.log" 2>&1
       echo "$stage rc=$?"; grep -vE "Warning|^\s*$" "$OUT/spec-ngram-k$k-$lo-$hi.log" | tail -20 ;;
+    spec-ngram-vad|spec-eagle3-vad)  # spec-ngram (k = 4) / spec-eagle3 with verification steps attending as one-token
+      # requests (VLLM_LITE_VERIFY_AS_DECODE=1: FlashInfer's decode kernel and decode graphs): the A/B of that switch
+      if [ "$stage" = spec-ngram-vad ]; then args="bench/spec_decode.py ngram"
+      else args="-m vllm_lite bench spec eagle3 --head /root/heads/smollm2-eagle3 --num-prompts ${EAGLE3_PROMPTS:-200}"; fi
+      VLLM_LITE_VERIFY_AS_DECODE=1 tmo 590 python3 $args --json "$OUT/$stage.json" > "$OUT/$stage.log" 2>&1
+      echo "$stage rc=$?"; grep -vE "Warning|^\s*$" "$OUT/$stage.log" | tail -20 ;;
     spec-ngram-measured)  # spec-ngram with the adaptive rule's measured verify costs (A/B against the estimate)
       tmo 590 python3 bench/spec_decode.py ngram --json "$OUT/spec-ngram-measured.json" --speculative-config \
         '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2,

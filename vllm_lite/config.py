@@ -125,11 +125,15 @@ class KernelConfig:
     sampling_kernel: the Triton top-k/top-p/min-p threshold search on CUDA (default off: slower on the H100).
     skinny_gemm: decode-sized CUDA projections through kernels/skinny_gemm.py where it measured faster than cuBLAS.
     flashinfer_tensor_cores: FlashInfer's tensor-core (True) or CUDA-core (False) decode kernels; None: automatic.
+    verify_as_decode: a speculative verification step attends as if each of its tokens were a one-token request
+      (its own context length): FlashInfer's decode kernel and the decode CUDA graphs instead of the prefill kernel
+      (+ merge) over 1 + k tokens per request. Off until measured on the GPU (an A/B: VLLM_LITE_VERIFY_AS_DECODE=1).
     """
     kv_write_kernel: bool = True
     sampling_kernel: bool = False
     skinny_gemm: bool = True
     flashinfer_tensor_cores: bool | None = None
+    verify_as_decode: bool = False
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "KernelConfig":

@@ -26,6 +26,8 @@ flashinfer_tensor_cores override them). Nothing reads them per forward: the conf
 - VLLM_LITE_FLASHINFER_TENSOR_CORES=0 / 1: FlashInfer's CUDA-core (0) or tensor-core (1) decode kernels (unset:
   automatic, which is the tensor-core family; for A/B measurements; the tensor-core variant may JIT-compile on
   first use).
+- VLLM_LITE_VERIFY_AS_DECODE=1: speculative verification steps attend with the decode kernel, one row per token
+  (KernelConfig.verify_as_decode; off by default until measured).
 """
 from __future__ import annotations
 
@@ -88,7 +90,8 @@ def chat_template_timeout_s() -> float:
 _KERNEL_VARS = (("kv_write_kernel", "VLLM_LITE_KV_WRITE_KERNEL"),
                 ("sampling_kernel", "VLLM_LITE_SAMPLING_KERNEL"),
                 ("skinny_gemm", "VLLM_LITE_SKINNY_GEMM"),
-                ("flashinfer_tensor_cores", "VLLM_LITE_FLASHINFER_TENSOR_CORES"))
+                ("flashinfer_tensor_cores", "VLLM_LITE_FLASHINFER_TENSOR_CORES"),
+                ("verify_as_decode", "VLLM_LITE_VERIFY_AS_DECODE"))
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 

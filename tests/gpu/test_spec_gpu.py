@@ -27,6 +27,8 @@ SETUPS = {
     "torch-fp32-eager": dict(attention_backend="torch", dtype="float32", enforce_eager=True),
     "flashinfer-bf16-eager": dict(attention_backend="flashinfer", dtype="bfloat16", enforce_eager=True),
     "flashinfer-bf16-graphs": dict(attention_backend="flashinfer", dtype="bfloat16"),
+    # verification steps attend as one-token requests: FlashInfer's decode kernel, decode graphs
+    "flashinfer-bf16-graphs-vad": dict(attention_backend="flashinfer", dtype="bfloat16", verify_as_decode=True),
 }
 
 
@@ -71,6 +73,9 @@ def test_verification_is_exact(model_path, setup, async_scheduling):
         graphs = core.executor.runner.graphs
         if setup.endswith("graphs"):
             assert graphs.num_replays[1 + K] > 0, graphs.num_replays  # uniform verification steps replayed
+        elif setup.endswith("vad"):  # verification steps replay decode graphs of one row per token (no 1 + k graphs)
+            assert graphs.num_replays[1] > 0 and 1 + K not in graphs.num_replays, graphs.num_replays
+            assert max(graphs.token_sizes[1]) >= 8 * (1 + K)
         core.shutdown()
         del core
         torch.cuda.empty_cache()

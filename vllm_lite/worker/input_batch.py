@@ -50,20 +50,24 @@ class InputStager:
     def stage(self, token_ids: list[np.ndarray], starts: np.ndarray, query_lens: np.ndarray,
               block_ids: list[np.ndarray], sample_rows: np.ndarray, fill_dst: np.ndarray | None = None,
               fill_src: np.ndarray | None = None, sample_counts: np.ndarray | None = None,
-              sample_ends: np.ndarray | None = None) -> StepInputs:
+              sample_ends: np.ndarray | None = None, rows_as_requests: bool = False) -> StepInputs:
         """token_ids[i]: the tokens request i computes this step; starts[i]: its position of the first one;
         block_ids[i]: its KV blocks (int32 array or list). fill_dst / fill_src: flat token indices whose ids come
         from the previous step's sampled ids (rows). sample_counts[j]: logits rows of sampling request j, its
         last 1 + k tokens when it verifies k speculative tokens (None: 1 each). sample_ends[j]: the flat index after
-        sampling request j's last logits row (None: the end of its tokens; padded requests end earlier)."""
+        sampling request j's last logits row (None: the end of its tokens; padded requests end earlier).
+        rows_as_requests: the attention metadata describes every token as a one-token request of its own (its
+        request's blocks, context up to its position), so a verification step attends with the decode kernel and
+        replays a decode graph (KernelConfig.verify_as_decode); everything else stays per request."""
         num_reqs = len(query_lens)
         num_tokens = int(query_lens.sum())
         pure_decode = num_tokens == num_reqs
+        rows_view = rows_as_requests and not pure_decode
         nblk = np.fromiter(map(len, block_ids), dtype=np.int64, count=num_reqs)
         max_blocks = int(nblk.max())
         num_fill = 0 if fill_dst is None else len(fill_dst)
         num_logits = len(sample_rows) if sample_counts is None else int(sample_counts.sum())
-        lay = self._layout(num_tokens, num_logits, num_reqs, num_fill, max_blocks)
+        lay = self._layout(num_tokens, num_logits, num_tokens if rows_view else num_reqs, num_fill, max_blocks)
         h = lay.host
         cu = np.cumsum(query_lens)
         if pure_decode:  # one token per request: positions are the starts, request i owns token i
@@ -73,8 +77,10 @@ class InputStager:
             positions = starts[req_index] + self._arange[:num_tokens] - np.repeat(cu - query_lens, query_lens)
         h.ids[:] = np.concatenate(token_ids) if num_reqs > 1 else token_ids[0]
         h.pos[:] = positions
-        table = h.bt.reshape(num_reqs, max_blocks)
-        table.fill(0)  # entries past a request's blocks: block 0, always a valid index (the torch backend gathers them)
+        # entries past a request's blocks: block 0, always a valid index (the torch backend gathers them)
+        table = np.zeros((num_reqs, max_blocks), dtype=np.int32) if rows_view else h.bt.reshape(num_reqs, max_blocks)
+        if not rows_view:
+            table.fill(0)
         table[self._arange[:max_blocks] < nblk[:, None]] = np.concatenate(block_ids) if num_reqs > 1 else block_ids[0]
         np.multiply(table[req_index, positions // self.block_size], self.block_size, out=h.slot)
         h.slot += positions % self.block_size
@@ -85,6 +91,9 @@ class InputStager:
             first = np.repeat(ends - sample_counts, sample_counts)
             h.lidx[:] = first + self._arange[:num_logits] - np.repeat(np.cumsum(sample_counts) - sample_counts,
                                                                      sample_counts)
+        if rows_view:  # attention fields: token t is request t
+            h.bt.reshape(num_tokens, max_blocks)[:] = table[req_index]
+            cu, query_lens, starts = self._arange[1: num_tokens + 1], np.ones(num_tokens, dtype=np.int64), positions
         h.qsl[0] = 0
         h.qsl[1:] = cu
         seq_lens = starts + query_lens
@@ -96,7 +105,7 @@ class InputStager:
             self.dev[:lay.end].copy_(self.host[:lay.end], non_blocking=True)
         d, c = lay.dev, lay.cpu
         meta = StepMetadata(
-            num_reqs=num_reqs, num_tokens=num_tokens, query_start_loc=d.qsl, seq_lens=d.seq, block_table=d.bt,
+            num_reqs=len(query_lens), num_tokens=num_tokens, query_start_loc=d.qsl, seq_lens=d.seq, block_table=d.bt,
             slot_mapping=d.slot, query_start_loc_cpu=c.qsl, seq_lens_cpu=c.seq, max_query_len=int(query_lens.max()),
             max_seq_len=int(seq_lens.max()), block_size=self.block_size, block_table_cpu=c.bt)
         if num_fill:

@@ -19,8 +19,7 @@ import torch
 from vllm_lite.attention import AttentionContext, StepMetadata
 from vllm_lite.attention.selector import make_backend
 from vllm_lite.compile.compiler import compile_model
-from vllm_lite.compile.cuda_graphs import (CUDAGraphRunner, default_capture_sizes, measure_graph_memory,
-                                          outputs_bytes)
+from vllm_lite.compile.cuda_graphs import CUDAGraphRunner, measure_graph_memory, outputs_bytes
 from vllm_lite.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from vllm_lite.distributed import TPGroup
 from vllm_lite.kernels.bitmask import warm_up_bitmask_kernel
@@ -36,6 +35,7 @@ from vllm_lite.sample.topk_topp import skip_random_draws
 from vllm_lite.sampling_params import SamplingParams
 from vllm_lite.spec_decode.rejection_sampler import rejection_sample
 from vllm_lite.worker.drafting import WorkerDrafting, make_drafter
+from vllm_lite.worker.step_shapes import step_shapes
 from vllm_lite.worker.input_batch import InputStager
 from vllm_lite.worker.prompt_logprobs import PromptLogprobsCollector
 from vllm_lite.worker.request_state import CachedRequestState
@@ -89,9 +89,9 @@ class ModelRunner:
         self._last_sampled: torch.Tensor | None = None
         self._inputs_consumed: torch.cuda.Event | None = None
         self.num_blocks = 0
+        self.shapes = step_shapes(config, self.num_spec_tokens, self.block_size)
         self.stager = InputStager(max(sched.max_num_batched_tokens, sched.max_num_seqs * (1 + self.num_spec_tokens)),
-                                  sched.max_num_seqs,
-                                  self.max_blocks_per_seq, self.block_size, device)
+                                  self.shapes.stager_requests, self.max_blocks_per_seq, self.block_size, device)
 
     def load_model(self) -> None:
         start = time.perf_counter()
@@ -113,11 +113,7 @@ class ModelRunner:
             logger.warning("inductor_cpp_wrapper has no effect: the model runs eager here (CPU or enforce_eager)")
         self.use_cuda_graphs = self.use_compile and self.attn_ctx.backend.supports_cuda_graphs
         self.graphs: CUDAGraphRunner | None = None
-        self.capture_sizes = default_capture_sizes(self.config.scheduler.max_num_seqs,
-                                                   self.config.device.max_cudagraph_capture_size)
-        self.graph_query_lens = (1, 1 + self.num_spec_tokens) if self.num_spec_tokens else (1,)
-        if self.num_spec_tokens >= self.block_size:  # graph padding requests keep 1 + k tokens in one block
-            self.graph_query_lens = (1,)
+        self.capture_sizes, self.graph_query_lens = self.shapes.capture_sizes, self.shapes.graph_query_lens
 
     # ---- KV cache sizing -------------------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -280,9 +276,13 @@ class ModelRunner:
         # (dst is increasing, so dst[0] == 0 and dst[-1] == len - 1 make it 0..k-1.)
         in_order = fill_dst is not None and fill_dst[0] == 0 and fill_dst[-1] == len(fill_dst) - 1 \
             and bool(np.array_equal(fill_dst, fill_src))
+        # KernelConfig.verify_as_decode: a verification step's tokens attend as one-token requests (decode kernel,
+        # decode graphs) instead of FlashInfer's prefill kernel over 1 + k-token requests.
+        rows = (spec and self.config.kernels.verify_as_decode and int(query_lens.max()) <= 1 + self.num_spec_tokens
+                and int(query_lens.sum()) <= self.stager.max_reqs)
         inputs = self.stager.stage(token_slices, starts, query_lens, [s.block_ids for s in states], sample_rows,
                                    *((None, None) if in_order else (fill_dst, fill_src)), sample_counts=counts,
-                                   sample_ends=sample_ends)
+                                   sample_ends=sample_ends, rows_as_requests=bool(rows))
         if in_order:
             inputs.input_ids[: len(fill_dst)].copy_(self._last_sampled[: len(fill_dst)])
         elif inputs.fill_dst is not None:
