@@ -49,8 +49,8 @@
 #   spec-trace[:oracle|:edit]  bench/tools/spec_trace.py: each engine step of a batch-1 run classified (decode, verify
 #              of d drafts, waits) with its time and CUDA-graph use, plain vs n-gram (oracle: smollm2-135m random
 #              weights, TRACE_MODEL=llama-3.1-8b for the verify target's model; edit: the default model)
-#   train-draft / spec-eagle3  issue 17: train the default model's EAGLE-3 head (GSM8K train prompts), then its
-#              acceptance and batch-1 TPOT against the plain run (200 GSM8K test prompts); spec-eagle3-fp32: the
+#   train-draft / spec-eagle3[:K]  issue 17: train the default model's EAGLE-3 head (GSM8K train prompts), then its
+#              acceptance and batch-1 TPOT against the plain run (200 GSM8K test prompts, k = 3 or K); spec-eagle3-fp32: the
 #              same head in float32, 200 prompts in one batch, for identical outputs
 #   spec-trace-eagle3  the trained head's batch-1 steps traced (kind, time, the worker's drafting and its wait for the
 #              verified tokens) and profiled: issue 17's "where the step time goes" (needs train-draft first)
@@ -330,10 +330,12 @@ PY
       # `cat 0head.tar.xz.* > .gpu/head/eagle3-head.tar.xz`, then carry .gpu/head alone in a later call
       (cd /root/heads/smollm2-eagle3 && tar -c config.json model.safetensors README.md 2>/dev/null | xz -6 \
         | split -b 12M -d -a 1 - "$OUT/0head.tar.xz.") && ls -la "$OUT"/0head.tar.xz.* ;;
-    spec-eagle3)  # issue 17: the trained head at k = 3 on 200 GSM8K test prompts, batch 1 (needs train-draft first)
-      tmo 590 python3 -m vllm_lite bench spec eagle3 --head /root/heads/smollm2-eagle3 \
-        --num-prompts ${EAGLE3_PROMPTS:-200} --json "$OUT/spec-eagle3.json" > "$OUT/spec-eagle3.log" 2>&1
-      echo "spec-eagle3 rc=$?"; grep -vE "Warning|^\s*$" "$OUT/spec-eagle3.log" | tail -20
+    spec-eagle3|spec-eagle3:*)  # issue 17: the trained head at k = 3 (spec-eagle3:K: K drafts) on 200 GSM8K test
+      # prompts, batch 1 (needs train-draft first)
+      k=${stage#spec-eagle3}; k=${k#:}; name=spec-eagle3${k:+-k$k}
+      tmo 590 python3 -m vllm_lite bench spec eagle3 --head /root/heads/smollm2-eagle3 --num-speculative-tokens ${k:-3} \
+        --num-prompts ${EAGLE3_PROMPTS:-200} --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+      echo "$stage rc=$?"; grep -vE "Warning|^\s*$" "$OUT/$name.log" | tail -20
       cp /root/heads/smollm2-eagle3/README.md "$OUT/eagle3-head-README.md" 2>/dev/null ;;
     spec-eagle3-fp32)  # issue 17's identity check: the trained head in float32, all prompts in one batch (the torch
       # attention backend is slow at batch 1); greedy outputs with and without the head must be identical
