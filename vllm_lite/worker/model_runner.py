@@ -67,10 +67,12 @@ class ModelRunner:
         # the padding of a verification step's requests to 1 + k tokens.
         lookahead = config.speculative.num_speculative_tokens
         self.max_blocks_per_seq = -(-(info.max_model_len + lookahead) // self.block_size)
-        self.attn_ctx = AttentionContext(make_backend(
+        self.shapes = step_shapes(config, lookahead, self.block_size)
+        self.attn_ctx = AttentionContext(make_backend(  # sized for the stager's requests (rows, verify_as_decode)
             config.device.attention_backend, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim, scale=self.head_dim ** -0.5, dtype=info.dtype, device=device,
-            max_num_seqs=sched.max_num_seqs, max_blocks_per_seq=self.max_blocks_per_seq, kernels=config.kernels))
+            max_num_seqs=self.shapes.stager_requests, max_blocks_per_seq=self.max_blocks_per_seq,
+            kernels=config.kernels))
         logger.info("attention backend: %s", self.attn_ctx.backend.name)
         self.model: torch.nn.Module | None = None
         self.drafting: WorkerDrafting | None = None  # the in-worker drafter (draft model, EAGLE), set at load
@@ -89,7 +91,6 @@ class ModelRunner:
         self._last_sampled: torch.Tensor | None = None
         self._inputs_consumed: torch.cuda.Event | None = None
         self.num_blocks = 0
-        self.shapes = step_shapes(config, self.num_spec_tokens, self.block_size)
         self.stager = InputStager(max(sched.max_num_batched_tokens, sched.max_num_seqs * (1 + self.num_spec_tokens)),
                                   self.shapes.stager_requests, self.max_blocks_per_seq, self.block_size, device)
 
