@@ -14,8 +14,9 @@ on the device already, so it is computed there, as vLLM's padded drafter batch d
 - attention reads every row's own position (`RowsMetadata`, kernels/paged_rows_attention.py), so no attention plan
   needs the lengths on the host.
 The host only copies the step's starts and block tables in and launches one graph right after the rejection sampler:
-the proposal no longer waits for the verification's tokens. Greedy drafts only (sampled drafts need their
-distributions: those steps take the host path), batch sizes up to MAX_BATCH.
+the proposal no longer waits for the verification's tokens. Greedy requests and unseeded sampling ones (their drafts
+drawn by the global generator, whose draws CUDA graphs replay; a seeded request's own generator cannot be captured,
+so such steps take the host path); batch sizes up to MAX_BATCH.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import torch
 from vllm_lite.kernels.kv_cache import write_kv_cache
 from vllm_lite.kernels.paged_rows_attention import rows_attention
 from vllm_lite.kernels.qk_norm_rope import qk_norm_rope_torch
+from vllm_lite.sample.topk_topp import random_sample
 
 logger = logging.getLogger("vllm_lite.spec_decode")
 
@@ -83,6 +85,7 @@ class PaddedProposer:
         dev = drafter.device
         q = self.k + 1
         self.sampled = torch.zeros(max_batch, q, dtype=torch.int64, device=dev)
+        self.temperatures = torch.zeros(max_batch, dtype=torch.float32, device=dev)
         widths = drafter.hidden_source_widths()
         self.sources = [torch.zeros(max_batch * q, w, dtype=drafter.dtype, device=dev) for w in widths]
         # starts [R], limits [R], block table [R, max_blocks]: one host buffer, one copy per proposal
@@ -91,14 +94,26 @@ class PaddedProposer:
         self.meta_host = torch.zeros(self.meta_len, dtype=torch.int64, pin_memory=pin)
         self.meta_dev = torch.zeros(self.meta_len, dtype=torch.int64, device=dev) if pin else self.meta_host
         self._copied: torch.cuda.Event | None = None
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (requests, sampling)
+        self.outputs: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.num_proposals = 0
         self.num_replays = 0
 
     # ---- the proposal ------------------------------------------------------------------------------------------
-    def _body(self, r: int) -> torch.Tensor:
-        """Drafts [r, k] from the static inputs of r requests; device ops only (captured as a graph on CUDA)."""
+    def _pick(self, hidden: torch.Tensor, r: int, sampling: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Greedy drafts (argmax), or with `sampling` each row with a temperature draws from softmax(logits / t)
+        by the global generator (CUDA graphs replay its draws) and returns those probabilities."""
+        if not sampling:
+            return self.d._argmax(hidden), None
+        logits = self.d._logits(hidden)
+        t = self.temperatures[:r]
+        probs = torch.softmax(logits.float() / torch.where(t > 0, t, 1.0)[:, None], dim=-1)
+        drawn = random_sample(probs.clone(), {})
+        return torch.where(t > 0, drawn, logits.argmax(dim=-1)), probs
+
+    def _body(self, r: int, sampling: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Drafts [r, k] (and with `sampling` their distributions [r, k, V]) from the static inputs of r requests;
+        device ops only (captured as a graph on CUDA)."""
         d, k, bs = self.d, self.k, self.block_size
         q = k + 1
         dev = self.sampled.device
@@ -117,8 +132,8 @@ class PaddedProposer:
         hidden, next_hidden = d._split(d.forward(sampled.clamp(min=0).flatten().to(torch.int32),
                                                  pos.to(torch.int32)))
         last = req * q + accepted
-        ids = d._argmax(hidden[last])
-        drafts = [ids]
+        ids, probs = self._pick(hidden[last], r, sampling)
+        drafts, dists = [ids], [probs]
         prev = None if next_hidden is None else next_hidden[last]
         base = starts + accepted
         for i in range(1, k):
@@ -126,18 +141,24 @@ class PaddedProposer:
             d._set_decode_hidden(prev)
             d.ctx.metadata = RowsMetadata(req, p, table[req, p // bs] * bs + p % bs, table32, bs)
             hidden, next_hidden = d._split(d.forward(ids.to(torch.int32), p.to(torch.int32)))
-            ids = d._argmax(hidden[:r])
+            ids, probs = self._pick(hidden[:r], r, sampling)
             drafts.append(ids)
+            dists.append(probs)
             prev = None if next_hidden is None else next_hidden[:r]
-        return torch.stack(drafts, dim=1)
+        return torch.stack(drafts, dim=1), torch.stack(dists, dim=1) if sampling else None
 
     def propose(self, sampled: torch.Tensor, sources: list[torch.Tensor], starts: np.ndarray,
-                block_ids: list[np.ndarray], max_model_len: int) -> torch.Tensor:
+                block_ids: list[np.ndarray], max_model_len: int, temperatures: list[float] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """sampled [R, k + 1] (the rejection sampler's tokens, -1 after each request's last), sources: the
         target's hidden states of the step's R * (k + 1) rows, starts: each request's first position this step,
-        block_ids: its KV blocks. Returns drafts [R, k] on the device (a static buffer on CUDA: valid until the
-        next proposal)."""
+        block_ids: its KV blocks, temperatures: per request (0: greedy; None: all greedy; sampling rows must be
+        unseeded). Returns drafts [R, k] on the device and, when a row samples, the draft distributions [R, k, V]
+        (static buffers on CUDA: valid until the next proposal of this shape)."""
         r = sampled.shape[0]
+        sampling = temperatures is not None and any(t > 0 for t in temperatures)
+        if sampling:
+            self.temperatures[:r].copy_(torch.tensor(temperatures, dtype=torch.float32), non_blocking=True)
         if self._copied is not None:  # the pinned buffer is reused: its previous copy must have been read
             self._copied.synchronize()
         host = self.meta_host.numpy()
@@ -155,30 +176,32 @@ class PaddedProposer:
         for dst, src in zip(self.sources, sources):
             dst[: src.shape[0]].copy_(src)
         self.num_proposals += 1
-        graph = self.graphs.get(r)
+        graph = self.graphs.get((r, sampling))
         if graph is None:
-            return self._body(r)
+            return self._body(r, sampling)
         graph.replay()
         self.num_replays += 1
-        return self.outputs[r]
+        return self.outputs[r, sampling]
 
     # ---- capture -----------------------------------------------------------------------------------------------
     def capture(self) -> None:
-        """One graph per batch size; dummy inputs write the drafter's KV in block 0 only (nothing is cached yet, and
-        every real row is rewritten before it is read)."""
+        """One graph per batch size and kind (greedy, sampling); dummy inputs write the drafter's KV in block 0 only
+        (nothing is cached yet, and every real row is rewritten before it is read)."""
         dev = self.sampled.device
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         self.sampled.zero_()
         self.meta_dev.zero_()
+        self.temperatures.fill_(1.0)
         for r in range(self.max_batch, 0, -1):
-            self.meta_dev[r: 2 * r].fill_(self.k)  # limits: decode positions stay in block 0
-            self._body(r)  # warm-up: compiles this shape, autotunes, initialises lazy state
-            torch.cuda.synchronize(dev)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self._body(r)
-            self.graphs[r], self.outputs[r] = graph, out
+            for sampling in (False, True):
+                self.meta_dev[r: 2 * r].fill_(self.k)  # limits: decode positions stay in block 0
+                self._body(r, sampling)  # warm-up: compiles this shape, autotunes, initialises lazy state
+                torch.cuda.synchronize(dev)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = self._body(r, sampling)
+                self.graphs[r, sampling], self.outputs[r, sampling] = graph, out
         torch.cuda.synchronize(dev)
         logger.info("captured %d EAGLE proposal graphs (batch sizes 1..%d, k = %d) in %.2f s", len(self.graphs),
                     self.max_batch, self.k, time.perf_counter() - start)

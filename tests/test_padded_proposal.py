@@ -84,3 +84,25 @@ def test_config_flag_validated():
     from vllm_lite.config import SpeculativeConfig
     with pytest.raises(ValueError, match="disable_padded_drafter_batch"):
         SpeculativeConfig(method="ngram", num_speculative_tokens=2, disable_padded_drafter_batch="yes")
+
+
+def test_unseeded_sampling_requests_propose_on_the_device(tiny_llama_path, tmp_path):
+    """Sampled drafts come with their distributions (softmax of the head's logits / temperature) for the rejection
+    sampler; the device path draws them like the host path (same global-generator draws, same shapes), so with one
+    global seed both runs produce the same tokens."""
+    import torch
+
+    head = _head(tmp_path, "eagle3")
+    params = [SamplingParams(temperature=0.8, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=1.3, max_tokens=20, ignore_eos=True)]
+    runs = {}
+    for padded in (True, False):
+        core = _core(tiny_llama_path, head, "eagle3", padded)
+        torch.manual_seed(11)
+        runs[padded] = (_tokens(run_core(core, _prompts(3), params)), core)
+    (got, core), (want, _) = runs[True], runs[False]
+    drafter = core.executor.runner.drafting.drafter
+    assert drafter.padded.num_proposals > 10
+    assert core.scheduler.make_stats().num_accepted_tokens > 0
+    assert got == want
