@@ -72,3 +72,23 @@ def test_model_drafters_match_the_plain_run(models, setup, async_scheduling):
         core.shutdown()
         del core
         torch.cuda.empty_cache()
+
+
+def test_eagle3_sampling_proposals_replay_graphs(models):
+    """Unseeded sampling requests propose in the sampling variant of the proposal graphs (draws of the global
+    generator replayed), and their drafts are accepted at a plausible rate."""
+    kw = dict(SETUPS["flashinfer-bf16-graphs"], device="cuda", max_model_len=512, max_num_seqs=8,
+              gpu_memory_utilization=0.3)
+    core = make_core(models["target"], speculative_config={"method": "eagle3", "model": models["eagle3"],
+                                                           "num_speculative_tokens": K,
+                                                           "adaptive_draft_length": False}, **kw)
+    params = SamplingParams(temperature=0.8, max_tokens=40, ignore_eos=True)
+    got = run_core(core, _prompts()[:4], params)
+    padded = core.executor.runner.drafting.drafter.padded
+    assert all(len(v["tokens"]) == 40 for v in got.values())
+    assert padded.num_replays > 0 and (4, True) in padded.graphs
+    stats = core.scheduler.make_stats()
+    print(f"sampling: {stats.num_accepted_tokens}/{stats.num_draft_tokens} drafts accepted, "
+          f"{padded.num_replays} proposal replays")
+    assert stats.num_draft_tokens > 0
+    core.shutdown()
