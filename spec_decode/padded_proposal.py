@@ -191,11 +191,11 @@ class PaddedProposer:
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         self.sampled.zero_()
-        self.meta_dev.zero_()
         self.temperatures.fill_(1.0)
         for r in range(self.max_batch, 0, -1):
             for sampling in (False, True):
-                self.meta_dev[r: 2 * r].fill_(self.k)  # limits: decode positions stay in block 0
+                self.meta_dev.zero_()  # starts 0, block table all block 0 ...
+                self.meta_dev[r: 2 * r].fill_(self.k)  # ... and limits that keep decode positions in block 0
                 self._body(r, sampling)  # warm-up: compiles this shape, autotunes, initialises lazy state
                 torch.cuda.synchronize(dev)
                 graph = torch.cuda.CUDAGraph()
