@@ -4,8 +4,8 @@ The host path (`ModelDrafter.propose`) must know each request's accepted drafts 
 waits for the verification's tokens, then stages and plans three forwards (catch-up, k - 1 decodes) with their host
 work in between: 2.84 ms per step on the H200 for a one-layer head whose kernels take ~0.1 ms (docs/PERF.md).
 
-In a uniform verification step (every request verified k drafts: k + 1 rows each) everything the proposal needs is
-on the device already, so it is computed there, as vLLM's padded drafter batch does:
+In a uniform verification step (every request verified k drafts: k + 1 rows each), and in a plain decode step (one row
+each: a request the adaptive rule gave no drafts), everything the proposal needs is on the device already, so it is computed there, as vLLM's padded drafter batch does:
 - the catch-up runs over all k + 1 rows of each request (row i at position start + i reads the target's hidden state
   of verification row i and the token the verification produced at row i). Rows past the accepted drafts compute
   garbage whose KV the decode steps (and the next catch-up) overwrite before anything reads it;
@@ -20,6 +20,7 @@ so such steps take the host path); batch sizes up to MAX_BATCH.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -94,8 +95,9 @@ class PaddedProposer:
         self.meta_host = torch.zeros(self.meta_len, dtype=torch.int64, pin_memory=pin)
         self.meta_dev = torch.zeros(self.meta_len, dtype=torch.int64, device=dev) if pin else self.meta_host
         self._copied: torch.cuda.Event | None = None
-        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (requests, sampling)
-        self.outputs: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        # (requests, sampling, tokens per request of the step: k + 1 or 1)
+        self.graphs: dict[tuple[int, bool, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, bool, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.num_proposals = 0
         self.num_replays = 0
 
@@ -111,13 +113,14 @@ class PaddedProposer:
         drawn = random_sample(probs.clone(), {})
         return torch.where(t > 0, drawn, logits.argmax(dim=-1)), probs
 
-    def _body(self, r: int, sampling: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Drafts [r, k] (and with `sampling` their distributions [r, k, V]) from the static inputs of r requests;
-        device ops only (captured as a graph on CUDA)."""
+    def _body(self, r: int, sampling: bool = False, q: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Drafts [r, k] (and with `sampling` their distributions [r, k, V]) from the static inputs of r requests
+        whose step computed q tokens each (k + 1: a verification, the default; 1: a plain decode step); device ops
+        only (captured as a graph on CUDA)."""
         d, k, bs = self.d, self.k, self.block_size
-        q = k + 1
+        q = q or k + 1
         dev = self.sampled.device
-        sampled = self.sampled[:r]
+        sampled = self.sampled[:r, :q]
         meta = self.meta_dev[: r * (2 + self.max_blocks)]
         starts, limits = meta[:r], meta[r: 2 * r]
         table = meta[2 * r:].view(r, self.max_blocks)
@@ -150,12 +153,12 @@ class PaddedProposer:
     def propose(self, sampled: torch.Tensor, sources: list[torch.Tensor], starts: np.ndarray,
                 block_ids: list[np.ndarray], max_model_len: int, temperatures: list[float] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """sampled [R, k + 1] (the rejection sampler's tokens, -1 after each request's last), sources: the
-        target's hidden states of the step's R * (k + 1) rows, starts: each request's first position this step,
+        """sampled [R, q]: a verification's tokens (q = k + 1, -1 after each request's last) or a plain decode
+        step's (q = 1), sources: the target's hidden states of the step's R * q rows, starts: each request's first position this step,
         block_ids: its KV blocks, temperatures: per request (0: greedy; None: all greedy; sampling rows must be
         unseeded). Returns drafts [R, k] on the device and, when a row samples, the draft distributions [R, k, V]
         (static buffers on CUDA: valid until the next proposal of this shape)."""
-        r = sampled.shape[0]
+        r, q = sampled.shape
         sampling = temperatures is not None and any(t > 0 for t in temperatures)
         if sampling:
             self.temperatures[:r].copy_(torch.tensor(temperatures, dtype=torch.float32), non_blocking=True)
@@ -172,20 +175,20 @@ class PaddedProposer:
                                                             non_blocking=True)
             self._copied = torch.cuda.Event()
             self._copied.record()
-        self.sampled[:r].copy_(sampled)
+        self.sampled[:r, :q].copy_(sampled)
         for dst, src in zip(self.sources, sources):
             dst[: src.shape[0]].copy_(src)
         self.num_proposals += 1
-        graph = self.graphs.get((r, sampling))
+        graph = self.graphs.get((r, sampling, q))
         if graph is None:
-            return self._body(r, sampling)
+            return self._body(r, sampling, q)
         graph.replay()
         self.num_replays += 1
-        return self.outputs[r, sampling]
+        return self.outputs[r, sampling, q]
 
     # ---- capture -----------------------------------------------------------------------------------------------
     def capture(self) -> None:
-        """One graph per batch size and kind (greedy, sampling); dummy inputs write the drafter's KV in block 0 only
+        """One graph per batch size, kind (greedy, sampling) and step (verification, plain decode); dummy inputs write the drafter's KV in block 0 only
         (nothing is cached yet, and every real row is rewritten before it is read)."""
         dev = self.sampled.device
         start = time.perf_counter()
@@ -193,15 +196,15 @@ class PaddedProposer:
         self.sampled.zero_()
         self.temperatures.fill_(1.0)
         for r in range(self.max_batch, 0, -1):
-            for sampling in (False, True):
+            for sampling, q in itertools.product((False, True), (self.k + 1, 1)):
                 self.meta_dev.zero_()  # starts 0, block table all block 0 ...
                 self.meta_dev[r: 2 * r].fill_(self.k)  # ... and limits that keep decode positions in block 0
-                self._body(r, sampling)  # warm-up: compiles this shape, autotunes, initialises lazy state
+                self._body(r, sampling, q)  # warm-up: compiles this shape, autotunes, initialises lazy state
                 torch.cuda.synchronize(dev)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    out = self._body(r, sampling)
-                self.graphs[r, sampling], self.outputs[r, sampling] = graph, out
+                    out = self._body(r, sampling, q)
+                self.graphs[r, sampling, q], self.outputs[r, sampling, q] = graph, out
         torch.cuda.synchronize(dev)
         logger.info("captured %d EAGLE proposal graphs (batch sizes 1..%d, k = %d) in %.2f s", len(self.graphs),
                     self.max_batch, self.k, time.perf_counter() - start)

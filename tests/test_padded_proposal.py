@@ -22,8 +22,8 @@ def _head(tmp_path, method: str) -> str:
     return make_eagle3_head(str(tmp_path / "e3"), aux_layers=[1, 0, 1])
 
 
-def _core(target: str, head: str, method: str, padded: bool, k: int = 3, **kw):
-    spec = {"method": method, "model": head, "num_speculative_tokens": k, "adaptive_draft_length": False,
+def _core(target: str, head: str, method: str, padded: bool, k: int = 3, adaptive: bool = False, **kw):
+    spec = {"method": method, "model": head, "num_speculative_tokens": k, "adaptive_draft_length": adaptive,
             "disable_padded_drafter_batch": not padded}
     return make_core(target, speculative_config=spec, **{**BASE, **kw})
 
@@ -106,3 +106,29 @@ def test_unseeded_sampling_requests_propose_on_the_device(tiny_llama_path, tmp_p
     assert drafter.padded.num_proposals > 10
     assert core.scheduler.make_stats().num_accepted_tokens > 0
     assert got == want
+
+
+def test_plain_decode_steps_propose_on_the_device(tiny_llama_path, plain, tmp_path):
+    """With the adaptive rule a random head's drafts are soon turned off: its plain decode steps (one token per
+    request) propose on the device too, and draft what the host path drafts."""
+    prompts, want = plain
+    head = _head(tmp_path, "eagle3")
+    runs = {}
+    for padded in (True, False):
+        core = _core(tiny_llama_path, head, "eagle3", padded, adaptive=True)
+        seen = record_drafts(core)
+        widths = []
+        if padded:
+            dev = core.executor.runner.drafting.drafter.padded
+            propose = dev.propose
+
+            def counted(sampled, *a, **kw):
+                widths.append(sampled.shape[1])
+                return propose(sampled, *a, **kw)
+
+            dev.propose = counted
+        assert _tokens(run_core(core, prompts, GREEDY)) == want
+        runs[padded] = (seen, widths)
+    (seen_padded, widths), (seen_host, _) = runs[True], runs[False]
+    assert widths.count(1) > 5  # plain decode steps
+    assert sorted(seen_padded) == sorted(seen_host)

@@ -69,23 +69,25 @@ class WorkerDrafting:
             self._keep(launch_number, [s.req_id for s in sampling], drafts.token_ids)
 
     def propose_padded(self, launch_number: int, states: list[CachedRequestState], starts: np.ndarray,
-                       num_drafts: list[int] | None, sampled: torch.Tensor, hidden: torch.Tensor | None,
-                       aux_hidden: list[torch.Tensor]) -> bool:
+                       query_lens: np.ndarray, num_drafts: list[int] | None, sampled: torch.Tensor,
+                       hidden: torch.Tensor | None, aux_hidden: list[torch.Tensor]) -> bool:
         """A uniform verification step's proposal on the device (greedy and unseeded sampling requests), launched
         without waiting for its tokens (spec_decode/padded_proposal.py); False where the step does not qualify (the
         caller takes `propose`).
-        states: the step's requests, all of which sampled; sampled: the rejection sampler's tokens [R, k + 1]."""
+        states: the step's requests, all of which sampled; sampled: the rejection sampler's tokens [R, k + 1] (every
+        request verified k drafts), or a plain decode step's [R] (one token each, no drafts)."""
         drafter = self.drafter
         padded = getattr(drafter, "padded", None)
         limit = drafter.config.speculative.disable_by_batch_size
         n = len(states)
-        if (padded is None or num_drafts is None or n > padded.max_batch or (limit is not None and n > limit)
-                or any(k != drafter.k for k in num_drafts) or any(s.generator is not None and not s.sampling_params.greedy for s in states)):
+        uniform = (all(k == drafter.k for k in num_drafts) if num_drafts is not None
+                   else sampled.dim() == 1 and bool((query_lens == 1).all()))
+        if (padded is None or not uniform or n > padded.max_batch or (limit is not None and n > limit) or any(s.generator is not None and not s.sampling_params.greedy for s in states)):
             return False  # (a seeded request's generator cannot be replayed by a graph)
         t0 = time.perf_counter()
         sources = list(aux_hidden) if drafter.eagle3 else [hidden]
         temps = [0.0 if s.sampling_params.greedy else float(s.sampling_params.temperature) for s in states]
-        ids, probs = padded.propose(sampled, sources, starts, [s.block_ids for s in states], drafter.max_model_len,
+        ids, probs = padded.propose(sampled.view(n, -1), sources, starts, [s.block_ids for s in states], drafter.max_model_len,
                                     temps)
         if probs is not None:  # the next step's rejection sampler reads them after the next proposal replays
             probs = probs.clone()

@@ -384,16 +384,16 @@ class ModelRunner:
                                 for j, (s, k) in enumerate(zip(states, launch.num_drafts))]
         self.pending.append(launch)
         if self.drafting is not None:
-            self._propose_drafts(step, sampled if step.drafts is not None else None)
+            self._propose_drafts(step, sampled)
 
     def _propose_drafts(self, step: _PendingStep, verified: torch.Tensor | None = None) -> None:
         """The in-worker drafter's next drafts, from this step's tokens and hidden states: on the device without
-        waiting when the step is a uniform verification (`verified`: its rejection-sampled tokens), else from the
-        tokens on the host (waits for them)."""
+        waiting where the step qualifies (`verified`: its sampled tokens; a uniform verification or decode step),
+        else from the tokens on the host (waits for them)."""
         launch = step.launch
         if (verified is not None and len(launch.rows) == len(step.all_states)
-                and self.drafting.propose_padded(launch.number, step.all_states, step.starts, launch.num_drafts,
-                                                 verified, step.hidden, step.aux_hidden_states)):
+                and self.drafting.propose_padded(launch.number, step.all_states, step.starts, step.query_lens,
+                                                 launch.num_drafts, verified, step.hidden, step.aux_hidden_states)):
             return
         self._resolve_all()
         self.drafting.propose(launch.number, step.all_states, step.starts, step.query_lens, launch.rows,
