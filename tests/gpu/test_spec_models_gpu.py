@@ -63,7 +63,7 @@ def test_model_drafters_match_the_plain_run(models, setup, async_scheduling):
         padded = getattr(drafter, "padded", None)
         if setup.endswith("graphs") and padded is not None:  # EAGLE: uniform verification steps replay a proposal
             print(f"  proposal graph replays: {padded.num_replays} of {padded.num_proposals} padded proposals")
-            assert len(padded.graphs) == padded.max_batch and padded.num_replays > 0
+            assert len(padded.graphs) == 4 * padded.max_batch and padded.num_replays > 0
         elif setup.endswith("graphs"):  # decode steps and uniform catch-ups (all requests alike) replay graphs
             assert drafter.graphs is not None and drafter.graphs.num_replays[1] > 0
             catch_up = drafter.catch_up_graphs
@@ -86,7 +86,7 @@ def test_eagle3_sampling_proposals_replay_graphs(models):
     got = run_core(core, _prompts()[:4], params)
     padded = core.executor.runner.drafting.drafter.padded
     assert all(len(v["tokens"]) == 40 for v in got.values())
-    assert padded.num_replays > 0 and (4, True) in padded.graphs
+    assert padded.num_replays > 0 and (4, True, K + 1) in padded.graphs
     stats = core.scheduler.make_stats()
     print(f"sampling: {stats.num_accepted_tokens}/{stats.num_draft_tokens} drafts accepted, "
           f"{padded.num_replays} proposal replays")
