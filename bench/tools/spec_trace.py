@@ -124,9 +124,15 @@ class StepTrace:
                           "draft_ms_mean": round(statistics.fmean(r.get("draft_ms", 0.0) for r in rows), 3),
                           "draft_wait_ms_mean": round(statistics.fmean(r.get("draft_wait_ms", 0.0) for r in rows), 3),
                           "share": round(sum(r["ms"] for r in rows) / max(total_ms, 1e-9), 3)})
-        return {"steps": len(self.rows), "tokens": tokens, "total_ms": round(total_ms, 1),
-                "ms_per_token": round(total_ms / max(tokens, 1), 4), "tokens_per_step": round(tokens / max(
-                    len(self.rows), 1), 3), "by_kind": table}
+        out = {"steps": len(self.rows), "tokens": tokens, "total_ms": round(total_ms, 1),
+               "ms_per_token": round(total_ms / max(tokens, 1), 4), "tokens_per_step": round(tokens / max(
+                   len(self.rows), 1), 3), "by_kind": table}
+        drafter = getattr(getattr(self.runner, "drafting", None), "drafter", None)
+        padded = getattr(drafter, "padded", None)
+        if padded is not None:  # the worker's proposals: on the device (padded_proposal.py) vs the host path
+            out["device_proposals"] = padded.num_proposals
+            out["host_proposals"] = drafter.num_proposals - padded.num_proposals
+        return out
 
 
 def profile_tables(prof: Any, rows: list[dict], top: int = 20) -> dict:
