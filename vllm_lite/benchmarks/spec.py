@@ -293,7 +293,10 @@ def _eagle3_engine(args: argparse.Namespace, config: dict | None, convs: list) -
         tpot, outs = _per_prompt_tpot(llm, convs, args.output_len)
         progress(f"{'plain' if config is None else 'eagle3'}: TPOT {tpot:.3f} ms")
     tok = llm.get_tokenizer()
+    drafting = getattr(llm.model_runner(), "drafting", None) if config is not None else None
+    padded = getattr(getattr(drafting, "drafter", None), "padded", None)
     return {"tpot_ms": None if tpot is None else round(tpot, 4), "outputs": outs, "device": str(llm.device),
+            "device_proposals": None if padded is None else padded.num_proposals,
             "answers": [extract_answer(tok.decode(o, skip_special_tokens=True)) for o in outs],
             "acceptance": _acceptance(before, _stats(llm))}
 
@@ -315,7 +318,8 @@ def run_eagle3(args: argparse.Namespace) -> dict:
               "speedup": None if args.batched else round(plain["tpot_ms"] / spec["tpot_ms"], 4),
               "identical_outputs": f"{sum(a == b for a, b in zip(plain['outputs'], spec['outputs']))}/{n}",
               "identical_answers": f"{sum(a == b for a, b in zip(plain['answers'], spec['answers']))}/{n}",
-              **spec["acceptance"], "targets": "mean_acceptance_length >= 2.0, speedup >= 1.5"}
+              **spec["acceptance"], "device_proposals": spec["device_proposals"],
+              "targets": "mean_acceptance_length >= 2.0, speedup >= 1.5"}
     # Identical outputs show nothing when no draft was verified.
     result["identity_shown"] = spec["acceptance"]["num_drafts"] > 0
     progress(f"eagle3: {result['speedup']}x, mean acceptance length {result['mean_acceptance_length']}, per "
