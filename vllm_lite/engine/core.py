@@ -72,10 +72,11 @@ class EngineCore:
                                    speculative=self.num_spec_tokens > 0, num_lookahead_tokens=lookahead)
         self.proposer = proposer
         # Where the worker replays CUDA graphs it pads a verification step to 1 + k tokens per request, so fewer
-        # drafts cost as much as k: the adaptive rule then asks for k or none (not with verify_as_decode, whose
-        # decode graphs take any number of rows).
+        # drafts cost as much as k: the adaptive rule then asks for k or none. Not with verify_as_decode (its decode
+        # graphs take any number of rows), unless a drafter model proposes in the worker: its device proposals need
+        # every request at k drafts (or none).
         graph_shaped = (self.num_spec_tokens > 0 and config.device.replays_cuda_graphs()
-                        and not config.kernels.verify_as_decode)
+                        and (not config.kernels.verify_as_decode or config.speculative.uses_model))
         self.draft_policy = AdaptiveDraftLength(config.speculative, all_or_none=graph_shaped)
         # the policy's measured costs need the step times (speculating engines only: plain steps skip this)
         self._time_steps = proposer is not None and self.draft_policy.costs is not None
