@@ -322,7 +322,8 @@ PY
         echo "train-draft: using the staged head (.gpu/head; TRAIN_FORCE=1 trains anew)"; continue
       fi
       tmo ${TRAIN_TIMEOUT:-590} python3 -m vllm_lite train-draft --out /root/heads/smollm2-eagle3 --dtype bfloat16 \
-        --epochs ${TRAIN_EPOCHS:-10} --time-budget-s $(train_budget) > "$OUT/train-draft.log" 2>&1
+        --epochs ${TRAIN_EPOCHS:-10} --num-draft-steps ${TRAIN_DRAFT_STEPS:-3} --time-budget-s $(train_budget) \
+        > "$OUT/train-draft.log" 2>&1
       echo "train-draft rc=$?"; tr '\r' '\n' < "$OUT/train-draft.log" | grep -vE "Warning|^\s*$" | tail -25
       cp /root/heads/smollm2-eagle3/README.md "$OUT/eagle3-head-README.md" 2>/dev/null
       # the head alone (no data or checkpoints, ~20 MB) for later sessions, in parts under the 16 MiB a returned file
