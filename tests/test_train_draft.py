@@ -237,7 +237,8 @@ def test_bench_spec_eagle3_batched_identity(trained, tiny_llama_path):
     card = open(os.path.join(out, "README.md")).read()
     result = spec.main(["eagle3", "--model", tiny_llama_path, "--head", out, "--num-prompts", "3", "--output-len",
                         "8", "--device", "cpu", "--dtype", "float32", "--max-model-len", "512", "--batched"])
-    assert result["identical_outputs"] == "3/3" and result["num_drafts"] > 0
+    assert result["identical_outputs"] == "3/3" and result["num_drafts"] > 0 and result["identity_shown"]
+    assert result["speculative_config"]["disable_by_batch_size"] is None  # a batch over 64 must still draft
     assert result["speedup"] is None and result["plain_tpot_ms"] is None
     assert open(os.path.join(out, "README.md")).read() == card
 
