@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
     step_ms = statistics.median(r["step_ms"] for r in runs)
     draft_ms = statistics.median(r["draft_ms"] for r in runs)
     stats = llm.engine.scheduler.make_stats()
-    result = {"benchmark": "spec_drafting", "method": args.method, "model": bench_model(args), "head": args.head or "random EAGLE-3 (dummy)", "device": str(llm.device),
+    result = {"benchmark": "spec_drafting", "method": args.method, "model": bench_model(args),
+              "head": args.head or "random EAGLE-3 (dummy)", "device": str(llm.device),
               "k": args.num_speculative_tokens, "batch_size": args.batch_size, "step_ms": step_ms,
               "drafting_ms": draft_ms, "drafting_share": draft_ms / step_ms,
               "tokens_per_step": statistics.median(r["tokens"] / r["steps"] for r in runs),

@@ -143,7 +143,7 @@ class EagleDrafter(ModelDrafter):
             self.aux_hidden_layers = tuple(sorted(set(ids)))  # the target returns them in layer order
             self._aux_order = [self.aux_hidden_layers.index(i) for i in ids]
         self.max_tokens = self.stagers[0].max_tokens
-        self.padded: PaddedProposer | None = None  # proposals of uniform greedy verification steps, on the device
+        self.padded: PaddedProposer | None = None  # proposals of uniform steps, on the device (padded_proposal.py)
 
     def load(self, target_model: torch.nn.Module) -> None:
         cfg = self.head_config

@@ -62,3 +62,13 @@ def test_compile_key_keeps_the_property_order_and_options():
     closed = compile_key(StructuredOutputsParams(json=a), False, True)
     assert json.loads(closed[1])["additionalProperties"] is False and "additionalProperties" not in json.loads(ka[1])
     assert compile_key(StructuredOutputsParams(json=json.dumps(a)), True, False)[2] is False
+
+
+def test_large_constraints_are_checked_but_not_remembered():
+    from vllm_lite.structured_output.validate import CACHED_SPEC_CHARS, _validated
+    big = {"type": "object", "properties": {f"p{i}_unique_3": {"type": "integer"} for i in range(6000)}}
+    assert len(json.dumps(big)) > CACHED_SPEC_CHARS
+    before = _validated.cache_info().currsize
+    validate_structured_outputs(StructuredOutputsParams(json=big))
+    assert _validated.cache_info().currsize == before  # memory stays bounded by what the cache may hold
+    assert compile_key(StructuredOutputsParams(json=big), False, False)[1].startswith('{"type": "object"')

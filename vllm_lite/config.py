@@ -214,8 +214,9 @@ class SpeculativeConfig:
       verifying, per batch size) where both kinds of step ran, instead of a fixed estimate. Off by default: on the
       H200 it turned n-gram speculation down on the edit workload (0.89x against 1.27x with the estimate).
     disable_padded_drafter_batch (vLLM's name; EAGLE heads): True makes every proposal take the host path, which
-      waits for the verified tokens and stages each draft forward; by default a uniform greedy verification step's
-      proposal runs on the device in one graph (spec_decode/padded_proposal.py).
+      waits for the step's tokens and stages each draft forward; by default the proposal after a uniform step (every
+      request verified k drafts, or decoded one token; greedy or unseeded sampling; up to 8 requests) runs on the
+      device in one graph (spec_decode/padded_proposal.py).
     """
     method: str | None = None
     model: str | None = None

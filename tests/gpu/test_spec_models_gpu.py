@@ -1,8 +1,7 @@
 """In-worker drafters on CUDA (draft model, EAGLE, EAGLE-3): the torch backend in float32 (eager) and FlashInfer in
 bf16, eager and compiled with CUDA graphs (the drafter's one-token decode steps replay its own graphs), async
-scheduling on and off; EAGLE heads' uniform verification steps propose in one captured graph
-(spec_decode/padded_proposal.py). Greedy outputs equal the plain run's: exactly in float32; in bf16 up to a near tie (the same
-rule as test_spec_gpu.py: at the first difference each run's token is among the other's top-5). The target drafting
+scheduling on and off; EAGLE heads' uniform steps propose in one captured graph (spec_decode/padded_proposal.py).
+Greedy outputs equal the plain run's: exactly in float32; in bf16 up to a near tie (the same rule as test_spec_gpu.py: at the first difference each run's token is among the other's top-5). The target drafting
 for itself has (nearly) every draft accepted."""
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from vllm_lite.sampling_params import StructuredOutputsParams
-from vllm_lite.structured_output.validate import choice_ebnf, load_schema, prepare_schema
+from vllm_lite.structured_output.validate import CACHED_SPEC_CHARS, choice_ebnf, load_schema, prepare_schema
 
 CompileKey = tuple[str, str, bool]
 
@@ -25,9 +25,9 @@ def compile_key(params: StructuredOutputsParams, disable_any_whitespace: bool,
     if kind == "json":
         close = params.disable_additional_properties or disable_additional_properties
         spec = params.json
-        is_text = isinstance(spec, str)
-        text = spec if is_text else json.dumps(spec, ensure_ascii=False)  # key order kept: it is the output's order
-        return kind, _prepared_schema_text(text, is_text, close), any_whitespace
+        text = spec if isinstance(spec, str) else json.dumps(spec, ensure_ascii=False)  # key order: the output's
+        prepared = _prepared_schema_text if len(text) <= CACHED_SPEC_CHARS else _prepared_schema_text.__wrapped__
+        return kind, prepared(text, close), any_whitespace
     if kind == "json_object":
         return "json", '{"type": "object"}', any_whitespace
     if kind == "choice":
@@ -35,12 +35,10 @@ def compile_key(params: StructuredOutputsParams, disable_any_whitespace: bool,
     return kind, params.regex if kind == "regex" else params.grammar, any_whitespace
 
 
-@functools.lru_cache(maxsize=4096)
-def _prepared_schema_text(text: str, is_text: bool, close_objects: bool) -> str:
-    """The canonical text of a (validated) schema as xgrammar compiles it; a batch repeats a few schemas often.
-    is_text: the user sent text (load_schema's size limit applies), else an object dumped here."""
-    schema = load_schema(text if is_text else json.loads(text))
-    return json.dumps(prepare_schema(schema, close_objects=close_objects), ensure_ascii=False)
+@functools.lru_cache(maxsize=1024)
+def _prepared_schema_text(text: str, close_objects: bool) -> str:
+    """The canonical text of a (validated) schema's JSON as xgrammar compiles it; a batch repeats a few schemas."""
+    return json.dumps(prepare_schema(load_schema(json.loads(text)), close_objects=close_objects), ensure_ascii=False)
 
 
 def compile_grammar(compiler: Any, key: CompileKey) -> Any:

@@ -42,6 +42,7 @@ STRICT_FORMAT_PATTERNS = {
 }
 MAX_SCHEMA_DEPTH = 64  # nesting deeper than any real schema; deeper ones would only strain the compiler
 MAX_SPEC_CHARS = 1 << 20  # 1 MiB of schema / regex / grammar text
+CACHED_SPEC_CHARS = 1 << 16  # constraints up to 64 KiB of text are remembered once checked (bounded memory)
 
 
 def validate_structured_outputs(params: StructuredOutputsParams) -> None:
@@ -49,8 +50,9 @@ def validate_structured_outputs(params: StructuredOutputsParams) -> None:
     enforces: invalid JSON / JSON schema, unsupported schema keywords, a bad regex or EBNF grammar, an empty
     choice list, or an option the xgrammar backend cannot honour.
 
-    A constraint that passed is remembered by its text (`_validated`): a batch repeats a few schemas many times, and
-    each check parses the schema into a grammar (~0.2 ms; the LLM and the engine core both check every request)."""
+    A constraint that passed is remembered by its text (`_validated`, texts up to CACHED_SPEC_CHARS): a batch repeats
+    a few schemas many times, and each check parses the schema into a grammar (~0.2 ms; the LLM and the engine core
+    both check every request)."""
     if params.whitespace_pattern is not None:
         raise ValueError("structured_outputs.whitespace_pattern is not supported by the xgrammar backend; use "
                          "disable_any_whitespace to forbid whitespace instead")
@@ -59,37 +61,32 @@ def validate_structured_outputs(params: StructuredOutputsParams) -> None:
         if params.json_object is not True:
             raise ValueError(f"structured_outputs.json_object must be true or false, got {params.json_object!r}")
         return
-    if kind == "choice":
-        _validated(kind, choice_ebnf(params.choice), False, True)
-        return
-    spec = getattr(params, kind)
-    if isinstance(spec, str):
-        _check_text(kind, spec)
-        _validated(kind, spec, True, params.disable_any_whitespace)
-    elif kind == "json" and isinstance(spec, (dict, bool)):
+    spec = choice_ebnf(params.choice) if kind == "choice" else getattr(params, kind)
+    text, from_object = spec, False
+    if kind == "json" and isinstance(spec, (dict, bool)):
         try:
-            text = json.dumps(spec, sort_keys=True)
-        except (TypeError, ValueError, RecursionError):  # not JSON at all: the full check says why
-            _validate(kind, spec, False, params.disable_any_whitespace)
-            return
-        _validated(kind, text, False, params.disable_any_whitespace)
+            text, from_object = json.dumps(spec, sort_keys=True), True
+        except (TypeError, ValueError, RecursionError):  # not JSON: the full check below says why
+            text = None
+    if isinstance(text, str) and len(text) <= CACHED_SPEC_CHARS:
+        _validated(kind, text, from_object, params.disable_any_whitespace)
     else:
-        _validate(kind, spec, False, params.disable_any_whitespace)
+        _validate(kind, spec, params.disable_any_whitespace)
 
 
-@functools.lru_cache(maxsize=4096)
-def _validated(kind: str, text: str, is_text: bool, disable_any_whitespace: bool) -> None:
-    """`_validate` of a constraint given as text (is_text: as the user wrote it; else a dict schema's JSON): only
-    constraints that pass are cached (an exception is not)."""
-    _validate(kind, text if is_text or kind != "json" else json.loads(text), is_text, disable_any_whitespace)
+@functools.lru_cache(maxsize=1024)
+def _validated(kind: str, text: str, from_object: bool, disable_any_whitespace: bool) -> None:
+    """`_validate` of a constraint's text (from_object: a schema object's JSON, parsed back); only constraints that
+    pass are cached (an exception is not)."""
+    _validate(kind, json.loads(text) if from_object else text, disable_any_whitespace)
 
 
-def _validate(kind: str, spec: Any, is_text: bool, disable_any_whitespace: bool) -> None:
+def _validate(kind: str, spec: Any, disable_any_whitespace: bool) -> None:
     import xgrammar as xgr
 
     try:
         if kind == "json":
-            schema = load_schema(spec) if is_text else _loaded_schema(spec)
+            schema = load_schema(spec)
             xgr.Grammar.from_json_schema(json.dumps(prepare_schema(schema)),
                                          any_whitespace=not disable_any_whitespace)
         elif kind == "regex":
@@ -102,15 +99,6 @@ def _validate(kind: str, spec: Any, is_text: bool, disable_any_whitespace: bool)
             xgr.Grammar.from_ebnf(spec)
     except RuntimeError as exc:  # xgrammar's parse errors
         raise ValueError(f"structured_outputs.{kind} is invalid: {xgrammar_message(exc)}") from None
-
-
-def _loaded_schema(spec: Any) -> Any:
-    """load_schema of a schema passed as an object (no text-size limit, as before)."""
-    if not isinstance(spec, (dict, bool)):
-        raise ValueError(f"structured_outputs.json is invalid: a JSON schema must be an object or a boolean, got "
-                         f"{type(spec).__name__}")
-    _check_schema(spec, "#", 0, spec)
-    return spec
 
 
 def load_schema(spec: str | dict[str, Any] | None) -> dict[str, Any] | bool:

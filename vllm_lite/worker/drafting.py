@@ -82,13 +82,14 @@ class WorkerDrafting:
         n = len(states)
         uniform = (all(k == drafter.k for k in num_drafts) if num_drafts is not None
                    else sampled.dim() == 1 and bool((query_lens == 1).all()))
-        if (padded is None or not uniform or n > padded.max_batch or (limit is not None and n > limit) or any(s.generator is not None and not s.sampling_params.greedy for s in states)):
-            return False  # (a seeded request's generator cannot be replayed by a graph)
+        seeded = any(s.generator is not None and not s.sampling_params.greedy for s in states)
+        if padded is None or not uniform or seeded or n > padded.max_batch or (limit is not None and n > limit):
+            return False  # (a seeded request's own generator cannot be replayed by a graph)
         t0 = time.perf_counter()
         sources = list(aux_hidden) if drafter.eagle3 else [hidden]
         temps = [0.0 if s.sampling_params.greedy else float(s.sampling_params.temperature) for s in states]
-        ids, probs = padded.propose(sampled.view(n, -1), sources, starts, [s.block_ids for s in states], drafter.max_model_len,
-                                    temps)
+        ids, probs = padded.propose(sampled.view(n, -1), sources, starts, [s.block_ids for s in states],
+                                    drafter.max_model_len, temps)
         if probs is not None:  # the next step's rejection sampler reads them after the next proposal replays
             probs = probs.clone()
         for j, state in enumerate(states):

@@ -78,8 +78,10 @@ class InputStager:
         h.ids[:] = np.concatenate(token_ids) if num_reqs > 1 else token_ids[0]
         h.pos[:] = positions
         # entries past a request's blocks: block 0, always a valid index (the torch backend gathers them)
-        table = np.zeros((num_reqs, max_blocks), dtype=np.int32) if rows_view else h.bt.reshape(num_reqs, max_blocks)
-        if not rows_view:
+        if rows_view:  # the requests' table first: the attention fields get one row per token below
+            table = np.zeros((num_reqs, max_blocks), dtype=np.int32)
+        else:
+            table = h.bt.reshape(num_reqs, max_blocks)
             table.fill(0)
         table[self._arange[:max_blocks] < nblk[:, None]] = np.concatenate(block_ids) if num_reqs > 1 else block_ids[0]
         np.multiply(table[req_index, positions // self.block_size], self.block_size, out=h.slot)

@@ -35,10 +35,10 @@ from vllm_lite.sample.topk_topp import skip_random_draws
 from vllm_lite.sampling_params import SamplingParams
 from vllm_lite.spec_decode.rejection_sampler import rejection_sample
 from vllm_lite.worker.drafting import WorkerDrafting, make_drafter
-from vllm_lite.worker.step_shapes import step_shapes
 from vllm_lite.worker.input_batch import InputStager
 from vllm_lite.worker.prompt_logprobs import PromptLogprobsCollector
 from vllm_lite.worker.request_state import CachedRequestState
+from vllm_lite.worker.step_shapes import step_shapes
 from vllm_lite.worker.step_output import Launch, resolve_launch
 
 logger = logging.getLogger("vllm_lite.model_runner")
@@ -279,11 +279,11 @@ class ModelRunner:
             and bool(np.array_equal(fill_dst, fill_src))
         # KernelConfig.verify_as_decode: a verification step's tokens attend as one-token requests (decode kernel,
         # decode graphs) instead of FlashInfer's prefill kernel over 1 + k-token requests.
-        rows = (spec and self.config.kernels.verify_as_decode and int(query_lens.max()) <= 1 + self.num_spec_tokens
-                and int(query_lens.sum()) <= self.stager.max_reqs)
+        rows = (bool(spec) and self.config.kernels.verify_as_decode
+                and int(query_lens.max()) <= 1 + self.num_spec_tokens and int(query_lens.sum()) <= self.stager.max_reqs)
         inputs = self.stager.stage(token_slices, starts, query_lens, [s.block_ids for s in states], sample_rows,
                                    *((None, None) if in_order else (fill_dst, fill_src)), sample_counts=counts,
-                                   sample_ends=sample_ends, rows_as_requests=bool(rows))
+                                   sample_ends=sample_ends, rows_as_requests=rows)
         if in_order:
             inputs.input_ids[: len(fill_dst)].copy_(self._last_sampled[: len(fill_dst)])
         elif inputs.fill_dst is not None:
