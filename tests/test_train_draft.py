@@ -280,3 +280,19 @@ def test_draft_vocabulary_mappings():
     assert vocab.target_to_draft().tolist() == [-1, 0, -1, 1, -1, 2, 3]
     assert vocab.coverage(counts) == pytest.approx(21 / 22)
     assert DraftVocab.from_counts(counts, 100).size == 7
+
+
+def test_a_run_under_one_epoch_is_called_undertrained(trained, tiny_llama_path, prompts_file, tmp_path, capsys):
+    """A head trained for less than one pass over its data says so (result JSON, card); a full run does not."""
+    import shutil
+    from vllm_lite.entrypoints.cli import main
+    out, _ = trained
+    assert "undertrained" not in open(os.path.join(out, "README.md")).read()
+    short = str(tmp_path / "short")
+    shutil.copytree(os.path.join(out, "data"), os.path.join(short, "data"))  # the same data, generated once
+    capsys.readouterr()
+    assert main(["train-draft", "--model", tiny_llama_path, "--data", prompts_file, "--out", short, *ARGS,
+                 "--max-steps", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["steps"] == 1 and result["epochs"] < 1 and result["undertrained"] is True
+    assert "**undertrained**" in open(os.path.join(short, "README.md")).read()

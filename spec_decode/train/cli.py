@@ -25,6 +25,7 @@ from vllm_lite.spec_decode.train.vocab import DraftVocab
 
 
 EXPORT_MARGIN_S = 20.0  # writing the head and the card, kept out of the training's share of --time-budget-s
+MIN_EPOCHS = 1.0  # less training than this over the data set is reported as undertrained
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     _say(f"training: {dataset.batches_per_epoch} batches per epoch, draft vocabulary {vocab.size} "
          f"({100 * vocab.coverage(counts):.2f} % of response tokens), {train_cfg.draft_steps} draft steps, {device}")
     summary = train(head, dataset, vocab.target_to_draft(), train_cfg, os.path.join(args.out, "checkpoints"), device)
+    # A time budget mostly spent on data (a cold machine: model conversion, compilation) or a small --max-steps
+    # leaves a head that only looks finished: say so in the result and the card instead of shipping it silently.
+    summary["undertrained"] = summary["epochs"] < MIN_EPOCHS
+    if summary["undertrained"]:
+        logging.getLogger(__name__).warning(
+            "training ran %.3f epochs (below %.1f; time budget for training %s s): the head is undertrained; run the "
+            "same command again to resume", summary["epochs"], MIN_EPOCHS, train_cfg.time_budget_s)
     save_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with open(os.path.join(meta["model_path"], "config.json")) as f:
         target_config = json.load(f)

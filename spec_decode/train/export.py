@@ -60,7 +60,7 @@ Use it with vllm-lite: `LLM("{info['model']}", speculative_config={{"method": "e
 | data | {info['data']}: {info['num_prompts']} prompts, {info['num_sequences']} sequences, {info['num_tokens']} tokens ({info['num_loss_tokens']} response tokens trained) |
 | target layers read | {info['aux_layers']} |
 | draft vocabulary | {info['draft_vocab_size']} tokens ({100 * info['vocab_coverage']:.2f} % of the response tokens) |
-| training | {info['steps']} steps ({info['epochs']} epochs), TTT over {info['draft_steps']} draft positions, lr {info['lr']}, {info['batch_tokens']} tokens per batch, {info['device']} |
+| training | {'**undertrained** (under one epoch): ' if info.get('undertrained') else ''}{info['steps']} steps ({info['epochs']} epochs), TTT over {info['draft_steps']} draft positions, lr {info['lr']}, {info['batch_tokens']} tokens per batch, {info['device']} |
 | time | data {info['data_seconds']} s, training {info['train_seconds']} s |
 | final loss | {info['final_loss']} |
 | top-1 accuracy per draft position (training, last steps) | {acc} |

@@ -57,8 +57,13 @@ def test_model_drafters_match_the_plain_run(models, setup, async_scheduling):
               f"{stats.num_draft_tokens} drafts accepted, drafting {drafter.draft_seconds * 1e3:.1f} ms host time "
               f"over {drafter.num_proposals} proposals")
         assert stats.num_draft_tokens > 0
-        if name == "self":  # all accepted but where a bf16 near tie flips (at most K drafts per such request)
-            assert stats.num_draft_tokens - stats.num_accepted_tokens <= (len(ref) - identical + 1) * K
+        rejected = stats.num_draft_tokens - stats.num_accepted_tokens
+        if name == "self" and setup.endswith("vad"):
+            # The target verifies with FlashInfer's decode kernel, the drafter catches up with the prefill kernel:
+            # their bf16 rounding differs, so a near tie may flip in a draft (not in the output, checked above).
+            assert rejected <= 0.08 * stats.num_draft_tokens, (rejected, stats.num_draft_tokens)
+        elif name == "self":  # all accepted but where a bf16 near tie flips (at most K drafts per such request)
+            assert rejected <= (len(ref) - identical + 1) * K
         padded = getattr(drafter, "padded", None)
         if setup.endswith("graphs") and padded is not None:  # EAGLE: uniform verification steps replay a proposal
             print(f"  proposal graph replays: {padded.num_replays} of {padded.num_proposals} padded proposals")
