@@ -240,9 +240,10 @@ PY
       tmo 300 python3 bench/tools/profile_prefill.py --model qwen3-0.6b > "$OUT/prefill.log" 2>&1; echo "prefill rc=$?"
       grep -E "ms/step|warnings|^   " "$OUT/prefill.log" | head -14; grep -A34 "Ordered by" "$OUT/prefill.log" | cut -c1-150 ;;
     prefill-ttft)  # issue 16's qwen3 TTFT: one 128-token prompt alone, the step that replays no CUDA graph (~24 ms
-      # at L1): its async vs synchronised time and the host time to issue each phase
+      # at L1): its async vs synchronised time, the host time to issue each phase, a cProfile of 5 such steps
       tmo 300 python3 bench/tools/profile_prefill.py --model qwen3-0.6b --num-requests 1 --input-len 128 --steps 1 \
-        > "$OUT/prefill-ttft.log" 2>&1; echo "prefill-ttft rc=$?"; grep -E "ms/step|warnings|^   " "$OUT/prefill-ttft.log" | head -14 ;;
+        > "$OUT/prefill-ttft.log" 2>&1; echo "prefill-ttft rc=$?"
+      grep -E "ms/step|warnings" "$OUT/prefill-ttft.log" | head -12; grep -A26 "Ordered by" "$OUT/prefill-ttft.log" | cut -c1-150 ;;
     host)  # the host's share of a decode step on this machine's CPU (bench/tools/host_step.py; compare docs/PERF.md's CPU rows)
       for bs in 1 16 64 256; do
         tmo 120 python3 bench/tools/host_step.py --batch-size $bs 2>&1 | grep -v Writing | tee -a "$OUT/host.log" | head -1

@@ -110,11 +110,21 @@ def main() -> None:
     for w in caught[:8]:
         print("  ", str(w.message)[:200], f"({w.filename}:{w.lineno})")
     prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(args.steps - 2):
-        engine.step()
-    _sync()
-    prof.disable()
+    if args.num_requests == 1:  # one prompt alone (TTFT): profile its prefill step, a fresh request each time
+        _drain(llm)
+        for i in range(5):
+            _queue(llm, f"d{i}", 1, args.input_len)
+            prof.enable()
+            engine.step()
+            _sync()
+            prof.disable()
+            _drain(llm)
+    else:
+        prof.enable()
+        for _ in range(args.steps - 2):
+            engine.step()
+        _sync()
+        prof.disable()
     pstats.Stats(prof).sort_stats("tottime").print_stats(30)
 
 
