@@ -37,7 +37,7 @@ else  # recompressed: xz takes the shared .tgz from 5.7 MB to 1.7 MB, room that 
   gzip -dc "$work"/flashinfer-*-jit-cache-*.tgz | xz -T0 -9e > .gpu/base/jit.tar.xz; fi
 gguf=$(ls "$work"/model/*.gguf)
 # Two carries: model1 (36 MB) beside base, then model2 (the rest, as part.1 + part.2, plus GSM8K) alone; each call's
-# tree (~2 MB of tracked files) counts towards the 64 MiB too, and model2 with 34 MB here no longer fitted.
+# tree (~2 MB of tracked files) counts towards the 64 MiB too: with a 34 MB model1, model2's call went over it.
 head -c 36000000 "$gguf" > .gpu/model1/part.0
 tail -c +36000001 "$gguf" > "$work/rest"; split -n 2 -d -a 1 "$work/rest" "$work/rest."
 mv "$work/rest.0" .gpu/model2/part.1; mv "$work/rest.1" .gpu/model2/part.2; rmdir .gpu/model3

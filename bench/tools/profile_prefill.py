@@ -8,6 +8,9 @@ taking the same time means overlapping host and device work gains nothing, which
 (docs/PERF.md).
 
     python bench/tools/profile_prefill.py --model qwen3-0.6b
+
+With --num-requests 1 (one prompt alone: the time-to-first-token step) the cProfile covers five fresh prefill
+steps instead of the steps after them.
 """
 from __future__ import annotations
 

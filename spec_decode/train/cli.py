@@ -110,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     summary["undertrained"] = summary["epochs"] < MIN_EPOCHS
     if summary["undertrained"]:
         logging.getLogger(__name__).warning(
-            "training ran %.3f epochs (below %.1f; time budget for training %s s): the head is undertrained; run the "
-            "same command again to resume", summary["epochs"], MIN_EPOCHS, train_cfg.time_budget_s)
+            "training ran %.3f epochs (below %.1f; time budget for training %s s): the head is undertrained. Delete "
+            "%s and run again with a larger --time-budget-s or --max-steps (the data shards are reused)",
+            summary["epochs"], MIN_EPOCHS, train_cfg.time_budget_s, os.path.join(args.out, "checkpoints"))
     save_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with open(os.path.join(meta["model_path"], "config.json")) as f:
         target_config = json.load(f)
