@@ -27,6 +27,12 @@ pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform m
   -d "$work/wheels" httpx2 httpcore2 truststore h11 jsonschema jsonschema-specifications referencing rpds-py attrs
 rm -rf .gpu/model*; mkdir -p "$work/site" .gpu/base .gpu/model1 .gpu/model2 .gpu/model3
 for w in "$work"/wheels/*.whl; do python3 -m zipfile -e "$w" "$work/site/"; done
+# FlashInfer's JIT sources for kernel families this engine never builds (MoE, MLA, KDA/GDN, FP4, the cake_* ops: every
+# subfolder of data/csrc; the decode, prefill and top-k modules compile only top-level files, per their ninja deps):
+# 3.6 MB of the compressed site, the room the JIT cache of the sixteenth session's run needs beside model1.
+for d in "$work"/site/flashinfer/data/csrc/*/; do
+  case $(basename "$d") in generated|nv_internal) ;; *) rm -rf "$d" ;; esac
+done
 # Old, fixed mtimes: FlashInfer runs ninja before loading a JIT module; headers unpacked "now" must never look newer
 # than the staged .so files (built earlier), or a fresh machine could rebuild modules for minutes (a suspect for the
 # ~100 s a first start spent outside the compile cache, docs/PERF.md; not confirmed).

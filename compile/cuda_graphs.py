@@ -1,9 +1,11 @@
 """CUDA-graph capture and replay for uniform decode steps: every request computes the same number of tokens q,
-1 (plain decode) or 1 + k (verifying k speculative tokens).
+1 (plain decode) or 1 + k (verifying k speculative tokens); and for one-request prefills (key q = PREFILL).
 
 One graph per (q, capture size) (sizes: requests 1, 2, 4, 8, then every 8 up to max_num_seqs, capped at 512; a graph
 of q runs size * q tokens); a uniform batch of n requests replays the graph of the smallest captured size >= n
-(padded with dummy requests of q tokens). Inputs (token ids, positions) live in static
+(padded with dummy requests of q tokens). A prefill graph of P tokens runs one request of fewer than P tokens (a
+short prompt arriving at an idle engine: its time to first token), padded with one dummy request holding the other
+tokens; the backend plans both (FlashInfer's graph-mode prefill plan takes any query lengths of a fixed total). Inputs (token ids, positions) live in static
 buffers of the largest size; each graph writes its hidden states into its own static output (a view of which `run`
 returns). Graphs are captured largest first and share one memory pool, so the pool is about the activation memory
 of the largest size plus the per-size outputs.
@@ -35,6 +37,16 @@ import torch
 logger = logging.getLogger("vllm_lite.compile")
 
 DEFAULT_MAX_CAPTURE_SIZE = 512
+PREFILL = 0  # the query-length key of one-request prefill graphs
+
+
+def prefill_capture_sizes(max_tokens: int) -> list[int]:
+    """Token counts of the one-request prefill graphs: 16, 32, 64, 96, 128, 192, 256, 384, 512, ... up to max_tokens
+    (a prompt pads by at most half its length)."""
+    sizes = [16, 32, 64]
+    while sizes[-1] < max_tokens:
+        sizes.append(sizes[-1] * 3 // 2 if sizes[-1] & (sizes[-1] - 1) == 0 else sizes[-1] * 4 // 3)
+    return [s for s in sizes if s <= max_tokens]
 
 
 def default_capture_sizes(max_num_seqs: int, max_capture_size: int = DEFAULT_MAX_CAPTURE_SIZE) -> list[int]:
@@ -53,9 +65,10 @@ class CUDAGraphRunner:
     def __init__(self, model_forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  capture_sizes: Sequence[int], max_tokens: int, device: torch.device | str, hidden_size: int,
                  dtype: torch.dtype, index_dtype: torch.dtype = torch.int32,
-                 query_lens: Sequence[int] = (1,)) -> None:
+                 query_lens: Sequence[int] = (1,), prefill_sizes: Sequence[int] = ()) -> None:
         """capture_sizes: batch sizes in requests; max_tokens: the largest batch of requests that may be padded into
-        a graph (sizes above it are dropped); query_lens: the uniform tokens per request to capture (1, 1 + k).
+        a graph (sizes above it are dropped); query_lens: the uniform tokens per request to capture (1, 1 + k);
+        prefill_sizes: token counts of one-request prefill graphs (key PREFILL), none by default.
         hidden_size / dtype describe the model output (kept for callers and checks). index_dtype must match the
         dtype of the ids/positions the model is otherwise called with (the compiled graph is traced for it)."""
         self.model_forward = model_forward
@@ -64,6 +77,8 @@ class CUDAGraphRunner:
             raise ValueError(f"no capture size in {list(capture_sizes)} fits max_tokens={max_tokens}")
         # Token counts captured per query length.
         self.token_sizes = {int(q): [s * int(q) for s in self.sizes] for q in sorted(set(query_lens))}
+        if prefill_sizes:
+            self.token_sizes[PREFILL] = sorted({int(s) for s in prefill_sizes if int(s) > 1})
         self.device = torch.device(device)
         self.hidden_size = hidden_size
         self.dtype = dtype
@@ -82,9 +97,10 @@ class CUDAGraphRunner:
 
     # ---- sizes -----------------------------------------------------------------------------------------------
     def padded_size(self, num_tokens: int, query_len: int = 1) -> int:
-        """Smallest captured token count >= num_tokens for this query length (ValueError if none)."""
+        """Smallest captured token count >= num_tokens for this query length (ValueError if none); for PREFILL the
+        smallest > num_tokens (the dummy request needs a token)."""
         sizes = self.token_sizes.get(query_len, ())
-        i = bisect.bisect_left(sizes, num_tokens)
+        i = (bisect.bisect_right if query_len == PREFILL else bisect.bisect_left)(sizes, num_tokens)
         if num_tokens <= 0 or i == len(sizes):
             raise ValueError(f"no CUDA graph for {num_tokens} tokens of {query_len} per request")
         return sizes[i]
@@ -93,7 +109,18 @@ class CUDAGraphRunner:
         """True when graphs are captured and a size fits; the caller also checks every request has query_len
         tokens."""
         sizes = self.token_sizes.get(query_len)
-        return bool(self.graphs) and sizes is not None and 0 < num_tokens <= sizes[-1]
+        limit = sizes[-1] - 1 if query_len == PREFILL and sizes else (sizes or [0])[-1]
+        return bool(self.graphs) and sizes is not None and 0 < num_tokens <= limit
+
+    def graph_for(self, num_reqs: int, num_tokens: int, max_query_len: int) -> int | None:
+        """The graph key (tokens per request, or PREFILL) a step replays, or None when it runs outside graphs: a
+        uniform step of a captured query length, else a one-request step shorter than a prefill graph."""
+        if num_tokens == num_reqs * max_query_len and max_query_len in self.token_sizes \
+                and self.can_run(num_tokens, max_query_len):
+            return max_query_len
+        if num_reqs == 1 and self.can_run(num_tokens, PREFILL):
+            return PREFILL
+        return None
 
     # ---- capture ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -170,12 +197,13 @@ class CUDAGraphRunner:
 def measure_graph_memory(model_forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], max_size: int,
                          device: torch.device | str, hidden_size: int, dtype: torch.dtype,
                          prepare_for_capture: Callable[[int, int, torch.Tensor], None],
-                         index_dtype: torch.dtype = torch.int32, query_len: int = 1) -> int:
+                         index_dtype: torch.dtype = torch.int32, query_len: int = 1, prefill_size: int = 0) -> int:
     """Bytes the decode graphs will hold, measured by capturing only the largest size (max_size requests of the
-    largest query length: it dominates the shared pool) and releasing it. Call during memory profiling, before the KV cache is sized, with a temporary KV cache;
+    largest query length) and the largest prefill graph (prefill_size tokens, if any): they dominate the shared pool.
+    Call during memory profiling, before the KV cache is sized, with a temporary KV cache;
     then subtract the result (plus the small per-size outputs, included by `outputs_bytes`) from the KV budget."""
     probe = CUDAGraphRunner(model_forward, [max_size], max_size, device, hidden_size, dtype, index_dtype,
-                            (query_len,))
+                            (query_len,), [prefill_size] if prefill_size else ())
     probe.capture(prepare_for_capture)
     nbytes = probe.graph_pool_bytes
     probe.release()
@@ -183,8 +211,8 @@ def measure_graph_memory(model_forward: Callable[[torch.Tensor, torch.Tensor], t
 
 
 def outputs_bytes(capture_sizes: Sequence[int], hidden_size: int, dtype: torch.dtype,
-                  query_lens: Sequence[int] = (1,)) -> int:
+                  query_lens: Sequence[int] = (1,), prefill_sizes: Sequence[int] = ()) -> int:
     """Static output memory of all graphs but the largest (which `measure_graph_memory` already counts)."""
     elem = torch.empty((), dtype=dtype).element_size()
-    tokens = sorted(s * q for s in capture_sizes for q in set(query_lens))
+    tokens = sorted([s * q for s in capture_sizes for q in set(query_lens)] + list(prefill_sizes))
     return sum(tokens[:-1]) * hidden_size * elem

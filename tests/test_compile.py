@@ -8,6 +8,7 @@ from torch._dynamo.utils import counters
 
 from vllm_lite.attention import AttentionContext, StepMetadata, TorchAttentionBackend
 from vllm_lite.compile import CUDAGraphRunner, compile_model, default_capture_sizes
+from vllm_lite.compile.cuda_graphs import PREFILL, prefill_capture_sizes
 from vllm_lite.compile.custom_ops import get_context, register_context
 from vllm_lite.config import DeviceConfig, EngineConfig, LoadConfig, ModelConfig
 from vllm_lite.model_loader import load_model, resolve_model
@@ -157,6 +158,17 @@ def test_capture_sizes_and_padding():
     assert [spec.padded_size(n, 4) for n in (4, 8, 12, 32)] == [4, 8, 16, 32] and spec.padded_size(3) == 4
     with pytest.raises(ValueError, match="of 2 per request"):
         spec.padded_size(4, 2)
+    # One-request prefill graphs: the next size strictly above (the padding request needs a token).
+    assert prefill_capture_sizes(512) == [16, 32, 64, 96, 128, 192, 256, 384, 512]
+    assert prefill_capture_sizes(40) == [16, 32]
+    pre = CUDAGraphRunner(lambda i, p: None, [1, 2], 2, "cpu", 64, torch.float32, prefill_sizes=[16, 32, 64])
+    assert pre.token_sizes == {1: [1, 2], PREFILL: [16, 32, 64]} and pre.input_ids.shape == (64,)
+    assert [pre.padded_size(n, PREFILL) for n in (1, 15, 16, 63)] == [16, 16, 32, 64]
+    with pytest.raises(ValueError, match="no CUDA graph for 64 tokens"):
+        pre.padded_size(64, PREFILL)
+    pre.graphs[1, 1] = object()  # as if captured: which graph a step replays
+    assert pre.graph_for(1, 1, 1) == 1 and pre.graph_for(2, 2, 1) == 1 and pre.graph_for(1, 40, 40) == PREFILL
+    assert pre.graph_for(1, 64, 64) is None and pre.graph_for(2, 7, 4) is None and pre.graph_for(3, 3, 1) is None
 
 
 def test_engine_with_compiled_forward_matches_eager_and_never_recompiles(tiny_llama_path, tmp_path):

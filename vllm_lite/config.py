@@ -81,6 +81,10 @@ class DeviceConfig:
     # Largest decode batch replayed from a CUDA graph (sizes 1, 2, 4, 8, 16, 24, ... up to min(this, max_num_seqs));
     # larger decode batches run compiled without a graph.
     max_cudagraph_capture_size: int = 512
+    # Largest one-request prefill replayed from a CUDA graph (graphs of 16, 32, 64, 96, 128, ... tokens, up to this
+    # and max_num_batched_tokens): a short prompt at an idle engine then costs a replay, not an eager step (its TTFT).
+    # 0: none.
+    max_prefill_graph_tokens: int = 512
     # Inductor's C++ wrapper for the compiled forward: kernel launches from C++ instead of generated Python, for the
     # steps that run without a CUDA graph (prefills: TTFT). Off by default until measured on the GPU
     # (`bash bench/gpu_check.sh latency-cppw`); the first compile takes longer (a C++ build, cached on disk).
@@ -92,6 +96,9 @@ class DeviceConfig:
                              f"False")
         _choice("device", self.device, DEVICES)
         _positive("max_cudagraph_capture_size", self.max_cudagraph_capture_size)
+        if not isinstance(self.max_prefill_graph_tokens, int) or self.max_prefill_graph_tokens < 0:
+            raise ValueError(f"max_prefill_graph_tokens={self.max_prefill_graph_tokens!r} is invalid; it must be an "
+                             f"integer >= 0")
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
 
     def replays_cuda_graphs(self) -> bool:

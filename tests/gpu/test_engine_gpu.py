@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from vllm_lite import LLM, SamplingParams
+from vllm_lite.compile.cuda_graphs import PREFILL
 
 pytestmark = pytest.mark.gpu
 
@@ -60,8 +61,11 @@ def test_compiled_with_cuda_graphs_matches_eager(eager):
     batched = _greedy(llm)
     identical = _assert_close(batched, eager)
     print(f"compiled+graphs vs eager: {identical}/5 identical")
-    # One request at a time replays other (padded) graph sizes and GEMM shapes: same tokens up to near ties.
+    # One request at a time replays other (padded) graph sizes and GEMM shapes: same tokens up to near ties. Each
+    # prompt's prefill replays a one-request prefill graph (the chats are 30-60 tokens).
+    prefills = runner.graphs.num_replays[PREFILL]
     _assert_close(_greedy(llm, batched=False), batched)
+    assert runner.graphs.num_replays[PREFILL] - prefills == len(CHATS)
     # Prefills of many lengths and decode batches of every size ran: one compiled graph, no recompilation.
     assert runner.forward.num_recompiles == 0
     # Async scheduling (the default) against waiting for every step's tokens.

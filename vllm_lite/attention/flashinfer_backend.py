@@ -25,6 +25,9 @@ verifying k speculative tokens; used by compile/cuda_graphs.py; bs below counts 
     2. backend.prepare(real_meta, graph_batch_size=bs)  # real_meta.num_reqs <= bs, all query lens 1
     3. graph.replay(); rows >= real_meta.num_reqs of the output are garbage and must be discarded.
   Padding requests attend to block 0 with seq_len q (no block is reserved; block 0 is only read; q <= block size).
+  One-request prefill graphs (`prepare(meta, graph_batch_size=P, prefill_graph=True)`): the request's L < P tokens,
+  then one padding request of P - L tokens whose pages are all block 0; the wrapper (one per P, two requests) is
+  planned in FlashInfer's graph mode, whose work split depends only on the batch size and the total P.
   Padding tokens (slot -1) are never written to the cache. Each (q, bs) keeps its own wrapper (q = 1: the decode
   wrapper; q > 1: the paged prefill wrapper, causal, in CUDA-graph mode; static indptr / last_page_len buffers,
   8 MiB device + 8 MiB pinned int workspace inside FlashInfer); the float workspace and kv_indices buffer are shared
@@ -131,10 +134,56 @@ class FlashInferBackend:
         self._graph_prefill_wrappers[num_reqs] = wrapper
         return wrapper
 
+    def prefill_graph_state(self, num_tokens: int) -> Any:
+        """The graph-safe paged prefill wrapper of one-request prefill graphs of num_tokens (created once)."""
+        key = -num_tokens  # beside verify_graph_state's request counts
+        wrapper = self._graph_prefill_wrappers.get(key)
+        if wrapper is None:
+            self.decode_graph_state(1)  # makes the shared page-index buffer
+            wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                self.workspace, "NHD", use_cuda_graph=True,
+                qo_indptr_buf=torch.zeros(3, dtype=torch.int32, device=self.device),
+                paged_kv_indptr_buf=torch.zeros(3, dtype=torch.int32, device=self.device),
+                paged_kv_indices_buf=self._graph_indices,
+                paged_kv_last_page_len_buf=torch.zeros(2, dtype=torch.int32, device=self.device))
+            self._graph_prefill_wrappers[key] = wrapper
+        return wrapper
+
+    def _prepare_prefill_graph(self, meta: StepMetadata, graph_batch_size: int) -> FlashInferMetadata:
+        """One request's L tokens and a padding request of graph_batch_size - L tokens over block 0."""
+        n, bs, num_tokens = meta.num_reqs, meta.block_size, meta.num_tokens
+        if n != 1 or not 0 < num_tokens < graph_batch_size:
+            raise ValueError(f"a prefill graph of {graph_batch_size} tokens runs one request of fewer tokens, got "
+                             f"{n} requests of {num_tokens} tokens")
+        seq_len, pad = int(meta.seq_lens_cpu[0]), graph_batch_size - num_tokens
+        nblk, pblk = -(-seq_len // bs), -(-pad // bs)
+        indptr, last = self._indptr_host[:3], self._last_host[:2]
+        indptr.numpy()[:] = (0, nblk, nblk + pblk)
+        last.numpy()[:] = (seq_len - (nblk - 1) * bs, pad - (pblk - 1) * bs)
+        qo = self._qo_host[:3]
+        qo.numpy()[:] = (0, num_tokens, graph_batch_size)
+        indices = self._indices_dev[: nblk + pblk]
+        if meta.block_table_cpu is not None:
+            host = self._indices_host[: nblk + pblk]
+            host.numpy()[:nblk] = meta.block_table_cpu[0, :nblk].numpy()
+            host.numpy()[nblk:] = 0
+            indices.copy_(host, non_blocking=True)
+        else:
+            indices[:nblk].copy_(meta.block_table[0, :nblk], non_blocking=True)
+            indices[nblk:].zero_()
+        wrapper = self.prefill_graph_state(graph_batch_size)
+        wrapper.plan(qo, indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim, bs, causal=True,
+                     q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale)
+        return FlashInferMetadata(meta, wrapper, graph_batch_size)
+
     # ---- per step ----------------------------------------------------------------------------------------------
-    def prepare(self, meta: StepMetadata, graph_batch_size: int | None = None) -> FlashInferMetadata:
-        """Build the page table and plan the wrapper this step uses (decode, graph decode, graph verification or
-        paged prefill). graph_batch_size: the padded token count of a uniform step replayed from a CUDA graph."""
+    def prepare(self, meta: StepMetadata, graph_batch_size: int | None = None,
+                prefill_graph: bool = False) -> FlashInferMetadata:
+        """Build the page table and plan the wrapper this step uses (decode, graph decode, graph verification, graph
+        one-request prefill or paged prefill). graph_batch_size: the padded token count of a step replayed from a
+        CUDA graph (a uniform step, or with prefill_graph one request of fewer tokens)."""
+        if prefill_graph:
+            return self._prepare_prefill_graph(meta, graph_batch_size)
         n, bs = meta.num_reqs, meta.block_size
         q = meta.max_query_len
         if graph_batch_size is not None and (meta.num_tokens != n * q or graph_batch_size % q):

@@ -11,7 +11,6 @@ import itertools
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,7 +18,7 @@ import torch
 from vllm_lite.attention import AttentionContext, StepMetadata
 from vllm_lite.attention.selector import make_backend
 from vllm_lite.compile.compiler import compile_model
-from vllm_lite.compile.cuda_graphs import CUDAGraphRunner, measure_graph_memory, outputs_bytes
+from vllm_lite.compile.cuda_graphs import PREFILL, CUDAGraphRunner, measure_graph_memory, outputs_bytes
 from vllm_lite.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from vllm_lite.distributed import TPGroup
 from vllm_lite.kernels.bitmask import warm_up_bitmask_kernel
@@ -39,7 +38,7 @@ from vllm_lite.worker.input_batch import InputStager
 from vllm_lite.worker.prompt_logprobs import PromptLogprobsCollector
 from vllm_lite.worker.request_state import CachedRequestState
 from vllm_lite.worker.step_shapes import step_shapes
-from vllm_lite.worker.step_output import Launch, resolve_launch
+from vllm_lite.worker.step_output import Launch, PendingStep, resolve_launch
 
 logger = logging.getLogger("vllm_lite.model_runner")
 
@@ -85,7 +84,7 @@ class ModelRunner:
         self._sampling_key: tuple[str, ...] | None = None
         self._sampling_cached: SamplingMetadata | None = None
         self.pending: deque[Launch] = deque()  # sampled steps whose output was not returned yet
-        self._step: _PendingStep | None = None  # executed, not sampled yet
+        self._step: PendingStep | None = None  # executed, not sampled yet
         self._launches = 0
         self.pad_verification = False  # set once CUDA graphs are captured (initialize_kv_cache)
         self._last_sampled: torch.Tensor | None = None
@@ -160,11 +159,13 @@ class ModelRunner:
         peak = torch.cuda.max_memory_allocated(self.device)
         graph_bytes = 0
         if self.use_cuda_graphs:
+            prefill = self.shapes.prefill_sizes
             graph_bytes = measure_graph_memory(self.forward, max(self.capture_sizes), self.device,
                                                self.info.hf_config.hidden_size, self.info.dtype,
-                                               self._prepare_capture, query_len=max(self.graph_query_lens))
+                                               self._prepare_capture, query_len=max(self.graph_query_lens),
+                                               prefill_size=max(prefill, default=0))
             graph_bytes += outputs_bytes(self.capture_sizes, self.info.hf_config.hidden_size, self.info.dtype,
-                                         self.graph_query_lens)
+                                         self.graph_query_lens, prefill)
         self.attn_ctx.kv_caches = saved
         torch.cuda.empty_cache()
         _, total = torch.cuda.mem_get_info(self.device)
@@ -186,7 +187,7 @@ class ModelRunner:
         if self.use_cuda_graphs:  # after the KV cache exists: graphs bake in its address
             self.graphs = CUDAGraphRunner(self.forward, self.capture_sizes, max(self.capture_sizes), self.device,
                                           self.info.hf_config.hidden_size, self.info.dtype,
-                                          query_lens=self.graph_query_lens)
+                                          query_lens=self.graph_query_lens, prefill_sizes=self.shapes.prefill_sizes)
             self.graphs.capture(self._prepare_capture)
         if self.drafting is not None:
             self.drafting.drafter.initialize_kv_cache(num_blocks)
@@ -201,14 +202,16 @@ class ModelRunner:
         self.pad_verification = (self.graphs is not None and 1 + self.num_spec_tokens in self.graph_query_lens
                                  and self.num_spec_tokens > 0 and self.drafting is None)
 
-    def _prepare_graph_step(self, meta: StepMetadata, num_tokens: int) -> None:
-        self.attn_ctx.metadata = self.attn_ctx.backend.prepare(meta, graph_batch_size=num_tokens)
+    def _prepare_graph_step(self, meta: StepMetadata, num_tokens: int, query_len: int) -> None:
+        kwargs = {"prefill_graph": True} if query_len == PREFILL else {}
+        self.attn_ctx.metadata = self.attn_ctx.backend.prepare(meta, graph_batch_size=num_tokens, **kwargs)
 
     def _prepare_capture(self, num_tokens: int, query_len: int, slot_mapping: torch.Tensor) -> None:
-        """Plan a dummy uniform batch for capture: num_tokens // query_len requests of query_len tokens in block 0
-        (seq_len query_len), writing nowhere (slot_mapping is all -1)."""
-        meta = StepMetadata.for_capture(num_tokens, query_len, slot_mapping, self.block_size)
-        self._prepare_graph_step(meta, num_tokens)
+        """Plan a dummy batch for capture, writing nowhere (slot_mapping is all -1): num_tokens // query_len requests
+        of query_len tokens in block 0 (seq_len query_len), or for a prefill graph one token and the padding."""
+        meta = StepMetadata.for_capture(1 if query_len == PREFILL else num_tokens, max(query_len, 1), slot_mapping,
+                                        self.block_size)
+        self._prepare_graph_step(meta, num_tokens, query_len)
 
     # ---- one step --------------------------------------------------------------------------------------------
     def _update_states(self, so: SchedulerOutput) -> None:
@@ -239,7 +242,7 @@ class ModelRunner:
         self._launches += 1
         req_ids = list(so.num_scheduled_tokens)
         if not req_ids:
-            self._step = _PendingStep(Launch(self._launches, [], [], output=ModelRunnerOutput([], [], [])))
+            self._step = PendingStep(Launch(self._launches, [], [], output=ModelRunnerOutput([], [], [])))
             return
         states = [self.requests[r] for r in req_ids]
         if any(s.pending and _uses_token_values(s.sampling_params) for s in states):
@@ -289,23 +292,23 @@ class ModelRunner:
         elif inputs.fill_dst is not None:
             inputs.input_ids[inputs.fill_dst] = self._last_sampled[inputs.fill_src].to(inputs.input_ids.dtype)
         meta = inputs.meta
-        query_len = meta.max_query_len
-        uniform = meta.num_tokens == meta.num_reqs * query_len
-        use_graph = self.graphs is not None and uniform and self.graphs.can_run(meta.num_tokens, query_len)
+        # The graph this step replays: a uniform decode / verification step, or one request's short prefill.
+        graph = None if self.graphs is None else self.graphs.graph_for(meta.num_reqs, meta.num_tokens,
+                                                                        meta.max_query_len)
+        use_graph = graph is not None
         if use_graph:
-            self._prepare_graph_step(meta, self.graphs.padded_size(meta.num_tokens, query_len))
+            self._prepare_graph_step(meta, self.graphs.padded_size(meta.num_tokens, graph), graph)
         else:
             self.attn_ctx.set_step(meta)
         if self.device.type == "cuda":
             self._inputs_consumed = torch.cuda.Event()
             self._inputs_consumed.record()
         if use_graph:
-            hidden = self.graphs.run(inputs.input_ids, inputs.positions, meta.num_tokens, meta.slot_mapping,
-                                     query_len)
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, meta.num_tokens, meta.slot_mapping, graph)
         else:
             hidden = self.forward(inputs.input_ids, inputs.positions)
         rows = sample_rows.tolist()
-        step = _PendingStep(Launch(self._launches, req_ids, rows,
+        step = PendingStep(Launch(self._launches, req_ids, rows,
                                    num_drafts=None if sample_drafts is None else sample_drafts.tolist()))
         if isinstance(hidden, tuple):  # the model also returns chosen intermediate hidden states
             hidden, aux = hidden
@@ -386,7 +389,7 @@ class ModelRunner:
         if self.drafting is not None:
             self._propose_drafts(step, sampled)
 
-    def _propose_drafts(self, step: _PendingStep, verified: torch.Tensor | None = None) -> None:
+    def _propose_drafts(self, step: PendingStep, verified: torch.Tensor | None = None) -> None:
         """The in-worker drafter's next drafts, from this step's tokens and hidden states: on the device without
         waiting where the step qualifies (`verified`: its sampled tokens; a uniform verification or decode step),
         else from the tokens on the host (waits for them)."""
@@ -471,23 +474,6 @@ class ModelRunner:
         self._sampling_key = None if penalised or any(blocked) else key
         self._sampling_cached = meta
         return meta
-
-
-@dataclass
-class _PendingStep:
-    """A step between execute_model and sample_tokens: its logits (sampling rows only) and drafts."""
-    launch: Launch
-    logits: torch.Tensor | None = None
-    states: list[CachedRequestState] = field(default_factory=list)
-    drafts: torch.Tensor | None = None  # [S, K] int64, -1 padded (verification steps only)
-    # The residual stream entering the model's aux hidden-state layers, [T, hidden] each (EAGLE-style heads).
-    aux_hidden_states: list[torch.Tensor] = field(default_factory=list)
-    # For an in-worker drafter: every request of the step, their first positions and token counts, and the final
-    # hidden states [T, hidden] when the drafter reads them.
-    all_states: list[CachedRequestState] = field(default_factory=list)
-    starts: np.ndarray | None = None
-    query_lens: np.ndarray | None = None
-    hidden: torch.Tensor | None = None
 
 
 def _pinned(t: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,12 @@
-"""A launched step on its way back: which requests sampled, where their tokens are on the device, and how they
-become a ModelRunnerOutput (and the request states' tokens) once they reach the host."""
+"""A step between its two phases (PendingStep), and a launched step on its way back (Launch): which requests sampled,
+where their tokens are on the device, and how they become a ModelRunnerOutput (and the request states' tokens) once
+they reach the host."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from vllm_lite.protocol import ModelRunnerOutput
@@ -24,6 +26,23 @@ class Launch:
     positions: list[int] = field(default_factory=list)  # per sampling row: the placeholder position (-1: none)
     row_offsets: list[int] | None = None  # per sampling row: its first logits row (None: row j is j)
     output: ModelRunnerOutput | None = None
+
+
+@dataclass
+class PendingStep:
+    """A step between execute_model and sample_tokens: its logits (sampling rows only) and drafts."""
+    launch: Launch
+    logits: torch.Tensor | None = None
+    states: list[CachedRequestState] = field(default_factory=list)
+    drafts: torch.Tensor | None = None  # [S, K] int64, -1 padded (verification steps only)
+    # The residual stream entering the model's aux hidden-state layers, [T, hidden] each (EAGLE-style heads).
+    aux_hidden_states: list[torch.Tensor] = field(default_factory=list)
+    # For an in-worker drafter: every request of the step, their first positions and token counts, and the final
+    # hidden states [T, hidden] when the drafter reads them.
+    all_states: list[CachedRequestState] = field(default_factory=list)
+    starts: np.ndarray | None = None
+    query_lens: np.ndarray | None = None
+    hidden: torch.Tensor | None = None
 
 
 def resolve_launch(launch: Launch, requests: dict[str, CachedRequestState]) -> ModelRunnerOutput:
