@@ -28,6 +28,7 @@
 #   startup    `vllm-lite serve` time to ready: cold (torch.compile and bytecode caches removed), then warm
 #   serve      `vllm-lite bench serve`, qwen3-0.6b dummy: concurrency 1 with L1's shape (128 in, 512 out, 8 seqs:
 #              ITL p50 vs L1's TPOT, TTFT p50), then a request-rate sweep to saturation with its plot
+#   serve-mixed  A/B of --prefill-graph-requests 16 against 1 (qwen3-0.6b, 8 and 32 req/s): prompts joining decodes
 #   serve-default  the same concurrency-1 run and the offline L1 for the default model (needs model1 + model2)
 #   gsm8k / gsm8k-ref   `vllm-lite eval gsm8k`, all 1,319 questions at concurrency 256, the default model (needs
 #              model1 + model2); -ref adds the transformers reference (agreement per question); report folders in $OUT
@@ -272,6 +273,14 @@ PY
         --random-input-len 128 --random-output-len 512 --num-warmups 3
       sv serve-sweep-qwen3.json --model qwen3-0.6b --num-prompts 512 --random-input-len 128 --random-output-len 128 \
         --num-warmups 3 --sweep 8,32,128,512,inf --plot "$OUT/serve-sweep-qwen3.png" ;;
+    serve-mixed)  # prefill graphs with up to 16 request slots (--prefill-graph-requests 16: a prompt joining running
+      # decodes replays a graph) against the default 1, qwen3-0.6b at 8 and 32 req/s: TTFT p50 and ITL p99 (the stalls
+      # of eager mixed steps)
+      for r in 1 16; do
+        sv serve-mixed-r$r.json --model qwen3-0.6b --num-prompts 256 --random-input-len 128 --random-output-len 128 \
+          --num-warmups 3 --sweep 8,32 --prefill-graph-requests $r
+        grep -E "P99 ITL|P99 TTFT" "$OUT/serve-mixed-r$r.json.log"
+      done ;;
     serve-default)
       lat smollm2-135m-instruct 1 L1-default.json --max-num-seqs 8 --load-format auto
       sv serve-c1-default.json --model smollm2-135m-instruct --load-format auto --max-num-seqs 8 \

@@ -1,11 +1,14 @@
 """CUDA-graph capture and replay for uniform decode steps: every request computes the same number of tokens q,
-1 (plain decode) or 1 + k (verifying k speculative tokens); and for one-request prefills (key q = PREFILL).
+1 (plain decode) or 1 + k (verifying k speculative tokens); and for short prefill steps of at most R requests of any
+lengths (key prefill_key(R) = -R; PREFILL = -1, one request).
 
 One graph per (q, capture size) (sizes: requests 1, 2, 4, 8, then every 8 up to max_num_seqs, capped at 512; a graph
 of q runs size * q tokens); a uniform batch of n requests replays the graph of the smallest captured size >= n
-(padded with dummy requests of q tokens). A prefill graph of P tokens runs one request of fewer than P tokens (a
-short prompt arriving at an idle engine: its time to first token), padded with one dummy request holding the other
-tokens; the backend plans both (FlashInfer's graph-mode prefill plan takes any query lengths of a fixed total). Inputs (token ids, positions) live in static
+(padded with dummy requests of q tokens). A prefill graph of P tokens and R request slots runs n <= R requests of
+T < P tokens in all (a short prompt arriving at an idle engine: its time to first token; with R > 1 also a prompt
+joining a few running decodes), padded with R - n one-token dummy requests and one dummy request holding the other
+tokens; the backend plans them all (FlashInfer's graph-mode prefill plan takes any query lengths of a fixed batch
+size and total). Inputs (token ids, positions) live in static
 buffers of the largest size; each graph writes its hidden states into its own static output (a view of which `run`
 returns). Graphs are captured largest first and share one memory pool, so the pool is about the activation memory
 of the largest size plus the per-size outputs.
@@ -37,7 +40,12 @@ import torch
 logger = logging.getLogger("vllm_lite.compile")
 
 DEFAULT_MAX_CAPTURE_SIZE = 512
-PREFILL = 0  # the query-length key of one-request prefill graphs
+PREFILL = -1  # the key of one-request prefill graphs (prefill_key(1))
+
+
+def prefill_key(num_slots: int) -> int:
+    """The graph key of prefill graphs with num_slots request slots (negative: never a query length)."""
+    return -num_slots
 
 
 def prefill_capture_sizes(max_tokens: int) -> list[int]:
@@ -47,6 +55,14 @@ def prefill_capture_sizes(max_tokens: int) -> list[int]:
     while sizes[-1] < max_tokens:
         sizes.append(sizes[-1] * 3 // 2 if sizes[-1] & (sizes[-1] - 1) == 0 else sizes[-1] * 4 // 3)
     return [s for s in sizes if s <= max_tokens]
+
+
+def prefill_slot_counts(max_requests: int) -> list[int]:
+    """Request-slot counts of the prefill graphs: 1, 2, 4, 8, ... up to max_requests (rounded up to a power of 2)."""
+    counts = [1]
+    while counts[-1] < max_requests:
+        counts.append(counts[-1] * 2)
+    return counts
 
 
 def default_capture_sizes(max_num_seqs: int, max_capture_size: int = DEFAULT_MAX_CAPTURE_SIZE) -> list[int]:
@@ -65,10 +81,12 @@ class CUDAGraphRunner:
     def __init__(self, model_forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  capture_sizes: Sequence[int], max_tokens: int, device: torch.device | str, hidden_size: int,
                  dtype: torch.dtype, index_dtype: torch.dtype = torch.int32,
-                 query_lens: Sequence[int] = (1,), prefill_sizes: Sequence[int] = ()) -> None:
+                 query_lens: Sequence[int] = (1,), prefill_sizes: Sequence[int] = (),
+                 prefill_slots: Sequence[int] = (1,)) -> None:
         """capture_sizes: batch sizes in requests; max_tokens: the largest batch of requests that may be padded into
         a graph (sizes above it are dropped); query_lens: the uniform tokens per request to capture (1, 1 + k);
-        prefill_sizes: token counts of one-request prefill graphs (key PREFILL), none by default.
+        prefill_sizes: token counts of prefill graphs, none by default, captured for each request-slot count in
+        prefill_slots (key prefill_key(R); sizes of at most R tokens are dropped).
         hidden_size / dtype describe the model output (kept for callers and checks). index_dtype must match the
         dtype of the ids/positions the model is otherwise called with (the compiled graph is traced for it)."""
         self.model_forward = model_forward
@@ -77,8 +95,8 @@ class CUDAGraphRunner:
             raise ValueError(f"no capture size in {list(capture_sizes)} fits max_tokens={max_tokens}")
         # Token counts captured per query length.
         self.token_sizes = {int(q): [s * int(q) for s in self.sizes] for q in sorted(set(query_lens))}
-        if prefill_sizes:
-            self.token_sizes[PREFILL] = sorted({int(s) for s in prefill_sizes if int(s) > 1})
+        for r in sorted(set(prefill_slots)) if prefill_sizes else ():
+            self.token_sizes[prefill_key(r)] = sorted({int(s) for s in prefill_sizes if int(s) > r})
         self.device = torch.device(device)
         self.hidden_size = hidden_size
         self.dtype = dtype
@@ -97,10 +115,10 @@ class CUDAGraphRunner:
 
     # ---- sizes -----------------------------------------------------------------------------------------------
     def padded_size(self, num_tokens: int, query_len: int = 1) -> int:
-        """Smallest captured token count >= num_tokens for this query length (ValueError if none); for PREFILL the
-        smallest > num_tokens (the dummy request needs a token)."""
+        """Smallest captured token count >= num_tokens for this query length (ValueError if none); for a prefill key
+        the smallest > num_tokens (the last dummy request needs a token)."""
         sizes = self.token_sizes.get(query_len, ())
-        i = (bisect.bisect_right if query_len == PREFILL else bisect.bisect_left)(sizes, num_tokens)
+        i = (bisect.bisect_right if query_len < 0 else bisect.bisect_left)(sizes, num_tokens)
         if num_tokens <= 0 or i == len(sizes):
             raise ValueError(f"no CUDA graph for {num_tokens} tokens of {query_len} per request")
         return sizes[i]
@@ -109,17 +127,20 @@ class CUDAGraphRunner:
         """True when graphs are captured and a size fits; the caller also checks every request has query_len
         tokens."""
         sizes = self.token_sizes.get(query_len)
-        limit = sizes[-1] - 1 if query_len == PREFILL and sizes else (sizes or [0])[-1]
+        limit = sizes[-1] - 1 if query_len < 0 and sizes else (sizes or [0])[-1]
         return bool(self.graphs) and sizes is not None and 0 < num_tokens <= limit
 
-    def graph_for(self, num_reqs: int, num_tokens: int, max_query_len: int) -> int | None:
-        """The graph key (tokens per request, or PREFILL) a step replays, or None when it runs outside graphs: a
-        uniform step of a captured query length, else a one-request step shorter than a prefill graph."""
+    def graph_for(self, num_reqs: int, num_tokens: int, max_query_len: int) -> tuple[int, int] | None:
+        """(graph key, padded token count) of the graph a step replays, or None when it runs outside graphs: a
+        uniform step of a captured query length, else the prefill graph of the fewest request slots R >= num_reqs
+        whose size fits the step's tokens plus its R - num_reqs one-token dummies."""
         if num_tokens == num_reqs * max_query_len and max_query_len in self.token_sizes \
                 and self.can_run(num_tokens, max_query_len):
-            return max_query_len
-        if num_reqs == 1 and self.can_run(num_tokens, PREFILL):
-            return PREFILL
+            return max_query_len, self.padded_size(num_tokens, max_query_len)
+        for key in sorted((k for k in self.token_sizes if k < 0), reverse=True):  # -1, -2, -4, ...
+            need = num_tokens + (-key - num_reqs)
+            if -key >= num_reqs and self.can_run(need, key):
+                return key, self.padded_size(need, key)
         return None
 
     # ---- capture ---------------------------------------------------------------------------------------------
@@ -164,13 +185,14 @@ class CUDAGraphRunner:
 
     # ---- replay ----------------------------------------------------------------------------------------------
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, num_tokens: int,
-            slot_mapping: torch.Tensor | None = None, query_len: int = 1) -> Any:
+            slot_mapping: torch.Tensor | None = None, query_len: int = 1, padded_tokens: int | None = None) -> Any:
         """Copy the step's inputs (and KV slots, padding rows set to -1) into the static buffers, replay the padded
         size's graph and return hidden[:num_tokens] — a view of a static output, valid until the next replay.
         The attention metadata must already be prepared for graph_batch_size = padded_size(num_tokens, q). Padded
         rows keep stale (valid) ids and positions; their outputs are garbage and are not returned.
-        slot_mapping=None leaves the slot buffer alone (for backends that keep their own static slots)."""
-        bs = self.padded_size(num_tokens, query_len)
+        slot_mapping=None leaves the slot buffer alone (for backends that keep their own static slots).
+        padded_tokens: the graph's size when graph_for chose it (a prefill graph's also counts its dummy requests)."""
+        bs = padded_tokens or self.padded_size(num_tokens, query_len)
         self.input_ids[:num_tokens].copy_(input_ids[:num_tokens], non_blocking=True)
         self.positions[:num_tokens].copy_(positions[:num_tokens], non_blocking=True)
         if slot_mapping is not None:

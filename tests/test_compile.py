@@ -8,7 +8,7 @@ from torch._dynamo.utils import counters
 
 from vllm_lite.attention import AttentionContext, StepMetadata, TorchAttentionBackend
 from vllm_lite.compile import CUDAGraphRunner, compile_model, default_capture_sizes
-from vllm_lite.compile.cuda_graphs import PREFILL, prefill_capture_sizes
+from vllm_lite.compile.cuda_graphs import PREFILL, prefill_capture_sizes, prefill_key, prefill_slot_counts
 from vllm_lite.compile.custom_ops import get_context, register_context
 from vllm_lite.config import DeviceConfig, EngineConfig, LoadConfig, ModelConfig
 from vllm_lite.model_loader import load_model, resolve_model
@@ -158,17 +158,29 @@ def test_capture_sizes_and_padding():
     assert [spec.padded_size(n, 4) for n in (4, 8, 12, 32)] == [4, 8, 16, 32] and spec.padded_size(3) == 4
     with pytest.raises(ValueError, match="of 2 per request"):
         spec.padded_size(4, 2)
-    # One-request prefill graphs: the next size strictly above (the padding request needs a token).
+    # Prefill graphs: the next size strictly above (the last padding request needs a token).
     assert prefill_capture_sizes(512) == [16, 32, 64, 96, 128, 192, 256, 384, 512]
-    assert prefill_capture_sizes(40) == [16, 32]
+    assert prefill_capture_sizes(40) == [16, 32] and prefill_slot_counts(1) == [1]
+    assert prefill_slot_counts(5) == [1, 2, 4, 8] and prefill_slot_counts(16) == [1, 2, 4, 8, 16]
     pre = CUDAGraphRunner(lambda i, p: None, [1, 2], 2, "cpu", 64, torch.float32, prefill_sizes=[16, 32, 64])
     assert pre.token_sizes == {1: [1, 2], PREFILL: [16, 32, 64]} and pre.input_ids.shape == (64,)
     assert [pre.padded_size(n, PREFILL) for n in (1, 15, 16, 63)] == [16, 16, 32, 64]
     with pytest.raises(ValueError, match="no CUDA graph for 64 tokens"):
         pre.padded_size(64, PREFILL)
     pre.graphs[1, 1] = object()  # as if captured: which graph a step replays
-    assert pre.graph_for(1, 1, 1) == 1 and pre.graph_for(2, 2, 1) == 1 and pre.graph_for(1, 40, 40) == PREFILL
-    assert pre.graph_for(1, 64, 64) is None and pre.graph_for(2, 7, 4) is None and pre.graph_for(3, 3, 1) is None
+    assert pre.graph_for(1, 1, 1) == (1, 1) and pre.graph_for(2, 2, 1) == (1, 2)
+    assert pre.graph_for(1, 40, 40) == (PREFILL, 64) and pre.graph_for(1, 64, 64) is None
+    assert pre.graph_for(2, 7, 4) is None and pre.graph_for(3, 3, 1) is None  # one request slot only
+    # With 1, 2 and 4 request slots: the fewest slots that hold the step, counting one-token dummies for the rest.
+    mixed = CUDAGraphRunner(lambda i, p: None, [1, 2], 2, "cpu", 64, torch.float32, prefill_sizes=[2, 4, 16, 32],
+                            prefill_slots=[1, 2, 4])
+    assert mixed.token_sizes == {1: [1, 2], -1: [2, 4, 16, 32], -2: [4, 16, 32], -4: [16, 32]}
+    assert prefill_key(4) == -4
+    mixed.graphs[1, 1] = object()
+    assert mixed.graph_for(2, 7, 4) == (-2, 16) and mixed.graph_for(3, 20, 18) == (-4, 32)  # 20 + 1 dummy -> 32
+    assert mixed.graph_for(3, 3, 1) == (-4, 16) and mixed.graph_for(2, 2, 1) == (1, 2)  # uniform decode first
+    assert mixed.graph_for(3, 30, 28) == (-4, 32) and mixed.graph_for(3, 31, 29) is None  # 31 + 1 + 1 > 31
+    assert mixed.graph_for(5, 9, 5) is None  # more requests than slots
 
 
 def test_engine_with_compiled_forward_matches_eager_and_never_recompiles(tiny_llama_path, tmp_path):

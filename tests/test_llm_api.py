@@ -119,6 +119,10 @@ def test_invalid_engine_arguments_name_the_field(tmp_path):
         LLM(str(tmp_path), not_a_flag=1)
     with pytest.raises(ValueError, match="max_cudagraph_capture_size"):
         LLM(str(tmp_path), max_cudagraph_capture_size=0)
+    with pytest.raises(ValueError, match="max_prefill_graph_tokens"):
+        LLM(str(tmp_path), max_prefill_graph_tokens=-1)
+    with pytest.raises(ValueError, match="prefill_graph_requests"):
+        LLM(str(tmp_path), prefill_graph_requests=0)
 
 
 def test_startup_heap_is_frozen_while_the_llm_lives(tmp_path):

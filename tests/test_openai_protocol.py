@@ -405,9 +405,11 @@ def test_cli_flags_and_api_key_env(monkeypatch):
     args = parser.parse_args(["serve", "m", "--port", "9", "--max-model-len", "64", "--no-enable-prefix-caching",
                               "--kv-cache-memory-bytes", "2G", "--device", "cpu", "--enforce-eager",
                               "--served-model-name", "x", "--num-gpu-blocks-override", "7", "--seed", "3",
-                              "--no-async-scheduling", "--max-cudagraph-capture-size", "64"])
+                              "--no-async-scheduling", "--max-cudagraph-capture-size", "64",
+                              "--max-prefill-graph-tokens", "128", "--prefill-graph-requests", "4"])
     cfg = EngineConfig.from_kwargs(**engine_kwargs_from_args(args))
     assert not cfg.scheduler.async_scheduling and cfg.device.max_cudagraph_capture_size == 64
+    assert cfg.device.max_prefill_graph_tokens == 128 and cfg.device.prefill_graph_requests == 4
     assert EngineConfig.from_kwargs(**engine_kwargs_from_args(parser.parse_args(["serve"]))).scheduler.async_scheduling
     assert cfg.model.model == "m" and cfg.model.max_model_len == 64 and cfg.model.served_model_name == "x"
     assert not cfg.cache.enable_prefix_caching and cfg.cache.kv_cache_memory_bytes == 2 << 30
@@ -419,7 +421,8 @@ def test_cli_flags_and_api_key_env(monkeypatch):
                  "--max-num-seqs", "--max-num-batched-tokens", "--block-size", "--enable-prefix-caching",
                  "--gpu-memory-utilization", "--enforce-eager", "--device", "--load-format", "--seed",
                  "--num-gpu-blocks-override", "--kv-cache-memory-bytes", "--attention-backend", "--tokenizer",
-                 "--async-scheduling", "--max-cudagraph-capture-size"):
+                 "--async-scheduling", "--max-cudagraph-capture-size", "--max-prefill-graph-tokens",
+                 "--prefill-graph-requests"):
         assert flag in serve_help, flag
     monkeypatch.setenv("VLLM_LITE_API_KEY", "from-env")
     assert resolve_api_key(None) == "from-env" and resolve_api_key("flag") == "flag"

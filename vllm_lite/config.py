@@ -85,6 +85,10 @@ class DeviceConfig:
     # and max_num_batched_tokens): a short prompt at an idle engine then costs a replay, not an eager step (its TTFT).
     # 0: none.
     max_prefill_graph_tokens: int = 512
+    # Most requests a step replayed from a prefill graph may hold (graphs for 1, 2, 4, ... request slots, each at every
+    # prefill-graph size): with more than 1, a short prompt joining a few running decodes replays a graph too instead
+    # of an eager step. 1 (one-request prefills only) until measured on the GPU (`bench/gpu_check.sh serve-mixed`).
+    prefill_graph_requests: int = 1
     # Inductor's C++ wrapper for the compiled forward: kernel launches from C++ instead of generated Python, for the
     # steps that run without a CUDA graph (prefills: TTFT). Off by default until measured on the GPU
     # (`bash bench/gpu_check.sh latency-cppw`); the first compile takes longer (a C++ build, cached on disk).
@@ -96,6 +100,7 @@ class DeviceConfig:
                              f"False")
         _choice("device", self.device, DEVICES)
         _positive("max_cudagraph_capture_size", self.max_cudagraph_capture_size)
+        _positive("prefill_graph_requests", self.prefill_graph_requests)
         if not isinstance(self.max_prefill_graph_tokens, int) or self.max_prefill_graph_tokens < 0:
             raise ValueError(f"max_prefill_graph_tokens={self.max_prefill_graph_tokens!r} is invalid; it must be an "
                              f"integer >= 0")

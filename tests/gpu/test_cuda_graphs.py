@@ -184,9 +184,9 @@ def test_graph_decode_matches_eager(tiny_model_factory, tmp_path, backend_name, 
 
 
 def test_prefill_graph_matches_eager(tiny_model_factory, tmp_path):
-    """One-request prefill graphs (FlashInfer, bf16, compiled): a request's L tokens (fresh, or after a cached
-    prefix) padded to the next captured size with a dummy request over block 0; logits of every row and the KV
-    written match an eager step, and nothing is written for the padding."""
+    """Prefill graphs (FlashInfer, bf16, compiled) of 1 and 4 request slots: a request's L tokens (fresh, or after a
+    cached prefix), and steps mixing a prompt with decodes, padded with one-token dummies and a last dummy request
+    over block 0; logits of every row and the KV written match an eager step, and the padding writes nothing."""
     path = tiny_model_factory("qwen3", head_dim=64)
     model, ctx, backend = _setup(path, "flashinfer", "bfloat16")
     fwd = compile_model(model, None, cache_dir=str(tmp_path / "cache"))
@@ -197,41 +197,45 @@ def test_prefill_graph_matches_eager(tiny_model_factory, tmp_path):
         ctx.set_step(_meta(warm))
         fwd(torch.zeros(3, dtype=torch.int32, device=DEV), _positions(warm))  # compiles eagerly first
         runner = CUDAGraphRunner(fwd, [1], 1, DEV, model.config.hidden_size, model.lm_head.weight.dtype,
-                                 prefill_sizes=[16, 32, 64])
+                                 prefill_sizes=[16, 32, 64], prefill_slots=[1, 4])
 
-        def prepare_for_capture(num_tokens, query_len, slots):
-            meta = StepMetadata.for_capture(1 if query_len == PREFILL else num_tokens, max(query_len, 1), slots, BLOCK)
-            kwargs = {"prefill_graph": True} if query_len == PREFILL else {}
+        def prepare_for_capture(num_tokens, key, slots):
+            meta = StepMetadata.for_capture(-key if key < 0 else num_tokens, max(key, 1), slots, BLOCK)
+            kwargs = {"prefill_slots": -key} if key < 0 else {}
             ctx.metadata = backend.prepare(meta, graph_batch_size=num_tokens, **kwargs)
 
         runner.capture(prepare_for_capture)
-        assert sorted(runner.graphs) == [(PREFILL, 16), (PREFILL, 32), (PREFILL, 64), (1, 1)]
+        assert sorted(runner.graphs) == sorted([(PREFILL, 16), (PREFILL, 32), (PREFILL, 64), (-4, 16), (-4, 32),
+                                                (-4, 64), (1, 1)])
         assert not runner.can_run(64, PREFILL) and runner.can_run(63, PREFILL)
-        assert runner.graph_for(1, 15, 15) == PREFILL and runner.padded_size(16, PREFILL) == 32
-        assert runner.graph_for(1, 1, 1) == 1 and runner.graph_for(2, 10, 5) is None
-        # (first block, cached prefix, new tokens): 5 -> 16, 16 -> 32 (the dummy needs a token), 9 after 5 cached,
-        # 40 -> 64 (the dummy spans two pages of block 0)
-        for case in [(1, 0, 5), (5, 0, 16), (9, 0, 5), (9, 5, 9), (13, 0, 40)]:
-            first, prefix, n = case
-            if prefix == 0:
-                for c in ctx.kv_caches:
-                    c[first: first + MAX_BLOCKS].zero_()
+        # Steps as [(first block, cached prefix, new tokens)]: 5 -> 16, 16 -> 32 (the dummy needs a token), 9 after
+        # 5 cached, 40 -> 64 (the dummy spans two pages of block 0); then a new prompt beside two decodes (4 slots:
+        # one one-token dummy), and four decodes of different lengths that a decode graph of 4 would not hold here.
+        steps = [[(1, 0, 5)], [(5, 0, 16)], [(9, 0, 5)], [(9, 5, 9)], [(13, 0, 40)],
+                 [(1, 5, 1), (17, 0, 11), (9, 14, 1)], [(1, 6, 1), (17, 11, 1), (9, 15, 1), (5, 16, 1)]]
+        want_keys = [PREFILL] * 5 + [-4, -4]
+        for reqs, want_key in zip(steps, want_keys):
+            for first, prefix, _ in reqs:
+                if prefix == 0:
+                    for c in ctx.kv_caches:
+                        c[first: first + MAX_BLOCKS].zero_()
+            n = sum(q for _, _, q in reqs)
             ids = torch.randint(0, 300, (n,), generator=gen).to(DEV, torch.int32)
-            meta, pos = _meta([case]), _positions([case])
+            meta, pos = _meta(reqs), _positions(reqs)
             graph_caches = ctx.kv_caches
             ctx.kv_caches = [c.clone() for c in graph_caches]
             ctx.set_step(meta)
             want = model.compute_logits(model.forward(ids, pos))
             eager_caches, ctx.kv_caches = ctx.kv_caches, graph_caches
-            key = runner.graph_for(1, n, n)
-            assert key == PREFILL
-            ctx.metadata = backend.prepare(meta, graph_batch_size=runner.padded_size(n, key), prefill_graph=True)
-            got = model.compute_logits(runner.run(ids, pos, n, slot_mapping=meta.slot_mapping, query_len=key))
+            key, size = runner.graph_for(len(reqs), n, meta.max_query_len)
+            assert key == want_key
+            ctx.metadata = backend.prepare(meta, graph_batch_size=size, prefill_slots=-key)
+            got = model.compute_logits(runner.run(ids, pos, n, meta.slot_mapping, key, size))
             assert got.shape == want.shape
             torch.testing.assert_close(got, want, **tol)
             assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.75
             for g, e in zip(graph_caches, eager_caches):
                 torch.testing.assert_close(g, e, **tol)  # block 0 included: the padding writes nothing
                 assert not g[0].any()
-        assert runner.num_replays[PREFILL] == 5
+        assert runner.num_replays[PREFILL] == 5 and runner.num_replays[-4] == 2
         runner.release()

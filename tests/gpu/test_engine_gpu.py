@@ -74,6 +74,18 @@ def test_compiled_with_cuda_graphs_matches_eager(eager):
     _assert_close(_greedy(llm), batched)
 
 
+def test_multi_request_prefill_graphs_match_eager(eager):
+    # prefill_graph_requests=8: the five chats' first step (5 prompts, < 512 tokens) replays a prefill graph of 8
+    # request slots (three one-token dummies) instead of an eager step.
+    llm = LLM("smollm2-135m-instruct", dtype="bfloat16", max_model_len=1024, max_num_seqs=16,
+              gpu_memory_utilization=0.3, prefill_graph_requests=8)
+    runner = llm.engine.executor.worker.runner
+    assert sorted(k for k in runner.graphs.token_sizes if k < 0) == [-8, -4, -2, -1]
+    identical = _assert_close(_greedy(llm), eager)
+    assert runner.graphs.num_replays[-8] >= 1
+    print(f"8-slot prefill graphs vs eager: {identical}/5 identical")
+
+
 def test_flashinfer_matches_torch_backend(eager):
     llm = LLM("smollm2-135m-instruct", dtype="bfloat16", enforce_eager=True, attention_backend="torch",
               max_model_len=1024, max_num_seqs=16, gpu_memory_utilization=0.3)

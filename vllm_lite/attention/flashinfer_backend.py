@@ -25,9 +25,10 @@ verifying k speculative tokens; used by compile/cuda_graphs.py; bs below counts 
     2. backend.prepare(real_meta, graph_batch_size=bs)  # real_meta.num_reqs <= bs, all query lens 1
     3. graph.replay(); rows >= real_meta.num_reqs of the output are garbage and must be discarded.
   Padding requests attend to block 0 with seq_len q (no block is reserved; block 0 is only read; q <= block size).
-  One-request prefill graphs (`prepare(meta, graph_batch_size=P, prefill_graph=True)`): the request's L < P tokens,
-  then one padding request of P - L tokens whose pages are all block 0; the wrapper (one per P, two requests) is
-  planned in FlashInfer's graph mode, whose work split depends only on the batch size and the total P.
+  Prefill graphs (`prepare(meta, graph_batch_size=P, prefill_slots=R)`): the step's n <= R requests (T < P tokens),
+  R - n one-token padding requests, then one padding request of the remaining tokens, every padding page block 0;
+  the wrapper (one per (P, R), R + 1 requests) is planned in FlashInfer's graph mode, whose work split depends only
+  on the batch size and the total P, so any query lengths replay the graph captured with R one-token requests.
   Padding tokens (slot -1) are never written to the cache. Each (q, bs) keeps its own wrapper (q = 1: the decode
   wrapper; q > 1: the paged prefill wrapper, causal, in CUDA-graph mode; static indptr / last_page_len buffers,
   8 MiB device + 8 MiB pinned int workspace inside FlashInfer); the float workspace and kv_indices buffer are shared
@@ -43,6 +44,7 @@ import numpy as np
 import torch
 
 from vllm_lite.attention.backend import AttentionSpec, StepMetadata
+from vllm_lite.attention.prefill_graph import prefill_graph_tables
 from vllm_lite.kernels.kv_cache import write_kv_cache
 from vllm_lite.kernels.qk_norm_rope import HAS_TRITON, qk_norm_rope_cache_torch, qk_norm_rope_cache_triton
 
@@ -78,6 +80,7 @@ class FlashInferBackend:
             self.workspace, "NHD", use_tensor_cores=self.use_tensor_cores)
         self._graph_wrappers: dict[int, Any] = {}
         self._graph_prefill_wrappers: dict[int, Any] = {}  # uniform q > 1, by number of (padded) requests
+        self._prefill_graph_wrappers: dict[tuple[int, int], Any] = {}  # prefill graphs, by (tokens, request slots)
         self._graph_indices: torch.Tensor | None = None
         self._graph_last_page_len: dict[int, torch.Tensor] = {}
         # Per graph size, the page counts (kv_indptr) its wrapper was last planned for: the CUDA-core decode plan
@@ -134,56 +137,58 @@ class FlashInferBackend:
         self._graph_prefill_wrappers[num_reqs] = wrapper
         return wrapper
 
-    def prefill_graph_state(self, num_tokens: int) -> Any:
-        """The graph-safe paged prefill wrapper of one-request prefill graphs of num_tokens (created once)."""
-        key = -num_tokens  # beside verify_graph_state's request counts
-        wrapper = self._graph_prefill_wrappers.get(key)
+    def prefill_graph_state(self, num_tokens: int, num_slots: int) -> Any:
+        """The graph-safe paged prefill wrapper of prefill graphs of num_tokens and num_slots request slots (one per
+        pair, created once): num_slots + 1 requests, the last one padding."""
+        key = (num_tokens, num_slots)
+        wrapper = self._prefill_graph_wrappers.get(key)
         if wrapper is None:
             self.decode_graph_state(1)  # makes the shared page-index buffer
+            b = num_slots + 1
             wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
                 self.workspace, "NHD", use_cuda_graph=True,
-                qo_indptr_buf=torch.zeros(3, dtype=torch.int32, device=self.device),
-                paged_kv_indptr_buf=torch.zeros(3, dtype=torch.int32, device=self.device),
+                qo_indptr_buf=torch.zeros(b + 1, dtype=torch.int32, device=self.device),
+                paged_kv_indptr_buf=torch.zeros(b + 1, dtype=torch.int32, device=self.device),
                 paged_kv_indices_buf=self._graph_indices,
-                paged_kv_last_page_len_buf=torch.zeros(2, dtype=torch.int32, device=self.device))
-            self._graph_prefill_wrappers[key] = wrapper
+                paged_kv_last_page_len_buf=torch.zeros(b, dtype=torch.int32, device=self.device))
+            self._prefill_graph_wrappers[key] = wrapper
         return wrapper
 
-    def _prepare_prefill_graph(self, meta: StepMetadata, graph_batch_size: int) -> FlashInferMetadata:
-        """One request's L tokens and a padding request of graph_batch_size - L tokens over block 0."""
-        n, bs, num_tokens = meta.num_reqs, meta.block_size, meta.num_tokens
-        if n != 1 or not 0 < num_tokens < graph_batch_size:
-            raise ValueError(f"a prefill graph of {graph_batch_size} tokens runs one request of fewer tokens, got "
-                             f"{n} requests of {num_tokens} tokens")
-        seq_len, pad = int(meta.seq_lens_cpu[0]), graph_batch_size - num_tokens
-        nblk, pblk = -(-seq_len // bs), -(-pad // bs)
-        indptr, last = self._indptr_host[:3], self._last_host[:2]
-        indptr.numpy()[:] = (0, nblk, nblk + pblk)
-        last.numpy()[:] = (seq_len - (nblk - 1) * bs, pad - (pblk - 1) * bs)
-        qo = self._qo_host[:3]
-        qo.numpy()[:] = (0, num_tokens, graph_batch_size)
-        indices = self._indices_dev[: nblk + pblk]
+    def _prepare_prefill_graph(self, meta: StepMetadata, graph_batch_size: int, num_slots: int) -> FlashInferMetadata:
+        """The step's requests, then padding requests over block 0 (attention/prefill_graph.py)."""
+        n, bs = meta.num_reqs, meta.block_size
+        t = prefill_graph_tables(meta.query_start_loc_cpu[: n + 1].numpy(), meta.seq_lens_cpu[:n].numpy(),
+                                 graph_batch_size, num_slots, bs)
+        b = num_slots + 1
+        indptr, last, qo = self._indptr_host[: b + 1], self._last_host[:b], self._qo_host[: b + 1]
+        indptr.numpy()[:] = t.kv_indptr
+        last.numpy()[:] = t.last_page_len
+        qo.numpy()[:] = t.qo_indptr
+        total, count = t.num_real_pages, int(t.kv_indptr[-1])
+        indices = self._indices_dev[:count]
         if meta.block_table_cpu is not None:
-            host = self._indices_host[: nblk + pblk]
-            host.numpy()[:nblk] = meta.block_table_cpu[0, :nblk].numpy()
-            host.numpy()[nblk:] = 0
-            indices.copy_(host, non_blocking=True)
+            host = self._indices_host[:count].numpy()
+            bt = meta.block_table_cpu[:n].numpy()
+            nblk = np.diff(t.kv_indptr[: n + 1])
+            host[:total] = bt[np.arange(bt.shape[1])[None, :] < nblk[:, None]]
+            host[total:] = 0
+            indices.copy_(self._indices_host[:count], non_blocking=True)
         else:
-            indices[:nblk].copy_(meta.block_table[0, :nblk], non_blocking=True)
-            indices[nblk:].zero_()
-        wrapper = self.prefill_graph_state(graph_batch_size)
+            indices[:total].copy_(_gather_kv_indices(meta.block_table[:n], meta.seq_lens[:n], bs, total))
+            indices[total:].zero_()
+        wrapper = self.prefill_graph_state(graph_batch_size, num_slots)
         wrapper.plan(qo, indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim, bs, causal=True,
                      q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale)
         return FlashInferMetadata(meta, wrapper, graph_batch_size)
 
     # ---- per step ----------------------------------------------------------------------------------------------
     def prepare(self, meta: StepMetadata, graph_batch_size: int | None = None,
-                prefill_graph: bool = False) -> FlashInferMetadata:
+                prefill_slots: int = 0) -> FlashInferMetadata:
         """Build the page table and plan the wrapper this step uses (decode, graph decode, graph verification, graph
-        one-request prefill or paged prefill). graph_batch_size: the padded token count of a step replayed from a
-        CUDA graph (a uniform step, or with prefill_graph one request of fewer tokens)."""
-        if prefill_graph:
-            return self._prepare_prefill_graph(meta, graph_batch_size)
+        prefill or paged prefill). graph_batch_size: the padded token count of a step replayed from a CUDA graph (a
+        uniform step, or with prefill_slots = R a prefill graph's: at most R requests of fewer tokens in all)."""
+        if prefill_slots:
+            return self._prepare_prefill_graph(meta, graph_batch_size, prefill_slots)
         n, bs = meta.num_reqs, meta.block_size
         q = meta.max_query_len
         if graph_batch_size is not None and (meta.num_tokens != n * q or graph_batch_size % q):

@@ -27,7 +27,7 @@ ENGINE_ARGS = ("model", "tokenizer", "dtype", "seed", "max_model_len", "served_m
                "enable_prefix_caching", "gpu_memory_utilization", "num_gpu_blocks_override", "kv_cache_memory_bytes",
                "max_num_seqs", "max_num_batched_tokens", "async_scheduling", "device", "enforce_eager",
                "attention_backend", "max_cudagraph_capture_size", "max_prefill_graph_tokens", "inductor_cpp_wrapper",
-               "load_format", "download_dir", "skip_tokenizer_init",
+               "prefill_graph_requests", "load_format", "download_dir", "skip_tokenizer_init",
                "speculative_config", "structured_outputs_config", "structured_outputs_compile_timeout",
                "tensor_parallel_size", "data_parallel_size", "distributed_init_method")
 
@@ -107,6 +107,10 @@ def add_engine_args(parser: argparse.ArgumentParser, model_help: str | None = No
     g.add_argument("--max-prefill-graph-tokens", type=int, default=DeviceConfig.max_prefill_graph_tokens,
                    help="longest one-request prefill replayed from a CUDA graph (graphs of 16, 32, 64, 96, 128, ... "
                         "tokens up to this): the time to first token of a short prompt at an idle server; 0: none")
+    g.add_argument("--prefill-graph-requests", type=int, default=DeviceConfig.prefill_graph_requests,
+                   help="most requests in a step replayed from a prefill graph (graphs for 1, 2, 4, ... request "
+                        "slots): above 1, a short prompt joining a few running decodes replays a graph instead of an "
+                        "eager step (experimental)")
     g.add_argument("--inductor-cpp-wrapper", action=argparse.BooleanOptionalAction, default=False,
                    help="experimental, CUDA: torch.compile with inductor's C++ wrapper, so steps without a CUDA "
                         "graph (prefills) launch their kernels from C++ (a slower first compile, cached on disk); "

@@ -18,7 +18,7 @@ import torch
 from vllm_lite.attention import AttentionContext, StepMetadata
 from vllm_lite.attention.selector import make_backend
 from vllm_lite.compile.compiler import compile_model
-from vllm_lite.compile.cuda_graphs import PREFILL, CUDAGraphRunner, measure_graph_memory, outputs_bytes
+from vllm_lite.compile.cuda_graphs import CUDAGraphRunner, measure_graph_memory, outputs_bytes
 from vllm_lite.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from vllm_lite.distributed import TPGroup
 from vllm_lite.kernels.bitmask import warm_up_bitmask_kernel
@@ -165,7 +165,7 @@ class ModelRunner:
                                                self._prepare_capture, query_len=max(self.graph_query_lens),
                                                prefill_size=max(prefill, default=0))
             graph_bytes += outputs_bytes(self.capture_sizes, self.info.hf_config.hidden_size, self.info.dtype,
-                                         self.graph_query_lens, prefill)
+                                         self.graph_query_lens, prefill * len(self.shapes.prefill_slots))
         self.attn_ctx.kv_caches = saved
         torch.cuda.empty_cache()
         _, total = torch.cuda.mem_get_info(self.device)
@@ -187,7 +187,8 @@ class ModelRunner:
         if self.use_cuda_graphs:  # after the KV cache exists: graphs bake in its address
             self.graphs = CUDAGraphRunner(self.forward, self.capture_sizes, max(self.capture_sizes), self.device,
                                           self.info.hf_config.hidden_size, self.info.dtype,
-                                          query_lens=self.graph_query_lens, prefill_sizes=self.shapes.prefill_sizes)
+                                          query_lens=self.graph_query_lens, prefill_sizes=self.shapes.prefill_sizes,
+                                          prefill_slots=self.shapes.prefill_slots)
             self.graphs.capture(self._prepare_capture)
         if self.drafting is not None:
             self.drafting.drafter.initialize_kv_cache(num_blocks)
@@ -202,16 +203,16 @@ class ModelRunner:
         self.pad_verification = (self.graphs is not None and 1 + self.num_spec_tokens in self.graph_query_lens
                                  and self.num_spec_tokens > 0 and self.drafting is None)
 
-    def _prepare_graph_step(self, meta: StepMetadata, num_tokens: int, query_len: int) -> None:
-        kwargs = {"prefill_graph": True} if query_len == PREFILL else {}
+    def _prepare_graph_step(self, meta: StepMetadata, num_tokens: int, key: int) -> None:
+        """key: the graph's tokens per request, or a prefill graph's -R (R request slots)."""
+        kwargs = {"prefill_slots": -key} if key < 0 else {}
         self.attn_ctx.metadata = self.attn_ctx.backend.prepare(meta, graph_batch_size=num_tokens, **kwargs)
 
-    def _prepare_capture(self, num_tokens: int, query_len: int, slot_mapping: torch.Tensor) -> None:
-        """Plan a dummy batch for capture, writing nowhere (slot_mapping is all -1): num_tokens // query_len requests
-        of query_len tokens in block 0 (seq_len query_len), or for a prefill graph one token and the padding."""
-        meta = StepMetadata.for_capture(1 if query_len == PREFILL else num_tokens, max(query_len, 1), slot_mapping,
-                                        self.block_size)
-        self._prepare_graph_step(meta, num_tokens, query_len)
+    def _prepare_capture(self, num_tokens: int, key: int, slot_mapping: torch.Tensor) -> None:
+        """Plan a dummy batch for capture, writing nowhere (slot_mapping is all -1): num_tokens // key requests of
+        key tokens in block 0 (seq_len key), or for a prefill graph of R slots R one-token requests and the padding."""
+        meta = StepMetadata.for_capture(-key if key < 0 else num_tokens, max(key, 1), slot_mapping, self.block_size)
+        self._prepare_graph_step(meta, num_tokens, key)
 
     # ---- one step --------------------------------------------------------------------------------------------
     def _update_states(self, so: SchedulerOutput) -> None:
@@ -297,14 +298,14 @@ class ModelRunner:
                                                                         meta.max_query_len)
         use_graph = graph is not None
         if use_graph:
-            self._prepare_graph_step(meta, self.graphs.padded_size(meta.num_tokens, graph), graph)
+            self._prepare_graph_step(meta, graph[1], graph[0])
         else:
             self.attn_ctx.set_step(meta)
         if self.device.type == "cuda":
             self._inputs_consumed = torch.cuda.Event()
             self._inputs_consumed.record()
         if use_graph:
-            hidden = self.graphs.run(inputs.input_ids, inputs.positions, meta.num_tokens, meta.slot_mapping, graph)
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, meta.num_tokens, meta.slot_mapping, *graph)
         else:
             hidden = self.forward(inputs.input_ids, inputs.positions)
         rows = sample_rows.tolist()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vllm_lite.compile.cuda_graphs import default_capture_sizes, prefill_capture_sizes
+from vllm_lite.compile.cuda_graphs import default_capture_sizes, prefill_capture_sizes, prefill_slot_counts
 from vllm_lite.config import EngineConfig
 
 MAX_ROW_REQUESTS = 256  # verify_as_decode: most tokens of a verification step staged as requests of their own
@@ -15,7 +15,8 @@ class StepShapes:
     capture_sizes: list[int]  # decode-graph batch sizes (requests)
     graph_query_lens: tuple[int, ...]  # tokens per request captured: 1, and 1 + k for verification steps
     stager_requests: int  # requests (or, with verify_as_decode, tokens as requests) one step may stage
-    prefill_sizes: list[int]  # token counts of the one-request prefill graphs (empty: none)
+    prefill_sizes: list[int]  # token counts of the prefill graphs (empty: none)
+    prefill_slots: list[int]  # their request-slot counts: 1, 2, 4, ... up to DeviceConfig.prefill_graph_requests
 
 
 def step_shapes(config: EngineConfig, num_spec_tokens: int, block_size: int) -> StepShapes:
@@ -31,4 +32,5 @@ def step_shapes(config: EngineConfig, num_spec_tokens: int, block_size: int) -> 
         rows = max(seqs, min(seqs * (1 + num_spec_tokens), MAX_ROW_REQUESTS))
     prefill_tokens = min(config.device.max_prefill_graph_tokens, config.scheduler.max_num_batched_tokens)
     return StepShapes(default_capture_sizes(rows, config.device.max_cudagraph_capture_size), query_lens, rows,
-                      prefill_capture_sizes(prefill_tokens) if prefill_tokens >= 16 else [])
+                      prefill_capture_sizes(prefill_tokens) if prefill_tokens >= 16 else [],
+                      prefill_slot_counts(min(config.device.prefill_graph_requests, seqs)))
