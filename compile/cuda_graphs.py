@@ -97,6 +97,7 @@ class CUDAGraphRunner:
         self.token_sizes = {int(q): [s * int(q) for s in self.sizes] for q in sorted(set(query_lens))}
         for r in sorted(set(prefill_slots)) if prefill_sizes else ():
             self.token_sizes[prefill_key(r)] = sorted({int(s) for s in prefill_sizes if int(s) > r})
+        self._prefill_keys = sorted((k for k in self.token_sizes if k < 0), reverse=True)  # -1, -2, -4, ...
         self.device = torch.device(device)
         self.hidden_size = hidden_size
         self.dtype = dtype
@@ -137,7 +138,7 @@ class CUDAGraphRunner:
         if num_tokens == num_reqs * max_query_len and max_query_len in self.token_sizes \
                 and self.can_run(num_tokens, max_query_len):
             return max_query_len, self.padded_size(num_tokens, max_query_len)
-        for key in sorted((k for k in self.token_sizes if k < 0), reverse=True):  # -1, -2, -4, ...
+        for key in self._prefill_keys:
             need = num_tokens + (-key - num_reqs)
             if -key >= num_reqs and self.can_run(need, key):
                 return key, self.padded_size(need, key)
