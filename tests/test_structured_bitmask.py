@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_lite.kernels.bitmask import apply_bitmask_torch, unpack_bitmask
+from vllm_lite.kernels.bitmask import apply_bitmask_cpu, apply_bitmask_torch, unpack_bitmask
 from vllm_lite.protocol import GrammarOutput
 from vllm_lite.sample.bitmask import GrammarBitmaskApplier, pack_bitmask
 
@@ -41,6 +41,19 @@ _CHILD = textwrap.dedent(r"""
 def test_triton_kernel_matches_reference():
     got = _run_child(_CHILD)
     assert len(got) == 6 and all(v is True for v in got.values()), got
+
+
+@pytest.mark.parametrize("vocab,rows", [(70, [4, 0, 2]), (100, [0, 1, 2]), (64, [1, 2, 0]), (33, [0, 1, 2])])
+def test_cpu_path_matches_reference(vocab, rows):
+    g = torch.Generator().manual_seed(vocab)
+    allowed = torch.rand(3, min(vocab, 64), generator=g) < 0.4
+    words = pack_bitmask(allowed)
+    logits = torch.randn(5 if max(rows) > 2 else 3, vocab, generator=g)
+    want, got = logits.clone(), logits.clone()
+    idx = torch.tensor(rows)
+    apply_bitmask_torch(want, words, idx)
+    apply_bitmask_cpu(got, words, idx)
+    assert torch.equal(got, want)
 
 
 def test_reference_masks_exactly_the_cleared_bits():
