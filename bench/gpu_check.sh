@@ -33,6 +33,7 @@
 #   gsm8k / gsm8k-ref   `vllm-lite eval gsm8k`, all 1,319 questions at concurrency 256, the default model (needs
 #              model1 + model2); -ref adds the transformers reference (agreement per question); report folders in $OUT
 #   gsm8k-ngram / mrcr-ngram   the same with n-gram speculation (answers compared with the plain run's report)
+#   gsm8k-fp32 / mrcr-fp32   plain and n-gram runs in float32, compared (identical greedy answers expected)
 #   spec-verify / spec-ngram / spec-t1   bench/spec_decode.py's scenarios (issue 14): oracle verification TPOT vs
 #              plain for llama-3.1-8b at batch 1/8/32; n-gram on the default model (edit + chat prompts, needs the
 #              model thirds and shared/data/gsm8k in the checkout); T1 with n-gram on vs off; spec-ngram:K[:MIN:MAX] with K
@@ -131,7 +132,7 @@ train_budget() {  # train-draft's --time-budget-s: TRAIN_BUDGET, cut to what is 
 # Stages that need the default model (.gpu/model1 + .gpu/model2, carried in two calls on one warm machine) or
 # shared/data/gsm8k (`bash bench/gpu_shared.sh` here puts it into .gpu/model2): skipped at once, with the reason, when
 # it is missing (instead of failing after minutes of start-up).
-MODEL_STAGES=" model serve-default serve-default-notok server-cpu gsm8k gsm8k-ref gsm8k-ngram gsm8k-fp32 mrcr mrcr-ngram \
+MODEL_STAGES=" model serve-default serve-default-notok server-cpu gsm8k gsm8k-ref gsm8k-ngram gsm8k-fp32 mrcr mrcr-ngram mrcr-fp32 \
 spec-ngram spec-ngram-measured spec-ngram-vad spec-eagle3-vad train-draft spec-eagle3 spec-eagle3-fp32 spec-trace-eagle3 \
 ngram-replay structured structured-1t "
 DATA_STAGES=" gsm8k gsm8k-ref gsm8k-ngram gsm8k-fp32 spec-ngram spec-ngram-measured spec-ngram-vad spec-eagle3-vad \
@@ -318,6 +319,11 @@ PY
       [ -f "$OUT/gsm8k-fp32/gsm8k.json" ] && python3 -m vllm_lite.evals.compare "$OUT/gsm8k-fp32/gsm8k.json" \
         "$OUT/gsm8k-fp32-ngram/gsm8k.json" | cut -c1-400 ;;
     mrcr) ev mrcr mrcr --samples 20 ;;
+    mrcr-fp32)  # MRCR plain vs n-gram in float32 (issue 15: identical greedy answers; bf16 flips near ties by batch)
+      ev mrcr-fp32 mrcr --samples ${MRCR_FP32_SAMPLES:-10} --serve-args "--dtype float32"
+      ev mrcr-fp32-ngram mrcr --samples ${MRCR_FP32_SAMPLES:-10} --serve-args "--dtype float32 $NGRAM"
+      [ -f "$OUT/mrcr-fp32/mrcr.json" ] && python3 -m vllm_lite.evals.compare "$OUT/mrcr-fp32/mrcr.json" \
+        "$OUT/mrcr-fp32-ngram/mrcr.json" | cut -c1-400 ;;
     mrcr-ngram)
       ev mrcr-ngram mrcr --samples 20 --serve-args "$NGRAM"
       [ -f "$OUT/mrcr/mrcr.json" ] && python3 -m vllm_lite.evals.compare "$OUT/mrcr/mrcr.json" \
