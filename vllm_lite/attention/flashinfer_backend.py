@@ -157,8 +157,9 @@ class FlashInferBackend:
     def _prepare_prefill_graph(self, meta: StepMetadata, graph_batch_size: int, num_slots: int) -> FlashInferMetadata:
         """The step's requests, then padding requests over block 0 (attention/prefill_graph.py)."""
         n, bs = meta.num_reqs, meta.block_size
+        bt = None if meta.block_table_cpu is None else meta.block_table_cpu[:n].numpy()
         t = prefill_graph_tables(meta.query_start_loc_cpu[: n + 1].numpy(), meta.seq_lens_cpu[:n].numpy(),
-                                 graph_batch_size, num_slots, bs)
+                                 graph_batch_size, num_slots, bs, bt)
         b = num_slots + 1
         indptr, last, qo = self._indptr_host[: b + 1], self._last_host[:b], self._qo_host[: b + 1]
         indptr.numpy()[:] = t.kv_indptr
@@ -166,12 +167,8 @@ class FlashInferBackend:
         qo.numpy()[:] = t.qo_indptr
         total, count = t.num_real_pages, int(t.kv_indptr[-1])
         indices = self._indices_dev[:count]
-        if meta.block_table_cpu is not None:
-            host = self._indices_host[:count].numpy()
-            bt = meta.block_table_cpu[:n].numpy()
-            nblk = np.diff(t.kv_indptr[: n + 1])
-            host[:total] = bt[np.arange(bt.shape[1])[None, :] < nblk[:, None]]
-            host[total:] = 0
+        if t.kv_indices is not None:
+            self._indices_host[:count].numpy()[:] = t.kv_indices
             indices.copy_(self._indices_host[:count], non_blocking=True)
         else:
             indices[:total].copy_(_gather_kv_indices(meta.block_table[:n], meta.seq_lens[:n], bs, total))

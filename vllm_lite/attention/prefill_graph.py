@@ -17,11 +17,13 @@ class PrefillGraphTables:
     kv_indptr: np.ndarray  # [R + 2] pages per request (cumulative)
     last_page_len: np.ndarray  # [R + 1]
     num_real_pages: int  # kv_indices[:num_real_pages] are the requests' pages; the rest are block 0
+    kv_indices: np.ndarray | None = None  # [kv_indptr[-1]] page ids, when the block table was given
 
 
 def prefill_graph_tables(query_start_loc: np.ndarray, seq_lens: np.ndarray, num_tokens: int, num_slots: int,
-                         block_size: int) -> PrefillGraphTables:
-    """query_start_loc [n + 1] and seq_lens [n] of the step's requests; num_tokens: the graph's padded size P."""
+                         block_size: int, block_table: np.ndarray | None = None) -> PrefillGraphTables:
+    """query_start_loc [n + 1] and seq_lens [n] of the step's requests; num_tokens: the graph's padded size P;
+    block_table [n, max_blocks] (optional): the page ids too."""
     n = len(seq_lens)
     used = int(query_start_loc[n])
     dummies = num_slots - n
@@ -37,4 +39,9 @@ def prefill_graph_tables(query_start_loc: np.ndarray, seq_lens: np.ndarray, num_
     last = np.concatenate([seq_lens - (nblk - 1) * block_size, np.ones(dummies, dtype=np.int64),
                            [pad - (pblk - 1) * block_size]])
     qo = np.concatenate([query_start_loc[: n + 1], used + ones, [num_tokens]])
-    return PrefillGraphTables(qo.astype(np.int32), kv_indptr.astype(np.int32), last.astype(np.int32), total)
+    indices = None
+    if block_table is not None:
+        indices = np.zeros(int(kv_indptr[-1]), dtype=np.int32)
+        indices[:total] = block_table[:n][np.arange(block_table.shape[1])[None, :] < nblk[:, None]]
+    return PrefillGraphTables(qo.astype(np.int32), kv_indptr.astype(np.int32), last.astype(np.int32), total,
+                              indices)
