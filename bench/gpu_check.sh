@@ -21,6 +21,7 @@
 #   profile    where a decode step's time goes (cProfile + torch profiler), batch 1, 8 and 256 (T1's regime)
 #   profile:B:IN   the same for one batch size B and prompt length IN (T1's tail: profile:16:1400)
 #   prefill    a prefill step's host time by phase, sync-debug warnings, cProfile (bench/tools/profile_prefill.py)
+#   prefill-eager  the same one-request prefill with prefill graphs off: cProfile of the eager step
 #   host       the host's share of a decode step (bench/tools/host_step.py, CPU only) at batch 1, 16, 64, 256
 #   kernels    Triton kernel micro-benchmarks against their torch references (kernels:NAME: only one of them)
 #   t1-cc / llama-cc   T1 / llama L1 with FlashInfer's CUDA-core decode
@@ -250,6 +251,11 @@ PY
       tmo 300 python3 bench/tools/profile_prefill.py --model qwen3-0.6b --num-requests 1 --input-len 128 --steps 1 \
         > "$OUT/prefill-ttft.log" 2>&1; echo "prefill-ttft rc=$?"
       grep -E "ms/step|warnings" "$OUT/prefill-ttft.log" | head -12; grep -A26 "Ordered by" "$OUT/prefill-ttft.log" | cut -c1-150 ;;
+    prefill-eager)  # prefill-ttft with the prefill graphs off: where an eager step's ~25 ms goes on qwen3 (cProfile of
+      # 5 one-request prefills), the cost every step outside a graph pays (a prompt joining running decodes)
+      tmo 300 python3 bench/tools/profile_prefill.py --model qwen3-0.6b --num-requests 1 --input-len 128 --steps 1 \
+        --max-prefill-graph-tokens 0 > "$OUT/prefill-eager.log" 2>&1; echo "prefill-eager rc=$?"
+      grep -E "ms/step|warnings" "$OUT/prefill-eager.log" | head -12; grep -A30 "Ordered by" "$OUT/prefill-eager.log" | cut -c1-150 ;;
     host)  # the host's share of a decode step on this machine's CPU (bench/tools/host_step.py; compare docs/PERF.md's CPU rows)
       for bs in 1 16 64 256; do
         tmo 120 python3 bench/tools/host_step.py --batch-size $bs 2>&1 | grep -v Writing | tee -a "$OUT/host.log" | head -1
