@@ -96,7 +96,9 @@ class CUDAGraphRunner:
         # Token counts captured per query length.
         self.token_sizes = {int(q): [s * int(q) for s in self.sizes] for q in sorted(set(query_lens))}
         for r in sorted(set(prefill_slots)) if prefill_sizes else ():
-            self.token_sizes[prefill_key(r)] = sorted({int(s) for s in prefill_sizes if int(s) > r})
+            fitting = sorted({int(s) for s in prefill_sizes if int(s) > r})
+            if fitting:
+                self.token_sizes[prefill_key(r)] = fitting
         self._prefill_keys = sorted((k for k in self.token_sizes if k < 0), reverse=True)  # -1, -2, -4, ...
         self.device = torch.device(device)
         self.hidden_size = hidden_size

@@ -181,6 +181,9 @@ def test_capture_sizes_and_padding():
     assert mixed.graph_for(3, 3, 1) == (-4, 16) and mixed.graph_for(2, 2, 1) == (1, 2)  # uniform decode first
     assert mixed.graph_for(3, 30, 28) == (-4, 32) and mixed.graph_for(3, 31, 29) is None  # 31 + 1 + 1 > 31
     assert mixed.graph_for(5, 9, 5) is None  # more requests than slots
+    wide = CUDAGraphRunner(lambda i, p: None, [1], 1, "cpu", 64, torch.float32, prefill_sizes=[16, 32],
+                           prefill_slots=[1, 64])  # no size holds 64 slots: no graphs for them
+    assert sorted(wide.token_sizes) == [-1, 1] and wide.input_ids.shape == (32,)
 
 
 def test_engine_with_compiled_forward_matches_eager_and_never_recompiles(tiny_llama_path, tmp_path):
