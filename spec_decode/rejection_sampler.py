@@ -18,10 +18,11 @@ import dataclasses
 
 import torch
 
+from vllm_lite.kernels.alignment import packed_starts
+from vllm_lite.kernels.argmax import row_argmax
+from vllm_lite.kernels.rejection_sampler import verify_drafts
 from vllm_lite.sample.metadata import SamplingMetadata
 from vllm_lite.sample.sampler import Sampler
-from vllm_lite.kernels.alignment import packed_starts
-from vllm_lite.kernels.rejection_sampler import verify_drafts
 from vllm_lite.sample.topk_topp import apply_min_p, apply_top_k_top_p
 
 
@@ -120,7 +121,7 @@ def rejection_sample(logits: torch.Tensor, meta: SamplingMetadata, draft_ids: to
         pos_of_row = torch.arange(total, device=device) - offsets_t[req_of_row]
     if fast:
         # Nothing changes a greedy row's argmax (the common case): no per-row metadata, no float32 copy.
-        greedy_tokens = logits.argmax(dim=-1)
+        greedy_tokens = row_argmax(logits)
     else:
         rows_meta = expand_metadata(meta, counts_list, offsets)
         if row_mask is not None:
@@ -129,7 +130,7 @@ def rejection_sample(logits: torch.Tensor, meta: SamplingMetadata, draft_ids: to
             rows_meta = dataclasses.replace(rows_meta, output_token_ids=_with_draft_prefixes(
                 rows_meta.output_token_ids, draft_ids, req_of_row, pos_of_row, meta.vocab_size or logits.shape[1]))
         logits = Sampler.apply_constraints(logits.to(torch.float32, copy=True), rows_meta)
-        greedy_tokens = logits.argmax(dim=-1)
+        greedy_tokens = row_argmax(logits)
     if meta.all_greedy:
         tokens = verify_drafts(draft_ids, num_drafts_t, offsets_t, greedy_tokens, None, None, None, None, None,
                                use_kernel)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_lite.config import KernelConfig
+from vllm_lite.kernels.argmax import row_argmax
 from vllm_lite.kernels.cdf_sample import HAS_TRITON, cdf_sample_triton
 from vllm_lite.kernels.sampling import apply_min_p, apply_top_k_top_p
 from vllm_lite.sample.metadata import SamplingMetadata
@@ -55,7 +56,7 @@ class Sampler:
 
         if meta.all_greedy and meta.no_token_constraints and meta.no_penalties:
             # Plain greedy (the common decode case): argmax of the raw logits, no float32 copy of the vocabulary.
-            sampled = logits.argmax(dim=-1).view(-1)
+            sampled = row_argmax(logits).view(-1)
         elif _one_pass_random(logits, meta):
             # Temperature only (T1's case): one read of the raw logits, no float32 copy or softmax.
             sampled = cdf_sample_triton(logits, meta.temperature, meta.is_greedy)
@@ -90,7 +91,7 @@ class Sampler:
         """Greedy rows: argmax of constrained logits. Random rows: temperature, filters, exponential race."""
         greedy = None
         if not meta.all_random:
-            greedy = logits.argmax(dim=-1).view(-1)
+            greedy = row_argmax(logits).view(-1)
             if meta.all_greedy:
                 return greedy
 

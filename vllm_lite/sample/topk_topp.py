@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_lite.kernels.argmax import row_argmax
 from vllm_lite.kernels.sampling import apply_min_p, apply_min_p_torch, apply_top_k_top_p, apply_top_k_top_p_torch
 
 __all__ = ["apply_min_p", "apply_min_p_torch", "apply_top_k_top_p", "apply_top_k_top_p_torch", "random_sample",
@@ -34,7 +35,7 @@ def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -
         q.exponential_()
     for i, g in generators.items():
         q[i].exponential_(generator=g)
-    return probs.div_(q).argmax(dim=-1).view(-1)
+    return row_argmax(probs.div_(q)).view(-1)
 
 
 def skip_random_draws(generator: torch.Generator, num_steps: int, vocab_size: int, device: torch.device) -> None:
