@@ -293,7 +293,7 @@ class ModelRunner:
         elif inputs.fill_dst is not None:
             inputs.input_ids[inputs.fill_dst] = self._last_sampled[inputs.fill_src].to(inputs.input_ids.dtype)
         meta = inputs.meta
-        # The graph this step replays: a uniform decode / verification step, or one request's short prefill.
+        # The graph this step replays: a uniform decode / verification step, or a short prefill step of few requests.
         graph = None if self.graphs is None else self.graphs.graph_for(meta.num_reqs, meta.num_tokens,
                                                                         meta.max_query_len)
         use_graph = graph is not None
@@ -310,7 +310,7 @@ class ModelRunner:
             hidden = self.forward(inputs.input_ids, inputs.positions)
         rows = sample_rows.tolist()
         step = PendingStep(Launch(self._launches, req_ids, rows,
-                                   num_drafts=None if sample_drafts is None else sample_drafts.tolist()))
+                                  num_drafts=None if sample_drafts is None else sample_drafts.tolist()))
         if isinstance(hidden, tuple):  # the model also returns chosen intermediate hidden states
             hidden, aux = hidden
             step.aux_hidden_states = [a[: meta.num_tokens] for a in aux]
