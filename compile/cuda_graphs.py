@@ -163,7 +163,11 @@ class CUDAGraphRunner:
         start = time.perf_counter()
         self.pool = torch.cuda.graph_pool_handle()
         order = sorted(((n, q) for q, sizes in self.token_sizes.items() for n in sizes), reverse=True)
-        for bs, q in order:
+        logger.info("capturing %d CUDA graphs (tokens per request %s; prefill graphs: negative keys)", len(order),
+                    list(self.token_sizes))
+        for done, (bs, q) in enumerate(order):
+            if done and done % 16 == 0:
+                logger.info("  %d / %d CUDA graphs captured (%.1f s)", done, len(order), time.perf_counter() - start)
             self.slot_mapping.fill_(-1)
             prepare_for_capture(bs, q, self.slot_mapping[:bs])
             ids, pos = self.input_ids[:bs], self.positions[:bs]
