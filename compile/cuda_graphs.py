@@ -163,8 +163,8 @@ class CUDAGraphRunner:
         start = time.perf_counter()
         self.pool = torch.cuda.graph_pool_handle()
         order = sorted(((n, q) for q, sizes in self.token_sizes.items() for n in sizes), reverse=True)
-        logger.info("capturing %d CUDA graphs (tokens per request %s; prefill graphs: negative keys)", len(order),
-                    list(self.token_sizes))
+        logger.info("capturing %d CUDA graphs (tokens per request %s; prefill graphs of %s request slots)",
+                    len(order), [q for q in self.token_sizes if q > 0], [-q for q in self._prefill_keys] or "no")
         for done, (bs, q) in enumerate(order):
             if done and done % 16 == 0:
                 logger.info("  %d / %d CUDA graphs captured (%.1f s)", done, len(order), time.perf_counter() - start)
