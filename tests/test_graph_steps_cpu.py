@@ -209,3 +209,19 @@ def test_verification_steps_padded_into_graphs(tiny_llama_path):
     scheduler = llm.engine.scheduler
     assert proposer.calls > 0 and 0 < scheduler.num_accepted_tokens < scheduler.num_draft_tokens
     assert 5 in graphs.token_sizes and graphs.num_replays[5] > 0
+
+
+def test_chunked_prefill_chunks_replay_prefill_graphs(tiny_llama_path):
+    """max_num_batched_tokens=32: a 47-token prompt is prefilled in chunks of 32 and 15 tokens. The first runs eager
+    (a 32-token graph holds at most 31 of the step's tokens); the second, after its 32 cached tokens, replays the
+    16-token prefill graph."""
+    engine = {**ENGINE, "max_num_batched_tokens": 32}
+    prompts = [np.random.default_rng(4).integers(3, 300, 47).tolist()]
+    plain = LLM(tiny_llama_path, **engine)
+    want = _tokens(plain, prompts)
+    del plain
+    llm = LLM(tiny_llama_path, **engine)
+    graphs = _with_emulated_graphs(llm)
+    assert graphs.token_sizes[PREFILL] == [16, 32]
+    assert _tokens(llm, prompts) == want
+    assert graphs.num_replays[PREFILL] == 1
