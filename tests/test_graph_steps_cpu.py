@@ -225,3 +225,23 @@ def test_chunked_prefill_chunks_replay_prefill_graphs(tiny_llama_path):
     assert graphs.token_sizes[PREFILL] == [16, 32]
     assert _tokens(llm, prompts) == want
     assert graphs.num_replays[PREFILL] == 1
+
+
+def test_prompt_logprobs_through_a_prefill_graph(tiny_llama_path):
+    """The prompt-logprob rows are read from a replayed prefill graph's output: the same values as the plain
+    engine's."""
+    prompt = np.random.default_rng(5).integers(3, 300, 21).tolist()
+    params = SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=2, logprobs=1)
+    plain = LLM(tiny_llama_path, **ENGINE)
+    want = plain.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+    del plain
+    llm = LLM(tiny_llama_path, **ENGINE)
+    graphs = _with_emulated_graphs(llm)
+    got = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+    assert graphs.num_replays[PREFILL] == 1
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids
+    assert len(got.prompt_logprobs) == len(want.prompt_logprobs) == len(prompt)
+    for g, w in zip(got.prompt_logprobs[1:], want.prompt_logprobs[1:]):
+        assert g.keys() == w.keys()
+        for tok in g:
+            assert abs(g[tok].logprob - w[tok].logprob) < 1e-4
