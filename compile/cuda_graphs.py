@@ -49,7 +49,7 @@ def prefill_key(num_slots: int) -> int:
 
 
 def prefill_capture_sizes(max_tokens: int) -> list[int]:
-    """Token counts of the one-request prefill graphs: 16, 32, 64, 96, 128, 192, 256, 384, 512, ... up to max_tokens
+    """Token counts of the prefill graphs: 16, 32, 64, 96, 128, 192, 256, 384, 512, ... up to max_tokens
     (a prompt pads by at most half its length)."""
     sizes = [16, 32, 64]
     while sizes[-1] < max_tokens:

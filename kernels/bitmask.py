@@ -43,7 +43,8 @@ def apply_bitmask_torch(logits: torch.Tensor, words: torch.Tensor, rows: torch.T
 
 def apply_bitmask_cpu(logits: torch.Tensor, words: torch.Tensor, rows: torch.Tensor) -> None:
     """Same contract on host tensors: numpy unpacks the words' bits (little-endian words, so byte k of word w holds
-    tokens 32w + 8k ...), one in-place masked_fill; 10-20x faster than the reference at 256 rows of 49,152."""
+    tokens 32w + 8k ...), one in-place masked_fill; 2.9x faster than the reference at 256 rows of 49,152 (97 -> 34 ms on the
+    2-core development machine, where the masked_fill over the logits is most of what is left)."""
     m, w = words.shape
     if m == 0:
         return

@@ -81,9 +81,9 @@ class DeviceConfig:
     # Largest decode batch replayed from a CUDA graph (sizes 1, 2, 4, 8, 16, 24, ... up to min(this, max_num_seqs));
     # larger decode batches run compiled without a graph.
     max_cudagraph_capture_size: int = 512
-    # Largest one-request prefill replayed from a CUDA graph (graphs of 16, 32, 64, 96, 128, ... tokens, up to this
-    # and max_num_batched_tokens): a short prompt at an idle engine then costs a replay, not an eager step (its TTFT).
-    # 0: none.
+    # Largest prefill step replayed from a CUDA graph (graphs of 16, 32, 64, 96, 128, ... tokens, up to this and
+    # max_num_batched_tokens; the step holds fewer tokens than its graph): a short prompt at an idle engine then costs
+    # a replay, not an eager step (its TTFT). 0: none.
     max_prefill_graph_tokens: int = 512
     # Most requests a step replayed from a prefill graph may hold (graphs for 1, 2, 4, ... request slots, each at every
     # prefill-graph size): with more than 1, a short prompt joining a few running decodes replays a graph too instead

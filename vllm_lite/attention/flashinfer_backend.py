@@ -122,19 +122,22 @@ class FlashInferBackend:
         self._graph_last_page_len[batch_size] = last_page_len
         return wrapper
 
-    def verify_graph_state(self, num_reqs: int) -> Any:
-        """The graph-safe paged prefill wrapper for uniform steps of q > 1 tokens per request (created once)."""
-        wrapper = self._graph_prefill_wrappers.get(num_reqs)
-        if wrapper is not None:
-            return wrapper
+    def _graph_prefill_wrapper(self, num_reqs: int) -> Any:
+        """A new paged prefill wrapper in CUDA-graph mode for num_reqs requests: static indptr / last-page buffers,
+        the shared page-index buffer."""
         self.decode_graph_state(1)  # makes the shared page-index buffer
-        wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+        return flashinfer.BatchPrefillWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_cuda_graph=True,
             qo_indptr_buf=torch.zeros(num_reqs + 1, dtype=torch.int32, device=self.device),
             paged_kv_indptr_buf=torch.zeros(num_reqs + 1, dtype=torch.int32, device=self.device),
             paged_kv_indices_buf=self._graph_indices,
             paged_kv_last_page_len_buf=torch.zeros(num_reqs, dtype=torch.int32, device=self.device))
-        self._graph_prefill_wrappers[num_reqs] = wrapper
+
+    def verify_graph_state(self, num_reqs: int) -> Any:
+        """The graph-safe paged prefill wrapper for uniform steps of q > 1 tokens per request (created once)."""
+        wrapper = self._graph_prefill_wrappers.get(num_reqs)
+        if wrapper is None:
+            wrapper = self._graph_prefill_wrappers[num_reqs] = self._graph_prefill_wrapper(num_reqs)
         return wrapper
 
     def prefill_graph_state(self, num_tokens: int, num_slots: int) -> Any:
@@ -143,15 +146,7 @@ class FlashInferBackend:
         key = (num_tokens, num_slots)
         wrapper = self._prefill_graph_wrappers.get(key)
         if wrapper is None:
-            self.decode_graph_state(1)  # makes the shared page-index buffer
-            b = num_slots + 1
-            wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-                self.workspace, "NHD", use_cuda_graph=True,
-                qo_indptr_buf=torch.zeros(b + 1, dtype=torch.int32, device=self.device),
-                paged_kv_indptr_buf=torch.zeros(b + 1, dtype=torch.int32, device=self.device),
-                paged_kv_indices_buf=self._graph_indices,
-                paged_kv_last_page_len_buf=torch.zeros(b, dtype=torch.int32, device=self.device))
-            self._prefill_graph_wrappers[key] = wrapper
+            wrapper = self._prefill_graph_wrappers[key] = self._graph_prefill_wrapper(num_slots + 1)
         return wrapper
 
     def _prepare_prefill_graph(self, meta: StepMetadata, graph_batch_size: int, num_slots: int) -> FlashInferMetadata:

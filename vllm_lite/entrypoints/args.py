@@ -105,7 +105,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_help: str | None = No
                    help="largest decode batch replayed from a CUDA graph (graphs for 1, 2, 4, 8, 16, 24, ... up to "
                         "this and max_num_seqs); larger batches run compiled without a graph")
     g.add_argument("--max-prefill-graph-tokens", type=int, default=DeviceConfig.max_prefill_graph_tokens,
-                   help="longest one-request prefill replayed from a CUDA graph (graphs of 16, 32, 64, 96, 128, ... "
+                   help="largest prefill step replayed from a CUDA graph (graphs of 16, 32, 64, 96, 128, ... "
                         "tokens up to this): the time to first token of a short prompt at an idle server; 0: none")
     g.add_argument("--prefill-graph-requests", type=int, default=DeviceConfig.prefill_graph_requests,
                    help="most requests in a step replayed from a prefill graph (graphs for 1, 2, 4, ... request "
