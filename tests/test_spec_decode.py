@@ -333,6 +333,37 @@ def test_spec_benchmark_scenarios_run_on_cpu(tiny_qwen3_path, tmp_path):
     assert r["plain_output_tokens_per_s"] > 0 and r["ratio"] > 0 and "acceptance" in r
 
 
+def test_verify_benchmark_oracle_follows_a_memoryless_model(tiny_llama_path):
+    """bench spec verify's model: with o_proj/down_proj zeroed the greedy next token depends on the current token
+    alone (prompts ending alike continue alike, whatever came before), so the successor oracle learned from one
+    run drafts exactly what the spec engine then accepts, every step."""
+    from vllm_lite import LLM
+    from vllm_lite.benchmarks.spec import SuccessorOracle, make_memoryless
+    kw = dict(device="cpu", dtype="float32", max_model_len=256, load_format="dummy", skip_tokenizer_init=True)
+    plain = LLM(tiny_llama_path, **kw)
+    assert make_memoryless(plain) == 2 * plain.model_runner().info.hf_config.num_hidden_layers
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    prompts = [{"prompt_token_ids": [5, 9, 31, 7]}, {"prompt_token_ids": [200, 3, 7]}, {"prompt_token_ids": [11, 12]}]
+    outs = [list(o.outputs[0].token_ids) for o in plain.generate(prompts, params, use_tqdm=False)]
+    assert outs[0] == outs[1] != outs[2]  # both end in 7
+    oracle = SuccessorOracle()
+    assert oracle.learn(prompts[2]["prompt_token_ids"], outs[2]) > 0
+    assert oracle.learn(prompts[2]["prompt_token_ids"], outs[2]) == 0
+
+    class Req:
+        prompt_token_ids, output_token_ids = [11, 12], outs[2][:5]
+    assert oracle.propose(Req, 3) == outs[2][5:8]
+    del plain
+    spec = LLM(tiny_llama_path, speculative_config={**NGRAM, "num_speculative_tokens": 3}, **kw)
+    make_memoryless(spec)
+    spec.engine.proposer = oracle
+    oracle.learn(prompts[0]["prompt_token_ids"], outs[0])
+    got = [list(o.outputs[0].token_ids) for o in spec.generate(prompts, params, use_tqdm=False)]
+    assert got == outs
+    stats = spec.engine.scheduler.make_stats()
+    assert stats.num_drafts > 0 and stats.num_accepted_tokens == stats.num_draft_tokens
+
+
 # ---------------------------------------------------------------- adaptive draft length, seeds
 def test_adaptive_rule_scalar_path_equals_vectorised():
     """A few requests are scored with Python floats (batch-1 speculation runs the rule every step); the result must

@@ -11,7 +11,7 @@ device (executor.get_output) vs on the host (schedule + input preparation + laun
         its kind, and the JSON gains per-kind device/host totals plus the top ops by self device and self host time
 
 edit: the default model on bench/spec's edit prompts (GSM8K passages), batch 1; oracle: random prompts on a dummy
-model whose proposer replays a plain run's outputs (every draft accepted while outputs agree). With an in-worker
+model made memoryless (bench spec verify) whose proposer drafts the target's own greedy continuation. With an in-worker
 drafter (EAGLE-3) each step also gets draft_ms, the worker's drafting after sampling, and of it draft_wait_ms, the
 wait for the verified tokens the drafter starts from (the rest is the head's host work and launches).
 """
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from vllm_lite.benchmarks.spec import EDIT_PROMPT, NGRAM, ReplayProposer, _passages
+from vllm_lite.benchmarks.spec import EDIT_PROMPT, NGRAM, SuccessorOracle, _passages, make_memoryless
 from vllm_lite.sampling_params import SamplingParams
 
 
@@ -209,12 +209,13 @@ def main(argv: list[str] | None = None) -> dict:
         batches = [[{"prompt_token_ids": [rng.randrange(10000) for _ in range(128)]} for _ in range(args.batch_size)]
                    for _ in range(args.num_prompts)]
         params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-        if spec is not None:  # the plain outputs first, for the oracle to replay
-            oracle = ReplayProposer()
+        make_memoryless(llm)  # plain and spec alike: the oracle's continuation cannot drift (bench spec verify)
+        if spec is not None:  # the plain outputs first, for the oracle to learn
+            oracle = SuccessorOracle()
             for batch in batches:
                 outs = llm.generate(batch, params, use_tqdm=False)
-                oracle.reference.update({tuple(p["prompt_token_ids"]): list(o.outputs[0].token_ids)
-                                         for p, o in zip(batch, outs)})
+                for p, o in zip(batch, outs):
+                    oracle.learn(p["prompt_token_ids"], list(o.outputs[0].token_ids))
             llm.engine.proposer = oracle
         llm.generate(batches[0], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False)
         trace = StepTrace(llm)
