@@ -87,8 +87,9 @@ class DeviceConfig:
     max_prefill_graph_tokens: int = 512
     # Most requests a step replayed from a prefill graph may hold (graphs for 1, 2, 4, ... request slots, each at every
     # prefill-graph size): with more than 1, a short prompt joining a few running decodes replays a graph too instead
-    # of an eager step. 1 (one-request prefills only) until measured on the GPU (`bench/gpu_check.sh serve-mixed`).
-    prefill_graph_requests: int = 1
+    # of an eager step. 16 measured on the H200 (`bench/gpu_check.sh serve-mixed`, qwen3-0.6b at 8 / 32 req/s): TTFT
+    # p50 25.8 / 31.5 ms -> 8.0 / 9.5 ms and ITL p99 19.0 / 21.3 ms -> 2.3 / 2.5 ms against 1. 1: one-request only.
+    prefill_graph_requests: int = 16
     # Inductor's C++ wrapper for the compiled forward: kernel launches from C++ instead of generated Python, for the
     # steps that run without a CUDA graph (prefills: TTFT). Off by default until measured on the GPU
     # (`bash bench/gpu_check.sh latency-cppw`); the first compile takes longer (a C++ build, cached on disk).

@@ -109,8 +109,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_help: str | None = No
                         "tokens up to this): the time to first token of a short prompt at an idle server; 0: none")
     g.add_argument("--prefill-graph-requests", type=int, default=DeviceConfig.prefill_graph_requests,
                    help="most requests in a step replayed from a prefill graph (graphs for 1, 2, 4, ... request "
-                        "slots): above 1, a short prompt joining a few running decodes replays a graph instead of an "
-                        "eager step (experimental)")
+                        "slots, default 16): a short prompt joining a few running decodes replays a graph instead of an "
+                        "eager step; 1: one-request prefills only")
     g.add_argument("--inductor-cpp-wrapper", action=argparse.BooleanOptionalAction, default=False,
                    help="experimental, CUDA: torch.compile with inductor's C++ wrapper, so steps without a CUDA "
                         "graph (prefills) launch their kernels from C++ (a slower first compile, cached on disk); "
