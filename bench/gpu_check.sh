@@ -344,8 +344,9 @@ PY
     spec-drafting|spec-drafting:*)  # issue 14 benchmark 2: a random EAGLE-3 head's drafting share of a batch-1 step,
       # k = 3, llama-3.1-8b (spec-drafting:MODEL for another bench/data config, e.g. smollm2-135m: issue 17's step)
       m=${stage#spec-drafting}; m=${m#:}; m=${m:-llama-3.1-8b}
-      tmo 400 python3 bench/spec_drafting.py --model "$m" --json "$OUT/spec-drafting-$m.json" > "$OUT/spec-drafting-$m.log" 2>&1
-      echo "spec-drafting $m rc=$?"; grep -vE "Warning|^\s*$" "$OUT/spec-drafting-$m.log" | tail -15 ;;
+      tmo 400 python3 bench/spec_drafting.py --model "$m" --profile --json "$OUT/spec-drafting-$m.json" \
+        > "$OUT/spec-drafting-$m.log" 2>&1
+      echo "spec-drafting $m rc=$?"; grep -vE "Warning|^\s*$|^ *[\"\]{}]" "$OUT/spec-drafting-$m.log" | tail -24 ;;
     train-draft)  # issue 17: EAGLE-3 head for the default model (needs model1 + model2 and shared/data/gsm8k/train.jsonl);
       # a cut run resumes from its checkpoint when run again on the same (warm) machine; a staged head is kept
       if [ -f /root/heads/smollm2-eagle3/.staged ] && [ -z "${TRAIN_FORCE:-}" ]; then

@@ -4,6 +4,7 @@ decode forwards, host work included) as a share of the whole step. Target: <= 10
 
     python bench/spec_drafting.py                                   # H200: llama-3.1-8b + random EAGLE-3 head
     python bench/spec_drafting.py --model PATH --device cpu --dtype float32 --output-len 16   # a quick CPU check
+    python bench/spec_drafting.py --profile        # also: where a device proposal's time goes (see profile_proposal)
 
 The head is a config-only folder written here (hidden size, heads and vocabulary of the target, draft vocabulary
 32000, layers 2, L/2, L-3) and gets random weights like the target (--load-format dummy); --head PATH uses a real
@@ -22,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Any
 
 import torch
 
@@ -49,6 +51,53 @@ def write_eagle3_config(target: str, folder: str, draft_vocab: int = 32000) -> s
     return folder
 
 
+def profile_proposal(drafter: Any, k: int, iters: int = 20) -> dict:
+    """Where a device proposal's time goes: its body (catch-up over the k + 1 rows, then k - 1 decodes) run eagerly
+    under torch.profiler on the last step's inputs (the graph replays the same kernels without the launch gaps), the
+    top kernels by device time, and the floor: the head's weights (embeddings excepted: a lookup reads k rows) read
+    once per forward at the measured copy bandwidth. On the CPU (a check of this code) host ops stand in."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from vllm_lite.benchmarks.utils import copy_bandwidth
+    padded, dev = drafter.padded, drafter.device
+    cuda = dev.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(dev)
+
+    for _ in range(3):
+        padded._body(1, False, k + 1)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        padded._body(1, False, k + 1)
+    sync()
+    eager_ms = 1000 * (time.perf_counter() - t0) / iters
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            padded._body(1, False, k + 1)
+        sync()
+    avgs = prof.key_averages()
+    attr = "self_cpu_time_total" if not cuda else (
+        "self_device_time_total" if hasattr(avgs[0], "self_device_time_total") else "self_cuda_time_total")
+    kernels = sorted((a for a in avgs if getattr(a, attr) > 0), key=lambda a: -getattr(a, attr))
+    device_ms = sum(getattr(a, attr) for a in kernels) / 1000 / iters
+    wbytes = sum(p.numel() * p.element_size() for n, p in drafter.model.named_parameters() if "embed" not in n)
+    bw = copy_bandwidth(dev)
+    floor_ms = 1000 * k * wbytes / bw if bw else None
+    top = [{"kernel": a.key[:70], "calls_per_proposal": round(a.count / iters, 1),
+            "ms_per_proposal": round(getattr(a, attr) / 1000 / iters, 4)} for a in kernels[:12]]
+    floor = f"floor {floor_ms:.3f} ms at {bw / 1e12:.2f} TB/s" if bw else "no floor off the GPU"
+    progress(f"proposal, eager: {eager_ms:.3f} ms wall, {device_ms:.3f} ms of kernels; weights {wbytes / 1e6:.1f} MB x "
+             f"{k} forwards, {floor}")
+    for row in top:
+        progress(f"  {row['ms_per_proposal']:.4f} ms  x{row['calls_per_proposal']:<5} {row['kernel']}")
+    return {"eager_wall_ms": round(eager_ms, 4), "kernel_ms": round(device_ms, 4), "head_weight_bytes": wbytes,
+            "copy_bandwidth_TBps": round(bw / 1e12, 3) if bw else None,
+            "floor_ms": round(floor_ms, 4) if floor_ms else None, "top_kernels": top}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_bench_engine_args(ap, "llama-3.1-8b")
@@ -59,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--num-iters", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="profile one device proposal (profile_proposal)")
     args = ap.parse_args(argv)
     if args.max_num_seqs is None:
         args.max_num_seqs = max(8, args.batch_size)  # few CUDA graph sizes to capture
@@ -142,6 +192,11 @@ def main(argv: list[str] | None = None) -> dict:
               "acceptance_rate": stats.num_accepted_tokens / max(stats.num_draft_tokens, 1),
               "device_proposals": runs[-1]["device_proposals"], "host_proposals": runs[-1]["host_proposals"],
               "target_share": 0.10}
+    if args.profile and padded is not None:
+        try:  # a diagnostic: the measurement above is reported whatever happens here
+            result["proposal_profile"] = profile_proposal(drafter, args.num_speculative_tokens)
+        except Exception as exc:  # noqa: BLE001
+            result["proposal_profile"] = {"error": f"{type(exc).__name__}: {exc}"}
     print(f"drafting {draft_ms:.3f} ms of a {step_ms:.3f} ms step: {100 * draft_ms / step_ms:.1f} % "
           f"(target <= 10 %)", file=sys.stderr)
     return report(result, args.json)

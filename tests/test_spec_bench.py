@@ -69,3 +69,24 @@ def test_verify_benchmark_oracle_follows_a_memoryless_model(tiny_llama_path):
     assert got == outs
     stats = spec.engine.scheduler.make_stats()
     assert stats.num_drafts > 0 and stats.num_accepted_tokens == stats.num_draft_tokens
+
+
+def test_drafting_benchmark_profiles_a_device_proposal(tiny_llama_path, tmp_path):
+    """bench/spec_drafting.py with --profile on the CPU: the step's drafting share, and the proposal body profiled
+    (host ops stand in for kernels off the GPU; the H200 run reports kernels and the bandwidth floor)."""
+    import importlib.util
+    import json
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "spec_drafting.py")
+    spec = importlib.util.spec_from_file_location("spec_drafting", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "drafting.json"
+    r = mod.main(["--model", tiny_llama_path, "--device", "cpu", "--dtype", "float32", "--max-model-len", "512",
+                  "--output-len", "12", "--num-iters", "1", "--profile", "--json", str(out)])
+    assert json.loads(out.read_text())["drafting_ms"] == r["drafting_ms"] > 0
+    assert r["device_proposals"] > 0 and 0 < r["drafting_share"] < 1
+    prof = r["proposal_profile"]
+    assert "error" not in prof, prof
+    assert prof["kernel_ms"] > 0 and prof["head_weight_bytes"] > 0 and prof["floor_ms"] is None
+    assert any("mm" in row["kernel"] for row in prof["top_kernels"])
