@@ -326,13 +326,15 @@ PY
       # greedy answers with exact speculation must then be identical
       ev gsm8k-fp32 gsm8k --max-concurrency 256 --serve-args "--dtype float32"
       ev gsm8k-fp32-ngram gsm8k --max-concurrency 256 --serve-args "--dtype float32 $NGRAM"
-      [ -f "$OUT/gsm8k-fp32/gsm8k.json" ] && python3 -m vllm_lite.evals.compare "$OUT/gsm8k-fp32/gsm8k.json" \
+      [ -f "$OUT/gsm8k-fp32/gsm8k.json" ] && [ -f "$OUT/gsm8k-fp32-ngram/gsm8k.json" ] && \
+        python3 -m vllm_lite.evals.compare "$OUT/gsm8k-fp32/gsm8k.json" \
         "$OUT/gsm8k-fp32-ngram/gsm8k.json" | cut -c1-400 ;;
     mrcr) ev mrcr mrcr --samples 20 ;;
     mrcr-fp32)  # MRCR plain vs n-gram in float32 (issue 15: identical greedy answers; bf16 flips near ties by batch)
       ev mrcr-fp32 mrcr --samples ${MRCR_FP32_SAMPLES:-10} --serve-args "--dtype float32"
       ev mrcr-fp32-ngram mrcr --samples ${MRCR_FP32_SAMPLES:-10} --serve-args "--dtype float32 $NGRAM"
-      [ -f "$OUT/mrcr-fp32/mrcr.json" ] && python3 -m vllm_lite.evals.compare "$OUT/mrcr-fp32/mrcr.json" \
+      [ -f "$OUT/mrcr-fp32/mrcr.json" ] && [ -f "$OUT/mrcr-fp32-ngram/mrcr.json" ] && \
+        python3 -m vllm_lite.evals.compare "$OUT/mrcr-fp32/mrcr.json" \
         "$OUT/mrcr-fp32-ngram/mrcr.json" | cut -c1-400 ;;
     mrcr-ngram)
       ev mrcr-ngram mrcr --samples 20 --serve-args "$NGRAM"

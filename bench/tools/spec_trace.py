@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.spec == "eagle3":
         if not args.head:
             raise SystemExit("--spec eagle3 needs --head HEAD_DIR")
+        if args.workload == "oracle":
+            raise SystemExit("--workload oracle replaces the engine's proposer: use it with --spec ngram or none")
         spec = {"method": "eagle3", "model": args.head, "num_speculative_tokens": args.k,
                 "adaptive_draft_length": False}
     common = dict(async_scheduling=args.async_scheduling, max_num_seqs=max(8, args.batch_size),
