@@ -443,8 +443,10 @@ for x in p.get('top_host', [])[:10]: print('   host', x)" "$OUT/$tag.json"
         '{"fill_threads": 1}' --json "$OUT/structured-1t.json" > "$OUT/structured-1t.log" 2>&1
       echo "structured-1t rc=$?"; grep -E "^full_batch" "$OUT/structured-1t.log" ;;
     structured)  # bench/structured.py: unconstrained vs json_object vs json_schema on the default model (issue 13)
-      tmo ${STRUCTURED_TIMEOUT:-400} python3 bench/structured.py --json "$OUT/structured.json" > "$OUT/structured.log" 2>&1
-      echo "structured rc=$?"; grep -vE "Warning|^\s*$" "$OUT/structured.log" | tail -30 ;;
+      tmo ${STRUCTURED_TIMEOUT:-400} python3 bench/structured.py --profile --json "$OUT/structured.json" \
+        > "$OUT/structured.log" 2>&1
+      echo "structured rc=$?"; grep -E "ms/step" "$OUT/structured.log" | head -20
+      grep -vE "Warning|^\s*$" "$OUT/structured.log" | tail -30 ;;
     stage) ;;  # unpack only (a model third)
     pytest:*)  # pytest:FILE[,FILE...], one log per file
       IFS=, read -ra files <<< "${stage#pytest:}"

@@ -87,3 +87,16 @@ def test_fill_threads_auto_default(monkeypatch, cpus, threads):
     assert StructuredOutputsConfig.from_any({"fill_threads": 0}).fill_threads == threads
     with pytest.raises(ValueError, match="fill_threads"):
         StructuredOutputsConfig(fill_threads=-1)
+
+
+def test_bench_profile_names_where_the_constrained_run_spends_more(tiny_smol_path):
+    """--profile: json_schema's full-batch run and its same-lengths unconstrained run under cProfile, per-step own
+    times compared; the grammar's work (matchers, bitmask) shows among the functions that grew."""
+    result = bench.main(["--model", tiny_smol_path, "--device", "cpu", "--dtype", "float32", "--max-model-len", "1024",
+                         "--num-requests", "8", "--max-tokens", "16", "--modes", "json_schema", "--fill-only",
+                         "--profile"])
+    prof = result["profile"]
+    assert prof["mode"] == "json_schema" and prof["steps"] > 0 and prof["unconstrained_steps"] > 0
+    extra = prof["top_extra_own_ms_per_step"]
+    assert len(extra) == 20 and prof["own_ms_per_step_total"] > 0
+    assert any("bitmask" in name or "accept" in name or "fill" in name for name in extra), list(extra)

@@ -328,6 +328,38 @@ def run_batch(llm: Any, counter: StepBreakdown, modes: list[str], items: list, m
     return runs, outputs
 
 
+def profile_extra(llm: Any, mode: str, items: list, max_tokens: int, top: int = 20) -> dict[str, Any]:
+    """Where a constrained full-batch run's extra host time goes: the run and its unconstrained same-lengths run,
+    each under cProfile (the engine's thread: the fill thread's work shows as the wait for it), and the functions
+    whose own time per engine step grew most (ms per step, profiler overhead included)."""
+    import cProfile
+    import pstats
+
+    def profiled(lengths: list[int] | None) -> tuple[dict[str, float], list, int]:
+        prof = cProfile.Profile()
+        steps0 = llm.engine._step_calls
+        prof.enable()
+        _, outs = run_mode(llm, mode if lengths is None else "unconstrained", items, max_tokens, False,
+                           lengths=lengths)
+        prof.disable()
+        steps = max(llm.engine._step_calls - steps0, 1)
+        stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, ncalls, tottime, cumtime, callers)
+        own = {f"{name} ({file.rsplit('/', 2)[-1] if '/' in file else file}:{line})": 1000 * tt / steps
+               for (file, line, name), (_, _, tt, _, _) in stats.items()}
+        return own, outs, steps
+
+    progress(f"profile: {mode} full batch and its unconstrained same-lengths run under cProfile")
+    constrained, outs, steps = profiled(None)
+    plain, _, plain_steps = profiled([len(o.outputs[0].token_ids) for o in outs])
+    extra = sorted(((k, v - plain.get(k, 0.0)) for k, v in constrained.items()), key=lambda kv: -kv[1])[:top]
+    for name, ms in extra:
+        progress(f"  +{ms:.4f} ms/step  {name}")
+    return {"mode": mode, "steps": steps, "unconstrained_steps": plain_steps,
+            "own_ms_per_step_total": round(sum(constrained.values()), 4),
+            "unconstrained_own_ms_per_step_total": round(sum(plain.values()), 4),
+            "top_extra_own_ms_per_step": {k: round(v, 4) for k, v in extra}}
+
+
 def _summary(result: dict[str, Any]) -> None:
     """One line per constrained run: the target ratio, the step time against its same-lengths run, the fill."""
     for batch in ("full_batch", "batch1"):
@@ -358,6 +390,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--fill-only", action="store_true",
                     help="only the full-batch runs and the bitmask fill replay (no same-lengths runs, batch 1, "
                          "compile times or kernels)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also cProfile json_schema's full-batch run against its same-lengths unconstrained run")
     args = ap.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     if any(m not in MODES for m in modes):
@@ -392,6 +426,8 @@ def main(argv: list[str] | None = None) -> dict:
                                         for v in (vocab, 151936) for c in (256, 32)}
         except Exception as exc:  # noqa: BLE001
             result["bitmask_kernel"] = f"failed: {exc!r}"
+    if args.profile and "json_schema" in modes:
+        result["profile"] = profile_extra(llm, "json_schema", items, args.max_tokens)
     result["targets"] = {"json_schema_vs_unconstrained_same_lengths_full_batch": ">= 0.90",
                          "json_schema_vs_unconstrained_same_lengths_batch1": ">= 0.95",
                          "ratio": "json_schema output tokens/s over the unconstrained same-lengths run's (same "
