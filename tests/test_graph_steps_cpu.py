@@ -245,3 +245,51 @@ def test_prompt_logprobs_through_a_prefill_graph(tiny_llama_path):
         assert g.keys() == w.keys()
         for tok in g:
             assert abs(g[tok].logprob - w[tok].logprob) < 1e-4
+
+
+def test_prompts_joining_verifying_requests(tiny_llama_path):
+    """Speculation (k = 4) with staggered arrivals: steps that mix a new prompt with requests verifying drafts replay
+    prefill graphs of several request slots (verification rows of 1 + j tokens beside the prompt's); every
+    request's tokens equal the plain engine's."""
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(3, 300, int(n)).tolist() for n in rng.integers(3, 20, 5)]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+
+    def staggered(llm: LLM) -> dict[str, list[int]]:
+        core, tokens = llm.engine, {str(i): [] for i in range(len(prompts))}
+
+        def step() -> None:
+            for out in core.step().outputs:
+                tokens[out.request_id] += out.new_token_ids
+
+        for i, p in enumerate(prompts):
+            core.add_request(EngineCoreRequest(str(i), p, params, time.time()))
+            for _ in range(3):
+                step()
+        while core.has_unfinished_requests():
+            step()
+        return tokens
+
+    plain = LLM(tiny_llama_path, **ENGINE)
+    want = staggered(plain)
+    del plain
+    llm = LLM(tiny_llama_path, **ENGINE, speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    llm.engine.proposer = proposer = _Drafts({tuple(p): want[str(i)] for i, p in enumerate(prompts)})
+    graphs = _with_emulated_graphs(llm)
+    llm.model_runner().pad_verification = True
+    verify_in_prefill_graphs = []
+    runner = llm.model_runner()
+    execute = runner.execute_model
+
+    def spying_execute(so):
+        before = sum(n for key, n in graphs.num_replays.items() if key < -1)
+        execute(so)
+        if so.scheduled_spec_decode_tokens and sum(n for key, n in graphs.num_replays.items() if key < -1) > before:
+            verify_in_prefill_graphs.append(dict(so.num_scheduled_tokens))
+
+    runner.execute_model = spying_execute
+    assert staggered(llm) == want and all(len(t) == params.max_tokens for t in want.values())
+    scheduler = llm.engine.scheduler
+    assert proposer.calls > 0 and 0 < scheduler.num_accepted_tokens < scheduler.num_draft_tokens
+    assert graphs.num_replays[-2] + graphs.num_replays[-4] >= 2
+    assert verify_in_prefill_graphs, "no step mixed a prompt with verifications inside a prefill graph"
