@@ -139,34 +139,36 @@ def test_graph_steps_match_the_plain_engine(tiny_llama_path):
     assert graphs.num_replays[1] > 0  # decode steps replayed (padded) decode graphs
 
 
+def _staggered(llm: LLM, prompts: list[list[int]], params: SamplingParams, steps_between: int) -> dict[str, list[int]]:
+    """Each prompt arrives after `steps_between` engine steps of the ones before (it joins running requests); the
+    tokens each request produced."""
+    core, tokens = llm.engine, {str(i): [] for i in range(len(prompts))}
+
+    def step() -> None:
+        for out in core.step().outputs:
+            tokens[out.request_id] += out.new_token_ids
+
+    for i, p in enumerate(prompts):
+        core.add_request(EngineCoreRequest(str(i), p, params, time.time()))
+        for _ in range(steps_between):
+            step()
+    while core.has_unfinished_requests():
+        step()
+    return tokens
+
+
 @pytest.mark.parametrize("seed", [1, 2])
 def test_prompts_joining_running_decodes(tiny_llama_path, seed):
     """Requests arriving while others decode: the steps that mix a prompt with decodes replay prefill graphs of 2 or
     4 request slots; every request's tokens equal the plain engine's."""
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(3, 300, int(n)).tolist() for n in rng.integers(3, 20, 5)]
-
-    def staggered(llm: LLM) -> dict[str, list[int]]:
-        core, tokens = llm.engine, {str(i): [] for i in range(len(prompts))}
-
-        def step() -> None:
-            for out in core.step().outputs:
-                tokens[out.request_id] += out.new_token_ids
-
-        for i, p in enumerate(prompts):
-            core.add_request(EngineCoreRequest(str(i), p, GREEDY, time.time()))
-            for _ in range(2):  # two steps before the next arrives: it joins running decodes
-                step()
-        while core.has_unfinished_requests():
-            step()
-        return tokens
-
     plain = LLM(tiny_llama_path, **ENGINE)
-    want = staggered(plain)
+    want = _staggered(plain, prompts, GREEDY, 2)  # two steps before the next arrives: it joins running decodes
     del plain
     llm = LLM(tiny_llama_path, **ENGINE)
     graphs = _with_emulated_graphs(llm)
-    assert staggered(llm) == want and all(len(t) == GREEDY.max_tokens for t in want.values())
+    assert _staggered(llm, prompts, GREEDY, 2) == want and all(len(t) == GREEDY.max_tokens for t in want.values())
     assert graphs.num_replays[-2] + graphs.num_replays[-4] >= 2
 
 
@@ -254,24 +256,8 @@ def test_prompts_joining_verifying_requests(tiny_llama_path):
     rng = np.random.default_rng(6)
     prompts = [rng.integers(3, 300, int(n)).tolist() for n in rng.integers(3, 20, 5)]
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-
-    def staggered(llm: LLM) -> dict[str, list[int]]:
-        core, tokens = llm.engine, {str(i): [] for i in range(len(prompts))}
-
-        def step() -> None:
-            for out in core.step().outputs:
-                tokens[out.request_id] += out.new_token_ids
-
-        for i, p in enumerate(prompts):
-            core.add_request(EngineCoreRequest(str(i), p, params, time.time()))
-            for _ in range(3):
-                step()
-        while core.has_unfinished_requests():
-            step()
-        return tokens
-
     plain = LLM(tiny_llama_path, **ENGINE)
-    want = staggered(plain)
+    want = _staggered(plain, prompts, params, 3)
     del plain
     llm = LLM(tiny_llama_path, **ENGINE, speculative_config={"method": "ngram", "num_speculative_tokens": 4})
     llm.engine.proposer = proposer = _Drafts({tuple(p): want[str(i)] for i, p in enumerate(prompts)})
@@ -288,7 +274,7 @@ def test_prompts_joining_verifying_requests(tiny_llama_path):
             verify_in_prefill_graphs.append(dict(so.num_scheduled_tokens))
 
     runner.execute_model = spying_execute
-    assert staggered(llm) == want and all(len(t) == params.max_tokens for t in want.values())
+    assert _staggered(llm, prompts, params, 3) == want and all(len(t) == params.max_tokens for t in want.values())
     scheduler = llm.engine.scheduler
     assert proposer.calls > 0 and 0 < scheduler.num_accepted_tokens < scheduler.num_draft_tokens
     assert graphs.num_replays[-2] + graphs.num_replays[-4] >= 2
