@@ -186,6 +186,24 @@ def test_capture_sizes_and_padding():
     assert sorted(wide.token_sizes) == [-1, 1] and wide.input_ids.shape == (32,)
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"prefill_graph_requests": 1}, {"max_num_seqs": 4},
+                                    {"max_prefill_graph_tokens": 0}, {"speculative": 3}])
+def test_graph_attention_states_count_the_captured_graphs(kwargs):
+    """The KV-cache budget reserves one graph-mode attention state per captured graph: the count from the step
+    shapes equals the graphs a CUDAGraphRunner built from them captures (the default: 16 request slots)."""
+    from vllm_lite.config import EngineConfig
+    from vllm_lite.worker.step_shapes import step_shapes
+    kwargs = dict(kwargs)
+    k = kwargs.pop("speculative", 0)
+    shapes = step_shapes(EngineConfig.from_kwargs(device="cpu", **kwargs), k, 16)
+    runner = CUDAGraphRunner(lambda i, p: None, shapes.capture_sizes, max(shapes.capture_sizes), "cpu", 64,
+                             torch.float32, query_lens=shapes.graph_query_lens, prefill_sizes=shapes.prefill_sizes,
+                             prefill_slots=shapes.prefill_slots)
+    assert shapes.graph_attention_states() == sum(len(v) for v in runner.token_sizes.values())
+    if not kwargs and not k:
+        assert shapes.prefill_slots == [1, 2, 4, 8, 16] and len(shapes.prefill_sizes) == 9
+
+
 def test_engine_with_compiled_forward_matches_eager_and_never_recompiles(tiny_llama_path, tmp_path):
     """The whole engine (packed step inputs at non-zero offsets, prefills and decodes of many sizes, async
     scheduling) through the inductor-compiled forward: same greedy tokens as eager, one graph, no recompilation.

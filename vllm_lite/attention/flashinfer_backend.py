@@ -63,6 +63,9 @@ class FlashInferBackend:
     """All layers share one shape (num_heads, num_kv_heads, head_dim, scale, dtype), so one plan serves them all."""
     name = "flashinfer"
     supports_cuda_graphs = True
+    # Device memory of each graph-mode wrapper beyond the shared buffers: FlashInfer allocates an 8 MiB int workspace
+    # in every wrapper's constructor (plus 8 MiB of pinned host memory). The KV-cache budget reserves it per graph.
+    graph_state_bytes = 8 * 1024 * 1024
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, dtype: torch.dtype,
                  device: torch.device | str, max_num_seqs: int, max_blocks_per_seq: int,

@@ -18,6 +18,12 @@ class StepShapes:
     prefill_sizes: list[int]  # token counts of the prefill graphs (empty: none)
     prefill_slots: list[int]  # their request-slot counts: 1, 2, 4, ... up to DeviceConfig.prefill_graph_requests
 
+    def graph_attention_states(self) -> int:
+        """Graph-mode attention states (FlashInfer wrappers) the captured graphs hold: one per graph, i.e. per decode
+        batch size and tokens per request, and per prefill graph (a token count above its request slots)."""
+        prefill = sum(1 for r in set(self.prefill_slots) for n in set(self.prefill_sizes) if n > r)
+        return len(set(self.capture_sizes)) * len(set(self.graph_query_lens)) + prefill
+
 
 def step_shapes(config: EngineConfig, num_spec_tokens: int, block_size: int) -> StepShapes:
     """Verification steps replay graphs of 1 + k tokens per request (padding requests keep those in one block, so
