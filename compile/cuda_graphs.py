@@ -65,6 +65,19 @@ def prefill_slot_counts(max_requests: int) -> list[int]:
     return counts
 
 
+def graph_token_sizes(capture_sizes: Sequence[int], query_lens: Sequence[int] = (1,),
+                      prefill_sizes: Sequence[int] = (), prefill_slots: Sequence[int] = (1,)) -> dict[int, list[int]]:
+    """Token counts of every graph to capture, by key: a query length q -> each capture size x q; prefill_key(R) ->
+    the prefill sizes above R (R one-token requests and the padding request must fit), if any."""
+    sizes = sorted({int(s) for s in capture_sizes})
+    token_sizes = {int(q): [s * int(q) for s in sizes] for q in sorted(set(query_lens))}
+    for r in sorted(set(prefill_slots)) if prefill_sizes else ():
+        fitting = sorted({int(s) for s in prefill_sizes if int(s) > r})
+        if fitting:
+            token_sizes[prefill_key(r)] = fitting
+    return token_sizes
+
+
 def default_capture_sizes(max_num_seqs: int, max_capture_size: int = DEFAULT_MAX_CAPTURE_SIZE) -> list[int]:
     """[1, 2, 4, 8] + range(16, ..., 8), covering every batch size up to min(max_num_seqs, max_capture_size): the
     sizes below that limit plus the first size at or above it (a batch of 5 with max_num_seqs=5 pads to 8)."""
@@ -93,12 +106,7 @@ class CUDAGraphRunner:
         self.sizes = sorted({int(s) for s in capture_sizes if 0 < int(s) <= max_tokens})
         if not self.sizes:
             raise ValueError(f"no capture size in {list(capture_sizes)} fits max_tokens={max_tokens}")
-        # Token counts captured per query length.
-        self.token_sizes = {int(q): [s * int(q) for s in self.sizes] for q in sorted(set(query_lens))}
-        for r in sorted(set(prefill_slots)) if prefill_sizes else ():
-            fitting = sorted({int(s) for s in prefill_sizes if int(s) > r})
-            if fitting:
-                self.token_sizes[prefill_key(r)] = fitting
+        self.token_sizes = graph_token_sizes(self.sizes, query_lens, prefill_sizes, prefill_slots)
         self._prefill_keys = sorted((k for k in self.token_sizes if k < 0), reverse=True)  # -1, -2, -4, ...
         self.device = torch.device(device)
         self.hidden_size = hidden_size
@@ -239,9 +247,9 @@ def measure_graph_memory(model_forward: Callable[[torch.Tensor, torch.Tensor], t
     return nbytes
 
 
-def outputs_bytes(capture_sizes: Sequence[int], hidden_size: int, dtype: torch.dtype,
-                  query_lens: Sequence[int] = (1,), prefill_sizes: Sequence[int] = ()) -> int:
-    """Static output memory of all graphs but the largest (which `measure_graph_memory` already counts)."""
+def outputs_bytes(token_sizes: dict[int, list[int]], hidden_size: int, dtype: torch.dtype) -> int:
+    """Static output memory of all graphs (`graph_token_sizes`) but the largest (which `measure_graph_memory` already
+    counts)."""
     elem = torch.empty((), dtype=dtype).element_size()
-    tokens = sorted([s * q for s in capture_sizes for q in set(query_lens)] + list(prefill_sizes))
+    tokens = sorted(n for sizes in token_sizes.values() for n in sizes)
     return sum(tokens[:-1]) * hidden_size * elem

@@ -188,9 +188,9 @@ def test_capture_sizes_and_padding():
 
 @pytest.mark.parametrize("kwargs", [{}, {"prefill_graph_requests": 1}, {"max_num_seqs": 4},
                                     {"max_prefill_graph_tokens": 0}, {"speculative": 3}])
-def test_graph_attention_states_count_the_captured_graphs(kwargs):
-    """The KV-cache budget reserves one graph-mode attention state per captured graph: the count from the step
-    shapes equals the graphs a CUDAGraphRunner built from them captures (the default: 16 request slots)."""
+def test_step_shapes_name_the_captured_graphs(kwargs):
+    """The KV-cache budget reserves each graph's output and attention state from the step shapes' graph sizes: they
+    are the graphs a CUDAGraphRunner built from those shapes captures (the default: 16 request slots)."""
     from vllm_lite.config import EngineConfig
     from vllm_lite.worker.step_shapes import step_shapes
     kwargs = dict(kwargs)
@@ -199,7 +199,7 @@ def test_graph_attention_states_count_the_captured_graphs(kwargs):
     runner = CUDAGraphRunner(lambda i, p: None, shapes.capture_sizes, max(shapes.capture_sizes), "cpu", 64,
                              torch.float32, query_lens=shapes.graph_query_lens, prefill_sizes=shapes.prefill_sizes,
                              prefill_slots=shapes.prefill_slots)
-    assert shapes.graph_attention_states() == sum(len(v) for v in runner.token_sizes.values())
+    assert shapes.graph_token_sizes() == runner.token_sizes
     if not kwargs and not k:
         assert shapes.prefill_slots == [1, 2, 4, 8, 16] and len(shapes.prefill_sizes) == 9
 

@@ -168,9 +168,9 @@ def _latency(llm: Any, batch: list[dict], output_len: int, warmup: int, iters: i
 
 
 def _calibrate(llm: Any, oracle: SuccessorOracle, batch: list[dict], output_len: int, rounds: int = 8) -> int:
-    """Teach the oracle the spec engine's own greedy outputs until a run adds nothing (a near tie in the lm_head
-    that one step shape rounds otherwise would otherwise keep a draft rejected). Returns the runs until then
-    (rounds + 1 if the map never settled: the report says so)."""
+    """Teach the oracle the spec engine's own greedy outputs until a run adds nothing (the lm_head can still round
+    a near tie differently in a verification step than in the plain run, and the map must follow the spec engine).
+    Returns the runs until then (rounds + 1 if the map never settled: the report says so)."""
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     for i in range(1, rounds + 1):
         outs = llm.generate(batch, params, use_tqdm=False)

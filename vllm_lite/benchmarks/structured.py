@@ -328,7 +328,8 @@ def run_batch(llm: Any, counter: StepBreakdown, modes: list[str], items: list, m
     return runs, outputs
 
 
-def profile_extra(llm: Any, mode: str, items: list, max_tokens: int, top: int = 20) -> dict[str, Any]:
+def profile_extra(llm: Any, counter: StepBreakdown, mode: str, items: list, max_tokens: int,
+                  top: int = 20) -> dict[str, Any]:
     """Where a constrained full-batch run's extra host time goes: the run and its unconstrained same-lengths run,
     each under cProfile (the engine's thread: the fill thread's work shows as the wait for it), and the functions
     whose own time per engine step grew most (ms per step, profiler overhead included)."""
@@ -337,12 +338,11 @@ def profile_extra(llm: Any, mode: str, items: list, max_tokens: int, top: int = 
 
     def profiled(lengths: list[int] | None) -> tuple[dict[str, float], list, int]:
         prof = cProfile.Profile()
-        steps0 = llm.engine._step_calls
         prof.enable()
-        _, outs = run_mode(llm, mode if lengths is None else "unconstrained", items, max_tokens, False,
-                           lengths=lengths)
+        run, outs = run_mode(llm, mode if lengths is None else "unconstrained", items, max_tokens, False, counter,
+                             lengths=lengths)
         prof.disable()
-        steps = max(llm.engine._step_calls - steps0, 1)
+        steps = max(run["engine_steps"], 1)
         stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, ncalls, tottime, cumtime, callers)
         own = {f"{name} ({file.rsplit('/', 2)[-1] if '/' in file else file}:{line})": 1000 * tt / steps
                for (file, line, name), (_, _, tt, _, _) in stats.items()}
@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> dict:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     if args.profile and "json_schema" in modes:
-        result["profile"] = profile_extra(llm, "json_schema", items, args.max_tokens)
+        result["profile"] = profile_extra(llm, counter, "json_schema", items, args.max_tokens)
     report(result, args.json)
     _summary(result)  # after the JSON: the lines a log's tail shows
     return result

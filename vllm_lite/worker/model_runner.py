@@ -164,9 +164,10 @@ class ModelRunner:
                                                self.info.hf_config.hidden_size, self.info.dtype,
                                                self._prepare_capture, query_len=max(self.graph_query_lens),
                                                prefill_size=max(prefill, default=0))
-            graph_bytes += outputs_bytes(self.capture_sizes, self.info.hf_config.hidden_size, self.info.dtype,
-                                         self.graph_query_lens, prefill * len(self.shapes.prefill_slots))
-            graph_bytes += self.shapes.graph_attention_states() * getattr(self.attn_ctx.backend, "graph_state_bytes", 0)
+            sizes = self.shapes.graph_token_sizes()
+            graph_bytes += outputs_bytes(sizes, self.info.hf_config.hidden_size, self.info.dtype)
+            # one graph-mode attention state (FlashInfer wrapper) per graph
+            graph_bytes += sum(map(len, sizes.values())) * getattr(self.attn_ctx.backend, "graph_state_bytes", 0)
         self.attn_ctx.kv_caches = saved
         torch.cuda.empty_cache()
         _, total = torch.cuda.mem_get_info(self.device)

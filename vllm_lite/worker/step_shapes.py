@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vllm_lite.compile.cuda_graphs import default_capture_sizes, prefill_capture_sizes, prefill_slot_counts
+from vllm_lite.compile.cuda_graphs import (default_capture_sizes, graph_token_sizes, prefill_capture_sizes,
+                                          prefill_slot_counts)
 from vllm_lite.config import EngineConfig
 
 MAX_ROW_REQUESTS = 256  # verify_as_decode: most tokens of a verification step staged as requests of their own
@@ -18,12 +19,9 @@ class StepShapes:
     prefill_sizes: list[int]  # token counts of the prefill graphs (empty: none)
     prefill_slots: list[int]  # their request-slot counts: 1, 2, 4, ... up to DeviceConfig.prefill_graph_requests
 
-    def graph_attention_states(self) -> int:
-        """Graph-mode attention states (FlashInfer wrappers) the captured graphs hold: one per graph, i.e. per decode
-        batch size and tokens per request, and per prefill graph (a token count above its request slots)."""
-        prefill = sum(1 for r in set(self.prefill_slots) for n in set(self.prefill_sizes) if n > r)
-        return len(set(self.capture_sizes)) * len(set(self.graph_query_lens)) + prefill
-
+    def graph_token_sizes(self) -> dict[int, list[int]]:
+        """Token counts of the graphs these shapes capture, by graph key (compile/cuda_graphs.py)."""
+        return graph_token_sizes(self.capture_sizes, self.graph_query_lens, self.prefill_sizes, self.prefill_slots)
 
 def step_shapes(config: EngineConfig, num_spec_tokens: int, block_size: int) -> StepShapes:
     """Verification steps replay graphs of 1 + k tokens per request (padding requests keep those in one block, so
