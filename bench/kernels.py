@@ -268,8 +268,34 @@ def bench_skinny(quick: bool) -> None:
         print(f"{m:<6}" + "".join(f"{c:>15}" for c in cols) + f"   max |triton - cublas| {max(errs):.2e}")
 
 
+def bench_rows_attention(quick: bool) -> None:
+    """kernels/paged_rows_attention.py (an EAGLE proposal's attention) with one walk per (row, kv head) against the
+    split keys split_count picks, for the default model's heads (9 q / 3 kv, D 64) and llama-3.1-8b's (32 / 8,
+    D 128), block table of a 8,192-token context, rows at one context length each."""
+    from vllm_lite.kernels.paged_rows_attention import rows_attention_torch, rows_attention_triton, split_count
+    print("\nrows attention (per-row paged), graph us per call: one walk | split keys (splits) | torch reference")
+    for name, hq, hkv, d in (("smollm2-135m", 9, 3, 64), ("llama-3.1-8b", 32, 8, 128)):
+        bs, max_len = 16, 8192
+        nblocks = max_len // bs
+        cache = torch.randn(nblocks + 1, 2, bs, hkv, d, device="cuda", dtype=torch.bfloat16)
+        for rows in (1, 4) if quick else (1, 2, 4, 8, 32):
+            table = torch.randperm(nblocks + 1, device="cuda")[:nblocks].int().reshape(1, nblocks)
+            row_req = torch.zeros(rows, dtype=torch.int32, device="cuda")
+            q = torch.randn(rows, hq, d, device="cuda", dtype=torch.bfloat16)
+            for ctx in (256, 1024) if quick else (256, 512, 1024, 4096):
+                pos = torch.full((rows,), ctx - 1, device="cuda", dtype=torch.int64)
+                sp = split_count(rows, hkv, max_len, 32 if d == 64 else 16)
+                one = _safe_time(lambda: rows_attention_triton(q, cache, table, row_req, pos, 0.1, splits=1))[1]
+                split = _safe_time(lambda: rows_attention_triton(q, cache, table, row_req, pos, 0.1))[1]
+                ref = _safe_time(lambda: rows_attention_torch(q, cache, table, row_req, pos, 0.1))[1]
+                err = float((rows_attention_triton(q, cache, table, row_req, pos, 0.1).float()
+                             - rows_attention_torch(q, cache, table, row_req, pos, 0.1).float()).abs().max())
+                print(f"{name:<14} rows {rows:<3} ctx {ctx:<5} {one:>8.1f} | {split:>8.1f} ({sp:>2}) | {ref:>8.1f}"
+                      f"   max err {err:.1e}")
+
+
 BENCHES = {"kv": bench_kv_write, "qk": bench_qk_norm_rope, "sampling": bench_sampling, "random": bench_random_sample,
-           "gemm": bench_gemm, "skinny": bench_skinny}
+           "gemm": bench_gemm, "skinny": bench_skinny, "rows": bench_rows_attention}
 
 
 def main() -> None:

@@ -9,6 +9,10 @@ no host synchronisation in either path.
 walks the row's keys in BLOCK_N-token tiles (the loop bound is read from positions inside the kernel), block ids
 looked up per token in the block table, online softmax in float32. Scores and the weighted sum use broadcast
 products and tl.sum rather than tl.dot, so GROUP sizes of 1-4 work and the Triton interpreter runs it.
+With few programs (a batch-1 proposal: T x Hkv = 3 on the default model) one walk per row leaves the GPU idle, so the
+keys are split flash-decoding style: SPLITS programs per (row, kv head) each take a contiguous share of the row's
+tiles (the shares are cut from the loaded position, so a graph replays with any length) and store an unnormalised
+partial (max, sum, accumulator); a second kernel merges them. SPLITS depends only on shapes, never on positions.
 `rows_attention_torch` is the plain-PyTorch reference (gather the request's blocks, mask, softmax).
 
 kv_cache is [num_blocks, 2, block_size, Hkv, D] (0 = keys, 1 = values), head dimension contiguous: the torch and
@@ -26,10 +30,12 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
     tl = None
 
-__all__ = ["rows_attention", "rows_attention_torch", "rows_attention_triton", "HAS_TRITON"]
+__all__ = ["rows_attention", "rows_attention_torch", "rows_attention_triton", "split_count", "HAS_TRITON"]
 
 HAS_TRITON = triton is not None
 _TILE_ELEMS = 8192  # GROUP_P * BLOCK_N * D_P: the broadcast product's size per tile (register budget)
+_TARGET_PROGRAMS = 256  # programs worth launching (~2 per SM on an H100 / H200): fewer rows x kv heads split keys
+_MAX_SPLITS = 64
 
 
 def rows_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, row_req: torch.Tensor,
@@ -53,14 +59,15 @@ if HAS_TRITON:
     # Nothing per step is an argument (T is the grid, positions are loaded), so no do_not_specialize is needed.
     @triton.jit
     def _rows_attention_kernel(
-        q_ptr, cache_ptr, bt_ptr, req_ptr, pos_ptr, out_ptr,
-        q_stride_t, q_stride_h, o_stride_t, o_stride_h, bt_stride, max_blocks,
+        q_ptr, cache_ptr, bt_ptr, req_ptr, pos_ptr, out_ptr, part_ptr, ml_ptr,
+        q_stride_t, q_stride_h, o_stride_t, o_stride_h, bt_stride, max_blocks, num_kv_heads,
         c_stride_blk, c_stride_kv, c_stride_slot, c_stride_h, qk_scale,
         GROUP: tl.constexpr, D: tl.constexpr, GROUP_P: tl.constexpr, D_P: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLITS: tl.constexpr,
     ):
         t = tl.program_id(0).to(tl.int64)
         kh = tl.program_id(1).to(tl.int64)
+        sp = tl.program_id(2).to(tl.int64)
         req = tl.load(req_ptr + t).to(tl.int64)
         kv_len = tl.minimum(tl.load(pos_ptr + t).to(tl.int64) + 1, max_blocks * BLOCK_SIZE)
         g = tl.arange(0, GROUP_P)
@@ -73,11 +80,14 @@ if HAS_TRITON:
         l_i = tl.zeros([GROUP_P], dtype=tl.float32)
         acc = tl.zeros([GROUP_P, D_P], dtype=tl.float32)
         row_blocks = bt_ptr + req * bt_stride
+        # This program's share of the keys: whole tiles, contiguous, from the loaded length (SPLITS = 1: all).
+        per_split = ((kv_len + BLOCK_N - 1) // BLOCK_N + SPLITS - 1) // SPLITS * BLOCK_N
+        start = sp * per_split
+        end = tl.minimum(start + per_split, kv_len)
         # A while loop: the interpreter cannot take a loaded scalar as range()'s bound (with numpy >= 2.4).
-        start = 0
-        while start < kv_len:  # every tile holds at least one valid key, so m_i turns finite in the first
+        while start < end:  # every tile holds at least one valid key, so m_i turns finite in the first
             n = start + tl.arange(0, BLOCK_N)
-            nm = n < kv_len
+            nm = n < end
             blk = tl.load(row_blocks + n // BLOCK_SIZE, mask=nm, other=0).to(tl.int64)
             base = cache_ptr + blk * c_stride_blk + (n % BLOCK_SIZE) * c_stride_slot + kh * c_stride_h
             kvm = nm[:, None] & (d < D)[None, :]  # a full-shape mask (the interpreter rejects broadcast masks)
@@ -92,15 +102,52 @@ if HAS_TRITON:
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
             m_i = m_new
             start += BLOCK_N
-        out = tl.where((l_i > 0.0)[:, None], acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)  # no keys: zeros
+        if SPLITS == 1:
+            out = tl.where((l_i > 0.0)[:, None], acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)  # no keys: zeros
+            tl.store(out_ptr + t * o_stride_t + qh[:, None] * o_stride_h + d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=qm)
+        else:  # the partial, unnormalised (a share without keys stores max -inf, sum 0)
+            slot = (t * num_kv_heads + kh) * SPLITS + sp
+            tl.store(part_ptr + (slot * GROUP_P + g[:, None]) * D_P + d[None, :], acc)
+            tl.store(ml_ptr + (slot * 2) * GROUP_P + g, m_i)
+            tl.store(ml_ptr + (slot * 2 + 1) * GROUP_P + g, l_i)
+
+    @triton.jit
+    def _rows_attention_merge_kernel(
+        part_ptr, ml_ptr, out_ptr, o_stride_t, o_stride_h, num_kv_heads,
+        GROUP: tl.constexpr, D: tl.constexpr, GROUP_P: tl.constexpr, D_P: tl.constexpr, SPLITS: tl.constexpr,
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        kh = tl.program_id(1).to(tl.int64)
+        g = tl.arange(0, GROUP_P)
+        d = tl.arange(0, D_P)
+        m_i = tl.full([GROUP_P], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([GROUP_P], dtype=tl.float32)
+        acc = tl.zeros([GROUP_P, D_P], dtype=tl.float32)
+        first = (t * num_kv_heads + kh) * SPLITS
+        for s in range(SPLITS):
+            m_s = tl.load(ml_ptr + ((first + s) * 2) * GROUP_P + g)
+            l_s = tl.load(ml_ptr + ((first + s) * 2 + 1) * GROUP_P + g)
+            a_s = tl.load(part_ptr + ((first + s) * GROUP_P + g[:, None]) * D_P + d[None, :])
+            m_new = tl.maximum(m_i, m_s)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no keys yet on either side: weights 0, not nan
+            alpha = tl.exp2(m_i - m_ref)
+            beta = tl.exp2(m_s - m_ref)
+            l_i = l_i * alpha + l_s * beta
+            acc = acc * alpha[:, None] + a_s * beta[:, None]
+            m_i = m_new
+        out = tl.where((l_i > 0.0)[:, None], acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
+        qm = (g < GROUP)[:, None] & (d < D)[None, :]
+        qh = kh * GROUP + g
         tl.store(out_ptr + t * o_stride_t + qh[:, None] * o_stride_h + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=qm)
 
 
 def rows_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, row_req: torch.Tensor,
                           positions: torch.Tensor, scale: float, block_n: int | None = None,
-                          num_warps: int | None = None) -> torch.Tensor:
-    """Triton kernel (same contract as rows_attention_torch); block_n / num_warps override the tile choice."""
+                          num_warps: int | None = None, splits: int | None = None) -> torch.Tensor:
+    """Triton kernel (same contract as rows_attention_torch); block_n / num_warps / splits override the choice of
+    tile and of key splits per (row, kv head) (`split_count`)."""
     if not HAS_TRITON:
         raise RuntimeError("rows_attention_triton needs triton (pip install triton)")
     t, hq, d = q.shape
@@ -123,14 +170,38 @@ def rows_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_table: 
         block_n = max(16, min(128, triton.next_power_of_2(max(1, _TILE_ELEMS // (group_p * d_p)))))
     if num_warps is None:
         num_warps = 4 if group_p * block_n * d_p >= 4096 else 2
+    if splits is None:
+        splits = split_count(t, hkv, block_table.shape[1] * bs, block_n)
+    if splits > 1:  # float32 partials, every slot written by the first kernel
+        part = torch.empty(t * hkv * splits * group_p * d_p, dtype=torch.float32, device=q.device)
+        ml = torch.empty(t * hkv * splits * 2 * group_p, dtype=torch.float32, device=q.device)
+    else:
+        part = ml = out
     cs = kv_cache.stride()
-    _rows_attention_kernel[(t, hkv)](
-        q, kv_cache, block_table, row_req, positions, out,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), block_table.shape[1],
+    _rows_attention_kernel[(t, hkv, splits)](
+        q, kv_cache, block_table, row_req, positions, out, part, ml,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0), block_table.shape[1], hkv,
         cs[0], cs[1], cs[2], cs[3], scale * 1.4426950408889634,
-        GROUP=group, D=d, GROUP_P=group_p, D_P=d_p, BLOCK_N=block_n, BLOCK_SIZE=bs, num_warps=num_warps,
+        GROUP=group, D=d, GROUP_P=group_p, D_P=d_p, BLOCK_N=block_n, BLOCK_SIZE=bs, SPLITS=splits,
+        num_warps=num_warps,
     )
+    if splits > 1:
+        _rows_attention_merge_kernel[(t, hkv)](
+            part, ml, out, out.stride(0), out.stride(1), hkv,
+            GROUP=group, D=d, GROUP_P=group_p, D_P=d_p, SPLITS=splits, num_warps=2 if group_p * d_p <= 512 else 4,
+        )
     return out
+
+
+def split_count(rows: int, kv_heads: int, max_len: int, block_n: int) -> int:
+    """Key splits per (row, kv head): enough programs to fill the GPU (`_TARGET_PROGRAMS`), never more splits
+    than the block table has tiles. A power of two, from shapes only (CUDA-graph safe)."""
+    want = _TARGET_PROGRAMS // max(1, rows * kv_heads)
+    tiles = -(-max_len // block_n)
+    splits = 1
+    while splits * 2 <= min(want, tiles, _MAX_SPLITS):
+        splits *= 2
+    return splits
 
 
 def rows_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, row_req: torch.Tensor,

@@ -15,7 +15,7 @@ import textwrap
 import pytest
 import torch
 
-from vllm_lite.kernels.paged_rows_attention import rows_attention, rows_attention_torch
+from vllm_lite.kernels.paged_rows_attention import rows_attention, rows_attention_torch, split_count
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -88,6 +88,13 @@ def test_padding_row_returns_zeros_and_dispatch_on_cpu():
     assert torch.isfinite(got).all() and not got[-1].any()
 
 
+def test_split_count_fills_the_gpu_from_shapes_only():
+    assert split_count(1, 3, 8192, 32) == 64  # a batch-1 proposal on the default model: capped at 64
+    assert split_count(1, 8, 8192, 32) == 32  # llama-3.1-8b's 8 kv heads: 256 programs
+    assert split_count(1, 8, 64, 32) == 2  # never more shares than the table has tiles
+    assert split_count(32, 8, 8192, 32) == 1 and split_count(64, 8, 8192, 32) == 1  # enough programs already
+
+
 _CHILD = textwrap.dedent("""
     import json, math, sys, torch
     sys.path.insert(0, sys.argv[1])
@@ -95,17 +102,20 @@ _CHILD = textwrap.dedent("""
     from vllm_lite.kernels.paged_rows_attention import rows_attention_torch, rows_attention_triton
     from test_paged_rows_attention import make_case
     res = {}
-    for group, d, bs, dt, bn in [(1, 64, 16, torch.float32, None), (3, 16, 4, torch.float32, 8),
-                                 (4, 64, 4, torch.float32, 16), (4, 16, 16, torch.float32, 4),
-                                 (3, 16, 4, torch.bfloat16, 8), (1, 64, 16, torch.bfloat16, 16)]:
+    # splits: None = split_count's choice (2 here: 6 rows x 2 kv heads), 1 = one walk per row (no merge), 3 / 16 =
+    # key shares of whole tiles merged by the second kernel (16: most shares of the short rows are empty)
+    for group, d, bs, dt, bn, sp in [(1, 64, 16, torch.float32, None, 1), (3, 16, 4, torch.float32, 8, None),
+                                     (4, 64, 4, torch.float32, 16, 3), (4, 16, 16, torch.float32, 4, 16),
+                                     (3, 16, 4, torch.bfloat16, 8, 3), (1, 64, 16, torch.bfloat16, 16, None),
+                                     (2, 16, 4, torch.float32, 4, 5)]:
         q, cache, table, row_req, pos = make_case(group, d, bs, rows=6, dtype=dt, seed=group + d + bs)
         pos[-1] = -1  # a padding row: zeros
         row_req = row_req.int() if bn == 8 else row_req
         scale = 1 / math.sqrt(d)
         want = rows_attention_torch(q, cache, table, row_req, pos, scale)
-        got = rows_attention_triton(q, cache, table, row_req, pos, scale, block_n=bn)
+        got = rows_attention_triton(q, cache, table, row_req, pos, scale, block_n=bn, splits=sp)
         tol = 1e-5 if dt == torch.float32 else 2e-2
-        res[f"g{group}_d{d}_bs{bs}_{dt}_bn{bn}"] = (got.shape == want.shape and got.dtype == want.dtype
+        res[f"g{group}_d{d}_bs{bs}_{dt}_bn{bn}_sp{sp}"] = (got.shape == want.shape and got.dtype == want.dtype
             and torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
             ) or f"max err {(got.float() - want.float()).abs().max().item()}"
     print("RESULT" + json.dumps(res))
@@ -124,14 +134,14 @@ def test_triton_matches_reference_interpreter():
     if proc.returncode != 0 or not lines:
         pytest.fail(f"interpreter run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     res = json.loads(lines[-1][len("RESULT"):])
-    assert len(res) == 6 and all(v is True for v in res.values()), res
+    assert len(res) == 7 and all(v is True for v in res.values()), res
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def _cuda_case(group: int, d: int, bs: int, dtype: torch.dtype):
-    return make_case(group, d, bs, hkv=4, reqs=6, max_blocks=2000 // bs + 1, rows=32, dtype=dtype, device="cuda",
+def _cuda_case(group: int, d: int, bs: int, dtype: torch.dtype, rows: int = 32):
+    return make_case(group, d, bs, hkv=4, reqs=6, max_blocks=2000 // bs + 1, rows=rows, dtype=dtype, device="cuda",
                      max_pos=1999)
 
 
@@ -139,8 +149,9 @@ def _cuda_case(group: int, d: int, bs: int, dtype: torch.dtype):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("group,d,bs", [(1, 128, 16), (4, 128, 16), (8, 64, 32), (3, 80, 16)])
-def test_triton_matches_reference_cuda(dtype, group, d, bs):
-    q, cache, table, row_req, pos = _cuda_case(group, d, bs, dtype)
+@pytest.mark.parametrize("rows", [32, 3])  # 3 rows: split keys (16 shares per row and kv head)
+def test_triton_matches_reference_cuda(dtype, group, d, bs, rows):
+    q, cache, table, row_req, pos = _cuda_case(group, d, bs, dtype, rows)
     scale = 1 / math.sqrt(d)
     want = rows_attention_torch(q, cache, table, row_req, pos, scale)
     got = rows_attention(q, cache, table, row_req, pos, scale)

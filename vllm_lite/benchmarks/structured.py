@@ -143,9 +143,11 @@ def validity(mode: str, outs: list[Any], schemas: list[dict[str, Any]]) -> dict[
 
 
 def run_mode(llm: Any, mode: str, items: list, max_tokens: int, one_at_a_time: bool,
-             counter: StepBreakdown | None = None, lengths: list[int] | None = None) -> tuple[dict, list]:
+             counter: StepBreakdown | None = None, lengths: list[int] | None = None,
+             profiler: Any = None) -> tuple[dict, list]:
     """One run of `items` in `mode`. lengths: the unconstrained same-lengths run, request i producing exactly
-    lengths[i] tokens (max_tokens = lengths[i], ignore_eos), so it does the constrained run's work token for token."""
+    lengths[i] tokens (max_tokens = lengths[i], ignore_eos), so it does the constrained run's work token for token.
+    profiler: a cProfile.Profile enabled around the generation only (not the outputs' validation)."""
     messages = [m for m, _ in items]
     if lengths is None:
         params = [params_for(mode, s, max_tokens) for _, s in items]
@@ -154,10 +156,14 @@ def run_mode(llm: Any, mode: str, items: list, max_tokens: int, one_at_a_time: b
     if counter is not None:
         counter.take()  # start counting here
     t0 = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
     if one_at_a_time:
         outs = [llm.chat(m, p, use_tqdm=False)[0] for m, p in zip(messages, params)]
     else:
         outs = llm.chat(messages, params, use_tqdm=False)
+    if profiler is not None:
+        profiler.disable()
     elapsed = time.perf_counter() - t0
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     result: dict[str, Any] = {"requests": len(items), "elapsed_s": round(elapsed, 4), "output_tokens": tokens,
@@ -331,17 +337,16 @@ def run_batch(llm: Any, counter: StepBreakdown, modes: list[str], items: list, m
 def profile_extra(llm: Any, counter: StepBreakdown, mode: str, items: list, max_tokens: int,
                   top: int = 20) -> dict[str, Any]:
     """Where a constrained full-batch run's extra host time goes: the run and its unconstrained same-lengths run,
-    each under cProfile (the engine's thread: the fill thread's work shows as the wait for it), and the functions
+    each under cProfile (the generation only, not the outputs' validation; the engine's thread: the fill thread's
+    work shows as the wait for it), and the functions
     whose own time per engine step grew most (ms per step, profiler overhead included)."""
     import cProfile
     import pstats
 
     def profiled(lengths: list[int] | None) -> tuple[dict[str, float], list, int]:
         prof = cProfile.Profile()
-        prof.enable()
         run, outs = run_mode(llm, mode if lengths is None else "unconstrained", items, max_tokens, False, counter,
-                             lengths=lengths)
-        prof.disable()
+                             lengths=lengths, profiler=prof)
         steps = max(run["engine_steps"], 1)
         stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, ncalls, tottime, cumtime, callers)
         own = {f"{name} ({file.rsplit('/', 2)[-1] if '/' in file else file}:{line})": 1000 * tt / steps
