@@ -89,8 +89,8 @@ def test_padding_row_returns_zeros_and_dispatch_on_cpu():
 
 
 def test_split_count_fills_the_gpu_from_shapes_only():
-    assert split_count(1, 3, 8192, 32) == 64  # a batch-1 proposal on the default model: capped at 64
-    assert split_count(1, 8, 8192, 32) == 32  # llama-3.1-8b's 8 kv heads: 256 programs
+    assert split_count(1, 3, 8192, 32) == 16  # a batch-1 proposal on the default model: capped at 16
+    assert split_count(4, 8, 8192, 32) == 8  # llama-3.1-8b's 8 kv heads, 4 rows: 256 programs
     assert split_count(1, 8, 64, 32) == 2  # never more shares than the table has tiles
     assert split_count(32, 8, 8192, 32) == 1 and split_count(64, 8, 8192, 32) == 1  # enough programs already
 
