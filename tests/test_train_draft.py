@@ -20,7 +20,7 @@ QUESTIONS = ["What is the capital of France?", "Tell me a story about a fox.", "
              "def add(a, b):", "Hello world! How can I help you today?", "A JSON list of numbers, please.",
              "Why do tests use caches and tokens?", "Once upon a time there was a tiny model."]
 ARGS = ["--device", "cpu", "--max-tokens", "24", "--prompts-per-shard", "8", "--draft-vocab-size", "160",
-        "--batch-tokens", "400", "--lr", "1e-2", "--epochs", "6", "--checkpoint-every", "5"]
+        "--batch-tokens", "400", "--lr", "1e-2", "--epochs", "6", "--checkpoint-every", "5", "--val-every", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +148,55 @@ def test_training_forward_drafts_what_the_engine_drafts(trained, tiny_llama_path
             hidden = head(aux[None], torch.tensor([seq]), 3)
         row = len(tokens) - 2
         assert [int(draft_to_target[head.lm_head(h[0, row]).argmax()]) for h in hidden] == drafts
+
+
+def test_held_out_sequences_are_not_trained_and_reported(trained):
+    """--val-every 4: every 4th sequence of each shard is out of every epoch's batches and only in val_batches; the
+    card reports the held-out accuracy and acceptance (a chain: never above the accuracy, never rising)."""
+    from vllm_lite.spec_decode.train.dataset import ShardDataset
+    out, meta = trained
+    data = ShardDataset(os.path.join(out, "data"), meta, 400, 0, val_every=4)
+    assert data.num_val_sequences == 4  # 2 shards of 8
+    for epoch in (0, 1):
+        trained_seqs = {(s, int(i)) for s, g in data.plan(epoch) for i in g}
+        held = {(s, int(i)) for s in range(2) for g in data._groups(s, held_out=True) for i in g}
+        assert held == {(s, i) for s in range(2) for i in (3, 7)} and not trained_seqs & held
+        assert len(trained_seqs) == 12
+    assert sum(b.tokens.shape[0] for b in data.val_batches(torch.device("cpu"))) == 4
+    card = open(os.path.join(out, "README.md")).read()
+    assert "| held out (4 sequences) | loss" in card and "mean acceptance length" in card
+
+
+def test_evaluate_counts_acceptance_up_to_the_first_miss():
+    """Hand-computed: two draft positions over one sequence, predictions given directly (identity lm_head)."""
+    from vllm_lite.spec_decode.train.dataset import Batch
+    from vllm_lite.spec_decode.train.trainer import TrainConfig, evaluate
+    v = 5
+    labels = torch.tensor([[0, 1, 2, 3, 4, 1, 2, 3]])  # the target's next token after each position
+    mask = torch.tensor([[False, True, True, True, True, True, True, False]])
+    # step 0 row p aims at labels[p + 1] (rows p = 0..5), step 1 at labels[p + 2] (rows 0..4: the 5 full starts)
+    preds = [torch.tensor([[1, 2, 0, 4, 1, 0, 0, 0]]),  # hits at p = 0, 1, 3, 4 of 6 rows
+             torch.tensor([[2, 0, 4, 1, 0, 0, 0, 0]])]  # hits at p = 0, 2, 3 of 5 rows
+
+    class Head(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm_head = torch.nn.Identity()
+
+        def forward(self, aux, tokens, steps):
+            return [torch.nn.functional.one_hot(p, v).float() for p in preds[:steps]]
+
+    class Data:
+        num_val_sequences = 1
+
+        def val_batches(self, device):
+            return [Batch(torch.zeros(1, 8, dtype=torch.int64), torch.zeros(1, 8, 3), labels, mask)]
+
+    got = evaluate(Head(), Data(), torch.arange(v), TrainConfig(draft_steps=2), torch.device("cpu"))
+    assert got["val_accuracy_per_position"] == [round(4 / 6, 4), 0.6]
+    # chains over starts 0..4: p = 0, 1, 3, 4 hit first; of those p = 0 and 3 hit second too (p = 2 hit only second)
+    assert got["val_acceptance_per_position"] == [0.8, 0.4] and got["val_mean_acceptance_length"] == 2.2
+    assert got["val_sequences"] == 1 and got["val_loss"] > 0
 
 
 def test_resume_continues_at_the_same_step(trained, tiny_llama_path, tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from vllm_lite.spec_decode.train.data import DataConfig, generate_data, label_co
 from vllm_lite.spec_decode.train.dataset import ShardDataset
 from vllm_lite.spec_decode.train.export import write_head
 from vllm_lite.spec_decode.train.head import Eagle3TrainHead
-from vllm_lite.spec_decode.train.trainer import TrainConfig, train
+from vllm_lite.spec_decode.train.trainer import TrainConfig, evaluate, train
 from vllm_lite.spec_decode.train.vocab import DraftVocab
 
 
@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("training")
     g.add_argument("--draft-vocab-size", type=int, default=8192)
     g.add_argument("--num-draft-steps", type=int, default=3, help="draft positions trained (TTT depth)")
+    g.add_argument("--val-every", type=int, default=50,
+                   help="hold every N-th sequence out of training and report the head's accuracy and expected "
+                        "acceptance on them (0: none)")
     for name, value in asdict(TrainConfig()).items():
         if name not in ("draft_steps", "time_budget_s"):
             g.add_argument("--" + name.replace("_", "-"), type=float if isinstance(value, float) else int,
@@ -101,10 +104,16 @@ def main(argv: list[str] | None = None) -> int:
                             checkpoint_every=args.checkpoint_every, seed=args.seed,
                             time_budget_s=None if args.time_budget_s is None else
                             max(args.time_budget_s - (time.perf_counter() - t0) - EXPORT_MARGIN_S, 1.0))
-    dataset = ShardDataset(data_dir, meta, train_cfg.batch_tokens, train_cfg.seed)
+    dataset = ShardDataset(data_dir, meta, train_cfg.batch_tokens, train_cfg.seed, args.val_every)
     _say(f"training: {dataset.batches_per_epoch} batches per epoch, draft vocabulary {vocab.size} "
-         f"({100 * vocab.coverage(counts):.2f} % of response tokens), {train_cfg.draft_steps} draft steps, {device}")
+         f"({100 * vocab.coverage(counts):.2f} % of response tokens), {train_cfg.draft_steps} draft steps, {device}; "
+         f"{dataset.num_val_sequences} sequences held out")
     summary = train(head, dataset, vocab.target_to_draft(), train_cfg, os.path.join(args.out, "checkpoints"), device)
+    summary.update(evaluate(head, dataset, vocab.target_to_draft(), train_cfg, device))
+    if "val_mean_acceptance_length" in summary:
+        _say(f"held out: accuracy per position {summary['val_accuracy_per_position']}, greedy acceptance "
+             f"{summary['val_acceptance_per_position']}, mean acceptance length "
+             f"{summary['val_mean_acceptance_length']} at k = {train_cfg.draft_steps}")
     # A time budget mostly spent on data (a cold machine: model conversion, compilation) or a small --max-steps
     # leaves a head that only looks finished: say so in the result and the card instead of shipping it silently.
     summary["undertrained"] = summary["epochs"] < MIN_EPOCHS

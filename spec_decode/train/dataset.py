@@ -1,5 +1,7 @@
 """Training batches from the shards of data.py: one shard in memory at a time, sequences of similar length padded
 together up to a token budget, a deterministic order per (seed, epoch) so that a resumed run sees the same batches.
+With `val_every` = N, every N-th sequence of each shard is held out of training for `val_batches` (the trainer's
+held-out accuracy and acceptance estimate).
 """
 from __future__ import annotations
 
@@ -21,12 +23,27 @@ class Batch:
 
 
 class ShardDataset:
-    def __init__(self, data_dir: str, meta: dict, batch_tokens: int, seed: int) -> None:
+    def __init__(self, data_dir: str, meta: dict, batch_tokens: int, seed: int, val_every: int = 0) -> None:
         self.data_dir = data_dir
         self.shards = meta["shards"]
         self.batch_tokens = batch_tokens
         self.seed = seed
+        self.val_every = val_every
         self.batches_per_epoch = len(self.plan(0))
+        self.num_val_sequences = sum(len(self._indices(s, held_out=True)) for s in range(len(self.shards)))
+
+    def _indices(self, shard: int, held_out: bool) -> np.ndarray:
+        """The shard's training (or held-out) sequence indices."""
+        idx = np.arange(len(self.shards[shard]["seq_lens"]))
+        if self.val_every <= 0:
+            return idx[:0] if held_out else idx
+        out = idx % self.val_every == self.val_every - 1
+        return idx[out] if held_out else idx[~out]
+
+    def _groups(self, shard: int, held_out: bool) -> list[np.ndarray]:
+        idx = self._indices(shard, held_out)
+        lens = np.asarray(self.shards[shard]["seq_lens"], dtype=np.int64)[idx]
+        return [idx[g] for g in self._group(lens)] if len(idx) else []
 
     def _group(self, lens: np.ndarray) -> list[np.ndarray]:
         """Sequences by length, cut where count x longest would pass the token budget (one at least)."""
@@ -44,14 +61,21 @@ class ShardDataset:
         rng = np.random.default_rng([self.seed, epoch])
         plan = []
         for s in rng.permutation(len(self.shards)):
-            groups = self._group(np.asarray(self.shards[s]["seq_lens"], dtype=np.int64))
+            groups = self._groups(int(s), held_out=False)
             plan += [(int(s), groups[i]) for i in rng.permutation(len(groups))]
         return plan
 
     def batches(self, epoch: int, skip: int, device: torch.device) -> Iterator[Batch]:
         """The epoch's batches after the first `skip`, on `device`."""
+        return self._load(self.plan(epoch)[skip:], device)
+
+    def val_batches(self, device: torch.device) -> Iterator[Batch]:
+        """The held-out sequences' batches (none without val_every)."""
+        return self._load([(s, g) for s in range(len(self.shards)) for g in self._groups(s, held_out=True)], device)
+
+    def _load(self, plan: list[tuple[int, np.ndarray]], device: torch.device) -> Iterator[Batch]:
         loaded: tuple[int, dict[str, torch.Tensor]] | None = None
-        for s, seqs in self.plan(epoch)[skip:]:
+        for s, seqs in plan:
             if loaded is None or loaded[0] != s:
                 loaded = None  # drop the previous shard before reading the next
                 loaded = (s, load_file(os.path.join(self.data_dir, self.shards[s]["file"])))

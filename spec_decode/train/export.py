@@ -64,10 +64,19 @@ Use it with vllm-lite: `LLM("{info['model']}", speculative_config={{"method": "e
 | time | data {info['data_seconds']} s, training {info['train_seconds']} s |
 | final loss | {info['final_loss']} |
 | top-1 accuracy per draft position (training, last steps) | {acc} |
-
+{_held_out_row(info)}
 {ACCEPTANCE_MARK}
 Acceptance: not measured yet (`vllm-lite bench spec eagle3 --head THIS_FOLDER`).
 """
+
+
+def _held_out_row(info: dict[str, Any]) -> str:
+    if "val_mean_acceptance_length" not in info:
+        return ""
+    acc = ", ".join(f"{a:.3f}" for a in info["val_accuracy_per_position"])
+    chain = ", ".join(f"{a:.3f}" for a in info["val_acceptance_per_position"])
+    return (f"| held out ({info['val_sequences']} sequences) | loss {info['val_loss']}; top-1 accuracy {acc}; greedy "
+            f"acceptance per position {chain}; mean acceptance length {info['val_mean_acceptance_length']} |\n")
 
 
 def record_acceptance(out_dir: str, text: str) -> None:

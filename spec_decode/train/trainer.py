@@ -106,7 +106,8 @@ def train(head: Eagle3TrainHead, data: ShardDataset, target_to_draft: torch.Tens
             total = plan["total"] = state["total_steps"]
         if state["total_steps"] != total:
             raise ValueError(f"the checkpoint in {ckpt_dir} belongs to a run of {state['total_steps']} steps, this "
-                             f"one has {total}; use the same --epochs/--max-steps/--batch-tokens or another --out")
+                             f"one has {total}; use the same --epochs/--max-steps/--batch-tokens/--val-every or "
+                             f"another --out")
         head.load_state_dict(state["head"])
         opt.load_state_dict(state["optim"])
         sched.load_state_dict(state["sched"])
@@ -150,6 +151,53 @@ def train(head: Eagle3TrainHead, data: ShardDataset, target_to_draft: torch.Tens
     return {"steps": step, "total_steps": total, "epochs": round(step / data.batches_per_epoch, 3),
             "trained_tokens_this_run": tokens, "train_seconds_this_run": round(time.perf_counter() - t0, 1),
             "final_loss": round(mean[0], 4), "final_accuracy_per_position": [round(a, 4) for a in mean[1:]]}
+
+
+@torch.no_grad()
+def evaluate(head: Eagle3TrainHead, data: ShardDataset, target_to_draft: torch.Tensor, cfg: TrainConfig,
+             device: torch.device) -> dict:
+    """The held-out sequences (`ShardDataset.val_batches`): loss, top-1 accuracy per draft position, and what a
+    greedy verifier would accept. Training accuracy scores each position whatever the earlier drafts did; a
+    verifier stops at the first miss, so position j's acceptance counts a start only where drafts 0 .. j all hit
+    (starts with every position's label), and 1 + their sum is the bench's mean acceptance length."""
+    head.eval()
+    target_to_draft = target_to_draft.to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    steps = cfg.draft_steps
+    loss_sum, batches = 0.0, 0
+    hits, rows_n = torch.zeros(steps), torch.zeros(steps)
+    chain, starts = torch.zeros(steps), 0
+    for batch in data.val_batches(device):
+        aux = batch.aux if batch.aux.device.type == "cuda" else batch.aux.float()
+        labels = target_to_draft[batch.labels]
+        with autocast:
+            hidden = head(aux, batch.tokens, steps)
+            loss, _ = ttt_loss(head.lm_head, hidden, labels, batch.loss_mask)
+            preds = [head.lm_head(h).argmax(dim=-1) for h in hidden]
+        loss_sum, batches = loss_sum + float(loss), batches + 1
+        full = torch.ones_like(batch.loss_mask)
+        hit_so_far = torch.ones_like(batch.loss_mask)
+        per_step = []
+        for j, pred in enumerate(preds):
+            rows = _shift(batch.loss_mask, 1 + j, False)
+            hit = (pred == _shift(labels, 1 + j, -1)) & rows
+            hits[j] += float(hit.sum())
+            rows_n[j] += float(rows.sum())
+            full &= rows
+            hit_so_far = hit_so_far & hit
+            per_step.append(hit_so_far)
+        starts += int(full.sum())
+        for j, ok in enumerate(per_step):
+            chain[j] += float((ok & full).sum())
+    head.train()
+    if not batches:
+        return {}
+    accept = (chain / max(starts, 1)).tolist()
+    return {"val_sequences": data.num_val_sequences, "val_loss": round(loss_sum / batches, 4),
+            "val_accuracy_per_position": [round(a, 4) for a in (hits / rows_n.clamp(min=1)).tolist()],
+            "val_acceptance_per_position": [round(a, 4) for a in accept],
+            "val_mean_acceptance_length": round(1 + sum(accept), 4)}
 
 
 def _train_step(head: Eagle3TrainHead, batch: Batch, target_to_draft: torch.Tensor, cfg: TrainConfig,
