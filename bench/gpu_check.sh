@@ -40,6 +40,8 @@
 #              plain for llama-3.1-8b at batch 1/8/32; n-gram on the default model (edit + chat prompts, needs the
 #              model thirds and shared/data/gsm8k in the checkout); T1 with n-gram on vs off; spec-ngram:K[:MIN:MAX] with K
 #              drafts from MIN..MAX-token lookups (default 2..4)
+#   spec-suffix[:K[:F]]  the same edit / chat scenario with suffix speculation (K drafts at most, default 8;
+#              suffix_decoding_max_spec_factor F, default 1)
 #   spec-drafting[:MODEL]  bench/spec_drafting.py: drafting share of a step, random EAGLE-3 head, k = 3, batch 1, on
 #              llama-3.1-8b (or MODEL, e.g. smollm2-135m for the default model's shapes)
 #   serve-default-notok  serve-default's served run with --skip-tokenizer-init (the tokenizer's share of the ITL gap)
@@ -135,9 +137,9 @@ train_budget() {  # train-draft's --time-budget-s: TRAIN_BUDGET, cut to what is 
 # shared/data/gsm8k (`bash bench/gpu_shared.sh` here puts it into .gpu/model2): skipped at once, with the reason, when
 # it is missing (instead of failing after minutes of start-up).
 MODEL_STAGES=" model serve-default serve-default-notok server-cpu gsm8k gsm8k-ref gsm8k-ngram gsm8k-fp32 mrcr mrcr-ngram mrcr-fp32 \
-spec-ngram spec-ngram-measured spec-ngram-vad spec-eagle3-vad train-draft spec-eagle3 spec-eagle3-fp32 spec-trace-eagle3 \
+spec-ngram spec-ngram-measured spec-ngram-vad spec-suffix spec-eagle3-vad train-draft spec-eagle3 spec-eagle3-fp32 spec-trace-eagle3 \
 ngram-replay structured structured-1t "
-DATA_STAGES=" gsm8k gsm8k-ref gsm8k-ngram gsm8k-fp32 spec-ngram spec-ngram-measured spec-ngram-vad spec-eagle3-vad \
+DATA_STAGES=" gsm8k gsm8k-ref gsm8k-ngram gsm8k-fp32 spec-ngram spec-ngram-measured spec-ngram-vad spec-suffix spec-eagle3-vad \
 train-draft spec-eagle3 \
 spec-eagle3-fp32 spec-trace-eagle3 "
 missing_input() {  # stage: why it cannot run here, or nothing
@@ -340,6 +342,13 @@ PY
       ev mrcr-ngram mrcr --samples 20 --serve-args "$NGRAM"
       [ -f "$OUT/mrcr/mrcr.json" ] && python3 -m vllm_lite.evals.compare "$OUT/mrcr/mrcr.json" \
         "$OUT/mrcr-ngram/mrcr.json" ;;
+    spec-suffix|spec-suffix:*)  # the n-gram scenario (edit + chat, batch 1) with suffix speculation: spec-suffix:K[:F]
+      # K drafts at most (default 8), suffix_decoding_max_spec_factor F (default 1)
+      rest=${stage#spec-suffix}; IFS=: read -r k f <<< "${rest#:}"; k=${k:-8}; f=${f:-1}
+      tmo 590 python3 bench/spec_decode.py ngram --json "$OUT/spec-suffix-k$k-f$f.json" --speculative-config \
+        "{\"method\": \"suffix\", \"num_speculative_tokens\": $k, \"suffix_decoding_max_spec_factor\": $f}" \
+        > "$OUT/spec-suffix-k$k-f$f.log" 2>&1
+      echo "$stage rc=$?"; grep -vE "Warning|^\s*$" "$OUT/spec-suffix-k$k-f$f.log" | tail -20 ;;
     spec-verify|spec-ngram|spec-t1)
       tmo 590 python3 bench/spec_decode.py "${stage#spec-}" --json "$OUT/$stage.json" > "$OUT/$stage.log" 2>&1
       echo "$stage rc=$?"; grep -vE "Warning|^\s*$" "$OUT/$stage.log" | tail -40 ;;
