@@ -59,7 +59,8 @@
 #              acceptance and batch-1 TPOT against the plain run (200 GSM8K test prompts, k = 3 or K); spec-eagle3-fp32: the
 #              same head in float32, 200 prompts in one batch, for identical outputs
 #   spec-trace-eagle3  the trained head's batch-1 steps traced (kind, time, the worker's drafting and its wait for the
-#              verified tokens) and profiled: issue 17's "where the step time goes" (needs train-draft first)
+#              verified tokens) and profiled (torch.profiler, then cProfile of the host against plain decoding): issue
+#              17's "where the step time goes" (needs train-draft first)
 #   ngram-replay  tokens per step of n-gram configs replayed over the default model's greedy edit/chat outputs
 #   mrcr       `vllm-lite eval mrcr`, 2/4/8 needles x 20 generated records at the bins the context allows
 #   gsm8k-fp32 GSM8K plain and with n-gram speculation in float32, answers compared (issue 15's identity check)
@@ -446,6 +447,17 @@ p = r.get('profile') or {}
 for k, v in p.get('by_kind', {}).items(): print('  ', k, v)
 for x in p.get('top_device', [])[:10]: print('   dev', x)
 for x in p.get('top_host', [])[:10]: print('   host', x)" "$OUT/$tag.json"
+      done
+      # the host's serial work per step (cProfile), the head's verification steps against plain decoding
+      for spec in eagle3 none; do
+        tag=trace-cprofile-$spec
+        tmo ${TRACE_TIMEOUT:-240} python3 bench/tools/spec_trace.py --workload gsm8k --spec $spec \
+          --head /root/heads/smollm2-eagle3 --k 3 --num-prompts 4 --cprofile --json "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1
+        echo "$tag rc=$?"
+        [ -f "$OUT/$tag.json" ] && python3 -c "import json, sys; r = json.load(open(sys.argv[1]))
+print({k: v for k, v in r.items() if k not in ('by_kind', 'cprofile')})
+for x in r['cprofile']['own_ms_per_step'][:15]: print('   own', x)
+for x in r['cprofile']['cumulative_ms_per_step'][:20]: print('   cum', x)" "$OUT/$tag.json"
       done ;;
     structured-1t)  # the full-batch runs with one fill thread (no deferred fill): the deferral's A/B against `structured`
       tmo ${STRUCTURED_TIMEOUT:-400} python3 bench/structured.py --fill-only --structured-outputs-config \

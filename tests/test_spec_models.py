@@ -360,3 +360,11 @@ def test_spec_trace_times_worker_drafting(tiny_llama_path, tmp_path):
     assert verify and r["tokens"] > 0
     assert all(row["draft_ms_mean"] > 0 and 0 <= row["draft_wait_ms_mean"] <= row["draft_ms_mean"] for row in verify)
     assert json.loads((tmp_path / "t.json").read_text())["steps"] == r["steps"]
+    # --cprofile: the engine's own functions per step, the step loop's cumulative time covering its parts
+    c = spec_trace.main(["--workload", "gsm8k", "--spec", "eagle3", "--head", head, "--k", "3", "--model-path",
+                         tiny_llama_path, "--dtype", "float32", "--data", str(data), "--num-prompts", "1",
+                         "--max-tokens", "8", "--cprofile"])["cprofile"]
+    cum = dict(c["cumulative_ms_per_step"])
+    step = next(v for name, v in cum.items() if name.startswith("step (core.py"))
+    parts = [v for name, v in cum.items() if name.split(" (")[0] in ("execute_model", "sample_tokens")]
+    assert c["steps"] > 0 and len(c["own_ms_per_step"]) == 30 and parts and all(0 < v <= step for v in parts)

@@ -9,6 +9,8 @@ device (executor.get_output) vs on the host (schedule + input preparation + laun
         (a bench/data config with random weights; default qwen3-0.6b)
     --profile: also run torch.profiler over the traced run; each engine step is a record_function range named by
         its kind, and the JSON gains per-kind device/host totals plus the top ops by self device and self host time
+    --cprofile: cProfile over the traced run instead: the Python functions with the most own and cumulative time
+        per engine step (where the host's serial work between verification steps goes)
 
 edit: the default model on bench/spec's edit prompts (GSM8K passages), batch 1; oracle: random prompts on a dummy
 model made memoryless (bench spec verify) whose proposer drafts the target's own greedy continuation. With an in-worker
@@ -20,6 +22,8 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import cProfile
+import pstats
 import json
 import random
 import statistics
@@ -178,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", default=None, help="edit / gsm8k: the model dtype (default: the engine's)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true", help="torch.profiler tables of the traced run (see above)")
+    ap.add_argument("--cprofile", action="store_true", help="cProfile tables of the traced run (see above)")
     args = ap.parse_args(argv)
     from vllm_lite import LLM
     spec = {**NGRAM, "num_speculative_tokens": args.k} if args.spec == "ngram" else None
@@ -198,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
         llm.chat(convs[:1], SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)  # warm-up
         trace = StepTrace(llm)
-        prof = _profiler(args.profile)
+        prof = _profiler(args.profile, args.cprofile)
         t0 = time.perf_counter()
         with prof:
             for conv in convs:
@@ -221,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
             llm.engine.proposer = oracle
         llm.generate(batches[0], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False)
         trace = StepTrace(llm)
-        prof = _profiler(args.profile)
+        prof = _profiler(args.profile, args.cprofile)
         t0 = time.perf_counter()
         with prof:
             for batch in batches:
@@ -231,6 +236,8 @@ def main(argv: list[str] | None = None) -> dict:
               "async_scheduling": args.async_scheduling, "wall_s": round(wall, 3), **trace.summary()}
     if args.profile:
         result["profile"] = profile_tables(prof, trace.rows)
+    if args.cprofile:
+        result["cprofile"] = cprofile_tables(prof, max(result["steps"], 1))
     print(json.dumps(result, indent=1))
     if args.json:
         with open(args.json, "w") as f:
@@ -238,8 +245,20 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def _profiler(on: bool) -> Any:
-    """torch.profiler over CPU (+ CUDA when there), or a no-op context."""
+def cprofile_tables(prof: cProfile.Profile, steps: int, top: int = 30) -> dict:
+    """ms per engine step: the functions with the most own time, and with the most cumulative time."""
+    rows = [(f"{name} ({file.rsplit('/', 2)[-1] if '/' in file else file}:{line})", tt, ct)
+            for (file, line, name), (_, _, tt, ct, _) in pstats.Stats(prof).stats.items()]
+
+    def table(i: int) -> list[list]:
+        return [[r[0], round(1000 * r[i] / steps, 4)] for r in sorted(rows, key=lambda r: -r[i])[:top]]
+    return {"steps": steps, "own_ms_per_step": table(1), "cumulative_ms_per_step": table(2)}
+
+
+def _profiler(on: bool, cprofile: bool = False) -> Any:
+    """torch.profiler over CPU (+ CUDA when there), cProfile (a context manager too), or a no-op context."""
+    if cprofile:
+        return cProfile.Profile()
     if not on:
         return contextlib.nullcontext()
     acts = [torch.profiler.ProfilerActivity.CPU]
