@@ -265,7 +265,7 @@ PY
       done ;;
     kernels|kernels:*)
       only=${stage#kernels}; only=${only#:}
-      tmo 240 python3 bench/kernels.py --quick ${only:+--only $only} > "$OUT/kernels$only.log" 2>&1
+      tmo 240 python3 bench/kernel_bench.py --quick ${only:+--only $only} > "$OUT/kernels$only.log" 2>&1
       echo "kernels $only rc=$?"; grep -v "^\s*$" "$OUT/kernels$only.log" | grep -v Warning | head -40 ;;
     startup)
       python3 -c "import os, sys, transformers as t; print('dont_write_bytecode', sys.flags.dont_write_bytecode, \

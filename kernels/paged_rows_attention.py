@@ -35,7 +35,7 @@ __all__ = ["rows_attention", "rows_attention_torch", "rows_attention_triton", "s
 HAS_TRITON = triton is not None
 _TILE_ELEMS = 8192  # GROUP_P * BLOCK_N * D_P: the broadcast product's size per tile (register budget)
 _TARGET_PROGRAMS = 256  # programs worth launching (~2 per SM on an H100 / H200): fewer rows x kv heads split keys
-_MAX_SPLITS = 16  # the merge walks the shares serially: 64 cost more than they saved (H200, bench/kernels.py rows)
+_MAX_SPLITS = 16  # the merge walks the shares serially: 64 cost more than they saved (H200, bench/kernel_bench.py rows)
 
 
 def rows_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, row_req: torch.Tensor,

@@ -8,7 +8,7 @@ accumulating in float32 either by multiply-accumulate into a [BLOCK_M, BLOCK_N, 
 K loop, which allows column blocks of 8 (N = 1024 still gives every SM a program), or with tl.dot (rows padded to 16,
 column blocks of >= 16). BLOCK_N defaults to the widest that still covers the GPU's SMs.
 
-On the H200 (docs/PERF.md, `python bench/kernels.py --only skinny`) it streams a Qwen3-0.6B step's projections at
+On the H200 (docs/PERF.md, `python bench/kernel_bench.py --only skinny`) it streams a Qwen3-0.6B step's projections at
 1.55 TB/s for M = 1 against cuBLAS's 1.08; tl.dot wins at M = 3-4; from M = 8 cuBLAS ties, so it keeps those.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover
 
 HAS_TRITON = triton is not None
 MAX_ROWS = 16
-# Where the kernel beats cuBLAS (docs/PERF.md, `bench/kernels.py --only skinny`): up to this many rows, this setting,
+# Where the kernel beats cuBLAS (docs/PERF.md, `bench/kernel_bench.py --only skinny`): up to this many rows, this setting,
 # for weights up to Qwen3-0.6B's largest (6144 x 1024); larger ones were not measured and stay with cuBLAS.
 _ROW_CONFIGS: tuple[tuple[int, dict], ...] = ((2, {"block_n": 8, "block_k": 512}),
                                               (4, {"use_dot": True, "block_k": 256, "num_stages": 4}))

@@ -3,7 +3,7 @@ the reference), at decode-like sizes. Prints tables of microseconds per call (me
 ways: `eager` = back-to-back launches timed with CUDA events (includes launch overhead), `graph` = the same calls
 captured in a CUDA graph and replayed (device time only, as under CUDA-graph decode).
 
-    python bench/kernels.py [--quick]
+    python bench/kernel_bench.py [--quick]
 
 Sampling rows start from a fresh copy of the logits each call (the filters work in place); the copy alone is
 timed too ("copy") so it can be subtracted. Keep a kernel only where it wins.
@@ -304,7 +304,7 @@ def main() -> None:
     ap.add_argument("--only", choices=list(BENCHES), default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("bench/kernels.py needs CUDA")
+        sys.exit("bench/kernel_bench.py needs CUDA")
     torch._dynamo.config.cache_size_limit = 64
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", end="")
     import triton
