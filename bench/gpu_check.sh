@@ -358,7 +358,7 @@ PY
       m=${stage#spec-drafting}; m=${m#:}; m=${m:-llama-3.1-8b}
       tmo 400 python3 bench/spec_drafting.py --model "$m" --profile --json "$OUT/spec-drafting-$m.json" \
         > "$OUT/spec-drafting-$m.log" 2>&1
-      echo "spec-drafting $m rc=$?"; grep -vE "Warning|^\s*$|^ *[\"\]{}]" "$OUT/spec-drafting-$m.log" | tail -24 ;;
+      echo "spec-drafting $m rc=$?"; grep -vE 'Warning|^\s*$|^ *[]["{}]' "$OUT/spec-drafting-$m.log" | tail -24 ;;
     train-draft)  # issue 17: EAGLE-3 head for the default model (needs model1 + model2 and shared/data/gsm8k/train.jsonl);
       # a cut run resumes from its checkpoint when run again on the same (warm) machine; a staged head is kept
       if [ -f /root/heads/smollm2-eagle3/.staged ] && [ -z "${TRAIN_FORCE:-}" ]; then

@@ -23,7 +23,6 @@ import argparse
 import collections
 import contextlib
 import cProfile
-import pstats
 import json
 import random
 import statistics
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 
 from vllm_lite.benchmarks.spec import EDIT_PROMPT, NGRAM, SuccessorOracle, _passages, make_memoryless
+from vllm_lite.benchmarks.utils import per_step_times
 from vllm_lite.sampling_params import SamplingParams
 
 
@@ -247,12 +247,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 def cprofile_tables(prof: cProfile.Profile, steps: int, top: int = 30) -> dict:
     """ms per engine step: the functions with the most own time, and with the most cumulative time."""
-    rows = [(f"{name} ({file.rsplit('/', 2)[-1] if '/' in file else file}:{line})", tt, ct)
-            for (file, line, name), (_, _, tt, ct, _) in pstats.Stats(prof).stats.items()]
+    times = per_step_times(prof, steps)
 
     def table(i: int) -> list[list]:
-        return [[r[0], round(1000 * r[i] / steps, 4)] for r in sorted(rows, key=lambda r: -r[i])[:top]]
-    return {"steps": steps, "own_ms_per_step": table(1), "cumulative_ms_per_step": table(2)}
+        return [[name, round(t[i], 4)] for name, t in sorted(times.items(), key=lambda kv: -kv[1][i])[:top]]
+    return {"steps": steps, "own_ms_per_step": table(0), "cumulative_ms_per_step": table(1)}
 
 
 def _profiler(on: bool, cprofile: bool = False) -> Any:

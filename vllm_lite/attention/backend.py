@@ -59,6 +59,7 @@ class AttentionSpec:
 class AttentionBackend(Protocol):
     name: str
     supports_cuda_graphs: bool  # prepare(meta, graph_batch_size=bs) plans static buffers a captured graph reads
+    graph_state_bytes: int  # device memory of the attention state each captured graph keeps (the KV budget's reserve)
 
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
         """Per-layer KV cache tensor shape."""

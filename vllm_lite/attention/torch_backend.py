@@ -31,6 +31,7 @@ class TorchAttentionMetadata:
 class TorchAttentionBackend:
     name = "torch"
     supports_cuda_graphs = False  # prepare() builds host-side state the graph would not see
+    graph_state_bytes = 0
 
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
         return (num_blocks, 2, block_size, num_kv_heads, head_dim)

@@ -43,7 +43,7 @@ import time
 from typing import Any
 
 from vllm_lite.benchmarks.step_breakdown import StepBreakdown
-from vllm_lite.benchmarks.utils import add_bench_engine_args, bench_model, make_llm, progress, report
+from vllm_lite.benchmarks.utils import add_bench_engine_args, bench_model, make_llm, per_step_times, progress, report
 from vllm_lite.config import DEFAULT_MODEL
 from vllm_lite.sampling_params import SamplingParams, StructuredOutputsParams
 from vllm_lite.structured_output.manager import BATCH_FILL_MIN_ROWS
@@ -338,20 +338,16 @@ def profile_extra(llm: Any, counter: StepBreakdown, mode: str, items: list, max_
                   top: int = 20) -> dict[str, Any]:
     """Where a constrained full-batch run's extra host time goes: the run and its unconstrained same-lengths run,
     each under cProfile (the generation only, not the outputs' validation; the engine's thread: the fill thread's
-    work shows as the wait for it), and the functions
-    whose own time per engine step grew most (ms per step, profiler overhead included)."""
+    work shows as the wait for it), and the functions whose own time per engine step grew most (ms per step,
+    profiler overhead included)."""
     import cProfile
-    import pstats
 
     def profiled(lengths: list[int] | None) -> tuple[dict[str, float], list, int]:
         prof = cProfile.Profile()
         run, outs = run_mode(llm, mode if lengths is None else "unconstrained", items, max_tokens, False, counter,
                              lengths=lengths, profiler=prof)
         steps = max(run["engine_steps"], 1)
-        stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, ncalls, tottime, cumtime, callers)
-        own = {f"{name} ({file.rsplit('/', 2)[-1] if '/' in file else file}:{line})": 1000 * tt / steps
-               for (file, line, name), (_, _, tt, _, _) in stats.items()}
-        return own, outs, steps
+        return {name: own for name, (own, _) in per_step_times(prof, steps).items()}, outs, steps
 
     progress(f"profile: {mode} full batch and its unconstrained same-lengths run under cProfile")
     constrained, outs, steps = profiled(None)

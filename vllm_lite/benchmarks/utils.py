@@ -136,5 +136,12 @@ def kernel_profile(run: Any, row_limit: int = 25) -> tuple[str, float, float]:
     return events.table(sort_by="cuda_time_total", row_limit=row_limit, max_name_column_width=70), busy_ms, wall_ms
 
 
+def per_step_times(prof: Any, steps: int) -> dict[str, tuple[float, float]]:
+    """A cProfile.Profile's functions as "name (file:line)" -> (own, cumulative) ms per engine step."""
+    import pstats
+    return {f"{name} ({os.path.basename(file)}:{line})": (1000 * own / steps, 1000 * cum / steps)
+            for (file, line, name), (_, _, own, cum, _) in pstats.Stats(prof).stats.items()}
+
+
 def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)

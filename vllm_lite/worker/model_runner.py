@@ -167,7 +167,7 @@ class ModelRunner:
             sizes = self.shapes.graph_token_sizes()
             graph_bytes += outputs_bytes(sizes, self.info.hf_config.hidden_size, self.info.dtype)
             # one graph-mode attention state (FlashInfer wrapper) per graph
-            graph_bytes += sum(map(len, sizes.values())) * getattr(self.attn_ctx.backend, "graph_state_bytes", 0)
+            graph_bytes += sum(map(len, sizes.values())) * self.attn_ctx.backend.graph_state_bytes
         self.attn_ctx.kv_caches = saved
         torch.cuda.empty_cache()
         _, total = torch.cuda.mem_get_info(self.device)

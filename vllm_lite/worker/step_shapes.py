@@ -23,6 +23,7 @@ class StepShapes:
         """Token counts of the graphs these shapes capture, by graph key (compile/cuda_graphs.py)."""
         return graph_token_sizes(self.capture_sizes, self.graph_query_lens, self.prefill_sizes, self.prefill_slots)
 
+
 def step_shapes(config: EngineConfig, num_spec_tokens: int, block_size: int) -> StepShapes:
     """Verification steps replay graphs of 1 + k tokens per request (padding requests keep those in one block, so
     not when k >= block_size); with KernelConfig.verify_as_decode they run as decode steps of one row per token
