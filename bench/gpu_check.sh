@@ -64,6 +64,7 @@
 #   ngram-replay  tokens per step of n-gram configs replayed over the default model's greedy edit/chat outputs
 #   mrcr       `vllm-lite eval mrcr`, 2/4/8 needles x 20 generated records at the bins the context allows
 #   gsm8k-fp32 GSM8K plain and with n-gram speculation in float32, answers compared (issue 15's identity check)
+#   gil-handoff[-xgr]  bench/tools/gil_handoff.py: a thread's work beside the main thread's Python, by switch interval
 #   structured-1t  bench structured's full-batch runs with one bitmask fill thread (no deferred fill), to compare
 # Everything under $OUT is also packed into $OUT/all.tgz at the end (the device returns at most 8 files).
 set -uo pipefail
@@ -139,7 +140,7 @@ train_budget() {  # train-draft's --time-budget-s: TRAIN_BUDGET, cut to what is 
 # it is missing (instead of failing after minutes of start-up).
 MODEL_STAGES=" model serve-default serve-default-notok server-cpu gsm8k gsm8k-ref gsm8k-ngram gsm8k-fp32 mrcr mrcr-ngram mrcr-fp32 \
 spec-ngram spec-ngram-measured spec-ngram-vad spec-suffix spec-eagle3-vad train-draft spec-eagle3 spec-eagle3-fp32 spec-trace-eagle3 \
-ngram-replay structured structured-1t "
+ngram-replay structured structured-1t gil-handoff-xgr "
 DATA_STAGES=" gsm8k gsm8k-ref gsm8k-ngram gsm8k-fp32 spec-ngram spec-ngram-measured spec-ngram-vad spec-suffix spec-eagle3-vad \
 train-draft spec-eagle3 \
 spec-eagle3-fp32 spec-trace-eagle3 "
@@ -459,6 +460,13 @@ print({k: v for k, v in r.items() if k not in ('by_kind', 'cprofile')})
 for x in r['cprofile']['own_ms_per_step'][:15]: print('   own', x)
 for x in r['cprofile']['cumulative_ms_per_step'][:20]: print('   cum', x)" "$OUT/$tag.json"
       done ;;
+    gil-handoff)  # bench/tools/gil_handoff.py: does a job on a thread overlap the main thread's Python, by switch interval
+      tmo 60 python3 bench/tools/gil_handoff.py > "$OUT/gil-handoff.log" 2>&1; echo "gil-handoff rc=$?"
+      cat "$OUT/gil-handoff.log" ;;
+    gil-handoff-xgr)  # the same with xgrammar's accept + fill of 256 matchers (the default model's tokenizer)
+      tok=$(cd /tmp && python3 -c "from vllm_lite.config import EngineConfig; from vllm_lite.model_loader import resolve_model; c = EngineConfig.from_kwargs(device='cpu'); print(resolve_model(c.model, c.load, 'cpu').tokenizer)" 2>/dev/null | tail -1)
+      tmo 120 python3 bench/tools/gil_handoff.py --tokenizer "$tok" > "$OUT/gil-handoff-xgr.log" 2>&1
+      echo "gil-handoff-xgr rc=$?"; grep -v Warning "$OUT/gil-handoff-xgr.log" | tail -8 ;;
     structured-1t)  # the full-batch runs with one fill thread (no deferred fill): the deferral's A/B against `structured`
       tmo ${STRUCTURED_TIMEOUT:-400} python3 bench/structured.py --fill-only --structured-outputs-config \
         '{"fill_threads": 1}' --json "$OUT/structured-1t.json" > "$OUT/structured-1t.log" 2>&1
