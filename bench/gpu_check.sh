@@ -65,6 +65,7 @@
 #   mrcr       `vllm-lite eval mrcr`, 2/4/8 needles x 20 generated records at the bins the context allows
 #   gsm8k-fp32 GSM8K plain and with n-gram speculation in float32, answers compared (issue 15's identity check)
 #   gil-handoff[-xgr]  bench/tools/gil_handoff.py: a thread's work beside the main thread's Python, by switch interval
+#   structured-si0  json_schema runs with fill_switch_interval_ms 0 (the interpreter's 5 ms): the A/B of that setting
 #   structured-1t  bench structured's full-batch runs with one bitmask fill thread (no deferred fill), to compare
 # Everything under $OUT is also packed into $OUT/all.tgz at the end (the device returns at most 8 files).
 set -uo pipefail
@@ -140,7 +141,7 @@ train_budget() {  # train-draft's --time-budget-s: TRAIN_BUDGET, cut to what is 
 # it is missing (instead of failing after minutes of start-up).
 MODEL_STAGES=" model serve-default serve-default-notok server-cpu gsm8k gsm8k-ref gsm8k-ngram gsm8k-fp32 mrcr mrcr-ngram mrcr-fp32 \
 spec-ngram spec-ngram-measured spec-ngram-vad spec-suffix spec-eagle3-vad train-draft spec-eagle3 spec-eagle3-fp32 spec-trace-eagle3 \
-ngram-replay structured structured-1t gil-handoff-xgr "
+ngram-replay structured structured-1t structured-si0 gil-handoff-xgr "
 DATA_STAGES=" gsm8k gsm8k-ref gsm8k-ngram gsm8k-fp32 spec-ngram spec-ngram-measured spec-ngram-vad spec-suffix spec-eagle3-vad \
 train-draft spec-eagle3 \
 spec-eagle3-fp32 spec-trace-eagle3 "
@@ -467,6 +468,11 @@ for x in r['cprofile']['cumulative_ms_per_step'][:20]: print('   cum', x)" "$OUT
       tok=$(cd /tmp && python3 -c "from vllm_lite.config import EngineConfig; from vllm_lite.model_loader import resolve_model; c = EngineConfig.from_kwargs(device='cpu'); print(resolve_model(c.model, c.load, 'cpu').tokenizer)" 2>/dev/null | tail -1)
       tmo 120 python3 bench/tools/gil_handoff.py --tokenizer "$tok" > "$OUT/gil-handoff-xgr.log" 2>&1
       echo "gil-handoff-xgr rc=$?"; grep -v Warning "$OUT/gil-handoff-xgr.log" | tail -8 ;;
+    structured-si0)  # json_schema with the interpreter's own switch interval during deferred fills: the A/B of
+      # structured_outputs_config.fill_switch_interval_ms (default 0.2) against `structured`
+      tmo ${STRUCTURED_TIMEOUT:-300} python3 bench/structured.py --modes json_schema --structured-outputs-config \
+        '{"fill_switch_interval_ms": 0}' --json "$OUT/structured-si0.json" > "$OUT/structured-si0.log" 2>&1
+      echo "structured-si0 rc=$?"; grep -E "^(full_batch|batch1) " "$OUT/structured-si0.log" ;;
     structured-1t)  # the full-batch runs with one fill thread (no deferred fill): the deferral's A/B against `structured`
       tmo ${STRUCTURED_TIMEOUT:-400} python3 bench/structured.py --fill-only --structured-outputs-config \
         '{"fill_threads": 1}' --json "$OUT/structured-1t.json" > "$OUT/structured-1t.log" 2>&1

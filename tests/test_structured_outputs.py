@@ -396,24 +396,89 @@ def test_grammar_termination_with_and_without_known_stop_tokens(tiny_smol_path, 
 
 def test_deferred_bitmask_fill_gives_identical_outputs(tiny_smol_path, schema_run, monkeypatch):
     """With fill threads (a host of several cores), a large batch's bitmask fill runs on a thread while step()
-    returns its outputs to the caller, and that step is sampled at the start of the next step(): the outputs equal
-    those of the fill done in place (one thread), seeded sampling included."""
+    returns its outputs to the caller, and that step is sampled at the start of the next step(); the tokens sampled
+    under each grammar's own mask are advanced in one batch call (on that thread when the fill is deferred). The
+    outputs equal those of matchers advanced token by token in the scheduler and filled in place, seeded sampling
+    included, and the interpreter's switch interval is back to its value afterwards."""
+    import sys
+
     import vllm_lite.structured_output.manager as manager_module
     monkeypatch.setattr(manager_module, "BATCH_FILL_MIN_ROWS", 8)  # from 64 rows: defer most of this run's steps
     cases, _, _ = schema_run
     params = [c[2] for c in cases]
+    interval = sys.getswitchinterval()
     runs = []
-    for threads in (1, 2):
+    for threads, defer_tokens in ((1, False), (1, True), (2, True)):
         llm = LLM(tiny_smol_path, structured_outputs_config={"fill_threads": threads}, **TINY)
         manager = llm.engine.structured
-        fills = []
-        batch_fill = manager._batch_fill
-        manager._batch_fill = lambda *a, f=batch_fill, seen=fills: seen.append(1) or f(*a)
+        if not defer_tokens:
+            manager._deferred = None  # the grammars get no sink: every token is taken in the scheduler
+        fills, advanced = [], []
+        fill = manager._advance_and_fill
+        manager._advance_and_fill = lambda *a, f=fill, seen=fills: seen.append(1) or f(*a)
+        advance = manager._advance
+        manager._advance = lambda g, m, t, f=advance, seen=advanced: seen.append(len(g)) or f(g, m, t)
+        if not defer_tokens:
+            manager._take_deferred = lambda: ([], [], [])
         runs.append([o.outputs[0].token_ids for o in llm.chat([PROMPT] * len(params), params, use_tqdm=False)])
         assert (len(fills) > 20) == (threads == 2), len(fills)
+        assert (sum(advanced) > 100) == defer_tokens, sum(advanced)
         assert llm.engine._deferred_sample is None and not llm.engine.in_flight
+        assert sys.getswitchinterval() == interval
+        assert not any(r.grammar.refused for r in manager.requests.values())
         llm.engine.shutdown()
-    assert runs[0] == runs[1]
+    assert runs[0] == runs[1] == runs[2]
+
+
+def test_deferred_token_is_taken_before_any_other_use(tiny_smol_path):
+    """A single token sampled under the grammar's own mask is only recorded (termination is known at once from the
+    stop tokens); the next use of the matcher takes it first, the manager takes many in one call, and a refused one
+    (a mask that was not the grammar's) ends the request with an error at the next poll."""
+    import xgrammar as xgr
+
+    from vllm_lite.request import Request, RequestStatus
+    from vllm_lite.structured_output.grammar import Grammar
+    manager = _manager(tiny_smol_path)
+    compiled = manager.compile_now(StructuredOutputsParams(choice=["yes", "no"]))
+    stops = frozenset(manager.tokenizer_info.stop_token_ids)
+    yes = [i for i, t in enumerate(manager.tokenizer_info.decoded_vocab) if t == b"yes"][0]
+
+    def grammar(sink: list | None) -> Grammar:
+        g = Grammar(xgr.GrammarMatcher(compiled), stops, sink)
+        g.masked = True  # as if the manager had filled its row for this token
+        return g
+
+    sink: list = []
+    g = grammar(None)
+    assert g.accept_tokens([yes]) == 1 and g.pending == -1  # no sink: taken at once
+    g = Grammar(xgr.GrammarMatcher(compiled), stops, sink)
+    assert g.accept_tokens([yes]) == 1 and g.pending == -1 and not sink  # not masked: taken at once
+    g = grammar(sink)
+    assert g.accept_tokens([yes]) == 1 and g.pending == yes and sink == [g] and g.num_accepted == 1
+    assert not g.masked and g.valid_prefix([2]) == 1 and g.pending == -1  # flushed, then the walk (rolled back)
+    g.masked = True
+    assert g.accept_tokens([2]) == 1 and g.is_terminated and not g.matcher.is_terminated()  # known before taken
+    g.flush()
+    assert g.matcher.is_terminated() and not g.refused
+    a, b = grammar(manager._deferred), grammar(manager._deferred)
+    a.accept_tokens([yes])
+    b.accept_tokens([5])  # refused: "yes" or "no" must come first
+    assert not b.is_terminated and len(manager._deferred) == 2
+    manager._advance(*manager._take_deferred())
+    assert not manager._deferred and a.pending == b.pending == -1
+    assert a.matcher.accept_token(2) and not a.refused and b.refused and manager._refused
+
+    class Scheduler:
+        def finish_requests(self, ids, status):
+            self.finished = (ids, status)
+            return ["output"]
+    request = Request("r", [1, 2], SamplingParams())
+    request.grammar = b
+    manager.requests["r"] = request
+    scheduler = Scheduler()
+    assert manager.poll(scheduler) == ["output"] and scheduler.finished == (["r"], RequestStatus.FINISHED_ERROR)
+    assert "refused" in request.stop_reason and not manager._refused
+    manager.shutdown()
 
 
 def test_launch_ahead_with_the_manager_but_no_grammar(tiny_smol_path):

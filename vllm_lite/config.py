@@ -375,6 +375,10 @@ class StructuredOutputsConfig:
     fill_threads: threads that fill a step's bitmask rows when enough constrained rows share a step; 0 (the
       default) means auto, resolved here to `auto_fill_threads()`: half the usable CPUs, at most 4 (the engine
       core, worker and API server processes need the rest); 1 fills in the engine core's thread alone.
+    fill_switch_interval_ms: the interpreter's switch interval (`sys.setswitchinterval`) while a deferred fill runs on
+      its thread: the thread needs the GIL to start and to return, and a busy caller gives it up only that often
+      (5 ms by default), so the fill waited for the caller's Python instead of overlapping it (bench/tools/
+      gil_handoff.py on the H200 machine: 0.4 ms of 1.8 hidden at 0.2 ms, none at 5 ms); 0 leaves it alone.
     """
     backend: str = "auto"
     disable_any_whitespace: bool = False
@@ -382,6 +386,7 @@ class StructuredOutputsConfig:
     compile_timeout_s: float = 10.0
     compile_threads: int = 4
     fill_threads: int = 0
+    fill_switch_interval_ms: float = 0.2
 
     def __post_init__(self) -> None:
         if self.fill_threads == 0 and not isinstance(self.fill_threads, bool):
@@ -397,6 +402,10 @@ class StructuredOutputsConfig:
                              f"> 0")
         _positive("structured_outputs_config.compile_threads", self.compile_threads)
         _positive("structured_outputs_config.fill_threads", self.fill_threads)
+        t = self.fill_switch_interval_ms
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 100:
+            raise ValueError(f"structured_outputs_config.fill_switch_interval_ms={t!r} is invalid; it must be a "
+                             f"number of milliseconds in [0, 100] (0: the interpreter's own)")
 
     @classmethod
     def from_any(cls, value: "StructuredOutputsConfig | dict[str, Any] | str | None",

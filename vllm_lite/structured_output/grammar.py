@@ -3,6 +3,12 @@
 The scheduler advances it with the tokens each step produced (`accept_tokens`); the engine core fills the request's
 bitmask rows from it (`fill_rows`: one row, or 1 + k rows when k drafts are verified, walking the matcher through
 the drafts and rolling back) and cuts drafts the grammar refuses before they are scheduled (`valid_prefix`).
+
+A single token sampled under this grammar's own mask (`masked`, set by the manager when it fills the row) cannot be
+refused, so `accept_tokens` only records it (`pending`) and appends the grammar to the manager's sink: the manager
+advances every such matcher in one GIL-free xgrammar call, on its fill thread beside the caller's Python work. Any
+other use of the matcher here applies the pending token first (`flush`). Whether the grammar terminated is known at
+once: a stop token is allowed by the mask only where the grammar may end, and taking it ends it.
 """
 from __future__ import annotations
 
@@ -55,21 +61,41 @@ def compile_grammar(compiler: Any, key: CompileKey) -> Any:
 class Grammar:
     """A request's matcher (xgrammar GrammarMatcher) and how many of the request's output tokens it has taken."""
 
-    def __init__(self, matcher: Any, stop_token_ids: frozenset[int] | None = None) -> None:
+    def __init__(self, matcher: Any, stop_token_ids: frozenset[int] | None = None,
+                 sink: list["Grammar"] | None = None) -> None:
         """stop_token_ids: the tokens whose acceptance terminates the matcher (xgrammar's tokenizer info); known,
         they spare a call into the matcher after every accepted token (~0.2 ms per step at 256 requests).
-        None: the matcher is asked after every token."""
+        None: the matcher is asked after every token. sink: where a grammar with a deferred token is listed
+        (the manager's; None: tokens are always taken at once)."""
         self.matcher = matcher
         self.num_accepted = 0
         self._stop = stop_token_ids
         self._terminated = False
+        self._sink = sink if stop_token_ids is not None else None
+        self.masked = False  # the manager filled this grammar's one row for the step whose token comes next
+        self.pending = -1  # a deferred token (-1: none), taken by the manager or by flush()
+        self.refused = False  # a deferred token was refused: the mask was not this grammar's (an engine defect)
 
     def accept_tokens(self, token_ids: list[int]) -> int:
         """Advance over `token_ids` in order; returns how many were taken (it stops after the token that terminates
-        the grammar, and before a token it refuses)."""
+        the grammar, and before a token it refuses). One token sampled under this grammar's mask is deferred."""
+        masked, self.masked = self.masked, False
+        if masked and len(token_ids) == 1 and self._sink is not None and self.pending < 0 and not self._terminated:
+            tok = token_ids[0]
+            self.pending = tok
+            self._sink.append(self)
+            self._terminated = tok in self._stop
+            self.num_accepted += 1
+            return 1
         n = self._walk(token_ids)
         self.num_accepted += n
         return n
+
+    def flush(self) -> None:
+        """Take the deferred token now (the manager's batch call does it for many grammars at once)."""
+        tok, self.pending = self.pending, -1
+        if tok >= 0 and not self.matcher.accept_token(tok):
+            self.refused = True
 
     @property
     def is_terminated(self) -> bool:
@@ -85,6 +111,8 @@ class Grammar:
 
     def _walk(self, token_ids: list[int]) -> int:
         """Accept tokens in order until one is refused or the matcher terminates (after its stop token)."""
+        if self.pending >= 0:
+            self.flush()
         if self._terminated:
             return 0
         matcher = self.matcher
@@ -103,6 +131,8 @@ class Grammar:
         """Fill bitmask rows row .. row + len(drafts): the mask now, then after each draft token (the matcher walks
         the drafts and rolls back). Rows past a draft the grammar refuses repeat the last mask (verification
         rejects that draft, so they are never sampled)."""
+        if self.pending >= 0:
+            self.flush()
         matcher = self.matcher
         if self._terminated:  # a request the async pipeline scheduled once more after its last token
             bitmask[row: row + 1 + len(drafts or ())] = -1

@@ -10,12 +10,16 @@
   drafts, filled from the matchers (xgrammar's batch matcher without drafts: fill_threads threads from
   BATCH_FILL_MIN_ROWS rows, one below; bench/structured.py's fill replay measures the choice).
 - `clip_drafts`: drafts the grammar refuses are cut before they are scheduled.
-The scheduler advances each request's matcher (`Request.grammar`) with the tokens a step produced.
+The scheduler advances each request's matcher (`Request.grammar`) with the tokens a step produced; a token sampled
+under the grammar's own one-row mask is only recorded there (grammar.py), and `bitmask` advances all of them in one
+xgrammar call first: on the fill thread with the fill when the fill is deferred, so that neither the per-request
+accepts nor the fill hold the caller's thread.
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import sys
 import time
 from collections import OrderedDict
 from typing import Any, Callable
@@ -58,6 +62,8 @@ class StructuredOutputManager:
         self.compiling: dict[str, tuple[Request, cf.Future]] = {}
         self._started: dict[cf.Future, float] = {}  # compile start (monotonic), once a pool thread takes it
         self.requests: dict[str, Request] = {}  # compiled constrained requests not known finished yet
+        self._deferred: list[Grammar] = []  # grammars holding a deferred token (their sink), advanced by bitmask()
+        self._refused = False  # a deferred token was refused (set on the fill thread; poll() ends those requests)
         self._buffer = np.zeros((0, self.num_words), dtype=np.int32)
         # Diagnostics (bench/structured.py): seconds per bitmask() call and per compile.
         self.fill_times: list[float] = []
@@ -128,14 +134,15 @@ class StructuredOutputManager:
     def _attach(self, request: Request, compiled: Any) -> None:
         import xgrammar as xgr
 
-        request.grammar = Grammar(xgr.GrammarMatcher(compiled), self._stop_token_ids)
+        request.grammar = Grammar(xgr.GrammarMatcher(compiled), self._stop_token_ids, self._deferred)
         self.requests[request.request_id] = request
 
     def poll(self, scheduler: Any, idle: bool = False) -> list[EngineCoreOutput]:
         """Release compiled requests to the scheduler and fail the ones whose compile failed or timed out
         (returned: their final outputs). idle: nothing else can run, so wait briefly for a compile to end."""
+        refused = self._take_refused(scheduler) if self._refused else []
         if not self.compiling:
-            return []
+            return refused
         timeout = self.config.compile_timeout_s
         if idle:
             cf.wait([f for _, f in self.compiling.values()], timeout=_IDLE_WAIT_S, return_when=cf.FIRST_COMPLETED)
@@ -163,7 +170,19 @@ class StructuredOutputManager:
                 continue
             logger.warning("request %s failed: %s", req_id, request.stop_reason)
             failed.append(req_id)
-        return scheduler.finish_requests(failed, RequestStatus.FINISHED_ERROR) if failed else []
+        return refused + (scheduler.finish_requests(failed, RequestStatus.FINISHED_ERROR) if failed else [])
+
+    def _take_refused(self, scheduler: Any) -> list[EngineCoreOutput]:
+        """End the requests whose deferred token the grammar refused. Only a mask that was not the grammar's own
+        lets that happen (an engine defect), so the request stops with an error rather than run on unconstrained."""
+        self._refused = False
+        ids = []
+        for req_id, request in self.requests.items():
+            if request.grammar is not None and request.grammar.refused and not request.status.finished:
+                request.stop_reason = "structured output: a sampled token was refused by the request's grammar"
+                logger.error("request %s failed: %s", req_id, request.stop_reason)
+                ids.append(req_id)
+        return scheduler.finish_requests(ids, RequestStatus.FINISHED_ERROR) if ids else []
 
     # ---- per step ----------------------------------------------------------------------------------------------
     def needs_applied_tokens(self, so: SchedulerOutput) -> bool:
@@ -181,14 +200,16 @@ class StructuredOutputManager:
     def bitmask(self, so: SchedulerOutput, defer: bool = False) -> GrammarOutput | cf.Future | None:
         """The step's packed bitmask for its sampling constrained requests (None: there are none). defer: a large
         fill without drafts is started on a thread and its Future returned instead (the matchers must not be used
-        until it is done)."""
+        until it is done); the deferred tokens of the last step are advanced first, on that thread too."""
         start = time.perf_counter()
         requests = self.requests
         for req_id in so.finished_req_ids:
             request = requests.get(req_id)
             if request is not None and request.status.finished:
                 del requests[req_id]
+        advance = self._take_deferred()
         if not requests:
+            self._advance(*advance)
             return None
         spec = so.scheduled_spec_decode_tokens
         req_ids: list[str] = []
@@ -196,14 +217,15 @@ class StructuredOutputManager:
         grammars: list[Grammar] = []
         for req_id in so.num_scheduled_tokens:
             request = requests.get(req_id)
-            if request is None or request.num_computed_tokens < request.num_tokens:  # unknown, or mid-prefill
+            if request is None or request.num_computed_tokens < len(request.all_token_ids):  # unknown, mid-prefill
                 continue
             req_ids.append(req_id)
-            rows.append(1 + len(spec.get(req_id, ())))
+            rows.append(1 + len(spec[req_id]) if req_id in spec else 1)
             grammars.append(request.grammar)
         if not req_ids:
+            self._advance(*advance)
             return None
-        total = sum(rows)
+        total = sum(rows) if spec else len(rows)
         if self._buffer.shape[0] < total:
             self._buffer = np.zeros((max(total, 2 * self._buffer.shape[0]), self.num_words), dtype=np.int32)
         bitmask = self._buffer[:total]
@@ -211,26 +233,66 @@ class StructuredOutputManager:
             live = [i for i, g in enumerate(grammars) if not g.is_terminated]
             if len(live) < total:
                 bitmask[:] = -1
+            matchers = [grammars[i].matcher for i in live]
+            for i in live:
+                grammars[i].masked = True  # its next token is sampled under this row: taking it may be deferred
+            out = GrammarOutput(req_ids, rows, self.num_words, _view(bitmask))
             if live and self._batch is not None and total >= BATCH_FILL_MIN_ROWS and defer:
-                # xgrammar fills with the GIL released: on a thread, the caller's other work overlaps it
-                return self._fill_pool.submit(self._batch_fill, [grammars[i].matcher for i in live], live, bitmask,
-                                              GrammarOutput(req_ids, rows, self.num_words, _view(bitmask)), start)
+                # xgrammar advances and fills with the GIL released: on a thread, the caller's other work overlaps it.
+                # The switch interval is shortened from here until the thread ends, so that it gets the GIL from a
+                # busy caller at once, to start and to return.
+                previous = sys.getswitchinterval()
+                if self.config.fill_switch_interval_ms:
+                    sys.setswitchinterval(self.config.fill_switch_interval_ms / 1000)
+                return self._fill_pool.submit(self._advance_and_fill, advance, matchers, live, bitmask, out, start,
+                                              previous)
+            self._advance(*advance)
             if live:
                 batch = self._batch if self._batch is not None and total >= BATCH_FILL_MIN_ROWS else self._batch1
-                batch.batch_fill_next_token_bitmask([grammars[i].matcher for i in live], bitmask, live)
+                batch.batch_fill_next_token_bitmask(matchers, bitmask, live)
         else:
+            self._advance(*advance)
             row = 0
             for req_id, grammar, n in zip(req_ids, grammars, rows):
                 grammar.fill_rows(bitmask, row, spec.get(req_id))
                 row += n
-        out = GrammarOutput(req_ids, rows, self.num_words, _view(bitmask))
+            out = GrammarOutput(req_ids, rows, self.num_words, _view(bitmask))
         self.fill_times.append(time.perf_counter() - start)
         return out
 
-    def _batch_fill(self, matchers: list[Any], live: list[int], bitmask: np.ndarray, out: GrammarOutput,
-                    start: float) -> GrammarOutput:
-        """A deferred fill, on the fill thread: `out` views `bitmask`."""
-        self._batch.batch_fill_next_token_bitmask(matchers, bitmask, live)
+    def _take_deferred(self) -> tuple[list[Grammar], list[Any], list[int]]:
+        """The grammars with a deferred token, their matchers and tokens; their tokens count as taken from here
+        (the caller advances the matchers before anything else uses them)."""
+        grammars = [g for g in self._deferred if g.pending >= 0]
+        self._deferred.clear()
+        tokens = [g.pending for g in grammars]
+        for g in grammars:
+            g.pending = -1
+        return grammars, [g.matcher for g in grammars], tokens
+
+    def _advance(self, grammars: list[Grammar], matchers: list[Any], tokens: list[int]) -> None:
+        """Advance the matchers over their deferred tokens in one call (xgrammar releases the GIL inside it)."""
+        if not grammars:
+            return
+        import xgrammar as xgr
+
+        accepted = xgr.BatchGrammarMatcher.batch_accept_token(matchers, tokens)
+        if not all(accepted):
+            for grammar, ok in zip(grammars, accepted):
+                if not ok:
+                    grammar.refused = True
+            self._refused = True
+
+    def _advance_and_fill(self, advance: tuple[list[Grammar], list[Any], list[int]], matchers: list[Any],
+                          live: list[int], bitmask: np.ndarray, out: GrammarOutput, start: float,
+                          switch_interval: float) -> GrammarOutput:
+        """A deferred step, on the fill thread: the last step's tokens, then the rows (`out` views `bitmask`); the
+        interpreter's switch interval is restored at the end."""
+        try:
+            self._advance(*advance)
+            self._batch.batch_fill_next_token_bitmask(matchers, bitmask, live)
+        finally:
+            sys.setswitchinterval(switch_interval)
         self.fill_times.append(time.perf_counter() - start)
         return out
 
