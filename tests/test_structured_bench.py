@@ -54,6 +54,8 @@ def test_bench_reports_same_length_ratios_and_fill_stats(tiny_smol_path, tmp_pat
             parts = run["step_parts_ms"]
             assert parts["bitmask"] > same["step_parts_ms"]["bitmask"] >= 0  # the fill shows where it runs
             assert parts["execute_model"] > 0 and parts["get_output"] >= 0
+            # the two waits are timed inside their parts: on the CPU no event to wait for, no deferred fill (1 thread)
+            assert 0 <= parts["inputs_wait"] <= parts["execute_model"] and parts["fill_wait"] == 0
             inside = sum(parts[k] for k in ("schedule", "execute_model", "bitmask", "sample_tokens", "get_output",
                                             "update_from_output", "other_in_step"))
             assert inside == pytest.approx(parts["in_step"], abs=1e-3)

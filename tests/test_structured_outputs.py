@@ -19,6 +19,7 @@ import jsonschema
 import pytest
 
 from vllm_lite import LLM, SamplingParams, StructuredOutputsParams
+from vllm_lite.benchmarks.step_breakdown import StepBreakdown
 from vllm_lite.config import StructuredOutputsConfig
 from vllm_lite.structured_output.manager import StructuredOutputManager
 from vllm_lite.structured_output.validate import validate_structured_outputs
@@ -420,8 +421,10 @@ def test_deferred_bitmask_fill_gives_identical_outputs(tiny_smol_path, schema_ru
         manager._advance = lambda g, m, t, f=advance, seen=advanced: seen.append(len(g)) or f(g, m, t)
         if not defer_tokens:
             manager._take_deferred = lambda: ([], [], [])
+        breakdown = StepBreakdown(llm)
         runs.append([o.outputs[0].token_ids for o in llm.chat([PROMPT] * len(params), params, use_tqdm=False)])
         assert (len(fills) > 20) == (threads == 2), len(fills)
+        assert (breakdown.take()["fill_wait"] > 0) == (threads == 2)  # the deferred fills' results were waited for
         assert (sum(advanced) > 100) == defer_tokens, sum(advanced)
         assert llm.engine._deferred_sample is None and not llm.engine.in_flight
         assert sys.getswitchinterval() == interval

@@ -4,7 +4,10 @@ Wraps the parts of an `LLM`'s engine core with timers (instance attributes, noth
 `schedule` and `update_from_output`, the executor's `execute_model` (inputs + forward launch), `sample_tokens`
 (sampling launch, grammar bitmask applied) and `get_output` (mostly the wait for the device), and the grammar's
 `bitmask` (the structured-output fill). What is left of a step (proposers, stats) is `other_in_step`, and what the
-`LLM` does between steps (detokenizing, stop strings, building outputs) is `outside_step`.
+`LLM` does between steps (detokenizing, stop strings, building outputs) is `outside_step`. Two waits are also
+timed on their own, inside those parts: `inputs_wait` (in execute_model: the device had not yet read the previous
+step's inputs, i.e. it is behind the host) and `fill_wait` (in other_in_step: a deferred bitmask fill still running
+when the next step needs it).
 On a host-bound engine (a small model at a large batch) these parts add up to the step time, so a slower mode's
 extra milliseconds show up in the part that grew.
 """
@@ -14,6 +17,7 @@ import time
 from typing import Any, Callable
 
 PARTS = ("schedule", "execute_model", "bitmask", "sample_tokens", "get_output", "update_from_output")
+WAITS = ("inputs_wait", "fill_wait")  # inside execute_model and other_in_step (not added to the parts' sum)
 
 
 class StepBreakdown:
@@ -22,14 +26,19 @@ class StepBreakdown:
     def __init__(self, llm: Any) -> None:
         engine = llm.engine
         self.steps = 0
-        self._totals = dict.fromkeys(PARTS + ("step",), 0.0)
+        self._totals = dict.fromkeys(PARTS + WAITS + ("step",), 0.0)
         self._t0 = time.perf_counter()
         owners = {"schedule": engine.scheduler, "update_from_output": engine.scheduler,
                   "execute_model": engine.executor, "sample_tokens": engine.executor,
                   "get_output": engine.executor, "bitmask": getattr(engine, "grammar", None)}
+        runner = getattr(engine.executor, "runner", None)  # in-process executors only
+        waits = {"inputs_wait": (runner, "_wait_inputs_consumed"), "fill_wait": (engine, "_wait_fill")}
         for name, owner in owners.items():
             if owner is not None and hasattr(owner, name):
                 setattr(owner, name, self._timed(name, getattr(owner, name)))
+        for name, (owner, attr) in waits.items():
+            if owner is not None and hasattr(owner, attr):
+                setattr(owner, attr, self._timed(name, getattr(owner, attr)))
         inner = engine.step
 
         def step() -> Any:
@@ -60,7 +69,7 @@ class StepBreakdown:
         wall = time.perf_counter() - self._t0
         steps = max(self.steps, 1)
         out: dict[str, float] = {"steps": self.steps}
-        for name in PARTS:
+        for name in PARTS + WAITS:
             out[name] = round(1000 * self._totals[name] / steps, 4)
         out["in_step"] = round(1000 * self._totals["step"] / steps, 4)
         out["other_in_step"] = round(out["in_step"] - sum(out[name] for name in PARTS), 4)

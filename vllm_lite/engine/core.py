@@ -130,7 +130,7 @@ class EngineCore:
         self._step_calls += 1
         if self._deferred_sample is not None:  # the last step's bitmask fill, overlapped with the caller's work
             future, self._deferred_sample = self._deferred_sample, None
-            self.executor.sample_tokens(future.result())
+            self.executor.sample_tokens(self._wait_fill(future))
         if self.structured is not None:
             errors = self._poll_grammars()
         if self.scheduler.has_unfinished_requests():
@@ -169,6 +169,12 @@ class EngineCore:
         if errors:
             applied.outputs = errors + applied.outputs
         return applied
+
+    @staticmethod
+    def _wait_fill(future: cf.Future) -> GrammarOutput:
+        """A deferred fill's result: how long this waits is the fill that did not overlap the caller's work
+        (StepBreakdown's `fill_wait`)."""
+        return future.result()
 
     def _no_constrained_requests(self) -> bool:
         """No request has (or waits for) a grammar. Engines with a tokenizer always have the manager, so its mere

@@ -233,14 +233,18 @@ class ModelRunner:
                 state.add_blocks(data.new_block_ids)
             state.num_computed_tokens = data.num_computed_tokens
 
+    def _wait_inputs_consumed(self) -> None:
+        """The host staging buffer and FlashInfer's page-locked plan buffer are reused: wait until the device has
+        read the previous step's copies (recorded after them, in stream order after the step before's sampling).
+        A device behind the host shows up here (StepBreakdown times it as `inputs_wait`)."""
+        if self._inputs_consumed is not None:
+            self._inputs_consumed.synchronize()
+
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> None:
         """Phase one of a step: inputs, forward and logits of the sampling rows are launched (nothing waits for the
         device); `sample_tokens` then samples them, `get_output` returns the results."""
-        if self._inputs_consumed is not None:
-            # The host staging buffer and FlashInfer's page-locked plan buffer are reused: wait until the device
-            # has read the previous step's copies (it has started that step; this costs nothing in practice).
-            self._inputs_consumed.synchronize()
+        self._wait_inputs_consumed()
         self._update_states(so)
         self._launches += 1
         req_ids = list(so.num_scheduled_tokens)
