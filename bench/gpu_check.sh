@@ -470,15 +470,17 @@ for x in r['cprofile']['cumulative_ms_per_step'][:20]: print('   cum', x)" "$OUT
       echo "gil-handoff-xgr rc=$?"; grep -v Warning "$OUT/gil-handoff-xgr.log" | tail -8 ;;
     structured-si0)  # json_schema with the interpreter's own switch interval during deferred fills: the A/B of
       # structured_outputs_config.fill_switch_interval_ms (default 0.2) against `structured`
-      tmo ${STRUCTURED_TIMEOUT:-300} python3 bench/structured.py --modes json_schema --structured-outputs-config \
-        '{"fill_switch_interval_ms": 0}' --json "$OUT/structured-si0.json" > "$OUT/structured-si0.log" 2>&1
-      echo "structured-si0 rc=$?"; grep -E "^(full_batch|batch1) " "$OUT/structured-si0.log" ;;
+      tmo ${STRUCTURED_TIMEOUT:-300} python3 bench/structured.py --modes json_schema --repeats ${STRUCTURED_REPEATS:-3} \
+        --structured-outputs-config '{"fill_switch_interval_ms": 0}' --json "$OUT/structured-si0.json" \
+        > "$OUT/structured-si0.log" 2>&1
+      echo "structured-si0 rc=$?"; grep -E "^(full_batch|batch1) |median of" "$OUT/structured-si0.log" ;;
     structured-1t)  # the full-batch runs with one fill thread (no deferred fill): the deferral's A/B against `structured`
       tmo ${STRUCTURED_TIMEOUT:-400} python3 bench/structured.py --fill-only --structured-outputs-config \
         '{"fill_threads": 1}' --json "$OUT/structured-1t.json" > "$OUT/structured-1t.log" 2>&1
       echo "structured-1t rc=$?"; grep -E "^full_batch" "$OUT/structured-1t.log" ;;
     structured)  # bench/structured.py: unconstrained vs json_object vs json_schema on the default model (issue 13)
-      tmo ${STRUCTURED_TIMEOUT:-400} python3 bench/structured.py --profile --json "$OUT/structured.json" \
+      tmo ${STRUCTURED_TIMEOUT:-400} python3 bench/structured.py --profile --repeats ${STRUCTURED_REPEATS:-3} \
+        --json "$OUT/structured.json" \
         > "$OUT/structured.log" 2>&1
       echo "structured rc=$?"; grep -E "ms/step" "$OUT/structured.log" | head -20
       grep -vE "Warning|^\s*$" "$OUT/structured.log" | tail -30 ;;

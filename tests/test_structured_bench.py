@@ -34,6 +34,20 @@ def tiny_smol_path(tmp_path_factory):
     return path
 
 
+def test_bench_repeats_pairs_and_reports_their_median(tiny_smol_path):
+    """--repeats: the constrained full-batch run and its same-lengths run again, each pair's ratio and step times,
+    their median; batch 1 runs once."""
+    result = bench.main(["--model", tiny_smol_path, "--device", "cpu", "--dtype", "float32", "--max-model-len", "1024",
+                         "--num-requests", "4", "--batch1-requests", "1", "--max-tokens", "12", "--modes",
+                         "json_schema", "--repeats", "3"])
+    run = result["full_batch"]["json_schema"]
+    ratios = run["ratio_repeats"]
+    assert len(ratios) == len(run["step_ms_repeats"]) == 3 and ratios[0] == run["vs_unconstrained_same_lengths"]
+    assert all(r > 0 for r in ratios) and all(a > 0 and b > 0 for a, b in run["step_ms_repeats"])
+    assert run["vs_unconstrained_same_lengths_median"] == sorted(ratios)[1]
+    assert "ratio_repeats" not in result["batch1"]["json_schema"]
+
+
 def test_bench_reports_same_length_ratios_and_fill_stats(tiny_smol_path, tmp_path):
     out = tmp_path / "structured.json"
     result = bench.main(["--model", tiny_smol_path, "--device", "cpu", "--dtype", "float32", "--max-model-len", "1024",

@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from typing import Any
 
@@ -303,9 +304,12 @@ def _fill_stats(manager: Any) -> dict[str, Any]:
 
 
 def run_batch(llm: Any, counter: StepBreakdown, modes: list[str], items: list, max_tokens: int, one_at_a_time: bool,
-              same_lengths: bool) -> tuple[dict[str, Any], dict[str, list]]:
+              same_lengths: bool, repeats: int = 1) -> tuple[dict[str, Any], dict[str, list]]:
     """Every mode on `items` (full batch or one at a time); each constrained mode also gets its unconstrained
-    same-lengths run and both ratios. Returns the results and each mode's outputs."""
+    same-lengths run and both ratios. repeats > 1: that pair runs again (back to back, so that both halves of a pair
+    see the same machine) and the ratio of every pair and their median are kept too: a host-bound run's speed moves
+    with the machine's (1.6x between two calls of one session on the H200 machine). Returns the results and each
+    mode's outputs (the first run's)."""
     manager = llm.engine.structured
     runs: dict[str, Any] = {}
     outputs: dict[str, list] = {}
@@ -326,12 +330,33 @@ def run_batch(llm: Any, counter: StepBreakdown, modes: list[str], items: list, m
         runs[mode]["step_overhead_ms"] = round(runs[mode]["step_ms_mean"] - same["step_ms_mean"], 4)
         runs[mode]["step_parts_overhead_ms"] = {k: round(v - same["step_parts_ms"][k], 4)
                                                 for k, v in runs[mode]["step_parts_ms"].items()}
+        if repeats > 1:
+            runs[mode].update(_repeated_pairs(llm, counter, mode, items, max_tokens, one_at_a_time, repeats,
+                                              runs[mode]))
     if "unconstrained" in runs:
         base = runs["unconstrained"]["output_tokens_per_s"]
         for mode in modes:
             if mode != "unconstrained":
                 runs[mode]["vs_unconstrained"] = round(runs[mode]["output_tokens_per_s"] / base, 4)
     return runs, outputs
+
+
+def _repeated_pairs(llm: Any, counter: StepBreakdown, mode: str, items: list, max_tokens: int, one_at_a_time: bool,
+                    repeats: int, first: dict[str, Any]) -> dict[str, Any]:
+    """The constrained run and its same-lengths run `repeats - 1` more times: every pair's ratio and step times
+    (the first pair's included), their median ratio."""
+    ratios = [first["vs_unconstrained_same_lengths"]]
+    steps = [[first["step_ms_mean"], first["unconstrained_same_lengths"]["step_ms_mean"]]]
+    for i in range(1, repeats):
+        progress(f"  repeat {i + 1}/{repeats}: {mode} and its same-lengths run")
+        run, outs = run_mode(llm, mode, items, max_tokens, one_at_a_time, counter)
+        lengths = [len(o.outputs[0].token_ids) for o in outs]
+        same, _ = run_mode(llm, "unconstrained", items, max_tokens, one_at_a_time, counter, lengths)
+        ratios.append(round(run["output_tokens_per_s"] / same["output_tokens_per_s"], 4))
+        steps.append([run["step_ms_mean"], same["step_ms_mean"]])
+    llm.engine.structured.fill_times.clear()
+    return {"ratio_repeats": ratios, "step_ms_repeats": steps,
+            "vs_unconstrained_same_lengths_median": round(statistics.median(ratios), 4)}
 
 
 def profile_extra(llm: Any, counter: StepBreakdown, mode: str, items: list, max_tokens: int,
@@ -372,6 +397,9 @@ def _summary(result: dict[str, Any]) -> None:
                      f"(raw {run.get('vs_unconstrained')}x); step {run['step_ms_mean']} ms vs "
                      f"{same['step_ms_mean']} ms; bitmask p50 {run['bitmask_ms_p50']} / p99 "
                      f"{run['bitmask_ms_p99']} ms (fill_threads {result['fill_threads']})")
+            if "ratio_repeats" in run:
+                progress(f"  median of {len(run['ratio_repeats'])} pairs {run['vs_unconstrained_same_lengths_median']}x "
+                         f"(pairs {', '.join(str(r) for r in run['ratio_repeats'])})")
             grown = sorted(run["step_parts_overhead_ms"].items(), key=lambda kv: -kv[1])
             progress("  extra ms per step by part: " + ", ".join(f"{k} {v:+.3f}" for k, v in grown))
     for mode, replay in result.get("fill_replay", {}).items():
@@ -387,6 +415,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--num-requests", type=int, default=256, help="requests of the full-batch runs")
     ap.add_argument("--batch1-requests", type=int, default=32, help="requests run one at a time per mode")
     ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="full-batch constrained runs and their same-lengths runs this many times (median ratio)")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
     ap.add_argument("--fill-only", action="store_true",
                     help="only the full-batch runs and the bitmask fill replay (no same-lengths runs, batch 1, "
@@ -409,7 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
                               "fill_threads": manager.config.fill_threads,
                               "batch_fill_min_rows": BATCH_FILL_MIN_ROWS}
     result["full_batch"], outputs = run_batch(llm, counter, modes, items, args.max_tokens, False,
-                                              not args.fill_only)
+                                              not args.fill_only, args.repeats)
     if not args.fill_only:
         result["batch1"], _ = run_batch(llm, counter, modes, items[:args.batch1_requests], args.max_tokens, True,
                                         True)
