@@ -65,6 +65,7 @@
 #   mrcr       `vllm-lite eval mrcr`, 2/4/8 needles x 20 generated records at the bins the context allows
 #   gsm8k-fp32 GSM8K plain and with n-gram speculation in float32, answers compared (issue 15's identity check)
 #   gil-handoff[-xgr]  bench/tools/gil_handoff.py: a thread's work beside the main thread's Python, by switch interval
+#   structured-host  bench/tools/structured_host.py: json_schema's host cost by part, model and sampler stubbed (CPU only)
 #   structured-si0  json_schema runs with fill_switch_interval_ms 0 (the interpreter's 5 ms): the A/B of that setting
 #   structured-1t  bench structured's full-batch runs with one bitmask fill thread (no deferred fill), to compare
 # Everything under $OUT is also packed into $OUT/all.tgz at the end (the device returns at most 8 files).
@@ -141,7 +142,7 @@ train_budget() {  # train-draft's --time-budget-s: TRAIN_BUDGET, cut to what is 
 # it is missing (instead of failing after minutes of start-up).
 MODEL_STAGES=" model serve-default serve-default-notok server-cpu gsm8k gsm8k-ref gsm8k-ngram gsm8k-fp32 mrcr mrcr-ngram mrcr-fp32 \
 spec-ngram spec-ngram-measured spec-ngram-vad spec-suffix spec-eagle3-vad train-draft spec-eagle3 spec-eagle3-fp32 spec-trace-eagle3 \
-ngram-replay structured structured-1t structured-si0 gil-handoff-xgr "
+ngram-replay structured structured-1t structured-si0 structured-host gil-handoff-xgr "
 DATA_STAGES=" gsm8k gsm8k-ref gsm8k-ngram gsm8k-fp32 spec-ngram spec-ngram-measured spec-ngram-vad spec-suffix spec-eagle3-vad \
 train-draft spec-eagle3 \
 spec-eagle3-fp32 spec-trace-eagle3 "
@@ -474,6 +475,13 @@ for x in r['cprofile']['cumulative_ms_per_step'][:20]: print('   cum', x)" "$OUT
         --structured-outputs-config '{"fill_switch_interval_ms": 0}' --json "$OUT/structured-si0.json" \
         > "$OUT/structured-si0.log" 2>&1
       echo "structured-si0 rc=$?"; grep -E "^(full_batch|batch1) |median of" "$OUT/structured-si0.log" ;;
+    structured-host)  # bench/tools/structured_host.py on this machine's CPU: the host's share of json_schema at full batch
+      # without the device (model and sampler stubbed), for the default fill threads, the 5 ms switch interval, 1 thread
+      for a in "--fill-threads 4" "--fill-threads 4 --fill-switch-interval-ms 0" "--fill-threads 1"; do
+        echo "structured-host $a"
+        tmo 150 python3 bench/tools/structured_host.py --num-requests 256 --max-tokens 64 $a 2>&1 \
+          | grep -vE "Warning|Writing" | tail -14
+      done ;;
     structured-1t)  # the full-batch runs with one fill thread (no deferred fill): the deferral's A/B against `structured`
       tmo ${STRUCTURED_TIMEOUT:-400} python3 bench/structured.py --fill-only --structured-outputs-config \
         '{"fill_threads": 1}' --json "$OUT/structured-1t.json" > "$OUT/structured-1t.log" 2>&1
