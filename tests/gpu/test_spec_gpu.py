@@ -123,3 +123,34 @@ def test_mixed_verification_steps_replay_the_padded_graph(model_path):
     assert sum(1 for q in padded if q) > 5 and core.scheduler.make_stats().num_accepted_tokens > 0
     assert runner.graphs.num_replays[1 + K] >= sum(1 for q in padded if q)
     core.shutdown()
+
+
+HOST_METHODS = {"ngram": {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_max": 3,
+                          "prompt_lookup_min": 1},
+                "suffix": {"method": "suffix", "num_speculative_tokens": 4}}
+
+
+@pytest.mark.parametrize("method", list(HOST_METHODS))
+@pytest.mark.parametrize("setup", ["torch-fp32-eager", "flashinfer-bf16-graphs"])
+def test_ngram_and_suffix_match_the_plain_run(model_path, setup, method):
+    """The real host proposers (vLLM's n-gram prompt lookup, the suffix tree), async scheduling, on prompts that
+    repeat themselves: drafts are proposed and accepted, and the outputs are the plain run's (exactly in float32,
+    up to a near tie in bf16); with graphs the verification steps replay theirs."""
+    kw = dict(SETUPS[setup], device="cuda", max_model_len=512, max_num_seqs=8, gpu_memory_utilization=0.2,
+              async_scheduling=True)
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True, logprobs=5)
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, 384) for _ in range(rng.randrange(4, 12))] * 4 for _ in range(6)]
+    ref = run_core(make_core(model_path, **kw), prompts, params)
+    core = make_core(model_path, speculative_config=HOST_METHODS[method], **kw)
+    got = run_core(core, prompts, params)
+    identical = _assert_close(got, ref, kw["dtype"] == "float32")
+    stats = core.scheduler.make_stats()
+    print(f"{setup} {method}: {identical}/{len(ref)} identical, {stats.num_accepted_tokens}/"
+          f"{stats.num_draft_tokens} drafts accepted")
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens > 0
+    if setup.endswith("graphs"):
+        assert any(q > 1 and n > 0 for q, n in core.executor.runner.graphs.num_replays.items())
+    core.shutdown()
+    del core
+    torch.cuda.empty_cache()
