@@ -5,33 +5,22 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
 
 from vllm_lite.benchmarks import structured as bench
 from vllm_lite.benchmarks.step_breakdown import StepBreakdown
-from vllm_lite.config import EngineConfig, StructuredOutputsConfig, auto_fill_threads
+from vllm_lite.config import StructuredOutputsConfig, auto_fill_threads
 
-from tiny_models import make_tiny_model
+from tiny_models import make_tiny_model_with_default_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny_smol_path(tmp_path_factory):
-    from vllm_lite.model_loader import resolve_model
-    from vllm_lite.model_loader.default_model import default_gguf_path
     try:
-        default_gguf_path()
+        return make_tiny_model_with_default_tokenizer(tmp_path_factory.mktemp("smol"))
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
-    config = EngineConfig.from_kwargs(device="cpu")
-    tokenizer_dir = resolve_model(config.model, config.load, "cpu").tokenizer
-    path = make_tiny_model(tmp_path_factory.mktemp("smol"), "llama", vocab_size=49152, with_tokenizer=False,
-                           eos_token_id=2)
-    for name in os.listdir(tokenizer_dir):
-        if name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy(os.path.join(tokenizer_dir, name), path)
-    return path
 
 
 def test_bench_repeats_pairs_and_reports_their_median(tiny_smol_path):

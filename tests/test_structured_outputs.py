@@ -11,9 +11,7 @@ outputs as without), a compile that times out alone, and the refusals of validat
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 
 import jsonschema
 import pytest
@@ -26,10 +24,9 @@ from vllm_lite.structured_output.validate import validate_structured_outputs
 
 from spec_utils import OracleProposer, WrongProposer, make_core, run_core
 from structured_schemas import CHOICES, GRAMMARS, INVALID, REAL_MODEL_SCHEMAS, REGEXES, SCHEMAS
-from tiny_models import make_tiny_model
+from tiny_models import DEFAULT_VOCAB as SMOL_VOCAB, make_tiny_model_with_default_tokenizer
 
 FORMATS = jsonschema.Draft202012Validator.FORMAT_CHECKER
-SMOL_VOCAB = 49152
 TINY = dict(device="cpu", dtype="float32", max_model_len=512, kv_cache_memory_bytes=64 << 20)
 PROMPT = [{"role": "user", "content": "Answer with JSON only."}]
 
@@ -43,23 +40,10 @@ def _need_default_model() -> None:
 
 
 @pytest.fixture(scope="module")
-def smol_tokenizer_dir():
-    from vllm_lite.config import EngineConfig
-    from vllm_lite.model_loader import resolve_model
-    _need_default_model()
-    config = EngineConfig.from_kwargs(device="cpu")
-    return resolve_model(config.model, config.load, "cpu").tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_smol_path(tmp_path_factory, smol_tokenizer_dir):
+def tiny_smol_path(tmp_path_factory):
     """A random tiny Llama over SmolLM2's vocabulary and tokenizer (EOS <|im_end|> = 2, as SmolLM2-Instruct)."""
-    path = make_tiny_model(tmp_path_factory.mktemp("smol"), "llama", vocab_size=SMOL_VOCAB, with_tokenizer=False,
-                           eos_token_id=2)
-    for name in os.listdir(smol_tokenizer_dir):
-        if name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy(os.path.join(smol_tokenizer_dir, name), path)
-    return path
+    _need_default_model()
+    return make_tiny_model_with_default_tokenizer(tmp_path_factory.mktemp("smol"))
 
 
 @pytest.fixture(scope="module")
@@ -435,10 +419,12 @@ def test_deferred_bitmask_fill_gives_identical_outputs(tiny_smol_path, schema_ru
 
 def test_deferred_token_is_taken_before_any_other_use(tiny_smol_path):
     """A single token sampled under the grammar's own mask is only recorded (termination is known at once from the
-    stop tokens); the next use of the matcher takes it first, the manager takes many in one call, and a refused one
-    (a mask that was not the grammar's) ends the request with an error at the next poll."""
+    stop tokens); the next use of the matcher takes it first, the manager takes many in one call, and after a refused
+    one (a mask that was not the grammar's) the grammar takes nothing more, so the scheduler ends the request with an
+    error."""
     import xgrammar as xgr
 
+    from vllm_lite.core.scheduler import Scheduler
     from vllm_lite.request import Request, RequestStatus
     from vllm_lite.structured_output.grammar import Grammar
     manager = _manager(tiny_smol_path)
@@ -469,18 +455,12 @@ def test_deferred_token_is_taken_before_any_other_use(tiny_smol_path):
     assert not b.is_terminated and len(manager._deferred) == 2
     manager._advance(*manager._take_deferred())
     assert not manager._deferred and a.pending == b.pending == -1
-    assert a.matcher.accept_token(2) and not a.refused and b.refused and manager._refused
-
-    class Scheduler:
-        def finish_requests(self, ids, status):
-            self.finished = (ids, status)
-            return ["output"]
+    assert a.matcher.accept_token(2) and not a.refused and b.refused
+    b.masked = True
     request = Request("r", [1, 2], SamplingParams())
     request.grammar = b
-    manager.requests["r"] = request
-    scheduler = Scheduler()
-    assert manager.poll(scheduler) == ["output"] and scheduler.finished == (["r"], RequestStatus.FINISHED_ERROR)
-    assert "refused" in request.stop_reason and not manager._refused
+    assert Scheduler._advance_grammar(request, [yes]) == [] and b.pending == -1  # takes nothing more
+    assert request.status == RequestStatus.FINISHED_ERROR and "forbids" in request.stop_reason
     manager.shutdown()
 
 

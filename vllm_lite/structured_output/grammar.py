@@ -8,7 +8,9 @@ A single token sampled under this grammar's own mask (`masked`, set by the manag
 refused, so `accept_tokens` only records it (`pending`) and appends the grammar to the manager's sink: the manager
 advances every such matcher in one GIL-free xgrammar call, on its fill thread beside the caller's Python work. Any
 other use of the matcher here applies the pending token first (`flush`). Whether the grammar terminated is known at
-once: a stop token is allowed by the mask only where the grammar may end, and taking it ends it.
+once: a stop token is allowed by the mask only where the grammar may end, and taking it ends it. A deferred token the
+matcher refuses (a mask that was not the grammar's: an engine defect) makes it take nothing more, so the request's
+next tokens end it with an error in the scheduler.
 """
 from __future__ import annotations
 
@@ -74,13 +76,14 @@ class Grammar:
         self._sink = sink if stop_token_ids is not None else None
         self.masked = False  # the manager filled this grammar's one row for the step whose token comes next
         self.pending = -1  # a deferred token (-1: none), taken by the manager or by flush()
-        self.refused = False  # a deferred token was refused: the mask was not this grammar's (an engine defect)
+        self.refused = False  # a deferred token was refused (an engine defect): nothing is taken any more
 
     def accept_tokens(self, token_ids: list[int]) -> int:
         """Advance over `token_ids` in order; returns how many were taken (it stops after the token that terminates
         the grammar, and before a token it refuses). One token sampled under this grammar's mask is deferred."""
         masked, self.masked = self.masked, False
-        if masked and len(token_ids) == 1 and self._sink is not None and self.pending < 0 and not self._terminated:
+        if (masked and len(token_ids) == 1 and self._sink is not None and self.pending < 0 and not self._terminated
+                and not self.refused):
             tok = token_ids[0]
             self.pending = tok
             self._sink.append(self)
@@ -113,7 +116,7 @@ class Grammar:
         """Accept tokens in order until one is refused or the matcher terminates (after its stop token)."""
         if self.pending >= 0:
             self.flush()
-        if self._terminated:
+        if self._terminated or self.refused:  # refused: the scheduler ends the request with an error
             return 0
         matcher = self.matcher
         stop = self._stop

@@ -63,7 +63,6 @@ class StructuredOutputManager:
         self._started: dict[cf.Future, float] = {}  # compile start (monotonic), once a pool thread takes it
         self.requests: dict[str, Request] = {}  # compiled constrained requests not known finished yet
         self._deferred: list[Grammar] = []  # grammars holding a deferred token (their sink), advanced by bitmask()
-        self._refused = False  # a deferred token was refused (set on the fill thread; poll() ends those requests)
         self._buffer = np.zeros((0, self.num_words), dtype=np.int32)
         # Diagnostics (bench/structured.py): seconds per bitmask() call and per compile.
         self.fill_times: list[float] = []
@@ -140,9 +139,8 @@ class StructuredOutputManager:
     def poll(self, scheduler: Any, idle: bool = False) -> list[EngineCoreOutput]:
         """Release compiled requests to the scheduler and fail the ones whose compile failed or timed out
         (returned: their final outputs). idle: nothing else can run, so wait briefly for a compile to end."""
-        refused = self._take_refused(scheduler) if self._refused else []
         if not self.compiling:
-            return refused
+            return []
         timeout = self.config.compile_timeout_s
         if idle:
             cf.wait([f for _, f in self.compiling.values()], timeout=_IDLE_WAIT_S, return_when=cf.FIRST_COMPLETED)
@@ -170,19 +168,7 @@ class StructuredOutputManager:
                 continue
             logger.warning("request %s failed: %s", req_id, request.stop_reason)
             failed.append(req_id)
-        return refused + (scheduler.finish_requests(failed, RequestStatus.FINISHED_ERROR) if failed else [])
-
-    def _take_refused(self, scheduler: Any) -> list[EngineCoreOutput]:
-        """End the requests whose deferred token the grammar refused. Only a mask that was not the grammar's own
-        lets that happen (an engine defect), so the request stops with an error rather than run on unconstrained."""
-        self._refused = False
-        ids = []
-        for req_id, request in self.requests.items():
-            if request.grammar is not None and request.grammar.refused and not request.status.finished:
-                request.stop_reason = "structured output: a sampled token was refused by the request's grammar"
-                logger.error("request %s failed: %s", req_id, request.stop_reason)
-                ids.append(req_id)
-        return scheduler.finish_requests(ids, RequestStatus.FINISHED_ERROR) if ids else []
+        return scheduler.finish_requests(failed, RequestStatus.FINISHED_ERROR) if failed else []
 
     # ---- per step ----------------------------------------------------------------------------------------------
     def needs_applied_tokens(self, so: SchedulerOutput) -> bool:
@@ -277,11 +263,11 @@ class StructuredOutputManager:
         import xgrammar as xgr
 
         accepted = xgr.BatchGrammarMatcher.batch_accept_token(matchers, tokens)
-        if not all(accepted):
-            for grammar, ok in zip(grammars, accepted):
+        if not all(accepted):  # the request's next tokens end it with an error (grammar.py)
+            for grammar, ok, tok in zip(grammars, accepted, tokens):
                 if not ok:
                     grammar.refused = True
-            self._refused = True
+                    logger.error("structured output: token %d sampled under its grammar's mask was refused", tok)
 
     def _advance_and_fill(self, advance: tuple[list[Grammar], list[Any], list[int]], matchers: list[Any],
                           live: list[int], bitmask: np.ndarray, out: GrammarOutput, start: float,
