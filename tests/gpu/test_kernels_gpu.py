@@ -286,6 +286,38 @@ def test_bitmask_warm_up_compiles_the_only_variant_steps_use():
     assert variants() == before
 
 
+def test_bitmask_filled_in_the_lent_host_buffer():
+    """Masks the engine core fills straight into the applier's pinned buffer (host_buffer) mask the logits as staged
+    ones do, step after step with the two buffers alternating; a lent array the step did not use as it is (rows
+    reordered: copied) and a lent array never applied leave the next steps right."""
+    from vllm_lite.kernels.bitmask import apply_bitmask_torch
+    from vllm_lite.protocol import GrammarOutput
+    from vllm_lite.sample.bitmask import GrammarBitmaskApplier
+    vocab, dev = 49152, torch.device("cuda")
+    w = vocab // 32
+    applier = GrammarBitmaskApplier(dev)
+    g = torch.Generator().manual_seed(1)
+    for step, m in enumerate((3, 4, 4, 1, 6, 2, 5)):
+        words = torch.randint(-2**31, 2**31 - 1, (m, w), dtype=torch.int32, generator=g)
+        logits = torch.randn(m, vocab, generator=g).to(dev, torch.bfloat16)
+        want = logits.clone()
+        ids = [str(i) for i in range(m)]
+        lent = applier.host_buffer(m, w)
+        assert lent is not None and lent.shape == (m, w)
+        if step == 3:  # never applied: the next call lends again
+            lent[:] = 0
+            lent = applier.host_buffer(m, w)
+        lent[:] = words.numpy()
+        if step == 4:  # reversed grammar order: the words are gathered (a copy), not used in place
+            apply_bitmask_torch(want, words.to(dev), torch.arange(m - 1, -1, -1, device=dev))
+            applier.apply(logits, GrammarOutput(ids[::-1], [1] * m, w, memoryview(lent).cast("B")), ids,
+                          list(range(m + 1)))
+        else:
+            apply_bitmask_torch(want, words.to(dev), torch.arange(m, device=dev))
+            applier.apply(logits, GrammarOutput(ids, [1] * m, w, memoryview(lent).cast("B")), ids, list(range(m + 1)))
+        assert torch.equal(logits, want), step
+
+
 def test_cdf_sample_warm_up_covers_every_seed_and_batch():
     """The per-step random seed is not specialised: after warm_up_cdf_sample, seeds 1, 16, 7 and any batch size
     compile nothing more (a seed divisible by 16 once compiled a new variant mid-serving)."""

@@ -81,19 +81,27 @@ def test_verification_is_exact(model_path, setup, async_scheduling):
         torch.cuda.empty_cache()
 
 
-def _assert_close(got: dict, ref: dict, exact: bool) -> int:
-    """Identical (exact) or identical up to a near tie; returns how many requests were identical."""
+def _assert_close(got: dict, ref: dict, exact: bool, max_gap: float | None = None) -> int:
+    """Identical (exact) or identical up to a near tie; returns how many requests were identical. max_gap: the
+    sampled tokens' logprobs agree within it up to a request's first difference, and there the two tokens' logprobs
+    in the plain run differ by at most it (a float32 tie that other GEMM shapes' rounding may flip)."""
     identical = 0
     for r, want in ref.items():
         a, b = got[r]["tokens"], want["tokens"]
+        j = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(b))
+        if max_gap is not None:
+            for i in range(j):
+                assert abs(got[r]["logprobs"][i][0][1] - want["logprobs"][i][0][1]) <= max_gap, (r, i)
         if a == b:
             identical += 1
             continue
         assert not exact, (r, a, b)
-        j = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
         top_a = {t for t, _, _ in got[r]["logprobs"][j]}
         top_b = {t for t, _, _ in want["logprobs"][j]}
         assert b[j] in top_a and a[j] in top_b, (r, j, got[r]["logprobs"][j], want["logprobs"][j])
+        if max_gap is not None:
+            lp = {t: lp for t, lp, _ in want["logprobs"][j]}
+            assert abs(lp[a[j]] - lp[b[j]]) <= max_gap, (r, j, want["logprobs"][j])
     return identical
 
 
@@ -144,7 +152,9 @@ def test_ngram_and_suffix_match_the_plain_run(model_path, setup, method):
     ref = run_core(make_core(model_path, **kw), prompts, params)
     core = make_core(model_path, speculative_config=HOST_METHODS[method], **kw)
     got = run_core(core, prompts, params)
-    identical = _assert_close(got, ref, kw["dtype"] == "float32")
+    # float32: these prompts make the random model repeat a token, with near ties a verification step's GEMMs (4x
+    # the rows, other cuBLAS kernels) may round the other way than a decode step's: identical up to such a tie.
+    identical = _assert_close(got, ref, False, 1e-4 if kw["dtype"] == "float32" else None)
     stats = core.scheduler.make_stats()
     print(f"{setup} {method}: {identical}/{len(ref)} identical, {stats.num_accepted_tokens}/"
           f"{stats.num_draft_tokens} drafts accepted")

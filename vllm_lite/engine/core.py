@@ -85,6 +85,8 @@ class EngineCore:
         self.grammar = grammar
         # The real grammar builder (xgrammar): compiles requests' constraints and owns their matchers.
         self.structured = grammar if isinstance(grammar, StructuredOutputManager) else None
+        if self.structured is not None:
+            self.structured.host_buffer = self.executor.grammar_host_buffer
         self._deferred_sample: cf.Future | None = None  # a launched step's bitmask fill, sampled next step()
         self.in_flight: deque[SchedulerOutput] = deque()
         self._step_calls = 0

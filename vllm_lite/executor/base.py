@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import numpy as np
+
 from vllm_lite.protocol import GrammarOutput, ModelRunnerOutput, SchedulerOutput
 
 
@@ -20,5 +22,10 @@ class Executor(Protocol):
     def sample_tokens(self, grammar_output: GrammarOutput | None) -> None: ...
 
     def get_output(self) -> ModelRunnerOutput: ...
+
+    def grammar_host_buffer(self, rows: int, num_words: int) -> np.ndarray | None:
+        """Where the engine core may fill the next step's grammar bitmask ([rows, num_words] int32) so that the
+        worker copies it to the device without staging it (None: it uses its own array and the executor ships it)."""
+        ...
 
     def shutdown(self) -> None: ...

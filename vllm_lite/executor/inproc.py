@@ -1,6 +1,8 @@
 """One rank in the calling process (the offline LLM, tests, CPU): the executor interface without sockets."""
 from __future__ import annotations
 
+import numpy as np
+
 from vllm_lite.config import EngineConfig, RankConfig
 from vllm_lite.model_loader import ModelInfo
 from vllm_lite.protocol import GrammarOutput, ModelRunnerOutput, SchedulerOutput
@@ -33,6 +35,10 @@ class InProcExecutor:
 
     def get_output(self) -> ModelRunnerOutput:
         return self.worker.runner.get_output()
+
+    def grammar_host_buffer(self, rows: int, num_words: int) -> np.ndarray | None:
+        """The worker's pinned staging memory (CUDA): same process, so the mask need not be copied into it."""
+        return self.worker.runner.grammar_bitmask.host_buffer(rows, num_words)
 
     def shutdown(self) -> None:
         pass

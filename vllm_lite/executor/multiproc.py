@@ -162,6 +162,10 @@ class MultiprocExecutor:
             raise self._worker_error(0, out.error)
         return out
 
+    def grammar_host_buffer(self, rows: int, num_words: int) -> None:
+        """None: the mask travels to the workers' processes in the SampleTokens message."""
+        return None
+
     def shutdown(self) -> None:
         """Ask serving workers to stop; ones still booting read no messages, so they are terminated."""
         if self._ready and all(p.is_alive() for p in self.procs):
