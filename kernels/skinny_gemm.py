@@ -96,6 +96,10 @@ def skinny_gemm_triton(x: torch.Tensor, w: torch.Tensor, block_n: int | None = N
     use_dot: accumulate with tl.dot (rows padded to 16, column blocks of >= 16) instead of multiply-accumulate."""
     m, k = x.shape
     n = w.shape[0]
+    # tl.dot takes float32 operands as TF32 (10-bit mantissas): a float32 model's projections at 3-4 rows then
+    # differed from cuBLAS's by 1e-3 in logprobs (a speculating run, whose partial steps have few rows, against the
+    # plain run). Float32 weights multiply-accumulate in float32 instead.
+    use_dot = use_dot and w.dtype != torch.float32
     if m > MAX_ROWS or w.shape[1] != k or x.stride(1) != 1 or w.stride(1) != 1:
         raise ValueError(f"skinny_gemm: x {tuple(x.shape)} w {tuple(w.shape)} (M <= {MAX_ROWS}, unit K stride)")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)

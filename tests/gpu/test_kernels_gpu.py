@@ -260,6 +260,20 @@ def test_skinny_gemm_matches_cublas(m, n, k, use_dot):
     torch.testing.assert_close(torch.ops.vllm_lite.skinny_linear(big, w, None), torch.nn.functional.linear(big, w))
 
 
+def test_skinny_gemm_float32_is_float32():
+    """Float32 operands are not rounded to TF32 (tl.dot's default): the tl.dot setting of 3-4 rows agrees with a
+    float64 product to float32 accuracy (TF32's 10-bit mantissas are off by ~1e-2 here)."""
+    import vllm_lite.compile.custom_ops  # noqa: F401 (registers vllm_lite::skinny_linear)
+    from vllm_lite.kernels.skinny_gemm import skinny_gemm_triton
+    g = torch.Generator(device=DEV).manual_seed(3)
+    x = torch.randn(4, 1024, device=DEV, generator=g)
+    w = torch.randn(2048, 1024, device=DEV, generator=g)
+    want = (x.double() @ w.double().t()).float()
+    for use_dot in (False, True):
+        assert (skinny_gemm_triton(x, w, use_dot=use_dot) - want).abs().max().item() < 1e-3
+    assert (torch.ops.vllm_lite.skinny_linear(x[:3], w, None) - want[:3]).abs().max().item() < 1e-3
+
+
 def test_bitmask_warm_up_compiles_the_only_variant_steps_use():
     """After warm_up_bitmask_kernel, staged masks of any row count (odd and even) compile nothing more."""
     from vllm_lite.kernels.bitmask import _apply_bitmask_kernel, apply_bitmask_torch, warm_up_bitmask_kernel
