@@ -330,7 +330,9 @@ def run_batch(llm: Any, counter: StepBreakdown, modes: list[str], items: list, m
         runs[mode]["step_overhead_ms"] = round(runs[mode]["step_ms_mean"] - same["step_ms_mean"], 4)
         runs[mode]["step_parts_overhead_ms"] = {k: round(v - same["step_parts_ms"][k], 4)
                                                 for k, v in runs[mode]["step_parts_ms"].items()}
-        if repeats > 1:
+        if repeats > 1 and one_at_a_time:
+            runs[mode].update(_interleaved_pairs(llm, mode, items, max_tokens, repeats, runs[mode]))
+        elif repeats > 1:
             runs[mode].update(_repeated_pairs(llm, counter, mode, items, max_tokens, one_at_a_time, repeats,
                                               runs[mode]))
     if "unconstrained" in runs:
@@ -357,6 +359,29 @@ def _repeated_pairs(llm: Any, counter: StepBreakdown, mode: str, items: list, ma
     llm.engine.structured.fill_times.clear()
     return {"ratio_repeats": ratios, "step_ms_repeats": steps,
             "vs_unconstrained_same_lengths_median": round(statistics.median(ratios), 4)}
+
+
+def _interleaved_pairs(llm: Any, mode: str, items: list, max_tokens: int, repeats: int,
+                       first: dict[str, Any]) -> dict[str, Any]:
+    """Batch 1, `repeats - 1` more rounds: each request constrained, then at once unconstrained with the same output
+    length, so that every pair sees the same machine (a batch-1 run's speed moved 1.6x between two runs of one call
+    on the H200 machine). A round's ratio is its constrained tokens/s over its unconstrained tokens/s; the median
+    is over the rounds, the first (not interleaved) round's ratio included."""
+    ratios = [first["vs_unconstrained_same_lengths"]]
+    for i in range(1, repeats):
+        progress(f"  round {i + 1}/{repeats}: {mode} and unconstrained, request by request")
+        spent = [0.0, 0.0]
+        for item in items:
+            t0 = time.perf_counter()
+            out = llm.chat(item[0], params_for(mode, item[1], max_tokens), use_tqdm=False)[0]
+            t1 = time.perf_counter()
+            n = len(out.outputs[0].token_ids)
+            llm.chat(item[0], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), use_tqdm=False)
+            spent[0] += t1 - t0
+            spent[1] += time.perf_counter() - t1
+        ratios.append(round(spent[1] / spent[0], 4))  # equal tokens: the time ratio is the tokens/s ratio
+    llm.engine.structured.fill_times.clear()
+    return {"ratio_repeats": ratios, "vs_unconstrained_same_lengths_median": round(statistics.median(ratios), 4)}
 
 
 def profile_extra(llm: Any, counter: StepBreakdown, mode: str, items: list, max_tokens: int,
@@ -416,7 +441,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch1-requests", type=int, default=32, help="requests run one at a time per mode")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=1,
-                    help="full-batch constrained runs and their same-lengths runs this many times (median ratio)")
+                    help="constrained runs and their same-lengths runs this many times (median ratio; at batch 1 "
+                         "the later rounds alternate the two request by request)")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
     ap.add_argument("--fill-only", action="store_true",
                     help="only the full-batch runs and the bitmask fill replay (no same-lengths runs, batch 1, "
@@ -442,7 +468,7 @@ def main(argv: list[str] | None = None) -> dict:
                                               not args.fill_only, args.repeats)
     if not args.fill_only:
         result["batch1"], _ = run_batch(llm, counter, modes, items[:args.batch1_requests], args.max_tokens, True,
-                                        True)
+                                        True, args.repeats)
     progress("bitmask fill replay of the full-batch runs (threads)")
     result["fill_replay"] = {mode: fill_replay(manager, mode, items, outputs[mode])
                              for mode in modes if mode != "unconstrained"}
