@@ -25,7 +25,7 @@ def tiny_smol_path(tmp_path_factory):
 
 def test_bench_repeats_pairs_and_reports_their_median(tiny_smol_path):
     """--repeats: the constrained full-batch run and its same-lengths run again, each pair's ratio and step times,
-    their median; batch 1 runs once."""
+    their median; at batch 1 two more rounds alternate constrained and same-length unconstrained requests."""
     result = bench.main(["--model", tiny_smol_path, "--device", "cpu", "--dtype", "float32", "--max-model-len", "1024",
                          "--num-requests", "4", "--batch1-requests", "1", "--max-tokens", "12", "--modes",
                          "json_schema", "--repeats", "3"])
@@ -34,7 +34,10 @@ def test_bench_repeats_pairs_and_reports_their_median(tiny_smol_path):
     assert len(ratios) == len(run["step_ms_repeats"]) == 3 and ratios[0] == run["vs_unconstrained_same_lengths"]
     assert all(r > 0 for r in ratios) and all(a > 0 and b > 0 for a, b in run["step_ms_repeats"])
     assert run["vs_unconstrained_same_lengths_median"] == sorted(ratios)[1]
-    assert "ratio_repeats" not in result["batch1"]["json_schema"]
+    one = result["batch1"]["json_schema"]
+    rounds = one["ratio_repeats"]
+    assert len(rounds) == 3 and rounds[0] == one["vs_unconstrained_same_lengths"] and all(r > 0 for r in rounds)
+    assert one["vs_unconstrained_same_lengths_median"] == sorted(rounds)[1]
 
 
 def test_bench_reports_same_length_ratios_and_fill_stats(tiny_smol_path, tmp_path):
