@@ -34,9 +34,7 @@ class GrammarBitmaskApplier:
         copy has finished; a later call takes the lent array back."""
         if self.device.type != "cuda":
             return None
-        _, rows_start, need = packed_starts((rows * num_words, 2 * rows), 4)
-        turn = self._ready_buffer(need)
-        self._lent = None
+        turn = self._ready_buffer(packed_starts((rows * num_words, 2 * rows), 4)[-1])
         host = self._buffers[turn][0].numpy()[: rows * num_words].reshape(rows, num_words)
         self._lent = (turn, host.ctypes.data)
         return host

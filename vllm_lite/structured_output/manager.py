@@ -56,6 +56,7 @@ class StructuredOutputManager:
         self._compiler = self._pool.submit(self._build_compiler, tokenizer, list(stop_token_ids))
         self._batch: Any = None  # xgrammar BatchGrammarMatcher, fill_threads threads (None: fill_threads 1)
         self._batch1: Any = None  # the same, one thread: no Python loop over the matchers, no thread hand-off
+        self._batch_accept: Callable[[list[Any], list[int]], Any] | None = None  # set with the compiler
         self.tokenizer_info: Any = None
         self._stop_token_ids: frozenset[int] | None = None  # set with the compiler (before any grammar exists)
         self._futures: OrderedDict[CompileKey, cf.Future] = OrderedDict()
@@ -103,6 +104,7 @@ class StructuredOutputManager:
         self.tokenizer_info = info  # also for bench/structured.py's cold compiles
         self._stop_token_ids = frozenset(int(t) for t in info.stop_token_ids)
         self._batch1 = xgr.BatchGrammarMatcher(1)
+        self._batch_accept = _batch_accept_token(xgr)
         if self.config.fill_threads > 1:
             self._batch = xgr.BatchGrammarMatcher(self.config.fill_threads)
         return xgr.GrammarCompiler(info, max_threads=self.config.compile_threads)
@@ -270,7 +272,7 @@ class StructuredOutputManager:
         """Advance the matchers over their deferred tokens in one call (xgrammar releases the GIL inside it)."""
         if not grammars:
             return
-        accepted = _batch_accept_token(matchers, tokens)
+        accepted = self._batch_accept(matchers, tokens)
         if 0 in accepted:  # the request's next tokens end it with an error (grammar.py)
             for grammar, ok, tok in zip(grammars, accepted, tokens):
                 if not ok:
@@ -295,17 +297,16 @@ class StructuredOutputManager:
         self._fill_pool.shutdown(wait=True)
 
 
-def _batch_accept_token(matchers: list[Any], tokens: list[int]) -> Any:
+def _batch_accept_token(xgr: Any) -> Callable[[list[Any], list[int]], Any]:
     """xgrammar's BatchGrammarMatcher.batch_accept_token, answering its native array (0 = refused): the public wrapper
     turns that into a list of bools one item at a time through tvm_ffi's Python Array class, 0.15 ms at 256 rows on
     the dev box (0.5 ms a step under cProfile on the H200 machine) with the GIL held, in the way of the caller it
     should overlap. The wrapper where the native entry point is not there (older xgrammar)."""
-    import xgrammar as xgr
-
     native = getattr(getattr(getattr(xgr, "base", None), "_core", None), "BatchGrammarMatcher", None)
     if native is None or not hasattr(native, "batch_accept_token"):
-        return xgr.BatchGrammarMatcher.batch_accept_token(matchers, tokens)
-    return native.batch_accept_token([m._handle for m in matchers], tokens, False)
+        return xgr.BatchGrammarMatcher.batch_accept_token
+    accept = native.batch_accept_token
+    return lambda matchers, tokens: accept([m._handle for m in matchers], tokens, False)
 
 
 def _view(bitmask: np.ndarray) -> memoryview:
