@@ -13,6 +13,8 @@ stops most answers at ~80 tokens), so raw tokens/s mixes the grammar's cost with
 over fewer tokens and with a long tail of a few long requests. So each constrained mode also gets an "unconstrained,
 same lengths" run: the same prompts, request i with max_tokens = the constrained run's output length of request i
 and ignore_eos, which is the same work token for token (same prefills, same batch at every step) without a grammar.
+Every run (at batch 1 every request) starts from an empty prefix cache: otherwise the same-lengths run, coming
+second, would find the prompts cached and skip the prefills the constrained run paid for.
 `vs_unconstrained_same_lengths` = constrained tokens/s / same-lengths tokens/s is the ratio the targets mean, at
 full batch and at batch 1 alike (at batch 1 both runs pay the same TTFT per request, so nothing is subtracted;
 subtracting a separately timed TTFT would add its noise to both). `vs_unconstrained` (the raw ratio) is kept.
@@ -154,18 +156,26 @@ def run_mode(llm: Any, mode: str, items: list, max_tokens: int, one_at_a_time: b
         params = [params_for(mode, s, max_tokens) for _, s in items]
     else:
         params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
+    # Every run, and at batch 1 every request, computes its prompts: the prefix cache is emptied first (untimed), so
+    # that a run after another of the same prompts does not skip the prefills the first one paid for.
+    llm.reset_prefix_cache()
     if counter is not None:
         counter.take()  # start counting here
-    t0 = time.perf_counter()
     if profiler is not None:
         profiler.enable()
     if one_at_a_time:
-        outs = [llm.chat(m, p, use_tqdm=False)[0] for m, p in zip(messages, params)]
+        outs, elapsed = [], 0.0
+        for m, p in zip(messages, params):
+            llm.reset_prefix_cache()
+            t0 = time.perf_counter()
+            outs.append(llm.chat(m, p, use_tqdm=False)[0])
+            elapsed += time.perf_counter() - t0
     else:
+        t0 = time.perf_counter()
         outs = llm.chat(messages, params, use_tqdm=False)
+        elapsed = time.perf_counter() - t0
     if profiler is not None:
         profiler.disable()
-    elapsed = time.perf_counter() - t0
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     result: dict[str, Any] = {"requests": len(items), "elapsed_s": round(elapsed, 4), "output_tokens": tokens,
                               "output_tokens_per_s": tokens / elapsed}
@@ -372,12 +382,14 @@ def _interleaved_pairs(llm: Any, mode: str, items: list, max_tokens: int, repeat
         progress(f"  round {i + 1}/{repeats}: {mode} and unconstrained, request by request")
         spent = [0.0, 0.0]
         for item in items:
+            llm.reset_prefix_cache()  # both compute the prompt (see run_mode)
             t0 = time.perf_counter()
             out = llm.chat(item[0], params_for(mode, item[1], max_tokens), use_tqdm=False)[0]
-            t1 = time.perf_counter()
+            spent[0] += time.perf_counter() - t0
             n = len(out.outputs[0].token_ids)
+            llm.reset_prefix_cache()
+            t1 = time.perf_counter()
             llm.chat(item[0], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), use_tqdm=False)
-            spent[0] += t1 - t0
             spent[1] += time.perf_counter() - t1
         ratios.append(round(spent[1] / spent[0], 4))  # equal tokens: the time ratio is the tokens/s ratio
     llm.engine.structured.fill_times.clear()

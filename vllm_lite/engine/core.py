@@ -119,6 +119,11 @@ class EngineCore:
         """Abort now; returns an output (finish_reason "abort", the request's timings) per request stopped."""
         return self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prompt prefix (later requests compute their prompts again): benchmarks that compare
+        runs of the same prompts start each from the same cold cache."""
+        return self.scheduler.reset_prefix_cache()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or bool(self.in_flight)
 

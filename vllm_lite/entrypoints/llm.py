@@ -100,6 +100,10 @@ class LLM:
         engines have none here (their ranks are processes): AttributeError."""
         return self.engine.executor.runner
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget the prefix cache, as vLLM's LLM.reset_prefix_cache (True when it was reset)."""
+        return self.engine.reset_prefix_cache()
+
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
