@@ -165,3 +165,17 @@ def test_offline_batch_defaults_follow_vllm(monkeypatch, name, gib, want):
     merged = EngineConfig.from_kwargs(**{**got, "max_num_seqs": 64})
     assert merged.scheduler.max_num_seqs == 64
     assert merged.scheduler.max_num_batched_tokens == (want[0] if want else 8192)
+
+
+def test_reset_prefix_cache_makes_the_next_run_compute_its_prompt(llm):
+    """A repeated prompt finds its blocks cached; after reset_prefix_cache (as vLLM's LLM has) it is computed again,
+    with the same greedy output."""
+    prompt = {"prompt_token_ids": list(range(3, 60))}
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    first = llm.generate(prompt, params, use_tqdm=False)[0]
+    again = llm.generate(prompt, params, use_tqdm=False)[0]
+    assert again.num_cached_tokens > 0
+    assert llm.reset_prefix_cache()
+    cold = llm.generate(prompt, params, use_tqdm=False)[0]
+    assert cold.num_cached_tokens == 0
+    assert _ids(first) == _ids(again) == _ids(cold)

@@ -50,12 +50,15 @@ class GrammarBitmaskApplier:
             self._buffers[self._turn] = (buf, None)
         return self._turn
 
-    def apply(self, logits: torch.Tensor, grammar: GrammarOutput, req_ids: list[str], row_offsets: list[int]) -> None:
+    def apply(self, logits: torch.Tensor, grammar: GrammarOutput, req_ids: list[str],
+              row_offsets: list[int] | None = None) -> None:
         """logits [R, V] of the step's sampling rows; req_ids: the sampling requests in logits order;
-        row_offsets: each one's first logits row, then R. Rows of requests without grammar rows stay untouched."""
+        row_offsets: each one's first logits row, then R (None: one row each). Rows of requests without grammar
+        rows stay untouched."""
         words = np.frombuffer(grammar.bitmask, dtype=np.int32).reshape(-1, grammar.num_words)
         m = len(grammar.req_ids)
-        if m == len(words) == row_offsets[-1] and grammar.req_ids == req_ids:
+        total = len(req_ids) if row_offsets is None else row_offsets[-1]
+        if m == len(words) == total and grammar.req_ids == req_ids:
             # Every sampling row is constrained, one row each, in order (batch 1, or a batch of grammars without
             # drafts): grammar row i masks logits row i, no index work.
             words_t, rows_t = self._stage(words, self._arange(m))
@@ -68,7 +71,7 @@ class GrammarBitmaskApplier:
             return
         n = np.fromiter(grammar.rows_per_req, dtype=np.int64, count=m)
         first = np.cumsum(n) - n  # each constrained request's first grammar row
-        offsets = np.asarray(row_offsets, dtype=np.int64)
+        offsets = np.arange(len(req_ids) + 1) if row_offsets is None else np.asarray(row_offsets, dtype=np.int64)
         j = j[keep]
         k = np.minimum(n[keep], offsets[j + 1] - offsets[j])  # rows masked per request (its logits rows at most)
         within = np.arange(int(k.sum()), dtype=np.int64) - np.repeat(np.cumsum(k) - k, k)

@@ -22,14 +22,14 @@ import logging
 import sys
 import time
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from vllm_lite.config import StructuredOutputsConfig
 from vllm_lite.protocol import EngineCoreOutput, GrammarOutput, SchedulerOutput
 from vllm_lite.request import Request, RequestStatus
-from vllm_lite.structured_output.grammar import CompileKey, Grammar, compile_grammar, compile_key
+from vllm_lite.structured_output.grammar import CompileKey, Grammar, compile_grammar, compile_key, native_batch_api
 from vllm_lite.structured_output.validate import validate_structured_outputs, xgrammar_message
 
 logger = logging.getLogger("vllm_lite.structured_output")
@@ -54,8 +54,10 @@ class StructuredOutputManager:
         self._pool = cf.ThreadPoolExecutor(config.compile_threads, thread_name_prefix="grammar-compile")
         self._fill_pool = cf.ThreadPoolExecutor(1, thread_name_prefix="grammar-fill")  # deferred bitmask fills
         self._compiler = self._pool.submit(self._build_compiler, tokenizer, list(stop_token_ids))
-        self._batch: Any = None  # xgrammar BatchGrammarMatcher, fill_threads threads (None: fill_threads 1)
-        self._batch1: Any = None  # the same, one thread: no Python loop over the matchers, no thread hand-off
+        # (handles, bitmask, row indices or None) -> None: xgrammar's BatchGrammarMatcher fill with fill_threads threads
+        # (None: fill_threads 1), and with one thread (no Python loop over the matchers, no thread hand-off).
+        self._batch: Callable[[list[Any], np.ndarray, list[int] | None], None] | None = None
+        self._batch1: Callable[[list[Any], np.ndarray, list[int] | None], None] | None = None
         self._batch_accept: Callable[[list[Any], list[int]], Any] | None = None  # set with the compiler
         self.tokenizer_info: Any = None
         self._stop_token_ids: frozenset[int] | None = None  # set with the compiler (before any grammar exists)
@@ -103,10 +105,10 @@ class StructuredOutputManager:
                                                   stop_token_ids=stop_token_ids or None)
         self.tokenizer_info = info  # also for bench/structured.py's cold compiles
         self._stop_token_ids = frozenset(int(t) for t in info.stop_token_ids)
-        self._batch1 = xgr.BatchGrammarMatcher(1)
+        self._batch1 = _batch_fill(xgr.BatchGrammarMatcher(1))
         self._batch_accept = _batch_accept_token(xgr)
         if self.config.fill_threads > 1:
-            self._batch = xgr.BatchGrammarMatcher(self.config.fill_threads)
+            self._batch = _batch_fill(xgr.BatchGrammarMatcher(self.config.fill_threads))
         return xgr.GrammarCompiler(info, max_threads=self.config.compile_threads)
 
     @property
@@ -203,51 +205,75 @@ class StructuredOutputManager:
             self._advance(*advance)
             return None
         spec = so.scheduled_spec_decode_tokens
+        if spec and any(r in requests for r in spec):
+            return self._bitmask_with_drafts(so, advance, start)
+        # One row per request. A single pass (256 requests a step at full batch): the rows' requests, and the
+        # handles and rows of the grammars still running.
+        req_ids: list[str] = []
+        handles: list[Any] = []
+        live: list[int] = []
+        for req_id, request in self._sampling(so):
+            grammar = request.grammar
+            if not grammar.is_terminated:
+                grammar.masked = True  # its next token is sampled under this row: taking it may be deferred
+                live.append(len(req_ids))
+                handles.append(grammar.handle)
+            req_ids.append(req_id)
+        total = len(req_ids)
+        if not total:
+            self._advance(*advance)
+            return None
+        bitmask = self._rows_buffer(total)
+        rows = live if len(live) < total else None
+        if rows is not None:
+            bitmask[:] = -1
+        out = GrammarOutput(req_ids, [1] * total, self.num_words, _view(bitmask))
+        if live and self._batch is not None and total >= BATCH_FILL_MIN_ROWS and defer:
+            # xgrammar advances and fills with the GIL released: on a thread, the caller's other work overlaps it.
+            # The switch interval is shortened from here until the thread ends, so that it gets the GIL from a busy
+            # caller at once, to start and to return.
+            previous = sys.getswitchinterval()
+            if self.config.fill_switch_interval_ms:
+                sys.setswitchinterval(self.config.fill_switch_interval_ms / 1000)
+            return self._fill_pool.submit(self._advance_and_fill, advance, handles, rows, bitmask, out, start,
+                                          previous)
+        self._advance(*advance)
+        if live:
+            fill = self._batch if self._batch is not None and total >= BATCH_FILL_MIN_ROWS else self._batch1
+            fill(handles, bitmask, rows)
+        self.fill_times.append(time.perf_counter() - start)
+        return out
+
+    def _bitmask_with_drafts(self, so: SchedulerOutput, advance: tuple[list[Grammar], list[Any], list[int]],
+                             start: float) -> GrammarOutput | None:
+        """A step verifying drafts: 1 + k rows for a request with k drafts, filled request by request (the matcher
+        walks the drafts and rolls back)."""
+        spec = so.scheduled_spec_decode_tokens
         req_ids: list[str] = []
         rows: list[int] = []
         grammars: list[Grammar] = []
-        for req_id in so.num_scheduled_tokens:
-            request = requests.get(req_id)
-            if request is None or request.num_computed_tokens < len(request.all_token_ids):  # unknown, mid-prefill
-                continue
+        for req_id, request in self._sampling(so):
             req_ids.append(req_id)
             rows.append(1 + len(spec[req_id]) if req_id in spec else 1)
             grammars.append(request.grammar)
+        self._advance(*advance)
         if not req_ids:
-            self._advance(*advance)
             return None
-        total = sum(rows) if spec else len(rows)
-        bitmask = self._rows_buffer(total)
-        if total == len(grammars):  # no drafts: one row per request, filled by xgrammar's batch matcher
-            live = [i for i, g in enumerate(grammars) if not g.is_terminated]
-            if len(live) < total:
-                bitmask[:] = -1
-            matchers = [grammars[i].matcher for i in live]
-            for i in live:
-                grammars[i].masked = True  # its next token is sampled under this row: taking it may be deferred
-            out = GrammarOutput(req_ids, rows, self.num_words, _view(bitmask))
-            if live and self._batch is not None and total >= BATCH_FILL_MIN_ROWS and defer:
-                # xgrammar advances and fills with the GIL released: on a thread, the caller's other work overlaps it.
-                # The switch interval is shortened from here until the thread ends, so that it gets the GIL from a
-                # busy caller at once, to start and to return.
-                previous = sys.getswitchinterval()
-                if self.config.fill_switch_interval_ms:
-                    sys.setswitchinterval(self.config.fill_switch_interval_ms / 1000)
-                return self._fill_pool.submit(self._advance_and_fill, advance, matchers, live, bitmask, out, start,
-                                              previous)
-            self._advance(*advance)
-            if live:
-                batch = self._batch if self._batch is not None and total >= BATCH_FILL_MIN_ROWS else self._batch1
-                batch.batch_fill_next_token_bitmask(matchers, bitmask, live)
-        else:
-            self._advance(*advance)
-            row = 0
-            for req_id, grammar, n in zip(req_ids, grammars, rows):
-                grammar.fill_rows(bitmask, row, spec.get(req_id))
-                row += n
-            out = GrammarOutput(req_ids, rows, self.num_words, _view(bitmask))
+        bitmask = self._rows_buffer(sum(rows))
+        row = 0
+        for req_id, grammar, n in zip(req_ids, grammars, rows):
+            grammar.fill_rows(bitmask, row, spec.get(req_id))
+            row += n
         self.fill_times.append(time.perf_counter() - start)
-        return out
+        return GrammarOutput(req_ids, rows, self.num_words, _view(bitmask))
+
+    def _sampling(self, so: SchedulerOutput) -> Iterator[tuple[str, Request]]:
+        """The step's constrained requests that sample (not unknown here, not in the middle of their prefill)."""
+        requests = self.requests
+        for req_id in so.num_scheduled_tokens:
+            request = requests.get(req_id)
+            if request is not None and request.num_computed_tokens >= len(request.all_token_ids):
+                yield req_id, request
 
     def _rows_buffer(self, total: int) -> np.ndarray:
         """[total, num_words] int32 to fill: the executor's (see host_buffer), else this manager's own."""
@@ -259,34 +285,40 @@ class StructuredOutputManager:
         return self._buffer[:total]
 
     def _take_deferred(self) -> tuple[list[Grammar], list[Any], list[int]]:
-        """The grammars with a deferred token, their matchers and tokens; their tokens count as taken from here
-        (the caller advances the matchers before anything else uses them)."""
-        grammars = [g for g in self._deferred if g.pending >= 0]
+        """The grammars with a deferred token, their handles and tokens; their tokens count as taken from here (the
+        caller advances the matchers before anything else uses them)."""
+        grammars: list[Grammar] = []
+        handles: list[Any] = []
+        tokens: list[int] = []
+        for g in self._deferred:
+            tok = g.pending
+            if tok >= 0:  # else taken since (flush)
+                g.pending = -1
+                grammars.append(g)
+                handles.append(g.handle)
+                tokens.append(tok)
         self._deferred.clear()
-        tokens = [g.pending for g in grammars]
-        for g in grammars:
-            g.pending = -1
-        return grammars, [g.matcher for g in grammars], tokens
+        return grammars, handles, tokens
 
-    def _advance(self, grammars: list[Grammar], matchers: list[Any], tokens: list[int]) -> None:
+    def _advance(self, grammars: list[Grammar], handles: list[Any], tokens: list[int]) -> None:
         """Advance the matchers over their deferred tokens in one call (xgrammar releases the GIL inside it)."""
         if not grammars:
             return
-        accepted = self._batch_accept(matchers, tokens)
+        accepted = self._batch_accept(handles, tokens)
         if 0 in accepted:  # the request's next tokens end it with an error (grammar.py)
             for grammar, ok, tok in zip(grammars, accepted, tokens):
                 if not ok:
                     grammar.refused = True
                     logger.error("structured output: token %d sampled under its grammar's mask was refused", tok)
 
-    def _advance_and_fill(self, advance: tuple[list[Grammar], list[Any], list[int]], matchers: list[Any],
-                          live: list[int], bitmask: np.ndarray, out: GrammarOutput, start: float,
+    def _advance_and_fill(self, advance: tuple[list[Grammar], list[Any], list[int]], handles: list[Any],
+                          rows: list[int] | None, bitmask: np.ndarray, out: GrammarOutput, start: float,
                           switch_interval: float) -> GrammarOutput:
         """A deferred step, on the fill thread: the last step's tokens, then the rows (`out` views `bitmask`); the
         interpreter's switch interval is restored at the end."""
         try:
             self._advance(*advance)
-            self._batch.batch_fill_next_token_bitmask(matchers, bitmask, live)
+            self._batch(handles, bitmask, rows)
         finally:
             sys.setswitchinterval(switch_interval)
         self.fill_times.append(time.perf_counter() - start)
@@ -298,15 +330,24 @@ class StructuredOutputManager:
 
 
 def _batch_accept_token(xgr: Any) -> Callable[[list[Any], list[int]], Any]:
-    """xgrammar's BatchGrammarMatcher.batch_accept_token, answering its native array (0 = refused): the public wrapper
-    turns that into a list of bools one item at a time through tvm_ffi's Python Array class, 0.15 ms at 256 rows on
-    the dev box (0.5 ms a step under cProfile on the H200 machine) with the GIL held, in the way of the caller it
-    should overlap. The wrapper where the native entry point is not there (older xgrammar)."""
-    native = getattr(getattr(getattr(xgr, "base", None), "_core", None), "BatchGrammarMatcher", None)
-    if native is None or not hasattr(native, "batch_accept_token"):
+    """(handles, tokens) -> whether each was accepted (0 = refused), in one call. The native entry point answers its
+    own array, which `0 in` tests natively; xgrammar's wrapper would turn it into a list of bools one item at a time
+    through tvm_ffi's Python Array (0.5 ms a step at 256 requests under cProfile on the H200 machine) with the GIL
+    held, in the way of the caller it should overlap. The wrapper (taking matchers) where there is no native API."""
+    native = native_batch_api()
+    if native is None:
         return xgr.BatchGrammarMatcher.batch_accept_token
     accept = native.batch_accept_token
-    return lambda matchers, tokens: accept([m._handle for m in matchers], tokens, False)
+    return lambda handles, tokens: accept(handles, tokens, False)
+
+
+def _batch_fill(batch: Any) -> Callable[[list[Any], np.ndarray, list[int] | None], None]:
+    """(handles, bitmask, rows or None) -> None: a BatchGrammarMatcher's fill, through its native object where there
+    is one (see native_batch_api)."""
+    if native_batch_api() is None:
+        return batch.batch_fill_next_token_bitmask
+    fill = batch._handle.batch_fill_next_token_bitmask
+    return lambda handles, bitmask, rows: fill(handles, bitmask, rows, False)
 
 
 def _view(bitmask: np.ndarray) -> memoryview:

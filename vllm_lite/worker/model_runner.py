@@ -357,8 +357,10 @@ class ModelRunner:
         states = step.states
         meta = self._sampling_metadata(states)
         if grammar is not None:  # disallowed tokens become -inf in the constrained rows, in place
-            self.grammar_bitmask.apply(step.logits, grammar, [launch.req_ids[i] for i in launch.rows],
-                                       _row_offsets(launch.num_drafts or [0] * len(launch.rows)))
+            ids = launch.req_ids  # every request samples (steady decode): rows 0..n-1, in this order
+            if len(launch.rows) != len(ids):
+                ids = [ids[i] for i in launch.rows]
+            self.grammar_bitmask.apply(step.logits, grammar, ids, launch.num_drafts and _row_offsets(launch.num_drafts))
         if step.drafts is None:
             out = self.sampler(step.logits, meta, logits_owned=True)
             sampled, row_tokens = out.sampled_token_ids, None
