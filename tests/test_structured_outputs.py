@@ -381,10 +381,10 @@ def test_grammar_termination_with_and_without_known_stop_tokens(tiny_smol_path, 
 
 def test_deferred_bitmask_fill_gives_identical_outputs(tiny_smol_path, schema_run, monkeypatch):
     """With fill threads (a host of several cores), a large batch's bitmask fill runs on a thread while step()
-    returns its outputs to the caller, and that step is sampled at the start of the next step(); the tokens sampled
-    under each grammar's own mask are advanced in one batch call (on that thread when the fill is deferred). The
-    outputs equal those of matchers advanced token by token in the scheduler and filled in place, seeded sampling
-    included, and the interpreter's switch interval is back to its value afterwards."""
+    returns its outputs to the caller and while the next step() schedules, and that step() samples it before its
+    launch; the tokens sampled under each grammar's own mask are advanced in one batch call (on that thread when the
+    fill is deferred). The outputs equal those of matchers advanced token by token in the scheduler and filled in
+    place, seeded sampling included, and the interpreter's switch interval is back to its value afterwards."""
     import sys
 
     import vllm_lite.structured_output.manager as manager_module
@@ -406,7 +406,16 @@ def test_deferred_bitmask_fill_gives_identical_outputs(tiny_smol_path, schema_ru
         if not defer_tokens:
             manager._take_deferred = lambda: ([], [], [])
         breakdown = StepBreakdown(llm)
+        order = []  # the next schedule() runs while a deferred fill may still run; its sampling waits for it after
+        engine = llm.engine
+        step, schedule, wait_fill = engine.step, engine.scheduler.schedule, engine._wait_fill
+        engine.step = lambda f=step: order.append("step") or f()
+        engine.scheduler.schedule = lambda f=schedule: order.append("schedule") or f()
+        engine._wait_fill = lambda fut, f=wait_fill: order.append("fill") or f(fut)
         runs.append([o.outputs[0].token_ids for o in llm.chat([PROMPT] * len(params), params, use_tqdm=False)])
+        steps = " ".join(order).split("step")
+        assert all(s.split() in (["schedule", "fill"], ["schedule"], ["fill"], []) for s in steps), steps
+        assert sum(s.split() == ["schedule", "fill"] for s in steps) == len(fills)  # a deferred fill, then scheduled
         assert (len(fills) > 20) == (threads == 2), len(fills)
         assert (breakdown.take()["fill_wait"] > 0) == (threads == 2)  # the deferred fills' results were waited for
         assert (sum(advanced) > 100) == defer_tokens, sum(advanced)

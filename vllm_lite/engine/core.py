@@ -6,7 +6,8 @@ One step (vLLM v1's shape): `schedule()` -> `executor.execute_model(scheduler_ou
 nothing waits) -> while it runs, the grammar bitmask for the scheduled requests is built here ->
 `executor.sample_tokens(grammar_output)` -> `update_from_output` once the step's tokens are back -> the proposer
 drafts the next step's speculative tokens. With async scheduling up to two steps are in flight: step N+1 is
-launched before step N's tokens are applied.
+launched before step N's tokens are applied. A large constrained batch's fill then runs on a thread while step()
+returns and while the next step() schedules; that step() samples it before the next launch.
 """
 from __future__ import annotations
 
@@ -135,13 +136,18 @@ class EngineCore:
         launched = False
         applied = errors = None
         self._step_calls += 1
-        if self._deferred_sample is not None:  # the last step's bitmask fill, overlapped with the caller's work
-            future, self._deferred_sample = self._deferred_sample, None
-            self.executor.sample_tokens(self._wait_fill(future))
+        # The last step's bitmask fill, overlapped with the caller's work and with this schedule() (which does not
+        # touch the matchers; clipping drafts does, so with drafts it is sampled first).
+        deferred, self._deferred_sample = self._deferred_sample, None
+        if deferred is not None and self.num_spec_tokens:
+            self.executor.sample_tokens(self._wait_fill(deferred))
+            deferred = None
         if self.structured is not None:
             errors = self._poll_grammars()
-        if self.scheduler.has_unfinished_requests():
-            scheduler_output = self.scheduler.schedule()
+        scheduler_output = self.scheduler.schedule() if self.scheduler.has_unfinished_requests() else None
+        if deferred is not None:  # sampled before the next launch (the device's logits and inputs follow it)
+            self.executor.sample_tokens(self._wait_fill(deferred))
+        if scheduler_output is not None:
             if scheduler_output.total_num_scheduled_tokens or not self.in_flight:
                 self.executor.execute_model(scheduler_output)
                 if self.in_flight and self.structured is not None \
