@@ -66,7 +66,8 @@
 #   gsm8k-fp32 GSM8K plain and with n-gram speculation in float32, answers compared (issue 15's identity check)
 #   gil-handoff[-xgr]  bench/tools/gil_handoff.py: a thread's work beside the main thread's Python, by switch interval
 #   structured-host  bench/tools/structured_host.py: json_schema's host cost by part, model and sampler stubbed (CPU only)
-#   structured-si0  json_schema runs with fill_switch_interval_ms 0 (the interpreter's 5 ms): the A/B of that setting
+#   structured-si:MS  json_schema runs with fill_switch_interval_ms MS (0: the interpreter's 5 ms; default 0.2): the A/B
+#              of that setting against `structured` (structured-si0 = structured-si:0)
 #   structured-1t  bench structured's full-batch runs with one bitmask fill thread (no deferred fill), to compare
 # Everything under $OUT is also packed into $OUT/all.tgz at the end (the device returns at most 8 files).
 set -uo pipefail
@@ -142,7 +143,7 @@ train_budget() {  # train-draft's --time-budget-s: TRAIN_BUDGET, cut to what is 
 # it is missing (instead of failing after minutes of start-up).
 MODEL_STAGES=" model serve-default serve-default-notok server-cpu gsm8k gsm8k-ref gsm8k-ngram gsm8k-fp32 mrcr mrcr-ngram mrcr-fp32 \
 spec-ngram spec-ngram-measured spec-ngram-vad spec-suffix spec-eagle3-vad train-draft spec-eagle3 spec-eagle3-fp32 spec-trace-eagle3 \
-ngram-replay structured structured-1t structured-si0 structured-host gil-handoff-xgr "
+ngram-replay structured structured-1t structured-si0 structured-si structured-host gil-handoff-xgr "
 DATA_STAGES=" gsm8k gsm8k-ref gsm8k-ngram gsm8k-fp32 spec-ngram spec-ngram-measured spec-ngram-vad spec-suffix spec-eagle3-vad \
 train-draft spec-eagle3 \
 spec-eagle3-fp32 spec-trace-eagle3 "
@@ -469,12 +470,13 @@ for x in r['cprofile']['cumulative_ms_per_step'][:20]: print('   cum', x)" "$OUT
       tok=$(cd /tmp && python3 -c "from vllm_lite.config import EngineConfig; from vllm_lite.model_loader import resolve_model; c = EngineConfig.from_kwargs(device='cpu'); print(resolve_model(c.model, c.load, 'cpu').tokenizer)" 2>/dev/null | tail -1)
       tmo 120 python3 bench/tools/gil_handoff.py --tokenizer "$tok" > "$OUT/gil-handoff-xgr.log" 2>&1
       echo "gil-handoff-xgr rc=$?"; grep -v Warning "$OUT/gil-handoff-xgr.log" | tail -8 ;;
-    structured-si0)  # json_schema with the interpreter's own switch interval during deferred fills: the A/B of
+    structured-si0|structured-si:*)  # json_schema with another switch interval during deferred fills: the A/B of
       # structured_outputs_config.fill_switch_interval_ms (default 0.2) against `structured`
+      ms=${stage#structured-si}; ms=${ms#:}; ms=${ms:-0}
       tmo ${STRUCTURED_TIMEOUT:-300} python3 bench/structured.py --modes json_schema --repeats ${STRUCTURED_REPEATS:-3} \
-        --structured-outputs-config '{"fill_switch_interval_ms": 0}' --json "$OUT/structured-si0.json" \
-        > "$OUT/structured-si0.log" 2>&1
-      echo "structured-si0 rc=$?"; grep -E "^(full_batch|batch1) |median of" "$OUT/structured-si0.log" ;;
+        --structured-outputs-config "{\"fill_switch_interval_ms\": $ms}" --json "$OUT/structured-si$ms.json" \
+        > "$OUT/structured-si$ms.log" 2>&1
+      echo "structured-si:$ms rc=$?"; grep -E "^(full_batch|batch1) |median of" "$OUT/structured-si$ms.log" ;;
     structured-host)  # bench/tools/structured_host.py on this machine's CPU: the host's share of json_schema at full batch
       # without the device (model and sampler stubbed), for the default fill threads, the 5 ms switch interval, 1 thread
       for a in "--fill-threads 4" "--fill-threads 4 --fill-switch-interval-ms 0" "--fill-threads 1"; do
