@@ -68,7 +68,8 @@
 #   structured-host  bench/tools/structured_host.py: json_schema's host cost by part, model and sampler stubbed (CPU only)
 #   structured-si:MS  json_schema runs with fill_switch_interval_ms MS (0: the interpreter's 5 ms; default 0.2): the A/B
 #              of that setting against `structured` (structured-si0 = structured-si:0)
-#   structured-1t  bench structured's full-batch runs with one bitmask fill thread (no deferred fill), to compare
+#   structured-1t / structured-d1  json_schema with one xgrammar fill thread, filled in line (1t) or deferred to a
+#              thread of its own (d1): the A/B of the deferral and of xgrammar's own threads against `structured`
 # Everything under $OUT is also packed into $OUT/all.tgz at the end (the device returns at most 8 files).
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -143,7 +144,7 @@ train_budget() {  # train-draft's --time-budget-s: TRAIN_BUDGET, cut to what is 
 # it is missing (instead of failing after minutes of start-up).
 MODEL_STAGES=" model serve-default serve-default-notok server-cpu gsm8k gsm8k-ref gsm8k-ngram gsm8k-fp32 mrcr mrcr-ngram mrcr-fp32 \
 spec-ngram spec-ngram-measured spec-ngram-vad spec-suffix spec-eagle3-vad train-draft spec-eagle3 spec-eagle3-fp32 spec-trace-eagle3 \
-ngram-replay structured structured-1t structured-si0 structured-si structured-host gil-handoff-xgr "
+ngram-replay structured structured-1t structured-d1 structured-si0 structured-si structured-host gil-handoff-xgr "
 DATA_STAGES=" gsm8k gsm8k-ref gsm8k-ngram gsm8k-fp32 spec-ngram spec-ngram-measured spec-ngram-vad spec-suffix spec-eagle3-vad \
 train-draft spec-eagle3 \
 spec-eagle3-fp32 spec-trace-eagle3 "
@@ -478,16 +479,20 @@ for x in r['cprofile']['cumulative_ms_per_step'][:20]: print('   cum', x)" "$OUT
         > "$OUT/structured-si$ms.log" 2>&1
       echo "structured-si:$ms rc=$?"; grep -E "^(full_batch|batch1) |median of" "$OUT/structured-si$ms.log" ;;
     structured-host)  # bench/tools/structured_host.py on this machine's CPU: the host's share of json_schema at full batch
-      # without the device (model and sampler stubbed), for the default fill threads, the 5 ms switch interval, 1 thread
-      for a in "--fill-threads 4" "--fill-threads 4 --fill-switch-interval-ms 0" "--fill-threads 1"; do
+      # without the device (model and sampler stubbed), for the default fill threads, the 5 ms switch interval, one
+      # xgrammar thread deferred, and filled in line
+      for a in "--fill-threads 4" "--fill-threads 4 --fill-switch-interval-ms 0" "--fill-threads 1 --defer-fill on" \
+          "--fill-threads 1 --defer-fill off"; do
         echo "structured-host $a"
         tmo 150 python3 bench/tools/structured_host.py --num-requests 256 --max-tokens 64 $a 2>&1 \
           | grep -vE "Warning|Writing" | tail -14
       done ;;
-    structured-1t)  # the full-batch runs with one fill thread (no deferred fill): the deferral's A/B against `structured`
-      tmo ${STRUCTURED_TIMEOUT:-400} python3 bench/structured.py --fill-only --structured-outputs-config \
-        '{"fill_threads": 1}' --json "$OUT/structured-1t.json" > "$OUT/structured-1t.log" 2>&1
-      echo "structured-1t rc=$?"; grep -E "^full_batch" "$OUT/structured-1t.log" ;;
+    structured-1t|structured-d1)  # json_schema with one xgrammar fill thread, filled in the engine core's thread (1t)
+      # or deferred to a thread of its own (d1): the A/B of the deferral and of xgrammar's threads against `structured`
+      cfg='{"fill_threads": 1, "defer_fill": false}'; [ "$stage" = structured-d1 ] && cfg='{"fill_threads": 1, "defer_fill": true}'
+      tmo ${STRUCTURED_TIMEOUT:-300} python3 bench/structured.py --modes json_schema --repeats ${STRUCTURED_REPEATS:-3} \
+        --structured-outputs-config "$cfg" --json "$OUT/$stage.json" > "$OUT/$stage.log" 2>&1
+      echo "$stage rc=$?"; grep -E "^(full_batch|batch1) |median of" "$OUT/$stage.log" ;;
     structured)  # bench/structured.py: unconstrained vs json_object vs json_schema on the default model (issue 13)
       tmo ${STRUCTURED_TIMEOUT:-400} python3 bench/structured.py --profile --repeats ${STRUCTURED_REPEATS:-3} \
         --json "$OUT/structured.json" \

@@ -1,6 +1,6 @@
 """The structured-output benchmark (issue 13) on a tiny random model with the default model's tokenizer: the
 unconstrained same-lengths runs do the constrained runs' work token for token, the per-mode bitmask statistics and
-the fill replay are reported; and fill_threads' automatic default."""
+the fill replay are reported; and the automatic defaults of fill_threads and defer_fill."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import pytest
 
 from vllm_lite.benchmarks import structured as bench
 from vllm_lite.benchmarks.step_breakdown import StepBreakdown
-from vllm_lite.config import StructuredOutputsConfig, auto_fill_threads
+from vllm_lite.config import StructuredOutputsConfig, auto_defer_fill, auto_fill_threads
 
 from tiny_models import make_tiny_model_with_default_tokenizer
 
@@ -88,13 +88,18 @@ def test_same_lengths_run_forces_each_requests_length(tiny_smol_path):
 
 
 @pytest.mark.parametrize("cpus, threads", [(1, 1), (2, 1), (3, 1), (4, 2), (8, 4), (16, 4), (128, 4)])
-def test_fill_threads_auto_default(monkeypatch, cpus, threads):
+def test_fill_threads_and_deferral_auto_defaults(monkeypatch, cpus, threads):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
     assert StructuredOutputsConfig().fill_threads == threads == auto_fill_threads()
     assert StructuredOutputsConfig(fill_threads=3).fill_threads == 3
     assert StructuredOutputsConfig.from_any({"fill_threads": 0}).fill_threads == threads
     with pytest.raises(ValueError, match="fill_threads"):
         StructuredOutputsConfig(fill_threads=-1)
+    assert StructuredOutputsConfig().defer_fill == (cpus >= 4) == auto_defer_fill()  # as fill_threads >= 2 did
+    assert StructuredOutputsConfig(defer_fill=False).defer_fill is False
+    assert StructuredOutputsConfig.from_any({"defer_fill": True, "fill_threads": 1}).defer_fill is True
+    with pytest.raises(ValueError, match="defer_fill"):
+        StructuredOutputsConfig(defer_fill="yes")
 
 
 def test_bench_profile_names_where_the_constrained_run_spends_more(tiny_smol_path):

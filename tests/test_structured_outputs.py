@@ -393,8 +393,9 @@ def test_deferred_bitmask_fill_gives_identical_outputs(tiny_smol_path, schema_ru
     params = [c[2] for c in cases]
     interval = sys.getswitchinterval()
     runs = []
-    for threads, defer_tokens in ((1, False), (1, True), (2, True)):
-        llm = LLM(tiny_smol_path, structured_outputs_config={"fill_threads": threads}, **TINY)
+    for threads, defer_fill, defer_tokens in ((1, False, False), (1, False, True), (2, True, True), (1, True, True)):
+        llm = LLM(tiny_smol_path, structured_outputs_config={"fill_threads": threads, "defer_fill": defer_fill},
+                  **TINY)
         manager = llm.engine.structured
         if not defer_tokens:
             manager._deferred = None  # the grammars get no sink: every token is taken in the scheduler
@@ -416,14 +417,14 @@ def test_deferred_bitmask_fill_gives_identical_outputs(tiny_smol_path, schema_ru
         steps = " ".join(order).split("step")
         assert all(s.split() in (["schedule", "fill"], ["schedule"], ["fill"], []) for s in steps), steps
         assert sum(s.split() == ["schedule", "fill"] for s in steps) == len(fills)  # a deferred fill, then scheduled
-        assert (len(fills) > 20) == (threads == 2), len(fills)
-        assert (breakdown.take()["fill_wait"] > 0) == (threads == 2)  # the deferred fills' results were waited for
+        assert (len(fills) > 20) == defer_fill, len(fills)
+        assert (breakdown.take()["fill_wait"] > 0) == defer_fill  # the deferred fills' results were waited for
         assert (sum(advanced) > 100) == defer_tokens, sum(advanced)
         assert llm.engine._deferred_sample is None and not llm.engine.in_flight
         assert sys.getswitchinterval() == interval
         assert not any(r.grammar.refused for r in manager.requests.values())
         llm.engine.shutdown()
-    assert runs[0] == runs[1] == runs[2]
+    assert runs[0] == runs[1] == runs[2] == runs[3]
 
 
 def test_deferred_token_is_taken_before_any_other_use(tiny_smol_path):

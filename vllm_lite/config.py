@@ -352,15 +352,25 @@ def section_values(cls: type, name: str, value: Any) -> dict[str, Any]:
 STRUCTURED_OUTPUT_BACKENDS = ("auto", "xgrammar")
 
 
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def auto_fill_threads() -> int:
     """Bitmask fill threads for fill_threads=0: half the CPUs this process may use, 1 to 4 (xgrammar's own auto is
     half the hardware threads). On the 16-core H200 host, replaying a step's masks took 0.87 ms with 4 threads and
     0.92 ms with 8 (186 rows; 0.33 / 0.50 ms for 83 rows), and the other engine processes keep their cores."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(4, cpus // 2))
+    return max(1, min(4, _usable_cpus() // 2))
+
+
+def auto_defer_fill() -> bool:
+    """defer_fill for None: with 4 usable CPUs or more. On the 2-core development machine a fill on a thread beside
+    the engine's Python did not overlap it (bench/tools/structured_host.py: +1.7 ms a step against +1.3 ms filled in
+    line), and xgrammar's own threads slowed the fill itself (0.98 ms with 2 against 0.62 ms with 1)."""
+    return _usable_cpus() >= 4
 
 
 @dataclass(frozen=True)
@@ -372,9 +382,12 @@ class StructuredOutputsConfig:
     compile_timeout_s: a grammar still compiling after this many seconds fails its request alone
       (`--structured-outputs-compile-timeout`).
     compile_threads: threads of the engine core's compile pool.
-    fill_threads: threads that fill a step's bitmask rows when enough constrained rows share a step; 0 (the
+    fill_threads: xgrammar's threads filling a step's bitmask rows when enough constrained rows share a step; 0 (the
       default) means auto, resolved here to `auto_fill_threads()`: half the usable CPUs, at most 4 (the engine
-      core, worker and API server processes need the rest); 1 fills in the engine core's thread alone.
+      core, worker and API server processes need the rest).
+    defer_fill: whether such a fill runs on a thread of its own while the engine core returns the step's outputs and
+      schedules the next one (the step is sampled after it); false fills in the engine core's thread. None (the
+      default) means auto, resolved here to `auto_defer_fill()`: with 4 usable CPUs or more.
     fill_switch_interval_ms: the interpreter's switch interval (`sys.setswitchinterval`) while a deferred fill runs on
       its thread: the thread needs the GIL to start and to return, and a busy caller gives it up only that often
       (5 ms by default), so the fill waited for the caller's Python instead of overlapping it (bench/tools/
@@ -386,13 +399,16 @@ class StructuredOutputsConfig:
     compile_timeout_s: float = 10.0
     compile_threads: int = 4
     fill_threads: int = 0
+    defer_fill: bool | None = None
     fill_switch_interval_ms: float = 0.2
 
     def __post_init__(self) -> None:
         if self.fill_threads == 0 and not isinstance(self.fill_threads, bool):
             object.__setattr__(self, "fill_threads", auto_fill_threads())
+        if self.defer_fill is None:
+            object.__setattr__(self, "defer_fill", auto_defer_fill())
         _choice("structured_outputs_config.backend", self.backend, STRUCTURED_OUTPUT_BACKENDS)
-        for name in ("disable_any_whitespace", "disable_additional_properties"):
+        for name in ("disable_any_whitespace", "disable_additional_properties", "defer_fill"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"structured_outputs_config.{name}={getattr(self, name)!r} is invalid; it must be "
                                  f"true or false")

@@ -148,12 +148,16 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--fill-threads", type=int, default=2)
+    ap.add_argument("--defer-fill", choices=("on", "off"), default=None,
+                    help="fill on a thread of its own (default: the engine's auto, on with 4 usable CPUs or more)")
     ap.add_argument("--fill-switch-interval-ms", type=float, default=None)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--profile", action="store_true",
                     help="then cProfile one more pair: the functions whose own time per step grew most")
     args = ap.parse_args()
     so_config = {"fill_threads": args.fill_threads}
+    if args.defer_fill is not None:
+        so_config["defer_fill"] = args.defer_fill == "on"
     if args.fill_switch_interval_ms is not None:
         so_config["fill_switch_interval_ms"] = args.fill_switch_interval_ms
     path = make_tiny_model_with_default_tokenizer(tempfile.mkdtemp(), num_hidden_layers=1)
@@ -173,7 +177,8 @@ def main() -> None:
         pairs.append((run, same))
     if args.profile:
         profile_pair(llm, counter, items, args.max_tokens)
-    print(f"{args.num_requests} requests, max_tokens {args.max_tokens}, fill_threads {args.fill_threads}, "
+    print(f"{args.num_requests} requests, max_tokens {args.max_tokens}, fill_threads {args.fill_threads}, defer_fill "
+          f"{llm.engine.structured.config.defer_fill}, "
           f"{run['output_tokens']} tokens, {run['engine_steps']} steps; validity {run['validity_rate']}; "
           f"{stats['off_script']} of {stats['sampled']} sampled tokens off the script (the mask forbade them)")
     parts = [k for k in pairs[0][0]["step_parts_ms"]]

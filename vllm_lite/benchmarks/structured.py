@@ -433,7 +433,8 @@ def _summary(result: dict[str, Any]) -> None:
             progress(f"{batch} {mode}: {run['vs_unconstrained_same_lengths']}x same-lengths unconstrained "
                      f"(raw {run.get('vs_unconstrained')}x); step {run['step_ms_mean']} ms vs "
                      f"{same['step_ms_mean']} ms; bitmask p50 {run['bitmask_ms_p50']} / p99 "
-                     f"{run['bitmask_ms_p99']} ms (fill_threads {result['fill_threads']})")
+                     f"{run['bitmask_ms_p99']} ms (fill_threads {result['fill_threads']}, defer_fill "
+                     f"{result['defer_fill']})")
             if "ratio_repeats" in run:
                 progress(f"  median of {len(run['ratio_repeats'])} pairs {run['vs_unconstrained_same_lengths_median']}x "
                          f"(pairs {', '.join(str(r) for r in run['ratio_repeats'])})")
@@ -474,7 +475,7 @@ def main(argv: list[str] | None = None) -> dict:
     manager = llm.engine.structured
     result: dict[str, Any] = {"workload": "structured", "model": bench_model(args), "device": str(llm.device),
                               "max_tokens": args.max_tokens, "cpus": usable_cpus(),
-                              "fill_threads": manager.config.fill_threads,
+                              "fill_threads": manager.config.fill_threads, "defer_fill": manager.config.defer_fill,
                               "batch_fill_min_rows": BATCH_FILL_MIN_ROWS}
     result["full_batch"], outputs = run_batch(llm, counter, modes, items, args.max_tokens, False,
                                               not args.fill_only, args.repeats)

@@ -137,7 +137,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_help: str | None = No
     g.add_argument("--structured-outputs-config", type=_json_object, default=None, metavar="JSON",
                    help='structured outputs as a JSON object with vLLM\'s fields, e.g. \'{"backend": "xgrammar", '
                         '"disable_any_whitespace": true}\' (also disable_additional_properties, compile_timeout_s, '
-                        'compile_threads, fill_threads, fill_switch_interval_ms)')
+                        'compile_threads, fill_threads, defer_fill, fill_switch_interval_ms)')
     g.add_argument("--structured-outputs-compile-timeout", type=_seconds, default=None, metavar="SECONDS",
                    help="a request whose grammar is still compiling after this many seconds fails alone with "
                         "finish_reason 'error' (default 10)")

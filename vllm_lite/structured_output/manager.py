@@ -12,8 +12,8 @@
 - `clip_drafts`: drafts the grammar refuses are cut before they are scheduled.
 The scheduler advances each request's matcher (`Request.grammar`) with the tokens a step produced; a token sampled
 under the grammar's own one-row mask is only recorded there (grammar.py), and `bitmask` advances all of them in one
-xgrammar call first: on the fill thread with the fill when the fill is deferred, so that neither the per-request
-accepts nor the fill hold the caller's thread.
+xgrammar call first: on the fill thread with the fill when the fill is deferred (`defer_fill`), so that neither the
+per-request accepts nor the fill hold the caller's thread.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ class StructuredOutputManager:
         self._fill_pool = cf.ThreadPoolExecutor(1, thread_name_prefix="grammar-fill")  # deferred bitmask fills
         self._compiler = self._pool.submit(self._build_compiler, tokenizer, list(stop_token_ids))
         # (handles, bitmask, row indices or None) -> None: xgrammar's BatchGrammarMatcher fill with fill_threads threads
-        # (None: fill_threads 1), and with one thread (no Python loop over the matchers, no thread hand-off).
+        # (from BATCH_FILL_MIN_ROWS rows), and with one thread (no Python loop over the matchers, no thread hand-off).
         self._batch: Callable[[list[Any], np.ndarray, list[int] | None], None] | None = None
         self._batch1: Callable[[list[Any], np.ndarray, list[int] | None], None] | None = None
         self._batch_accept: Callable[[list[Any], list[int]], Any] | None = None  # set with the compiler
@@ -107,8 +107,8 @@ class StructuredOutputManager:
         self._stop_token_ids = frozenset(int(t) for t in info.stop_token_ids)
         self._batch1 = _batch_fill(xgr.BatchGrammarMatcher(1))
         self._batch_accept = _batch_accept_token(xgr)
-        if self.config.fill_threads > 1:
-            self._batch = _batch_fill(xgr.BatchGrammarMatcher(self.config.fill_threads))
+        threads = self.config.fill_threads
+        self._batch = self._batch1 if threads == 1 else _batch_fill(xgr.BatchGrammarMatcher(threads))
         return xgr.GrammarCompiler(info, max_threads=self.config.compile_threads)
 
     @property
@@ -228,7 +228,7 @@ class StructuredOutputManager:
         if rows is not None:
             bitmask[:] = -1
         out = GrammarOutput(req_ids, [1] * total, self.num_words, _view(bitmask))
-        if live and self._batch is not None and total >= BATCH_FILL_MIN_ROWS and defer:
+        if live and self.config.defer_fill and total >= BATCH_FILL_MIN_ROWS and defer:
             # xgrammar advances and fills with the GIL released: on a thread, the caller's other work overlaps it.
             # The switch interval is shortened from here until the thread ends, so that it gets the GIL from a busy
             # caller at once, to start and to return.
@@ -239,7 +239,7 @@ class StructuredOutputManager:
                                           previous)
         self._advance(*advance)
         if live:
-            fill = self._batch if self._batch is not None and total >= BATCH_FILL_MIN_ROWS else self._batch1
+            fill = self._batch if total >= BATCH_FILL_MIN_ROWS else self._batch1
             fill(handles, bitmask, rows)
         self.fill_times.append(time.perf_counter() - start)
         return out
