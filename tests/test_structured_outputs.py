@@ -384,19 +384,30 @@ def test_deferred_bitmask_fill_gives_identical_outputs(tiny_smol_path, schema_ru
     returns its outputs to the caller and while the next step() schedules, and that step() samples it before its
     launch; the tokens sampled under each grammar's own mask are advanced in one batch call (on that thread when the
     fill is deferred). The outputs equal those of matchers advanced token by token in the scheduler and filled in
-    place, seeded sampling included, and the interpreter's switch interval is back to its value afterwards."""
+    place, seeded sampling included, and the interpreter's switch interval is back to its value afterwards. The same
+    without xgrammar's native batch API (older versions): its Python wrappers, which take the matchers."""
     import sys
 
+    import vllm_lite.structured_output.grammar as grammar_module
     import vllm_lite.structured_output.manager as manager_module
     monkeypatch.setattr(manager_module, "BATCH_FILL_MIN_ROWS", 8)  # from 64 rows: defer most of this run's steps
     cases, _, _ = schema_run
     params = [c[2] for c in cases]
     interval = sys.getswitchinterval()
     runs = []
-    for threads, defer_fill, defer_tokens in ((1, False, False), (1, False, True), (2, True, True), (1, True, True)):
+    native = grammar_module.native_batch_api
+    for threads, defer_fill, defer_tokens, api in ((1, False, False, native), (1, False, True, native),
+                                                   (2, True, True, native), (1, True, True, native),
+                                                   (2, True, True, lambda: None)):
+        monkeypatch.setattr(grammar_module, "native_batch_api", api)
+        monkeypatch.setattr(manager_module, "native_batch_api", api)
         llm = LLM(tiny_smol_path, structured_outputs_config={"fill_threads": threads, "defer_fill": defer_fill},
                   **TINY)
         manager = llm.engine.structured
+        own_handles = []  # whether each grammar's handle is its matcher itself (only without the native API)
+        attach = manager._attach
+        manager._attach = lambda r, c, f=attach, seen=own_handles: f(r, c) or seen.append(
+            r.grammar.handle is r.grammar.matcher)
         if not defer_tokens:
             manager._deferred = None  # the grammars get no sink: every token is taken in the scheduler
         fills, advanced = [], []
@@ -422,9 +433,10 @@ def test_deferred_bitmask_fill_gives_identical_outputs(tiny_smol_path, schema_ru
         assert (sum(advanced) > 100) == defer_tokens, sum(advanced)
         assert llm.engine._deferred_sample is None and not llm.engine.in_flight
         assert sys.getswitchinterval() == interval
+        assert own_handles and set(own_handles) == {api() is None}
         assert not any(r.grammar.refused for r in manager.requests.values())
         llm.engine.shutdown()
-    assert runs[0] == runs[1] == runs[2] == runs[3]
+    assert runs[0] == runs[1] == runs[2] == runs[3] == runs[4]
 
 
 def test_deferred_token_is_taken_before_any_other_use(tiny_smol_path):
