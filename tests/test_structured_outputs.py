@@ -434,6 +434,7 @@ def test_deferred_bitmask_fill_gives_identical_outputs(tiny_smol_path, schema_ru
         assert llm.engine._deferred_sample is None and not llm.engine.in_flight
         assert sys.getswitchinterval() == interval
         assert own_handles and set(own_handles) == {api() is None}
+        assert manager.fill_times and len(manager.fill_times) <= manager.fill_times.maxlen  # bounded (a server)
         assert not any(r.grammar.refused for r in manager.requests.values())
         llm.engine.shutdown()
     assert runs[0] == runs[1] == runs[2] == runs[3] == runs[4]

@@ -43,7 +43,7 @@ import json
 import os
 import statistics
 import time
-from typing import Any
+from typing import Any, Iterable
 
 from vllm_lite.benchmarks.step_breakdown import StepBreakdown
 from vllm_lite.benchmarks.utils import add_bench_engine_args, bench_model, make_llm, per_step_times, progress, report
@@ -190,10 +190,10 @@ def run_mode(llm: Any, mode: str, items: list, max_tokens: int, one_at_a_time: b
     return result, outs
 
 
-def _p(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
+def _p(values: Iterable[float], q: float) -> float | None:
     ordered = sorted(values)
+    if not ordered:
+        return None
     return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4)
 
 

@@ -21,7 +21,7 @@ import concurrent.futures as cf
 import logging
 import sys
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -36,6 +36,7 @@ logger = logging.getLogger("vllm_lite.structured_output")
 
 _MAX_CACHED_KEYS = 4096  # compiled grammars kept by key (xgrammar's compiler keeps its own cache too)
 BATCH_FILL_MIN_ROWS = 64  # below this one thread fills faster than xgrammar's thread pool
+_KEPT_TIMES = 1 << 16  # diagnostic timings kept (the latest)
 _IDLE_WAIT_S = 0.05  # longest wait for a compile when nothing else can run (new requests are read in between)
 
 
@@ -70,9 +71,10 @@ class StructuredOutputManager:
         # The executor's: where the step's mask may be filled so that the worker needs no copy of it (EngineCore
         # sets it; it answers None where the manager's own buffer is to be used).
         self.host_buffer: Callable[[int, int], np.ndarray | None] | None = None
-        # Diagnostics (bench/structured.py): seconds per bitmask() call and per compile.
-        self.fill_times: list[float] = []
-        self.compile_times: list[float] = []
+        # Diagnostics (bench/structured.py): seconds per bitmask() call and per compile, the latest _KEPT_TIMES (a
+        # server runs for days: a list would grow by a float every constrained step).
+        self.fill_times: deque[float] = deque(maxlen=_KEPT_TIMES)
+        self.compile_times: deque[float] = deque(maxlen=_KEPT_TIMES)
 
     # ---- admission and compilation ---------------------------------------------------------------------------
     def add_request(self, request: Request, enqueue: Callable[[Request], None]) -> None:
