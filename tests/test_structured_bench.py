@@ -23,13 +23,20 @@ def tiny_smol_path(tmp_path_factory):
         pytest.skip(str(exc))
 
 
-def test_bench_repeats_pairs_and_reports_their_median(tiny_smol_path):
+def test_bench_repeats_pairs_and_reports_their_median(tiny_smol_path, monkeypatch):
     """--repeats: the constrained full-batch run and its same-lengths run again, each pair's ratio and step times,
-    their median; at batch 1 two more rounds alternate constrained and same-length unconstrained requests."""
+    their median; at batch 1 two more rounds alternate constrained and same-length unconstrained requests. With
+    deferred fills, their phases (wait for the thread, advance, fill)."""
+    import vllm_lite.structured_output.manager as manager_module
+    monkeypatch.setattr(manager_module, "BATCH_FILL_MIN_ROWS", 2)  # the full batch's fills are deferred
     result = bench.main(["--model", tiny_smol_path, "--device", "cpu", "--dtype", "float32", "--max-model-len", "1024",
                          "--num-requests", "4", "--batch1-requests", "1", "--max-tokens", "12", "--modes",
-                         "json_schema", "--repeats", "3"])
+                         "json_schema", "--repeats", "3", "--structured-outputs-config", '{"defer_fill": true}'])
+    assert result["defer_fill"] is True
     run = result["full_batch"]["json_schema"]
+    phases = run["deferred_fill_ms_p50"]
+    assert list(phases) == ["to_thread", "advance", "fill"] and all(v >= 0 for v in phases.values())
+    assert "deferred_fill_ms_p50" not in result["batch1"]["json_schema"]  # one row: filled in line
     ratios = run["ratio_repeats"]
     assert len(ratios) == len(run["step_ms_repeats"]) == 3 and ratios[0] == run["vs_unconstrained_same_lengths"]
     assert all(r > 0 for r in ratios) and all(a > 0 and b > 0 for a, b in run["step_ms_repeats"])

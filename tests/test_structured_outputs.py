@@ -435,6 +435,7 @@ def test_deferred_bitmask_fill_gives_identical_outputs(tiny_smol_path, schema_ru
         assert sys.getswitchinterval() == interval
         assert own_handles and set(own_handles) == {api() is None}
         assert manager.fill_times and len(manager.fill_times) <= manager.fill_times.maxlen  # bounded (a server)
+        assert len(manager.fill_phases) == len(fills) and all(min(p) >= 0 for p in manager.fill_phases)
         assert not any(r.grammar.refused for r in manager.requests.values())
         llm.engine.shutdown()
     assert runs[0] == runs[1] == runs[2] == runs[3] == runs[4]

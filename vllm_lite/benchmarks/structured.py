@@ -6,7 +6,9 @@ from eight shapes: person, order, event, product, address, weather, book, task l
 output tokens/s, engine steps and wall ms per step, finish reasons, the validity rate of the outputs that finished
 with "stop" (JSON of the requested shape: parsed, an object for json_object, validated with `jsonschema` for
 json_schema when it is installed) and, for the constrained modes, the engine core's bitmask() time per step
-(p50 / p99 ms; the engine's fill_threads is reported beside it).
+(p50 / p99 ms; the engine's fill_threads and defer_fill are reported beside it) and, for deferred fills, the p50 of
+their three phases: the wait for the fill thread to run (it needs the interpreter's lock from the busy engine
+thread), the matchers' advance and the fill.
 
 The fair comparison. A constrained run's outputs differ from the unconstrained run's in length (a JSON schema
 stops most answers at ~80 tokens), so raw tokens/s mixes the grammar's cost with fixed costs (prefill, TTFT) spread
@@ -305,11 +307,20 @@ def kernel_times(vocab_size: int, rows: int = 256, constrained: int = 256, iters
                                                                          indices=idx_list))}
 
 
+def _clear_fill_stats(manager: Any) -> None:
+    manager.fill_times.clear()
+    manager.fill_phases.clear()
+
+
 def _fill_stats(manager: Any) -> dict[str, Any]:
     """The engine core's bitmask() times of the run just done (ms), then cleared."""
     times = manager.fill_times
     stats = {"bitmask_ms_p50": _p(times, 0.5), "bitmask_ms_p99": _p(times, 0.99), "bitmask_steps": len(times)}
     times.clear()
+    phases = list(zip(*manager.fill_phases))
+    if phases:  # deferred fills: the wait for the thread to run (the interpreter's lock), the advance, the fill
+        stats["deferred_fill_ms_p50"] = {k: _p(v, 0.5) for k, v in zip(("to_thread", "advance", "fill"), phases)}
+    manager.fill_phases.clear()
     return stats
 
 
@@ -325,7 +336,7 @@ def run_batch(llm: Any, counter: StepBreakdown, modes: list[str], items: list, m
     outputs: dict[str, list] = {}
     for mode in modes:
         progress(f"{'batch 1' if one_at_a_time else 'full batch'}: {mode}, {len(items)} requests")
-        manager.fill_times.clear()
+        _clear_fill_stats(manager)
         runs[mode], outputs[mode] = run_mode(llm, mode, items, max_tokens, one_at_a_time, counter)
         if mode != "unconstrained":
             runs[mode].update(_fill_stats(manager))
@@ -366,7 +377,7 @@ def _repeated_pairs(llm: Any, counter: StepBreakdown, mode: str, items: list, ma
         same, _ = run_mode(llm, "unconstrained", items, max_tokens, one_at_a_time, counter, lengths)
         ratios.append(round(run["output_tokens_per_s"] / same["output_tokens_per_s"], 4))
         steps.append([run["step_ms_mean"], same["step_ms_mean"]])
-    llm.engine.structured.fill_times.clear()
+    _clear_fill_stats(llm.engine.structured)
     return {"ratio_repeats": ratios, "step_ms_repeats": steps,
             "vs_unconstrained_same_lengths_median": round(statistics.median(ratios), 4)}
 
@@ -392,7 +403,7 @@ def _interleaved_pairs(llm: Any, mode: str, items: list, max_tokens: int, repeat
             llm.chat(item[0], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), use_tqdm=False)
             spent[1] += time.perf_counter() - t1
         ratios.append(round(spent[1] / spent[0], 4))  # equal tokens: the time ratio is the tokens/s ratio
-    llm.engine.structured.fill_times.clear()
+    _clear_fill_stats(llm.engine.structured)
     return {"ratio_repeats": ratios, "vs_unconstrained_same_lengths_median": round(statistics.median(ratios), 4)}
 
 
@@ -435,6 +446,9 @@ def _summary(result: dict[str, Any]) -> None:
                      f"{same['step_ms_mean']} ms; bitmask p50 {run['bitmask_ms_p50']} / p99 "
                      f"{run['bitmask_ms_p99']} ms (fill_threads {result['fill_threads']}, defer_fill "
                      f"{result['defer_fill']})")
+            if "deferred_fill_ms_p50" in run:
+                phases = run["deferred_fill_ms_p50"]
+                progress("  deferred fill p50 ms: " + ", ".join(f"{k} {v}" for k, v in phases.items()))
             if "ratio_repeats" in run:
                 progress(f"  median of {len(run['ratio_repeats'])} pairs {run['vs_unconstrained_same_lengths_median']}x "
                          f"(pairs {', '.join(str(r) for r in run['ratio_repeats'])})")

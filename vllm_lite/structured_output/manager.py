@@ -75,6 +75,9 @@ class StructuredOutputManager:
         # server runs for days: a list would grow by a float every constrained step).
         self.fill_times: deque[float] = deque(maxlen=_KEPT_TIMES)
         self.compile_times: deque[float] = deque(maxlen=_KEPT_TIMES)
+        # Per deferred fill: (submitted -> the thread runs it, the matchers' advance, the fill) in seconds: the first
+        # is the wait for the interpreter's lock (bench/structured.py reports them).
+        self.fill_phases: deque[tuple[float, float, float]] = deque(maxlen=_KEPT_TIMES)
 
     # ---- admission and compilation ---------------------------------------------------------------------------
     def add_request(self, request: Request, enqueue: Callable[[Request], None]) -> None:
@@ -238,7 +241,7 @@ class StructuredOutputManager:
             if self.config.fill_switch_interval_ms:
                 sys.setswitchinterval(self.config.fill_switch_interval_ms / 1000)
             return self._fill_pool.submit(self._advance_and_fill, advance, handles, rows, bitmask, out, start,
-                                          previous)
+                                          time.perf_counter(), previous)
         self._advance(*advance)
         if live:
             fill = self._batch if total >= BATCH_FILL_MIN_ROWS else self._batch1
@@ -315,15 +318,19 @@ class StructuredOutputManager:
 
     def _advance_and_fill(self, advance: tuple[list[Grammar], list[Any], list[int]], handles: list[Any],
                           rows: list[int] | None, bitmask: np.ndarray, out: GrammarOutput, start: float,
-                          switch_interval: float) -> GrammarOutput:
+                          submitted: float, switch_interval: float) -> GrammarOutput:
         """A deferred step, on the fill thread: the last step's tokens, then the rows (`out` views `bitmask`); the
         interpreter's switch interval is restored at the end."""
+        began = time.perf_counter()
         try:
             self._advance(*advance)
+            accepted = time.perf_counter()
             self._batch(handles, bitmask, rows)
         finally:
             sys.setswitchinterval(switch_interval)
-        self.fill_times.append(time.perf_counter() - start)
+        end = time.perf_counter()
+        self.fill_times.append(end - start)
+        self.fill_phases.append((began - submitted, accepted - began, end - accepted))
         return out
 
     def shutdown(self) -> None:
