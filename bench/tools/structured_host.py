@@ -32,6 +32,7 @@ from vllm_lite.benchmarks.step_breakdown import StepBreakdown  # noqa: E402
 from vllm_lite.benchmarks.utils import per_step_times  # noqa: E402
 from vllm_lite.benchmarks.structured import SCHEMAS, SUBJECTS, run_mode, workload  # noqa: E402
 from vllm_lite.sample.sampler import SamplerOutput  # noqa: E402
+from vllm_lite.tokenizer import apply_chat_template  # noqa: E402
 
 
 def _instance(name: str, subject: str, i: int) -> dict:
@@ -51,25 +52,25 @@ def _instance(name: str, subject: str, i: int) -> dict:
     }[name]
 
 
-def token_scripts(tokenizer, n: int, eos: int) -> dict[str, list[int]]:
-    """Request i's answer as token ids (json.dumps of a valid instance, then EOS), keyed by its prompt text."""
+def token_scripts(tokenizer, n: int, eos: int) -> dict[tuple[int, ...], list[int]]:
+    """Request i's answer as token ids (json.dumps of a valid instance, then EOS), keyed by its prompt's token ids
+    (the chat template applied as the LLM applies it)."""
     out = {}
     for i, (messages, _) in enumerate(workload(n)):
         name = SCHEMAS[i % len(SCHEMAS)][0]
         subject = SUBJECTS[(i // len(SCHEMAS)) % len(SUBJECTS)]
         ids = tokenizer.encode(json.dumps(_instance(name, subject, i)), add_special_tokens=False)
-        out[messages[0]["content"]] = ids + [eos]
+        out[tuple(apply_chat_template(tokenizer, messages))] = ids + [eos]
     return out
 
 
-def stub_model(llm: LLM, scripts: dict[str, list[int]]) -> dict[str, int]:
+def stub_model(llm: LLM, scripts: dict[tuple[int, ...], list[int]]) -> dict[str, int]:
     """Forward, logits and sampler replaced. Every sampled row takes its request's next scripted token (the same in
     the constrained run and its same-lengths run, so that the stand-in sampler's own work is equal in both); a
     constrained row whose scripted token the mask forbids takes its lowest allowed token (counted in the returned
     dict's "off_script")."""
     runner = llm.model_runner()
     engine = llm.engine
-    tokenizer = llm.get_tokenizer()
     hidden = torch.zeros(1 << 16, runner.info.hf_config.hidden_size)
     runner.forward = lambda input_ids, positions: hidden[: input_ids.shape[0]]
     runner.model.compute_logits = lambda h: torch.zeros(h.shape[0], 1)
@@ -90,8 +91,7 @@ def stub_model(llm: LLM, scripts: dict[str, list[int]]) -> dict[str, int]:
     def script_of(req_id: str) -> tuple[list[int], list[int]]:
         entry = where.get(req_id)
         if entry is None:
-            text = tokenizer.decode(engine.scheduler.requests[req_id].prompt_token_ids)
-            script = next((v for k, v in scripts.items() if k in text), [7])
+            script = scripts.get(tuple(engine.scheduler.requests[req_id].prompt_token_ids), [7])
             entry = where[req_id] = (script, [0])
         return entry
 
