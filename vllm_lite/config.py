@@ -352,7 +352,8 @@ def section_values(cls: type, name: str, value: Any) -> dict[str, Any]:
 STRUCTURED_OUTPUT_BACKENDS = ("auto", "xgrammar")
 
 
-def _usable_cpus() -> int:
+def usable_cpus() -> int:
+    """CPUs this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -363,14 +364,14 @@ def auto_fill_threads() -> int:
     """Bitmask fill threads for fill_threads=0: half the CPUs this process may use, 1 to 4 (xgrammar's own auto is
     half the hardware threads). On the 16-core H200 host, replaying a step's masks took 0.87 ms with 4 threads and
     0.92 ms with 8 (186 rows; 0.33 / 0.50 ms for 83 rows), and the other engine processes keep their cores."""
-    return max(1, min(4, _usable_cpus() // 2))
+    return max(1, min(4, usable_cpus() // 2))
 
 
 def auto_defer_fill() -> bool:
     """defer_fill for None: with 4 usable CPUs or more. On the 2-core development machine a fill on a thread beside
     the engine's Python did not overlap it (bench/tools/structured_host.py: +1.7 ms a step against +1.3 ms filled in
     line), and xgrammar's own threads slowed the fill itself (0.98 ms with 2 against 0.62 ms with 1)."""
-    return _usable_cpus() >= 4
+    return usable_cpus() >= 4
 
 
 @dataclass(frozen=True)

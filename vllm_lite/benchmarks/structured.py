@@ -21,16 +21,16 @@ second, would find the prompts cached and skip the prefills the constrained run 
 full batch and at batch 1 alike (at batch 1 both runs pay the same TTFT per request, so nothing is subtracted;
 subtracting a separately timed TTFT would add its noise to both). `vs_unconstrained` (the raw ratio) is kept.
 
-The fill replay (`fill_replay`): each constrained full-batch run's fills are replayed outside the engine (matchers
-advanced along the real outputs) with a Python loop and with xgrammar's BatchGrammarMatcher at 1/2/4/8 threads,
-plus the cost of bitmask.tobytes(): what the choice of fill_threads rests on. Compare it with step_ms_mean of the
-same-lengths run (the step the fill must hide under); `step_overhead_ms` (constrained minus same-lengths ms per
-step) well above the bitmask time points at the rest of the constrained step (the wait for the previous step's
-token before the mask, the matchers' advance), not at the fill; `step_parts_overhead_ms` says which part of the
-engine core's step grew (benchmarks/step_breakdown.py: schedule, execute_model, bitmask, sample_tokens, get_output,
-update_from_output, the rest, and the LLM's work between steps). Also grammar compile times: cold (a compiler without cache,
-each schema) and cached (the engine's compiler again), p50 ms, and on CUDA the bitmask kernels (Triton, torch
-reference, xgrammar's own) in microseconds.
+The fill replay (`fill_replay`, benchmarks/structured_parts.py, with the grammar machinery's other measurements): each
+constrained full-batch run's fills are replayed outside the engine (matchers advanced along the real outputs) with a
+Python loop and with xgrammar's BatchGrammarMatcher at 1/2/4/8 threads, plus the cost of bitmask.tobytes(): what the
+choice of fill_threads rests on. Compare it with step_ms_mean of the same-lengths run (the step the fill must hide
+under); `step_overhead_ms` (constrained minus same-lengths ms per step) well above the bitmask time points at the rest
+of the constrained step (the wait for the previous step's token before the mask, the matchers' advance), not at the
+fill; `step_parts_overhead_ms` says which part of the engine core's step grew (benchmarks/step_breakdown.py: schedule,
+execute_model, bitmask, sample_tokens, get_output, update_from_output, the rest, and the LLM's work between steps).
+Also grammar compile times: cold (a compiler without cache, each schema) and cached (the engine's compiler again), p50
+ms, and on CUDA the bitmask kernels (Triton, torch reference, xgrammar's own) in microseconds.
 Targets on the H200: json_schema vs_unconstrained_same_lengths >= 0.90 at full batch and >= 0.95 at batch 1;
 validity 100 %; cold compile p50 <= 50 ms.
 
@@ -42,14 +42,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
-from typing import Any, Iterable
+from typing import Any
 
 from vllm_lite.benchmarks.step_breakdown import StepBreakdown
+from vllm_lite.benchmarks.structured_parts import (clear_fill_stats, compile_times, fill_replay, fill_stats,
+                                                   kernel_times)
 from vllm_lite.benchmarks.utils import add_bench_engine_args, bench_model, make_llm, per_step_times, progress, report
-from vllm_lite.config import DEFAULT_MODEL
+from vllm_lite.config import DEFAULT_MODEL, usable_cpus
 from vllm_lite.sampling_params import SamplingParams, StructuredOutputsParams
 from vllm_lite.structured_output.manager import BATCH_FILL_MIN_ROWS
 
@@ -192,138 +193,6 @@ def run_mode(llm: Any, mode: str, items: list, max_tokens: int, one_at_a_time: b
     return result, outs
 
 
-def _p(values: Iterable[float], q: float) -> float | None:
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4)
-
-
-def compile_times(llm: Any, repeats: int) -> dict[str, Any]:
-    """Cold: a cache-less compiler per schema (the engine's tokenizer info); cached: the engine's compiler."""
-    import xgrammar as xgr
-    manager = llm.engine.structured
-    compiler = manager.compiler
-    cold, cached = [], []
-    for _ in range(repeats):
-        for _, schema in SCHEMAS:
-            text = json.dumps(schema)
-            fresh = xgr.GrammarCompiler(manager.tokenizer_info, cache_enabled=False)
-            t0 = time.perf_counter()
-            fresh.compile_json_schema(text)
-            cold.append(time.perf_counter() - t0)
-            compiler.compile_json_schema(text)
-            t0 = time.perf_counter()
-            compiler.compile_json_schema(text)
-            cached.append(time.perf_counter() - t0)
-    return {"compile_cold_ms_p50": _p(cold, 0.5), "compile_cold_ms_max": _p(cold, 1.0),
-            "compile_cached_ms_p50": _p(cached, 0.5), "engine_compile_ms": [round(1000 * t, 2)
-                                                                            for t in manager.compile_times]}
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def fill_replay(manager: Any, mode: str, items: list, outs: list, threads: tuple[int, ...] = (1, 2, 4, 8),
-                stride: int = 8, repeats: int = 3) -> dict[str, Any]:
-    """Replays a full-batch run's bitmask fills outside the engine: one matcher per request, advanced along that
-    request's real output to step t (every `stride` steps), then the rows still running at t filled by a Python
-    loop over the matchers (the manager's path below its batch threshold or with fill_threads 1) and by xgrammar's
-    BatchGrammarMatcher at each thread count (counts above this machine's CPUs are left out: xgrammar clamps them).
-    Also times bitmask.tobytes() (the manager's copy into the step's message). Milliseconds per fill, p50 / p99."""
-    import numpy as np
-    import xgrammar as xgr
-    matchers, tokens = [], []
-    for (_, schema), out in zip(items, outs):
-        so = params_for(mode, schema, 1).structured_outputs
-        matchers.append(xgr.GrammarMatcher(manager.compile_now(so)))
-        tokens.append(list(out.outputs[0].token_ids))
-    counts = [n for n in threads if n <= usable_cpus()]
-    batches = {n: xgr.BatchGrammarMatcher(n) for n in counts}
-    bitmask = np.zeros((len(matchers), manager.num_words), dtype=np.int32)
-    times: dict[str, list[float]] = {"loop": [], **{f"threads_{n}": [] for n in counts}, "tobytes": []}
-    rows, pos = [], 0
-    for t in range(0, max((len(x) for x in tokens), default=0), stride):
-        for matcher, toks in zip(matchers, tokens):
-            for tok in toks[pos:t]:
-                if matcher.is_terminated() or not matcher.accept_token(tok):
-                    break
-        pos = t
-        live = [m for m, toks in zip(matchers, tokens) if t < len(toks) and not m.is_terminated()]
-        if not live:
-            break
-        rows.append(len(live))
-        view = bitmask[:len(live)]
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for i, matcher in enumerate(live):
-                matcher.fill_next_token_bitmask(view, i)
-            times["loop"].append(time.perf_counter() - start)
-            for n, batch in batches.items():
-                start = time.perf_counter()
-                batch.batch_fill_next_token_bitmask(live, view)
-                times[f"threads_{n}"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            view.tobytes()
-            times["tobytes"].append(time.perf_counter() - start)
-    result: dict[str, Any] = {"fills": len(rows), "rows_max": max(rows, default=0),
-                              "rows_mean": round(sum(rows) / max(len(rows), 1), 1)}
-    for name, values in times.items():
-        result[f"{name}_ms_p50"] = _p(values, 0.5)
-        result[f"{name}_ms_p99"] = _p(values, 0.99)
-    return result
-
-
-def kernel_times(vocab_size: int, rows: int = 256, constrained: int = 256, iters: int = 50) -> dict[str, float]:
-    """CUDA only: microseconds to mask `constrained` of `rows` bf16 logits rows from packed words: the Triton kernel
-    (kernels/bitmask.py), its torch reference and xgrammar's apply_token_bitmask_inplace (its own kernel)."""
-    import torch
-    import xgrammar as xgr
-
-    from vllm_lite.kernels.bitmask import apply_bitmask_torch, apply_bitmask_triton
-    words = torch.randint(-2**31, 2**31 - 1, (rows, -(-vocab_size // 32)), dtype=torch.int64,
-                          device="cuda").to(torch.int32)
-    logits = torch.randn(rows, vocab_size, dtype=torch.bfloat16, device="cuda")
-    idx = torch.randperm(rows, device="cuda")[:constrained]
-    sub, idx_list = words[idx].contiguous(), idx.tolist()
-
-    def timed(fn: Any) -> float:
-        fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return round(1000 * start.elapsed_time(end) / iters, 2)
-
-    return {"triton_us": timed(lambda: apply_bitmask_triton(logits, sub, idx)),
-            "torch_us": timed(lambda: apply_bitmask_torch(logits, sub, idx)),
-            "xgrammar_us": timed(lambda: xgr.apply_token_bitmask_inplace(logits, words, vocab_size=vocab_size,
-                                                                         indices=idx_list))}
-
-
-def _clear_fill_stats(manager: Any) -> None:
-    manager.fill_times.clear()
-    manager.fill_phases.clear()
-
-
-def _fill_stats(manager: Any) -> dict[str, Any]:
-    """The engine core's bitmask() times of the run just done (ms), then cleared."""
-    times = manager.fill_times
-    stats = {"bitmask_ms_p50": _p(times, 0.5), "bitmask_ms_p99": _p(times, 0.99), "bitmask_steps": len(times)}
-    times.clear()
-    phases = list(zip(*manager.fill_phases))
-    if phases:  # deferred fills: the wait for the thread to run (the interpreter's lock), the advance, the fill
-        stats["deferred_fill_ms_p50"] = {k: _p(v, 0.5) for k, v in zip(("to_thread", "advance", "fill"), phases)}
-    manager.fill_phases.clear()
-    return stats
-
-
 def run_batch(llm: Any, counter: StepBreakdown, modes: list[str], items: list, max_tokens: int, one_at_a_time: bool,
               same_lengths: bool, repeats: int = 1) -> tuple[dict[str, Any], dict[str, list]]:
     """Every mode on `items` (full batch or one at a time); each constrained mode also gets its unconstrained
@@ -336,10 +205,10 @@ def run_batch(llm: Any, counter: StepBreakdown, modes: list[str], items: list, m
     outputs: dict[str, list] = {}
     for mode in modes:
         progress(f"{'batch 1' if one_at_a_time else 'full batch'}: {mode}, {len(items)} requests")
-        _clear_fill_stats(manager)
+        clear_fill_stats(manager)
         runs[mode], outputs[mode] = run_mode(llm, mode, items, max_tokens, one_at_a_time, counter)
         if mode != "unconstrained":
-            runs[mode].update(_fill_stats(manager))
+            runs[mode].update(fill_stats(manager))
         if mode == "unconstrained" or not same_lengths:
             continue
         lengths = [len(o.outputs[0].token_ids) for o in outputs[mode]]
@@ -377,7 +246,7 @@ def _repeated_pairs(llm: Any, counter: StepBreakdown, mode: str, items: list, ma
         same, _ = run_mode(llm, "unconstrained", items, max_tokens, one_at_a_time, counter, lengths)
         ratios.append(round(run["output_tokens_per_s"] / same["output_tokens_per_s"], 4))
         steps.append([run["step_ms_mean"], same["step_ms_mean"]])
-    _clear_fill_stats(llm.engine.structured)
+    clear_fill_stats(llm.engine.structured)
     return {"ratio_repeats": ratios, "step_ms_repeats": steps,
             "vs_unconstrained_same_lengths_median": round(statistics.median(ratios), 4)}
 
@@ -403,7 +272,7 @@ def _interleaved_pairs(llm: Any, mode: str, items: list, max_tokens: int, repeat
             llm.chat(item[0], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), use_tqdm=False)
             spent[1] += time.perf_counter() - t1
         ratios.append(round(spent[1] / spent[0], 4))  # equal tokens: the time ratio is the tokens/s ratio
-    _clear_fill_stats(llm.engine.structured)
+    clear_fill_stats(llm.engine.structured)
     return {"ratio_repeats": ratios, "vs_unconstrained_same_lengths_median": round(statistics.median(ratios), 4)}
 
 
@@ -497,11 +366,12 @@ def main(argv: list[str] | None = None) -> dict:
         result["batch1"], _ = run_batch(llm, counter, modes, items[:args.batch1_requests], args.max_tokens, True,
                                         True, args.repeats)
     progress("bitmask fill replay of the full-batch runs (threads)")
-    result["fill_replay"] = {mode: fill_replay(manager, mode, items, outputs[mode])
+    result["fill_replay"] = {mode: fill_replay(manager, [params_for(mode, schema, 1).structured_outputs
+                                                        for _, schema in items], outputs[mode])
                              for mode in modes if mode != "unconstrained"}
     if not args.fill_only:
         progress("grammar compile times")
-        result.update(compile_times(llm, repeats=5))
+        result.update(compile_times(llm, [schema for _, schema in SCHEMAS], repeats=5))
     if llm.device.type == "cuda" and not args.fill_only:
         progress("bitmask kernels")
         vocab = llm.info.vocab_size
