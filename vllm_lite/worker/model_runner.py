@@ -357,10 +357,10 @@ class ModelRunner:
         states = step.states
         meta = self._sampling_metadata(states)
         if grammar is not None:  # disallowed tokens become -inf in the constrained rows, in place
-            ids = launch.req_ids  # every request samples (steady decode): rows 0..n-1, in this order
+            ids, drafts = launch.req_ids, launch.num_drafts  # every request samples (steady decode): rows 0..n-1
             if len(launch.rows) != len(ids):
                 ids = [ids[i] for i in launch.rows]
-            self.grammar_bitmask.apply(step.logits, grammar, ids, launch.num_drafts and _row_offsets(launch.num_drafts))
+            self.grammar_bitmask.apply(step.logits, grammar, ids, None if drafts is None else _row_offsets(drafts))
         if step.drafts is None:
             out = self.sampler(step.logits, meta, logits_owned=True)
             sampled, row_tokens = out.sampled_token_ids, None
