@@ -509,3 +509,47 @@ def test_launch_ahead_with_the_manager_but_no_grammar(tiny_smol_path):
         core._launch_ahead = lambda: (ahead.append(1), launch())
         assert run_core(core, ps, params) == ref
         assert bool(ahead) == want_ahead
+
+
+@pytest.mark.parametrize("fill_threads", [1, 2])
+def test_step_mask_rows_in_a_reused_buffer(tiny_smol_path, fill_threads):
+    """The step's mask fills a reused (dirty) buffer: every running grammar's row equals its matcher's own fresh fill
+    (also when the fill is deferred to its thread), and the row of a grammar that took its stop token allows
+    everything (its token is discarded); the buffer is not cleared first."""
+    import numpy as np
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
+
+    import vllm_lite.structured_output.manager as manager_module
+    from vllm_lite.protocol import SchedulerOutput
+    from vllm_lite.request import Request
+    from vllm_lite.structured_output.grammar import Grammar
+    config = StructuredOutputsConfig(fill_threads=fill_threads, defer_fill=fill_threads > 1)
+    manager = StructuredOutputManager(config, lambda: AutoTokenizer.from_pretrained(tiny_smol_path), SMOL_VOCAB, (2,))
+    choices = [StructuredOutputsParams(choice=["yes", "no"]), StructuredOutputsParams(regex=r"[0-9]{3}"),
+               StructuredOutputsParams(json=SCHEMAS["flat_person"])]
+    manager.compiler  # noqa: B018 (waits until it is built: tokenizer_info is set with it)
+    stops = frozenset(manager.tokenizer_info.stop_token_ids)
+    requests = []
+    for i in range(manager_module.BATCH_FILL_MIN_ROWS + 2):  # enough rows for the batch (and deferred) fill
+        request = Request(str(i), [1, 2], SamplingParams())
+        request.num_computed_tokens = len(request.all_token_ids)
+        request.grammar = Grammar(xgr.GrammarMatcher(manager.compile_now(choices[i % 3])), stops, manager._deferred)
+        manager.requests[request.request_id] = request
+        requests.append(request)
+    yes = [i for i, t in enumerate(manager.tokenizer_info.decoded_vocab) if t == b"yes"][0]
+    assert requests[0].grammar.accept_tokens([yes]) == 1 and requests[0].grammar.accept_tokens([2]) == 1
+    assert requests[0].grammar.is_terminated  # took its stop token
+    manager._buffer = np.random.default_rng(0).integers(-2**31, 2**31 - 1, (len(requests), manager.num_words),
+                                                        dtype=np.int64).astype(np.int32)
+    so = SchedulerOutput([], [], {r.request_id: 1 for r in requests}, len(requests), {}, [])
+    out = manager.bitmask(so, defer=True)
+    assert hasattr(out, "result") == (fill_threads > 1)  # deferred to its thread
+    out = out.result() if fill_threads > 1 else out
+    words = np.frombuffer(out.bitmask, dtype=np.int32).reshape(-1, manager.num_words)
+    assert out.req_ids == [r.request_id for r in requests] and (words[0] == -1).all()
+    for row, request in enumerate(requests[1:], start=1):
+        fresh = np.zeros((1, manager.num_words), dtype=np.int32)
+        request.grammar.matcher.fill_next_token_bitmask(fresh)
+        assert np.array_equal(words[row], fresh[0]), row
+    manager.shutdown()
