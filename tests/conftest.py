@@ -20,7 +20,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 sys.path.insert(0, os.path.dirname(__file__))
 
 import server_utils  # noqa: E402
-from tiny_models import make_tiny_model  # noqa: E402
+from tiny_models import make_tiny_model, make_tiny_model_with_default_tokenizer  # noqa: E402
 
 
 def pytest_addoption(parser) -> None:
@@ -59,3 +59,13 @@ def tiny_model_factory(tmp_path_factory):
     def factory(arch: str = "llama", **overrides) -> str:
         return make_tiny_model(tmp_path_factory.mktemp(f"tiny-{arch}"), arch, **overrides)
     return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_smol_path(tmp_path_factory) -> str:
+    """A random tiny Llama over the default model's vocabulary and tokenizer (SmolLM2, EOS <|im_end|> = 2); skipped
+    where the default model's package is not installed."""
+    try:
+        return make_tiny_model_with_default_tokenizer(tmp_path_factory.mktemp("smol"))
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))

@@ -12,17 +12,6 @@ from vllm_lite.benchmarks import structured as bench
 from vllm_lite.benchmarks.step_breakdown import StepBreakdown
 from vllm_lite.config import StructuredOutputsConfig, auto_defer_fill, auto_fill_threads
 
-from tiny_models import make_tiny_model_with_default_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_smol_path(tmp_path_factory):
-    try:
-        return make_tiny_model_with_default_tokenizer(tmp_path_factory.mktemp("smol"))
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-
-
 def test_bench_repeats_pairs_and_reports_their_median(tiny_smol_path, monkeypatch):
     """--repeats: the constrained full-batch run and its same-lengths run again, each pair's ratio and step times,
     their median; at batch 1 two more rounds alternate constrained and same-length unconstrained requests. With

@@ -24,7 +24,7 @@ from vllm_lite.structured_output.validate import validate_structured_outputs
 
 from spec_utils import OracleProposer, WrongProposer, make_core, run_core
 from structured_schemas import CHOICES, GRAMMARS, INVALID, REAL_MODEL_SCHEMAS, REGEXES, SCHEMAS
-from tiny_models import DEFAULT_VOCAB as SMOL_VOCAB, make_tiny_model_with_default_tokenizer
+from tiny_models import DEFAULT_VOCAB as SMOL_VOCAB
 
 FORMATS = jsonschema.Draft202012Validator.FORMAT_CHECKER
 TINY = dict(device="cpu", dtype="float32", max_model_len=512, kv_cache_memory_bytes=64 << 20)
@@ -37,13 +37,6 @@ def _need_default_model() -> None:
         default_gguf_path()
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="module")
-def tiny_smol_path(tmp_path_factory):
-    """A random tiny Llama over SmolLM2's vocabulary and tokenizer (EOS <|im_end|> = 2, as SmolLM2-Instruct)."""
-    _need_default_model()
-    return make_tiny_model_with_default_tokenizer(tmp_path_factory.mktemp("smol"))
 
 
 @pytest.fixture(scope="module")
@@ -356,29 +349,6 @@ def test_abort_while_compiling_and_no_tokenizer(tiny_smol_path):
     assert not bare.has_unfinished_requests()
 
 
-@pytest.mark.parametrize("known_stops", [True, False])
-def test_grammar_termination_with_and_without_known_stop_tokens(tiny_smol_path, known_stops):
-    """Grammar tracks termination itself when it knows the stop tokens (one call into xgrammar per token instead of
-    three): the stop token terminates it, nothing is taken afterwards, a refused token does not terminate it, and a
-    draft walk through the stop token leaves it as it was."""
-    import xgrammar as xgr
-
-    from vllm_lite.structured_output.grammar import Grammar
-    manager = _manager(tiny_smol_path)
-    compiled = manager.compile_now(StructuredOutputsParams(choice=["yes", "no"]))
-    stops = frozenset(manager.tokenizer_info.stop_token_ids) if known_stops else None
-    assert 2 in manager.tokenizer_info.stop_token_ids
-    tokenizer = manager.tokenizer_info
-    yes = [i for i, t in enumerate(tokenizer.decoded_vocab) if t == b"yes"]
-    assert yes
-    g = Grammar(xgr.GrammarMatcher(compiled), stops)
-    assert g.accept_tokens([5]) == 0 and not g.is_terminated  # refused, still running
-    assert g.valid_prefix([yes[0], 2, 7]) == 2 and not g.is_terminated  # the walk is rolled back
-    assert g.accept_tokens([yes[0], 2, 7]) == 2 and g.is_terminated  # stops after the stop token
-    assert g.accept_tokens([7]) == 0 and g.is_terminated and g.valid_prefix([7]) == 0
-    manager.shutdown()
-
-
 def test_deferred_bitmask_fill_gives_identical_outputs(tiny_smol_path, schema_run, monkeypatch):
     """With fill threads (a host of several cores), a large batch's bitmask fill runs on a thread while step()
     returns its outputs to the caller and while the next step() schedules, and that step() samples it before its
@@ -441,53 +411,6 @@ def test_deferred_bitmask_fill_gives_identical_outputs(tiny_smol_path, schema_ru
     assert runs[0] == runs[1] == runs[2] == runs[3] == runs[4]
 
 
-def test_deferred_token_is_taken_before_any_other_use(tiny_smol_path):
-    """A single token sampled under the grammar's own mask is only recorded (termination is known at once from the
-    stop tokens); the next use of the matcher takes it first, the manager takes many in one call, and after a refused
-    one (a mask that was not the grammar's) the grammar takes nothing more, so the scheduler ends the request with an
-    error."""
-    import xgrammar as xgr
-
-    from vllm_lite.core.scheduler import Scheduler
-    from vllm_lite.request import Request, RequestStatus
-    from vllm_lite.structured_output.grammar import Grammar
-    manager = _manager(tiny_smol_path)
-    compiled = manager.compile_now(StructuredOutputsParams(choice=["yes", "no"]))
-    stops = frozenset(manager.tokenizer_info.stop_token_ids)
-    yes = [i for i, t in enumerate(manager.tokenizer_info.decoded_vocab) if t == b"yes"][0]
-
-    def grammar(sink: list | None) -> Grammar:
-        g = Grammar(xgr.GrammarMatcher(compiled), stops, sink)
-        g.masked = True  # as if the manager had filled its row for this token
-        return g
-
-    sink: list = []
-    g = grammar(None)
-    assert g.accept_tokens([yes]) == 1 and g.pending == -1  # no sink: taken at once
-    g = Grammar(xgr.GrammarMatcher(compiled), stops, sink)
-    assert g.accept_tokens([yes]) == 1 and g.pending == -1 and not sink  # not masked: taken at once
-    g = grammar(sink)
-    assert g.accept_tokens([yes]) == 1 and g.pending == yes and sink == [g] and g.num_accepted == 1
-    assert not g.masked and g.valid_prefix([2]) == 1 and g.pending == -1  # flushed, then the walk (rolled back)
-    g.masked = True
-    assert g.accept_tokens([2]) == 1 and g.is_terminated and not g.matcher.is_terminated()  # known before taken
-    g.flush()
-    assert g.matcher.is_terminated() and not g.refused
-    a, b = grammar(manager._deferred), grammar(manager._deferred)
-    a.accept_tokens([yes])
-    b.accept_tokens([5])  # refused: "yes" or "no" must come first
-    assert not b.is_terminated and len(manager._deferred) == 2
-    manager._advance(*manager._take_deferred())
-    assert not manager._deferred and a.pending == b.pending == -1
-    assert a.matcher.accept_token(2) and not a.refused and b.refused
-    b.masked = True
-    request = Request("r", [1, 2], SamplingParams())
-    request.grammar = b
-    assert Scheduler._advance_grammar(request, [yes]) == [] and b.pending == -1  # takes nothing more
-    assert request.status == RequestStatus.FINISHED_ERROR and "forbids" in request.stop_reason
-    manager.shutdown()
-
-
 def test_launch_ahead_with_the_manager_but_no_grammar(tiny_smol_path):
     """An engine with a tokenizer always has the grammar manager; launch-ahead (CUDA's default, forced here) must
     still run for unconstrained speculating requests, and not while a request has a grammar. Outputs equal the
@@ -509,47 +432,3 @@ def test_launch_ahead_with_the_manager_but_no_grammar(tiny_smol_path):
         core._launch_ahead = lambda: (ahead.append(1), launch())
         assert run_core(core, ps, params) == ref
         assert bool(ahead) == want_ahead
-
-
-@pytest.mark.parametrize("fill_threads", [1, 2])
-def test_step_mask_rows_in_a_reused_buffer(tiny_smol_path, fill_threads):
-    """The step's mask fills a reused (dirty) buffer: every running grammar's row equals its matcher's own fresh fill
-    (also when the fill is deferred to its thread), and the row of a grammar that took its stop token allows
-    everything (its token is discarded); the buffer is not cleared first."""
-    import numpy as np
-    import xgrammar as xgr
-    from transformers import AutoTokenizer
-
-    import vllm_lite.structured_output.manager as manager_module
-    from vllm_lite.protocol import SchedulerOutput
-    from vllm_lite.request import Request
-    from vllm_lite.structured_output.grammar import Grammar
-    config = StructuredOutputsConfig(fill_threads=fill_threads, defer_fill=fill_threads > 1)
-    manager = StructuredOutputManager(config, lambda: AutoTokenizer.from_pretrained(tiny_smol_path), SMOL_VOCAB, (2,))
-    choices = [StructuredOutputsParams(choice=["yes", "no"]), StructuredOutputsParams(regex=r"[0-9]{3}"),
-               StructuredOutputsParams(json=SCHEMAS["flat_person"])]
-    manager.compiler  # noqa: B018 (waits until it is built: tokenizer_info is set with it)
-    stops = frozenset(manager.tokenizer_info.stop_token_ids)
-    requests = []
-    for i in range(manager_module.BATCH_FILL_MIN_ROWS + 2):  # enough rows for the batch (and deferred) fill
-        request = Request(str(i), [1, 2], SamplingParams())
-        request.num_computed_tokens = len(request.all_token_ids)
-        request.grammar = Grammar(xgr.GrammarMatcher(manager.compile_now(choices[i % 3])), stops, manager._deferred)
-        manager.requests[request.request_id] = request
-        requests.append(request)
-    yes = [i for i, t in enumerate(manager.tokenizer_info.decoded_vocab) if t == b"yes"][0]
-    assert requests[0].grammar.accept_tokens([yes]) == 1 and requests[0].grammar.accept_tokens([2]) == 1
-    assert requests[0].grammar.is_terminated  # took its stop token
-    manager._buffer = np.random.default_rng(0).integers(-2**31, 2**31 - 1, (len(requests), manager.num_words),
-                                                        dtype=np.int64).astype(np.int32)
-    so = SchedulerOutput([], [], {r.request_id: 1 for r in requests}, len(requests), {}, [])
-    out = manager.bitmask(so, defer=True)
-    assert hasattr(out, "result") == (fill_threads > 1)  # deferred to its thread
-    out = out.result() if fill_threads > 1 else out
-    words = np.frombuffer(out.bitmask, dtype=np.int32).reshape(-1, manager.num_words)
-    assert out.req_ids == [r.request_id for r in requests] and (words[0] == -1).all()
-    for row, request in enumerate(requests[1:], start=1):
-        fresh = np.zeros((1, manager.num_words), dtype=np.int32)
-        request.grammar.matcher.fill_next_token_bitmask(fresh)
-        assert np.array_equal(words[row], fresh[0]), row
-    manager.shutdown()
