@@ -68,6 +68,8 @@
 #   structured-host  bench/tools/structured_host.py: json_schema's host cost by part, model and sampler stubbed (CPU only)
 #   structured-si:MS  json_schema runs with fill_switch_interval_ms MS (0: the interpreter's 5 ms; default 0.2): the A/B
 #              of that setting against `structured` (structured-si0 = structured-si:0)
+#   mask-transport  bench/tools/mask_transport.py on this machine's CPU: a step's mask to a worker process in the
+#              SampleTokens message vs a shared-memory slot (the server's path), 256 and 32 rows
 #   structured-1t / structured-d1  json_schema with one xgrammar fill thread, filled in line (1t) or deferred to a
 #              thread of its own (d1): the A/B of the deferral and of xgrammar's own threads against `structured`
 # Everything under $OUT is also packed into $OUT/all.tgz at the end (the device returns at most 8 files).
@@ -478,6 +480,8 @@ for x in r['cprofile']['cumulative_ms_per_step'][:20]: print('   cum', x)" "$OUT
         --structured-outputs-config "{\"fill_switch_interval_ms\": $ms}" --json "$OUT/structured-si$ms.json" \
         > "$OUT/structured-si$ms.log" 2>&1
       echo "structured-si:$ms rc=$?"; grep -E "^(full_batch|batch1) |median of" "$OUT/structured-si$ms.log" ;;
+    mask-transport)  # a step's grammar mask to a worker process: in the message vs through shared memory (CPU only)
+      for r in 256 32; do tmo 120 python3 bench/tools/mask_transport.py --rows $r 2>&1 | tail -3; done ;;
     structured-host)  # bench/tools/structured_host.py on this machine's CPU: the host's share of json_schema at full batch
       # without the device (model and sampler stubbed), for the default fill threads, the 5 ms switch interval, one
       # xgrammar thread deferred, and filled in line

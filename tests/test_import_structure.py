@@ -37,7 +37,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("kernels", ("vllm_lite.kernels",)),
     ("base", ("vllm_lite.protocol", "vllm_lite.config", "vllm_lite.envs", "vllm_lite.sampling_params",
               "vllm_lite.request", "vllm_lite.outputs", "vllm_lite.logging_utils", "vllm_lite.gc_utils",
-              "vllm_lite.tokenizer", "vllm_lite.detokenizer", "vllm_lite.inputs", "vllm_lite.proc_utils")),
+              "vllm_lite.tokenizer", "vllm_lite.detokenizer", "vllm_lite.inputs", "vllm_lite.proc_utils",
+              "vllm_lite.shared_masks")),
 ]
 # Layers whose units may import each other freely (nothing above the top one; base modules are peers).
 OPEN_LAYERS = frozenset({"entrypoints", "base"})

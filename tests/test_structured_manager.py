@@ -129,3 +129,45 @@ def test_step_mask_rows_in_a_reused_buffer(tiny_smol_path, fill_threads):
         request.grammar.matcher.fill_next_token_bitmask(fresh)
         assert np.array_equal(words[row], fresh[0]), row
     manager.shutdown()
+
+
+@pytest.mark.parametrize("defer_fill", [False, True])
+def test_masks_reach_worker_processes_through_shared_memory(tiny_smol_path, tmp_path, monkeypatch, defer_fill):
+    """With worker processes (the server's executor; two replicated ranks here) the engine core fills each step's mask
+    into a shared-memory slot and the SampleTokens message only names it: constrained outputs equal the in-process
+    engine's, every mask went by name (no slot was still being read when one was needed), and shutdown unlinks the
+    segments."""
+    import os
+
+    import vllm_lite.structured_output.manager as manager_module
+    from vllm_lite.config import EngineConfig
+    from vllm_lite.engine.core import EngineCore
+    from vllm_lite.executor.multiproc import MultiprocExecutor
+    from vllm_lite.model_loader import ModelInfo, resolve_model
+
+    from spec_utils import run_core
+    monkeypatch.setattr(manager_module, "BATCH_FILL_MIN_ROWS", 2)  # batch fills (deferred ones with defer_fill)
+    kw = dict(model=tiny_smol_path, device="cpu", dtype="float32", max_model_len=256, kv_cache_memory_bytes=32 << 20)
+    config = EngineConfig.from_kwargs(**kw)
+    so_config = StructuredOutputsConfig(fill_threads=2, defer_fill=defer_fill)
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=40, structured_outputs=StructuredOutputsParams(
+        json=SCHEMAS[name], disable_any_whitespace=True)) for s, name in enumerate(["flat_person", "nested_object", "enum_strings"])]
+    prompts = [[1, 5, 9 + i, 200 + 7 * i] for i in range(len(params))]
+    want = run_core(EngineCore(config, resolve_model(config.model, config.load, "cpu"),
+                               grammar=_manager(tiny_smol_path, so_config)), prompts, params)
+    executor = MultiprocExecutor(config, str(tmp_path), world_size=2)
+    sent = []
+    outgoing = executor._mask_slots.outgoing
+    executor._mask_slots.outgoing = lambda g, f=outgoing: sent.append(f(g)) or sent[-1]
+    try:
+        desc, _ = executor.wait_model_description()
+        core = EngineCore(config, ModelInfo.from_description(desc), executor, grammar=_manager(tiny_smol_path, so_config))
+        got = run_core(core, prompts, params)
+        names = {g.shared for g in sent if g is not None}
+        assert all(os.path.exists(f"/dev/shm/{n}") for n in names)
+    finally:
+        executor.shutdown()
+    assert got == want and {r["finish_reason"] for r in got.values()} <= {"stop", "length"}
+    masks = [g for g in sent if g is not None]
+    assert len(masks) > 10 and all(g.shared and g.bitmask == b"" for g in masks)
+    assert names and not any(os.path.exists(f"/dev/shm/{n}") for n in names)

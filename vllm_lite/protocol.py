@@ -154,6 +154,7 @@ class GrammarOutput(msgspec.Struct, array_like=True):
     rows_per_req: list[int]
     num_words: int
     bitmask: bytes  # int32 [sum(rows_per_req), num_words], C order (in process: a view valid during the step)
+    shared: str = ""  # the rows are in this shared-memory segment instead (bitmask empty; vllm_lite/shared_masks.py)
 
 
 class ModelRunnerOutput(msgspec.Struct, array_like=True):

@@ -5,32 +5,20 @@ with a blocking receive and with a spinning one.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import tempfile
 import time
 
 import zmq
+from ipc_peer import connect_back, spawn_peer
 
 
 def _echo(a: str, b: str) -> None:
-    ctx = zmq.Context()
-    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
-    pull.connect(a)
-    push.connect(b)
+    _, pull, push = connect_back(a, b)
     while (msg := pull.recv()) != b"q":
         push.send(msg)
 
 
 def main() -> None:
-    d = tempfile.mkdtemp()
-    a, b = f"ipc://{os.path.join(d, 'a')}", f"ipc://{os.path.join(d, 'b')}"
-    ctx = zmq.Context()
-    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
-    push.bind(a)
-    pull.bind(b)
-    proc = mp.get_context("spawn").Process(target=_echo, args=(a, b))
-    proc.start()
+    _, push, pull, proc = spawn_peer(_echo)
     msg = b"x" * 300
     for mode in ("blocking", "spinning"):
         times = []

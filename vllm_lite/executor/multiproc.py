@@ -18,6 +18,7 @@ from vllm_lite import envs
 from vllm_lite.config import EngineConfig, ParallelConfig, RankConfig
 from vllm_lite.distributed import pick_init_method
 from vllm_lite.proc_utils import ipc_address
+from vllm_lite.shared_masks import MaskSlots
 from vllm_lite.protocol import (WORKER_EVENT_DECODER, DetermineNumBlocks, GrammarOutput,
                                 InitializeKVCache, ModelDescription, ModelError, ModelRunnerOutput, SampleTokens,
                                 SchedulerOutput, Shutdown, WorkerReply, encode)
@@ -78,6 +79,7 @@ class MultiprocExecutor:
             proc.start()
             self.procs.append(proc)
         self._ready = False
+        self._mask_slots = MaskSlots()  # the grammar masks' shared memory
 
     # ---- receiving ---------------------------------------------------------------------------------------------
     def _check_alive(self) -> None:
@@ -153,6 +155,7 @@ class MultiprocExecutor:
         self._broadcast(encode(scheduler_output))
 
     def sample_tokens(self, grammar_output: GrammarOutput | None) -> None:
+        grammar_output = self._mask_slots.outgoing(grammar_output)  # rows in a lent slot go by its name
         self._broadcast(_SAMPLE if grammar_output is None else encode(SampleTokens(grammar_output)))
 
     def get_output(self) -> ModelRunnerOutput:
@@ -160,11 +163,14 @@ class MultiprocExecutor:
         out = WORKER_EVENT_DECODER.decode(self._recv_frame(0))
         if isinstance(out, WorkerReply):
             raise self._worker_error(0, out.error)
+        self._mask_slots.output_received()
         return out
 
-    def grammar_host_buffer(self, rows: int, num_words: int) -> None:
-        """None: the mask travels to the workers' processes in the SampleTokens message."""
-        return None
+    def grammar_host_buffer(self, rows: int, num_words: int) -> Any:
+        """Where the engine core fills the next step's mask: a shared-memory slot the workers read in place
+        (vllm_lite/shared_masks.py), or None while every slot may still be read (the mask then goes in the
+        SampleTokens message)."""
+        return self._mask_slots.lend(rows, num_words)
 
     def shutdown(self) -> None:
         """Ask serving workers to stop; ones still booting read no messages, so they are terminated."""
@@ -184,3 +190,4 @@ class MultiprocExecutor:
                 proc.kill()
                 proc.join()
         self.ctx.destroy(linger=0)
+        self._mask_slots.close()

@@ -21,6 +21,7 @@ from vllm_lite.logging_utils import setup_logging
 from vllm_lite.proc_utils import die_with_parent
 from vllm_lite.protocol import (WORKER_CALL_DECODER, DetermineNumBlocks, InitializeKVCache, ModelError,
                                 SampleTokens, SchedulerOutput, Shutdown, WorkerReply, describe_model, encode)
+from vllm_lite.shared_masks import MaskReader
 
 logger = logging.getLogger("vllm_lite.worker")
 
@@ -59,6 +60,15 @@ def _serve(worker, rank: RankConfig, inbox: zmq.Socket, outbox: zmq.Socket, pare
     worker, which the executor sees), control calls get a WorkerReply (with the error, if any). Sampled steps'
     outputs go out as they become ready; while one is still on the device, the loop spins between it and the
     inbox, so a call that arrives meanwhile (the next step, with async scheduling) is launched at once."""
+    masks = MaskReader()  # the grammar masks the engine core leaves in shared memory
+    try:
+        _serve_calls(worker, rank, inbox, outbox, parent, num_blocks, masks)
+    finally:
+        masks.close()
+
+
+def _serve_calls(worker, rank: RankConfig, inbox: zmq.Socket, outbox: zmq.Socket, parent: int, num_blocks: int,
+                 masks: MaskReader) -> None:
     runner = worker.runner
     pending = runner.pending
     while True:
@@ -76,6 +86,8 @@ def _serve(worker, rank: RankConfig, inbox: zmq.Socket, outbox: zmq.Socket, pare
             continue
         call = WORKER_CALL_DECODER.decode(inbox.recv())
         if isinstance(call, (SchedulerOutput, SampleTokens)):  # the hot calls first: launch only, no answer
+            if isinstance(call, SampleTokens) and call.grammar is not None:
+                masks.attach_rows(call.grammar)
             worker.handle(call)
         elif isinstance(call, Shutdown):
             worker.shutdown()
