@@ -1,6 +1,7 @@
 """Structured outputs on CUDA with the real default model (bf16, torch.compile, CUDA graphs, async scheduling, the
 Triton bitmask kernel and the pinned staging buffers): every output that finishes with "stop" validates against its
-schema, every output is a sequence its grammar accepts, and speculative n-gram drafts change nothing greedy."""
+schema, every output is a sequence its grammar accepts, speculative n-gram drafts change nothing greedy, and worker
+processes (the server's executor) read the masks from shared memory with the same outputs."""
 from __future__ import annotations
 
 import json
@@ -78,3 +79,40 @@ def test_ngram_drafts_keep_greedy_constrained_outputs():
     # float32: verification and plain decode may still round differently at a near tie; demand near-total agreement
     same = sum(a == b for a, b in zip(got, want))
     assert same >= len(items) - 1, f"{same} of {len(items)} identical"
+
+
+def test_worker_processes_read_the_masks_from_shared_memory(llm, tmp_path):
+    """The server's executor on CUDA: worker processes read each step's mask from the engine core's shared-memory slot
+    (vllm_lite/shared_masks.py) into their pinned staging buffer; greedy constrained outputs equal the in-process
+    engine's (the same configuration, batch and kernels), and every mask went by name."""
+    from spec_utils import run_core
+
+    from vllm_lite.config import EngineConfig
+    from vllm_lite.engine.core import EngineCore
+    from vllm_lite.executor.multiproc import MultiprocExecutor
+    from vllm_lite.model_loader import ModelInfo
+    from vllm_lite.structured_output.manager import make_manager
+    from vllm_lite.tokenizer import apply_chat_template
+
+    items = workload(64)
+    params = [SamplingParams(temperature=0.0, max_tokens=128, structured_outputs=StructuredOutputsParams(json=s))
+              for _, s in items]
+    llm.reset_prefix_cache()  # both engines compute every prompt (the same prefill steps)
+    want = [o.outputs[0].token_ids for o in llm.chat([m for m, _ in items], params, use_tqdm=False)]
+    tokenizer = llm.get_tokenizer()
+    prompts = [apply_chat_template(tokenizer, m) for m, _ in items]
+    config = EngineConfig.from_kwargs(model="smollm2-135m-instruct", max_model_len=2048, num_gpu_blocks_override=4096)
+    executor = MultiprocExecutor(config, str(tmp_path))
+    sent = []
+    outgoing = executor._mask_slots.outgoing
+    executor._mask_slots.outgoing = lambda g, f=outgoing: sent.append(f(g)) or sent[-1]
+    try:
+        desc, _ = executor.wait_model_description()
+        info = ModelInfo.from_description(desc)
+        core = EngineCore(config, info, executor, grammar=make_manager(config, info, lambda: tokenizer))
+        got = run_core(core, prompts, params)
+    finally:
+        executor.shutdown()
+    masks = [g for g in sent if g is not None]
+    assert masks and all(g.shared and g.bitmask == b"" for g in masks)
+    assert [got[str(i)]["tokens"] for i in range(len(items))] == want
