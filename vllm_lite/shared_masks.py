@@ -13,14 +13,54 @@ need every rank) before it has read the previous step's rows.
 """
 from __future__ import annotations
 
+import logging
+import os
 from multiprocessing import shared_memory
 
 import numpy as np
 
 from vllm_lite.protocol import GrammarOutput
 
+logger = logging.getLogger("vllm_lite.shared_masks")
+
 _MIN_BYTES = 1 << 20
 _MAPPED_MAX = 8  # segments a worker keeps mapped (slots, and the old segments of slots that grew)
+_SHM_DIR = "/dev/shm"
+
+
+class _Segment(shared_memory.SharedMemory):
+    """A SharedMemory whose collection does not complain while arrays still view it: its mapping then lives on
+    with them and goes with the last one."""
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except (BufferError, OSError):
+            pass
+
+
+def _create_segment(size: int) -> shared_memory.SharedMemory | None:
+    """A new segment of `size` bytes with its memory reserved, or None where shared memory is short (a container's
+    /dev/shm is often 64 MB, and NCCL uses it too). tmpfs gives pages only when they are first written, and a write
+    it cannot back kills the process (SIGBUS), so the space is checked and then reserved at once (posix_fallocate
+    fails cleanly instead)."""
+    if os.path.isdir(_SHM_DIR):
+        st = os.statvfs(_SHM_DIR)
+        if st.f_bavail * st.f_frsize < 2 * size:
+            return None
+    try:
+        segment = _Segment(create=True, size=size)
+    except OSError:
+        return None
+    fd = getattr(segment, "_fd", -1)
+    if fd >= 0 and hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError:
+            segment.close()
+            segment.unlink()
+            return None
+    return segment
 
 
 class MaskSlots:
@@ -29,27 +69,35 @@ class MaskSlots:
 
     def __init__(self, count: int = 3) -> None:
         self._segments: list[shared_memory.SharedMemory | None] = [None] * count
-        self._last_use = [-count] * count  # index of the SampleTokens call that last sent each slot
+        self._last_use = [-2] * count  # index of the SampleTokens call that last sent each slot (-2: none)
         self._sampled = 0  # SampleTokens calls so far
         self._outputs = 0  # step outputs received so far
         self._lent: tuple[int, np.ndarray] | None = None
+        self._disabled = False  # shared memory ran short once: every mask goes in the message from then on
+        self._retired: list[shared_memory.SharedMemory] = []  # unlinked, closed once no array views them
 
     def lend(self, rows: int, num_words: int) -> np.ndarray | None:
-        """A [rows, num_words] int32 array in a free slot (None: none is free yet; the mask then travels in the
-        message). A later call takes the lent array back."""
+        """A [rows, num_words] int32 array in a free slot (None: none is free yet, or shared memory is short; the
+        mask then travels in the message). A later call takes the lent array back."""
+        self._lent = None
         need = rows * num_words * 4
         free = [k for k, used in enumerate(self._last_use) if self._outputs >= used + 2]
-        if not free or need == 0:
-            self._lent = None
+        if not free or need == 0 or self._disabled:
             return None
         slot = min(free, key=lambda k: self._last_use[k])
         segment = self._segments[slot]
+        self._close_retired()
         if segment is None or segment.size < need:
             if segment is not None:
-                segment.close()
-                segment.unlink()
-            size = max(need, _MIN_BYTES, 2 * (segment.size if segment is not None else 0))
-            segment = self._segments[slot] = shared_memory.SharedMemory(create=True, size=size)
+                self._retire(segment)
+                self._segments[slot] = None
+            segment = _create_segment(max(need + need // 4, _MIN_BYTES))
+            if segment is None:
+                self._disabled = True
+                logger.warning("shared memory (%s) is short: grammar masks go to the workers inside the step "
+                               "messages from now on (slower at large batches)", _SHM_DIR)
+                return None
+            self._segments[slot] = segment
         rows_view = np.ndarray((rows, num_words), dtype=np.int32, buffer=segment.buf)
         self._lent = (slot, rows_view)
         return rows_view
@@ -74,9 +122,24 @@ class MaskSlots:
     def close(self) -> None:
         for k, segment in enumerate(self._segments):
             if segment is not None:
-                segment.close()
-                segment.unlink()
+                self._retire(segment)
                 self._segments[k] = None
+        self._close_retired()
+
+    def _retire(self, segment: shared_memory.SharedMemory) -> None:
+        """Unlink now (the name goes; mappings stay valid), close once nothing views it: an array over the old rows
+        may still be alive in the caller (a step's GrammarOutput not yet collected)."""
+        segment.unlink()
+        self._retired.append(segment)
+
+    def _close_retired(self) -> None:
+        kept = []
+        for segment in self._retired:
+            try:
+                segment.close()
+            except BufferError:
+                kept.append(segment)
+        self._retired = kept
 
 
 class MaskReader:
@@ -91,7 +154,7 @@ class MaskReader:
             return
         segment = self._mapped.get(grammar.shared)
         if segment is None:
-            segment = self._mapped[grammar.shared] = shared_memory.SharedMemory(name=grammar.shared)
+            segment = self._mapped[grammar.shared] = _Segment(name=grammar.shared)
             self._unmap_oldest()
         grammar.bitmask = segment.buf[: sum(grammar.rows_per_req) * grammar.num_words * 4]
 
