@@ -23,14 +23,15 @@ subtracting a separately timed TTFT would add its noise to both). `vs_unconstrai
 
 The fill replay (`fill_replay`, benchmarks/structured_parts.py, with the grammar machinery's other measurements): each
 constrained full-batch run's fills are replayed outside the engine (matchers advanced along the real outputs) with a
-Python loop and with xgrammar's BatchGrammarMatcher at 1/2/4/8 threads, plus the cost of bitmask.tobytes(): what the
-choice of fill_threads rests on. Compare it with step_ms_mean of the same-lengths run (the step the fill must hide
-under); `step_overhead_ms` (constrained minus same-lengths ms per step) well above the bitmask time points at the rest
-of the constrained step (the wait for the previous step's token before the mask, the matchers' advance), not at the
-fill; `step_parts_overhead_ms` says which part of the engine core's step grew (benchmarks/step_breakdown.py: schedule,
-execute_model, bitmask, sample_tokens, get_output, update_from_output, the rest, and the LLM's work between steps).
-Also grammar compile times: cold (a compiler without cache, each schema) and cached (the engine's compiler again), p50
-ms, and on CUDA the bitmask kernels (Triton, torch reference, xgrammar's own) in microseconds.
+Python loop and with xgrammar's BatchGrammarMatcher at 1/2/4/8 threads, plus the cost of one copy of the rows
+(bitmask.tobytes()): what the choice of fill_threads rests on. Compare it with step_ms_mean of the same-lengths run
+(the step the fill must hide under); `step_overhead_ms` (constrained minus same-lengths ms per step) well above the
+bitmask time points at the rest of the constrained step (the wait for the previous step's token before the mask, the
+matchers' advance), not at the fill; `step_parts_overhead_ms` says which part of the engine core's step grew
+(benchmarks/step_breakdown.py: schedule, execute_model, bitmask, sample_tokens, get_output, update_from_output, the
+rest, and the LLM's work between steps). Also grammar compile times: cold (a compiler without cache, each schema) and
+cached (the engine's compiler again), p50 ms, and on CUDA the bitmask kernels (Triton, torch reference, xgrammar's
+own) in microseconds.
 Targets on the H200: json_schema vs_unconstrained_same_lengths >= 0.90 at full batch and >= 0.95 at batch 1;
 validity 100 %; cold compile p50 <= 50 ms.
 

@@ -47,7 +47,8 @@ def fill_replay(manager: Any, constraints: list[Any], outs: list, threads: tuple
     request's real output to step t (every `stride` steps), then the rows still running at t filled by a Python
     loop over the matchers (the manager's path below its batch threshold or with fill_threads 1) and by xgrammar's
     BatchGrammarMatcher at each thread count (counts above this machine's CPUs are left out: xgrammar clamps them).
-    Also times bitmask.tobytes() (the manager's copy into the step's message). Milliseconds per fill, p50 / p99."""
+    Also times bitmask.tobytes(): one copy of the rows, what each copy costs where they still travel inside a message
+    (worker processes when shared memory is short). Milliseconds per fill, p50 / p99."""
     import numpy as np
     import xgrammar as xgr
     matchers, tokens = [], []
