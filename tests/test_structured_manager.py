@@ -84,7 +84,8 @@ def test_deferred_token_is_taken_before_any_other_use(tiny_smol_path):
     b.masked = True
     request = Request("r", [1, 2], SamplingParams())
     request.grammar = b
-    assert Scheduler._advance_grammar(request, [yes]) == [] and b.pending == -1  # takes nothing more
+    taken = b.accept_tokens([yes])
+    assert taken == 0 and Scheduler._end_by_grammar(request, [yes], taken) == [] and b.pending == -1  # takes nothing
     assert request.status == RequestStatus.FINISHED_ERROR and "forbids" in request.stop_reason
     manager.shutdown()
 

@@ -313,25 +313,26 @@ class Scheduler:
                 n = k + 1
                 break
         new_tokens = sampled if n == len(sampled) else sampled[:n]
-        if request.grammar is not None and new_tokens:
-            new_tokens = self._advance_grammar(request, new_tokens)
+        grammar = request.grammar
+        if grammar is not None and new_tokens:
+            taken = grammar.accept_tokens(new_tokens)
+            if grammar.is_terminated or taken < len(new_tokens):
+                new_tokens = self._end_by_grammar(request, new_tokens, taken)
         request.append_output_token_ids(new_tokens)
         self.kv_cache_manager.update_block_hashes(request)
         return new_tokens
 
     @staticmethod
-    def _advance_grammar(request: Request, new_tokens: list[int]) -> list[int]:
-        """Advance the request's grammar over its new tokens: a terminated grammar (its stop token taken) stops the
-        request there with "stop"; a token the grammar refuses (only if the mask was not applied) ends it with
-        "error" before that token."""
-        grammar = request.grammar
-        taken = grammar.accept_tokens(new_tokens)
-        if grammar.is_terminated:
+    def _end_by_grammar(request: Request, new_tokens: list[int], taken: int) -> list[int]:
+        """The request's grammar took `taken` of its new tokens and terminated or refused the next: a terminated
+        grammar (its stop token taken) stops the request there with "stop"; a token the grammar refuses (only if the
+        mask was not applied) ends it with "error" before that token."""
+        if request.grammar.is_terminated:
             if taken < len(new_tokens) or request.status < FINISHED:
                 request.status = RequestStatus.FINISHED_STOPPED
                 last = new_tokens[taken - 1]
                 request.stop_reason = last if last in request.stop_token_ids else None
-        elif taken < len(new_tokens):
+        else:
             request.status = RequestStatus.FINISHED_ERROR
             request.stop_reason = f"token {new_tokens[taken]} was sampled although the request's grammar forbids it"
         return new_tokens if taken == len(new_tokens) else new_tokens[:taken]

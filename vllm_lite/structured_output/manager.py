@@ -212,31 +212,34 @@ class StructuredOutputManager:
         spec = so.scheduled_spec_decode_tokens
         if spec and any(r in requests for r in spec):
             return self._bitmask_with_drafts(so, advance, start)
-        # One row per request. A single pass (256 requests a step at full batch): the rows' requests, and the
-        # handles and rows of the grammars still running.
+        # One row per request. A single pass (256 requests a step at full batch, on the caller's thread: kept lean):
+        # the rows' requests, and the handles of the grammars still running.
         req_ids: list[str] = []
         handles: list[Any] = []
-        live: list[int] = []
         ended: list[int] = []  # rows of grammars that took their stop token (the step's token is discarded)
-        for req_id, request in self._sampling(so):
+        add_req, add_handle, get = req_ids.append, handles.append, requests.get
+        for req_id in so.num_scheduled_tokens:
+            request = get(req_id)
+            if request is None or request.num_computed_tokens < len(request.all_token_ids):
+                continue  # unconstrained, or in the middle of its prefill
             grammar = request.grammar
             if grammar.is_terminated:
                 ended.append(len(req_ids))
             else:
                 grammar.masked = True  # its next token is sampled under this row: taking it may be deferred
-                live.append(len(req_ids))
-                handles.append(grammar.handle)
-            req_ids.append(req_id)
+                add_handle(grammar.handle)
+            add_req(req_id)
         total = len(req_ids)
         if not total:
             self._advance(*advance)
             return None
         bitmask = self._rows_buffer(total)
-        rows = live if ended else None
+        rows = None
         if ended:  # only those rows: the fill writes every word of the others (1.5 MB at 256 rows is ~0.1 ms to set)
             bitmask[ended] = -1
+            rows = sorted(set(range(total)).difference(ended))  # the running grammars' rows
         out = GrammarOutput(req_ids, [1] * total, self.num_words, _view(bitmask))
-        if live and self.config.defer_fill and total >= BATCH_FILL_MIN_ROWS and defer:
+        if handles and self.config.defer_fill and total >= BATCH_FILL_MIN_ROWS and defer:
             # xgrammar advances and fills with the GIL released: on a thread, the caller's other work overlaps it.
             # The switch interval is shortened from here until the thread ends, so that it gets the GIL from a busy
             # caller at once, to start and to return.
@@ -246,7 +249,7 @@ class StructuredOutputManager:
             return self._fill_pool.submit(self._advance_and_fill, advance, handles, rows, bitmask, out, start,
                                           time.perf_counter(), previous)
         self._advance(*advance)
-        if live:
+        if handles:
             fill = self._batch if total >= BATCH_FILL_MIN_ROWS else self._batch1
             fill(handles, bitmask, rows)
         self.fill_times.append(time.perf_counter() - start)
