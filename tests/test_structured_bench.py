@@ -25,6 +25,7 @@ def test_bench_repeats_pairs_and_reports_their_median(tiny_smol_path, monkeypatc
     run = result["full_batch"]["json_schema"]
     phases = run["deferred_fill_ms_p50"]
     assert list(phases) == ["to_thread", "advance", "fill"] and all(v >= 0 for v in phases.values())
+    assert 0 < run["step_parts_ms"]["fill_submit"] <= run["step_parts_ms"]["bitmask"]  # the hand-off, timed alone
     assert "deferred_fill_ms_p50" not in result["batch1"]["json_schema"]  # one row: filled in line
     ratios = run["ratio_repeats"]
     assert len(ratios) == len(run["step_ms_repeats"]) == 3 and ratios[0] == run["vs_unconstrained_same_lengths"]
@@ -58,6 +59,10 @@ def test_bench_reports_same_length_ratios_and_fill_stats(tiny_smol_path, tmp_pat
             assert parts["execute_model"] > 0 and parts["get_output"] >= 0
             # the two waits are timed inside their parts: on the CPU no event to wait for, no deferred fill (1 thread)
             assert 0 <= parts["inputs_wait"] <= parts["execute_model"] and parts["fill_wait"] == 0
+            # the constrained path's pieces, inside their parts; none in the same-lengths run
+            assert 0 < parts["mask_buffer"] <= parts["bitmask"] and parts["fill_submit"] == 0
+            assert 0 < parts["mask_apply"] <= parts["sample_tokens"]
+            assert all(same["step_parts_ms"][k] == 0 for k in ("mask_buffer", "fill_submit", "mask_apply"))
             inside = sum(parts[k] for k in ("schedule", "execute_model", "bitmask", "sample_tokens", "get_output",
                                             "update_from_output", "other_in_step"))
             assert inside == pytest.approx(parts["in_step"], abs=1e-3)

@@ -7,7 +7,10 @@ Wraps the parts of an `LLM`'s engine core with timers (instance attributes, noth
 `LLM` does between steps (detokenizing, stop strings, building outputs) is `outside_step`. Two waits are also
 timed on their own, inside those parts: `inputs_wait` (in execute_model: the device had not yet read the previous
 step's inputs, i.e. it is behind the host) and `fill_wait` (in other_in_step: a deferred bitmask fill still running
-when the next step needs it).
+when the next step needs it). Three pieces of the constrained path are timed inside their parts as well:
+`mask_buffer` (in bitmask: getting the rows to fill, the lent pinned buffer once the device has read it),
+`fill_submit` (in bitmask: handing a deferred fill to its thread) and `mask_apply` (in sample_tokens: staging the mask
+and launching its kernel).
 On a host-bound engine (a small model at a large batch) these parts add up to the step time, so a slower mode's
 extra milliseconds show up in the part that grew.
 """
@@ -18,6 +21,7 @@ from typing import Any, Callable
 
 PARTS = ("schedule", "execute_model", "bitmask", "sample_tokens", "get_output", "update_from_output")
 WAITS = ("inputs_wait", "fill_wait")  # inside execute_model and other_in_step (not added to the parts' sum)
+INSIDE = ("mask_buffer", "fill_submit", "mask_apply")  # inside bitmask and sample_tokens (not added either)
 
 
 class StepBreakdown:
@@ -26,13 +30,17 @@ class StepBreakdown:
     def __init__(self, llm: Any) -> None:
         engine = llm.engine
         self.steps = 0
-        self._totals = dict.fromkeys(PARTS + WAITS + ("step",), 0.0)
+        self._totals = dict.fromkeys(PARTS + WAITS + INSIDE + ("step",), 0.0)
         self._t0 = time.perf_counter()
         owners = {"schedule": engine.scheduler, "update_from_output": engine.scheduler,
                   "execute_model": engine.executor, "sample_tokens": engine.executor,
                   "get_output": engine.executor, "bitmask": getattr(engine, "grammar", None)}
         runner = getattr(engine.executor, "runner", None)  # in-process executors only
-        waits = {"inputs_wait": (runner, "_wait_inputs_consumed"), "fill_wait": (engine, "_wait_fill")}
+        manager = getattr(engine, "structured", None)
+        waits = {"inputs_wait": (runner, "_wait_inputs_consumed"), "fill_wait": (engine, "_wait_fill"),
+                 "mask_buffer": (manager, "_rows_buffer"),
+                 "fill_submit": (getattr(manager, "_fill_pool", None), "submit"),
+                 "mask_apply": (getattr(runner, "grammar_bitmask", None), "apply")}
         for name, owner in owners.items():
             if owner is not None and hasattr(owner, name):
                 setattr(owner, name, self._timed(name, getattr(owner, name)))
@@ -69,7 +77,7 @@ class StepBreakdown:
         wall = time.perf_counter() - self._t0
         steps = max(self.steps, 1)
         out: dict[str, float] = {"steps": self.steps}
-        for name in PARTS + WAITS:
+        for name in PARTS + WAITS + INSIDE:
             out[name] = round(1000 * self._totals[name] / steps, 4)
         out["in_step"] = round(1000 * self._totals["step"] / steps, 4)
         out["other_in_step"] = round(out["in_step"] - sum(out[name] for name in PARTS), 4)
