@@ -19,6 +19,26 @@ def _manager(path: str, config: StructuredOutputsConfig | None = None) -> Struct
                                    SMOL_VOCAB, (2,))
 
 
+def test_a_compiler_built_before_the_constructor_returns_is_kept(tiny_smol_path, monkeypatch):
+    """The grammar compiler is built on a pool thread that may finish first (a quick tokenizer, a busy caller): what
+    it sets is not reset by the rest of the constructor. Here the pool runs it inline, at once."""
+    import concurrent.futures as cf
+
+    import vllm_lite.structured_output.manager as manager_module
+
+    class Inline(cf.ThreadPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            future = cf.Future()
+            future.set_result(fn(*args, **kwargs))
+            return future
+
+    monkeypatch.setattr(manager_module.cf, "ThreadPoolExecutor", Inline)
+    manager = _manager(tiny_smol_path)
+    assert manager.tokenizer_info is not None and manager._batch is not None and manager._batch_accept is not None
+    assert manager.compile_now(StructuredOutputsParams(choice=["yes", "no"])) is not None
+    manager.shutdown()
+
+
 @pytest.mark.parametrize("known_stops", [True, False])
 def test_grammar_termination_with_and_without_known_stop_tokens(tiny_smol_path, known_stops):
     """Grammar tracks termination itself when it knows the stop tokens (one call into xgrammar per token instead of

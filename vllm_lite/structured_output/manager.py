@@ -54,7 +54,6 @@ class StructuredOutputManager:
         self.num_words = -(-vocab_size // 32)
         self._pool = cf.ThreadPoolExecutor(config.compile_threads, thread_name_prefix="grammar-compile")
         self._fill_pool = cf.ThreadPoolExecutor(1, thread_name_prefix="grammar-fill")  # deferred bitmask fills
-        self._compiler = self._pool.submit(self._build_compiler, tokenizer, list(stop_token_ids))
         # (handles, bitmask, row indices or None) -> None: xgrammar's BatchGrammarMatcher fill with fill_threads threads
         # (from BATCH_FILL_MIN_ROWS rows), and with one thread (no Python loop over the matchers, no thread hand-off).
         self._batch: Callable[[list[Any], np.ndarray, list[int] | None], None] | None = None
@@ -78,6 +77,8 @@ class StructuredOutputManager:
         # Per deferred fill: (submitted -> the thread runs it, the matchers' advance, the fill) in seconds: the first
         # is the wait for the interpreter's lock (bench/structured.py reports them).
         self.fill_phases: deque[tuple[float, float, float]] = deque(maxlen=_KEPT_TIMES)
+        # Last: the build sets attributes initialised above (it may finish before this constructor would).
+        self._compiler = self._pool.submit(self._build_compiler, tokenizer, list(stop_token_ids))
 
     # ---- admission and compilation ---------------------------------------------------------------------------
     def add_request(self, request: Request, enqueue: Callable[[Request], None]) -> None:
