@@ -483,13 +483,13 @@ for x in r['cprofile']['cumulative_ms_per_step'][:20]: print('   cum', x)" "$OUT
     mask-transport)  # a step's grammar mask to a worker process: in the message vs through shared memory (CPU only)
       for r in 256 32; do tmo 120 python3 bench/tools/mask_transport.py --rows $r 2>&1 | tail -3; done ;;
     structured-host)  # bench/tools/structured_host.py on this machine's CPU: the host's share of json_schema at full batch
-      # without the device (model and sampler stubbed), for the default fill threads, the 5 ms switch interval, one
-      # xgrammar thread deferred, and filled in line
-      for a in "--fill-threads 4" "--fill-threads 4 --fill-switch-interval-ms 0" "--fill-threads 1 --defer-fill on" \
-          "--fill-threads 1 --defer-fill off"; do
+      # without the device (model and sampler stubbed), for the default fill threads, the same with the matchers
+      # advanced on the engine thread, the 5 ms switch interval, one xgrammar thread deferred, and filled in line
+      for a in "--fill-threads 4" "--fill-threads 4 --advance-in-caller" "--fill-threads 4 --fill-switch-interval-ms 0" \
+          "--fill-threads 1 --defer-fill on" "--fill-threads 1 --defer-fill off"; do
         echo "structured-host $a"
         tmo 150 python3 bench/tools/structured_host.py --num-requests 256 --max-tokens 64 $a 2>&1 \
-          | grep -vE "Warning|Writing" | tail -14
+          | grep -vE "Warning|Writing" | tail -18
       done ;;
     structured-1t|structured-d1)  # json_schema with one xgrammar fill thread, filled in the engine core's thread (1t)
       # or deferred to a thread of its own (d1): the A/B of the deferral and of xgrammar's threads against `structured`
