@@ -148,7 +148,17 @@ def _check_schema(schema: Any, where: str, depth: int, root: Any) -> None:
                          f"could match several, which oneOf forbids, and xgrammar enforces only 'any of'); use "
                          f"anyOf, or make the branches disjoint: different types, or a required property with "
                          f"different const values")
+    ref = schema.get("$ref")
+    if ref is not None and not (isinstance(ref, str) and ref.startswith("#")):
+        raise ValueError(f"structured_outputs.json uses $ref {ref!r} at {where}: only references within the schema "
+                         f"('#/$defs/...') are supported (nothing is fetched, and xgrammar would let any value through)")
     fmt, pattern = schema.get("format"), schema.get("pattern")
+    if pattern is not None:
+        _check_pattern(pattern, f"{where}/pattern")
+    pattern_properties = schema.get("patternProperties")
+    if isinstance(pattern_properties, dict):
+        for key in pattern_properties:
+            _check_pattern(key, f"{where}/patternProperties")
     if fmt in _UNSUPPORTED_FORMATS:
         raise ValueError(f"structured_outputs.json uses format {fmt!r} at {where}, which the xgrammar backend "
                          f"cannot enforce")
@@ -192,6 +202,19 @@ def _check_schema(schema: Any, where: str, depth: int, root: Any) -> None:
     for key in _SCHEMA_ONE:
         if key in schema:
             _check_schema(schema[key], f"{where}/{key}", depth + 1, root)
+
+
+def _check_pattern(pattern: Any, where: str) -> None:
+    """A schema's regular expression, checked with xgrammar's regex parser: inside a JSON schema xgrammar skips what
+    it cannot enforce (a lookahead, a flag group) and lets strings through that the pattern refuses."""
+    import xgrammar as xgr
+
+    if not isinstance(pattern, str):
+        raise ValueError(f"structured_outputs.json is invalid at {where}: a pattern must be a string")
+    try:
+        xgr.Grammar.from_regex(pattern)
+    except RuntimeError as exc:
+        raise ValueError(f"structured_outputs.json is invalid at {where}: {xgrammar_message(exc)}") from None
 
 
 def _optional_groups_as_counts(pattern: str) -> str:
