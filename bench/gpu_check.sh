@@ -72,6 +72,8 @@
 #              SampleTokens message vs a shared-memory slot (the server's path), 256 and 32 rows
 #   structured-1t / structured-d1  json_schema with one xgrammar fill thread, filled in line (1t) or deferred to a
 #              thread of its own (d1): the A/B of the deferral and of xgrammar's own threads against `structured`
+#   structured-gd  json_schema at batch 1 (32 requests, max_tokens 256) with grammar-forced drafts (speculative method
+#              "grammar", k = 4) and without: compact grammars (disable_any_whitespace), then the default ones
 # Everything under $OUT is also packed into $OUT/all.tgz at the end (the device returns at most 8 files).
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -146,7 +148,7 @@ train_budget() {  # train-draft's --time-budget-s: TRAIN_BUDGET, cut to what is 
 # it is missing (instead of failing after minutes of start-up).
 MODEL_STAGES=" model serve-default serve-default-notok server-cpu gsm8k gsm8k-ref gsm8k-ngram gsm8k-fp32 mrcr mrcr-ngram mrcr-fp32 \
 spec-ngram spec-ngram-measured spec-ngram-vad spec-suffix spec-eagle3-vad train-draft spec-eagle3 spec-eagle3-fp32 spec-trace-eagle3 \
-ngram-replay structured structured-1t structured-d1 structured-si0 structured-si structured-host gil-handoff-xgr "
+ngram-replay structured structured-1t structured-d1 structured-si0 structured-si structured-host structured-gd gil-handoff-xgr "
 DATA_STAGES=" gsm8k gsm8k-ref gsm8k-ngram gsm8k-fp32 spec-ngram spec-ngram-measured spec-ngram-vad spec-suffix spec-eagle3-vad \
 train-draft spec-eagle3 \
 spec-eagle3-fp32 spec-trace-eagle3 "
@@ -490,6 +492,19 @@ for x in r['cprofile']['cumulative_ms_per_step'][:20]: print('   cum', x)" "$OUT
         echo "structured-host $a"
         tmo 150 python3 bench/tools/structured_host.py --num-requests 256 --max-tokens 64 $a 2>&1 \
           | grep -vE "Warning|Writing" | tail -18
+      done ;;
+    structured-gd)  # grammar-forced drafts at batch 1: json_schema's ratio and step time with and without them
+      gd='{"method": "grammar", "num_speculative_tokens": 4}'
+      for ws in compact any; do
+        so='{}'; [ $ws = compact ] && so='{"disable_any_whitespace": true}'
+        for spec in none grammar; do
+          name="structured-gd-$ws-$spec"
+          sa=(); [ $spec = grammar ] && sa=(--speculative-config "$gd")
+          tmo ${STRUCTURED_TIMEOUT:-300} python3 bench/structured.py --modes json_schema --num-requests 32 \
+            --batch1-requests 32 --repeats ${STRUCTURED_REPEATS:-3} --structured-outputs-config "$so" "${sa[@]}" \
+            --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+          echo "$name rc=$?"; grep -E "^(full_batch|batch1) |median of" "$OUT/$name.log"
+        done
       done ;;
     structured-1t|structured-d1)  # json_schema with one xgrammar fill thread, filled in the engine core's thread (1t)
       # or deferred to a thread of its own (d1): the A/B of the deferral and of xgrammar's threads against `structured`

@@ -199,7 +199,7 @@ class RankConfig:
     device_index: int = 0
 
 
-SPEC_METHODS = ("ngram", "suffix", "draft_model", "eagle", "eagle3")
+SPEC_METHODS = ("ngram", "suffix", "grammar", "draft_model", "eagle", "eagle3")
 # Methods whose drafter is a model run in the worker (the others propose on the engine core, from token ids).
 SPEC_MODEL_METHODS = ("draft_model", "eagle", "eagle3")
 MAX_SPEC_TOKENS = 15
@@ -210,7 +210,8 @@ class SpeculativeConfig:
     """Speculative decoding (vLLM's `speculative_config` names): up to `num_speculative_tokens` draft tokens per
     request per step are verified in one forward (1 + k query tokens); the output distribution stays the target's.
 
-    method: "ngram" / "suffix" (engine-core proposers over token ids, no model), "draft_model" / "eagle" /
+    method: "ngram" / "suffix" (engine-core proposers over token ids, no model), "grammar" (a constrained request's
+      drafts are the text its grammar forces next; other requests get none), "draft_model" / "eagle" /
       "eagle3" (a drafter model from `model`, run in the worker); None: no speculation (or, with k > 0, a proposer
       handed to the EngineCore directly, as tests do). Given only `model`, the method is inferred as vLLM does.
     prompt_lookup_max / prompt_lookup_min (ngram): the longest / shortest suffix n-gram looked up (vLLM: both 5

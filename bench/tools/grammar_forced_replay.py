@@ -4,7 +4,11 @@ forces next (xgrammar's `find_jump_forward_string()`, tokenized on its own) as d
 drafts are made (no async lag). A draft is accepted while it equals the model's token, as greedy verification under the
 masks would. Runs the model on the CPU (fp32), so it takes a few minutes.
 
-    python bench/tools/grammar_forced_replay.py --num-requests 24
+With --engine N, the engine's own speculative method "grammar" (spec_decode/grammar_forced.py, k = 4) then runs the
+first N requests one at a time, and its forward steps (tokens minus accepted drafts) are compared with a plain run's
+(the outputs must be identical).
+
+    python bench/tools/grammar_forced_replay.py --num-requests 24 --engine 12
 """
 from __future__ import annotations
 
@@ -44,10 +48,31 @@ def replay(manager, tokenizer, items, outs, k: int, compact: bool) -> dict[str, 
             "proposed": proposed, "accepted": accepted, "acceptance": round(accepted / max(proposed, 1), 4)}
 
 
+def engine_steps(model: str | None, items: list, compact: bool) -> None:
+    """Requests one at a time, plain and with speculative method "grammar" (k = 4): forward steps, drafts, outputs."""
+    runs = []
+    for spec in (None, {"method": "grammar", "num_speculative_tokens": 4}):
+        llm = LLM(model, device="cpu", dtype="float32", max_model_len=2048, speculative_config=spec)
+        outs = []
+        for messages, schema in items:
+            params = params_for("json_schema", schema, 256)
+            params.structured_outputs.disable_any_whitespace = compact
+            outs.append(list(llm.chat([messages], [params], use_tqdm=False)[0].outputs[0].token_ids))
+        s = llm.engine.scheduler
+        tokens = sum(map(len, outs))
+        print(f"  engine, {'grammar drafts' if spec else 'plain'}: {len(items)} requests, {tokens} tokens, "
+              f"{tokens - s.num_accepted_tokens} forward steps, {s.num_draft_tokens} drafts, "
+              f"{s.num_accepted_tokens} accepted", flush=True)
+        runs.append(outs)
+    print(f"  engine outputs identical: {runs[0] == runs[1]}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="default: the default model")
     ap.add_argument("--num-requests", type=int, default=24)
+    ap.add_argument("--engine", type=int, default=0, metavar="N",
+                    help="then run N requests through the engine with and without speculative method 'grammar'")
     args = ap.parse_args()
     llm = LLM(args.model, device="cpu", dtype="float32", max_model_len=2048)
     tokenizer = llm.get_tokenizer()
@@ -63,6 +88,8 @@ def main() -> None:
         outs = [list(o.outputs[0].token_ids) for o in llm.chat([m for m, _ in items], params, use_tqdm=False)]
         for k in (2, 4, 8):
             print(f"  k={k}: {replay(llm.engine.structured, tokenizer, items, outs, k, compact)}", flush=True)
+        if args.engine:
+            engine_steps(args.model, items[:args.engine], compact)
 
 
 if __name__ == "__main__":

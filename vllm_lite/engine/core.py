@@ -51,7 +51,8 @@ class EngineCore:
     def __init__(self, config: EngineConfig, info: ModelInfo, executor: Executor | None = None,
                  proposer: Proposer | None = None, grammar: GrammarBitmaskBuilder | None = None) -> None:
         if proposer is None:
-            proposer = make_proposer(config.speculative, info)
+            proposer = make_proposer(config.speculative, info,
+                                     grammar if isinstance(grammar, StructuredOutputManager) else None)
         if proposer is None and config.speculative.uses_model:  # drafts come back from the worker
             proposer = WorkerDrafts()
         if config.speculative.enabled and proposer is None and not config.speculative.uses_model:

@@ -131,7 +131,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_help: str | None = No
     g.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
                    help='speculative decoding as a JSON object with vLLM\'s fields, e.g. \'{"method": "ngram", '
                         '"num_speculative_tokens": 3, "prompt_lookup_max": 4}\' (methods: ngram, suffix, '
-                        'draft_model, eagle, eagle3; the model methods also need "model")')
+                        'grammar, draft_model, eagle, eagle3; the model methods also need "model")')
 
     g = parser.add_argument_group("structured outputs")
     g.add_argument("--structured-outputs-config", type=_json_object, default=None, metavar="JSON",

@@ -116,6 +116,15 @@ class Grammar:
         if tok >= 0 and not self.matcher.accept_token(tok):
             self.refused = True
 
+    def forced_text(self) -> str:
+        """The text the grammar forces next, whatever is sampled ("" where the next token is a choice, or the grammar
+        has ended): the grammar-forced proposer's drafts."""
+        if self.pending >= 0:
+            self.flush()
+        if self.is_terminated or self.refused:
+            return ""
+        return self.matcher.find_jump_forward_string()
+
     def valid_prefix(self, drafts: list[int]) -> int:
         """How many leading draft tokens the grammar accepts (the matcher is left unchanged)."""
         n = self._walk(drafts)

@@ -60,6 +60,7 @@ class StructuredOutputManager:
         self._batch1: Callable[[list[Any], np.ndarray, list[int] | None], None] | None = None
         self._batch_accept: Callable[[list[Any], list[int]], Any] | None = None  # set with the compiler
         self.tokenizer_info: Any = None
+        self.tokenizer: Any = None  # the HF tokenizer, loaded with the compiler (the grammar-forced proposer encodes)
         self._stop_token_ids: frozenset[int] | None = None  # set with the compiler (before any grammar exists)
         self._futures: OrderedDict[CompileKey, cf.Future] = OrderedDict()
         self.compiling: dict[str, tuple[Request, cf.Future]] = {}
@@ -107,7 +108,8 @@ class StructuredOutputManager:
     def _build_compiler(self, tokenizer: Callable[[], Any], stop_token_ids: list[int]) -> Any:
         import xgrammar as xgr
 
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer(), vocab_size=self.vocab_size,
+        self.tokenizer = tokenizer()
+        info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
                                                   stop_token_ids=stop_token_ids or None)
         self.tokenizer_info = info  # also for bench/structured.py's cold compiles
         self._stop_token_ids = frozenset(int(t) for t in info.stop_token_ids)
