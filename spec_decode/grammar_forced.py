@@ -23,6 +23,7 @@ from typing import Any
 from vllm_lite.request import Request
 
 _CACHED_TEXTS = 4096  # a schema's forced texts repeat in every answer (keys, separators)
+_MAX_CHARS = 512  # of a forced text that is tokenized (a long const): far more than MAX_SPEC_TOKENS tokens need
 
 
 class GrammarForcedProposer:
@@ -43,9 +44,14 @@ class GrammarForcedProposer:
         return self._tokens(text)[:max_tokens]
 
     def _tokens(self, text: str) -> list[int]:
+        """The text's tokens; of a long text, those of its first _MAX_CHARS characters but the last (the cut may
+        split it), which keeps the cache's memory bounded."""
+        cut = len(text) > _MAX_CHARS
+        text = text[:_MAX_CHARS]
         ids = self._ids.get(text)
         if ids is None:
-            ids = self._ids[text] = list(self.structured.tokenizer.encode(text, add_special_tokens=False))
+            ids = list(self.structured.tokenizer.encode(text, add_special_tokens=False))
+            ids = self._ids[text] = ids[:-1] if cut else ids
             if len(self._ids) > _CACHED_TEXTS:
                 self._ids.popitem(last=False)
         return ids

@@ -42,6 +42,10 @@ def test_forced_text_is_proposed_as_tokens(tiny_smol_path):
     const = request(StructuredOutputsParams(json={"const": "hello world, again"}))
     forced = tokenizer.encode('"hello world, again"', add_special_tokens=False)
     assert len(forced) > 3 and proposer.propose(const, 3) == forced[:3] and proposer.propose(const, 0) == []
+    long = "word " * 400  # a forced text longer than what is tokenized of it
+    long_const = request(StructuredOutputsParams(json={"const": long}))
+    drafts = proposer.propose(long_const, 15)
+    assert drafts == tokenizer.encode(f'"{long}"', add_special_tokens=False)[:15]
     choice = request(StructuredOutputsParams(choice=["yes", "no"]))
     assert proposer.propose(choice, 4) == []  # two ways on: nothing is forced
     yes = tokenizer.encode("yes", add_special_tokens=False)
