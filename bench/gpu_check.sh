@@ -72,7 +72,7 @@
 #              SampleTokens message vs a shared-memory slot (the server's path), 256 and 32 rows
 #   structured-1t / structured-d1  json_schema with one xgrammar fill thread, filled in line (1t) or deferred to a
 #              thread of its own (d1): the A/B of the deferral and of xgrammar's own threads against `structured`
-#   structured-gd  json_schema at batch 1 (32 requests, max_tokens 256) with grammar-forced drafts (speculative method
+#   structured-gd  json_schema at batch 1 (24 requests, max_tokens 256) with grammar-forced drafts (speculative method
 #              "grammar", k = 4) and without: compact grammars (disable_any_whitespace), then the default ones
 # Everything under $OUT is also packed into $OUT/all.tgz at the end (the device returns at most 8 files).
 set -uo pipefail
@@ -501,7 +501,7 @@ for x in r['cprofile']['cumulative_ms_per_step'][:20]: print('   cum', x)" "$OUT
           name="structured-gd-$ws-$spec"
           sa=(); [ $spec = grammar ] && sa=(--speculative-config "$gd")
           tmo ${STRUCTURED_TIMEOUT:-300} python3 bench/structured.py --modes json_schema --num-requests 32 \
-            --batch1-requests 32 --repeats ${STRUCTURED_REPEATS:-3} --structured-outputs-config "$so" "${sa[@]}" \
+            --batch1-requests 24 --repeats ${GD_REPEATS:-2} --structured-outputs-config "$so" "${sa[@]}" \
             --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1
           echo "$name rc=$?"; grep -E "^(full_batch|batch1) |median of" "$OUT/$name.log"
         done
