@@ -1,5 +1,7 @@
 """Latency (L1: batch 1, L8: batch 8): random token-id prompts, greedy, ignore_eos; median TTFT and TPOT.
 
+Each iteration times a one-token run (TTFT) and a full run; TPOT is (full - TTFT) / (output_len - 1).
+
     vllm-lite bench latency --model qwen3-0.6b --batch-size 1 --input-len 128 --output-len 512 [--baseline hf]
 """
 from __future__ import annotations
