@@ -73,7 +73,10 @@
 #   structured-1t / structured-d1  json_schema with one xgrammar fill thread, filled in line (1t) or deferred to a
 #              thread of its own (d1): the A/B of the deferral and of xgrammar's own threads against `structured`
 #   structured-gd  json_schema at batch 1 (24 requests, max_tokens 256) with grammar-forced drafts (speculative method
-#              "grammar", k = 4) and without: compact grammars (disable_any_whitespace), then the default ones
+#              "grammar", k = 4: the forced text, else n-gram lookup 1..4) and without: compact grammars
+#              (disable_any_whitespace), then the default ones. Greedy outputs are the same with and without, so the
+#              issue's batch-1 ratio with drafts is the grammar run's json_schema tok/s over the plain run's
+#              same-lengths unconstrained tok/s (in the grammar run the unconstrained twins draft n-grams too)
 # Everything under $OUT is also packed into $OUT/all.tgz at the end (the device returns at most 8 files).
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"

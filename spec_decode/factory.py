@@ -21,5 +21,6 @@ def make_proposer(config: SpeculativeConfig, info: Any = None, structured: Any =
             raise ValueError("speculative method 'grammar' needs the engine's tokenizer (this engine has none: "
                              "skip_tokenizer_init)")
         from vllm_lite.spec_decode.grammar_forced import GrammarForcedProposer
-        return GrammarForcedProposer(structured)
+        from vllm_lite.spec_decode.ngram import NgramProposer
+        return GrammarForcedProposer(structured, NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max))
     return None

@@ -1,6 +1,6 @@
 """Grammar-forced drafts (speculative method "grammar", spec_decode/grammar_forced.py): a constrained request drafts
-the text its grammar forces next; outputs are those of plain masked decoding, token for token (greedy and seeded),
-requests without a grammar are untouched, and forced drafts are proposed and accepted."""
+the text its grammar forces next, n-gram lookup drafts where nothing is forced; greedy outputs are those of plain
+(masked) decoding token for token, sampled ones match their schemas, and drafts are proposed and accepted."""
 from __future__ import annotations
 
 import pytest
@@ -19,26 +19,28 @@ PROMPT = [{"role": "user", "content": "Answer with JSON only."}]
 
 
 def test_forced_text_is_proposed_as_tokens(tiny_smol_path):
-    """The proposer drafts the tokens of the forced text (up to max_tokens), nothing for a request without a grammar,
-    at a choice between several ways on, or once the grammar ended."""
+    """The proposer drafts the tokens of the forced text (up to max_tokens); n-gram lookup for a request without a
+    grammar, at a choice between several ways on, or once the grammar ended."""
     import xgrammar as xgr
     from transformers import AutoTokenizer
 
     from vllm_lite.spec_decode.grammar_forced import GrammarForcedProposer
+    from vllm_lite.spec_decode.ngram import NgramProposer
     from vllm_lite.structured_output.grammar import Grammar
     tokenizer = AutoTokenizer.from_pretrained(tiny_smol_path)
     manager = StructuredOutputManager(StructuredOutputsConfig(), lambda: tokenizer, SMOL_VOCAB, (2,))
-    proposer = GrammarForcedProposer(manager)
+    proposer = GrammarForcedProposer(manager, NgramProposer(1, 4))
     manager.compiler  # noqa: B018 (waits until it is built: tokenizer_info is set with it)
     stops = frozenset(manager.tokenizer_info.stop_token_ids)
 
-    def request(params: StructuredOutputsParams | None) -> Request:
-        r = Request("r", [1, 2], SamplingParams())
+    def request(params: StructuredOutputsParams | None, tokens: tuple[int, ...] = (1, 2)) -> Request:
+        r = Request("r", list(tokens), SamplingParams())
         if params is not None:
             r.grammar = Grammar(xgr.GrammarMatcher(manager.compile_now(params)), stops)
         return r
 
     assert proposer.propose(request(None), 4) == []
+    assert proposer.propose(request(None, (5, 6, 7, 8, 5, 6)), 4) == [7, 8, 5, 6]  # n-gram lookup: no grammar
     const = request(StructuredOutputsParams(json={"const": "hello world, again"}))
     forced = tokenizer.encode('"hello world, again"', add_special_tokens=False)
     assert len(forced) > 3 and proposer.propose(const, 3) == forced[:3] and proposer.propose(const, 0) == []
@@ -47,7 +49,9 @@ def test_forced_text_is_proposed_as_tokens(tiny_smol_path):
     drafts = proposer.propose(long_const, 15)
     assert drafts == tokenizer.encode(f'"{long}"', add_special_tokens=False)[:15]
     choice = request(StructuredOutputsParams(choice=["yes", "no"]))
-    assert proposer.propose(choice, 4) == []  # two ways on: nothing is forced
+    assert proposer.propose(choice, 4) == []  # two ways on: nothing is forced (and no earlier n-gram)
+    repeat = request(StructuredOutputsParams(choice=["yes", "no"]), (5, 6, 7, 5, 6))
+    assert proposer.propose(repeat, 4) == [7, 5, 6]  # nothing forced: n-gram lookup
     yes = tokenizer.encode("yes", add_special_tokens=False)
     assert choice.grammar.accept_tokens(yes) == len(yes) and proposer.propose(choice, 4) == []  # only the stop token
     assert choice.grammar.accept_tokens([2]) == 1 and choice.grammar.is_terminated and proposer.propose(choice, 4) == []
@@ -97,5 +101,9 @@ def test_sampled_outputs_with_grammar_drafts_match_their_schemas(tiny_smol_path)
 def test_grammar_method_needs_the_tokenizer_and_a_draft_count(tiny_smol_path):
     with pytest.raises(ValueError, match="needs num_speculative_tokens"):
         EngineConfig.from_kwargs(speculative_config={"method": "grammar"})
+    spec = EngineConfig.from_kwargs(speculative_config=GRAMMAR).speculative
+    assert (spec.prompt_lookup_min, spec.prompt_lookup_max) == (1, 4)  # short n-grams: JSON's separators
+    spec = EngineConfig.from_kwargs(speculative_config={**GRAMMAR, "prompt_lookup_max": 3}).speculative
+    assert (spec.prompt_lookup_min, spec.prompt_lookup_max) == (3, 3)
     with pytest.raises(ValueError, match="needs the engine's tokenizer"):
         LLM(tiny_smol_path, speculative_config=GRAMMAR, skip_tokenizer_init=True, **TINY)

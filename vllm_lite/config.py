@@ -211,11 +211,12 @@ class SpeculativeConfig:
     request per step are verified in one forward (1 + k query tokens); the output distribution stays the target's.
 
     method: "ngram" / "suffix" (engine-core proposers over token ids, no model), "grammar" (a constrained request's
-      drafts are the text its grammar forces next; other requests get none), "draft_model" / "eagle" /
+      drafts are the text its grammar forces next; n-gram lookup where nothing is forced), "draft_model" / "eagle" /
       "eagle3" (a drafter model from `model`, run in the worker); None: no speculation (or, with k > 0, a proposer
       handed to the EngineCore directly, as tests do). Given only `model`, the method is inferred as vLLM does.
-    prompt_lookup_max / prompt_lookup_min (ngram): the longest / shortest suffix n-gram looked up (vLLM: both 5
-      when neither is given, one copies the other when only one is).
+    prompt_lookup_max / prompt_lookup_min (ngram, grammar): the longest / shortest suffix n-gram looked up (vLLM:
+      both 5 when neither is given, one copies the other when only one is; grammar: 1 and 4, for JSON's short
+      separators).
     suffix_decoding_* (suffix, vLLM's names): tree depth, cached earlier requests, draft length cap per matched
       token (max_spec_factor * match length) and the smallest continuation frequency a draft token needs.
     disable_by_batch_size: no drafts while more requests than this are running (a busy device gains little from
@@ -274,9 +275,10 @@ class SpeculativeConfig:
             raise ValueError(f"speculative method {method!r} needs num_speculative_tokens >= 1")
         set_("num_speculative_tokens", k)
         lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
-        if method == "ngram":
-            lo, hi = (5, 5) if lo is None and hi is None else (lo if lo is not None else hi, hi if hi is not None
-                                                               else lo)
+        if method in ("ngram", "grammar"):
+            default = (5, 5) if method == "ngram" else (1, 4)
+            lo, hi = default if lo is None and hi is None else (lo if lo is not None else hi, hi if hi is not None
+                                                                else lo)
             set_("prompt_lookup_min", lo)
             set_("prompt_lookup_max", hi)
         for name in ("prompt_lookup_min", "prompt_lookup_max"):

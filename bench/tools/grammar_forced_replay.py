@@ -4,9 +4,9 @@ forces next (xgrammar's `find_jump_forward_string()`, tokenized on its own) as d
 drafts are made (no async lag). A draft is accepted while it equals the model's token, as greedy verification under the
 masks would. Runs the model on the CPU (fp32), so it takes a few minutes.
 
-With --engine N, the engine's own speculative method "grammar" (spec_decode/grammar_forced.py, k = 4) then runs the
-first N requests one at a time, and its forward steps (tokens minus accepted drafts) are compared with a plain run's
-(the outputs must be identical).
+With --engine N, the first N requests then run one at a time through the engine: plain, with n-gram lookup alone
+(method "ngram", 1..4 tokens) and with method "grammar" (spec_decode/grammar_forced.py: the forced text, else the same
+lookup), k = 4; their forward steps (tokens minus accepted drafts) are compared (the outputs must be identical).
 
     python bench/tools/grammar_forced_replay.py --num-requests 24 --engine 12
 """
@@ -49,9 +49,10 @@ def replay(manager, tokenizer, items, outs, k: int, compact: bool) -> dict[str, 
 
 
 def engine_steps(model: str | None, items: list, compact: bool) -> None:
-    """Requests one at a time, plain and with speculative method "grammar" (k = 4): forward steps, drafts, outputs."""
+    """Requests one at a time, plain, n-gram and "grammar" speculation (k = 4): forward steps, drafts, outputs."""
     runs = []
-    for spec in (None, {"method": "grammar", "num_speculative_tokens": 4}):
+    lookup = {"num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 4}
+    for spec in (None, {"method": "ngram", **lookup}, {"method": "grammar", **lookup}):
         llm = LLM(model, device="cpu", dtype="float32", max_model_len=2048, speculative_config=spec)
         outs = []
         for messages, schema in items:
@@ -60,11 +61,11 @@ def engine_steps(model: str | None, items: list, compact: bool) -> None:
             outs.append(list(llm.chat([messages], [params], use_tqdm=False)[0].outputs[0].token_ids))
         s = llm.engine.scheduler
         tokens = sum(map(len, outs))
-        print(f"  engine, {'grammar drafts' if spec else 'plain'}: {len(items)} requests, {tokens} tokens, "
+        print(f"  engine, {spec['method'] if spec else 'plain'}: {len(items)} requests, {tokens} tokens, "
               f"{tokens - s.num_accepted_tokens} forward steps, {s.num_draft_tokens} drafts, "
               f"{s.num_accepted_tokens} accepted", flush=True)
         runs.append(outs)
-    print(f"  engine outputs identical: {runs[0] == runs[1]}", flush=True)
+    print(f"  engine outputs identical: {all(r == runs[0] for r in runs)}", flush=True)
 
 
 def main() -> None:
