@@ -25,11 +25,14 @@ from tiny_models import make_tiny_model, make_tiny_model_with_default_tokenizer 
 
 def pytest_addoption(parser) -> None:
     parser.addoption("--server-args", default="", help="flags added to every `vllm-lite serve` the tests start "
-                     "(e.g. \"--tensor-parallel-size 2\": the server tests against tensor parallelism)")
+                     "with a model (e.g. \"--tensor-parallel-size 2\": the server tests against tensor parallelism)")
+    parser.addoption("--default-model-server-args", default="", help="flags added to every `vllm-lite serve` of the "
+                     "default model the tests start (e.g. a --speculative-config)")
 
 
 def pytest_configure(config) -> None:
     server_utils.EXTRA_ARGS[:] = shlex.split(config.getoption("--server-args"))
+    server_utils.DEFAULT_MODEL_EXTRA_ARGS[:] = shlex.split(config.getoption("--default-model-server-args"))
 
 
 @pytest.fixture(scope="session")

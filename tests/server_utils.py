@@ -72,9 +72,12 @@ def wait_gone(pids: list[int], timeout: float) -> list[int]:
     return left
 
 
-# Flags added to every server the tests start (`pytest --server-args "--tensor-parallel-size 2"`, conftest.py): the
-# same server tests run against another configuration.
+# Flags added to every server the tests start with a model (`pytest --server-args "--tensor-parallel-size 2"`,
+# conftest.py): the same server tests run against another configuration. Servers of the default model (no model
+# argument: test_server_structured's, among others) take DEFAULT_MODEL_EXTRA_ARGS instead (`--default-model-server-args`):
+# its 9 attention heads do not split over 2 ranks, but other flags (speculative decoding) apply to it.
 EXTRA_ARGS: list[str] = []
+DEFAULT_MODEL_EXTRA_ARGS: list[str] = []
 
 
 class RemoteServer:
@@ -87,7 +90,7 @@ class RemoteServer:
         self.api_key = api_key
         self.log = tempfile.NamedTemporaryFile(prefix="vllm-lite-server-", suffix=".log", delete=False)
         cmd = [sys.executable, "-m", "vllm_lite", "serve", *([model] if model else []), "--host", "127.0.0.1",
-               "--port", str(self.port), *(args or []), *(EXTRA_ARGS if model else [])]
+               "--port", str(self.port), *(args or []), *(EXTRA_ARGS if model else DEFAULT_MODEL_EXTRA_ARGS)]
         if api_key:
             cmd += ["--api-key", api_key]
         full_env = dict(os.environ)

@@ -3,6 +3,10 @@ the text its grammar forces next, n-gram lookup drafts where nothing is forced; 
 (masked) decoding token for token, sampled ones match their schemas, and drafts are proposed and accepted."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 from vllm_lite import LLM, SamplingParams, StructuredOutputsParams
@@ -10,6 +14,7 @@ from vllm_lite.config import EngineConfig, StructuredOutputsConfig
 from vllm_lite.request import Request
 from vllm_lite.structured_output.manager import StructuredOutputManager
 
+from server_utils import REPO_ROOT
 from structured_schemas import SCHEMAS
 from tiny_models import DEFAULT_VOCAB as SMOL_VOCAB
 
@@ -83,8 +88,6 @@ def test_grammar_drafts_leave_greedy_outputs_unchanged(tiny_smol_path, async_sch
 def test_sampled_outputs_with_grammar_drafts_match_their_schemas(tiny_smol_path):
     """Sampling (temperature 1, seeded) verifies drafts by rejection sampling under the masks: every constrained
     output that finishes with stop parses and validates."""
-    import json
-
     import jsonschema
     params = _requests(1.0)
     llm = LLM(tiny_smol_path, speculative_config=GRAMMAR, **TINY)
@@ -107,3 +110,16 @@ def test_grammar_method_needs_the_tokenizer_and_a_draft_count(tiny_smol_path):
     assert (spec.prompt_lookup_min, spec.prompt_lookup_max) == (3, 3)
     with pytest.raises(ValueError, match="needs the engine's tokenizer"):
         LLM(tiny_smol_path, speculative_config=GRAMMAR, skip_tokenizer_init=True, **TINY)
+
+
+@pytest.mark.slow
+def test_structured_server_suite_passes_with_grammar_drafts():
+    """tests/test_server_structured.py (the default model through `vllm-lite serve` and the openai client: chat and
+    completions, streaming, n=2, tools, bad input beside a long generation) with its server speculating by method
+    "grammar" (conftest's --default-model-server-args)."""
+    flag = "--default-model-server-args=--speculative-config " + repr(json.dumps(GRAMMAR))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        "tests/test_server_structured.py", flag], cwd=REPO_ROOT, capture_output=True, text=True,
+                       timeout=1200)
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert " passed" in r.stdout.splitlines()[-1] and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-500:]
