@@ -123,3 +123,20 @@ def test_structured_server_suite_passes_with_grammar_drafts():
                        timeout=1200)
     assert r.returncode == 0, r.stdout[-4000:]
     assert " passed" in r.stdout.splitlines()[-1] and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-500:]
+
+
+@pytest.mark.slow
+def test_grammar_drafts_with_tensor_parallelism(tiny_smol_path):
+    """Method "grammar" proposes on the engine core, so it works with two ranks: the greedy tokens of the plain
+    single-rank run."""
+    params = _requests(0.0)
+    runs = []
+    for tp, spec in ((1, None), (2, GRAMMAR)):
+        llm = LLM(tiny_smol_path, speculative_config=spec, tensor_parallel_size=tp, **TINY)
+        try:
+            runs.append([o.outputs[0].token_ids for o in llm.chat([PROMPT] * len(params), params, use_tqdm=False)])
+            accepted = llm.engine.scheduler.num_accepted_tokens
+        finally:
+            llm.engine.shutdown()
+    assert runs[0] == runs[1] and accepted > 0
+

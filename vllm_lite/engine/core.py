@@ -50,14 +50,15 @@ class GrammarBitmaskBuilder(Protocol):
 class EngineCore:
     def __init__(self, config: EngineConfig, info: ModelInfo, executor: Executor | None = None,
                  proposer: Proposer | None = None, grammar: GrammarBitmaskBuilder | None = None) -> None:
+        # The real grammar builder (xgrammar): compiles requests' constraints and owns their matchers.
+        structured = grammar if isinstance(grammar, StructuredOutputManager) else None
         if proposer is None:
-            proposer = make_proposer(config.speculative, info,
-                                     grammar if isinstance(grammar, StructuredOutputManager) else None)
+            proposer = make_proposer(config.speculative, info, structured)
         if proposer is None and config.speculative.uses_model:  # drafts come back from the worker
             proposer = WorkerDrafts()
         if config.speculative.enabled and proposer is None and not config.speculative.uses_model:
             raise ValueError(f"num_speculative_tokens={config.speculative.num_speculative_tokens} needs a draft "
-                             f"proposer: set speculative_config's method (ngram, suffix, draft_model, eagle, eagle3)")
+                             f"proposer: set speculative_config's method (ngram, suffix, grammar, draft_model, eagle, eagle3)")
         self.config = config
         self.info = info
         t0 = time.perf_counter()
@@ -85,8 +86,7 @@ class EngineCore:
         self.spec_logger = SpecDecodeLogger()
         self._not_speculated: weakref.WeakSet[Request] = weakref.WeakSet()  # logged once each
         self.grammar = grammar
-        # The real grammar builder (xgrammar): compiles requests' constraints and owns their matchers.
-        self.structured = grammar if isinstance(grammar, StructuredOutputManager) else None
+        self.structured = structured
         if self.structured is not None:
             self.structured.host_buffer = self.executor.grammar_host_buffer
         self._deferred_sample: cf.Future | None = None  # a launched step's bitmask fill, sampled next step()

@@ -18,10 +18,10 @@ from vllm_lite import envs
 from vllm_lite.config import EngineConfig, ParallelConfig, RankConfig
 from vllm_lite.distributed import pick_init_method
 from vllm_lite.proc_utils import ipc_address
-from vllm_lite.shared_masks import MaskSlots
 from vllm_lite.protocol import (WORKER_EVENT_DECODER, DetermineNumBlocks, GrammarOutput,
                                 InitializeKVCache, ModelDescription, ModelError, ModelRunnerOutput, SampleTokens,
                                 SchedulerOutput, Shutdown, WorkerReply, encode)
+from vllm_lite.shared_masks import MaskSlots
 from vllm_lite.worker.worker_proc import run_worker
 
 _POLL_MS = 200

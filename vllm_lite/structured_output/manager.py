@@ -224,7 +224,7 @@ class StructuredOutputManager:
         for req_id in so.num_scheduled_tokens:
             request = get(req_id)
             if request is None or request.num_computed_tokens < len(request.all_token_ids):
-                continue  # unconstrained, or in the middle of its prefill
+                continue  # unconstrained, or in the middle of its prefill (`_sampling`'s test, inline here)
             grammar = request.grammar
             if grammar.is_terminated:
                 ended.append(len(req_ids))
